@@ -1,0 +1,84 @@
+"""The `FeatureMap` base class."""
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="keras_favor")
+class FeatureMap:
+    """Base class of the kernel feature maps used by `FavorAttention`.
+
+    A feature map turns a head's queries or keys `x` of shape `(..., d)` into
+    features `phi(x)` of shape `(..., F)` such that `phi(q) . phi(k)`
+    estimates (or defines) the attention kernel `K(q, k)`. Linear attention
+    then computes `phi(Q) (phi(K)^T V) / phi(Q) (phi(K)^T 1)`.
+
+    Maps built on exponentials would overflow if computed directly, so a map
+    returns its features in two parts from `log_scaled`:
+    `phi(x) = values * exp(log_scale)`, where `values` is bounded (or `None`,
+    meaning ones) and `log_scale` broadcasts against it. `FavorAttention`
+    subtracts stabilizing shifts from `log_scale` that cancel exactly in the
+    ratio above. A map whose features are small already (ReLU, elu + 1) just
+    implements `call` and returns no log-scale.
+
+    Subclasses set `requires_projection` (whether the map consumes the random
+    projection `W` of shape `(num_features, d)`), override `feature_dim` when
+    `F` differs from `num_features`, and implement `call` or `log_scaled`.
+    Every argument of `__init__` must be returned by `get_config`. Register a
+    subclass with `keras.saving.register_keras_serializable` so that models
+    using it load without `custom_objects`.
+
+    Example:
+
+    ```python
+    @keras.saving.register_keras_serializable(package="my_package")
+    class SquaredReluFeatures(keras_favor.feature_maps.FeatureMap):
+        def call(self, x, projection):
+            projected = keras.ops.einsum("...d,md->...m", x, projection)
+            return keras.ops.square(keras.ops.relu(projected)) + 1e-3
+
+    layer = keras_favor.FavorAttention(
+        num_heads=4, key_dim=32, feature_map=SquaredReluFeatures()
+    )
+    ```
+    """
+
+    requires_projection = True
+
+    def feature_dim(self, num_features, input_dim):
+        """Number of features `F` produced for `num_features` projections."""
+        return num_features
+
+    def call(self, x, projection):
+        """Returns the features `phi(x)` directly, shape `(..., F)`."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement `call(x, projection)` or "
+            "`log_scaled(x, projection)`."
+        )
+
+    def log_scaled(self, x, projection):
+        """Returns `(values, log_scale)` with `phi(x) = values * exp(log_scale)`.
+
+        `values` may be `None` (all ones) and `log_scale` may be `None` (no
+        exponential factor). The default returns `(self.call(...), None)`.
+        """
+        return self.call(x, projection), None
+
+    def __call__(self, x, projection=None):
+        """Unstabilized features `phi(x)`, for inspection and tests."""
+        values, log_scale = self.log_scaled(x, projection)
+        if log_scale is None:
+            return values
+        scale = ops.exp(log_scale)
+        return scale if values is None else values * scale
+
+    def get_config(self):
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"

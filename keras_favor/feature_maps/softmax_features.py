@@ -1,0 +1,46 @@
+"""FAVOR+ positive random features for the softmax kernel."""
+
+import math
+
+import keras
+from keras import ops
+
+from keras_favor.feature_maps.feature_map import FeatureMap
+
+
+def temperature_scaled(x):
+    """`x * d**-0.25`, so that `x~ . y~ = x . y / sqrt(d)`."""
+    return x * (x.shape[-1] ** -0.25)
+
+
+def random_projection_and_half_norm(x, projection):
+    """`(W x~, |x~|^2 / 2)` for the softmax-kernel feature maps."""
+    x = temperature_scaled(x)
+    projected = ops.einsum("...d,md->...m", x, projection)
+    half_sq_norm = 0.5 * ops.sum(ops.square(x), axis=-1, keepdims=True)
+    return projected, half_sq_norm
+
+
+@keras.saving.register_keras_serializable(package="keras_favor")
+class SoftmaxFeatures(FeatureMap):
+    """FAVOR+ positive random features: `exp(W x~ - |x~|^2 / 2) / sqrt(m)`.
+
+    An unbiased estimate of the softmax kernel `exp(x . y / sqrt(d))` whose
+    error vanishes where the kernel is small (Performer, Lemma 1 and 2).
+
+    Example:
+
+    ```python
+    layer = keras_favor.FavorAttention(2, 16, feature_map="softmax")
+    ```
+
+    References:
+        - [Choromanski et al., 2021](https://arxiv.org/abs/2009.14794)
+    """
+
+    def log_scaled(self, x, projection):
+        projected, half_sq_norm = random_projection_and_half_norm(
+            x, projection
+        )
+        num_features = projection.shape[0]
+        return None, projected - half_sq_norm - 0.5 * math.log(num_features)

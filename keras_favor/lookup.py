@@ -1,0 +1,36 @@
+"""Name, config and instance look-up shared by `feature_maps` and
+`projections`, in the manner of `keras.activations.get`."""
+
+import keras
+
+
+def public_name(cls):
+    """`keras_favor.feature_maps.FeatureMap` for the class `FeatureMap`."""
+    package = cls.__module__.rsplit(".", 1)[0]
+    return f"{package}.{cls.__name__}"
+
+
+def lookup(identifier, base_class, names, argument):
+    """Returns a `base_class` instance from a name, a config or an instance.
+
+    Args:
+        identifier: a key of `names`, a dict made by
+            `keras.saving.serialize_keras_object`, or an instance of
+            `base_class` (returned as is).
+        base_class: the class every result is an instance of.
+        names: dict from accepted names to classes built with no argument.
+        argument: the argument name to quote in errors.
+    """
+    if isinstance(identifier, base_class):
+        return identifier
+    if isinstance(identifier, str) and identifier in names:
+        return names[identifier]()
+    if isinstance(identifier, dict):
+        instance = keras.saving.deserialize_keras_object(identifier)
+        if isinstance(instance, base_class):
+            return instance
+    raise ValueError(
+        f"Unknown `{argument}`: {identifier!r}. Valid names are "
+        f"{sorted(names)}, or pass a {public_name(base_class)} instance or "
+        "its config."
+    )

@@ -1,0 +1,35 @@
+"""Random projections for the feature maps, and `get` to look them up."""
+
+import keras
+
+from keras_favor.lookup import lookup
+from keras_favor.projections.iid_projection import IIDProjection
+from keras_favor.projections.orthogonal_projection import (
+    OrthogonalProjection,
+)
+from keras_favor.projections.projection import Projection
+
+ALL_PROJECTIONS = {
+    "orthogonal": OrthogonalProjection,
+    "iid": IIDProjection,
+}
+
+
+def serialize(projection):
+    """Returns the Keras config of a `Projection`."""
+    return keras.saving.serialize_keras_object(projection)
+
+
+def deserialize(config):
+    """Builds a `Projection` from the output of `serialize`."""
+    return keras.saving.deserialize_keras_object(config)
+
+
+def get(identifier):
+    """Returns a `Projection` from a name, a config dict or an instance.
+
+    Args:
+        identifier: `"orthogonal"` (`OrthogonalProjection()`, chi norms),
+            `"iid"`, a dict made by `serialize`, or a `Projection` instance.
+    """
+    return lookup(identifier, Projection, ALL_PROJECTIONS, "projection")

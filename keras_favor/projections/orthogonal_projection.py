@@ -1,0 +1,72 @@
+"""Orthogonal random features (ORF)."""
+
+import math
+
+import keras
+import tensorflow as tf
+
+from keras_favor.projections.projection import Projection
+
+ROW_NORMS = ("chi", "sqrt_d")
+
+
+def haar_orthogonal_blocks(num_blocks, dim, seed):
+    """`num_blocks` independent Haar-distributed `dim x dim` rotations.
+
+    `Q` from the QR of a Gaussian matrix is Haar-distributed only after its
+    columns are multiplied by `sign(diag(R))` (Mezzadri, 2007).
+    """
+    gaussian = tf.random.stateless_normal((num_blocks, dim, dim), seed=seed)
+    q, r = tf.linalg.qr(gaussian)
+    signs = tf.where(tf.linalg.diag_part(r) < 0.0, -1.0, 1.0)
+    return q * signs[:, None, :]
+
+
+@keras.saving.register_keras_serializable(package="keras_favor")
+class OrthogonalProjection(Projection):
+    """Orthogonal Gaussian projections (Performer, Theorem 2).
+
+    Rows come in blocks of `dim` mutually orthogonal directions; blocks are
+    independent Haar rotations. Each row is then scaled so that its norm is
+    distributed like that of a Gaussian vector, which keeps every row
+    marginally `N(0, I)` and the softmax estimate unbiased.
+
+    Args:
+        norm: `"chi"` (default) scales each row by the norm of a fresh
+            Gaussian vector (a `chi(dim)` sample, independent of the
+            directions); `"sqrt_d"` scales every row by `sqrt(dim)`, the
+            deterministic variant (then the estimate is no longer exactly
+            unbiased, but has lower variance).
+
+    References:
+        - [Choromanski et al., 2021](https://arxiv.org/abs/2009.14794)
+        - [Yu et al., 2016](https://arxiv.org/abs/1610.09072)
+    """
+
+    def __init__(self, norm="chi"):
+        if norm not in ROW_NORMS:
+            raise ValueError(
+                f"`norm` must be one of {ROW_NORMS}. Received: norm={norm!r}"
+            )
+        self.norm = norm
+
+    def sample(self, shape, seed):
+        num_features, dim = shape
+        block_seed, norm_seed = tf.unstack(
+            tf.random.experimental.stateless_split(seed, num=2)
+        )
+        num_blocks = math.ceil(num_features / dim)
+        blocks = haar_orthogonal_blocks(num_blocks, dim, block_seed)
+        # Rows of Q^T are orthonormal directions.
+        directions = tf.reshape(
+            tf.transpose(blocks, (0, 2, 1)), (num_blocks * dim, dim)
+        )[:num_features]
+        if self.norm == "sqrt_d":
+            return directions * math.sqrt(dim)
+        gaussian = tf.random.stateless_normal(
+            (num_features, dim), seed=norm_seed
+        )
+        return directions * tf.norm(gaussian, axis=-1, keepdims=True)
+
+    def get_config(self):
+        return {"norm": self.norm}

@@ -1,0 +1,50 @@
+"""The `Projection` base class: a distribution over projection matrices."""
+
+import keras
+import tensorflow as tf
+
+
+def as_seed_pair(seed):
+    """Turns an int or a shape-`(2,)` tensor into a stateless seed pair."""
+    if isinstance(seed, int):
+        return tf.constant([seed, 0], dtype=tf.int64)
+    return tf.cast(tf.reshape(seed, (2,)), tf.int64)
+
+
+@keras.saving.register_keras_serializable(package="keras_favor")
+class Projection:
+    """Base class of the random projections `W` used by the feature maps.
+
+    A projection draws a `(num_features, dim)` float32 matrix from a
+    stateless seed, so that the same seed gives the same matrix on every
+    device, replica and worker. Subclass it and implement `sample` to use
+    a distribution of your own; return every `__init__` argument from
+    `get_config` and register the class with
+    `keras.saving.register_keras_serializable`.
+    """
+
+    def sample(self, shape, seed):
+        """Draws a matrix of `shape` from a stateless `(2,)` int seed."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement `sample(shape, seed)`."
+        )
+
+    def __call__(self, shape, seed):
+        if len(shape) != 2:
+            raise ValueError(
+                "A projection has shape (num_features, dim). "
+                f"Received: shape={shape}"
+            )
+        matrix = self.sample(tuple(shape), as_seed_pair(seed))
+        return tf.ensure_shape(tf.cast(matrix, tf.float32), shape)
+
+    def get_config(self):
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
