@@ -374,51 +374,46 @@ class FavorAttention(keras.layers.Layer):
         self.redraw_count.assign_add(1)
         return self.projection
 
-    def _features(self, x):
-        """`(values, log_scale)` of `(B, T, H, d)` inputs, as `(B, H, T, F)`."""
-        x = tf.transpose(tf.cast(x, tf.float32), (0, 2, 1, 3))
+    def _feature_fn(self):
+        """Maps `(B, H, T, d)` float32 heads to their feature parts."""
         projection = None
         if self.projection is not None:
             projection = ops.convert_to_tensor(self.projection)
-        return self.feature_map.log_scaled(x, projection)
-
-    def _dropped(self, key_feats, training):
-        if not training or self.dropout == 0:
-            return None
-        return keras.random.dropout(
-            key_feats, self.dropout, seed=self._dropout_seed
-        )
+        return lambda heads: self.feature_map.log_scaled(heads, projection)
 
     def _attend(self, query, key, value, mask, use_causal_mask, training):
         """Linear attention on `(B, T, H, d)` heads; returns `(B, T, H, dv)`."""
-        query_feats = linear_attention.query_features(*self._features(query))
-        key_parts = self._features(key)
-        value = tf.transpose(tf.cast(value, tf.float32), (0, 2, 1, 3))
+        query, key, value = (
+            tf.transpose(tf.cast(x, tf.float32), (0, 2, 1, 3))
+            for x in (query, key, value)
+        )
         if mask is not None:
             mask = mask[:, None, :]
+        dropout_rate, dropout_seed = 0.0, None
+        if training and self.dropout > 0:
+            dropout_rate = self.dropout
+            dropout_seed = self._dropout_seed.next()
         if use_causal_mask:
-            key_feats, levels = linear_attention.causal_key_features(
-                *key_parts, mask
-            )
-            dropped = self._dropped(key_feats, training)
             outputs = linear_attention.causal_linear_attention(
-                query_feats,
-                key_feats if dropped is None else dropped,
-                levels,
+                query,
+                key,
                 value,
-                self.chunk_size,
-                key_feats_for_sum=None if dropped is None else key_feats,
+                self._feature_fn(),
+                self.feature_map.feature_dim(self.num_features, self.key_dim),
+                mask=mask,
+                chunk_size=self.chunk_size,
+                dropout_rate=dropout_rate,
+                dropout_seed=dropout_seed,
             )
         else:
-            key_feats = linear_attention.bidirectional_key_features(
-                *key_parts, mask
-            )
-            dropped = self._dropped(key_feats, training)
             outputs = linear_attention.bidirectional_linear_attention(
-                query_feats,
-                key_feats if dropped is None else dropped,
+                query,
+                key,
                 value,
-                key_feats_for_sum=None if dropped is None else key_feats,
+                self._feature_fn(),
+                mask=mask,
+                dropout_rate=dropout_rate,
+                dropout_seed=dropout_seed,
             )
         return tf.transpose(outputs, (0, 2, 1, 3))
 

@@ -1,9 +1,9 @@
 """Numerically stable linear attention, bidirectional and causal.
 
 Tensors are laid out `(batch, heads, length, channels)` and computed in
-float32. Features arrive as `(values, log_scale)` pairs from
-`FeatureMap.log_scaled`, `phi = values * exp(log_scale)`, and every shift
-subtracted from `log_scale` here cancels exactly in the ratio
+float32. A `feature_fn` maps heads to `(values, log_scale)` pairs, as
+`FeatureMap.log_scaled` does, with `phi = values * exp(log_scale)`; every
+shift subtracted from `log_scale` here cancels exactly in the ratio
 `phi(Q) (phi(K)^T V) / phi(Q) (phi(K)^T 1)` (favor-math.md, section 4).
 """
 
@@ -11,10 +11,14 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 # Stands for "no key yet" in running maxima: finite, so differences of it
-# stay finite, and exp of (anything real) - 1e30 is exactly 0.
+# stay finite, and exp(real - 1e30) is exactly 0.
 NO_KEY_LEVEL = -1e30
-# Guards the normalizer of a query that sees no key (fully padded rows).
+# Keeps the normalizer of a query that sees no key (fully padded rows) off 0.
 EPSILON = 1e-6
+# Causal attention over more positions than this runs in groups whose
+# activations are recomputed in the backward pass, so training memory stays
+# linear in the length with a small constant.
+RECOMPUTE_GROUP_LENGTH = 8192
 
 
 def exp_times_values(values, exponent):
@@ -22,42 +26,40 @@ def exp_times_values(values, exponent):
     return scale if values is None else values * scale
 
 
-def row_log_level(log_scale):
-    """The largest log-scale of each row (position), shape `(B, H, L)`."""
-    return tf.reduce_max(log_scale, axis=-1)
+def row_log_level(log_scale, mask=None):
+    """The largest log-scale of each position, `(B, H, L)`, without gradient.
+
+    Masked positions get `NO_KEY_LEVEL`, so they enter no maximum.
+    """
+    level = tf.stop_gradient(tf.reduce_max(log_scale, axis=-1))
+    if mask is None:
+        return level
+    return tf.where(mask, level, NO_KEY_LEVEL)
 
 
 def query_features(values, log_scale):
     """Query features shifted by their own row max (cancels per query)."""
     if log_scale is None:
         return values
-    shift = tf.stop_gradient(row_log_level(log_scale))[..., None]
+    shift = row_log_level(log_scale)[..., None]
     return exp_times_values(values, log_scale - shift)
 
 
-def masked_key_features(values, log_scale, shift, mask):
+def shifted_key_features(values, log_scale, shift, mask):
     """`values * exp(log_scale - shift)`, exactly zero at masked keys.
 
     The exponent is masked before `exp`, so padded keys produce neither an
     overflow nor a NaN gradient.
     """
     if log_scale is None:
-        features = values
-    else:
-        exponent = log_scale - shift[..., None]
-        if mask is not None:
-            exponent = tf.where(mask[..., None], exponent, NO_KEY_LEVEL)
-        features = exp_times_values(values, exponent)
+        if mask is None:
+            return values
+        return tf.where(mask[..., None], values, 0.0)
+    exponent = log_scale - shift[..., None]
     if mask is not None:
-        features = tf.where(mask[..., None], features, 0.0)
-    return features
-
-
-def masked_row_level(log_scale, mask):
-    level = tf.stop_gradient(row_log_level(log_scale))
-    if mask is None:
-        return level
-    return tf.where(mask, level, NO_KEY_LEVEL)
+        # exp(NO_KEY_LEVEL) is exactly 0: no second pass to zero the keys.
+        exponent = tf.where(mask[..., None], exponent, NO_KEY_LEVEL)
+    return exp_times_values(values, exponent)
 
 
 def bidirectional_key_features(values, log_scale, mask):
@@ -65,87 +67,103 @@ def bidirectional_key_features(values, log_scale, mask):
 
     Args:
         values, log_scale: the key feature parts, `(B, H, S, F)` or `None`.
-        mask: bool `(B, 1 or H, S)` with True at real keys, or `None`.
+        mask: bool `(B, 1 or H, S)`, True at real keys, or `None`.
     """
     if log_scale is None:
-        return masked_key_features(values, None, None, mask)
-    level = masked_row_level(log_scale, mask)
-    shift = tf.reduce_max(level, axis=-1, keepdims=True)
+        return shifted_key_features(values, None, None, mask)
+    shift = tf.reduce_max(row_log_level(log_scale, mask), -1, keepdims=True)
     # A batch row without any key gets shift 0: its features are all zero.
     shift = tf.where(shift > NO_KEY_LEVEL / 2, shift, 0.0)
-    shift = tf.broadcast_to(shift, tf.shape(level))
-    return masked_key_features(values, log_scale, shift, mask)
+    return shifted_key_features(values, log_scale, shift, mask)
 
 
-def causal_key_features(values, log_scale, mask):
-    """Key features shifted by the running max of the keys so far.
+def causal_key_features(values, log_scale, mask, initial_level):
+    """Key features shifted by the running max of the keys seen so far.
 
-    The shift of key `s` is the max over valid keys `s' <= s`, so no key is
-    scaled by anything it has not seen yet (favor-math.md, section 4).
+    Key `s` is scaled by `exp(-max(initial_level, max_{s' <= s} level_s'))`,
+    so no key is scaled by anything it has not seen (favor-math.md, sec. 4).
 
     Returns:
         `(features, levels)`: features `(B, H, S, F)` and the running max
-        `(B, H, S)` used as each key's shift (zeros when `log_scale` is None).
+        `(B, H, S)` used as each key's shift.
     """
     if log_scale is None:
-        features = masked_key_features(values, None, None, mask)
+        features = shifted_key_features(values, None, None, mask)
         return features, tf.zeros(tf.shape(features)[:-1], features.dtype)
-    level = masked_row_level(log_scale, mask)
-    running_max = tfp.math.scan_associative(
-        tf.maximum, level, axis=-1, max_num_levels=30
+    running_max = tf.maximum(
+        initial_level[..., None],
+        tfp.math.scan_associative(
+            tf.maximum, row_log_level(log_scale, mask), axis=-1,
+            max_num_levels=30,
+        ),
     )
-    return (
-        masked_key_features(values, log_scale, running_max, mask),
-        running_max,
-    )
+    features = shifted_key_features(values, log_scale, running_max, mask)
+    return features, running_max
+
+
+def feature_dropout(key_feats, rate, seed):
+    """Drops key features with a stateless seed, scaling survivors up.
+
+    Stateless, so a recomputation in the backward pass drops the same ones.
+    """
+    keep = tf.random.stateless_uniform(tf.shape(key_feats), seed) >= rate
+    return tf.where(keep, key_feats / (1.0 - rate), 0.0)
+
+
+def numerator_key_features(key_feats, dropout_rate, dropout_seed):
+    """Key features for the numerator: dropped out when training."""
+    if not dropout_rate:
+        return key_feats
+    return feature_dropout(key_feats, dropout_rate, dropout_seed)
 
 
 def normalize(numerator, denominator):
-    """`numerator / denominator` with the denominator kept off zero."""
+    """`numerator / denominator`, the denominator kept off zero."""
     guard = tf.where(denominator < 0.0, -EPSILON, EPSILON)
     return numerator / (denominator + guard)[..., None]
 
 
-def bidirectional_linear_attention(query_feats, key_feats, values, key_feats_for_sum=None):
+def bidirectional_linear_attention(
+    query, key, value, feature_fn, mask=None, dropout_rate=0.0,
+    dropout_seed=None,
+):
     """`Q'(K'^T V) / Q'(K'^T 1)` without forming any `L x S` matrix.
 
     Args:
-        query_feats: `(B, H, L, F)`.
-        key_feats: `(B, H, S, F)`, zero at masked keys; used in the
-            numerator.
-        values: `(B, H, S, D)`.
-        key_feats_for_sum: features used for the normalizer when they differ
-            from `key_feats` (feature dropout); defaults to `key_feats`.
+        query: `(B, H, L, d)` heads; key `(B, H, S, d)`; value `(B, H, S, D)`.
+        feature_fn: maps heads to `(values, log_scale)` feature parts.
+        mask: bool `(B, 1, S)`, True at real keys, or None.
+        dropout_rate: float, key-feature dropout in the numerator.
+        dropout_seed: `(2,)` int stateless seed, when `dropout_rate > 0`.
     """
-    if key_feats_for_sum is None:
-        key_feats_for_sum = key_feats
-    key_values = tf.einsum("bhsf,bhsd->bhfd", key_feats, values)
-    key_sum = tf.reduce_sum(key_feats_for_sum, axis=2)
+    query_feats = query_features(*feature_fn(query))
+    key_feats = bidirectional_key_features(*feature_fn(key), mask)
+    dropped = numerator_key_features(key_feats, dropout_rate, dropout_seed)
+    key_values = tf.einsum("bhsf,bhsd->bhfd", dropped, value)
+    key_sum = tf.reduce_sum(key_feats, axis=2)
     numerator = tf.einsum("bhlf,bhfd->bhld", query_feats, key_values)
     denominator = tf.einsum("bhlf,bhf->bhl", query_feats, key_sum)
     return normalize(numerator, denominator)
 
 
-def split_chunks(x, num_chunks, chunk_size):
-    """`(B, H, L, ...)` to `(B, H, num_chunks, chunk_size, ...)`."""
+def split_chunks(x, chunk_size):
+    """`(B, H, L, ...)` to `(B, H, L / chunk_size, chunk_size, ...)`."""
     shape = tf.shape(x)
-    new_shape = tf.concat(
-        [shape[:2], [num_chunks, chunk_size], shape[3:]], axis=0
-    )
+    new_shape = tf.concat([shape[:2], [-1, chunk_size], shape[3:]], axis=0)
     return tf.reshape(x, new_shape)
 
 
-def pad_length(x, padding):
-    rank = len(x.shape)
-    paddings = [[0, 0]] * 2 + [[0, padding]] + [[0, 0]] * (rank - 3)
-    return tf.pad(x, paddings)
+def merge_chunks(x):
+    """`(B, H, N, C, D)` back to `(B, H, N * C, D)`."""
+    shape = tf.shape(x)
+    return tf.reshape(x, tf.concat([shape[:2], [-1], shape[4:]], axis=0))
 
 
 def combine_rescaled_states(earlier, later):
-    """Associative merge of `(key_values, key_sum, level)` chunk states.
+    """Associative merge of `(key_values, key_sum, level)` states.
 
     Each state is a sum of key features scaled to `exp(-level)`; merging
-    rescales both to the larger level, as in online softmax.
+    rescales both to the larger level, as online softmax does.
     """
     kv_a, sum_a, level_a = earlier
     kv_b, sum_b, level_b = later
@@ -159,91 +177,153 @@ def combine_rescaled_states(earlier, later):
     )
 
 
-def causal_linear_attention(
-    query_feats,
-    key_feats,
-    key_levels,
-    values,
-    chunk_size,
-    key_feats_for_sum=None,
-):
-    """Exact causal linear attention in chunks (favor-math.md, section 5).
-
-    Inside a chunk of `C` positions the masked `C x C` product is formed;
-    across chunks, the prefix sums of `K'^T V` and `K'^T 1` are carried by a
-    parallel scan. Memory grows like `L (F + D + C) + (L / C) F D`.
-
-    Args:
-        query_feats: `(B, H, L, F)`.
-        key_feats: `(B, H, L, F)` from `causal_key_features`, each key scaled
-            by `exp(-key_levels)`, zero at masked keys.
-        key_levels: `(B, H, L)`, the non-decreasing running max of the keys.
-        values: `(B, H, L, D)`.
-        chunk_size: int, positions per chunk.
-        key_feats_for_sum: features for the normalizer when they differ from
-            `key_feats` (feature dropout); defaults to `key_feats`.
-    """
-    separate_sum = key_feats_for_sum is not None
-    length = tf.shape(query_feats)[2]
-    static_length = query_feats.shape[2]
-    if static_length is not None:
-        chunk_size = max(1, min(chunk_size, static_length))
-    padding = (-length) % chunk_size
-    num_chunks = (length + padding) // chunk_size
-    # Padded positions repeat the last level so the running max stays
-    # non-decreasing; their features are zero.
-    key_levels = tf.concat(
-        [key_levels, tf.repeat(key_levels[:, :, -1:], padding, axis=2)],
-        axis=2,
+def empty_state(query, value, num_features):
+    """The causal state before any key: zero sums at `NO_KEY_LEVEL`."""
+    batch_heads = tf.shape(query)[:2]
+    return (
+        tf.zeros(tf.concat([batch_heads, [num_features, tf.shape(value)[-1]]], 0)),
+        tf.zeros(tf.concat([batch_heads, [num_features]], 0)),
+        tf.fill(batch_heads, NO_KEY_LEVEL),
     )
 
-    def chunks(x):
-        return split_chunks(pad_length(x, padding), num_chunks, chunk_size)
 
-    q, k, v = chunks(query_feats), chunks(key_feats), chunks(values)
-    k_sum = chunks(key_feats_for_sum) if separate_sum else k
-    levels = split_chunks(key_levels, num_chunks, chunk_size)
+def causal_chunks(
+    query_feats, key_feats, key_sum_feats, levels, value, chunk_size, state
+):
+    """Chunked causal attention over one group of whole chunks.
 
-    # Inside the chunk: query t sees key s <= t with relative scale
+    Inside a chunk of `C` positions the masked `C x C` product is formed;
+    across chunks the prefix sums of `K'^T V` and `K'^T 1`, carried as
+    `state = (key_values, key_sum, level)`, come from a parallel scan.
+
+    Returns:
+        `(outputs, state)`: `(B, H, L, D)` outputs and the state after the
+        group's last key.
+    """
+    q, k, v = (split_chunks(x, chunk_size) for x in (query_feats, key_feats, value))
+    k_sum = split_chunks(key_sum_feats, chunk_size)
+    levels = split_chunks(levels, chunk_size)
+
+    # Inside a chunk, query t sees key s <= t at relative scale
     # exp(level_s - level_t) <= 1.
-    causal = tf.linalg.band_part(tf.ones((chunk_size, chunk_size), tf.bool), -1, 0)
+    causal = tf.linalg.band_part(
+        tf.ones((chunk_size, chunk_size), tf.bool), -1, 0
+    )
     relative = levels[..., None, :] - levels[..., :, None]
     decay = tf.exp(tf.where(causal, relative, NO_KEY_LEVEL))
     scores = tf.einsum("bhntf,bhnsf->bhnts", q, k) * decay
     numerator = tf.einsum("bhnts,bhnsd->bhntd", scores, v)
-    if separate_sum:
-        sum_scores = tf.einsum("bhntf,bhnsf->bhnts", q, k_sum) * decay
-    else:
-        sum_scores = scores
-    denominator = tf.reduce_sum(sum_scores, axis=-1)
+    if key_sum_feats is not key_feats:
+        scores = tf.einsum("bhntf,bhnsf->bhnts", q, k_sum) * decay
+    denominator = tf.reduce_sum(scores, axis=-1)
 
-    # Each chunk's sums, scaled to the level at its last position.
+    # Each chunk's sums, scaled to the level at its last position. The
+    # per-key scale goes on the narrower factor, v, not on k.
     chunk_level = levels[..., -1]
-    to_chunk_end = tf.exp(levels - chunk_level[..., None])[..., None]
-    chunk_kv = tf.einsum("bhnsf,bhnsd->bhnfd", k * to_chunk_end, v)
-    chunk_sum = tf.reduce_sum(k_sum * to_chunk_end, axis=3)
+    to_chunk_end = tf.exp(levels - chunk_level[..., None])
+    chunk_kv = tf.einsum("bhnsf,bhnsd->bhnfd", k, v * to_chunk_end[..., None])
+    chunk_sum = tf.einsum("bhnsf,bhns->bhnf", k_sum, to_chunk_end)
+    # Element 0 is the carried state, so element c of the inclusive scan is
+    # what chunk c inherits, and the last one is the state after the group.
     kv, key_sum, level = tfp.math.scan_associative(
         combine_rescaled_states,
-        (chunk_kv, chunk_sum, chunk_level),
+        tuple(
+            tf.concat([s[:, :, None], c], axis=2)
+            for s, c in zip(state, (chunk_kv, chunk_sum, chunk_level))
+        ),
         axis=2,
         max_num_levels=24,
     )
-    # What chunk c inherits is the inclusive scan up to chunk c - 1.
-    kv = shift_one_chunk(kv, tf.zeros_like(kv[:, :, :1]))
-    key_sum = shift_one_chunk(key_sum, tf.zeros_like(key_sum[:, :, :1]))
-    level = shift_one_chunk(level, levels[:, :, :1, 0])
-    inherited = tf.exp(level[..., None] - levels)
+    inherited = tf.exp(level[:, :, :-1, None] - levels)
     numerator += (
-        tf.einsum("bhntf,bhnfd->bhntd", q, kv) * inherited[..., None]
+        tf.einsum("bhntf,bhnfd->bhntd", q, kv[:, :, :-1])
+        * inherited[..., None]
     )
-    denominator += tf.einsum("bhntf,bhnf->bhnt", q, key_sum) * inherited
-    outputs = normalize(numerator, denominator)
-    outputs = tf.reshape(
-        outputs, tf.concat([tf.shape(outputs)[:2], [-1, tf.shape(values)[-1]]], 0)
+    denominator += tf.einsum("bhntf,bhnf->bhnt", q, key_sum[:, :, :-1]) * (
+        inherited
     )
-    return outputs[:, :, :length]
+    outputs = merge_chunks(normalize(numerator, denominator))
+    return outputs, (kv[:, :, -1], key_sum[:, :, -1], level[:, :, -1])
 
 
-def shift_one_chunk(x, first):
-    """Drops the last chunk of `x` and puts `first` in front (axis 2)."""
-    return tf.concat([first, x[:, :, :-1]], axis=2)
+def causal_group(
+    query, key, value, mask, state, feature_fn, chunk_size, dropout_rate,
+    dropout_seed,
+):
+    """Features and chunked causal attention for one group of positions."""
+    query_feats = query_features(*feature_fn(query))
+    values, log_scale = feature_fn(key)
+    key_feats, levels = causal_key_features(values, log_scale, mask, state[2])
+    dropped = numerator_key_features(key_feats, dropout_rate, dropout_seed)
+    return causal_chunks(
+        query_feats, dropped, key_feats, levels, value, chunk_size, state
+    )
+
+
+def pad_positions(x, padding):
+    paddings = [[0, 0]] * 2 + [[0, padding]] + [[0, 0]] * (len(x.shape) - 3)
+    return tf.pad(x, paddings)
+
+
+def causal_linear_attention(
+    query, key, value, feature_fn, num_features, mask=None, chunk_size=128,
+    dropout_rate=0.0, dropout_seed=None,
+):
+    """Exact causal linear attention (favor-math.md, section 5).
+
+    Memory grows like `L (F + D + C) + (L / C) F D` for one group of up to
+    `RECOMPUTE_GROUP_LENGTH` positions; longer sequences run group after
+    group, carrying the prefix state, with each group's activations
+    recomputed in the backward pass instead of stored.
+
+    Args:
+        query, key: `(B, H, L, d)` heads; value: `(B, H, L, D)`.
+        feature_fn: maps heads to `(values, log_scale)` feature parts.
+        num_features: int, the number of features `F` that `feature_fn` makes.
+        mask: bool `(B, 1, L)`, True at real keys, or None.
+        chunk_size: int, positions per chunk.
+        dropout_rate: float, key-feature dropout in the numerator.
+        dropout_seed: `(2,)` int stateless seed, when `dropout_rate > 0`.
+    """
+    length = query.shape[2]
+    if length is None:
+        length = tf.shape(query)[2]
+    else:
+        chunk_size = max(1, min(chunk_size, length))
+    padding = (-length) % chunk_size
+    if mask is None:
+        mask = tf.ones_like(query[:1, :1, :, 0], tf.bool)
+    if not isinstance(padding, int) or padding:
+        query, key, value, mask = (
+            pad_positions(x, padding) for x in (query, key, value, mask)
+        )
+    state = empty_state(query, value, num_features)
+    if not isinstance(length, int) or length <= RECOMPUTE_GROUP_LENGTH:
+        outputs, _ = causal_group(
+            query, key, value, mask, state, feature_fn, chunk_size,
+            dropout_rate, dropout_seed,
+        )
+        return outputs[:, :, :length]
+    group_length = RECOMPUTE_GROUP_LENGTH // chunk_size * chunk_size
+    outputs = []
+    for index, start in enumerate(range(0, length + padding, group_length)):
+        positions = slice(start, start + group_length)
+        seed = None
+        if dropout_rate:
+            seed = tf.random.experimental.stateless_fold_in(dropout_seed, index)
+
+        # Differentiable inputs are arguments: tf.recompute_grad passes no
+        # gradient to tensors captured from outside.
+        def group(q, k, v, *state, mask=mask[:, :, positions], seed=seed):
+            outputs, state = causal_group(
+                q, k, v, mask, state, feature_fn, chunk_size, dropout_rate,
+                seed,
+            )
+            return (outputs,) + tuple(state)
+
+        group_outputs, *state = tf.recompute_grad(group)(
+            query[:, :, positions], key[:, :, positions],
+            value[:, :, positions], *state,
+        )
+        outputs.append(group_outputs)
+    return tf.concat(outputs, axis=2)[:, :, :length]
