@@ -53,3 +53,33 @@ def output(layer, attended):
     """Applies the layer's output projection to `(B, H, T, dv)` heads."""
     merged = np.transpose(attended, (0, 2, 1, 3)).astype(np.float32)
     return np.asarray(layer.output_dense(merged))
+
+
+def differentiable_quadratic_layer(layer, query, value, mask=None, causal=False):
+    """The layer's output computed through the `L x S` matrix, in TensorFlow.
+
+    Uses the layer's own sub-layers and unstabilized features in float64, so
+    gradients can be compared with those of the linear algorithm.
+    """
+
+    def split(dense, x):
+        return tf.transpose(tf.cast(dense(x), tf.float64), (0, 2, 1, 3))
+
+    q = split(layer.query_dense, query)
+    k = split(layer.key_dense, value)
+    v = split(layer.value_dense, value)
+    projection = None
+    if layer.projection is not None:
+        projection = tf.cast(tf.convert_to_tensor(layer.projection), tf.float64)
+    scores = tf.einsum(
+        "bhtf,bhsf->bhts",
+        layer.feature_map(q, projection),
+        layer.feature_map(k, projection),
+    )
+    if mask is not None:
+        scores *= tf.cast(mask, tf.float64)[:, None, None, :]
+    if causal:
+        scores = tf.linalg.band_part(scores, -1, 0)
+    attended = scores @ v / tf.reduce_sum(scores, -1, keepdims=True)
+    merged = tf.cast(tf.transpose(attended, (0, 2, 1, 3)), tf.float32)
+    return layer.output_dense(merged)

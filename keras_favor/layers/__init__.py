@@ -1,3 +1,4 @@
 """Keras layers of keras_favor."""
 
 from keras_favor.layers.favor_attention import FavorAttention
+from keras_favor.layers.performer_block import PerformerBlock

@@ -1,5 +1,6 @@
 """The `FavorAttention` layer."""
 
+import numbers
 import random
 import string
 
@@ -17,14 +18,18 @@ SEED_RANGE = 2**31 - 1
 def positive_int(value, name, allow_none=False):
     if allow_none and value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or value <= 0
+    ):
         allowed = "a positive integer or None" if allow_none else (
             "a positive integer"
         )
         raise ValueError(
             f"`{name}` must be {allowed}. Received: {name}={value!r}"
         )
-    return value
+    return int(value)
 
 
 def normalized_output_shape(output_shape):
@@ -151,9 +156,14 @@ class FavorAttention(keras.layers.Layer):
 
     Call arguments:
         query: `(B, T, dim)` query tensor.
-        value: `(B, S, dim)` value tensor.
+        value: `(B, S, dim)` value tensor. Defaults to `query`
+            (self-attention, whose keys are then masked by `query_mask`),
+            so that the layer also works with one input in
+            `keras.Sequential`.
         key: optional `(B, S, dim)` key tensor; defaults to `value`.
-        query_mask: `(B, T)` bool; carried to the output's Keras mask.
+        query_mask: `(B, T)` bool, filled in by Keras from the query's mask.
+            Queries are not masked; as in `MultiHeadAttention`, the query's
+            Keras mask becomes the output's.
         value_mask: `(B, S)` bool; False masks a key.
         key_mask: `(B, S)` bool; False masks a key.
         attention_mask: `(B, S)` or `(B, 1, S)` bool; False masks a key.
@@ -228,12 +238,12 @@ class FavorAttention(keras.layers.Layer):
         self.num_features = positive_int(num_features, "num_features")
         self.projection_distribution = projections_lib.get(projection)
         if seed is not None and (
-            isinstance(seed, bool) or not isinstance(seed, int)
+            isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
         ):
             raise ValueError(
                 f"`seed` must be an int or None. Received: seed={seed!r}"
             )
-        self.seed = seed
+        self.seed = None if seed is None else int(seed)
         self.chunk_size = positive_int(chunk_size, "chunk_size")
         self.projection = None
         self.redraw_count = None
@@ -279,7 +289,8 @@ class FavorAttention(keras.layers.Layer):
             "abc,cde->abde", (None, self.num_heads, head_dim), "de", name
         )
 
-    def build(self, query_shape, value_shape, key_shape=None):
+    def build(self, query_shape, value_shape=None, key_shape=None):
+        value_shape = query_shape if value_shape is None else value_shape
         key_shape = value_shape if key_shape is None else key_shape
         for argument, shape in (
             ("query", query_shape),
@@ -420,7 +431,7 @@ class FavorAttention(keras.layers.Layer):
     def call(
         self,
         query,
-        value,
+        value=None,
         key=None,
         query_mask=None,
         value_mask=None,
@@ -429,6 +440,11 @@ class FavorAttention(keras.layers.Layer):
         use_causal_mask=False,
         training=None,
     ):
+        if value is None:
+            # Self-attention with a single input, as inside keras.Sequential:
+            # the query's padding mask is the keys' mask.
+            value = query
+            value_mask = query_mask if value_mask is None else value_mask
         if key is None:
             key = value
         # The query's Keras mask reaches the output through `compute_mask`,
@@ -446,7 +462,9 @@ class FavorAttention(keras.layers.Layer):
         )
         return self._output_dense(ops.cast(outputs, self.compute_dtype))
 
-    def compute_output_shape(self, query_shape, value_shape, key_shape=None):
+    def compute_output_shape(
+        self, query_shape, value_shape=None, key_shape=None
+    ):
         output_shape = self.output_shape_ or (query_shape[-1],)
         return tuple(query_shape[:-1]) + tuple(output_shape)
 

@@ -13,8 +13,12 @@ import tensorflow_probability as tfp
 # Stands for "no key yet" in running maxima: finite, so differences of it
 # stay finite, and exp(real - 1e30) is exactly 0.
 NO_KEY_LEVEL = -1e30
-# Keeps the normalizer of a query that sees no key (fully padded rows) off 0.
-EPSILON = 1e-6
+# Query features may reach exp(30) ~ 1e13 to keep their normalizer >= 1.
+MAX_QUERY_LOG_FEATURE = 30.0
+# A normalizer below this means the query sees no key, or every product of
+# its features with the keys' underflowed: its attention output is 0. With
+# features <= exp(30), gradients then stay below ~1e25 |v| L: finite.
+TINY_NORMALIZER = 1e-12
 # Causal attention over more positions than this runs in groups whose
 # activations are recomputed in the backward pass, so training memory stays
 # linear in the length with a small constant.
@@ -37,12 +41,37 @@ def row_log_level(log_scale, mask=None):
     return tf.where(mask, level, NO_KEY_LEVEL)
 
 
-def query_features(values, log_scale):
-    """Query features shifted by their own row max (cancels per query)."""
+def query_features(values, log_scale, key_sum_bound=None):
+    """Query features with one shift per query, which cancels in its ratio.
+
+    For purely exponential features (`values is None`) and a lower bound
+    `w <= phi(K)^T 1` of the key sum (as it is scaled in the normalizer), the
+    shift is `max_f(log_scale_f + log w_f)`: then the normalizer
+    `phi(q) . phi(K)^T 1 >= phi(q) . w >= 1`, so it can neither underflow
+    nor give the division an overflowing gradient, however far apart the
+    query and key logits are. Otherwise the shift is the row max of
+    `log_scale` (features at most 1).
+
+    Args:
+        values, log_scale: the query feature parts, `(B, H, L, F)` or None.
+        key_sum_bound: `(B, H, L, F)` (or broadcastable) non-negative key
+            sums, or None.
+    """
     if log_scale is None:
         return values
-    shift = row_log_level(log_scale)[..., None]
-    return exp_times_values(values, log_scale - shift)
+    shift = row_log_level(log_scale)
+    if values is None and key_sum_bound is not None:
+        bounded = tf.stop_gradient(
+            tf.reduce_max(
+                log_scale + tf.math.log(tf.maximum(key_sum_bound, 1e-37)),
+                axis=-1,
+            )
+        )
+        # Capped at exp(MAX_QUERY_LOG_FEATURE), which bounds the features
+        # met by keys the bound leaves out (earlier in the same chunk) and
+        # those of a query that sees no key.
+        shift = tf.maximum(bounded, shift - MAX_QUERY_LOG_FEATURE)
+    return exp_times_values(values, log_scale - shift[..., None])
 
 
 def shifted_key_features(values, log_scale, shift, mask):
@@ -118,9 +147,18 @@ def numerator_key_features(key_feats, dropout_rate, dropout_seed):
 
 
 def normalize(numerator, denominator):
-    """`numerator / denominator`, the denominator kept off zero."""
-    guard = tf.where(denominator < 0.0, -EPSILON, EPSILON)
-    return numerator / (denominator + guard)[..., None]
+    """`numerator / denominator`, and 0 for a query that sees no key.
+
+    Normalizers are >= 1 for the softmax maps (see `query_features`), so an
+    additive epsilon would only bias small legitimate ones (ReLU features
+    near their epsilon). A magnitude below `TINY_NORMALIZER` means the query
+    sees no key, or that every feature product underflowed: such a query
+    gets 0, with a zero gradient.
+    """
+    sees_nothing = tf.abs(denominator) < TINY_NORMALIZER
+    # Both selects are needed: the division's gradient must see no 0 either.
+    safe = tf.where(sees_nothing, 1.0, denominator)
+    return tf.where(sees_nothing[..., None], 0.0, numerator / safe[..., None])
 
 
 def bidirectional_linear_attention(
@@ -136,11 +174,11 @@ def bidirectional_linear_attention(
         dropout_rate: float, key-feature dropout in the numerator.
         dropout_seed: `(2,)` int stateless seed, when `dropout_rate > 0`.
     """
-    query_feats = query_features(*feature_fn(query))
     key_feats = bidirectional_key_features(*feature_fn(key), mask)
     dropped = numerator_key_features(key_feats, dropout_rate, dropout_seed)
     key_values = tf.einsum("bhsf,bhsd->bhfd", dropped, value)
     key_sum = tf.reduce_sum(key_feats, axis=2)
+    query_feats = query_features(*feature_fn(query), key_sum[:, :, None])
     numerator = tf.einsum("bhlf,bhfd->bhld", query_feats, key_values)
     denominator = tf.einsum("bhlf,bhf->bhl", query_feats, key_sum)
     return normalize(numerator, denominator)
@@ -188,7 +226,7 @@ def empty_state(query, value, num_features):
 
 
 def causal_chunks(
-    query_feats, key_feats, key_sum_feats, levels, value, chunk_size, state
+    query_parts, key_feats, key_sum_feats, levels, value, chunk_size, state
 ):
     """Chunked causal attention over one group of whole chunks.
 
@@ -196,26 +234,24 @@ def causal_chunks(
     across chunks the prefix sums of `K'^T V` and `K'^T 1`, carried as
     `state = (key_values, key_sum, level)`, come from a parallel scan.
 
+    Args:
+        query_parts: `(values, log_scale)` of the queries.
+        key_feats: `(B, H, L, F)` key features for the numerator.
+        key_sum_feats: key features for the normalizer (differs from
+            `key_feats` only under feature dropout).
+        levels: `(B, H, L)` running max each key was shifted by.
+        value: `(B, H, L, D)`.
+        chunk_size: int.
+        state: the carried `(key_values, key_sum, level)`.
+
     Returns:
         `(outputs, state)`: `(B, H, L, D)` outputs and the state after the
         group's last key.
     """
-    q, k, v = (split_chunks(x, chunk_size) for x in (query_feats, key_feats, value))
-    k_sum = split_chunks(key_sum_feats, chunk_size)
-    levels = split_chunks(levels, chunk_size)
-
-    # Inside a chunk, query t sees key s <= t at relative scale
-    # exp(level_s - level_t) <= 1.
-    causal = tf.linalg.band_part(
-        tf.ones((chunk_size, chunk_size), tf.bool), -1, 0
+    k, v, k_sum = (
+        split_chunks(x, chunk_size) for x in (key_feats, value, key_sum_feats)
     )
-    relative = levels[..., None, :] - levels[..., :, None]
-    decay = tf.exp(tf.where(causal, relative, NO_KEY_LEVEL))
-    scores = tf.einsum("bhntf,bhnsf->bhnts", q, k) * decay
-    numerator = tf.einsum("bhnts,bhnsd->bhntd", scores, v)
-    if key_sum_feats is not key_feats:
-        scores = tf.einsum("bhntf,bhnsf->bhnts", q, k_sum) * decay
-    denominator = tf.reduce_sum(scores, axis=-1)
+    levels = split_chunks(levels, chunk_size)
 
     # Each chunk's sums, scaled to the level at its last position. The
     # per-key scale goes on the narrower factor, v, not on k.
@@ -234,16 +270,40 @@ def causal_chunks(
         axis=2,
         max_num_levels=24,
     )
+    final_state = (kv[:, :, -1], key_sum[:, :, -1], level[:, :, -1])
+    kv, key_sum = kv[:, :, :-1], key_sum[:, :, :-1]
+    # The inherited sums rescaled to each position's own level (<= 1).
     inherited = tf.exp(level[:, :, :-1, None] - levels)
+
+    # What query t surely sees: the inherited sum and its own key.
+    key_sum_bound = tf.stop_gradient(
+        key_sum[:, :, :, None] * inherited[..., None] + k_sum
+    )
+    q = query_features(
+        *(split_chunks(x, chunk_size) if x is not None else None
+          for x in query_parts),
+        key_sum_bound,
+    )
+
+    # Inside a chunk, query t sees key s <= t at relative scale
+    # exp(level_s - level_t) <= 1.
+    causal = tf.linalg.band_part(
+        tf.ones((chunk_size, chunk_size), tf.bool), -1, 0
+    )
+    relative = levels[..., None, :] - levels[..., :, None]
+    decay = tf.exp(tf.where(causal, relative, NO_KEY_LEVEL))
+    scores = tf.einsum("bhntf,bhnsf->bhnts", q, k) * decay
+    numerator = tf.einsum("bhnts,bhnsd->bhntd", scores, v)
+    if key_sum_feats is not key_feats:
+        scores = tf.einsum("bhntf,bhnsf->bhnts", q, k_sum) * decay
+    denominator = tf.reduce_sum(scores, axis=-1)
+
     numerator += (
-        tf.einsum("bhntf,bhnfd->bhntd", q, kv[:, :, :-1])
-        * inherited[..., None]
+        tf.einsum("bhntf,bhnfd->bhntd", q, kv) * inherited[..., None]
     )
-    denominator += tf.einsum("bhntf,bhnf->bhnt", q, key_sum[:, :, :-1]) * (
-        inherited
-    )
+    denominator += tf.einsum("bhntf,bhnf->bhnt", q, key_sum) * inherited
     outputs = merge_chunks(normalize(numerator, denominator))
-    return outputs, (kv[:, :, -1], key_sum[:, :, -1], level[:, :, -1])
+    return outputs, final_state
 
 
 def causal_group(
@@ -251,12 +311,11 @@ def causal_group(
     dropout_seed,
 ):
     """Features and chunked causal attention for one group of positions."""
-    query_feats = query_features(*feature_fn(query))
     values, log_scale = feature_fn(key)
     key_feats, levels = causal_key_features(values, log_scale, mask, state[2])
     dropped = numerator_key_features(key_feats, dropout_rate, dropout_seed)
     return causal_chunks(
-        query_feats, dropped, key_feats, levels, value, chunk_size, state
+        feature_fn(query), dropped, key_feats, levels, value, chunk_size, state
     )
 
 

@@ -1,0 +1,214 @@
+"""The linear algorithms against the quadratic form with the same features,
+and the properties that follow: causality, padding invariance, gradients."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_favor
+from keras_favor.ops import linear_attention
+from tests import reference
+
+FEATURE_MAPS = ["softmax", "softmax_hyperbolic", "softmax_trig", "relu", "elu"]
+
+
+def make_layer(feature_map="softmax", chunk_size=4, **kwargs):
+    kwargs.setdefault("num_features", 32)
+    return keras_favor.FavorAttention(
+        num_heads=2,
+        key_dim=8,
+        feature_map=feature_map,
+        chunk_size=chunk_size,
+        seed=7,
+        **kwargs,
+    )
+
+
+def padding_mask(batch, length, valid_lengths):
+    return np.arange(length)[None, :] < np.asarray(valid_lengths)[:, None]
+
+
+def head_outputs(layer, query, value, mask=None, causal=False):
+    """The linear algorithm's per-head outputs `(B, H, T, dv)`."""
+    q, k, v = (
+        tf.constant(x, tf.float32) for x in reference.heads(layer, query, value)
+    )
+    if mask is not None:
+        mask = tf.constant(mask)[:, None, :]
+    if causal:
+        return linear_attention.causal_linear_attention(
+            q, k, v, layer._feature_fn(),
+            layer.feature_map.feature_dim(layer.num_features, layer.key_dim),
+            mask=mask, chunk_size=layer.chunk_size,
+        ).numpy()
+    return linear_attention.bidirectional_linear_attention(
+        q, k, v, layer._feature_fn(), mask=mask
+    ).numpy()
+
+
+@pytest.fixture
+def small_groups(monkeypatch):
+    """Runs causal attention in recomputed groups of 8 positions."""
+    monkeypatch.setattr(linear_attention, "RECOMPUTE_GROUP_LENGTH", 8)
+
+
+def relative_error(actual, expected):
+    return np.max(np.abs(actual - expected)) / np.max(np.abs(expected))
+
+
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_linear_equals_quadratic_with_same_features(
+    rng, feature_map, causal, padded
+):
+    # Length 13 with chunks of 4: a partial last chunk exercises padding.
+    layer = make_layer(feature_map)
+    x = rng.normal(scale=0.5, size=(2, 13, 16)).astype("float32")
+    mask = padding_mask(2, 13, [13, 9]) if padded else None
+    layer(x, x)
+    actual = head_outputs(layer, x, x, mask, causal)
+    q, k, v = reference.heads(layer, x, x)
+    expected = reference.quadratic_feature_attention(
+        layer, q, k, v, mask, causal
+    )
+    assert relative_error(actual, expected) < 1e-5
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_layer_output_equals_quadratic_layer(rng, causal, small_groups):
+    layer = make_layer()
+    x = rng.normal(size=(2, 21, 16)).astype("float32")
+    mask = padding_mask(2, 21, [21, 11])
+    actual = layer(x, x, attention_mask=mask, use_causal_mask=causal)
+    expected = reference.differentiable_quadratic_layer(
+        layer, x, x, mask, causal
+    )
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 8, 64])
+def test_causal_result_does_not_depend_on_chunk_size(rng, chunk_size):
+    x = rng.normal(size=(1, 19, 16)).astype("float32")
+    reference_layer = make_layer(chunk_size=19)
+    expected = reference_layer(x, x, use_causal_mask=True)
+    layer = make_layer(chunk_size=chunk_size)
+    layer(x, x)
+    layer.set_weights(reference_layer.get_weights())
+    actual = layer(x, x, use_causal_mask=True)
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients_match_quadratic_form(rng, causal, small_groups):
+    layer = make_layer()
+    x = tf.constant(rng.normal(size=(2, 18, 16)).astype("float32"))
+    mask = padding_mask(2, 18, [18, 13])
+    target = tf.constant(rng.normal(size=(2, 18, 16)).astype("float32"))
+    layer(x, x)
+
+    def gradients(attention):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(attention() * target)
+        return tape.gradient(loss, [x] + layer.trainable_weights)
+
+    actual = gradients(
+        lambda: layer(x, x, attention_mask=mask, use_causal_mask=causal)
+    )
+    expected = gradients(
+        lambda: reference.differentiable_quadratic_layer(
+            layer, x, x, mask, causal
+        )
+    )
+    assert len(actual) == 9
+    for a, e in zip(actual, expected):
+        np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+@pytest.mark.parametrize("position", [0, 5, 6, 11])
+def test_causal_has_no_future_leakage(rng, feature_map, position, small_groups):
+    # Chunks of 4 and groups of 8: positions 5 and 6 share a chunk with
+    # the changed positions after them, position 11 a group.
+    layer = make_layer(feature_map)
+    x = rng.normal(size=(2, 16, 16)).astype("float32")
+    changed = x.copy()
+    changed[:, position + 1 :] = rng.normal(
+        scale=300.0, size=changed[:, position + 1 :].shape
+    )
+    before = np.asarray(layer(x, x, use_causal_mask=True))
+    after = np.asarray(layer(changed, changed, use_causal_mask=True))
+    assert np.all(np.isfinite(after))
+    np.testing.assert_allclose(
+        after[:, : position + 1], before[:, : position + 1],
+        rtol=1e-6, atol=1e-6,
+    )
+    assert not np.allclose(after[:, position + 1 :], before[:, position + 1 :])
+
+
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_padded_keys_change_no_output(rng, feature_map, causal, small_groups):
+    layer = make_layer(feature_map)
+    query = rng.normal(size=(2, 14, 16)).astype("float32")
+    value = rng.normal(size=(2, 14, 16)).astype("float32")
+    mask = padding_mask(2, 14, [14, 6])
+    changed = value.copy()
+    changed[1, 6:] = rng.normal(scale=300.0, size=changed[1, 6:].shape)
+    before = layer(query, value, value_mask=mask, use_causal_mask=causal)
+    after = layer(query, changed, value_mask=mask, use_causal_mask=causal)
+    np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fully_padded_rows_give_zero_attention_and_finite_gradients(
+    rng, causal
+):
+    layer = make_layer(use_bias=False)
+    x = tf.constant(rng.normal(size=(2, 8, 16)).astype("float32"))
+    mask = padding_mask(2, 8, [8, 0])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, x, attention_mask=mask, use_causal_mask=causal)
+        loss = tf.reduce_sum(y)
+    gradients = tape.gradient(loss, [x] + layer.trainable_weights)
+    # No bias: zero attention output projects to exactly zero.
+    np.testing.assert_array_equal(y[1], 0.0)
+    assert np.all(np.isfinite(y))
+    assert all(np.all(np.isfinite(g)) for g in gradients)
+
+
+@pytest.mark.parametrize("feature_map", ["softmax", "softmax_hyperbolic"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_large_inputs_stay_finite_and_match_quadratic(
+    rng, feature_map, causal
+):
+    # Logits of order 1e3 overflow exp in float32 without the stabilizers;
+    # the quadratic oracle in float64 handles them.
+    layer = make_layer(feature_map)
+    x = rng.normal(scale=20.0, size=(1, 12, 16)).astype("float32")
+    layer(x, x)
+    q, k, v = reference.heads(layer, x, x)
+    assert np.max(np.abs(q @ np.swapaxes(k, -1, -2))) / np.sqrt(8) > 100
+    actual = head_outputs(layer, x, x, causal=causal)
+    assert np.all(np.isfinite(actual))
+    scores = reference.features(layer, q) @ np.swapaxes(
+        reference.features(layer, k), -1, -2
+    )
+    if np.all(np.isfinite(scores)) and np.all(scores.sum(-1) > 0):
+        expected = reference.attention_from_scores(scores, v, causal=causal)
+        assert relative_error(actual, expected) < 1e-4
+
+
+def test_one_large_late_key_does_not_underflow_earlier_keys(rng):
+    # The failure of a global key max in causal mode: a huge key at the end
+    # would shrink every earlier key's features to zero.
+    layer = make_layer(chunk_size=16)
+    x = rng.normal(size=(1, 16, 16)).astype("float32")
+    changed = x.copy()
+    changed[0, -1] *= 1000.0
+    before = np.asarray(layer(x, x, use_causal_mask=True))
+    after = np.asarray(layer(changed, changed, use_causal_mask=True))
+    np.testing.assert_allclose(after[0, :-1], before[0, :-1], rtol=1e-6, atol=1e-6)
