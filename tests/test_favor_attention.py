@@ -324,3 +324,28 @@ def test_mixed_precision(rng, policy, causal):
     scale = np.max(np.abs(expected))
     tolerance = 2e-2 if compute_dtype == "float16" else 1e-1
     assert np.max(np.abs(actual - expected)) < tolerance * scale
+
+
+def test_regularizers_add_the_losses_of_multi_head_attention(rng):
+    x = rng.normal(size=(2, 5, 16)).astype("float32")
+    kwargs = {
+        "kernel_regularizer": "l2",
+        "bias_regularizer": "l1",
+        "activity_regularizer": "l2",
+        "bias_initializer": "ones",
+    }
+    exact = keras.layers.MultiHeadAttention(2, 8, **kwargs)
+    exact(x, x)
+    favor = keras_favor.FavorAttention(2, 8, **kwargs)
+    favor(x, x)
+    for name in ("query_dense", "key_dense", "value_dense", "output_dense"):
+        getattr(favor, name).set_weights(getattr(exact, name).get_weights())
+    exact(x, x)
+    favor(x, x)
+    # 4 kernel, 4 bias and 4 activity losses. All but the output
+    # projection's activity loss (its input is the attention) are equal.
+    assert len(favor.losses) == len(exact.losses) == 12
+    actual = np.array([float(loss) for loss in favor.losses])
+    expected = np.array([float(loss) for loss in exact.losses])
+    matches = np.isclose(actual[:, None], expected[None, :], rtol=1e-5)
+    assert matches.any(axis=1).sum() == 11

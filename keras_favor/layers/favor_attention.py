@@ -229,7 +229,10 @@ class FavorAttention(keras.layers.Layer):
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
-        self.activity_regularizer = keras.regularizers.get(
+        # As in MultiHeadAttention, the activity regularizer applies to the
+        # four dense sub-layers; `self.activity_regularizer` would make the
+        # base Layer apply it to the output a second time.
+        self._activity_regularizer = keras.regularizers.get(
             activity_regularizer
         )
         self.kernel_constraint = keras.constraints.get(kernel_constraint)
@@ -277,7 +280,7 @@ class FavorAttention(keras.layers.Layer):
             ),
             kernel_regularizer=self.kernel_regularizer,
             bias_regularizer=self.bias_regularizer,
-            activity_regularizer=self.activity_regularizer,
+            activity_regularizer=self._activity_regularizer,
             kernel_constraint=self.kernel_constraint,
             bias_constraint=self.bias_constraint,
             dtype=self.dtype_policy,
@@ -491,7 +494,7 @@ class FavorAttention(keras.layers.Layer):
                     self.bias_regularizer
                 ),
                 "activity_regularizer": keras.regularizers.serialize(
-                    self.activity_regularizer
+                    self._activity_regularizer
                 ),
                 "kernel_constraint": keras.constraints.serialize(
                     self.kernel_constraint
