@@ -1,0 +1,3 @@
+"""Keras callbacks of keras_favor."""
+
+from keras_favor.callbacks.feature_redraw import FeatureRedraw

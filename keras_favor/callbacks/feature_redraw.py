@@ -1,0 +1,208 @@
+"""The `FeatureRedraw` callback."""
+
+import zlib
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras.src.utils import io_utils
+
+from keras_favor.layers.favor_attention import FavorAttention
+from keras_favor.layers.favor_attention import positive_int
+
+
+def favor_attention_layers(model):
+    """Every `FavorAttention` inside `model`, found recursively.
+
+    Returns:
+        A dict from the layer's index path (`"2/0/1"`: the position of each
+        sub-layer in its parent, from `model` down) to the layer, in model
+        order. A layer shared by several parents appears once, at its first
+        path. Index paths do not depend on layer names, which Keras numbers
+        differently every time a model is rebuilt in the same process.
+    """
+    found = {}
+    seen = set()
+
+    def visit(layer, path):
+        children = layer._flatten_layers(include_self=False, recursive=False)
+        for index, child in enumerate(children):
+            child_path = path + (str(index),)
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            if isinstance(child, FavorAttention):
+                found["/".join(child_path)] = child
+            visit(child, child_path)
+
+    visit(model, ())
+    return found
+
+
+def path_hash(path):
+    """A stable 32-bit hash of a layer path (Python's `hash` of a string
+    changes from one process to the next)."""
+    return zlib.crc32(path.encode("utf-8"))
+
+
+def projection_fingerprint(layer):
+    """A 32-bit hash of the layer's current projection, bit for bit."""
+    projection = keras.ops.convert_to_numpy(layer.projection)
+    return zlib.crc32(np.ascontiguousarray(projection).tobytes())
+
+
+@keras.saving.register_keras_serializable(package="keras_favor")
+class FeatureRedraw(keras.callbacks.Callback):
+    """Redraws the random projection of every `FavorAttention` during `fit`.
+
+    The Performer recipe draws a fresh random projection every few thousand
+    training steps, so that no single draw's error is baked into the trained
+    weights. Every `interval` optimizer steps this callback calls
+    `redraw_features` on every `FavorAttention` in the model, found
+    recursively through nested layers and models. It never redraws during
+    `evaluate` or `predict` (nor during the validation inside `fit`), and the
+    layers themselves never redraw at inference: a trained model always gives
+    the same output for the same input.
+
+    Redraws are deterministic and need no communication. The `k`-th redraw of
+    a layer (`k = layer.redraw_count + 1`) uses the stateless seed
+
+        fold_in([seed, crc32(path)], k)
+
+    where `path` is the layer's index path in the model (the position of
+    each sub-layer in its parent, for example `"3/1"`; see
+    `favor_attention_layers`). So two runs with the same seeds get the same
+    projections, every replica and every worker of a `tf.distribute`
+    strategy computes the same values on its own, and different layers get
+    different projections.
+
+    When to redraw is decided from `model.optimizer.iterations`, not from a
+    counter of its own: a redraw happens at the end of every training batch
+    that brings the iteration count to (or, with `steps_per_execution > 1`,
+    past) a multiple of `interval`. The iteration count and each layer's
+    `redraw_count` are model weights, saved by `model.save` (`.keras`),
+    `model.save_weights`, `tf.train.Checkpoint` and
+    `keras.callbacks.BackupAndRestore`. Training that is interrupted and
+    resumed from any of them therefore redraws at the same steps, with the
+    same seeds, and ends with exactly the projections of an uninterrupted
+    run. With a callback that saves every few batches (for example
+    `ModelCheckpoint(save_freq=N)`), list `FeatureRedraw` before it so that a
+    save at a redraw step includes the redraw.
+
+    Under `tf.distribute`, Keras runs callbacks in cross-replica context, so
+    each redraw assigns the same projection to every replica's copy.
+
+    Keeping a layer's projection fixed: the callback skips every
+    `FavorAttention` whose `trainable` is False (as a frozen
+    `BatchNormalization` stops updating its statistics), so
+    `layer.trainable = False` freezes its projection with its weights. To
+    keep the projection fixed while the layer's weights train, subclass the
+    callback and filter `layers_to_redraw()`, for example
+    `return {p: l for p, l in super().layers_to_redraw().items()
+    if l.name != "cross_attention"}`. A layer with `feature_map="elu"` has
+    no projection and is left alone.
+
+    Args:
+        interval: int, the number of training steps between redraws.
+            Defaults to 1000.
+        seed: int or None. With an int, the sequence of projections is
+            reproducible across runs and machines. With None (the default),
+            each redraw is seeded from a hash of the layer's current
+            projection instead of `seed`: runs whose initial projections
+            differ get different sequences, yet every replica and worker
+            (which share the initial projection) and every resumed run
+            (which restores it) still agree. Give an int when runs must
+            match each other exactly.
+        verbose: 0 (silent, default) or 1 (print a line at each redraw).
+
+    Example:
+
+    ```python
+    model.fit(
+        dataset,
+        epochs=10,
+        callbacks=[
+            keras_favor.FeatureRedraw(interval=1000, seed=1),
+            keras.callbacks.BackupAndRestore("/tmp/backup"),
+        ],
+    )
+    ```
+
+    References:
+        - [Choromanski et al., 2021](https://arxiv.org/abs/2009.14794),
+          section 4 (feature redrawing).
+    """
+
+    def __init__(self, interval=1000, seed=None, verbose=0):
+        super().__init__()
+        self.interval = positive_int(interval, "interval")
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, int)
+        ):
+            raise ValueError(
+                f"`seed` must be an int or None. Received: seed={seed!r}"
+            )
+        self.seed = seed
+        if verbose not in (0, 1):
+            raise ValueError(
+                f"`verbose` must be 0 or 1. Received: verbose={verbose!r}"
+            )
+        self.verbose = verbose
+        self._batch_start_step = None
+
+    def layers_to_redraw(self):
+        """The layers this callback redraws, as a dict from index path to
+        layer: every trainable `FavorAttention` with a projection."""
+        return {
+            path: layer
+            for path, layer in favor_attention_layers(self.model).items()
+            if layer.trainable and layer.projection is not None
+        }
+
+    def redraw_seed(self, path, layer):
+        """The stateless seed of the layer's next redraw."""
+        count = int(keras.ops.convert_to_numpy(layer.redraw_count))
+        base = self.seed
+        if base is None:
+            base = projection_fingerprint(layer)
+        return tf.random.experimental.stateless_fold_in(
+            tf.constant([base, path_hash(path)], tf.int64), count + 1
+        )
+
+    def redraw(self):
+        """Redraws every layer of `layers_to_redraw()` now; returns them."""
+        layers = self.layers_to_redraw()
+        for path, layer in layers.items():
+            layer.redraw_features(self.redraw_seed(path, layer))
+        return layers
+
+    def training_step(self):
+        return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._batch_start_step = self.training_step()
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self.training_step()
+        start = self._batch_start_step
+        if start is None:
+            start = step - 1
+        self._batch_start_step = None
+        if step // self.interval > start // self.interval:
+            layers = self.redraw()
+            if self.verbose:
+                io_utils.print_msg(
+                    f"\nFeatureRedraw: step {step}, redrew the projection "
+                    f"of {len(layers)} FavorAttention layer(s)."
+                )
+
+    def get_config(self):
+        return {
+            "interval": self.interval,
+            "seed": self.seed,
+            "verbose": self.verbose,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
