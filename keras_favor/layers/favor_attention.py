@@ -445,8 +445,11 @@ class FavorAttention(keras.layers.Layer):
     ):
         if value is None:
             # Self-attention with a single input, as inside keras.Sequential:
-            # the query's padding mask is the keys' mask.
+            # the query's padding mask is the keys' mask. Keras fills
+            # `query_mask` only when the call has several tensor arguments.
             value = query
+            if query_mask is None:
+                query_mask = getattr(query, "_keras_mask", None)
             value_mask = query_mask if value_mask is None else value_mask
         if key is None:
             key = value
