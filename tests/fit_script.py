@@ -1,0 +1,221 @@
+"""Tiny models and data for the FeatureRedraw and tf.distribute tests, and a
+script that trains them under a strategy in a fresh process.
+
+    python tests/fit_script.py mirrored OUT_DIR
+    python tests/fit_script.py multi_worker OUT_DIR  # with TF_CONFIG set
+
+`mirrored` splits the CPU into two logical devices before TensorFlow starts.
+Each mode writes `OUT_DIR/result.json` (and `OUT_DIR/weights.npz`); the
+tests read them.
+"""
+
+import json
+import os
+import sys
+
+import keras
+import numpy as np
+
+LENGTH = 16
+DIM = 8
+NUM_FEATURES = 16
+GLOBAL_BATCH = 16
+NUM_EXAMPLES = 64
+EPOCHS = 2
+INTERVAL = 3
+REDRAW_SEED = 11
+LAYER_SEED = 5
+WEIGHT_SEED = 3
+COLLECTIVE_TIMEOUT_S = 60
+
+
+def tiny_model(
+    use_causal_mask=False, layer_seed=LAYER_SEED, attention_name="attention"
+):
+    """Attention, pooling and a dense head. Weights are drawn from
+    `WEIGHT_SEED`, the initial projection from `layer_seed`."""
+    import keras_favor
+
+    keras.utils.set_random_seed(WEIGHT_SEED)
+    inputs = keras.Input((LENGTH, DIM))
+    x = keras_favor.FavorAttention(
+        num_heads=2,
+        key_dim=4,
+        num_features=NUM_FEATURES,
+        seed=layer_seed,
+        chunk_size=8,
+        name=attention_name,
+    )(inputs, inputs, use_causal_mask=use_causal_mask)
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    outputs = keras.layers.Dense(1)(x)
+    return keras.Model(inputs, outputs)
+
+
+def toy_data(num_examples=NUM_EXAMPLES):
+    """`(x, y)` with `x` of shape `(n, LENGTH, DIM)`; `y` depends on `x`."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(num_examples, LENGTH, DIM)).astype("float32")
+    y = (x[:, :, 0].mean(axis=1) + x[:, -1, 1])[:, None]
+    return x, y.astype("float32")
+
+
+def toy_dataset():
+    import tensorflow as tf
+
+    dataset = tf.data.Dataset.from_tensor_slices(toy_data()).batch(
+        GLOBAL_BATCH
+    )
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA
+    )
+    return dataset.with_options(options)
+
+
+def compile_model(model, **kwargs):
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.01), loss="mse", **kwargs
+    )
+    return model
+
+
+class ReplicaRecorder(keras.callbacks.Callback):
+    """After every training batch, records the attention layer's redraw
+    count and whether every replica's copy of its projection is equal.
+    (`variable.value` is the `tf.Variable` under the Keras variable: a
+    `MirroredVariable` with one copy per local replica.)"""
+
+    def __init__(self, strategy):
+        super().__init__()
+        self.strategy = strategy
+        self.records = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        layer = self.model.get_layer("attention")
+        copies = [
+            np.asarray(copy)
+            for copy in self.strategy.experimental_local_results(
+                layer.projection.value
+            )
+        ]
+        self.records.append(
+            {
+                "step": int(np.asarray(self.model.optimizer.iterations)),
+                "redraw_count": int(np.asarray(layer.redraw_count)),
+                "num_copies": len(copies),
+                "copies_equal": all(
+                    np.array_equal(copies[0], copy) for copy in copies
+                ),
+                "projection_sum": float(copies[0].sum()),
+            }
+        )
+
+
+def train_under(strategy):
+    """Fits the tiny model with FeatureRedraw under `strategy`; returns the
+    JSON-ready summary and the arrays to compare."""
+    import keras_favor
+
+    with strategy.scope():
+        model = compile_model(tiny_model())
+    recorder = ReplicaRecorder(strategy)
+    history = model.fit(
+        toy_dataset(),
+        epochs=EPOCHS,
+        verbose=0,
+        callbacks=[
+            keras_favor.FeatureRedraw(interval=INTERVAL, seed=REDRAW_SEED),
+            recorder,
+        ],
+    )
+    layer = model.get_layer("attention")
+    projection_before = np.asarray(layer.projection)
+    evaluation = model.evaluate(toy_dataset(), verbose=0)
+    predictions = model.predict(toy_dataset(), verbose=0)
+    summary = {
+        "num_replicas": strategy.num_replicas_in_sync,
+        "records": recorder.records,
+        "loss": history.history["loss"],
+        "evaluate_loss": float(evaluation),
+        "predict_shape": list(predictions.shape),
+        "projection_kept_by_evaluate_and_predict": bool(
+            np.array_equal(projection_before, np.asarray(layer.projection))
+        ),
+    }
+    arrays = {f"weight_{i}": w for i, w in enumerate(model.get_weights())}
+    arrays["projection"] = projection_before
+    return summary, arrays
+
+
+def fit_failure(strategy):
+    """Fits a fresh tiny model; returns the error message, or None."""
+    with strategy.scope():
+        model = compile_model(tiny_model())
+    try:
+        model.fit(toy_dataset(), epochs=1, verbose=0)
+    except Exception as error:  # noqa: BLE001 (any failure is the result)
+        return f"{type(error).__name__}: {error}"[:2000]
+    return None
+
+
+def multi_worker_strategy():
+    import tensorflow as tf
+
+    return tf.distribute.MultiWorkerMirroredStrategy(
+        communication_options=tf.distribute.experimental.CommunicationOptions(
+            timeout_seconds=COLLECTIVE_TIMEOUT_S
+        )
+    )
+
+
+def run_mirrored():
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+    )
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    return train_under(tf.distribute.MirroredStrategy(devices))
+
+
+def run_multi_worker():
+    """Fits under MultiWorkerMirroredStrategy. When the test has disabled
+    the Keras fix (KERAS_FAVOR_NO_MULTI_WORKER_FIX), first records how fit
+    fails with no fix and with only the symbolic-build half of it, then
+    applies the whole fix."""
+    from keras_favor.distribute import multi_worker_fit as fix
+
+    strategy = multi_worker_strategy()
+    errors = {"fix_applied_on_import": fix.multi_worker_fit_fix_applied()}
+    if not errors["fix_applied_on_import"]:
+        errors["stock_error"] = fit_failure(strategy)
+        trainer = fix.trainer_module().TensorFlowTrainer
+        stock_build = trainer._maybe_symbolic_build
+        trainer._maybe_symbolic_build = fix.fixed_maybe_symbolic_build(
+            stock_build
+        )
+        errors["symbolic_build_fix_only_error"] = fit_failure(strategy)
+        trainer._maybe_symbolic_build = stock_build
+        fix.apply_multi_worker_fit_fix()
+    summary, arrays = train_under(strategy)
+    summary.update(errors)
+    return summary, arrays
+
+
+MODES = {
+    "mirrored": run_mirrored,
+    "multi_worker": run_multi_worker,
+}
+
+
+def main(mode, out_dir):
+    summary, arrays = MODES[mode]()
+    os.makedirs(out_dir, exist_ok=True)
+    np.savez(os.path.join(out_dir, "weights.npz"), **arrays)
+    with open(os.path.join(out_dir, "result.json"), "w") as f:
+        json.dump(summary, f)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

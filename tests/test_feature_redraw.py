@@ -1,0 +1,342 @@
+"""FeatureRedraw: when and what it redraws, determinism, the layers it
+finds, and exact resume from `.keras` files, `tf.train.Checkpoint` and
+`BackupAndRestore`."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_favor
+from keras_favor.callbacks.feature_redraw import favor_attention_layers
+from tests import fit_script
+
+BATCH = 8
+
+
+def projection(model, name="attention"):
+    return keras.ops.convert_to_numpy(model.get_layer(name).projection)
+
+
+def redraw_count(layer):
+    return int(keras.ops.convert_to_numpy(layer.redraw_count))
+
+
+class CountRecorder(keras.callbacks.Callback):
+    """Records `(optimizer step, redraw count)` after every training batch."""
+
+    def __init__(self, layer_name="attention"):
+        super().__init__()
+        self.layer_name = layer_name
+        self.records = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        layer = self.model.get_layer(self.layer_name)
+        self.records.append((step, redraw_count(layer)))
+
+
+def fit(model, callbacks, epochs=1, initial_epoch=0, num_examples=32):
+    x, y = fit_script.toy_data(num_examples)
+    return model.fit(
+        x,
+        y,
+        batch_size=BATCH,
+        epochs=epochs,
+        initial_epoch=initial_epoch,
+        shuffle=False,
+        verbose=0,
+        callbacks=callbacks,
+    )
+
+
+def compiled_model(**kwargs):
+    return fit_script.compile_model(fit_script.tiny_model(**kwargs))
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 2])
+def test_redraws_every_interval_steps(steps_per_execution, capsys):
+    model = fit_script.compile_model(
+        fit_script.tiny_model(), steps_per_execution=steps_per_execution
+    )
+    initial = projection(model)
+    recorder = CountRecorder()
+    callback = keras_favor.FeatureRedraw(interval=3, verbose=1)
+    fit(model, [callback, recorder], epochs=2)
+    steps = [step for step, _ in recorder.records]
+    assert steps == list(range(steps_per_execution, 9, steps_per_execution))
+    # A redraw lands at the end of the batch that reaches (or, running
+    # several steps per batch, passes) a multiple of 3.
+    expected = {1: [0, 0, 1, 1, 1, 2, 2, 2], 2: [0, 1, 2, 2]}
+    assert [count for _, count in recorder.records] == (
+        expected[steps_per_execution]
+    )
+    assert not np.allclose(projection(model), initial)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line]
+    redraw_steps = {1: (3, 6), 2: (4, 6)}[steps_per_execution]
+    assert lines == [
+        f"FeatureRedraw: step {step}, redrew the projection of 1 "
+        "FavorAttention layer(s)."
+        for step in redraw_steps
+    ]
+
+
+def test_never_redraws_in_evaluate_predict_or_validation():
+    model = compiled_model()
+    callback = keras_favor.FeatureRedraw(interval=1, seed=0)
+    x, y = fit_script.toy_data(32)
+    initial = projection(model)
+    model.evaluate(x, y, batch_size=BATCH, verbose=0, callbacks=[callback])
+    model.predict(x, batch_size=BATCH, verbose=0, callbacks=[callback])
+    np.testing.assert_array_equal(projection(model), initial)
+    model.fit(
+        x,
+        y,
+        batch_size=BATCH,
+        validation_data=(x, y),
+        verbose=0,
+        callbacks=[callback],
+    )
+    assert redraw_count(model.get_layer("attention")) == 32 // BATCH
+
+
+def redrawn_projection(callback, times=2, **model_kwargs):
+    """The attention projection after `times` redraws by `callback` of a
+    fresh tiny model."""
+    model = fit_script.tiny_model(**model_kwargs)
+    callback.set_model(model)
+    for _ in range(times):
+        callback.redraw()
+    name = model_kwargs.get("attention_name", "attention")
+    assert redraw_count(model.get_layer(name)) == times
+    return projection(model, name)
+
+
+def test_same_seeds_same_projections_regardless_of_layer_names():
+    """The k-th redraw depends on the seed, the layer's place in the model
+    and k only: a second model, whose layer has another name, gets the
+    same projections; another callback seed or k gets others."""
+    first = redrawn_projection(keras_favor.FeatureRedraw(seed=7))
+    np.testing.assert_array_equal(
+        first,
+        redrawn_projection(
+            keras_favor.FeatureRedraw(seed=7), attention_name="renamed"
+        ),
+    )
+    for other in (
+        redrawn_projection(keras_favor.FeatureRedraw(seed=8)),
+        redrawn_projection(keras_favor.FeatureRedraw(seed=7), times=3),
+    ):
+        assert not np.allclose(first, other)
+
+
+def test_seed_none_follows_the_initial_projection():
+    """Without a seed, runs that start from the same projection agree (as
+    replicas, workers and resumed runs do) and runs that start from
+    different ones diverge."""
+    callback = keras_favor.FeatureRedraw()
+    first = redrawn_projection(callback, layer_seed=1)
+    np.testing.assert_array_equal(
+        first, redrawn_projection(callback, layer_seed=1)
+    )
+    assert not np.allclose(first, redrawn_projection(callback, layer_seed=2))
+
+
+class AttentionWrapper(keras.layers.Layer):
+    """A custom layer holding two FavorAttention layers, one frozen."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = keras_favor.FavorAttention(
+            2, 4, num_features=8, seed=1, name="inner"
+        )
+        self.frozen = keras_favor.FavorAttention(
+            2, 4, num_features=8, seed=1, name="frozen"
+        )
+        self.frozen.trainable = False
+
+    def call(self, x):
+        return self.inner(x, x) + self.frozen(x, x)
+
+
+def nested_model():
+    """FavorAttention at the top, inside a custom layer, inside a nested
+    Sequential, shared at two places, and with the `elu` feature map."""
+    shared = keras_favor.FavorAttention(2, 4, num_features=8, seed=1)
+    nested = keras.Sequential(
+        [
+            keras.Input((fit_script.LENGTH, fit_script.DIM)),
+            AttentionWrapper(name="wrapper"),
+        ],
+        name="nested",
+    )
+    inputs = keras.Input((fit_script.LENGTH, fit_script.DIM))
+    x = keras_favor.FavorAttention(2, 4, num_features=8, seed=1)(inputs, inputs)
+    x = nested(x)
+    x = shared(x, x)
+    x = shared(x, x)
+    x = keras_favor.FavorAttention(2, 4, feature_map="elu")(x, x)
+    outputs = keras.layers.Dense(1)(keras.layers.GlobalAveragePooling1D()(x))
+    return keras.Model(inputs, outputs)
+
+
+def test_finds_nested_layers_and_keeps_frozen_ones_fixed():
+    model = nested_model()
+    layers = favor_attention_layers(model)
+    names = [layer.name for layer in layers.values()]
+    assert len(names) == len(set(names)) == 5  # the shared layer once
+    nested_paths = [path for path in layers if path.count("/") == 2]
+    assert [layers[p].name for p in nested_paths] == ["inner", "frozen"]
+
+    frozen_path = nested_paths[1]
+    [elu_path] = [p for p, l in layers.items() if l.projection is None]
+    frozen = keras.ops.convert_to_numpy(layers[frozen_path].projection)
+    callback = keras_favor.FeatureRedraw(seed=0)
+    callback.set_model(model)
+    redrawn = callback.redraw()
+    assert sorted(redrawn) == sorted(set(layers) - {frozen_path, elu_path})
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(layers[frozen_path].projection), frozen
+    )
+    assert {layer.name: redraw_count(layer) for layer in layers.values()} == {
+        layer.name: int(path in redrawn) for path, layer in layers.items()
+    }
+    # The four with a projection started from the same one; the three
+    # redrawn ones now differ.
+    drawn = {
+        keras.ops.convert_to_numpy(layer.projection).tobytes()
+        for layer in redrawn.values()
+    }
+    assert len(drawn) == 3
+
+
+def test_subclass_can_choose_the_layers():
+    class RedrawInnerOnly(keras_favor.FeatureRedraw):
+        def layers_to_redraw(self):
+            return {
+                path: layer
+                for path, layer in super().layers_to_redraw().items()
+                if layer.name == "inner"
+            }
+
+    model = nested_model()
+    callback = RedrawInnerOnly(seed=0)
+    callback.set_model(model)
+    redrawn = callback.redraw()
+    assert [layer.name for layer in redrawn.values()] == ["inner"]
+    counts = {
+        layer.name: redraw_count(layer)
+        for layer in favor_attention_layers(model).values()
+    }
+    assert counts.pop("inner") == 1
+    assert set(counts.values()) == {0}
+
+
+# Epoch ranges of an interrupted run: 3 steps an epoch and a redraw every 2
+# steps, so one interruption falls between redraws (step 3) and one on a
+# redraw (step 6).
+SEGMENTS = ((0, 1), (1, 2), (2, 4))
+
+
+def interrupted_and_resumed(resume):
+    """Trains the SEGMENTS; `resume(model)` returns the model to continue
+    with after each interruption."""
+    callbacks = [keras_favor.FeatureRedraw(interval=2, seed=3)]
+    model = compiled_model()
+    for index, (initial_epoch, epochs) in enumerate(SEGMENTS):
+        if index:
+            model = resume(model)
+        fit(model, callbacks, epochs, initial_epoch, num_examples=24)
+    return model
+
+
+def uninterrupted():
+    model = compiled_model()
+    fit(
+        model,
+        [keras_favor.FeatureRedraw(interval=2, seed=3)],
+        epochs=SEGMENTS[-1][1],
+        num_examples=24,
+    )
+    return model
+
+
+def assert_same_training(resumed, reference):
+    layer = resumed.get_layer("attention")
+    assert redraw_count(layer) == 6
+    np.testing.assert_array_equal(projection(resumed), projection(reference))
+    for a, b in zip(resumed.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def reference_run():
+    keras.utils.set_random_seed(1234)
+    return uninterrupted()
+
+
+def test_resume_from_keras_file(tmp_path, reference_run):
+    def resume(model):
+        path = str(tmp_path / "model.keras")
+        model.save(path)
+        return keras.saving.load_model(path)
+
+    assert_same_training(interrupted_and_resumed(resume), reference_run)
+
+
+def test_resume_from_tf_train_checkpoint(tmp_path, reference_run):
+    def resume(model):
+        prefix = tf.train.Checkpoint(
+            model=model, optimizer=model.optimizer
+        ).save(str(tmp_path / "ckpt"))
+        fresh = compiled_model(layer_seed=None)
+        fresh.optimizer.build(fresh.trainable_variables)
+        tf.train.Checkpoint(model=fresh, optimizer=fresh.optimizer).restore(
+            prefix
+        ).assert_existing_objects_matched()
+        return fresh
+
+    assert_same_training(interrupted_and_resumed(resume), reference_run)
+
+
+def test_resume_with_backup_and_restore(tmp_path, reference_run):
+    """Runs stopped after each of the SEGMENTS, each restarted from scratch
+    (new model, new callbacks) and restored by BackupAndRestore, end where
+    the uninterrupted run does."""
+    for index, (_, epochs) in enumerate(SEGMENTS):
+        # Restarted runs draw other initial projections: the backup
+        # replaces them.
+        model = compiled_model(
+            layer_seed=None if index else fit_script.LAYER_SEED
+        )
+        backup = keras.callbacks.BackupAndRestore(
+            str(tmp_path / "backup"), delete_checkpoint=False
+        )
+        callbacks = [keras_favor.FeatureRedraw(interval=2, seed=3), backup]
+        fit(model, callbacks, epochs=epochs, num_examples=24)
+    assert_same_training(model, reference_run)
+
+
+def test_config_round_trip():
+    callback = keras_favor.FeatureRedraw(interval=50, seed=4, verbose=1)
+    config = keras.saving.serialize_keras_object(callback)
+    restored = keras.saving.deserialize_keras_object(config)
+    assert isinstance(restored, keras_favor.callbacks.FeatureRedraw)
+    assert restored.get_config() == {"interval": 50, "seed": 4, "verbose": 1}
+    assert keras_favor.FeatureRedraw is keras_favor.callbacks.FeatureRedraw
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [
+        ({"interval": 0}, "interval"),
+        ({"interval": 2.5}, "interval"),
+        ({"interval": True}, "interval"),
+        ({"seed": "1"}, "seed"),
+        ({"seed": 1.0}, "seed"),
+        ({"verbose": 2}, "verbose"),
+    ],
+)
+def test_invalid_arguments(kwargs, argument):
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        keras_favor.FeatureRedraw(**kwargs)
