@@ -100,8 +100,10 @@ def test_causal_result_does_not_depend_on_chunk_size(rng, chunk_size):
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_gradients_match_quadratic_form(rng, causal, small_groups):
+@pytest.mark.parametrize(
+    "causal, graph_mode", [(False, False), (True, False), (True, True)]
+)
+def test_gradients_match_quadratic_form(rng, causal, graph_mode, small_groups):
     layer = make_layer()
     x = tf.constant(rng.normal(size=(2, 18, 16)).astype("float32"))
     mask = padding_mask(2, 18, [18, 13])
@@ -109,10 +111,13 @@ def test_gradients_match_quadratic_form(rng, causal, small_groups):
     layer(x, x)
 
     def gradients(attention):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            loss = tf.reduce_sum(attention() * target)
-        return tape.gradient(loss, [x] + layer.trainable_weights)
+        def compute():
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(attention() * target)
+            return tape.gradient(loss, [x] + layer.trainable_weights)
+
+        return tf.function(compute)() if graph_mode else compute()
 
     actual = gradients(
         lambda: layer(x, x, attention_mask=mask, use_causal_mask=causal)
