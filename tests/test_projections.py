@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import keras_favor
 from keras_favor import projections
 
 
@@ -102,3 +103,13 @@ class ScaledIdentityProjection(projections.Projection):
 def test_user_projection():
     w = ScaledIdentityProjection()((3, 5), 0)
     np.testing.assert_array_equal(w, 2.0 * np.eye(3, 5))
+
+
+def test_layer_draws_from_a_user_projection():
+    layer = keras_favor.FavorAttention(
+        2, 5, num_features=3, projection=ScaledIdentityProjection()
+    )
+    layer.build((None, 4, 8), (None, 4, 8))
+    np.testing.assert_array_equal(layer.projection, 2.0 * np.eye(3, 5))
+    layer.redraw_features(seed=1)
+    np.testing.assert_array_equal(layer.projection, 2.0 * np.eye(3, 5))
