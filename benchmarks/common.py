@@ -87,9 +87,19 @@ def environment():
 
 
 def write_environment(csv_path, environment, settings):
-    """Writes the environment and the run's settings beside the CSV."""
-    with open(csv_path[: -len(".csv")] + ".json", "w") as file:
-        json.dump({"environment": environment, "settings": settings}, file, indent=1)
+    """Appends this run's environment and settings to the JSON beside the CSV.
+
+    A CSV can hold rows of several runs (partial reruns replace rows), so
+    the JSON keeps every run, in order.
+    """
+    path = csv_path[: -len(".csv")] + ".json"
+    runs = []
+    if os.path.exists(path) and not settings.get("fresh"):
+        with open(path) as file:
+            runs = json.load(file)["runs"]
+    runs.append({"environment": environment, "settings": settings})
+    with open(path, "w") as file:
+        json.dump({"runs": runs}, file, indent=1)
         file.write("\n")
 
 

@@ -85,7 +85,7 @@ def main():
         f"{args.model} {args.mode} {args.pass_} L={args.length} "
         f"chunk={args.chunk_size} jit={args.jit}: median "
         f"{statistics.median(times):.3f} s of {[round(t, 3) for t in times]}, "
-        f"first call {first:.1f} s, peak RSS {timing.peak_rss_mb():.0f} MB"
+        f"first call {first:.1f} s, peak RSS {timing.peak_rss_mib():.0f} MB"
     )
     if args.jit:
         return  # XLA fuses the ops: the op table says little.

@@ -69,11 +69,12 @@ FIELDS = (
     "max_s",
     "timed_runs",
     "first_call_s",
-    "baseline_rss_mb",
-    "peak_rss_mb",
-    "gpu_peak_mb",
+    "baseline_rss_mib",
+    "peak_rss_mib",
+    "gpu_peak_mib",
     "chunk_size",
     "jit_compile",
+    "load_average",
     "note",
 )
 # Statuses after which a model's longer lengths are not run.
@@ -100,7 +101,7 @@ def run_worker(args):
 
     timing.grow_gpu_memory()
     x = timing.random_inputs(args.length, models.HIDDEN)
-    baseline = timing.peak_rss_mb()
+    baseline = timing.peak_rss_mib()
     causal = args.mode == "causal"
     shape = (1, args.length, models.HIDDEN)
     if args.level == "layer":
@@ -114,7 +115,7 @@ def run_worker(args):
         forward = stack
         variables = stack.trainable_variables
     step = timing.compiled_step(forward, variables, args.pass_, args.jit)
-    result = {"baseline_rss_mb": round(baseline, 1)}
+    result = {"baseline_rss_mib": round(baseline, 1)}
     timing.reset_gpu_peak()
     try:
         first, times = timing.time_step(
@@ -137,10 +138,10 @@ def run_worker(args):
             timed_runs=len(times),
             first_call_s=round(first, 3),
         )
-    result["peak_rss_mb"] = round(timing.peak_rss_mb(), 1)
-    gpu_peak = timing.gpu_peak_mb()
+    result["peak_rss_mib"] = round(timing.peak_rss_mib(), 1)
+    gpu_peak = timing.gpu_peak_mib()
     if gpu_peak is not None:
-        result["gpu_peak_mb"] = round(gpu_peak, 1)
+        result["gpu_peak_mib"] = round(gpu_peak, 1)
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
@@ -256,7 +257,7 @@ def run_isolated(command, args):
         time.sleep(WATCH_INTERVAL_S)
     stdout, stderr = process.communicate()
     if stopped:
-        return {"status": stopped, "note": note, "peak_rss_mb": round(peak_kb / 1024, 1)}
+        return {"status": stopped, "note": note, "peak_rss_mib": round(peak_kb / 1024, 1)}
     for line in stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
             return json.loads(line[len(RESULT_PREFIX) :])
@@ -267,7 +268,7 @@ def run_isolated(command, args):
     return {
         "status": "out_of_memory" if memory_failure else "error",
         "note": (stderr.strip().splitlines() or ["no output"])[-1][:160],
-        "peak_rss_mb": round(peak_kb / 1024, 1),
+        "peak_rss_mib": round(peak_kb / 1024, 1),
     }
 
 
@@ -283,51 +284,76 @@ def run_in_process(args, level, model, mode, pass_, length):
     return json.loads(output.getvalue().split(RESULT_PREFIX, 1)[1])
 
 
-def sweep(args, device, csv_path):
-    """Runs every selected configuration; appends each row as it finishes."""
-    rows = []
+def configuration(row):
+    """The key of a row: a rerun of the same configuration replaces it."""
+    return tuple(
+        str(row[key])
+        for key in ("device", "level", "model", "mode", "pass", "length", "chunk_size", "jit_compile")
+    )
+
+
+def write_rows(csv_path, rows):
+    order = {name: index for index, name in enumerate(LEVELS + PASSES)}
+    rows = sorted(
+        rows,
+        key=lambda r: (order[r["level"]], r["model"], r["mode"], order[r["pass"]], int(r["length"])),
+    )
     with open(csv_path, "w", newline="") as file:
-        writer = csv.DictWriter(file, FIELDS, restval="")
+        writer = csv.DictWriter(file, FIELDS, restval="", extrasaction="ignore")
         writer.writeheader()
-        for level in args.levels:
-            for model, mode in MODELS[level]:
-                if args.models and model not in args.models:
-                    continue
-                for pass_ in args.passes:
-                    out_of_budget_at = None
-                    for length in sorted(args.lengths):
-                        row = {
-                            "device": device,
-                            "level": level,
-                            "model": model,
-                            "mode": mode,
-                            "pass": pass_,
-                            "length": length,
-                            "chunk_size": args.chunk_size or "",
-                            "jit_compile": args.jit,
-                        }
-                        if out_of_budget_at is not None:
-                            row.update(
-                                status="skipped",
-                                note=f"out of budget from L={out_of_budget_at}",
-                            )
-                        else:
-                            started = time.monotonic()
-                            row.update(run_with_retries(args, level, model, mode, pass_, length))
-                            if row["status"] in OUT_OF_BUDGET:
-                                out_of_budget_at = length
-                            print(
-                                f"{level:5s} {model:8s} {mode:13s} {pass_:16s} "
-                                f"L={length:6d} {row['status']:13s} "
-                                f"median={row.get('median_s', '-')} s "
-                                f"peak={row.get('peak_rss_mb', '-')} MB "
-                                f"({time.monotonic() - started:.0f} s)",
-                                flush=True,
-                            )
-                        writer.writerow(row)
-                        file.flush()
-                        rows.append(row)
-    return rows
+        writer.writerows(rows)
+
+
+def selected_configurations(args):
+    for level in args.levels:
+        for model, mode in MODELS[level]:
+            if args.models and model not in args.models:
+                continue
+            for pass_ in args.passes:
+                yield level, model, mode, pass_
+
+
+def sweep(args, device, csv_path):
+    """Runs the selected configurations, merging each row into the CSV.
+
+    Rows of configurations not run now stay as they were, so a partial
+    rerun updates the CSV in place (`--fresh` starts it anew).
+    """
+    rows = {}
+    if os.path.exists(csv_path) and not args.fresh:
+        rows = {configuration(row): row for row in read_rows(csv_path)}
+    for level, model, mode, pass_ in selected_configurations(args):
+        out_of_budget_at = None
+        for length in sorted(args.lengths):
+            row = {
+                "device": device,
+                "level": level,
+                "model": model,
+                "mode": mode,
+                "pass": pass_,
+                "length": length,
+                "chunk_size": args.chunk_size or "",
+                "jit_compile": args.jit,
+                # How busy the machine was when this configuration started.
+                "load_average": round(os.getloadavg()[0], 2),
+            }
+            if out_of_budget_at is not None:
+                row.update(status="skipped", note=f"out of budget from L={out_of_budget_at}")
+            else:
+                started = time.monotonic()
+                row.update(run_with_retries(args, level, model, mode, pass_, length))
+                if row["status"] in OUT_OF_BUDGET:
+                    out_of_budget_at = length
+                print(
+                    f"{level:5s} {model:8s} {mode:13s} {pass_:16s} "
+                    f"L={length:6d} {row['status']:13s} "
+                    f"median={row.get('median_s', '-')} s "
+                    f"peak={row.get('peak_rss_mib', '-')} MiB "
+                    f"({time.monotonic() - started:.0f} s)",
+                    flush=True,
+                )
+            rows[configuration(row)] = row
+            write_rows(csv_path, rows.values())
 
 
 # --------------------------------------------------------------------------
@@ -339,7 +365,7 @@ def read_rows(csv_path):
         rows = list(csv.DictReader(file))
     for row in rows:
         row["length"] = int(row["length"])
-        for key in ("median_s", "peak_rss_mb", "baseline_rss_mb"):
+        for key in ("median_s", "min_s", "peak_rss_mib", "baseline_rss_mib"):
             row[key] = float(row[key]) if row.get(key) else None
     return rows
 
@@ -412,77 +438,83 @@ def fmt(value, digits=2, suffix=""):
     return "n/a" if value is None else f"{value:.{digits}f}{suffix}"
 
 
+def verdict(value, holds):
+    return "n/a" if value is None else ("met" if holds(value) else "not met")
+
+
 def summary(rows, target_length=8192, memory_length=65536):
-    """The issue's targets as measured, one line each."""
-    fb = "forward_backward"
+    """The issue's targets as measured, one line each.
+
+    Time ratios use the medians; the ratio of the fastest runs follows in
+    brackets, as a check against other processes' load.
+    """
     lines = []
 
-    def get(level, model, mode, pass_=fb, length=target_length, key="median_s"):
-        return lookup(rows, level, model, mode, pass_, length, key)
+    def time_ratio(slower, faster, pass_="forward_backward", length=target_length):
+        by_median, by_min = (
+            ratio(
+                lookup(rows, *slower, pass_, length, key),
+                lookup(rows, *faster, pass_, length, key),
+            )
+            for key in ("median_s", "min_s")
+        )
+        return by_median, f"{fmt(by_median, suffix='x')} (min: {fmt(by_min, suffix='x')})"
 
-    speedup = ratio(get("layer", "exact", "bidirectional"), get("layer", "favor", "bidirectional"))
+    value, text = time_ratio(("layer", "exact", "bidirectional"), ("layer", "favor", "bidirectional"))
     lines.append(
-        f"layer, bidirectional, fwd+bwd, L={target_length}: exact / FAVOR+ = "
-        f"{fmt(speedup, 1)}x (target >= 10x: "
-        f"{'met' if speedup and speedup >= 10 else 'not met'})"
+        f"layer, bidirectional, fwd+bwd, L={target_length}: exact / FAVOR+ = {text}; "
+        f"target >= 10x: {verdict(value, lambda v: v >= 10)}"
     )
     for pass_ in PASSES:
-        stack_ratio = ratio(
-            get("stack", "favor", "bidirectional", pass_),
-            get("stack", "identity", "bidirectional", pass_),
+        value, text = time_ratio(
+            ("stack", "favor", "bidirectional"), ("stack", "identity", "bidirectional"), pass_
         )
         lines.append(
-            f"stack, {pass_}, L={target_length}: FAVOR+ / identity = "
-            f"{fmt(stack_ratio)}x (target <= 2x: "
-            f"{'met' if stack_ratio and stack_ratio <= 2 else 'not met'})"
+            f"stack, {pass_}, L={target_length}: FAVOR+ / identity = {text}; "
+            f"target <= 2x: {verdict(value, lambda v: v <= 2)}"
         )
     for level in LEVELS:
         for pass_ in PASSES:
-            ratios = []
             for length in sorted({r["length"] for r in rows if r["length"] >= target_length}):
-                value = ratio(
-                    get(level, "favor", "causal", pass_, length),
-                    get(level, "favor", "bidirectional", pass_, length),
+                value, text = time_ratio(
+                    (level, "favor", "causal"), (level, "favor", "bidirectional"), pass_, length
                 )
                 if value is not None:
-                    ratios.append(f"{length}: {value:.2f}")
-            worst = max((float(r.split(": ")[1]) for r in ratios), default=None)
-            lines.append(
-                f"{level}, {pass_}, causal / bidirectional for L >= {target_length}: "
-                f"{', '.join(ratios) or 'n/a'} (target <= 1.5x: "
-                f"{'met' if worst and worst <= 1.5 else 'not met'})"
-            )
+                    lines.append(
+                        f"{level}, {pass_}, L={length}: causal / bidirectional = {text}; "
+                        f"target <= 1.5x: {verdict(value, lambda v: v <= 1.5)}"
+                    )
     for level in LEVELS:
         for mode in ("bidirectional", "causal"):
-            peak = get(level, "favor", mode, fb, memory_length, "peak_rss_mb")
-            lengths, peaks = series(rows, level, "favor", mode, fb, "peak_rss_mb")
-            _, bases = series(rows, level, "favor", mode, fb, "baseline_rss_mb")
+            peak = lookup(rows, level, "favor", mode, "forward_backward", memory_length, "peak_rss_mib")
+            lengths, peaks = series(rows, level, "favor", mode, "forward_backward", "peak_rss_mib")
+            _, bases = series(rows, level, "favor", mode, "forward_backward", "baseline_rss_mib")
             growth = [(n, p - b) for n, p, b in zip(lengths, peaks, bases) if n >= 4096 and p > b]
             slope = log_slope(*zip(*growth)) if len(growth) >= 2 else None
             lines.append(
-                f"{level}, {mode}, fwd+bwd: peak RSS at L={memory_length} = "
-                f"{fmt(peak and peak / 1024, 2, ' GB')} (target < 6 GB: "
-                f"{'met' if peak and peak < 6 * 1024 else 'not met'}); "
-                f"log-log slope of (peak - baseline) for L >= 4096: {fmt(slope)}"
+                f"{level}, {mode}, fwd+bwd, L={memory_length}: peak RSS "
+                f"{fmt(peak and peak * 2**20 / 1e9, 2, ' GB')} "
+                f"({fmt(peak and peak / 1024, 2, ' GiB')}); target < 6 GB: "
+                f"{verdict(peak, lambda v: v * 2**20 < 6e9)}; log-log slope of "
+                f"(peak - baseline) over L >= 4096: {fmt(slope)} (1 = linear)"
             )
     for mode in ("bidirectional", "causal"):
         for pass_ in PASSES:
+            length = crossover_length(rows, mode, pass_)
             lines.append(
                 f"crossover, layer, {mode}, {pass_}: FAVOR+ faster than exact from "
-                f"L ~ {crossover_length(rows, mode, pass_) or 'n/a (not in range)'}"
+                f"L ~ {length or 'n/a (not within the measured lengths)'}"
             )
     for level in LEVELS:
         for model, mode in MODELS[level]:
-            budget = [
+            stops = [
                 r["length"]
                 for r in rows
                 if (r["level"], r["model"], r["mode"]) == (level, model, mode)
                 and r["status"] in OUT_OF_BUDGET
             ]
-            if budget:
-                lines.append(
-                    f"{level}, {model} {mode}: out of budget from L={min(budget)}"
-                )
+            if stops:
+                lines.append(f"{level}, {model} {mode}: out of budget from L={min(stops)}")
     return lines
 
 
@@ -506,7 +538,7 @@ def plot(rows, level, png_path, device_name):
     panels = (
         ("forward", "median_s", "forward time (s)"),
         ("forward_backward", "median_s", "forward + backward time (s)"),
-        ("forward_backward", "peak_rss_mb", "peak RSS, fwd + bwd (MB)"),
+        ("forward_backward", "peak_rss_mib", "peak RSS, fwd + bwd (MiB)"),
     )
     for axis, (pass_, key, label) in zip(axes, panels):
         for model, mode in MODELS[level]:
@@ -523,6 +555,10 @@ def plot(rows, level, png_path, device_name):
             ]
             if stops:
                 axis.axvline(min(stops), color=color, alpha=0.15)
+        if key == "peak_rss_mib":
+            axis.axhline(6e9 / 2**20, color="gray", linestyle=":", linewidth=1)
+            axis.annotate("6 GB", (0.02, 6e9 / 2**20), xycoords=("axes fraction", "data"),
+                          fontsize=7, color="gray", va="bottom")
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
         axis.set_xlabel("sequence length L")
@@ -577,6 +613,7 @@ def parse_args(argv=None):
     parser.add_argument("--jit", action="store_true", help="compile the steps with XLA")
     parser.add_argument("--output-dir", default=common.RESULTS_DIR)
     parser.add_argument("--plot-only", action="store_true", help="redraw plots and summary from the CSV")
+    parser.add_argument("--fresh", action="store_true", help="discard the CSV's earlier rows")
     parser.add_argument("--in-process", action="store_true", help="no subprocesses (smoke tests only)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--level", help=argparse.SUPPRESS)

@@ -9,7 +9,7 @@ import tensorflow as tf
 PASSES = ("forward", "forward_backward")
 
 
-def peak_rss_mb():
+def peak_rss_mib():
     """This process's peak resident memory so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -34,7 +34,7 @@ def reset_gpu_peak():
         tf.config.experimental.reset_memory_stats("GPU:0")
 
 
-def gpu_peak_mb():
+def gpu_peak_mib():
     if gpu_name() is None:
         return None
     return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20

@@ -41,7 +41,7 @@ def test_speed_sweep_records_caps_and_plots(tmp_path, monkeypatch):
     for row in measured:
         assert row["status"] == "over_time_cap"
         assert float(row["median_s"]) > 0
-        assert float(row["peak_rss_mb"]) >= float(row["baseline_rss_mb"]) > 0
+        assert float(row["peak_rss_mib"]) >= float(row["baseline_rss_mib"]) > 0
     assert [r["status"] for r in rows if r["length"] == "32"] == ["skipped"] * 2
     for name in ("layer.png", "summary.txt"):
         assert (tmp_path / f"speed_memory_cpu_{name}").stat().st_size > 0
