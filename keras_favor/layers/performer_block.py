@@ -1,0 +1,290 @@
+"""The `PerformerBlock` layer."""
+
+import keras
+
+from keras_favor import feature_maps as feature_maps_lib
+from keras_favor import projections as projections_lib
+from keras_favor.layers.favor_attention import FavorAttention
+from keras_favor.layers.favor_attention import positive_int
+
+ATTENTION_KINDS = ("favor", "exact", "identity")
+
+
+@keras.saving.register_keras_serializable(package="keras_favor")
+class PerformerBlock(keras.layers.Layer):
+    """A Transformer block whose self-attention is FAVOR+ linear attention.
+
+    Self-attention, then a two-layer feed-forward network, each wrapped in a
+    residual connection with layer normalization and dropout. With
+    `normalize_first=True` (pre-norm, the default) each sub-block computes
+    `x + dropout(f(layer_norm(x)))`; with `normalize_first=False` (post-norm,
+    the original Transformer) it computes `layer_norm(x + dropout(f(x)))`.
+    The block has one input and one output of the same shape, so blocks
+    stack inside `keras.Sequential`.
+
+    `attention="favor"` (the default) uses `keras_favor.FavorAttention`,
+    whose cost grows linearly with the sequence length. For baselines and
+    ablations with the very same block, `attention="exact"` uses
+    `keras.layers.MultiHeadAttention` (quadratic softmax attention) and
+    `attention="identity"` replaces attention by the identity (no mixing of
+    positions), which leaves the cost of everything else in the block.
+
+    Masking: the block supports Keras masks (for example from
+    `Embedding(mask_zero=True)`). Masked positions are removed as keys from
+    attention, and the mask is returned unchanged for the next layer. With
+    `causal=True`, position `t` attends to positions `<= t` only, which
+    combines with the padding mask.
+
+    Args:
+        num_heads: int, number of attention heads.
+        intermediate_dim: int, width of the feed-forward hidden layer.
+        key_dim: int, size of each attention head. Defaults to the input's
+            last dimension divided by `num_heads`.
+        dropout: float in `[0, 1)`, dropout rate of the attention (passed to
+            the attention layer), after each sub-block and inside the
+            feed-forward network.
+        activation: activation of the feed-forward hidden layer.
+        normalize_first: bool, pre-norm (True) or post-norm (False).
+        causal: bool, whether attention is causal (for language models).
+        layer_norm_epsilon: float, epsilon of the layer normalizations.
+        kernel_initializer: initializer of all dense kernels.
+        bias_initializer: initializer of all dense biases.
+        attention: `"favor"` (default), `"exact"` or `"identity"`, see above.
+        feature_map, num_features, projection, seed, chunk_size: passed to
+            `FavorAttention` (unused by the other attention kinds, except
+            `seed`, which also seeds exact attention's dropout).
+        **kwargs: base layer keyword arguments, such as `name` and `dtype`.
+
+    Call arguments:
+        inputs: `(batch, length, hidden_dim)` tensor.
+        mask: optional `(batch, length)` bool padding mask; False marks
+            padding. Set automatically from a Keras mask.
+        training: bool, whether dropout is active.
+
+    Returns:
+        A `(batch, length, hidden_dim)` tensor, in the layer's compute dtype.
+
+    Example:
+
+    ```python
+    model = keras.Sequential([
+        keras.Input((None,), dtype="int32"),
+        keras.layers.Embedding(1000, 64, mask_zero=True),
+        keras_favor.layers.PerformerBlock(num_heads=4, intermediate_dim=128),
+        keras_favor.layers.PerformerBlock(num_heads=4, intermediate_dim=128),
+        keras.layers.GlobalAveragePooling1D(),
+        keras.layers.Dense(2),
+    ])
+    ```
+
+    References:
+        - [Choromanski et al., 2021](https://arxiv.org/abs/2009.14794)
+        - [Vaswani et al., 2017](https://arxiv.org/abs/1706.03762)
+        - [Xiong et al., 2020](https://arxiv.org/abs/2002.04745) (pre-norm)
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        intermediate_dim,
+        key_dim=None,
+        dropout=0.0,
+        activation="gelu",
+        normalize_first=True,
+        causal=False,
+        layer_norm_epsilon=1e-5,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        attention="favor",
+        feature_map="softmax",
+        num_features=256,
+        projection="orthogonal",
+        seed=None,
+        chunk_size=128,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.supports_masking = True
+        self.num_heads = positive_int(num_heads, "num_heads")
+        self.intermediate_dim = positive_int(
+            intermediate_dim, "intermediate_dim"
+        )
+        self.key_dim = positive_int(key_dim, "key_dim", allow_none=True)
+        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+            raise ValueError(
+                "`dropout` must be a float in [0, 1). "
+                f"Received: dropout={dropout!r}"
+            )
+        self.dropout = float(dropout)
+        self.activation = keras.activations.get(activation)
+        self.normalize_first = bool(normalize_first)
+        self.causal = bool(causal)
+        self.layer_norm_epsilon = float(layer_norm_epsilon)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        if attention not in ATTENTION_KINDS:
+            raise ValueError(
+                f"`attention` must be one of {list(ATTENTION_KINDS)}. "
+                f"Received: attention={attention!r}"
+            )
+        self.attention = attention
+        self.feature_map = feature_maps_lib.get(feature_map)
+        self.num_features = positive_int(num_features, "num_features")
+        self.projection = projections_lib.get(projection)
+        self.seed = seed
+        self.chunk_size = positive_int(chunk_size, "chunk_size")
+
+    def build(self, input_shape):
+        if len(input_shape) != 3 or input_shape[-1] is None:
+            raise ValueError(
+                "PerformerBlock expects inputs of shape (batch, length, "
+                f"hidden_dim) with a known hidden_dim. Received: "
+                f"inputs.shape={input_shape}"
+            )
+        hidden_dim = input_shape[-1]
+        key_dim = self.key_dim or self._default_key_dim(hidden_dim)
+        self.attention_layer = self._attention_layer(key_dim)
+        if self.attention_layer is not None:
+            self.attention_layer.build(input_shape, input_shape)
+        self.attention_norm = self._layer_norm("attention_norm", input_shape)
+        self.attention_dropout = keras.layers.Dropout(
+            self.dropout, dtype=self.dtype_policy, name="attention_dropout"
+        )
+        self.intermediate_dense = self._dense(
+            self.intermediate_dim, self.activation, "intermediate_dense"
+        )
+        self.intermediate_dense.build(input_shape)
+        self.output_dense = self._dense(hidden_dim, None, "output_dense")
+        self.output_dense.build(
+            tuple(input_shape[:-1]) + (self.intermediate_dim,)
+        )
+        self.feedforward_norm = self._layer_norm(
+            "feedforward_norm", input_shape
+        )
+        self.feedforward_dropout = keras.layers.Dropout(
+            self.dropout, dtype=self.dtype_policy, name="feedforward_dropout"
+        )
+        self.built = True
+
+    def _default_key_dim(self, hidden_dim):
+        if hidden_dim % self.num_heads:
+            raise ValueError(
+                f"The hidden size ({hidden_dim}) is not divisible by "
+                f"`num_heads` ({self.num_heads}): pass `key_dim`."
+            )
+        return hidden_dim // self.num_heads
+
+    def _attention_layer(self, key_dim):
+        if self.attention == "identity":
+            return None
+        common = dict(
+            num_heads=self.num_heads,
+            key_dim=key_dim,
+            dropout=self.dropout,
+            kernel_initializer=self._new_initializer(self.kernel_initializer),
+            bias_initializer=self._new_initializer(self.bias_initializer),
+            seed=self.seed,
+            dtype=self.dtype_policy,
+            name="self_attention",
+        )
+        if self.attention == "exact":
+            return keras.layers.MultiHeadAttention(**common)
+        return FavorAttention(
+            feature_map=self.feature_map,
+            num_features=self.num_features,
+            projection=self.projection,
+            chunk_size=self.chunk_size,
+            **common,
+        )
+
+    def _layer_norm(self, name, input_shape):
+        layer = keras.layers.LayerNormalization(
+            epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy, name=name
+        )
+        layer.build(input_shape)
+        return layer
+
+    def _dense(self, units, activation, name):
+        return keras.layers.Dense(
+            units,
+            activation=activation,
+            kernel_initializer=self._new_initializer(self.kernel_initializer),
+            bias_initializer=self._new_initializer(self.bias_initializer),
+            dtype=self.dtype_policy,
+            name=name,
+        )
+
+    @staticmethod
+    def _new_initializer(initializer):
+        # A fresh copy per sub-layer, so that a seeded initializer does not
+        # give every kernel the same values.
+        return initializer.__class__.from_config(initializer.get_config())
+
+    def _attend(self, x, mask, training):
+        if self.attention_layer is None:
+            return x
+        return self.attention_layer(
+            x,
+            x,
+            query_mask=mask,
+            value_mask=mask,
+            use_causal_mask=self.causal,
+            training=training,
+        )
+
+    def _feedforward(self, x, training):
+        x = self.intermediate_dense(x)
+        x = self.feedforward_dropout(x, training=training)
+        return self.output_dense(x)
+
+    def _residual(self, x, sublayer, norm, dropout, training):
+        if self.normalize_first:
+            return x + dropout(sublayer(norm(x)), training=training)
+        return norm(x + dropout(sublayer(x), training=training))
+
+    def call(self, inputs, mask=None, training=None):
+        x = self._residual(
+            inputs,
+            lambda y: self._attend(y, mask, training),
+            self.attention_norm,
+            self.attention_dropout,
+            training,
+        )
+        return self._residual(
+            x,
+            lambda y: self._feedforward(y, training),
+            self.feedforward_norm,
+            self.feedforward_dropout,
+            training,
+        )
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_heads": self.num_heads,
+                "intermediate_dim": self.intermediate_dim,
+                "key_dim": self.key_dim,
+                "dropout": self.dropout,
+                "activation": keras.activations.serialize(self.activation),
+                "normalize_first": self.normalize_first,
+                "causal": self.causal,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+                "kernel_initializer": keras.initializers.serialize(
+                    self.kernel_initializer
+                ),
+                "bias_initializer": keras.initializers.serialize(
+                    self.bias_initializer
+                ),
+                "attention": self.attention,
+                "feature_map": feature_maps_lib.serialize(self.feature_map),
+                "num_features": self.num_features,
+                "projection": projections_lib.serialize(self.projection),
+                "seed": self.seed,
+                "chunk_size": self.chunk_size,
+            }
+        )
+        return config

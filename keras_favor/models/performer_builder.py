@@ -1,0 +1,177 @@
+"""`build_performer`: Performer models in one call."""
+
+import keras
+
+from keras_favor.layers.favor_attention import positive_int
+from keras_favor.layers.performer_block import PerformerBlock
+from keras_favor.models.token_and_position_embedding import (
+    TokenAndPositionEmbedding,
+)
+
+TASKS = ("classification", "language_model", "encoder")
+APIS = ("functional", "sequential")
+
+
+def build_performer(
+    vocabulary_size,
+    max_length,
+    num_layers=2,
+    num_heads=4,
+    hidden_dim=128,
+    intermediate_dim=None,
+    task="classification",
+    num_classes=2,
+    dropout=0.0,
+    feature_map="softmax",
+    num_features=256,
+    projection="orthogonal",
+    seed=None,
+    api="functional",
+    attention="favor",
+    normalize_first=True,
+    mask_zero=True,
+    name=None,
+):
+    """Builds a Performer: embeddings, `PerformerBlock`s and a task head.
+
+    The model maps `(batch, length)` integer token ids, for any `length` up
+    to `max_length`, to:
+
+    - `task="classification"`: `(batch, num_classes)` logits, from the mean
+      of the last block's outputs over the non-padding positions.
+      Bidirectional attention.
+    - `task="language_model"`: `(batch, length, vocabulary_size)` logits,
+      where position `t` predicts token `t + 1`. Causal attention: the
+      prediction at `t` depends on tokens `<= t` only. Train it on
+      `(tokens[:, :-1], tokens[:, 1:])`.
+    - `task="encoder"`: `(batch, length, hidden_dim)` contextual vectors.
+      Bidirectional attention.
+
+    Tokens are embedded by a token embedding plus a learned position
+    embedding (`keras_favor.models.TokenAndPositionEmbedding`), then pass
+    through `num_layers` `PerformerBlock`s. With pre-norm blocks a final
+    `LayerNormalization` follows. The model is not compiled; outputs are
+    logits (use `from_logits=True` losses).
+
+    `api="functional"` returns a functional `keras.Model`, `api="sequential"`
+    a `keras.Sequential` with the same layers, the same layer names and the
+    same weights layout: `set_weights` copies weights between the two.
+
+    Masking: with `mask_zero=True` (the default), token id 0 is padding: it
+    is masked out of attention, out of the classifier's mean, and out of the
+    language model's loss in `fit` and `evaluate`.
+
+    Args:
+        vocabulary_size: int, number of token ids (including the padding
+            id 0 when `mask_zero=True`).
+        max_length: int, the longest input sequence.
+        num_layers: int, number of `PerformerBlock`s.
+        num_heads: int, attention heads per block.
+        hidden_dim: int, width of the embeddings and of every block; must be
+            divisible by `num_heads`.
+        intermediate_dim: int, width of the feed-forward hidden layer.
+            Defaults to `4 * hidden_dim`.
+        task: `"classification"` (default), `"language_model"` or
+            `"encoder"`.
+        num_classes: int, number of classes for classification.
+        dropout: float in `[0, 1)`, dropout after the embeddings and in
+            every block.
+        feature_map, num_features, projection: passed to every
+            `FavorAttention`.
+        seed: int or None. Block `i` gets seed `seed + i`, so that layers
+            draw different but reproducible projections.
+        api: `"functional"` (default) or `"sequential"`.
+        attention: `"favor"` (default), `"exact"` (softmax
+            `keras.layers.MultiHeadAttention`, a baseline with the same
+            architecture) or `"identity"`, see `PerformerBlock`.
+        normalize_first: bool, pre-norm (True, default) or post-norm blocks.
+        mask_zero: bool, whether token id 0 is padding.
+        name: optional model name.
+
+    Returns:
+        An uncompiled `keras.Model` (or `keras.Sequential`).
+
+    Example:
+
+    ```python
+    model = keras_favor.build_performer(
+        vocabulary_size=20000, max_length=512, num_layers=2, num_heads=4,
+        hidden_dim=128, intermediate_dim=256, task="classification",
+        num_classes=2, num_features=64, seed=0,
+    )
+    model.compile(
+        "adam",
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    ```
+    """
+    if task not in TASKS:
+        raise ValueError(
+            f"`task` must be one of {list(TASKS)}. Received: task={task!r}"
+        )
+    if api not in APIS:
+        raise ValueError(
+            f"`api` must be one of {list(APIS)}. Received: api={api!r}"
+        )
+    num_layers = positive_int(num_layers, "num_layers")
+    hidden_dim = positive_int(hidden_dim, "hidden_dim")
+    if hidden_dim % positive_int(num_heads, "num_heads"):
+        raise ValueError(
+            f"`hidden_dim` ({hidden_dim}) must be divisible by `num_heads` "
+            f"({num_heads})."
+        )
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(
+            f"`seed` must be an int or None. Received: seed={seed!r}"
+        )
+    layers = [
+        TokenAndPositionEmbedding(
+            vocabulary_size,
+            max_length,
+            hidden_dim,
+            mask_zero=mask_zero,
+            name="embedding",
+        ),
+        keras.layers.Dropout(dropout, name="embedding_dropout"),
+    ]
+    for index in range(num_layers):
+        layers.append(
+            PerformerBlock(
+                num_heads=num_heads,
+                intermediate_dim=intermediate_dim or 4 * hidden_dim,
+                dropout=dropout,
+                normalize_first=normalize_first,
+                causal=task == "language_model",
+                attention=attention,
+                feature_map=feature_map,
+                num_features=num_features,
+                projection=projection,
+                seed=None if seed is None else seed + index,
+                name=f"performer_block_{index}",
+            )
+        )
+    if normalize_first:
+        layers.append(keras.layers.LayerNormalization(name="final_norm"))
+    layers.extend(task_head(task, vocabulary_size, num_classes))
+    inputs = keras.Input(shape=(None,), dtype="int32", name="token_ids")
+    if api == "sequential":
+        return keras.Sequential([inputs] + layers, name=name)
+    outputs = inputs
+    for layer in layers:
+        outputs = layer(outputs)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def task_head(task, vocabulary_size, num_classes):
+    """The layers after the last block, for `task`."""
+    if task == "classification":
+        return [
+            keras.layers.GlobalAveragePooling1D(name="pooling"),
+            keras.layers.Dense(
+                positive_int(num_classes, "num_classes"), name="logits"
+            ),
+        ]
+    if task == "language_model":
+        return [keras.layers.Dense(vocabulary_size, name="logits")]
+    return []

@@ -1,0 +1,132 @@
+"""The `TokenAndPositionEmbedding` layer."""
+
+import keras
+from keras import ops
+
+from keras_favor.layers.favor_attention import positive_int
+
+
+@keras.saving.register_keras_serializable(package="keras_favor")
+class TokenAndPositionEmbedding(keras.layers.Layer):
+    """Sum of a token embedding and a learned position embedding.
+
+    Position `t` of a sequence gets the `t`-th row of a trainable
+    `(sequence_length, embedding_dim)` table, so the layer takes sequences of
+    any length up to `sequence_length`: the table is sliced to the actual
+    length, which may be unknown until the layer is called (as in a
+    SavedModel serving signature with shape `(None, None)`).
+
+    Masking: with `mask_zero=True`, token id 0 is padding and the layer
+    returns the Keras mask `tokens != 0`, which downstream layers such as
+    `PerformerBlock` and `GlobalAveragePooling1D` respect.
+
+    Args:
+        vocabulary_size: int, number of token ids.
+        sequence_length: int, the longest sequence the layer accepts.
+        embedding_dim: int, size of the output vectors.
+        embeddings_initializer: initializer of both tables.
+        mask_zero: bool, whether id 0 is padding and produces a mask.
+        **kwargs: base layer keyword arguments, such as `name` and `dtype`.
+
+    Call arguments:
+        inputs: `(batch, length)` integer token ids, `length <=
+            sequence_length`.
+
+    Returns:
+        A `(batch, length, embedding_dim)` tensor.
+
+    Example:
+
+    ```python
+    embedding = keras_favor.models.TokenAndPositionEmbedding(
+        vocabulary_size=257, sequence_length=128, embedding_dim=64
+    )
+    vectors = embedding(np.array([[5, 6, 7]]))  # (1, 3, 64)
+    ```
+    """
+
+    def __init__(
+        self,
+        vocabulary_size,
+        sequence_length,
+        embedding_dim,
+        embeddings_initializer="uniform",
+        mask_zero=False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.vocabulary_size = positive_int(vocabulary_size, "vocabulary_size")
+        self.sequence_length = positive_int(sequence_length, "sequence_length")
+        self.embedding_dim = positive_int(embedding_dim, "embedding_dim")
+        self.embeddings_initializer = keras.initializers.get(
+            embeddings_initializer
+        )
+        self.mask_zero = bool(mask_zero)
+        self.supports_masking = self.mask_zero
+
+    def build(self, input_shape):
+        if len(input_shape) != 2:
+            raise ValueError(
+                "TokenAndPositionEmbedding expects token ids of shape "
+                f"(batch, length). Received: inputs.shape={input_shape}"
+            )
+        check_length(input_shape[1], self.sequence_length)
+        self.token_embedding = keras.layers.Embedding(
+            self.vocabulary_size,
+            self.embedding_dim,
+            embeddings_initializer=self._new_initializer(),
+            dtype=self.dtype_policy,
+            name="token_embedding",
+        )
+        self.token_embedding.build(input_shape)
+        self.position_embeddings = self.add_weight(
+            name="position_embeddings",
+            shape=(self.sequence_length, self.embedding_dim),
+            initializer=self._new_initializer(),
+        )
+        self.built = True
+
+    def _new_initializer(self):
+        return self.embeddings_initializer.__class__.from_config(
+            self.embeddings_initializer.get_config()
+        )
+
+    def call(self, inputs):
+        check_length(inputs.shape[1], self.sequence_length)
+        length = ops.shape(inputs)[1]
+        positions = ops.convert_to_tensor(self.position_embeddings)[:length]
+        return self.token_embedding(inputs) + ops.cast(
+            positions, self.compute_dtype
+        )
+
+    def compute_mask(self, inputs, mask=None):
+        if not self.mask_zero:
+            return None
+        return ops.not_equal(inputs, 0)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape) + (self.embedding_dim,)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "vocabulary_size": self.vocabulary_size,
+                "sequence_length": self.sequence_length,
+                "embedding_dim": self.embedding_dim,
+                "embeddings_initializer": keras.initializers.serialize(
+                    self.embeddings_initializer
+                ),
+                "mask_zero": self.mask_zero,
+            }
+        )
+        return config
+
+
+def check_length(length, sequence_length):
+    if length is not None and length > sequence_length:
+        raise ValueError(
+            f"Token sequences of length {length} are longer than the "
+            f"`sequence_length` ({sequence_length}) the embedding was built "
+            "for."
+        )
