@@ -125,7 +125,7 @@ def test_language_model_loss_ignores_padding():
     )
 
 
-def test_classifier_trains_with_fit():
+def test_classifier_trains_with_fit_and_feature_redraw():
     # A learnable rule: the class is whether token 1 occurs in the sequence.
     rng = np.random.RandomState(0)
     x = rng.randint(2, 30, (256, 12)).astype("int32")
@@ -137,9 +137,17 @@ def test_classifier_trains_with_fit():
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    history = model.fit(x, y, batch_size=32, epochs=5, verbose=0)
+    initial = [np.asarray(b.attention_layer.projection) for b in blocks(model)]
+    history = model.fit(
+        x, y, batch_size=32, epochs=6, verbose=0,
+        callbacks=[keras_favor.FeatureRedraw(interval=20, seed=0)],
+    )
     assert history.history["loss"][-1] < 0.5 * history.history["loss"][0]
-    assert history.history["accuracy"][-1] > 0.9
+    assert model.evaluate(x, y, verbose=0, return_dict=True)["accuracy"] > 0.9
+    # 48 steps: redraws after steps 20 and 40 in every block.
+    for block, projection in zip(blocks(model), initial):
+        assert int(block.attention_layer.redraw_count) == 2
+        assert not np.allclose(block.attention_layer.projection, projection)
 
 
 def test_longer_input_than_max_length_raises():
