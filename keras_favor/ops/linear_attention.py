@@ -197,22 +197,55 @@ def merge_chunks(x):
     return tf.reshape(x, tf.concat([shape[:2], [-1], shape[4:]], axis=0))
 
 
-def combine_rescaled_states(earlier, later):
-    """Associative merge of `(key_values, key_sum, level)` states.
+def inherited_states(chunk_kv, chunk_sum, chunk_level, state):
+    """What each chunk inherits from the chunks before it, and the last state.
 
-    Each state is a sum of key features scaled to `exp(-level)`; merging
-    rescales both to the larger level, as online softmax does.
+    Chunk `c` inherits `sum_{c' < c} chunk_kv_c' exp(level_c' - lvl_c)` plus
+    the carried state scaled by `exp(level_0 - lvl_c)`, where `lvl_c`, the
+    level after chunk `c - 1`, is the largest level before chunk `c`: the
+    running max of the levels does not decrease, so every factor is <= 1.
+    With `n` chunks that is one lower-triangular `n x n` matrix product:
+    no loop, and plain matmul gradients.
+
+    Args:
+        chunk_kv: `(B, H, n, F, D)` each chunk's `K'^T V` at its own level.
+        chunk_sum: `(B, H, n, F)` each chunk's `K'^T 1` at its own level.
+        chunk_level: `(B, H, n)` the running max at each chunk's end.
+        state: the carried `(key_values, key_sum, level)` before chunk 0.
+
+    Returns:
+        `(key_values, key_sum, level, final_state)`: the inherited sums
+        `(B, H, n, F, D)` and `(B, H, n, F)` at levels `(B, H, n)`, and the
+        state after the last chunk.
     """
-    kv_a, sum_a, level_a = earlier
-    kv_b, sum_b, level_b = later
-    level = tf.maximum(level_a, level_b)
-    scale_a = tf.exp(level_a - level)
-    scale_b = tf.exp(level_b - level)
-    return (
-        kv_a * scale_a[..., None, None] + kv_b * scale_b[..., None, None],
-        sum_a * scale_a[..., None] + sum_b * scale_b[..., None],
-        level,
+    carried_kv, carried_sum, carried_level = state
+    level = tf.concat([carried_level[..., None], chunk_level[..., :-1]], -1)
+    num_chunks = tf.shape(chunk_level)[-1]
+    earlier = tf.linalg.band_part(
+        tf.ones((num_chunks, num_chunks), tf.bool), -1, 0
+    ) & ~tf.eye(num_chunks, dtype=tf.bool)
+    decay = tf.exp(
+        tf.where(earlier, chunk_level[..., None, :] - level[..., :, None],
+                 NO_KEY_LEVEL)
     )
+    from_carried = tf.exp(carried_level[..., None] - level)
+    kv = tf.einsum("bhcn,bhnfd->bhcfd", decay, chunk_kv) + (
+        carried_kv[:, :, None] * from_carried[..., None, None]
+    )
+    key_sum = tf.einsum("bhcn,bhnf->bhcf", decay, chunk_sum) + (
+        carried_sum[:, :, None] * from_carried[..., None]
+    )
+    final_level = chunk_level[..., -1]
+    to_final = tf.exp(chunk_level - final_level[..., None])
+    from_carried = tf.exp(carried_level - final_level)
+    final_state = (
+        tf.einsum("bhn,bhnfd->bhfd", to_final, chunk_kv)
+        + carried_kv * from_carried[..., None, None],
+        tf.einsum("bhn,bhnf->bhf", to_final, chunk_sum)
+        + carried_sum * from_carried[..., None],
+        final_level,
+    )
+    return kv, key_sum, level, final_state
 
 
 def empty_state(query, value, num_features):
@@ -232,7 +265,7 @@ def causal_chunks(
 
     Inside a chunk of `C` positions the masked `C x C` product is formed;
     across chunks the prefix sums of `K'^T V` and `K'^T 1`, carried as
-    `state = (key_values, key_sum, level)`, come from a scan over chunks.
+    `state = (key_values, key_sum, level)`, come from `inherited_states`.
 
     Args:
         query_parts: `(values, log_scale)` of the queries.
@@ -253,33 +286,21 @@ def causal_chunks(
     )
     levels = split_chunks(levels, chunk_size)
 
-    # Each chunk's sums, scaled to the level at its last position, chunk
-    # axis first for the scan. The per-key scale goes on the narrower
-    # factor, v, not on k.
+    # Each chunk's sums, scaled to the level at its last position. The
+    # per-key scale goes on the narrower factor, v, not on k.
     chunk_level = levels[..., -1]
     to_chunk_end = tf.exp(levels - chunk_level[..., None])
-    chunk_kv = tf.einsum("bhnsf,bhnsd->nbhfd", k, v * to_chunk_end[..., None])
-    chunk_sum = tf.einsum("bhnsf,bhns->nbhf", k_sum, to_chunk_end)
-    # A sequential scan: there are few chunks, and on CPU it is much faster
-    # (and compiles much faster under XLA) than a parallel prefix scan.
-    scanned = tf.scan(
-        combine_rescaled_states,
-        (chunk_kv, chunk_sum, tf.transpose(chunk_level, (2, 0, 1))),
-        initializer=state,
-    )
-    final_state = tuple(x[-1] for x in scanned)
-    # What chunk c inherits is the state after chunk c - 1.
-    kv, key_sum, level = (
-        tf.concat([s[None], x[:-1]], axis=0) for s, x in zip(state, scanned)
+    chunk_kv = tf.matmul(k, v * to_chunk_end[..., None], transpose_a=True)
+    chunk_sum = tf.einsum("bhnsf,bhns->bhnf", k_sum, to_chunk_end)
+    kv, key_sum, level, final_state = inherited_states(
+        chunk_kv, chunk_sum, chunk_level, state
     )
     # The inherited sums rescaled to each position's own level (<= 1).
-    inherited = tf.exp(tf.transpose(level, (1, 2, 0))[..., None] - levels)
+    inherited = tf.exp(level[..., None] - levels)
 
     # What query t surely sees: the inherited sum and its own key.
     key_sum_bound = tf.stop_gradient(
-        tf.transpose(key_sum, (1, 2, 0, 3))[:, :, :, None]
-        * inherited[..., None]
-        + k_sum
+        key_sum[:, :, :, None] * inherited[..., None] + k_sum
     )
     q = query_features(
         *(split_chunks(x, chunk_size) if x is not None else None
@@ -294,16 +315,14 @@ def causal_chunks(
     )
     relative = levels[..., None, :] - levels[..., :, None]
     decay = tf.exp(tf.where(causal, relative, NO_KEY_LEVEL))
-    scores = tf.einsum("bhntf,bhnsf->bhnts", q, k) * decay
-    numerator = tf.einsum("bhnts,bhnsd->bhntd", scores, v)
+    scores = tf.matmul(q, k, transpose_b=True) * decay
+    numerator = tf.matmul(scores, v)
     if key_sum_feats is not key_feats:
-        scores = tf.einsum("bhntf,bhnsf->bhnts", q, k_sum) * decay
+        scores = tf.matmul(q, k_sum, transpose_b=True) * decay
     denominator = tf.reduce_sum(scores, axis=-1)
 
-    numerator += (
-        tf.einsum("bhntf,nbhfd->bhntd", q, kv) * inherited[..., None]
-    )
-    denominator += tf.einsum("bhntf,nbhf->bhnt", q, key_sum) * inherited
+    numerator += tf.matmul(q, kv) * inherited[..., None]
+    denominator += tf.einsum("bhntf,bhnf->bhnt", q, key_sum) * inherited
     outputs = merge_chunks(normalize(numerator, denominator))
     return outputs, final_state
 
