@@ -8,7 +8,8 @@ import tensorflow as tf
 from keras.src.utils import io_utils
 
 from keras_favor.layers.favor_attention import FavorAttention
-from keras_favor.layers.favor_attention import positive_int
+from keras_favor.validation import optional_seed
+from keras_favor.validation import positive_int
 
 
 def favor_attention_layers(model):
@@ -136,13 +137,7 @@ class FeatureRedraw(keras.callbacks.Callback):
     def __init__(self, interval=1000, seed=None, verbose=0):
         super().__init__()
         self.interval = positive_int(interval, "interval")
-        if seed is not None and (
-            isinstance(seed, bool) or not isinstance(seed, int)
-        ):
-            raise ValueError(
-                f"`seed` must be an int or None. Received: seed={seed!r}"
-            )
-        self.seed = seed
+        self.seed = optional_seed(seed)
         if verbose not in (0, 1):
             raise ValueError(
                 f"`verbose` must be 0 or 1. Received: verbose={verbose!r}"

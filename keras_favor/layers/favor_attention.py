@@ -1,6 +1,5 @@
 """The `FavorAttention` layer."""
 
-import numbers
 import random
 import string
 
@@ -11,25 +10,11 @@ from keras import ops
 from keras_favor import feature_maps as feature_maps_lib
 from keras_favor import projections as projections_lib
 from keras_favor.ops import linear_attention
+from keras_favor.validation import dropout_rate
+from keras_favor.validation import optional_seed
+from keras_favor.validation import positive_int
 
 SEED_RANGE = 2**31 - 1
-
-
-def positive_int(value, name, allow_none=False):
-    if allow_none and value is None:
-        return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Integral)
-        or value <= 0
-    ):
-        allowed = "a positive integer or None" if allow_none else (
-            "a positive integer"
-        )
-        raise ValueError(
-            f"`{name}` must be {allowed}. Received: {name}={value!r}"
-        )
-    return int(value)
 
 
 def normalized_output_shape(output_shape):
@@ -217,12 +202,7 @@ class FavorAttention(keras.layers.Layer):
         self.num_heads = positive_int(num_heads, "num_heads")
         self.key_dim = positive_int(key_dim, "key_dim")
         self.value_dim = positive_int(value_dim, "value_dim", allow_none=True)
-        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
-            raise ValueError(
-                "`dropout` must be a float in [0, 1). "
-                f"Received: dropout={dropout!r}"
-            )
-        self.dropout = float(dropout)
+        self.dropout = dropout_rate(dropout)
         self.use_bias = bool(use_bias)
         self.output_shape_ = normalized_output_shape(output_shape)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
@@ -240,13 +220,7 @@ class FavorAttention(keras.layers.Layer):
         self.feature_map = feature_maps_lib.get(feature_map)
         self.num_features = positive_int(num_features, "num_features")
         self.projection_distribution = projections_lib.get(projection)
-        if seed is not None and (
-            isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
-        ):
-            raise ValueError(
-                f"`seed` must be an int or None. Received: seed={seed!r}"
-            )
-        self.seed = None if seed is None else int(seed)
+        self.seed = optional_seed(seed)
         self.chunk_size = positive_int(chunk_size, "chunk_size")
         self.projection = None
         self.redraw_count = None
@@ -456,6 +430,9 @@ class FavorAttention(keras.layers.Layer):
         # The query's Keras mask reaches the output through `compute_mask`,
         # which Keras calls with the first argument's mask.
         mask = key_padding_mask(value_mask, key_mask, attention_mask)
+        # The masks are handled here: the dense sub-layers get none (they
+        # would warn that they do not support masking).
+        query, value, key = (without_keras_mask(x) for x in (query, value, key))
         if use_causal_mask:
             check_causal_lengths(query, key)
         outputs = self._attend(
@@ -515,6 +492,12 @@ class FavorAttention(keras.layers.Layer):
             }
         )
         return config
+
+
+def without_keras_mask(x):
+    if getattr(x, "_keras_mask", None) is None:
+        return x
+    return tf.identity(x)
 
 
 def check_causal_lengths(query, key):

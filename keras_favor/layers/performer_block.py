@@ -5,7 +5,9 @@ import keras
 from keras_favor import feature_maps as feature_maps_lib
 from keras_favor import projections as projections_lib
 from keras_favor.layers.favor_attention import FavorAttention
-from keras_favor.layers.favor_attention import positive_int
+from keras_favor.validation import dropout_rate
+from keras_favor.validation import optional_seed
+from keras_favor.validation import positive_int
 
 ATTENTION_KINDS = ("favor", "exact", "identity")
 
@@ -110,12 +112,7 @@ class PerformerBlock(keras.layers.Layer):
             intermediate_dim, "intermediate_dim"
         )
         self.key_dim = positive_int(key_dim, "key_dim", allow_none=True)
-        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
-            raise ValueError(
-                "`dropout` must be a float in [0, 1). "
-                f"Received: dropout={dropout!r}"
-            )
-        self.dropout = float(dropout)
+        self.dropout = dropout_rate(dropout)
         self.activation = keras.activations.get(activation)
         self.normalize_first = bool(normalize_first)
         self.causal = bool(causal)
@@ -131,7 +128,7 @@ class PerformerBlock(keras.layers.Layer):
         self.feature_map = feature_maps_lib.get(feature_map)
         self.num_features = positive_int(num_features, "num_features")
         self.projection = projections_lib.get(projection)
-        self.seed = seed
+        self.seed = optional_seed(seed)
         self.chunk_size = positive_int(chunk_size, "chunk_size")
 
     def build(self, input_shape):

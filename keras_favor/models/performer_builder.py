@@ -2,7 +2,7 @@
 
 import keras
 
-from keras_favor.layers.favor_attention import positive_int
+from keras_favor.validation import positive_int
 from keras_favor.layers.performer_block import PerformerBlock
 from keras_favor.models.token_and_position_embedding import (
     TokenAndPositionEmbedding,

@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_favor.layers.favor_attention import positive_int
+from keras_favor.validation import positive_int
 
 
 @keras.saving.register_keras_serializable(package="keras_favor")

@@ -8,7 +8,6 @@ shift subtracted from `log_scale` here cancels exactly in the ratio
 """
 
 import tensorflow as tf
-import tensorflow_probability as tfp
 
 # Stands for "no key yet" in running maxima: finite, so differences of it
 # stay finite, and exp(real - 1e30) is exactly 0.
@@ -106,7 +105,43 @@ def bidirectional_key_features(values, log_scale, mask):
     return shifted_key_features(values, log_scale, shift, mask)
 
 
-def causal_key_features(values, log_scale, mask, initial_level):
+def strictly_earlier(size):
+    """Bool `(size, size)` matrix, True where column < row."""
+    lower = tf.linalg.band_part(tf.ones((size, size), tf.bool), -1, 0)
+    return lower & ~tf.eye(size, dtype=tf.bool)
+
+
+def running_max(levels, chunk_size, initial_level):
+    """`max(initial_level, max_{s' <= s} levels_s')` along the positions.
+
+    Inside a chunk a masked `C x C` max, across chunks a masked `n x n` max:
+    no loop and no recursion, so graphs of unknown length stay small.
+
+    Args:
+        levels: `(B, H, L)` with `L` a multiple of `chunk_size`.
+        chunk_size: int.
+        initial_level: `(B, H)` the running max before position 0.
+    """
+    chunks = split_chunks(levels, chunk_size)
+    causal = tf.linalg.band_part(
+        tf.ones((chunk_size, chunk_size), tf.bool), -1, 0
+    )
+    within = tf.reduce_max(
+        tf.where(causal, chunks[..., None, :], NO_KEY_LEVEL), axis=-1
+    )
+    chunk_max = within[..., -1]
+    num_chunks = tf.shape(chunk_max)[-1]
+    before = tf.reduce_max(
+        tf.where(
+            strictly_earlier(num_chunks), chunk_max[..., None, :], NO_KEY_LEVEL
+        ),
+        axis=-1,
+    )
+    before = tf.maximum(before, initial_level[..., None])
+    return merge_chunks(tf.maximum(within, before[..., None]))
+
+
+def causal_key_features(values, log_scale, mask, initial_level, chunk_size):
     """Key features shifted by the running max of the keys seen so far.
 
     Key `s` is scaled by `exp(-max(initial_level, max_{s' <= s} level_s'))`,
@@ -119,15 +154,10 @@ def causal_key_features(values, log_scale, mask, initial_level):
     if log_scale is None:
         features = shifted_key_features(values, None, None, mask)
         return features, tf.zeros(tf.shape(features)[:-1], features.dtype)
-    running_max = tf.maximum(
-        initial_level[..., None],
-        tfp.math.scan_associative(
-            tf.maximum, row_log_level(log_scale, mask), axis=-1,
-            max_num_levels=30,
-        ),
+    levels = running_max(
+        row_log_level(log_scale, mask), chunk_size, initial_level
     )
-    features = shifted_key_features(values, log_scale, running_max, mask)
-    return features, running_max
+    return shifted_key_features(values, log_scale, levels, mask), levels
 
 
 def feature_dropout(key_feats, rate, seed):
@@ -192,7 +222,7 @@ def split_chunks(x, chunk_size):
 
 
 def merge_chunks(x):
-    """`(B, H, N, C, D)` back to `(B, H, N * C, D)`."""
+    """`(B, H, N, C, ...)` back to `(B, H, N * C, ...)`."""
     shape = tf.shape(x)
     return tf.reshape(x, tf.concat([shape[:2], [-1], shape[4:]], axis=0))
 
@@ -220,13 +250,13 @@ def inherited_states(chunk_kv, chunk_sum, chunk_level, state):
     """
     carried_kv, carried_sum, carried_level = state
     level = tf.concat([carried_level[..., None], chunk_level[..., :-1]], -1)
-    num_chunks = tf.shape(chunk_level)[-1]
-    earlier = tf.linalg.band_part(
-        tf.ones((num_chunks, num_chunks), tf.bool), -1, 0
-    ) & ~tf.eye(num_chunks, dtype=tf.bool)
+    earlier = strictly_earlier(tf.shape(chunk_level)[-1])
     decay = tf.exp(
-        tf.where(earlier, chunk_level[..., None, :] - level[..., :, None],
-                 NO_KEY_LEVEL)
+        tf.where(
+            earlier,
+            chunk_level[..., None, :] - level[..., :, None],
+            NO_KEY_LEVEL,
+        )
     )
     from_carried = tf.exp(carried_level[..., None] - level)
     kv = tf.einsum("bhcn,bhnfd->bhcfd", decay, chunk_kv) + (
@@ -333,7 +363,9 @@ def causal_group(
 ):
     """Features and chunked causal attention for one group of positions."""
     values, log_scale = feature_fn(key)
-    key_feats, levels = causal_key_features(values, log_scale, mask, state[2])
+    key_feats, levels = causal_key_features(
+        values, log_scale, mask, state[2], chunk_size
+    )
     dropped = numerator_key_features(key_feats, dropout_rate, dropout_seed)
     return causal_chunks(
         feature_fn(query), dropped, key_feats, levels, value, chunk_size, state
