@@ -1,7 +1,24 @@
-"""Name, config and instance look-up shared by `feature_maps` and
-`projections`, in the manner of `keras.activations.get`."""
+"""What `feature_maps` and `projections` share: the config protocol of
+their base classes and look-up by name, config or instance, in the manner of
+`keras.activations.get`."""
 
 import keras
+
+
+class Configurable:
+    """Keras config protocol for objects built from their `__init__`
+    arguments: subclasses return those arguments from `get_config`."""
+
+    def get_config(self):
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
 
 
 def public_name(cls):

@@ -3,9 +3,11 @@
 import keras
 from keras import ops
 
+from keras_favor.lookup import Configurable
+
 
 @keras.saving.register_keras_serializable(package="keras_favor")
-class FeatureMap:
+class FeatureMap(Configurable):
     """Base class of the kernel feature maps used by `FavorAttention`.
 
     A feature map turns a head's queries or keys `x` of shape `(..., d)` into
@@ -71,14 +73,3 @@ class FeatureMap:
             return values
         scale = ops.exp(log_scale)
         return scale if values is None else values * scale
-
-    def get_config(self):
-        return {}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-    def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({args})"

@@ -3,6 +3,8 @@
 import keras
 import tensorflow as tf
 
+from keras_favor.lookup import Configurable
+
 
 def as_seed_pair(seed):
     """Turns an int or a shape-`(2,)` tensor into a stateless seed pair."""
@@ -12,7 +14,7 @@ def as_seed_pair(seed):
 
 
 @keras.saving.register_keras_serializable(package="keras_favor")
-class Projection:
+class Projection(Configurable):
     """Base class of the random projections `W` used by the feature maps.
 
     A projection draws a `(num_features, dim)` float32 matrix from a
@@ -37,14 +39,3 @@ class Projection:
             )
         matrix = self.sample(tuple(shape), as_seed_pair(seed))
         return tf.ensure_shape(tf.cast(matrix, tf.float32), shape)
-
-    def get_config(self):
-        return {}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-    def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({args})"
