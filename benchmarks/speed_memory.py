@@ -75,6 +75,7 @@ FIELDS = (
     "chunk_size",
     "jit_compile",
     "load_average",
+    "keras_favor_commit",
     "note",
 )
 # Statuses after which a model's longer lengths are not run.
@@ -336,6 +337,8 @@ def sweep(args, device, csv_path):
                 "jit_compile": args.jit,
                 # How busy the machine was when this configuration started.
                 "load_average": round(os.getloadavg()[0], 2),
+                # The code measured: other agents may commit during a sweep.
+                "keras_favor_commit": common.git_commit(),
             }
             if out_of_budget_at is not None:
                 row.update(status="skipped", note=f"out of budget from L={out_of_budget_at}")
