@@ -579,11 +579,47 @@ def plot(rows, level, png_path, device_name):
     plt.close(figure)
 
 
+def cell(rows, level, model, mode, pass_, length, key, scale=1.0, digits=3):
+    """A table cell: the value, or the status that stopped the model."""
+    for row in rows:
+        if (row["level"], row["model"], row["mode"], row["pass"], row["length"]) == (
+            level, model, mode, pass_, length
+        ):
+            if row["status"] in ("ok", "over_time_cap") and row[key] is not None:
+                return f"{row[key] * scale:.{digits}f}"
+            return {"out_of_memory": "OOM", "timeout": "timeout"}.get(row["status"], "-")
+    return ""
+
+
+def markdown_tables(rows, level):
+    """Median seconds per pass and peak RSS (GiB) of fwd+bwd, one row per L."""
+    configs = [c for c in MODELS[level] if any((r["level"], r["model"], r["mode"]) == (level,) + c for r in rows)]
+    names = [model if model == "identity" else f"{model} {mode[:6]}" for model, mode in configs]
+    lengths = sorted({r["length"] for r in rows if r["level"] == level})
+    header = ["L"] + [f"{n}, fwd s" for n in names] + [f"{n}, fwd+bwd s" for n in names] + [
+        f"{n}, fwd+bwd peak GiB" for n in names
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for length in lengths:
+        values = [str(length)]
+        for pass_ in PASSES:
+            values += [cell(rows, level, *c, pass_, length, "median_s") for c in configs]
+        values += [
+            cell(rows, level, *c, "forward_backward", length, "peak_rss_mib", 1 / 1024, 2)
+            for c in configs
+        ]
+        lines.append("| " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
 def report(csv_path, device_name):
     rows = read_rows(csv_path)
     stem = csv_path[: -len(".csv")]
     for level in sorted({row["level"] for row in rows}):
         plot(rows, level, f"{stem}_{level}.png", device_name)
+    with open(f"{stem}_tables.md", "w") as file:
+        for level in sorted({row["level"] for row in rows}):
+            file.write(f"### {level}\n\n{markdown_tables(rows, level)}\n\n")
     lines = summary(rows)
     with open(f"{stem}_summary.txt", "w") as file:
         file.write("\n".join(lines) + "\n")
