@@ -594,7 +594,10 @@ def cell(rows, level, model, mode, pass_, length, key, scale=1.0, digits=3):
 def markdown_tables(rows, level):
     """Median seconds per pass and peak RSS (GiB) of fwd+bwd, one row per L."""
     configs = [c for c in MODELS[level] if any((r["level"], r["model"], r["mode"]) == (level,) + c for r in rows)]
-    names = [model if model == "identity" else f"{model} {mode[:6]}" for model, mode in configs]
+    names = [
+        model if model == "identity" else f"{model} {'bi' if mode == 'bidirectional' else mode}"
+        for model, mode in configs
+    ]
     lengths = sorted({r["length"] for r in rows if r["level"] == level})
     header = ["L"] + [f"{n}, fwd s" for n in names] + [f"{n}, fwd+bwd s" for n in names] + [
         f"{n}, fwd+bwd peak GiB" for n in names
