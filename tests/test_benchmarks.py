@@ -43,7 +43,7 @@ def test_speed_sweep_records_caps_and_plots(tmp_path, monkeypatch):
         assert float(row["median_s"]) > 0
         assert float(row["peak_rss_mib"]) >= float(row["baseline_rss_mib"]) > 0
     assert [r["status"] for r in rows if r["length"] == "32"] == ["skipped"] * 2
-    for name in ("layer.png", "summary.txt"):
+    for name in ("layer.png", "summary.txt", "tables.md"):
         assert (tmp_path / f"speed_memory_cpu_{name}").stat().st_size > 0
     environment = (tmp_path / "speed_memory_cpu.json").read_text()
     assert "tensorflow" in environment
