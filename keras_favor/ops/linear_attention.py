@@ -90,21 +90,6 @@ def shifted_key_features(values, log_scale, shift, mask):
     return exp_times_values(values, exponent)
 
 
-def bidirectional_key_features(values, log_scale, mask):
-    """Key features with one shift per (batch, head): the max over valid keys.
-
-    Args:
-        values, log_scale: the key feature parts, `(B, H, S, F)` or `None`.
-        mask: bool `(B, 1 or H, S)`, True at real keys, or `None`.
-    """
-    if log_scale is None:
-        return shifted_key_features(values, None, None, mask)
-    shift = tf.reduce_max(row_log_level(log_scale, mask), -1, keepdims=True)
-    # A batch row without any key gets shift 0: its features are all zero.
-    shift = tf.where(shift > NO_KEY_LEVEL / 2, shift, 0.0)
-    return shifted_key_features(values, log_scale, shift, mask)
-
-
 def strictly_earlier(size):
     """Bool `(size, size)` matrix, True where column < row."""
     lower = tf.linalg.band_part(tf.ones((size, size), tf.bool), -1, 0)
@@ -191,11 +176,182 @@ def normalize(numerator, denominator):
     return tf.where(sees_nothing[..., None], 0.0, numerator / safe[..., None])
 
 
+def bidirectional_key_sums(
+    key, value, feature_fn, mask, dropout_rate, dropout_seed
+):
+    """`(K'^T V, K'^T 1, shift)` of some keys, taken at their own shift.
+
+    The shift is the max of the valid keys' log-scales, per (batch, head),
+    and `NO_KEY_LEVEL` where there is none; `rescaled_key_sums` brings sums
+    taken at different shifts to a common one.
+
+    Args:
+        key: `(B, H, S, d)` heads; value: `(B, H, S, D)`.
+        feature_fn: maps heads to `(values, log_scale)` feature parts.
+        mask: bool `(B, 1, S)`, True at real keys, or `None`.
+        dropout_rate, dropout_seed: key-feature dropout in the numerator.
+    """
+    values, log_scale = feature_fn(key)
+    if log_scale is None:
+        shift = tf.zeros(tf.shape(key)[:2])
+    else:
+        shift = tf.reduce_max(row_log_level(log_scale, mask), axis=-1)
+    key_feats = shifted_key_features(values, log_scale, shift[..., None], mask)
+    dropped = numerator_key_features(key_feats, dropout_rate, dropout_seed)
+    key_values = tf.einsum("bhsf,bhsd->bhfd", dropped, value)
+    return key_values, tf.reduce_sum(key_feats, axis=2), shift
+
+
+def rescaled_key_sums(group_sums):
+    """The sums of key groups taken at their own shifts, at the largest one.
+
+    Returns `(key_values, key_sum, factors)`, where group `i` entered with
+    factor `factors[i] = exp(shift_i - max shift) <= 1`: 0 for a group
+    without keys, unless no group has any.
+    """
+    shifts = tf.stack([shift for _, _, shift in group_sums])
+    factors = tf.unstack(tf.exp(shifts - tf.reduce_max(shifts, axis=0)))
+    key_values = tf.add_n(
+        [kv * f[..., None, None] for (kv, _, _), f in zip(group_sums, factors)]
+    )
+    key_sum = tf.add_n(
+        [ks * f[..., None] for (_, ks, _), f in zip(group_sums, factors)]
+    )
+    return key_values, key_sum, factors
+
+
+def attend_to_key_sums(query, key_values, key_sum, feature_fn):
+    """`Q'(K'^T V) / Q'(K'^T 1)` given the two key sums."""
+    query_feats = query_features(*feature_fn(query), key_sum[:, :, None])
+    numerator = tf.einsum("bhlf,bhfd->bhld", query_feats, key_values)
+    denominator = tf.einsum("bhlf,bhf->bhl", query_feats, key_sum)
+    return normalize(numerator, denominator)
+
+
+def position_groups(x):
+    """Slices of at most `RECOMPUTE_GROUP_LENGTH` positions along axis 2.
+
+    One slice over everything when the length is unknown or short enough.
+    """
+    length = x.shape[2]
+    if length is None or length <= RECOMPUTE_GROUP_LENGTH:
+        return [slice(None)]
+    step = RECOMPUTE_GROUP_LENGTH
+    return [slice(start, start + step) for start in range(0, length, step)]
+
+
+def one_after_another(fn, calls):
+    """`[fn(index, *inputs) for index, inputs in enumerate(calls)]`, in order.
+
+    Each call's inputs wait for the previous call's outputs, so the graph
+    executor cannot run the calls side by side and keep all of their
+    intermediate tensors alive at once.
+    """
+    results = []
+    for index, inputs in enumerate(calls):
+        previous = tf.nest.flatten(results[-1]) if results else []
+        with tf.control_dependencies(previous):
+            inputs = [tf.identity(x) for x in inputs]
+        results.append(fn(index, *inputs))
+    return results
+
+
+def vector_jacobian_products(fn, inputs, upstream):
+    """`fn(*inputs)` recomputed, and its gradients given `upstream`."""
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        outputs = fn(*inputs)
+    return tape.gradient(
+        outputs,
+        inputs,
+        output_gradients=upstream,
+        unconnected_gradients=tf.UnconnectedGradients.ZERO,
+    )
+
+
+def grouped_bidirectional_attention(
+    query, key, value, feature_fn, mask, dropout_rate, dropout_seed
+):
+    """`bidirectional_linear_attention` over groups of positions.
+
+    Keys, then queries, run group by group; only the inputs and the two key
+    sums are kept for the backward pass, which recomputes each group's
+    features in turn. Training memory then holds the features of one group,
+    not of the whole sequence, for one more feature-map evaluation.
+    """
+    query_slices, key_slices = position_groups(query), position_groups(key)
+
+    def key_group_sums(index, key, value):
+        positions = key_slices[index]
+        seed = dropout_seed
+        if dropout_rate:
+            seed = tf.random.experimental.stateless_fold_in(dropout_seed, index)
+        group_mask = None if mask is None else mask[:, :, positions]
+        return bidirectional_key_sums(
+            key, value, feature_fn, group_mask, dropout_rate, seed
+        )
+
+    @tf.custom_gradient
+    def attention(query, key, value):
+        key_groups = [(key[:, :, s], value[:, :, s]) for s in key_slices]
+        key_values, key_sum, factors = rescaled_key_sums(
+            one_after_another(key_group_sums, key_groups)
+        )
+
+        def attend(index, query, key_values, key_sum):
+            return attend_to_key_sums(query, key_values, key_sum, feature_fn)
+
+        def query_group_gradients(index, query, upstream):
+            return vector_jacobian_products(
+                lambda *inputs: attend(index, *inputs),
+                [query, key_values, key_sum],
+                upstream,
+            )
+
+        def key_group_gradients(index, key, value, kv_grad, sum_grad):
+            return vector_jacobian_products(
+                lambda *inputs: key_group_sums(index, *inputs)[:2],
+                [key, value],
+                [kv_grad, sum_grad],
+            )
+
+        def gradient(upstream):
+            query_grads = one_after_another(
+                query_group_gradients,
+                [(query[:, :, s], upstream[:, :, s]) for s in query_slices],
+            )
+            kv_grad = tf.add_n([grads[1] for grads in query_grads])
+            sum_grad = tf.add_n([grads[2] for grads in query_grads])
+            key_grads = one_after_another(
+                key_group_gradients,
+                [
+                    (k, v, kv_grad * f[..., None, None], sum_grad * f[..., None])
+                    for (k, v), f in zip(key_groups, factors)
+                ],
+            )
+            return (
+                tf.concat([grads[0] for grads in query_grads], axis=2),
+                tf.concat([grads[0] for grads in key_grads], axis=2),
+                tf.concat([grads[1] for grads in key_grads], axis=2),
+            )
+
+        outputs = one_after_another(
+            attend,
+            [(query[:, :, s], key_values, key_sum) for s in query_slices],
+        )
+        return tf.concat(outputs, axis=2), gradient
+
+    return attention(query, key, value)
+
+
 def bidirectional_linear_attention(
     query, key, value, feature_fn, mask=None, dropout_rate=0.0,
     dropout_seed=None,
 ):
     """`Q'(K'^T V) / Q'(K'^T 1)` without forming any `L x S` matrix.
+
+    Sequences of more than `RECOMPUTE_GROUP_LENGTH` queries or keys run in
+    groups recomputed in the backward pass (`grouped_bidirectional_attention`).
 
     Args:
         query: `(B, H, L, d)` heads; key `(B, H, S, d)`; value `(B, H, S, D)`.
@@ -204,14 +360,14 @@ def bidirectional_linear_attention(
         dropout_rate: float, key-feature dropout in the numerator.
         dropout_seed: `(2,)` int stateless seed, when `dropout_rate > 0`.
     """
-    key_feats = bidirectional_key_features(*feature_fn(key), mask)
-    dropped = numerator_key_features(key_feats, dropout_rate, dropout_seed)
-    key_values = tf.einsum("bhsf,bhsd->bhfd", dropped, value)
-    key_sum = tf.reduce_sum(key_feats, axis=2)
-    query_feats = query_features(*feature_fn(query), key_sum[:, :, None])
-    numerator = tf.einsum("bhlf,bhfd->bhld", query_feats, key_values)
-    denominator = tf.einsum("bhlf,bhf->bhl", query_feats, key_sum)
-    return normalize(numerator, denominator)
+    if len(position_groups(query)) > 1 or len(position_groups(key)) > 1:
+        return grouped_bidirectional_attention(
+            query, key, value, feature_fn, mask, dropout_rate, dropout_seed
+        )
+    key_values, key_sum, _ = bidirectional_key_sums(
+        key, value, feature_fn, mask, dropout_rate, dropout_seed
+    )
+    return attend_to_key_sums(query, key_values, key_sum, feature_fn)
 
 
 def split_chunks(x, chunk_size):
@@ -281,10 +437,14 @@ def inherited_states(chunk_kv, chunk_sum, chunk_level, state):
 def empty_state(query, value, num_features):
     """The causal state before any key: zero sums at `NO_KEY_LEVEL`."""
     batch_heads = tf.shape(query)[:2]
+    dtype = value.dtype
     return (
-        tf.zeros(tf.concat([batch_heads, [num_features, tf.shape(value)[-1]]], 0)),
-        tf.zeros(tf.concat([batch_heads, [num_features]], 0)),
-        tf.fill(batch_heads, NO_KEY_LEVEL),
+        tf.zeros(
+            tf.concat([batch_heads, [num_features, tf.shape(value)[-1]]], 0),
+            dtype,
+        ),
+        tf.zeros(tf.concat([batch_heads, [num_features]], 0), dtype),
+        tf.fill(batch_heads, tf.constant(NO_KEY_LEVEL, dtype)),
     )
 
 
