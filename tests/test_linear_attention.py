@@ -36,14 +36,16 @@ def head_outputs(layer, query, value, mask=None, causal=False):
     )
     if mask is not None:
         mask = tf.constant(mask)[:, None, :]
+    feature_fn, query_feature_fn = layer._feature_fns()
     if causal:
         return linear_attention.causal_linear_attention(
-            q, k, v, layer._feature_fn(),
+            q, k, v, feature_fn,
             layer.feature_map.feature_dim(layer.num_features, layer.key_dim),
             mask=mask, chunk_size=layer.chunk_size,
+            query_feature_fn=query_feature_fn,
         ).numpy()
     return linear_attention.bidirectional_linear_attention(
-        q, k, v, layer._feature_fn(), mask=mask
+        q, k, v, feature_fn, mask=mask, query_feature_fn=query_feature_fn
     ).numpy()
 
 

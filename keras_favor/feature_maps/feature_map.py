@@ -66,6 +66,15 @@ class FeatureMap(Configurable):
         """
         return self.call(x, projection), None
 
+    def query_log_scaled(self, x, projection):
+        """Like `log_scaled`, for queries, up to a positive factor per query.
+
+        Such a factor cancels in the ratio `phi(q) S / phi(q) z` of linear
+        attention, so a map may leave out the parts of its features that
+        depend on the query alone. The default returns `log_scaled`.
+        """
+        return self.log_scaled(x, projection)
+
     def __call__(self, x, projection=None):
         """Unstabilized features `phi(x)`, for inspection and tests."""
         values, log_scale = self.log_scaled(x, projection)

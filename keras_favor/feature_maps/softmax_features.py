@@ -13,12 +13,14 @@ def temperature_scaled(x):
     return x * (x.shape[-1] ** -0.25)
 
 
-def random_projection_and_half_norm(x, projection):
-    """`(W x~, |x~|^2 / 2)` for the softmax-kernel feature maps."""
-    x = temperature_scaled(x)
-    projected = ops.einsum("...d,md->...m", x, projection)
-    half_sq_norm = 0.5 * ops.sum(ops.square(x), axis=-1, keepdims=True)
-    return projected, half_sq_norm
+def random_projection(x, projection):
+    """`W x~` for the softmax-kernel feature maps."""
+    return ops.einsum("...d,md->...m", temperature_scaled(x), projection)
+
+
+def half_sq_norm(x):
+    """`|x~|^2 / 2`, shape `(..., 1)`."""
+    return 0.5 * ops.sum(ops.square(temperature_scaled(x)), -1, keepdims=True)
 
 
 @keras.saving.register_keras_serializable(package="keras_favor")
@@ -39,8 +41,9 @@ class SoftmaxFeatures(FeatureMap):
     """
 
     def log_scaled(self, x, projection):
-        projected, half_sq_norm = random_projection_and_half_norm(
-            x, projection
-        )
         num_features = projection.shape[0]
-        return None, projected - half_sq_norm - 0.5 * math.log(num_features)
+        row_term = half_sq_norm(x) + 0.5 * math.log(num_features)
+        return None, random_projection(x, projection) - row_term
+
+    def query_log_scaled(self, x, projection):
+        return None, random_projection(x, projection)

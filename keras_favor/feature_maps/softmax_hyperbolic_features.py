@@ -6,9 +6,8 @@ import keras
 from keras import ops
 
 from keras_favor.feature_maps.feature_map import FeatureMap
-from keras_favor.feature_maps.softmax_features import (
-    random_projection_and_half_norm,
-)
+from keras_favor.feature_maps.softmax_features import half_sq_norm
+from keras_favor.feature_maps.softmax_features import random_projection
 
 
 @keras.saving.register_keras_serializable(package="keras_favor")
@@ -27,11 +26,14 @@ class SoftmaxHyperbolicFeatures(FeatureMap):
         return 2 * num_features
 
     def log_scaled(self, x, projection):
-        projected, half_sq_norm = random_projection_and_half_norm(
-            x, projection
-        )
         num_features = projection.shape[0]
-        both_signs = ops.concatenate([projected, -projected], axis=-1)
-        return None, both_signs - half_sq_norm - 0.5 * math.log(
-            2 * num_features
-        )
+        row_term = half_sq_norm(x) + 0.5 * math.log(2 * num_features)
+        return None, both_signs(random_projection(x, projection)) - row_term
+
+    def query_log_scaled(self, x, projection):
+        return None, both_signs(random_projection(x, projection))
+
+
+def both_signs(projected):
+    """`[W x~, -W x~]` along the features."""
+    return ops.concatenate([projected, -projected], axis=-1)

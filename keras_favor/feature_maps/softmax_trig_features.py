@@ -6,9 +6,8 @@ import keras
 from keras import ops
 
 from keras_favor.feature_maps.feature_map import FeatureMap
-from keras_favor.feature_maps.softmax_features import (
-    random_projection_and_half_norm,
-)
+from keras_favor.feature_maps.softmax_features import half_sq_norm
+from keras_favor.feature_maps.softmax_features import random_projection
 
 
 @keras.saving.register_keras_serializable(package="keras_favor")
@@ -29,11 +28,12 @@ class SoftmaxTrigFeatures(FeatureMap):
         return 2 * num_features
 
     def log_scaled(self, x, projection):
-        projected, half_sq_norm = random_projection_and_half_norm(
-            x, projection
-        )
+        return self.query_log_scaled(x, projection)[0], half_sq_norm(x)
+
+    def query_log_scaled(self, x, projection):
+        projected = random_projection(x, projection)
         num_features = projection.shape[0]
         values = ops.concatenate(
             [ops.sin(projected), ops.cos(projected)], axis=-1
         ) / math.sqrt(num_features)
-        return values, half_sq_norm
+        return values, None

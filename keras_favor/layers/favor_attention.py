@@ -362,12 +362,15 @@ class FavorAttention(keras.layers.Layer):
         self.redraw_count.assign_add(1)
         return self.projection
 
-    def _feature_fn(self):
-        """Maps `(B, H, T, d)` float32 heads to their feature parts."""
+    def _feature_fns(self):
+        """Map `(B, H, T, d)` float32 key and query heads to feature parts."""
         projection = None
         if self.projection is not None:
             projection = ops.convert_to_tensor(self.projection)
-        return lambda heads: self.feature_map.log_scaled(heads, projection)
+        return (
+            lambda heads: self.feature_map.log_scaled(heads, projection),
+            lambda heads: self.feature_map.query_log_scaled(heads, projection),
+        )
 
     def _attend(self, query, key, value, mask, use_causal_mask, training):
         """Linear attention on `(B, T, H, d)` heads; returns `(B, T, H, dv)`."""
@@ -381,27 +384,30 @@ class FavorAttention(keras.layers.Layer):
         if training and self.dropout > 0:
             dropout_rate = self.dropout
             dropout_seed = self._dropout_seed.next()
+        feature_fn, query_feature_fn = self._feature_fns()
         if use_causal_mask:
             outputs = linear_attention.causal_linear_attention(
                 query,
                 key,
                 value,
-                self._feature_fn(),
+                feature_fn,
                 self.feature_map.feature_dim(self.num_features, self.key_dim),
                 mask=mask,
                 chunk_size=self.chunk_size,
                 dropout_rate=dropout_rate,
                 dropout_seed=dropout_seed,
+                query_feature_fn=query_feature_fn,
             )
         else:
             outputs = linear_attention.bidirectional_linear_attention(
                 query,
                 key,
                 value,
-                self._feature_fn(),
+                feature_fn,
                 mask=mask,
                 dropout_rate=dropout_rate,
                 dropout_seed=dropout_seed,
+                query_feature_fn=query_feature_fn,
             )
         return tf.transpose(outputs, (0, 2, 1, 3))
 

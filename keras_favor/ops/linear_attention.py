@@ -5,6 +5,8 @@ float32. A `feature_fn` maps heads to `(values, log_scale)` pairs, as
 `FeatureMap.log_scaled` does, with `phi = values * exp(log_scale)`; every
 shift subtracted from `log_scale` here cancels exactly in the ratio
 `phi(Q) (phi(K)^T V) / phi(Q) (phi(K)^T 1)` (favor-math.md, section 4).
+Queries may have their own `query_feature_fn`, as `FeatureMap.query_log_scaled`,
+whose features need to be right only up to a positive factor per query.
 """
 
 import tensorflow as tf
@@ -198,7 +200,7 @@ def bidirectional_key_sums(
         shift = tf.reduce_max(row_log_level(log_scale, mask), axis=-1)
     key_feats = shifted_key_features(values, log_scale, shift[..., None], mask)
     dropped = numerator_key_features(key_feats, dropout_rate, dropout_seed)
-    key_values = tf.einsum("bhsf,bhsd->bhfd", dropped, value)
+    key_values = tf.matmul(dropped, value, transpose_a=True)
     return key_values, tf.reduce_sum(key_feats, axis=2), shift
 
 
@@ -220,10 +222,10 @@ def rescaled_key_sums(group_sums):
     return key_values, key_sum, factors
 
 
-def attend_to_key_sums(query, key_values, key_sum, feature_fn):
+def attend_to_key_sums(query, key_values, key_sum, query_feature_fn):
     """`Q'(K'^T V) / Q'(K'^T 1)` given the two key sums."""
-    query_feats = query_features(*feature_fn(query), key_sum[:, :, None])
-    numerator = tf.einsum("bhlf,bhfd->bhld", query_feats, key_values)
+    query_feats = query_features(*query_feature_fn(query), key_sum[:, :, None])
+    numerator = tf.matmul(query_feats, key_values)
     denominator = tf.einsum("bhlf,bhf->bhl", query_feats, key_sum)
     return normalize(numerator, denominator)
 
@@ -270,7 +272,8 @@ def vector_jacobian_products(fn, inputs, upstream):
 
 
 def grouped_bidirectional_attention(
-    query, key, value, feature_fn, mask, dropout_rate, dropout_seed
+    query, key, value, feature_fn, query_feature_fn, mask, dropout_rate,
+    dropout_seed,
 ):
     """`bidirectional_linear_attention` over groups of positions.
 
@@ -299,7 +302,9 @@ def grouped_bidirectional_attention(
         )
 
         def attend(index, query, key_values, key_sum):
-            return attend_to_key_sums(query, key_values, key_sum, feature_fn)
+            return attend_to_key_sums(
+                query, key_values, key_sum, query_feature_fn
+            )
 
         def query_group_gradients(index, query, upstream):
             return vector_jacobian_products(
@@ -346,7 +351,7 @@ def grouped_bidirectional_attention(
 
 def bidirectional_linear_attention(
     query, key, value, feature_fn, mask=None, dropout_rate=0.0,
-    dropout_seed=None,
+    dropout_seed=None, query_feature_fn=None,
 ):
     """`Q'(K'^T V) / Q'(K'^T 1)` without forming any `L x S` matrix.
 
@@ -359,15 +364,19 @@ def bidirectional_linear_attention(
         mask: bool `(B, 1, S)`, True at real keys, or None.
         dropout_rate: float, key-feature dropout in the numerator.
         dropout_seed: `(2,)` int stateless seed, when `dropout_rate > 0`.
+        query_feature_fn: the queries' `feature_fn`; defaults to
+            `feature_fn`.
     """
+    query_feature_fn = query_feature_fn or feature_fn
     if len(position_groups(query)) > 1 or len(position_groups(key)) > 1:
         return grouped_bidirectional_attention(
-            query, key, value, feature_fn, mask, dropout_rate, dropout_seed
+            query, key, value, feature_fn, query_feature_fn, mask,
+            dropout_rate, dropout_seed,
         )
     key_values, key_sum, _ = bidirectional_key_sums(
         key, value, feature_fn, mask, dropout_rate, dropout_seed
     )
-    return attend_to_key_sums(query, key_values, key_sum, feature_fn)
+    return attend_to_key_sums(query, key_values, key_sum, query_feature_fn)
 
 
 def split_chunks(x, chunk_size):
@@ -518,8 +527,8 @@ def causal_chunks(
 
 
 def causal_group(
-    query, key, value, mask, state, feature_fn, chunk_size, dropout_rate,
-    dropout_seed,
+    query, key, value, mask, state, feature_fn, query_feature_fn, chunk_size,
+    dropout_rate, dropout_seed,
 ):
     """Features and chunked causal attention for one group of positions."""
     values, log_scale = feature_fn(key)
@@ -528,7 +537,8 @@ def causal_group(
     )
     dropped = numerator_key_features(key_feats, dropout_rate, dropout_seed)
     return causal_chunks(
-        feature_fn(query), dropped, key_feats, levels, value, chunk_size, state
+        query_feature_fn(query), dropped, key_feats, levels, value,
+        chunk_size, state,
     )
 
 
@@ -568,7 +578,7 @@ def pad_positions(x, padding):
 
 def causal_linear_attention(
     query, key, value, feature_fn, num_features, mask=None, chunk_size=128,
-    dropout_rate=0.0, dropout_seed=None,
+    dropout_rate=0.0, dropout_seed=None, query_feature_fn=None,
 ):
     """Exact causal linear attention (favor-math.md, section 5).
 
@@ -585,7 +595,10 @@ def causal_linear_attention(
         chunk_size: int, positions per chunk.
         dropout_rate: float, key-feature dropout in the numerator.
         dropout_seed: `(2,)` int stateless seed, when `dropout_rate > 0`.
+        query_feature_fn: the queries' `feature_fn`; defaults to
+            `feature_fn`.
     """
+    query_feature_fn = query_feature_fn or feature_fn
     length = query.shape[2]
     if length is None:
         length = tf.shape(query)[2]
@@ -601,8 +614,8 @@ def causal_linear_attention(
     state = empty_state(query, value, num_features)
     if not isinstance(length, int) or length <= RECOMPUTE_GROUP_LENGTH:
         outputs, _ = causal_group(
-            query, key, value, mask, state, feature_fn, chunk_size,
-            dropout_rate, dropout_seed,
+            query, key, value, mask, state, feature_fn, query_feature_fn,
+            chunk_size, dropout_rate, dropout_seed,
         )
         return outputs[:, :, :length]
     group_length = RECOMPUTE_GROUP_LENGTH // chunk_size * chunk_size
@@ -618,8 +631,8 @@ def causal_linear_attention(
         # captured from outside.
         def group(q, k, v, *state, mask=mask[:, :, positions], seed=seed):
             outputs, state = causal_group(
-                q, k, v, mask, state, feature_fn, chunk_size, dropout_rate,
-                seed,
+                q, k, v, mask, state, feature_fn, query_feature_fn,
+                chunk_size, dropout_rate, seed,
             )
             return (outputs,) + tuple(state)
 
