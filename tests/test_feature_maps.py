@@ -136,3 +136,21 @@ def test_user_feature_map_trains_and_saves(rng, tmp_path):
     assert isinstance(layer.feature_map, SquaredReluFeatures)
     assert layer.feature_map.offset == 0.5
     np.testing.assert_allclose(restored(x), model(x), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(feature_maps.ALL_FEATURE_MAPS))
+def test_query_features_differ_only_by_a_factor_per_query(rng, name):
+    # The factor cancels in attention's normalization, so it may be dropped;
+    # anything else would change the attention weights.
+    feature_map = feature_maps.get(name)
+    x = tf.constant(rng.normal(size=(3, 5, 8)))
+    projection = tf.constant(rng.normal(size=(16, 8)))
+    values, log_scale = feature_map.query_log_scaled(x, projection)
+    query = np.ones(()) if values is None else np.asarray(values)
+    if log_scale is not None:
+        query = query * np.exp(np.asarray(log_scale))
+    ratio = query / np.asarray(feature_map(x, projection))
+    assert np.all(ratio > 0)
+    np.testing.assert_allclose(
+        ratio, np.broadcast_to(ratio[..., :1], ratio.shape), rtol=1e-10
+    )
