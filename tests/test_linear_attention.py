@@ -102,11 +102,9 @@ def test_causal_result_does_not_depend_on_chunk_size(rng, chunk_size):
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "causal, graph_mode",
-    [(False, False), (False, True), (True, False), (True, True)],
-)
-def test_gradients_match_quadratic_form(rng, causal, graph_mode, small_groups):
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
+def test_gradients_match_quadratic_form(rng, causal, mode, small_groups):
     layer = make_layer()
     x = tf.constant(rng.normal(size=(2, 18, 16)).astype("float32"))
     mask = padding_mask(2, 18, [18, 13])
@@ -120,7 +118,9 @@ def test_gradients_match_quadratic_form(rng, causal, graph_mode, small_groups):
                 loss = tf.reduce_sum(attention() * target)
             return tape.gradient(loss, [x] + layer.trainable_weights)
 
-        return tf.function(compute)() if graph_mode else compute()
+        if mode == "eager":
+            return compute()
+        return tf.function(compute, jit_compile=mode == "xla")()
 
     actual = gradients(
         lambda: layer(x, x, attention_mask=mask, use_causal_mask=causal)

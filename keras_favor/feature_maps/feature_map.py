@@ -26,6 +26,9 @@ class FeatureMap(Configurable):
     Subclasses set `requires_projection` (whether the map consumes the random
     projection `W` of shape `(num_features, d)`), override `feature_dim` when
     `F` differs from `num_features`, and implement `call` or `log_scaled`.
+    Since a positive factor per query cancels in the ratio, a map may also
+    override `query_log_scaled` to skip the parts of a query's features that
+    depend on the query alone (the softmax maps skip `exp(-|q|^2 / 2)`).
     Every argument of `__init__` must be returned by `get_config`. Register a
     subclass with `keras.saving.register_keras_serializable` so that models
     using it load without `custom_objects`.

@@ -392,6 +392,19 @@ def merge_chunks(x):
     return tf.reshape(x, tf.concat([shape[:2], [-1], shape[4:]], axis=0))
 
 
+def flat_matmul(weights, x):
+    """`einsum("bhcn,bhnfd->bhcfd", weights, x)` as one batched matmul.
+
+    With `(f, d)` flattened, the product and both its gradients are plain
+    matrix products, which oneDNN runs several times faster than the einsum's
+    gradient.
+    """
+    shape = tf.shape(x)
+    flat = tf.reshape(x, tf.concat([shape[:3], [-1]], 0))
+    product = tf.matmul(weights, flat)
+    return tf.reshape(product, tf.concat([tf.shape(product)[:3], shape[3:]], 0))
+
+
 def inherited_states(chunk_kv, chunk_sum, chunk_level, state):
     """What each chunk inherits from the chunks before it, and the last state.
 
@@ -424,10 +437,10 @@ def inherited_states(chunk_kv, chunk_sum, chunk_level, state):
         )
     )
     from_carried = tf.exp(carried_level[..., None] - level)
-    kv = tf.einsum("bhcn,bhnfd->bhcfd", decay, chunk_kv) + (
+    kv = flat_matmul(decay, chunk_kv) + (
         carried_kv[:, :, None] * from_carried[..., None, None]
     )
-    key_sum = tf.einsum("bhcn,bhnf->bhcf", decay, chunk_sum) + (
+    key_sum = tf.matmul(decay, chunk_sum) + (
         carried_sum[:, :, None] * from_carried[..., None]
     )
     final_level = chunk_level[..., -1]
@@ -488,9 +501,17 @@ def causal_chunks(
     # Each chunk's sums, scaled to the level at its last position. The
     # per-key scale goes on the narrower factor, v, not on k.
     chunk_level = levels[..., -1]
-    to_chunk_end = tf.exp(levels - chunk_level[..., None])
-    chunk_kv = tf.matmul(k, v * to_chunk_end[..., None], transpose_a=True)
-    chunk_sum = tf.einsum("bhnsf,bhns->bhnf", k_sum, to_chunk_end)
+    to_chunk_end = tf.exp(levels - chunk_level[..., None])[..., None]
+    if k_sum is k:
+        # One product: K'^T [V, 1] holds K'^T 1 in its last column.
+        both = tf.matmul(
+            k, tf.concat([v, tf.ones_like(to_chunk_end)], -1) * to_chunk_end,
+            transpose_a=True,
+        )
+        chunk_kv, chunk_sum = both[..., :-1], both[..., -1]
+    else:
+        chunk_kv = tf.matmul(k, v * to_chunk_end, transpose_a=True)
+        chunk_sum = tf.matmul(k_sum, to_chunk_end, transpose_a=True)[..., 0]
     kv, key_sum, level, final_state = inherited_states(
         chunk_kv, chunk_sum, chunk_level, state
     )
