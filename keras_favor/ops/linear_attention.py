@@ -21,8 +21,9 @@ MAX_QUERY_LOG_FEATURE = 30.0
 # features <= exp(30), gradients then stay below ~1e25 |v| L: finite.
 TINY_NORMALIZER = 1e-12
 # Attention over more positions than this runs in groups whose activations
-# are recomputed in the backward pass: at 8 heads and 256 features a group
-# holds ~3.5 GiB (causal) while training, and 65536 positions ~4.7 GiB.
+# are recomputed in the backward pass. At 8 heads and 256 features a causal
+# training step peaks at 3.7 GiB for one group and 4.5 GiB for 65536
+# positions (BENCHMARKS.md).
 RECOMPUTE_GROUP_LENGTH = 32768
 
 
