@@ -19,8 +19,13 @@ def random_projection(x, projection):
 
 
 def half_sq_norm(x):
-    """`|x~|^2 / 2`, shape `(..., 1)`."""
-    return 0.5 * ops.sum(ops.square(temperature_scaled(x)), -1, keepdims=True)
+    """`|x~|^2 / 2 = |x|^2 / (2 sqrt(d))`, shape `(..., 1)`.
+
+    Scales the reduced norms rather than `x`, which `random_projection`
+    already scales once.
+    """
+    sq_norm = ops.sum(ops.square(x), axis=-1, keepdims=True)
+    return sq_norm * (0.5 * x.shape[-1] ** -0.5)
 
 
 @keras.saving.register_keras_serializable(package="keras_favor")

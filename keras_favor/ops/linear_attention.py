@@ -196,7 +196,7 @@ def bidirectional_key_sums(
     """
     values, log_scale = feature_fn(key)
     if log_scale is None:
-        shift = tf.zeros(tf.shape(key)[:2])
+        shift = tf.zeros(tf.shape(key)[:2], key.dtype)
     else:
         shift = tf.reduce_max(row_log_level(log_scale, mask), axis=-1)
     key_feats = shifted_key_features(values, log_scale, shift[..., None], mask)
