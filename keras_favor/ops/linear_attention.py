@@ -503,16 +503,8 @@ def causal_chunks(
     # per-key scale goes on the narrower factor, v, not on k.
     chunk_level = levels[..., -1]
     to_chunk_end = tf.exp(levels - chunk_level[..., None])[..., None]
-    if k_sum is k:
-        # One product: K'^T [V, 1] holds K'^T 1 in its last column.
-        both = tf.matmul(
-            k, tf.concat([v, tf.ones_like(to_chunk_end)], -1) * to_chunk_end,
-            transpose_a=True,
-        )
-        chunk_kv, chunk_sum = both[..., :-1], both[..., -1]
-    else:
-        chunk_kv = tf.matmul(k, v * to_chunk_end, transpose_a=True)
-        chunk_sum = tf.matmul(k_sum, to_chunk_end, transpose_a=True)[..., 0]
+    chunk_kv = tf.matmul(k, v * to_chunk_end, transpose_a=True)
+    chunk_sum = tf.matmul(k_sum, to_chunk_end, transpose_a=True)[..., 0]
     kv, key_sum, level, final_state = inherited_states(
         chunk_kv, chunk_sum, chunk_level, state
     )
