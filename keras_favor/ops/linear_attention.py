@@ -43,12 +43,17 @@ def row_log_level(log_scale, mask=None):
     return tf.where(mask, level, NO_KEY_LEVEL)
 
 
-def query_features(values, log_scale, key_sum_bound=None):
+def log_key_sum(key_sum):
+    """`log(key_sum)`, finite (about -85) where the sum is 0."""
+    return tf.math.log(tf.maximum(key_sum, 1e-37))
+
+
+def query_features(values, log_scale, key_sum_log_bounds=()):
     """Query features with one shift per query, which cancels in its ratio.
 
-    For purely exponential features (`values is None`) and a lower bound
+    For purely exponential features (`values is None`) and lower bounds
     `w <= phi(K)^T 1` of the key sum (as it is scaled in the normalizer), the
-    shift is `max_f(log_scale_f + log w_f)`: then the normalizer
+    shift is the largest `max_f(log_scale_f + log w_f)`: then the normalizer
     `phi(q) . phi(K)^T 1 >= phi(q) . w >= 1`, so it can neither underflow
     nor give the division an overflowing gradient, however far apart the
     query and key logits are. Otherwise the shift is the row max of
@@ -56,41 +61,49 @@ def query_features(values, log_scale, key_sum_bound=None):
 
     Args:
         values, log_scale: the query feature parts, `(B, H, L, F)` or None.
-        key_sum_bound: `(B, H, L, F)` (or broadcastable) non-negative key
-            sums, or None.
+        key_sum_log_bounds: pairs `(log_w, offset)`, each bounding the key
+            sum seen by a query by `w = exp(log_w + offset)`: `log_w`
+            broadcasts against `log_scale`, `offset` (one per query) against
+            its rows, or is None. A bound in two factors spares the
+            logarithm of their `(L, F)` product.
     """
     if log_scale is None:
         return values
     shift = row_log_level(log_scale)
-    if values is None and key_sum_bound is not None:
-        bounded = tf.stop_gradient(
-            tf.reduce_max(
-                log_scale + tf.math.log(tf.maximum(key_sum_bound, 1e-37)),
-                axis=-1,
-            )
-        )
+    if values is None and key_sum_log_bounds:
+        bounded = None
+        for log_w, offset in key_sum_log_bounds:
+            bound = tf.reduce_max(log_scale + log_w, axis=-1)
+            if offset is not None:
+                bound += offset
+            bounded = bound if bounded is None else tf.maximum(bounded, bound)
+        bounded = tf.stop_gradient(bounded)
         # Capped at exp(MAX_QUERY_LOG_FEATURE), which bounds the features
-        # met by keys the bound leaves out (earlier in the same chunk) and
+        # met by keys the bounds leave out (earlier in the same chunk) and
         # those of a query that sees no key.
         shift = tf.maximum(bounded, shift - MAX_QUERY_LOG_FEATURE)
     return exp_times_values(values, log_scale - shift[..., None])
 
 
-def shifted_key_features(values, log_scale, shift, mask):
-    """`values * exp(log_scale - shift)`, exactly zero at masked keys.
+def key_exponent(log_scale, shift, mask):
+    """`log_scale - shift`, and `NO_KEY_LEVEL` at masked keys.
 
-    The exponent is masked before `exp`, so padded keys produce neither an
-    overflow nor a NaN gradient.
+    Masked before `exp`, so padded keys produce neither an overflow nor a
+    NaN gradient, and `exp(NO_KEY_LEVEL)` is exactly 0.
     """
+    exponent = log_scale - shift[..., None]
+    if mask is None:
+        return exponent
+    return tf.where(mask[..., None], exponent, NO_KEY_LEVEL)
+
+
+def shifted_key_features(values, log_scale, shift, mask):
+    """`values * exp(log_scale - shift)`, exactly zero at masked keys."""
     if log_scale is None:
         if mask is None:
             return values
         return tf.where(mask[..., None], values, 0.0)
-    exponent = log_scale - shift[..., None]
-    if mask is not None:
-        # exp(NO_KEY_LEVEL) is exactly 0: no second pass to zero the keys.
-        exponent = tf.where(mask[..., None], exponent, NO_KEY_LEVEL)
-    return exp_times_values(values, exponent)
+    return exp_times_values(values, key_exponent(log_scale, shift, mask))
 
 
 def strictly_earlier(size):
@@ -136,16 +149,21 @@ def causal_key_features(values, log_scale, mask, initial_level, chunk_size):
     so no key is scaled by anything it has not seen (favor-math.md, sec. 4).
 
     Returns:
-        `(features, levels)`: features `(B, H, S, F)` and the running max
-        `(B, H, S)` used as each key's shift.
+        `(features, levels, log_features)`: features `(B, H, S, F)`, the
+        running max `(B, H, S)` used as each key's shift, and the features'
+        logarithm where they are purely exponential (`values is None`),
+        else None.
     """
     if log_scale is None:
         features = shifted_key_features(values, None, None, mask)
-        return features, tf.zeros(tf.shape(features)[:-1], features.dtype)
+        levels = tf.zeros(tf.shape(features)[:-1], features.dtype)
+        return features, levels, None
     levels = running_max(
         row_log_level(log_scale, mask), chunk_size, initial_level
     )
-    return shifted_key_features(values, log_scale, levels, mask), levels
+    exponent = key_exponent(log_scale, levels, mask)
+    log_features = exponent if values is None else None
+    return exp_times_values(values, exponent), levels, log_features
 
 
 def feature_dropout(key_feats, rate, seed):
@@ -225,7 +243,9 @@ def rescaled_key_sums(group_sums):
 
 def attend_to_key_sums(query, key_values, key_sum, query_feature_fn):
     """`Q'(K'^T V) / Q'(K'^T 1)` given the two key sums."""
-    query_feats = query_features(*query_feature_fn(query), key_sum[:, :, None])
+    query_feats = query_features(
+        *query_feature_fn(query), [(log_key_sum(key_sum)[:, :, None], None)]
+    )
     numerator = tf.matmul(query_feats, key_values)
     denominator = tf.einsum("bhlf,bhf->bhl", query_feats, key_sum)
     return normalize(numerator, denominator)
@@ -472,7 +492,8 @@ def empty_state(query, value, num_features):
 
 
 def causal_chunks(
-    query_parts, key_feats, key_sum_feats, levels, value, chunk_size, state
+    query_parts, key_feats, key_sum_feats, log_key_feats, levels, value,
+    chunk_size, state,
 ):
     """Chunked causal attention over one group of whole chunks.
 
@@ -485,6 +506,8 @@ def causal_chunks(
         key_feats: `(B, H, L, F)` key features for the numerator.
         key_sum_feats: key features for the normalizer (differs from
             `key_feats` only under feature dropout).
+        log_key_feats: `log(key_sum_feats)` where the features are purely
+            exponential, else None.
         levels: `(B, H, L)` running max each key was shifted by.
         value: `(B, H, L, D)`.
         chunk_size: int.
@@ -512,13 +535,17 @@ def causal_chunks(
     inherited = tf.exp(level[..., None] - levels)
 
     # What query t surely sees: the inherited sum and its own key.
-    key_sum_bound = tf.stop_gradient(
-        key_sum[:, :, :, None] * inherited[..., None] + k_sum
-    )
+    key_sum_log_bounds = [
+        (log_key_sum(key_sum)[:, :, :, None], level[..., None] - levels)
+    ]
+    if log_key_feats is not None:
+        key_sum_log_bounds.append(
+            (split_chunks(log_key_feats, chunk_size), None)
+        )
     q = query_features(
         *(split_chunks(x, chunk_size) if x is not None else None
           for x in query_parts),
-        key_sum_bound,
+        key_sum_log_bounds,
     )
 
     # Inside a chunk, query t sees key s <= t at relative scale
@@ -546,13 +573,13 @@ def causal_group(
 ):
     """Features and chunked causal attention for one group of positions."""
     values, log_scale = feature_fn(key)
-    key_feats, levels = causal_key_features(
+    key_feats, levels, log_key_feats = causal_key_features(
         values, log_scale, mask, state[2], chunk_size
     )
     dropped = numerator_key_features(key_feats, dropout_rate, dropout_seed)
     return causal_chunks(
-        query_feature_fn(query), dropped, key_feats, levels, value,
-        chunk_size, state,
+        query_feature_fn(query), dropped, key_feats, log_key_feats, levels,
+        value, chunk_size, state,
     )
 
 
