@@ -278,3 +278,67 @@ def test_grouped_gradients_with_dropout_match_finite_differences(
     numeric = (plus - minus) / (2 * step)
     analytic = sum(tf.reduce_sum(g * u) for g, u in zip(gradients, directions))
     np.testing.assert_allclose(analytic, numeric, rtol=1e-6)
+
+
+@pytest.fixture
+def small_prefix_blocks(monkeypatch):
+    """Causal chunk states pass on in blocks of 2 chunks, recursively."""
+    monkeypatch.setattr(linear_attention, "PREFIX_BLOCK", 2)
+
+
+def test_blocked_prefix_equals_dense_prefix(rng, small_prefix_blocks):
+    # 12 chunks: blocks of 2, then 6 block sums in blocks of 2, then 3
+    # dense. Levels rise by up to ~150 overall, far past float64's exp
+    # range for a single shared shift; the carried state sits lower still.
+    n, features, dim = 12, 3, 2
+    chunk_kv = tf.constant(rng.normal(size=(2, 1, n, features, dim)))
+    chunk_sum = tf.constant(rng.uniform(size=(2, 1, n, features)))
+    steps = np.abs(rng.normal(scale=15.0, size=(2, 1, n)))
+    chunk_level = tf.constant(np.cumsum(steps, axis=-1))
+    carried = (
+        tf.constant(rng.normal(size=(2, 1, features, dim))),
+        tf.constant(rng.uniform(size=(2, 1, features))),
+        tf.constant([[-5.0], [linear_attention.NO_KEY_LEVEL]], tf.float64),
+    )
+    blocked = linear_attention.inherited_states(
+        chunk_kv, chunk_sum, chunk_level, carried
+    )
+    dense = linear_attention.dense_inherited_states(
+        chunk_kv, chunk_sum, chunk_level, carried
+    )
+    for actual, expected in zip(
+        tf.nest.flatten(blocked), tf.nest.flatten(dense)
+    ):
+        np.testing.assert_allclose(actual, expected, rtol=1e-12, atol=1e-300)
+
+
+@pytest.mark.parametrize("mode", ["graph", "xla"])
+def test_causal_prefix_in_blocks_matches_quadratic(
+    rng, mode, small_prefix_blocks
+):
+    # One position per chunk: 24 chunks pass their states on in blocks.
+    layer = make_layer(chunk_size=1)
+    x = tf.constant(rng.normal(scale=2.0, size=(2, 24, 16)).astype("float32"))
+    mask = padding_mask(2, 24, [24, 17])
+    target = tf.constant(rng.normal(size=(2, 24, 16)).astype("float32"))
+    layer(x, x)
+
+    @tf.function(jit_compile=mode == "xla")
+    def outputs_and_gradients(attention):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            outputs = attention()
+            loss = tf.reduce_sum(outputs * target)
+        return outputs, tape.gradient(loss, [x] + layer.trainable_weights)
+
+    actual = outputs_and_gradients(
+        lambda: layer(x, x, attention_mask=mask, use_causal_mask=True)
+    )
+    expected = outputs_and_gradients(
+        lambda: reference.differentiable_quadratic_layer(
+            layer, x, x, mask, True
+        )
+    )
+    # float32 rounding, relative to each tensor's largest entry.
+    for a, e in zip(tf.nest.flatten(actual), tf.nest.flatten(expected)):
+        assert relative_error(np.asarray(a), np.asarray(e)) < 1e-5

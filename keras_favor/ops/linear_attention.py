@@ -25,6 +25,8 @@ TINY_NORMALIZER = 1e-12
 # training step peaks at 3.7 GiB for one group and 4.5 GiB for 65536
 # positions (BENCHMARKS.md).
 RECOMPUTE_GROUP_LENGTH = 32768
+# Causal chunks pass their states on in blocks of this many chunks.
+PREFIX_BLOCK = 8
 
 
 def exp_times_values(values, exponent):
@@ -414,19 +416,22 @@ def merge_chunks(x):
 
 
 def flat_matmul(weights, x):
-    """`einsum("bhcn,bhnfd->bhcfd", weights, x)` as one batched matmul.
+    """`einsum("...cn,...nfd->...cfd", weights, x)` as one batched matmul.
 
     With `(f, d)` flattened, the product and both its gradients are plain
     matrix products, which oneDNN runs several times faster than the einsum's
     gradient.
     """
+    rows = len(weights.shape) - 1
     shape = tf.shape(x)
-    flat = tf.reshape(x, tf.concat([shape[:3], [-1]], 0))
+    flat = tf.reshape(x, tf.concat([shape[:rows], [-1]], 0))
     product = tf.matmul(weights, flat)
-    return tf.reshape(product, tf.concat([tf.shape(product)[:3], shape[3:]], 0))
+    return tf.reshape(
+        product, tf.concat([tf.shape(product)[:rows], shape[rows:]], 0)
+    )
 
 
-def inherited_states(chunk_kv, chunk_sum, chunk_level, state):
+def dense_inherited_states(chunk_kv, chunk_sum, chunk_level, state):
     """What each chunk inherits from the chunks before it, and the last state.
 
     Chunk `c` inherits `sum_{c' < c} chunk_kv_c' exp(level_c' - lvl_c)` plus
@@ -475,6 +480,62 @@ def inherited_states(chunk_kv, chunk_sum, chunk_level, state):
         final_level,
     )
     return kv, key_sum, level, final_state
+
+
+def blocked_inherited_states(chunk_kv, chunk_sum, chunk_level, state):
+    """`dense_inherited_states` in blocks of `PREFIX_BLOCK` chunks.
+
+    Chunk `c` of block `j` inherits from the chunks before it in its block
+    (a `b x b` product per block) and from the blocks before `j`, whose sums
+    come from `inherited_states` over the `n / b` block sums. The factor of
+    an earlier chunk splits as `exp(chunk_level - block_level)`
+    `* exp(block_level - block_start) * exp(block_start - level)`, each
+    <= 1 since the levels never decrease. `n b + (n / b)^2` instead of `n^2`
+    products of `(F, D)` states.
+    """
+    carried_level = state[2]
+    level = tf.concat([carried_level[..., None], chunk_level[..., :-1]], -1)
+    kv, key_sum, own_level, level_before = (
+        split_chunks(x, PREFIX_BLOCK)
+        for x in (chunk_kv, chunk_sum, chunk_level, level)
+    )
+    earlier = strictly_earlier(PREFIX_BLOCK)
+    decay = tf.exp(
+        tf.where(
+            earlier,
+            own_level[..., None, :] - level_before[..., :, None],
+            NO_KEY_LEVEL,
+        )
+    )
+    block_level = own_level[..., -1]
+    to_block_end = tf.exp(own_level - block_level[..., None])[..., None, :]
+    block_kv = flat_matmul(to_block_end, kv)[..., 0, :, :]
+    block_sum = tf.matmul(to_block_end, key_sum)[..., 0, :]
+    from_blocks_kv, from_blocks_sum, block_start, final_state = (
+        inherited_states(block_kv, block_sum, block_level, state)
+    )
+    from_start = tf.exp(block_start[..., None] - level_before)
+    kv = flat_matmul(decay, kv) + (
+        from_blocks_kv[:, :, :, None] * from_start[..., None, None]
+    )
+    key_sum = tf.matmul(decay, key_sum) + (
+        from_blocks_sum[:, :, :, None] * from_start[..., None]
+    )
+    return merge_chunks(kv), merge_chunks(key_sum), level, final_state
+
+
+def inherited_states(chunk_kv, chunk_sum, chunk_level, state):
+    """`dense_inherited_states`, in blocks when the chunks fill several."""
+    num_chunks = chunk_level.shape[-1]
+    if (
+        num_chunks is not None
+        and num_chunks > PREFIX_BLOCK
+        and num_chunks % PREFIX_BLOCK == 0
+    ):
+        return blocked_inherited_states(
+            chunk_kv, chunk_sum, chunk_level, state
+        )
+    return dense_inherited_states(chunk_kv, chunk_sum, chunk_level, state)
 
 
 def empty_state(query, value, num_features):
