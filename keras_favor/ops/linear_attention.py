@@ -192,11 +192,27 @@ def normalize(numerator, denominator):
     near their epsilon). A magnitude below `TINY_NORMALIZER` means the query
     sees no key, or that every feature product underflowed: such a query
     gets 0, with a zero gradient.
+
+    The gradient is written out: it reuses the inverse normalizer and the
+    output, where the automatic one divides twice and selects twice.
     """
-    sees_nothing = tf.abs(denominator) < TINY_NORMALIZER
-    # Both selects are needed: the division's gradient must see no 0 either.
-    safe = tf.where(sees_nothing, 1.0, denominator)
-    return tf.where(sees_nothing[..., None], 0.0, numerator / safe[..., None])
+
+    @tf.custom_gradient
+    def ratio(numerator, denominator):
+        sees_nothing = tf.abs(denominator) < TINY_NORMALIZER
+        safe = tf.where(sees_nothing, tf.ones_like(denominator), denominator)
+        inverse = tf.where(sees_nothing, tf.zeros_like(safe), 1.0 / safe)
+        outputs = numerator * inverse[..., None]
+
+        def gradient(upstream):
+            numerator_grad = upstream * inverse[..., None]
+            return numerator_grad, -tf.reduce_sum(
+                numerator_grad * outputs, axis=-1
+            )
+
+        return outputs, gradient
+
+    return ratio(numerator, denominator)
 
 
 def bidirectional_key_sums(
@@ -707,9 +723,9 @@ def causal_linear_attention(
     else:
         chunk_size = max(1, min(chunk_size, length))
     padding = (-length) % chunk_size
-    if mask is None:
-        mask = tf.ones_like(query[:1, :1, :, 0], tf.bool)
     if not isinstance(padding, int) or padding:
+        if mask is None:
+            mask = tf.ones_like(query[:1, :1, :, 0], tf.bool)
         query, key, value, mask = (
             pad_positions(x, padding) for x in (query, key, value, mask)
         )
@@ -731,7 +747,9 @@ def causal_linear_attention(
 
         # Differentiable inputs are arguments: no gradient reaches tensors
         # captured from outside.
-        def group(q, k, v, *state, mask=mask[:, :, positions], seed=seed):
+        group_mask = None if mask is None else mask[:, :, positions]
+
+        def group(q, k, v, *state, mask=group_mask, seed=seed):
             outputs, state = causal_group(
                 q, k, v, mask, state, feature_fn, query_feature_fn,
                 chunk_size, dropout_rate, seed,
