@@ -135,7 +135,7 @@ class FavorAttention(keras.layers.Layer):
             it also seeds dropout.
         chunk_size: int, positions per chunk of the causal algorithm, which
             forms `chunk_size x chunk_size` products inside a chunk and
-            carries prefix sums between chunks. Defaults to 128. It changes
+            carries prefix sums between chunks. Defaults to 64. It changes
             speed and memory, not the result (beyond float32 round-off).
         **kwargs: base layer keyword arguments, such as `name` and `dtype`.
 
@@ -194,7 +194,7 @@ class FavorAttention(keras.layers.Layer):
         num_features=256,
         projection="orthogonal",
         seed=None,
-        chunk_size=128,
+        chunk_size=64,
         **kwargs,
     ):
         super().__init__(**kwargs)

@@ -102,7 +102,7 @@ class PerformerBlock(keras.layers.Layer):
         num_features=256,
         projection="orthogonal",
         seed=None,
-        chunk_size=128,
+        chunk_size=64,
         **kwargs,
     ):
         super().__init__(**kwargs)

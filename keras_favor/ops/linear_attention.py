@@ -22,8 +22,8 @@ MAX_QUERY_LOG_FEATURE = 30.0
 TINY_NORMALIZER = 1e-12
 # Attention over more positions than this runs in groups whose activations
 # are recomputed in the backward pass. At 8 heads and 256 features a causal
-# training step peaks at 3.7 GiB for one group and 4.5 GiB for 65536
-# positions (BENCHMARKS.md).
+# training step over 65536 positions peaks under 5 GiB
+# (BENCHMARKS.md).
 RECOMPUTE_GROUP_LENGTH = 32768
 # Causal chunks pass their states on in blocks of this many chunks.
 PREFIX_BLOCK = 8
@@ -695,7 +695,7 @@ def pad_positions(x, padding):
 
 
 def causal_linear_attention(
-    query, key, value, feature_fn, num_features, mask=None, chunk_size=128,
+    query, key, value, feature_fn, num_features, mask=None, chunk_size=64,
     dropout_rate=0.0, dropout_seed=None, query_feature_fn=None,
 ):
     """Exact causal linear attention (favor-math.md, section 5).
