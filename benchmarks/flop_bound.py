@@ -5,7 +5,8 @@ step that `speed_memory.py` times for `FavorAttention` and for exact
 `keras.layers.MultiHeadAttention`, measures how fast this machine multiplies
 matrices, and reads the measured step times from the speed CSV. From these it
 reports each model's achieved rate and the rate FAVOR+ would need for a given
-speed-up over exact attention (issue 5's 10x at L = 8192).
+speed-up over exact attention (issue 5's 10x at L = 8192), and the causal
+step's FLOPs (counted in its graph) beside the bidirectional step's.
 
     python benchmarks/flop_bound.py          # after speed_memory.py
 
@@ -21,10 +22,13 @@ import time
 
 import common
 import models
+from keras_favor.ops import linear_attention
 
 # (rows, inner, columns) of the products timed for the machine's rate: a
 # projection of the benchmark at L = 8192, and a large square product.
 RATE_SHAPES = ((8192, models.HIDDEN, models.HIDDEN), (4096, 4096, 4096))
+# Causal steps whose products are counted from their graphs: one group each.
+CAUSAL_LENGTHS = (8192, 16384, 32768)
 
 
 def projection_flops(length):
@@ -50,10 +54,110 @@ def favor_step_flops(length):
     return projection_flops(length) + core
 
 
+def chunk_prefix_flops(num_chunks):
+    """Forward FLOPs per head of passing `num_chunks` chunk states on.
+
+    As `inherited_states` does it: in blocks of `PREFIX_BLOCK` chunks (a
+    `b x b` product per block and the blocks' sums), recursively, down to
+    one dense `n x n` product, for the `(F, D)` states and the `F` sums.
+    The last state, unused in a single group, is pruned.
+    """
+    state = models.NUM_FEATURES * models.KEY_DIM + models.NUM_FEATURES
+    block = linear_attention.PREFIX_BLOCK
+    if num_chunks > block and num_chunks % block == 0:
+        blocks = num_chunks // block
+        within = 2 * num_chunks * block * state + 2 * num_chunks * state
+        return within + chunk_prefix_flops(blocks)
+    return 2 * num_chunks * num_chunks * state
+
+
+def favor_causal_step_flops(length, chunk_size):
+    """FavorAttention's causal step in one group, projections included.
+
+    The two feature projections with their gradients; for each chunk
+    `K'^T V`, `Q' S` from the inherited states, the `C x C` scores
+    `Q' K'^T` and their product with `V`, each with two gradients; the
+    normalizer's `K'^T 1` (its weights, the per-position decay, take no
+    gradient) and `Q' z`; the chunk-state prefix, whose decay factors take
+    no gradient either.
+    """
+    heads, features, dim = models.NUM_HEADS, models.NUM_FEATURES, models.KEY_DIM
+    per_position = (
+        4 * features * dim
+        + 6 * features * dim
+        + 3 * chunk_size * (features + dim)
+        + 5 * features
+    )
+    prefix = 2 * heads * chunk_prefix_flops(length // chunk_size)
+    return projection_flops(length) + 2 * length * heads * per_position + prefix
+
+
 def exact_step_flops(length):
     """Exact attention's step: `Q K^T` and `A V`, each with two gradients."""
     core = 6 * 2 * length * length * models.NUM_HEADS * models.KEY_DIM
     return projection_flops(length) + core
+
+
+def product_flops(op):
+    """2 x multiply-adds of a MatMul, BatchMatMulV2 or Einsum graph op."""
+    if op.type == "Einsum":
+        inputs, _ = op.get_attr("equation").decode().split("->")
+        sizes = {}
+        for spec, tensor in zip(inputs.split(","), op.inputs):
+            shape = tensor.shape.as_list()
+            if "..." in spec:
+                # The ellipsis' axes get digits as their letters.
+                head, tail = spec.split("...")
+                ellipsis = len(shape) - len(head) - len(tail)
+                spec = head + "".join(map(str, range(ellipsis))) + tail
+            sizes.update(zip(spec, shape))
+        flops = 2
+        for size in sizes.values():
+            flops *= size
+        return flops
+    a, b = (tensor.shape.as_list() for tensor in op.inputs)
+    transpose_a = op.get_attr("adj_x" if op.type == "BatchMatMulV2" else "transpose_a")
+    rows, inner = (a[-1], a[-2]) if transpose_a else (a[-2], a[-1])
+    columns = b[-2] if op.get_attr("adj_y" if op.type == "BatchMatMulV2" else "transpose_b") else b[-1]
+    batch = 1
+    for size in (a[:-2] if len(a) >= len(b) else b[:-2]):
+        batch *= size
+    return 2 * batch * rows * inner * columns
+
+
+def executed_product_flops(graph):
+    """FLOPs of the products that the graph's outputs depend on."""
+    seen, stack, total = set(), [t.op for t in graph.outputs], 0
+    while stack:
+        op = stack.pop()
+        if op.name in seen:
+            continue
+        seen.add(op.name)
+        if op.type in ("MatMul", "BatchMatMulV2", "Einsum"):
+            total += product_flops(op)
+        stack.extend(t.op for t in op.inputs)
+        stack.extend(op.control_inputs)
+    return total
+
+
+def graph_step_flops(kind, mode, length):
+    """Product FLOPs of the timed forward + backward step, from its graph.
+
+    Traces (does not run) the step `speed_memory.py` times for the
+    attention layer `kind` at `length`. Products inside nested functions are
+    not seen: keep `length` within one group of `RECOMPUTE_GROUP_LENGTH`.
+    """
+    import timing
+
+    layer = models.attention_layer(kind)
+    x = timing.random_inputs(length, models.HIDDEN)
+    layer.build(x.shape, x.shape)
+    step = timing.compiled_step(
+        lambda x: layer(x, x, use_causal_mask=mode == "causal"),
+        layer.trainable_weights,
+        "forward_backward",
+    )
+    return executed_product_flops(step.get_concrete_function(x).graph)
 
 
 def matmul_rate(rows, inner, columns, repeats=20):
@@ -73,33 +177,35 @@ def matmul_rate(rows, inner, columns, repeats=20):
 
 
 def measured_medians(csv_path):
-    """`{(model, length): median_s}` of the bidirectional layer steps."""
+    """`{(model, mode, length): median_s}` of the layer's training steps."""
     medians = {}
     with open(csv_path) as f:
         for row in csv.DictReader(f):
             if (
                 row["level"] == "layer"
-                and row["mode"] == "bidirectional"
                 and row["pass"] == "forward_backward"
                 and row["status"] == "ok"
             ):
-                medians[row["model"], int(row["length"])] = float(row["median_s"])
+                key = row["model"], row["mode"], int(row["length"])
+                medians[key] = float(row["median_s"])
     return medians
 
 
-def report(medians, rates, target_speedup):
+def speedup_lines(medians, rates, target_speedup):
     """Lines comparing achieved rates with what `target_speedup` needs."""
     best_rate = max(rates.values())
-    lines = [
-        "matrix-product rate of this machine (float32, best of 20): "
-        + ", ".join(f"{'x'.join(map(str, s))}: {r:.0f} GFLOP/s" for s, r in rates.items())
-    ]
+    lines = []
     lengths = sorted(
-        length for model, length in medians if model == "favor" and ("exact", length) in medians
+        length
+        for model, mode, length in medians
+        if model == "favor"
+        and mode == "bidirectional"
+        and ("exact", mode, length) in medians
     )
     for length in lengths:
         favor_flops, exact_flops = favor_step_flops(length), exact_step_flops(length)
-        favor_s, exact_s = medians["favor", length], medians["exact", length]
+        favor_s = medians["favor", "bidirectional", length]
+        exact_s = medians["exact", "bidirectional", length]
         needed_rate = favor_flops / (exact_s / target_speedup) / 1e9
         lines.append(
             f"L={length}: FAVOR+ {favor_flops / 1e9:.1f} GFLOP in {favor_s:.3f} s "
@@ -112,6 +218,22 @@ def report(medians, rates, target_speedup):
     return lines
 
 
+def causal_lines(medians, causal_flops):
+    """Lines comparing the causal and bidirectional steps' FLOPs and times."""
+    lines = []
+    for length, flops in sorted(causal_flops.items()):
+        ratio = flops / favor_step_flops(length)
+        line = (
+            f"L={length}: causal FAVOR+ {flops / 1e9:.1f} GFLOP (from the step "
+            f"graph), {ratio:.2f}x the bidirectional step's"
+        )
+        times = [medians.get(("favor", mode, length)) for mode in ("causal", "bidirectional")]
+        if None not in times:
+            line += f"; measured {times[0] / times[1]:.2f}x its time"
+        lines.append(line)
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--csv", default=os.path.join(common.RESULTS_DIR, "speed_memory_cpu.csv"))
@@ -119,7 +241,17 @@ def main():
     parser.add_argument("--output", default=os.path.join(common.RESULTS_DIR, "flop_bound_cpu.txt"))
     args = parser.parse_args()
     rates = {shape: matmul_rate(*shape) for shape in RATE_SHAPES}
-    lines = report(measured_medians(args.csv), rates, args.target_speedup)
+    medians = measured_medians(args.csv)
+    causal_flops = {
+        length: graph_step_flops("favor", "causal", length)
+        for length in CAUSAL_LENGTHS
+    }
+    lines = [
+        "matrix-product rate of this machine (float32, best of 20): "
+        + ", ".join(f"{'x'.join(map(str, s))}: {r:.0f} GFLOP/s" for s, r in rates.items())
+    ]
+    lines += speedup_lines(medians, rates, args.target_speedup)
+    lines += causal_lines(medians, causal_flops)
     with open(args.output, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
