@@ -5,8 +5,10 @@ step that `speed_memory.py` times for `FavorAttention` and for exact
 `keras.layers.MultiHeadAttention`, measures how fast this machine multiplies
 matrices, and reads the measured step times from the speed CSV. From these it
 reports each model's achieved rate and the rate FAVOR+ would need for a given
-speed-up over exact attention (issue 5's 10x at L = 8192), and the causal
-step's FLOPs (counted in its graph) beside the bidirectional step's.
+speed-up over exact attention (issue 5's 10x at L = 8192), the causal
+step's FLOPs (counted in its graph) beside the bidirectional step's, and at
+L = 8192 how long each step's products take when run one by one, alone: a
+floor under the step's time.
 
     python benchmarks/flop_bound.py          # after speed_memory.py
 
@@ -29,6 +31,8 @@ from keras_favor.ops import linear_attention
 RATE_SHAPES = ((8192, models.HIDDEN, models.HIDDEN), (4096, 4096, 4096))
 # Causal steps whose products are counted from their graphs: one group each.
 CAUSAL_LENGTHS = (8192, 16384, 32768)
+# Steps whose products are also timed one by one: the speed-up target's length.
+FLOOR_LENGTHS = (8192,)
 
 
 def projection_flops(length):
@@ -125,27 +129,33 @@ def product_flops(op):
     return 2 * batch * rows * inner * columns
 
 
-def executed_product_flops(graph):
-    """FLOPs of the products that the graph's outputs depend on."""
-    seen, stack, total = set(), [t.op for t in graph.outputs], 0
+def executed_products(graph):
+    """The products (`MatMul`, `BatchMatMulV2`, `Einsum` ops) that the
+    graph's outputs depend on."""
+    seen, stack, products = set(), [t.op for t in graph.outputs], []
     while stack:
         op = stack.pop()
         if op.name in seen:
             continue
         seen.add(op.name)
         if op.type in ("MatMul", "BatchMatMulV2", "Einsum"):
-            total += product_flops(op)
+            products.append(op)
         stack.extend(t.op for t in op.inputs)
         stack.extend(op.control_inputs)
-    return total
+    return products
 
 
-def graph_step_flops(kind, mode, length):
-    """Product FLOPs of the timed forward + backward step, from its graph.
+def executed_product_flops(graph):
+    """FLOPs of the products that the graph's outputs depend on."""
+    return sum(product_flops(op) for op in executed_products(graph))
 
-    Traces (does not run) the step `speed_memory.py` times for the
-    attention layer `kind` at `length`. Products inside nested functions are
-    not seen: keep `length` within one group of `RECOMPUTE_GROUP_LENGTH`.
+
+def step_graph(kind, mode, length):
+    """The graph of the forward + backward step `speed_memory.py` times.
+
+    Traced, not run, for the attention layer `kind` at `length`. Products
+    inside nested functions are not in it: keep `length` within one group
+    of `RECOMPUTE_GROUP_LENGTH`.
     """
     import timing
 
@@ -157,7 +167,91 @@ def graph_step_flops(kind, mode, length):
         layer.trainable_weights,
         "forward_backward",
     )
-    return executed_product_flops(step.get_concrete_function(x).graph)
+    return step.get_concrete_function(x).graph
+
+
+def graph_step_flops(kind, mode, length):
+    """Product FLOPs of the timed step, counted in its graph."""
+    return executed_product_flops(step_graph(kind, mode, length))
+
+
+def rebuilt_product(op):
+    """A function computing the product `op` does, and random inputs for it.
+
+    The same op type, shapes, transposes (or einsum equation) and dtype.
+    """
+    import tensorflow as tf
+
+    inputs = [tf.random.normal(t.shape, dtype=t.dtype) for t in op.inputs]
+    if op.type == "Einsum":
+        equation = op.get_attr("equation").decode()
+        return lambda a, b: tf.einsum(equation, a, b), inputs
+    names = ("transpose_a", "transpose_b")
+    if op.type == "BatchMatMulV2":
+        names = ("adj_x", "adj_y")
+    transpose_a, transpose_b = (op.get_attr(name) for name in names)
+    return (
+        lambda a, b: tf.linalg.matmul(
+            a, b, transpose_a=transpose_a, transpose_b=transpose_b
+        ),
+        inputs,
+    )
+
+
+def best_time_s(fn, inputs, repeats):
+    """Best seconds of `fn(*inputs)` compiled, fetching one entry of it."""
+    import tensorflow as tf
+
+    run = tf.function(lambda *x: tf.reshape(fn(*x), [-1])[0])
+    run(*inputs).numpy()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(*inputs).numpy()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def product_alone_s(op, repeats):
+    """Best seconds of the product `op` computes, run alone."""
+    return best_time_s(*rebuilt_product(op), repeats)
+
+
+def products_alone_s(kind, mode, length, repeats=5):
+    """Seconds the step's products take one after another, each run alone.
+
+    A floor for the step on this machine: its time with no elementwise work
+    at all.
+    """
+    return sum(
+        product_alone_s(op, repeats)
+        for op in executed_products(step_graph(kind, mode, length))
+    )
+
+
+def feature_passes_s(length, repeats=20):
+    """Seconds of the fewest elementwise passes FAVOR+'s features need.
+
+    Over `(1, H, L, F)` float32, each op timed alone: forward, the keys' max
+    and shift and exp, the queries' added `log z`, max, shift and exp (the
+    keys' `|k|^2 / 2` could be folded into their projection); backward, the
+    two products of a gradient with the features, which is the exp's
+    gradient. Two maxima, three broadcast subtractions, two exps, two
+    products: what unfused TensorFlow ops cannot avoid.
+    """
+    import tensorflow as tf
+
+    shape = (1, models.NUM_HEADS, length, models.NUM_FEATURES)
+    x, y = tf.random.normal(shape), tf.random.normal(shape)
+    row = tf.random.normal(shape[:-1] + (1,))
+    seconds = {
+        "max": best_time_s(lambda x: tf.reduce_max(x, -1), [x], repeats),
+        "subtract": best_time_s(lambda x, r: x - r, [x, row], repeats),
+        "exp": best_time_s(tf.exp, [x], repeats),
+        "product": best_time_s(lambda x, y: x * y, [x, y], repeats),
+    }
+    counts = {"max": 2, "subtract": 3, "exp": 2, "product": 2}
+    return sum(counts[name] * seconds[name] for name in counts), seconds
 
 
 def matmul_rate(rows, inner, columns, repeats=20):
@@ -234,6 +328,32 @@ def causal_lines(medians, causal_flops):
     return lines
 
 
+def floor_lines(medians, floors, target_speedup):
+    """Lines comparing each step with its products and passes run alone."""
+    lines = []
+    for length, (favor_floor, exact_floor, passes_s, pass_s) in sorted(
+        floors.items()
+    ):
+        favor_s = medians.get(("favor", "bidirectional", length))
+        exact_s = medians.get(("exact", "bidirectional", length))
+        lines.append(
+            f"L={length}: products alone, one after another: FAVOR+ "
+            f"{favor_floor:.3f} s, exact {exact_floor:.3f} s; one elementwise "
+            "pass over the (1, H, L, F) features: "
+            + ", ".join(f"{name} {s * 1e3:.1f} ms" for name, s in pass_s.items())
+            + f"; the fewest FAVOR+ needs: {passes_s:.3f} s"
+        )
+        if favor_s is not None and exact_s is not None:
+            allowed = exact_s / target_speedup
+            lines.append(
+                f"L={length}: {target_speedup:g}x needs the FAVOR+ step within "
+                f"{allowed:.3f} s (exact: {exact_s:.3f} s); its products and "
+                f"fewest passes alone take {favor_floor + passes_s:.3f} s "
+                f"(the step: {favor_s:.3f} s)"
+            )
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--csv", default=os.path.join(common.RESULTS_DIR, "speed_memory_cpu.csv"))
@@ -252,6 +372,15 @@ def main():
     ]
     lines += speedup_lines(medians, rates, args.target_speedup)
     lines += causal_lines(medians, causal_flops)
+    floors = {
+        length: (
+            products_alone_s("favor", "bidirectional", length),
+            products_alone_s("exact", "bidirectional", length),
+            *feature_passes_s(length),
+        )
+        for length in FLOOR_LENGTHS
+    }
+    lines += floor_lines(medians, floors, args.target_speedup)
     with open(args.output, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -8,6 +8,8 @@ import csv
 import os
 import sys
 
+import pytest
+
 BENCHMARKS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks")
 sys.path.insert(0, BENCHMARKS_DIR)
 
@@ -141,3 +143,17 @@ def test_causal_flop_count_matches_the_products_in_the_step_graph():
     counted = flop_bound.graph_step_flops("favor", "causal", length)
     expected = flop_bound.favor_causal_step_flops(length, chunk_size)
     assert counted == expected
+
+
+@pytest.mark.parametrize("kind", ["favor", "exact"])
+def test_products_are_rebuilt_as_the_step_runs_them(kind):
+    # flop_bound.py times each product of a step alone; it must rebuild the
+    # very product: the same output shape for every one in the graph.
+    import flop_bound
+
+    graph = flop_bound.step_graph(kind, "bidirectional", 256)
+    products = flop_bound.executed_products(graph)
+    assert len(products) >= 10
+    for op in products:
+        product, inputs = flop_bound.rebuilt_product(op)
+        assert product(*inputs).shape == op.outputs[0].shape, op.name
