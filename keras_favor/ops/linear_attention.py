@@ -82,7 +82,8 @@ def query_features(values, log_scale, key_sum_log_bounds=()):
         bounded = tf.stop_gradient(bounded)
         # Capped at exp(MAX_QUERY_LOG_FEATURE), which bounds the features
         # met by keys the bounds leave out (earlier in the same chunk) and
-        # those of a query that sees no key.
+        # those of a query that sees no key yet, whose bounds are about
+        # NO_KEY_LEVEL: the cap alone keeps its features finite.
         shift = tf.maximum(bounded, shift - MAX_QUERY_LOG_FEATURE)
     return exp_times_values(values, log_scale - shift[..., None])
 
