@@ -448,6 +448,43 @@ def flat_matmul(weights, x):
     )
 
 
+def levels_before(chunk_level, carried_level):
+    """The level before each chunk: the carried one, then each previous end."""
+    return tf.concat([carried_level[..., None], chunk_level[..., :-1]], -1)
+
+
+def decay_from_earlier(own_level, level_before):
+    """`exp(own_level_c' - level_before_c)` where `c' < c`, else 0.
+
+    `(..., n, n)` from `(..., n)` levels: each earlier chunk's sums taken to
+    the level before a later chunk, a factor <= 1 as levels never decrease.
+    """
+    earlier = strictly_earlier(tf.shape(own_level)[-1])
+    return tf.exp(
+        tf.where(
+            earlier,
+            own_level[..., None, :] - level_before[..., :, None],
+            NO_KEY_LEVEL,
+        )
+    )
+
+
+def inherit(decay, sums, carried, carried_factor):
+    """`decay @ sums` plus `carried` scaled by `carried_factor`, per chunk.
+
+    Args:
+        decay: `(..., n, n)` weights of the earlier chunks' sums.
+        sums: `(..., n, *S)` each chunk's sums.
+        carried: `(..., *S)` sums from before these chunks.
+        carried_factor: `(..., n)` the carried sums' factor at each chunk.
+    """
+    trailing = len(sums.shape) - len(carried_factor.shape)
+    for _ in range(trailing):
+        carried_factor = carried_factor[..., None]
+    carried = tf.expand_dims(carried, -1 - trailing)
+    return flat_matmul(decay, sums) + carried * carried_factor
+
+
 def dense_inherited_states(chunk_kv, chunk_sum, chunk_level, state):
     """What each chunk inherits from the chunks before it, and the last state.
 
@@ -470,22 +507,11 @@ def dense_inherited_states(chunk_kv, chunk_sum, chunk_level, state):
         state after the last chunk.
     """
     carried_kv, carried_sum, carried_level = state
-    level = tf.concat([carried_level[..., None], chunk_level[..., :-1]], -1)
-    earlier = strictly_earlier(tf.shape(chunk_level)[-1])
-    decay = tf.exp(
-        tf.where(
-            earlier,
-            chunk_level[..., None, :] - level[..., :, None],
-            NO_KEY_LEVEL,
-        )
-    )
+    level = levels_before(chunk_level, carried_level)
+    decay = decay_from_earlier(chunk_level, level)
     from_carried = tf.exp(carried_level[..., None] - level)
-    kv = flat_matmul(decay, chunk_kv) + (
-        carried_kv[:, :, None] * from_carried[..., None, None]
-    )
-    key_sum = tf.matmul(decay, chunk_sum) + (
-        carried_sum[:, :, None] * from_carried[..., None]
-    )
+    kv = inherit(decay, chunk_kv, carried_kv, from_carried)
+    key_sum = inherit(decay, chunk_sum, carried_sum, from_carried)
     final_level = chunk_level[..., -1]
     to_final = tf.exp(chunk_level - final_level[..., None])
     from_carried = tf.exp(carried_level - final_level)
@@ -510,20 +536,12 @@ def blocked_inherited_states(chunk_kv, chunk_sum, chunk_level, state):
     <= 1 since the levels never decrease. `n b + (n / b)^2` instead of `n^2`
     products of `(F, D)` states.
     """
-    carried_level = state[2]
-    level = tf.concat([carried_level[..., None], chunk_level[..., :-1]], -1)
+    level = levels_before(chunk_level, state[2])
     kv, key_sum, own_level, level_before = (
         split_chunks(x, PREFIX_BLOCK)
         for x in (chunk_kv, chunk_sum, chunk_level, level)
     )
-    earlier = strictly_earlier(PREFIX_BLOCK)
-    decay = tf.exp(
-        tf.where(
-            earlier,
-            own_level[..., None, :] - level_before[..., :, None],
-            NO_KEY_LEVEL,
-        )
-    )
+    decay = decay_from_earlier(own_level, level_before)
     block_level = own_level[..., -1]
     to_block_end = tf.exp(own_level - block_level[..., None])[..., None, :]
     block_kv = flat_matmul(to_block_end, kv)[..., 0, :, :]
@@ -532,12 +550,8 @@ def blocked_inherited_states(chunk_kv, chunk_sum, chunk_level, state):
         inherited_states(block_kv, block_sum, block_level, state)
     )
     from_start = tf.exp(block_start[..., None] - level_before)
-    kv = flat_matmul(decay, kv) + (
-        from_blocks_kv[:, :, :, None] * from_start[..., None, None]
-    )
-    key_sum = tf.matmul(decay, key_sum) + (
-        from_blocks_sum[:, :, :, None] * from_start[..., None]
-    )
+    kv = inherit(decay, kv, from_blocks_kv, from_start)
+    key_sum = inherit(decay, key_sum, from_blocks_sum, from_start)
     return merge_chunks(kv), merge_chunks(key_sum), level, final_state
 
 
