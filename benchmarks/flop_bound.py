@@ -260,14 +260,8 @@ def matmul_rate(rows, inner, columns, repeats=20):
 
     a = tf.random.normal((rows, inner))
     b = tf.random.normal((inner, columns))
-    product = tf.function(lambda a, b: tf.reduce_sum(tf.matmul(a, b)))
-    product(a, b).numpy()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        product(a, b).numpy()
-        times.append(time.perf_counter() - start)
-    return 2 * rows * inner * columns / min(times) / 1e9
+    seconds = best_time_s(tf.matmul, [a, b], repeats)
+    return 2 * rows * inner * columns / seconds / 1e9
 
 
 def measured_medians(csv_path):
