@@ -2,6 +2,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# TensorFlow 2.21's oneDNN batch matmul can corrupt the heap on CPU (README,
+# "Known issue"): the demo and the tests use TensorFlow's own kernels.
+# `make demo TF_ENABLE_ONEDNN_OPTS=1` runs with oneDNN.
+TF_ENABLE_ONEDNN_OPTS ?= 0
+export TF_ENABLE_ONEDNN_OPTS
 
 .PHONY: demo test install clean
 
