@@ -5,9 +5,9 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # TensorFlow 2.21's oneDNN batch matmul corrupts the heap on some broadcast
 # shapes (tensorflow/tensorflow#117700, #123109; uxlfoundation/oneDNN#4396):
-# about one full run in eight aborted or segfaulted inside oneDNN's brgemm
-# matmul. The tests check keras_favor's numbers, so they run TensorFlow's own
-# kernels; set TF_ENABLE_ONEDNN_OPTS=1 to run them with oneDNN.
+# 4 of 16 full runs here aborted or segfaulted inside oneDNN's brgemm matmul.
+# The tests check keras_favor's numbers, so they run TensorFlow's own kernels;
+# set TF_ENABLE_ONEDNN_OPTS=1 to run them with oneDNN.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import keras  # noqa: E402
