@@ -485,6 +485,17 @@ def inherit(decay, sums, carried, carried_factor):
     return flat_matmul(decay, sums) + carried * carried_factor
 
 
+def sum_at_last_level(level, sums):
+    """`sum_c exp(level_c - level_last) sums_c` over the chunks.
+
+    Each chunk's sums taken to the last chunk's level (factors <= 1, as
+    levels never decrease): `(..., *S)` from `level` `(..., n)` and `sums`
+    `(..., n, *S)`.
+    """
+    to_last = tf.exp(level - level[..., -1:])[..., None, :]
+    return tf.squeeze(flat_matmul(to_last, sums), len(level.shape) - 1)
+
+
 def dense_inherited_states(chunk_kv, chunk_sum, chunk_level, state):
     """What each chunk inherits from the chunks before it, and the last state.
 
@@ -513,12 +524,11 @@ def dense_inherited_states(chunk_kv, chunk_sum, chunk_level, state):
     kv = inherit(decay, chunk_kv, carried_kv, from_carried)
     key_sum = inherit(decay, chunk_sum, carried_sum, from_carried)
     final_level = chunk_level[..., -1]
-    to_final = tf.exp(chunk_level - final_level[..., None])
     from_carried = tf.exp(carried_level - final_level)
     final_state = (
-        tf.einsum("bhn,bhnfd->bhfd", to_final, chunk_kv)
+        sum_at_last_level(chunk_level, chunk_kv)
         + carried_kv * from_carried[..., None, None],
-        tf.einsum("bhn,bhnf->bhf", to_final, chunk_sum)
+        sum_at_last_level(chunk_level, chunk_sum)
         + carried_sum * from_carried[..., None],
         final_level,
     )
@@ -542,12 +552,13 @@ def blocked_inherited_states(chunk_kv, chunk_sum, chunk_level, state):
         for x in (chunk_kv, chunk_sum, chunk_level, level)
     )
     decay = decay_from_earlier(own_level, level_before)
-    block_level = own_level[..., -1]
-    to_block_end = tf.exp(own_level - block_level[..., None])[..., None, :]
-    block_kv = flat_matmul(to_block_end, kv)[..., 0, :, :]
-    block_sum = tf.matmul(to_block_end, key_sum)[..., 0, :]
     from_blocks_kv, from_blocks_sum, block_start, final_state = (
-        inherited_states(block_kv, block_sum, block_level, state)
+        inherited_states(
+            sum_at_last_level(own_level, kv),
+            sum_at_last_level(own_level, key_sum),
+            own_level[..., -1],
+            state,
+        )
     )
     from_start = tf.exp(block_start[..., None] - level_before)
     kv = inherit(decay, kv, from_blocks_kv, from_start)
