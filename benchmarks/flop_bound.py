@@ -102,6 +102,14 @@ def exact_step_flops(length):
     return projection_flops(length) + core
 
 
+def product_transposes(op):
+    """`(transpose_a, transpose_b)` of a MatMul or BatchMatMulV2 graph op."""
+    names = ("transpose_a", "transpose_b")
+    if op.type == "BatchMatMulV2":
+        names = ("adj_x", "adj_y")
+    return tuple(op.get_attr(name) for name in names)
+
+
 def product_flops(op):
     """2 x multiply-adds of a MatMul, BatchMatMulV2 or Einsum graph op."""
     if op.type == "Einsum":
@@ -120,9 +128,9 @@ def product_flops(op):
             flops *= size
         return flops
     a, b = (tensor.shape.as_list() for tensor in op.inputs)
-    transpose_a = op.get_attr("adj_x" if op.type == "BatchMatMulV2" else "transpose_a")
+    transpose_a, transpose_b = product_transposes(op)
     rows, inner = (a[-1], a[-2]) if transpose_a else (a[-2], a[-1])
-    columns = b[-2] if op.get_attr("adj_y" if op.type == "BatchMatMulV2" else "transpose_b") else b[-1]
+    columns = b[-2] if transpose_b else b[-1]
     batch = 1
     for size in (a[:-2] if len(a) >= len(b) else b[:-2]):
         batch *= size
@@ -186,10 +194,7 @@ def rebuilt_product(op):
     if op.type == "Einsum":
         equation = op.get_attr("equation").decode()
         return lambda a, b: tf.einsum(equation, a, b), inputs
-    names = ("transpose_a", "transpose_b")
-    if op.type == "BatchMatMulV2":
-        names = ("adj_x", "adj_y")
-    transpose_a, transpose_b = (op.get_attr(name) for name in names)
+    transpose_a, transpose_b = product_transposes(op)
     return (
         lambda a, b: tf.linalg.matmul(
             a, b, transpose_a=transpose_a, transpose_b=transpose_b
