@@ -7,14 +7,20 @@ import pytest
 import tensorflow as tf
 
 import keras_favor
-from keras_favor.ops import linear_attention
+from keras_favor import ops as favor_ops
+from keras_favor.ops import chunk_scan
+from keras_favor.ops import stabilizers
 from tests import reference
 
 FEATURE_MAPS = ["softmax", "softmax_hyperbolic", "softmax_trig", "relu", "elu"]
+# Groups of 8 positions: short test sequences run in several recomputed
+# groups, as sequences longer than the layer's default do.
+RECOMPUTE_LENGTH = 8
 
 
 def make_layer(feature_map="softmax", chunk_size=4, **kwargs):
     kwargs.setdefault("num_features", 32)
+    kwargs.setdefault("recompute_length", RECOMPUTE_LENGTH)
     return keras_favor.FavorAttention(
         num_heads=2,
         key_dim=8,
@@ -37,22 +43,20 @@ def head_outputs(layer, query, value, mask=None, causal=False):
     if mask is not None:
         mask = tf.constant(mask)[:, None, :]
     feature_fn, query_feature_fn = layer._feature_fns()
+    options = dict(
+        mask=mask,
+        query_feature_fn=query_feature_fn,
+        recompute_length=layer.recompute_length,
+    )
     if causal:
-        return linear_attention.causal_linear_attention(
+        return favor_ops.causal_linear_attention(
             q, k, v, feature_fn,
             layer.feature_map.feature_dim(layer.num_features, layer.key_dim),
-            mask=mask, chunk_size=layer.chunk_size,
-            query_feature_fn=query_feature_fn,
+            chunk_size=layer.chunk_size, **options,
         ).numpy()
-    return linear_attention.bidirectional_linear_attention(
-        q, k, v, feature_fn, mask=mask, query_feature_fn=query_feature_fn
+    return favor_ops.bidirectional_linear_attention(
+        q, k, v, feature_fn, **options
     ).numpy()
-
-
-@pytest.fixture
-def small_groups(monkeypatch):
-    """Runs attention in recomputed groups of 8 positions."""
-    monkeypatch.setattr(linear_attention, "RECOMPUTE_GROUP_LENGTH", 8)
 
 
 def relative_error(actual, expected):
@@ -79,7 +83,7 @@ def test_linear_equals_quadratic_with_same_features(
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_layer_output_equals_quadratic_layer(rng, causal, small_groups):
+def test_layer_output_equals_quadratic_layer(rng, causal):
     layer = make_layer()
     x = rng.normal(size=(2, 21, 16)).astype("float32")
     mask = padding_mask(2, 21, [21, 11])
@@ -104,7 +108,7 @@ def test_causal_result_does_not_depend_on_chunk_size(rng, chunk_size):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
-def test_gradients_match_quadratic_form(rng, causal, mode, small_groups):
+def test_gradients_match_quadratic_form(rng, causal, mode):
     layer = make_layer()
     x = tf.constant(rng.normal(size=(2, 18, 16)).astype("float32"))
     mask = padding_mask(2, 18, [18, 13])
@@ -137,7 +141,7 @@ def test_gradients_match_quadratic_form(rng, causal, mode, small_groups):
 
 @pytest.mark.parametrize("feature_map", FEATURE_MAPS)
 @pytest.mark.parametrize("position", [0, 5, 6, 11])
-def test_causal_has_no_future_leakage(rng, feature_map, position, small_groups):
+def test_causal_has_no_future_leakage(rng, feature_map, position):
     # Chunks of 4 and groups of 8: positions 5 and 6 share a chunk with
     # the changed positions after them, position 11 a group.
     layer = make_layer(feature_map)
@@ -158,7 +162,7 @@ def test_causal_has_no_future_leakage(rng, feature_map, position, small_groups):
 
 @pytest.mark.parametrize("feature_map", FEATURE_MAPS)
 @pytest.mark.parametrize("causal", [False, True])
-def test_padded_keys_change_no_output(rng, feature_map, causal, small_groups):
+def test_padded_keys_change_no_output(rng, feature_map, causal):
     layer = make_layer(feature_map)
     query = rng.normal(size=(2, 14, 16)).astype("float32")
     value = rng.normal(size=(2, 14, 16)).astype("float32")
@@ -172,7 +176,7 @@ def test_padded_keys_change_no_output(rng, feature_map, causal, small_groups):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_fully_padded_rows_give_zero_attention_and_finite_gradients(
-    rng, causal, small_groups
+    rng, causal
 ):
     layer = make_layer(use_bias=False)
     x = tf.constant(rng.normal(size=(2, 20, 16)).astype("float32"))
@@ -191,7 +195,7 @@ def test_fully_padded_rows_give_zero_attention_and_finite_gradients(
 @pytest.mark.parametrize("feature_map", ["softmax", "softmax_hyperbolic"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_large_inputs_stay_finite_and_match_quadratic(
-    rng, feature_map, causal, small_groups
+    rng, feature_map, causal
 ):
     # Logits of order 1e3 overflow exp in float32 without the stabilizers;
     # the quadratic oracle in float64 handles them.
@@ -222,7 +226,7 @@ def test_one_large_late_key_does_not_underflow_earlier_keys(rng):
     np.testing.assert_allclose(after[0, :-1], before[0, :-1], rtol=1e-6, atol=1e-6)
 
 
-def test_grouped_cross_attention_equals_quadratic(rng, small_groups):
+def test_grouped_cross_attention_equals_quadratic(rng):
     # 21 queries and 12 keys: groups of 8 split both, with uneven last ones,
     # and the second key group of the short row holds no real key.
     layer = make_layer()
@@ -238,7 +242,7 @@ def test_grouped_cross_attention_equals_quadratic(rng, small_groups):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_grouped_gradients_with_dropout_match_finite_differences(
-    rng, causal, small_groups
+    rng, causal
 ):
     # Dropout masks come from stateless seeds, so the recomputation in the
     # backward pass drops the same features: the gradient is the derivative
@@ -254,13 +258,16 @@ def test_grouped_gradients_with_dropout_match_finite_differences(
     weights = tf.constant(rng.normal(size=shape))
 
     def loss(q, k, v):
-        options = dict(mask=mask, dropout_rate=0.3, dropout_seed=[3, 4])
+        options = dict(
+            mask=mask, dropout_rate=0.3, dropout_seed=[3, 4],
+            recompute_length=RECOMPUTE_LENGTH,
+        )
         if causal:
-            outputs = linear_attention.causal_linear_attention(
+            outputs = favor_ops.causal_linear_attention(
                 q, k, v, feature_fn, 16, chunk_size=4, **options
             )
         else:
-            outputs = linear_attention.bidirectional_linear_attention(
+            outputs = favor_ops.bidirectional_linear_attention(
                 q, k, v, feature_fn, **options
             )
         return tf.reduce_sum(tf.sin(outputs) * weights)
@@ -280,13 +287,7 @@ def test_grouped_gradients_with_dropout_match_finite_differences(
     np.testing.assert_allclose(analytic, numeric, rtol=1e-6)
 
 
-@pytest.fixture
-def small_prefix_blocks(monkeypatch):
-    """Causal chunk states pass on in blocks of 2 chunks, recursively."""
-    monkeypatch.setattr(linear_attention, "PREFIX_BLOCK", 2)
-
-
-def test_blocked_prefix_equals_dense_prefix(rng, small_prefix_blocks):
+def test_blocked_prefix_equals_dense_prefix(rng):
     # 12 chunks: blocks of 2, then 6 block sums in blocks of 2, then 3
     # dense. Levels rise by up to ~150 overall, far past float64's exp
     # range for a single shared shift; the carried state sits lower still.
@@ -298,13 +299,13 @@ def test_blocked_prefix_equals_dense_prefix(rng, small_prefix_blocks):
     carried = (
         tf.constant(rng.normal(size=(2, 1, features, dim))),
         tf.constant(rng.uniform(size=(2, 1, features))),
-        tf.constant([[-5.0], [linear_attention.NO_KEY_LEVEL]], tf.float64),
+        tf.constant([[-5.0], [stabilizers.NO_KEY_LEVEL]], tf.float64),
     )
-    blocked = linear_attention.inherited_states(
-        chunk_kv, chunk_sum, chunk_level, carried
+    blocked = chunk_scan.inherited_states(
+        chunk_kv, chunk_sum, chunk_level, carried, prefix_block=2
     )
-    dense = linear_attention.dense_inherited_states(
-        chunk_kv, chunk_sum, chunk_level, carried
+    dense = chunk_scan.inherited_states(
+        chunk_kv, chunk_sum, chunk_level, carried, prefix_block=n + 1
     )
     for actual, expected in zip(
         tf.nest.flatten(blocked), tf.nest.flatten(dense)
@@ -312,33 +313,54 @@ def test_blocked_prefix_equals_dense_prefix(rng, small_prefix_blocks):
         np.testing.assert_allclose(actual, expected, rtol=1e-12, atol=1e-300)
 
 
-@pytest.mark.parametrize("mode", ["graph", "xla"])
-def test_causal_prefix_in_blocks_matches_quadratic(
-    rng, mode, small_prefix_blocks
-):
-    # One position per chunk: 24 chunks pass their states on in blocks.
-    layer = make_layer(chunk_size=1)
-    x = tf.constant(rng.normal(scale=2.0, size=(2, 24, 16)).astype("float32"))
-    mask = padding_mask(2, 24, [24, 17])
-    target = tf.constant(rng.normal(size=(2, 24, 16)).astype("float32"))
-    layer(x, x)
+def layer_features(layer, dtype):
+    """The layer's unstabilized feature function, in `dtype`."""
+    projection = None
+    if layer.projection is not None:
+        projection = tf.cast(tf.convert_to_tensor(layer.projection), dtype)
+    return lambda heads: layer.feature_map(heads, projection)
 
-    @tf.function(jit_compile=mode == "xla")
-    def outputs_and_gradients(attention):
+
+def outputs_and_gradients(attention, inputs, target, mode):
+    """`attention(*inputs)` and the gradients of `sum(outputs * target)`."""
+
+    def compute(*inputs):
         with tf.GradientTape() as tape:
-            tape.watch(x)
-            outputs = attention()
-            loss = tf.reduce_sum(outputs * target)
-        return outputs, tape.gradient(loss, [x] + layer.trainable_weights)
+            tape.watch(inputs)
+            outputs = attention(*inputs)
+            loss = tf.reduce_sum(tf.cast(outputs, tf.float64) * target)
+        return [outputs] + tape.gradient(loss, list(inputs))
 
+    if mode == "eager":
+        return compute(*inputs)
+    return tf.function(compute, jit_compile=mode == "xla")(*inputs)
+
+
+@pytest.mark.parametrize("mode", ["graph", "xla"])
+def test_causal_prefix_in_blocks_matches_quadratic(rng, mode):
+    # One position per chunk and blocks of 2: 24 chunks pass their states on
+    # in three levels of blocks (24, 12, 6), then 3 chunk sums densely.
+    layer = make_layer()
+    x = rng.normal(scale=2.0, size=(2, 24, 16)).astype("float32")
+    layer(x, x)
+    heads = [tf.constant(h, tf.float32) for h in reference.heads(layer, x, x)]
+    mask = tf.constant(padding_mask(2, 24, [24, 17]))[:, None, :]
+    target = tf.constant(rng.normal(size=(2, 2, 24, 8)))
+    feature_fn, query_feature_fn = layer._feature_fns()
     actual = outputs_and_gradients(
-        lambda: layer(x, x, attention_mask=mask, use_causal_mask=True)
+        lambda q, k, v: favor_ops.causal_linear_attention(
+            q, k, v, feature_fn, 32, mask=mask, chunk_size=1,
+            query_feature_fn=query_feature_fn, prefix_block=2,
+        ),
+        heads, target, mode,
     )
     expected = outputs_and_gradients(
-        lambda: reference.differentiable_quadratic_layer(
-            layer, x, x, mask, True
-        )
+        lambda q, k, v: favor_ops.naive_linear_attention(
+            q, k, v, layer_features(layer, tf.float64), mask=mask,
+            causal=True,
+        ),
+        [tf.cast(h, tf.float64) for h in heads], target, mode,
     )
     # float32 rounding, relative to each tensor's largest entry.
-    for a, e in zip(tf.nest.flatten(actual), tf.nest.flatten(expected)):
+    for a, e in zip(actual, expected):
         assert relative_error(np.asarray(a), np.asarray(e)) < 1e-5

@@ -52,8 +52,8 @@ class PerformerBlock(keras.layers.Layer):
         kernel_initializer: initializer of all dense kernels.
         bias_initializer: initializer of all dense biases.
         attention: `"favor"` (default), `"exact"` or `"identity"`, see above.
-        feature_map, num_features, projection, seed, chunk_size: passed to
-            `FavorAttention` (unused by the other attention kinds, except
+        feature_map, num_features, projection, seed, chunk_size,
+        recompute_length: passed to `FavorAttention` (unused by the other attention kinds, except
             `seed`, which also seeds exact attention's dropout).
         **kwargs: base layer keyword arguments, such as `name` and `dtype`.
 
@@ -103,6 +103,7 @@ class PerformerBlock(keras.layers.Layer):
         projection="orthogonal",
         seed=None,
         chunk_size=64,
+        recompute_length=32768,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -130,6 +131,9 @@ class PerformerBlock(keras.layers.Layer):
         self.projection = projections_lib.get(projection)
         self.seed = optional_seed(seed)
         self.chunk_size = positive_int(chunk_size, "chunk_size")
+        self.recompute_length = positive_int(
+            recompute_length, "recompute_length"
+        )
 
     def build(self, input_shape):
         if len(input_shape) != 3 or input_shape[-1] is None:
@@ -191,6 +195,7 @@ class PerformerBlock(keras.layers.Layer):
             num_features=self.num_features,
             projection=self.projection,
             chunk_size=self.chunk_size,
+            recompute_length=self.recompute_length,
             **common,
         )
 
@@ -282,6 +287,7 @@ class PerformerBlock(keras.layers.Layer):
                 "projection": projections_lib.serialize(self.projection),
                 "seed": self.seed,
                 "chunk_size": self.chunk_size,
+                "recompute_length": self.recompute_length,
             }
         )
         return config

@@ -30,6 +30,8 @@ def build_performer(
     attention="favor",
     normalize_first=True,
     mask_zero=True,
+    chunk_size=64,
+    recompute_length=32768,
     name=None,
 ):
     """Builds a Performer: embeddings, `PerformerBlock`s and a task head.
@@ -86,6 +88,8 @@ def build_performer(
             architecture) or `"identity"`, see `PerformerBlock`.
         normalize_first: bool, pre-norm (True, default) or post-norm blocks.
         mask_zero: bool, whether token id 0 is padding.
+        chunk_size, recompute_length: passed to every `FavorAttention`
+            (see there: they trade speed against memory, not results).
         name: optional model name.
 
     Returns:
@@ -148,6 +152,8 @@ def build_performer(
                 num_features=num_features,
                 projection=projection,
                 seed=None if seed is None else seed + index,
+                chunk_size=chunk_size,
+                recompute_length=recompute_length,
                 name=f"performer_block_{index}",
             )
         )

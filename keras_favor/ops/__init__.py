@@ -1,13 +1,23 @@
-"""Linear attention operations on `(batch, heads, length, dim)` heads."""
+"""Linear attention operations on `(batch, heads, length, dim)` heads.
 
-from keras_favor.ops.linear_attention import bidirectional_linear_attention
-from keras_favor.ops.linear_attention import causal_linear_attention
+`bidirectional_linear_attention` and `causal_linear_attention` are the
+linear-time kernels; `naive_linear_attention` computes the same thing through
+the quadratic score matrix, and `softmax_attention` is exact softmax
+attention, both as references for tests and measurements.
+"""
+
+from keras_favor.ops.bidirectional_attention import (
+    bidirectional_linear_attention,
+)
+from keras_favor.ops.causal_attention import causal_linear_attention
+from keras_favor.ops.causal_attention import empty_causal_state
 from keras_favor.ops.naive import naive_linear_attention
 from keras_favor.ops.naive import softmax_attention
 
 __all__ = [
     "bidirectional_linear_attention",
     "causal_linear_attention",
+    "empty_causal_state",
     "naive_linear_attention",
     "softmax_attention",
 ]

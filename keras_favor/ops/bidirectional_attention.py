@@ -1,0 +1,131 @@
+"""Bidirectional linear attention: `Q'(K'^T V) / Q'(K'^T 1)`."""
+
+from keras import ops
+
+from keras_favor.ops import stabilizers
+from keras_favor.ops.feature_dropout import group_seed
+from keras_favor.ops.feature_dropout import numerator_key_features
+from keras_favor.ops.grouped_recompute import position_groups
+from keras_favor.ops.grouped_recompute import run_in_groups
+
+# Attention over more positions than this runs in groups whose activations
+# are recomputed in the backward pass.
+RECOMPUTE_LENGTH = 32768
+
+
+def _key_sums(key, value, feature_fn, mask, dropout_rate, dropout_seed):
+    """`(K'^T V, K'^T 1, shift)` of some keys, taken at their own shift.
+
+    The shift is the max of the valid keys' log-scales, per (batch, head),
+    and `NO_KEY_LEVEL` where there is none.
+    """
+    values, log_scale = feature_fn(key)
+    if log_scale is None:
+        shift = ops.zeros(ops.shape(key)[:2], key.dtype)
+    else:
+        shift = ops.max(stabilizers.row_log_level(log_scale, mask), axis=-1)
+    key_feats = stabilizers.shifted_key_features(
+        values, log_scale, shift[..., None], mask
+    )
+    dropped = numerator_key_features(key_feats, dropout_rate, dropout_seed)
+    key_values = ops.matmul(ops.swapaxes(dropped, -1, -2), value)
+    return key_values, ops.sum(key_feats, axis=2), shift
+
+
+def _add_key_sums(sums, more):
+    """Two `(K'^T V, K'^T 1, shift)` triples, summed at the larger shift.
+
+    Each enters with a factor `exp(shift - larger) <= 1`.
+    """
+    shift = ops.maximum(sums[2], more[2])
+    factors = [ops.exp(s[2] - shift) for s in (sums, more)]
+    pairs = list(zip((sums, more), factors))
+    key_values = sum(s[0] * f[..., None, None] for s, f in pairs)
+    key_sum = sum(s[1] * f[..., None] for s, f in pairs)
+    return key_values, key_sum, shift
+
+
+def _attend_to_key_sums(query, key_values, key_sum, query_feature_fn):
+    """`Q'(K'^T V) / Q'(K'^T 1)` given the two key sums."""
+    query_feats = stabilizers.query_features(
+        *query_feature_fn(query),
+        [(stabilizers.log_key_sum(key_sum)[:, :, None], None)],
+    )
+    numerator = ops.matmul(query_feats, key_values)
+    denominator = ops.einsum("bhlf,bhf->bhl", query_feats, key_sum)
+    return stabilizers.normalize(numerator, denominator)
+
+
+def _positions(mask, positions):
+    return None if mask is None else mask[:, :, positions]
+
+
+def bidirectional_linear_attention(
+    query, key, value, feature_fn, mask=None, dropout_rate=0.0,
+    dropout_seed=None, query_feature_fn=None,
+    recompute_length=RECOMPUTE_LENGTH,
+):
+    """`Q'(K'^T V) / Q'(K'^T 1)` without forming any `L x S` matrix.
+
+    Keys are summed into `K'^T V` and `K'^T 1` at one shift per batch and
+    head (the max of the valid keys' log-scales), which cancels in the ratio;
+    queries are shifted so that their normalizer stays >= 1
+    (docs/numerics.md, sections 2 and 3).
+
+    Args:
+        query: `(B, H, L, d)` heads; key `(B, H, S, d)`; value `(B, H, S, D)`.
+        feature_fn: maps heads to `(values, log_scale)` feature parts, as
+            `FeatureMap.log_scaled`.
+        mask: bool `(B, 1, S)`, True at real keys, or None.
+        dropout_rate: float, key-feature dropout in the numerator.
+        dropout_seed: `(2,)` int stateless seed, when `dropout_rate > 0`.
+        query_feature_fn: the queries' `feature_fn`; defaults to
+            `feature_fn`.
+        recompute_length: int. When there are more queries or keys than
+            this, keys and then queries run in groups of this many
+            positions whose features are recomputed in the backward pass:
+            training memory holds one group's features, for one more
+            evaluation of the features.
+
+    Returns:
+        `(B, H, L, D)` float32.
+    """
+    query_feature_fn = query_feature_fn or feature_fn
+    query_slices = position_groups(query.shape[2], recompute_length)
+    key_slices = position_groups(key.shape[2], recompute_length)
+    if len(query_slices) == 1 and len(key_slices) == 1:
+        key_values, key_sum, _ = _key_sums(
+            key, value, feature_fn, mask, dropout_rate, dropout_seed
+        )
+        return _attend_to_key_sums(query, key_values, key_sum, query_feature_fn)
+
+    def key_group(index, inputs, shared, sums):
+        key, value, mask = inputs
+        seed = group_seed(dropout_seed, index, len(key_slices))
+        more = _key_sums(key, value, feature_fn, mask, dropout_rate, seed)
+        return [], list(_add_key_sums(sums, more))
+
+    def query_group(index, inputs, shared, carry):
+        return [_attend_to_key_sums(inputs[0], *shared, query_feature_fn)], []
+
+    # No key yet: zero sums at NO_KEY_LEVEL, broadcast to the first group's.
+    no_keys = [
+        ops.zeros((1, 1, 1, 1), value.dtype),
+        ops.zeros((1, 1, 1), value.dtype),
+        ops.full((1, 1), stabilizers.NO_KEY_LEVEL, value.dtype),
+    ]
+    _, (key_values, key_sum, _) = run_in_groups(
+        key_group,
+        [
+            [key[:, :, s], value[:, :, s], _positions(mask, s)]
+            for s in key_slices
+        ],
+        carry=no_keys,
+        keep_last=False,
+    )
+    outputs, _ = run_in_groups(
+        query_group,
+        [[query[:, :, s]] for s in query_slices],
+        shared=[key_values, key_sum],
+    )
+    return ops.concatenate([o[0] for o in outputs], axis=2)

@@ -1,0 +1,278 @@
+"""Causal linear attention in chunks, with its recurrent state in and out."""
+
+from keras import ops
+
+from keras_favor.ops import stabilizers
+from keras_favor.ops.bidirectional_attention import RECOMPUTE_LENGTH
+from keras_favor.ops.chunk_scan import PREFIX_BLOCK
+from keras_favor.ops.chunk_scan import earlier_or_same
+from keras_favor.ops.chunk_scan import inherited_states
+from keras_favor.ops.chunk_scan import merge_chunks
+from keras_favor.ops.chunk_scan import running_max
+from keras_favor.ops.chunk_scan import split_chunks
+from keras_favor.ops.feature_dropout import group_seed
+from keras_favor.ops.feature_dropout import numerator_key_features
+from keras_favor.ops.grouped_recompute import run_in_groups
+
+
+def empty_causal_state(
+    batch_size, num_heads, num_features, value_dim, dtype="float32"
+):
+    """The causal state before any key: zero sums at no level.
+
+    Returns:
+        `(key_values, key_sum, level)` of shapes `(B, H, F, D)`, `(B, H, F)`
+        and `(B, H)`, as `causal_linear_attention` takes and returns it.
+    """
+    return (
+        ops.zeros((batch_size, num_heads, num_features, value_dim), dtype),
+        ops.zeros((batch_size, num_heads, num_features), dtype),
+        ops.full((batch_size, num_heads), stabilizers.NO_KEY_LEVEL, dtype),
+    )
+
+
+def _causal_key_features(values, log_scale, mask, initial_level, chunk_size):
+    """Key features shifted by the running max of the keys seen so far.
+
+    Key `s` is scaled by `exp(-max(initial_level, max_{s' <= s} level_s'))`,
+    so no key is scaled by anything it has not seen (docs/numerics.md,
+    section 5).
+
+    Returns:
+        `(features, levels, log_features)`: features `(B, H, S, F)`, the
+        running max `(B, H, S)` used as each key's shift, and the features'
+        logarithm where they are purely exponential (`values is None`),
+        else None.
+    """
+    if log_scale is None:
+        features = stabilizers.shifted_key_features(values, None, None, mask)
+        return features, ops.zeros(ops.shape(features)[:-1]), None
+    levels = running_max(
+        stabilizers.row_log_level(log_scale, mask), chunk_size, initial_level
+    )
+    exponent = stabilizers.key_exponent(log_scale, levels, mask)
+    log_features = exponent if values is None else None
+    return (
+        stabilizers.exp_times_values(values, exponent),
+        levels,
+        log_features,
+    )
+
+
+def _causal_chunks(
+    query_parts, key_feats, key_sum_feats, log_key_feats, levels, value,
+    chunk_size, state, prefix_block,
+):
+    """Chunked causal attention over whole chunks, from a carried state.
+
+    Inside a chunk of `C` positions the masked `C x C` product is formed;
+    across chunks the prefix sums of `K'^T V` and `K'^T 1` come from
+    `inherited_states`.
+
+    Args:
+        query_parts: `(values, log_scale)` of the queries.
+        key_feats: `(B, H, L, F)` key features for the numerator.
+        key_sum_feats: key features for the normalizer (differs from
+            `key_feats` only under feature dropout).
+        log_key_feats: `log(key_sum_feats)` where the features are purely
+            exponential, else None.
+        levels: `(B, H, L)` running max each key was shifted by.
+        value: `(B, H, L, D)`.
+        chunk_size: int.
+        state: the carried `(key_values, key_sum, level)`.
+        prefix_block: int, chunks per block of the prefix scan.
+
+    Returns:
+        `(outputs, state)`: `(B, H, L, D)` outputs and the state after the
+        last key.
+    """
+    k, v, k_sum, levels = (
+        split_chunks(x, chunk_size)
+        for x in (key_feats, value, key_sum_feats, levels)
+    )
+
+    # Each chunk's sums, scaled to the level at its last position. The
+    # per-key scale goes on the narrower factor, v, not on k.
+    chunk_level = levels[..., -1]
+    to_chunk_end = ops.exp(levels - chunk_level[..., None])[..., None]
+    k_t = ops.swapaxes(k, -1, -2)
+    chunk_kv = ops.matmul(k_t, v * to_chunk_end)
+    chunk_sum = ops.matmul(ops.swapaxes(k_sum, -1, -2), to_chunk_end)[..., 0]
+    kv, key_sum, level, final_state = inherited_states(
+        chunk_kv, chunk_sum, chunk_level, state, prefix_block
+    )
+    # The inherited sums rescaled to each position's own level (<= 1).
+    inherited = ops.exp(level[..., None] - levels)
+
+    # What query t surely sees: the inherited sum and its own key.
+    key_sum_log_bounds = [
+        (
+            stabilizers.log_key_sum(key_sum)[:, :, :, None],
+            level[..., None] - levels,
+        )
+    ]
+    if log_key_feats is not None:
+        key_sum_log_bounds.append(
+            (split_chunks(log_key_feats, chunk_size), None)
+        )
+    q = stabilizers.query_features(
+        *(
+            None if x is None else split_chunks(x, chunk_size)
+            for x in query_parts
+        ),
+        key_sum_log_bounds,
+    )
+
+    # Inside a chunk, query t sees key s <= t at relative scale
+    # exp(level_s - level_t) <= 1.
+    relative = levels[..., None, :] - levels[..., :, None]
+    decay = ops.exp(
+        ops.where(earlier_or_same(chunk_size), relative, stabilizers.NO_KEY_LEVEL)
+    )
+    scores = ops.matmul(q, ops.swapaxes(k, -1, -2)) * decay
+    numerator = ops.matmul(scores, v)
+    if key_sum_feats is not key_feats:
+        scores = ops.matmul(q, ops.swapaxes(k_sum, -1, -2)) * decay
+    denominator = ops.sum(scores, axis=-1)
+
+    numerator += ops.matmul(q, kv) * inherited[..., None]
+    denominator += ops.einsum("bhntf,bhnf->bhnt", q, key_sum) * inherited
+    outputs = stabilizers.normalize(numerator, denominator)
+    return merge_chunks(outputs), final_state
+
+
+def _pad_positions(x, padding):
+    widths = [(0, 0)] * 2 + [(0, padding)] + [(0, 0)] * (len(x.shape) - 3)
+    return ops.pad(x, widths)
+
+
+def _check_state(state, query, value, num_features):
+    if len(state) != 3:
+        raise ValueError(
+            "`initial_state` must be a `(key_values, key_sum, level)` tuple, "
+            f"as `causal_linear_attention` returns it. Received {len(state)} "
+            "tensors."
+        )
+    batch_heads = tuple(query.shape[:2])
+    expected = (
+        batch_heads + (num_features, value.shape[-1]),
+        batch_heads + (num_features,),
+        batch_heads,
+    )
+    for name, tensor, shape in zip(
+        ("key_values", "key_sum", "level"), state, expected
+    ):
+        if len(tensor.shape) != len(shape) or any(
+            None not in (a, b) and a != b for a, b in zip(tensor.shape, shape)
+        ):
+            raise ValueError(
+                f"`initial_state`'s {name} must have shape {shape} for these "
+                f"inputs. Received: {name}.shape={tuple(tensor.shape)}"
+            )
+
+
+def causal_linear_attention(
+    query, key, value, feature_fn, num_features, mask=None, chunk_size=64,
+    dropout_rate=0.0, dropout_seed=None, query_feature_fn=None,
+    initial_state=None, return_state=False,
+    recompute_length=RECOMPUTE_LENGTH, prefix_block=PREFIX_BLOCK,
+):
+    """Exact causal linear attention (docs/numerics.md, section 5).
+
+    Query `t` attends to keys `s <= t`. Memory grows like
+    `L (F + D + C) + (L / C) F D` for one group of up to `recompute_length`
+    positions; longer sequences run group after group, carrying the prefix
+    state, with the activations of every group but the last recomputed in
+    the backward pass instead of stored.
+
+    The state after the last key, `(key_values, key_sum, level)`, holds the
+    running sums `phi(K)^T V` `(B, H, F, D)` and `phi(K)^T 1` `(B, H, F)`,
+    both scaled by `exp(-level)`, and the running stabilizer level `(B, H)`.
+    A sequence run in pieces, each piece given the state the previous one
+    returned, gives the outputs (and gradients) of the whole sequence run
+    at once; a piece of one position costs `O(F D)` per head.
+
+    Args:
+        query, key: `(B, H, L, d)` heads; value: `(B, H, L, D)`.
+        feature_fn: maps heads to `(values, log_scale)` feature parts, as
+            `FeatureMap.log_scaled`.
+        num_features: int, the number of features `F` that `feature_fn`
+            makes.
+        mask: bool `(B, 1, L)`, True at real keys, or None. A masked key
+            leaves the state as it is.
+        chunk_size: int, positions per chunk. It changes speed and memory,
+            not the result beyond float32 round-off.
+        dropout_rate: float, key-feature dropout in the numerator.
+        dropout_seed: `(2,)` int stateless seed, when `dropout_rate > 0`.
+        query_feature_fn: the queries' `feature_fn`; defaults to
+            `feature_fn`.
+        initial_state: the state before position 0, as returned with
+            `return_state=True`, or None for no key yet
+            (`empty_causal_state`).
+        return_state: bool, whether to return the state after the last key.
+        recompute_length: int, positions per group recomputed in the
+            backward pass (rounded down to whole chunks).
+        prefix_block: int >= 2, chunks per block of the prefix scan.
+
+    Returns:
+        `(B, H, L, D)` float32 outputs, and with `return_state=True` the
+        tuple `(outputs, state)`.
+    """
+    query_feature_fn = query_feature_fn or feature_fn
+    if prefix_block < 2:
+        raise ValueError(
+            f"`prefix_block` must be at least 2. Received: {prefix_block}"
+        )
+    if initial_state is None:
+        batch, heads = ops.shape(query)[:2]
+        initial_state = empty_causal_state(
+            batch, heads, num_features, ops.shape(value)[-1], value.dtype
+        )
+    else:
+        _check_state(initial_state, query, value, num_features)
+    length = query.shape[2]
+    if length is None:
+        length = ops.shape(query)[2]
+    else:
+        chunk_size = max(1, min(chunk_size, length))
+    padding = (-length) % chunk_size
+    if not isinstance(padding, int) or padding:
+        if mask is None:
+            mask = ops.ones_like(query[:1, :1, :, 0], "bool")
+        query, key, value, mask = (
+            _pad_positions(x, padding) for x in (query, key, value, mask)
+        )
+    if isinstance(length, int):
+        group_length = max(1, recompute_length // chunk_size) * chunk_size
+        starts = range(0, length + padding, group_length)
+    else:
+        group_length, starts = None, [0]
+    groups = [slice(start, start + group_length) for start in starts]
+
+    def group(index, inputs, shared, state):
+        query, key, value, mask = inputs
+        values, log_scale = feature_fn(key)
+        key_feats, levels, log_key_feats = _causal_key_features(
+            values, log_scale, mask, state[2], chunk_size
+        )
+        seed = group_seed(dropout_seed, index, len(groups))
+        dropped = numerator_key_features(key_feats, dropout_rate, seed)
+        outputs, state = _causal_chunks(
+            query_feature_fn(query), dropped, key_feats, log_key_feats,
+            levels, value, chunk_size, state, prefix_block,
+        )
+        return [outputs], list(state)
+
+    outputs, state = run_in_groups(
+        group,
+        [
+            [x if x is None else x[:, :, s] for x in (query, key, value, mask)]
+            for s in groups
+        ],
+        carry=[ops.cast(x, value.dtype) for x in initial_state],
+    )
+    outputs = ops.concatenate([o[0] for o in outputs], axis=2)
+    outputs = outputs[:, :, :length]
+    if return_state:
+        return outputs, tuple(state)
+    return outputs

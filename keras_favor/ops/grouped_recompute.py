@@ -1,0 +1,188 @@
+"""Long sequences run in groups of positions, recomputed in the backward pass.
+
+Training memory of attention over `L` positions grows like `L F` for the
+features of every position. Split into groups of at most `recompute_length`
+positions, run one group after another and keep, for the backward pass, only
+the groups' inputs and the small state carried between them: the backward
+pass recomputes each group's activations in turn, so memory holds the
+features of one group at a time, for one more evaluation of the features.
+Both attention modes use this one mechanism (docs/numerics.md, section 7).
+
+Graph scheduling is TensorFlow's job here: control dependencies keep the
+executor from running the groups side by side, which would keep all of
+their activations alive at once and save nothing.
+"""
+
+import tensorflow as tf
+
+
+def position_groups(length, recompute_length):
+    """Slices of at most `recompute_length` positions covering `length`.
+
+    One slice over everything when `length` is unknown or short enough.
+    """
+    if length is None or length <= recompute_length:
+        return [slice(None)]
+    return [
+        slice(start, start + recompute_length)
+        for start in range(0, length, recompute_length)
+    ]
+
+
+def run_in_groups(group_fn, group_inputs, shared=(), carry=(), keep_last=True):
+    """Runs `group_fn` on each group in turn, carrying a state between them.
+
+    Args:
+        group_fn: `group_fn(index, inputs, shared, carry)` returns
+            `(outputs, carry)`, two lists of tensors.
+        group_inputs: a list with, for each group, the list of its own
+            tensors (None for an absent optional input).
+        shared: tensors that every group reads.
+        carry: the initial carried state, a list of tensors.
+        keep_last: whether the last group's activations are kept for the
+            backward pass instead of recomputed. Worth it when its backward
+            pass runs first (as when the groups chain through the carry):
+            keeping them then costs no more memory than recomputing them.
+
+    Returns:
+        `(outputs, carry)`: the list of each group's outputs, and the state
+        after the last group.
+    """
+    recomputed = group_inputs[:-1] if keep_last else group_inputs
+    outputs, carry = [], list(carry)
+    if len(recomputed) == 1 and not keep_last:
+        recomputed = []
+        keep_last = True
+    if recomputed:
+        outputs, carry = _recomputed(group_fn, recomputed, list(shared), carry)
+    if keep_last:
+        previous = tf.nest.flatten(outputs) + carry
+        last_inputs, carry = _after(previous, [group_inputs[-1], carry])
+        last_outputs, carry = group_fn(
+            len(group_inputs) - 1, last_inputs, list(shared), carry
+        )
+        outputs.append(last_outputs)
+    return outputs, carry
+
+
+def _after(previous, structure):
+    """`structure`'s tensors, available only once `previous` are computed."""
+    if not previous:
+        return structure
+    with tf.control_dependencies(previous):
+        return tf.nest.map_structure(
+            lambda x: None if x is None else tf.identity(x), structure
+        )
+
+
+def _differentiable(x):
+    return x is not None and x.dtype.is_floating
+
+
+def _gradients(fn, sources, upstream):
+    """`fn(*sources)` recomputed, and its gradients given `upstream`.
+
+    Sources that are None or not floating get a None gradient.
+    """
+    watched = [x for x in sources if _differentiable(x)]
+    with tf.GradientTape() as tape:
+        tape.watch(watched)
+        results = fn(*sources)
+    grads = iter(
+        tape.gradient(
+            results,
+            watched,
+            output_gradients=upstream,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+    )
+    return [next(grads) if _differentiable(x) else None for x in sources]
+
+
+def _add(a, b):
+    return a if b is None else b if a is None else a + b
+
+
+def _recomputed(group_fn, group_inputs, shared, carry):
+    """`run_in_groups` of groups whose activations are all recomputed."""
+    present = [[x is not None for x in inputs] for inputs in group_inputs]
+    flat = [x for inputs in group_inputs for x in inputs if x is not None]
+    num_flat, num_shared = len(flat), len(shared)
+    output_counts = []
+
+    def unflatten(args):
+        values = iter(args)
+        return [[next(values) if p else None for p in g] for g in present]
+
+    def run_group(index, group, shared, state):
+        outputs, state = group_fn(index, group, shared, state)
+        return list(outputs), list(state)
+
+    def group_gradients(index, group, shared, state, upstream):
+        """Gradients of one group's outputs and final state."""
+        size = len(group)
+
+        def recompute(*sources):
+            outputs, state = run_group(
+                index,
+                list(sources[:size]),
+                list(sources[size : size + num_shared]),
+                list(sources[size + num_shared :]),
+            )
+            return outputs + state
+
+        grads = _gradients(recompute, group + shared + state, upstream)
+        return (
+            grads[:size],
+            grads[size : size + num_shared],
+            grads[size + num_shared :],
+        )
+
+    @tf.custom_gradient
+    def run(*args):
+        groups = unflatten(args[:num_flat])
+        shared_in = list(args[num_flat : num_flat + num_shared])
+        state = list(args[num_flat + num_shared :])
+        states, outputs = [], []
+        for index, group in enumerate(groups):
+            group, state = _after(tf.nest.flatten(outputs) + state, [group, state])
+            states.append(state)
+            group_outputs, state = run_group(index, group, shared_in, state)
+            outputs.append(group_outputs)
+        output_counts.extend(len(o) for o in outputs)
+        results = tf.nest.flatten(outputs) + state
+
+        def gradient(*upstream):
+            upstream = [
+                tf.zeros_like(result) if grad is None else grad
+                for result, grad in zip(results, upstream)
+            ]
+            ends = [sum(output_counts[: i + 1]) for i in range(len(groups))]
+            state_grad = upstream[ends[-1] :]
+            input_grads, shared_grads, previous = [], [None] * num_shared, []
+            for index in reversed(range(len(groups))):
+                group, shared_now, state_in = _after(
+                    previous, [groups[index], shared_in, states[index]]
+                )
+                start = ends[index] - output_counts[index]
+                grads, new_shared, state_grad = group_gradients(
+                    index, group, shared_now, state_in,
+                    upstream[start : ends[index]] + state_grad,
+                )
+                input_grads[:0] = [
+                    g for g, p in zip(grads, present[index]) if p
+                ]
+                shared_grads = list(map(_add, shared_grads, new_shared))
+                previous = [
+                    g for g in grads + new_shared + state_grad if g is not None
+                ]
+            return input_grads + shared_grads + state_grad
+
+        return results, gradient
+
+    results = run(*flat, *shared, *carry)
+    outputs, start = [], 0
+    for count in output_counts:
+        outputs.append(list(results[start : start + count]))
+        start += count
+    return outputs, list(results[start:])
