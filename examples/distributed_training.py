@@ -7,7 +7,8 @@ CPU):
     python examples/distributed_training.py
 
 On several machines (or several processes on one), set `TF_CONFIG` on each
-worker and run the same command on each: the script then uses
+worker and run the same command on each: the script then calls
+`keras_favor.distribute.enable_multi_worker_fit()` and uses
 MultiWorkerMirroredStrategy. Two workers on localhost:
 
     TF_CONFIG='{"cluster": {"worker": ["localhost:12345", "localhost:23456"]},
@@ -79,6 +80,9 @@ def make_strategy():
     """MultiWorkerMirroredStrategy when TF_CONFIG names a cluster, else
     MirroredStrategy over the local devices."""
     if "TF_CONFIG" in os.environ:
+        # Stock Keras's `fit` fails under MultiWorkerMirroredStrategy
+        # (keras-team/keras#20585); this patches it where needed.
+        keras_favor.distribute.enable_multi_worker_fit()
         return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.MirroredStrategy()
 

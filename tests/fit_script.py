@@ -3,10 +3,13 @@ script that trains them under a strategy in a fresh process.
 
     python tests/fit_script.py mirrored OUT_DIR
     python tests/fit_script.py multi_worker OUT_DIR  # with TF_CONFIG set
+    python tests/fit_script.py keras_untouched OUT_DIR
 
 `mirrored` splits the CPU into two logical devices before TensorFlow starts.
-Each mode writes `OUT_DIR/result.json` (and `OUT_DIR/weights.npz`); the
-tests read them.
+`keras_untouched` imports keras_favor into a process that has only Keras
+and checks what the import and `enable_multi_worker_fit` do to Keras.
+Each mode writes `OUT_DIR/result.json` and `OUT_DIR/weights.npz`; the tests
+read them.
 """
 
 import json
@@ -179,33 +182,78 @@ def run_mirrored():
     return train_under(tf.distribute.MirroredStrategy(devices))
 
 
+def keras_trainer_functions():
+    """The two functions of Keras's TensorFlow trainer that
+    `enable_multi_worker_fit` patches, found without keras_favor."""
+    [trainer] = [
+        cls
+        for cls in keras.Model.__mro__
+        if cls.__name__ == "TensorFlowTrainer"
+    ]
+    return (
+        vars(trainer)["_maybe_symbolic_build"],
+        sys.modules[trainer.__module__].reduce_per_replica,
+    )
+
+
+def run_keras_untouched():
+    """Checks, in a fresh process, that `import keras_favor` leaves Keras's
+    trainer functions as they are, and what two calls of
+    `enable_multi_worker_fit` do to them."""
+    stock = keras_trainer_functions()
+    import keras_favor
+
+    imported = keras_trainer_functions()
+    enabled = [keras_favor.distribute.enable_multi_worker_fit()]
+    patched = keras_trainer_functions()
+    enabled.append(keras_favor.distribute.enable_multi_worker_fit())
+    summary = {
+        "unchanged_by_import": [a is b for a, b in zip(stock, imported)],
+        "enable_results": enabled,
+        "enabled": keras_favor.distribute.multi_worker_fit_enabled(),
+        "patched_wraps_stock": [
+            getattr(p, "_keras_favor_wrapped", None) is s
+            for p, s in zip(patched, stock)
+        ],
+        "unchanged_by_second_call": [
+            a is b for a, b in zip(patched, keras_trainer_functions())
+        ],
+    }
+    return summary, {}
+
+
 def run_multi_worker():
-    """Fits under MultiWorkerMirroredStrategy. When the test has disabled
-    the Keras fix (KERAS_FAVOR_NO_MULTI_WORKER_FIX), first records how fit
-    fails with no fix and with only the symbolic-build half of it, then
-    applies the whole fix."""
-    from keras_favor.distribute import multi_worker_fit as fix
+    """Fits under MultiWorkerMirroredStrategy. First records how `fit`
+    fails with stock Keras (`import keras_favor` changes nothing) and with
+    only the symbolic-build half of the fix, then calls
+    `enable_multi_worker_fit` and trains."""
+    import keras_favor
+    from keras_favor.distribute import multi_worker_fit
 
     strategy = multi_worker_strategy()
-    errors = {"fix_applied_on_import": fix.multi_worker_fit_fix_applied()}
-    if not errors["fix_applied_on_import"]:
-        errors["stock_error"] = fit_failure(strategy)
-        trainer = fix.trainer_module().TensorFlowTrainer
-        stock_build = trainer._maybe_symbolic_build
-        trainer._maybe_symbolic_build = fix.fixed_maybe_symbolic_build(
-            stock_build
+    summary = {
+        "enabled_after_import": multi_worker_fit.multi_worker_fit_enabled(),
+        "stock_error": fit_failure(strategy),
+        "symbolic_build_fix_only_error": None,
+    }
+    if multi_worker_fit._keras_needs_fix():
+        trainer = multi_worker_fit._tensorflow_trainer_class()
+        stock_build = vars(trainer)["_maybe_symbolic_build"]
+        trainer._maybe_symbolic_build = (
+            multi_worker_fit._fixed_maybe_symbolic_build(stock_build)
         )
-        errors["symbolic_build_fix_only_error"] = fit_failure(strategy)
+        summary["symbolic_build_fix_only_error"] = fit_failure(strategy)
         trainer._maybe_symbolic_build = stock_build
-        fix.apply_multi_worker_fit_fix()
-    summary, arrays = train_under(strategy)
-    summary.update(errors)
+    summary["enable_result"] = keras_favor.distribute.enable_multi_worker_fit()
+    trained, arrays = train_under(strategy)
+    summary.update(trained)
     return summary, arrays
 
 
 MODES = {
     "mirrored": run_mirrored,
     "multi_worker": run_multi_worker,
+    "keras_untouched": run_keras_untouched,
 }
 
 

@@ -1,6 +1,7 @@
 """Training with tf.distribute: MirroredStrategy on two logical CPUs,
-MultiWorkerMirroredStrategy with two local worker processes (and the Keras
-fix it needs), and XLA-compiled `fit`, all with FeatureRedraw."""
+MultiWorkerMirroredStrategy with two local worker processes (and the opt-in
+Keras fix it needs), and XLA-compiled `fit`, all with FeatureRedraw; and
+that `import keras_favor` leaves Keras alone."""
 
 import json
 import os
@@ -92,22 +93,26 @@ def run_script(mode, out_dirs, envs):
     return results
 
 
-def run_two_workers(mode, tmp_path, **env):
+def two_worker_envs():
+    """Subprocess environments whose TF_CONFIG makes a two-worker cluster
+    on localhost."""
     workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
-    envs = [
+    return [
         subprocess_env(
             TF_CONFIG=json.dumps(
                 {
                     "cluster": {"worker": workers},
                     "task": {"type": "worker", "index": index},
                 }
-            ),
-            **env,
+            )
         )
         for index in range(2)
     ]
+
+
+def run_two_workers(mode, tmp_path):
     out_dirs = [str(tmp_path / f"worker{index}") for index in range(2)]
-    return run_script(mode, out_dirs, envs)
+    return run_script(mode, out_dirs, two_worker_envs())
 
 
 def expected_projection(redraws):
@@ -153,22 +158,24 @@ def test_mirrored_strategy_fit_keeps_replicas_equal(tmp_path):
     check_distributed_fit(summary, arrays)
 
 
-def test_multi_worker_fit_needs_fix_and_gives_identical_workers(tmp_path):
-    """Two workers on localhost, started with the Keras fix disabled: stock
-    Keras fails in both places the fix patches (on a Keras that needs it),
-    each half of the fix is needed, and with the fix applied both workers
-    train to identical weights and projections."""
-    results = run_two_workers(
-        "multi_worker", tmp_path, **{multi_worker_fit.DISABLE_VARIABLE: "1"}
-    )
+def test_multi_worker_fit_needs_the_fix_and_gives_identical_workers(tmp_path):
+    """Two workers on localhost: after `import keras_favor`, stock Keras
+    fails in both places the fix patches (on a Keras that needs it), each
+    half of the fix is needed, and after `enable_multi_worker_fit()` both
+    workers train to identical weights and projections."""
+    needed = multi_worker_fit._keras_needs_fix()
+    results = run_two_workers("multi_worker", tmp_path)
     for summary, arrays in results:
-        assert not summary.pop("fix_applied_on_import")
+        assert not summary.pop("enabled_after_import")
+        assert summary.pop("enable_result") == needed
         stock_error = summary.pop("stock_error")
         half_fix_error = summary.pop("symbolic_build_fix_only_error")
-        if multi_worker_fit.multi_worker_fit_fix_needed():
+        if needed:
             assert "PerReplica" in stock_error
             assert "reduction dimension" in half_fix_error
         else:
+            # Past the last affected version: stock Keras must work, or
+            # `_AFFECTED_KERAS_VERSIONS` needs a higher bound.
             assert stock_error is None
         assert summary["num_replicas"] == 2
         check_distributed_fit(summary, arrays)
@@ -179,21 +186,71 @@ def test_multi_worker_fit_needs_fix_and_gives_identical_workers(tmp_path):
         np.testing.assert_array_equal(arrays_0[name], arrays_1[name])
 
 
-def test_fix_is_applied_on_import_exactly_when_needed():
-    """(Whether it is needed is checked against stock Keras by the
-    multi-worker test above.)"""
-    assert (
-        multi_worker_fit.multi_worker_fit_fix_applied()
-        == multi_worker_fit.multi_worker_fit_fix_needed()
+def test_import_leaves_keras_alone_and_enabling_is_idempotent(tmp_path):
+    """In a fresh process: `import keras_favor` keeps Keras's trainer
+    functions (the same objects), the first `enable_multi_worker_fit()`
+    wraps them and the second changes nothing."""
+    [(summary, _)] = run_script(
+        "keras_untouched", [str(tmp_path / "untouched")], [subprocess_env()]
     )
-    if multi_worker_fit.multi_worker_fit_fix_needed():
-        multi_worker_fit.apply_multi_worker_fit_fix()  # again: no effect
-        trainer = multi_worker_fit.trainer_module()
-        for patched in (
-            trainer.reduce_per_replica,
-            trainer.TensorFlowTrainer._maybe_symbolic_build,
-        ):
-            assert not hasattr(patched.fixes, "fixes")
+    needed = multi_worker_fit._keras_needs_fix()
+    assert summary["unchanged_by_import"] == [True, True]
+    assert summary["enable_results"] == [needed, False]
+    assert summary["enabled"] == needed
+    assert summary["patched_wraps_stock"] == [needed, needed]
+    assert summary["unchanged_by_second_call"] == [True, True]
+
+
+@pytest.fixture
+def stock_trainer_functions():
+    """The trainer functions as they are now (stock: this process never
+    enables the fix); restored after the test, whatever it patched."""
+    functions = fit_script.keras_trainer_functions()
+    assert not multi_worker_fit.multi_worker_fit_enabled()
+    yield functions
+    trainer = multi_worker_fit._tensorflow_trainer_class()
+    trainer._maybe_symbolic_build = functions[0]
+    sys.modules[trainer.__module__].reduce_per_replica = functions[1]
+    assert not multi_worker_fit.multi_worker_fit_enabled()
+
+
+@pytest.mark.parametrize(
+    "version, backend, patches",
+    [
+        ("3.0.0", "tensorflow", True),
+        ("3.15.1", "tensorflow", True),
+        ("2.15.0", "tensorflow", False),
+        ("3.16.0", "tensorflow", False),
+        ("4.0.0", "tensorflow", False),
+        ("3.15.1", "jax", False),
+    ],
+)
+def test_enabling_is_version_gated(
+    stock_trainer_functions, monkeypatch, version, backend, patches
+):
+    monkeypatch.setattr(keras, "version", lambda: version)
+    monkeypatch.setattr(keras.backend, "backend", lambda: backend)
+    assert keras_favor.distribute.enable_multi_worker_fit() == patches
+    after = fit_script.keras_trainer_functions()
+    changed = [a is not b for a, b in zip(after, stock_trainer_functions)]
+    assert changed == [patches, patches]
+    assert multi_worker_fit.multi_worker_fit_enabled() == patches
+    assert not keras_favor.distribute.enable_multi_worker_fit()
+
+
+def test_public_surface():
+    assert keras_favor.distribute.__all__ == [
+        "enable_multi_worker_fit",
+        "multi_worker_fit_enabled",
+    ]
+    public = {
+        name
+        for name in vars(keras_favor.distribute)
+        if not name.startswith("_")
+    }
+    assert public - {"multi_worker_fit"} == set(
+        keras_favor.distribute.__all__
+    )
 
 
 @pytest.mark.parametrize("use_causal_mask", [False, True])
@@ -270,3 +327,24 @@ def test_example_trains_and_resumes(tmp_path):
         outputs[1]
     )
     assert "Done; redraw count per attention layer: [3, 3]" in outputs[1]
+
+
+def test_example_trains_on_two_workers(tmp_path):
+    """examples/distributed_training.py with TF_CONFIG set trains under
+    MultiWorkerMirroredStrategy (which needs its `enable_multi_worker_fit`
+    call) on two local workers."""
+    command = [
+        sys.executable,
+        EXAMPLE,
+        "--epochs=1",
+        "--steps-per-epoch=2",
+        "--redraw-interval=2",
+        f"--backup-dir={tmp_path / 'backup'}",
+    ]
+    logs = [str(tmp_path / f"worker{index}.log") for index in range(2)]
+    codes = run_processes([command] * 2, two_worker_envs(), logs)
+    for code, log in zip(codes, logs):
+        output = log_tail(log, chars=20000)
+        assert code == 0, output
+        assert "2 replica(s) in sync" in output
+        assert "Done; redraw count per attention layer: [1, 1]" in output

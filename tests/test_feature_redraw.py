@@ -1,6 +1,6 @@
 """FeatureRedraw: when and what it redraws, determinism, the layers it
-finds, and exact resume from `.keras` files, `tf.train.Checkpoint` and
-`BackupAndRestore`."""
+finds and their pinned index paths, and exact resume from `.keras` files,
+`tf.train.Checkpoint` and `BackupAndRestore`."""
 
 import keras
 import numpy as np
@@ -208,6 +208,117 @@ def test_finds_nested_layers_and_keeps_frozen_ones_fixed():
         for layer in redrawn.values()
     }
     assert len(drawn) == 3
+
+
+@keras.saving.register_keras_serializable(package="test_feature_redraw")
+class AttentionBlock(keras.layers.Layer):
+    """FavorAttention in a public attribute, a private one and a list, with
+    other layers between them."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.norm = keras.layers.LayerNormalization(name="norm")
+        self.first = keras_favor.FavorAttention(
+            2, 4, num_features=8, seed=1, name="first"
+        )
+        self._second = keras_favor.FavorAttention(
+            2, 4, num_features=8, seed=1, name="second"
+        )
+        self.stack = [
+            keras.layers.Dense(fit_script.DIM, name="stack_dense"),
+            keras_favor.FavorAttention(
+                2, 4, num_features=8, seed=1, name="listed"
+            ),
+        ]
+
+    def build(self, input_shape):
+        dense, attention = self.stack
+        for layer in (self.norm, self.first, self._second, dense, attention):
+            layer.build(input_shape)
+
+    def call(self, x):
+        x = self.norm(x)
+        x = self.first(x, x) + self._second(x, x)
+        dense, attention = self.stack
+        return attention(dense(x), x)
+
+
+def pinned_model():
+    """A functional model holding FavorAttention at the top, shared at two
+    places, and inside a custom layer inside a Sequential."""
+    shape = (fit_script.LENGTH, fit_script.DIM)
+    shared = keras_favor.FavorAttention(
+        2, 4, num_features=8, seed=1, name="shared"
+    )
+    sequential = keras.Sequential(
+        [
+            keras.Input(shape),
+            keras.layers.Dense(fit_script.DIM, name="sequential_dense"),
+            AttentionBlock(name="block"),
+        ],
+        name="sequential",
+    )
+    inputs = keras.Input(shape)
+    x = keras_favor.FavorAttention(
+        2, 4, num_features=8, seed=1, name="top"
+    )(inputs, inputs)
+    x = sequential(x)
+    x = shared(x, x)
+    x = shared(x, x)
+    outputs = keras.layers.Dense(1)(keras.layers.GlobalAveragePooling1D()(x))
+    return keras.Model(inputs, outputs)
+
+
+# The index paths of `pinned_model()`. The functional model's layers:
+# 0 input, 1 top, 2 sequential, 3 shared (once), 4 pooling, 5 dense; the
+# Sequential's: 0 sequential_dense, 1 block; the block's, in the order its
+# attributes are assigned: 0 norm, 1 first, 2 second, 3 stack_dense,
+# 4 listed. Changing any of them changes every seed of a redraw.
+PINNED_PATHS = {
+    "1": "top",
+    "2/1/1": "first",
+    "2/1/2": "second",
+    "2/1/4": "listed",
+    "3": "shared",
+}
+
+
+def layer_names(model):
+    return {
+        path: layer.name
+        for path, layer in favor_attention_layers(model).items()
+    }
+
+
+def test_index_paths_are_pinned():
+    assert layer_names(pinned_model()) == PINNED_PATHS
+
+
+def test_index_paths_and_redraws_survive_a_keras_file(tmp_path):
+    model = pinned_model()
+    path = str(tmp_path / "pinned.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert layer_names(loaded) == PINNED_PATHS
+    for a, b in zip(model.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    projections = []
+    for each in (model, loaded):
+        callback = keras_favor.FeatureRedraw(seed=0)
+        callback.set_model(each)
+        redrawn = callback.redraw()
+        assert sorted(redrawn) == sorted(PINNED_PATHS)
+        projections.append(
+            {
+                path: keras.ops.convert_to_numpy(layer.projection)
+                for path, layer in redrawn.items()
+            }
+        )
+    original, reloaded = projections
+    for path in PINNED_PATHS:
+        np.testing.assert_array_equal(original[path], reloaded[path])
+    # Layers at different paths got different projections.
+    assert len({p.tobytes() for p in original.values()}) == len(PINNED_PATHS)
 
 
 def test_subclass_can_choose_the_layers():

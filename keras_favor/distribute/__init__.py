@@ -1,18 +1,11 @@
-"""Support for `tf.distribute` training, including a fix for Keras'
-`model.fit` under `MultiWorkerMirroredStrategy` (keras-team/keras#20585)
-that `import keras_favor` applies when the installed Keras needs it."""
+"""Support for `tf.distribute` training.
 
-from keras_favor.distribute.multi_worker_fit import (
-    apply_multi_worker_fit_fix,
-)
-from keras_favor.distribute.multi_worker_fit import (
-    apply_multi_worker_fit_fix_if_needed,
-)
-from keras_favor.distribute.multi_worker_fit import (
-    multi_worker_fit_fix_applied,
-)
-from keras_favor.distribute.multi_worker_fit import (
-    multi_worker_fit_fix_needed,
-)
+`enable_multi_worker_fit()` lets Keras's `model.fit` run under
+`MultiWorkerMirroredStrategy` (keras-team/keras#20585). Importing
+keras_favor never patches Keras; call it before `model.fit`.
+"""
 
-apply_multi_worker_fit_fix_if_needed()
+from keras_favor.distribute.multi_worker_fit import enable_multi_worker_fit
+from keras_favor.distribute.multi_worker_fit import multi_worker_fit_enabled
+
+__all__ = ["enable_multi_worker_fit", "multi_worker_fit_enabled"]

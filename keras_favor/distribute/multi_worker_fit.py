@@ -1,96 +1,177 @@
-"""A narrow fix that lets Keras 3 `model.fit` run under
+"""An opt-in fix that lets Keras 3 `model.fit` run under
 `tf.distribute.MultiWorkerMirroredStrategy`.
 
-Stock Keras (verified on 3.15.1, keras-team/keras#20585) fails in two places
-of `keras/src/backend/tensorflow/trainer.py` as soon as the strategy runs in
-multi-worker mode:
+Importing keras_favor changes nothing in Keras. Stock Keras with the
+TensorFlow backend (keras-team/keras#20585; checked up to 3.15) fails in
+`model.fit` as soon as a `MultiWorkerMirroredStrategy` runs in multi-worker
+mode, in two places of its TensorFlow trainer:
 
 1. `TensorFlowTrainer._maybe_symbolic_build` builds the model from the first
    batch, which it gets by `strategy.reduce("MEAN", batch, axis=None)`. A
    multi-worker strategy cannot reduce a `PerReplica` batch eagerly, and
    `fit` stops with "Attempt to convert a value (PerReplica...) to a Tensor".
-2. `reduce_per_replica`, with the default `"auto"` (`"mean"`) reduction of
-   training logs, calls `strategy.reduce("MEAN", value, axis=0)` in
-   multi-worker mode. The logs are scalars, which have no axis 0.
+2. `reduce_per_replica`, a function of the module that defines
+   `TensorFlowTrainer`, reduces the training logs with the default `"auto"`
+   (`"mean"`) reduction by calling `strategy.reduce("MEAN", value, axis=0)`
+   in multi-worker mode. The logs are scalars, which have no axis 0.
 
-The fix replaces both with what the single-worker code path does: the
-symbolic build uses one replica's batch (only its shapes and dtypes matter),
-and the mean of the logs is taken across replicas (`axis=None`), as
-`MirroredStrategy` does. Everywhere else, including every strategy that is
-not multi-worker, the original Keras functions run unchanged.
+`enable_multi_worker_fit()` replaces these two functions with wrappers that
+do what the single-worker code path does: the symbolic build uses one
+replica's batch (only its shapes and dtypes matter), and the mean of the
+logs is taken across replicas (`axis=None`), as `MirroredStrategy` does.
+For every other strategy, and for every other reduction, the wrappers call
+the original Keras functions unchanged. The trainer class is found in the
+method resolution order of `keras.Model`, and `reduce_per_replica` in the
+module that defines it.
 
-`import keras_favor` applies the fix when the installed Keras needs it (see
-`multi_worker_fit_fix_needed`). Set the environment variable
-`KERAS_FAVOR_NO_MULTI_WORKER_FIX=1` before the import to leave Keras as it is.
+Call it once per process, before `model.fit` under
+`MultiWorkerMirroredStrategy`:
+
+```python
+keras_favor.distribute.enable_multi_worker_fit()
+strategy = tf.distribute.MultiWorkerMirroredStrategy()
+```
+
+It patches only Keras versions known to fail with the TensorFlow backend,
+and only once.
 """
 
-import os
+import sys
 
 import keras
 import tensorflow as tf
-
-DISABLE_VARIABLE = "KERAS_FAVOR_NO_MULTI_WORKER_FIX"
 
 # Keras versions [first, last_checked] known to have keras-team/keras#20585.
 # After checking that a newer Keras release still fails under
 # MultiWorkerMirroredStrategy (tests/test_distributed.py does), raise the
 # upper bound; when a release fixes it, make that release the bound.
-AFFECTED_KERAS_VERSIONS = ((3, 0), (3, 15))
+_AFFECTED_KERAS_VERSIONS = ((3, 0), (3, 15))
+
+# Set on each wrapper: the Keras function it wraps.
+_WRAPPED = "_keras_favor_wrapped"
 
 
-def keras_version():
+def enable_multi_worker_fit():
+    """Lets `model.fit` run under `MultiWorkerMirroredStrategy`.
+
+    Patches the two functions of Keras's TensorFlow trainer that fail in
+    multi-worker mode (keras-team/keras#20585; the module docstring of
+    `keras_favor.distribute.multi_worker_fit` says what changes). Call it
+    before `model.fit`. Idempotent, and a no-op unless the backend is
+    TensorFlow and the installed Keras is a version known to need it.
+
+    Returns:
+        True if this call patched Keras; False if Keras was already patched
+        or does not need the fix.
+    """
+    if not _keras_needs_fix() or multi_worker_fit_enabled():
+        return False
+    trainer_class = _tensorflow_trainer_class()
+    trainer_module = sys.modules[trainer_class.__module__]
+    build = vars(trainer_class)["_maybe_symbolic_build"]
+    if not _is_wrapper(build):
+        trainer_class._maybe_symbolic_build = _fixed_maybe_symbolic_build(
+            build
+        )
+    if not _is_wrapper(trainer_module.reduce_per_replica):
+        trainer_module.reduce_per_replica = _fixed_reduce_per_replica(
+            trainer_module.reduce_per_replica
+        )
+    return True
+
+
+def multi_worker_fit_enabled():
+    """Whether `enable_multi_worker_fit()` has patched Keras.
+
+    Returns:
+        True if both trainer functions are patched.
+    """
+    trainer_class = _tensorflow_trainer_class(required=False)
+    if trainer_class is None:
+        return False
+    trainer_module = sys.modules[trainer_class.__module__]
+    return _is_wrapper(
+        vars(trainer_class).get("_maybe_symbolic_build")
+    ) and _is_wrapper(getattr(trainer_module, "reduce_per_replica", None))
+
+
+def _keras_version():
     """The installed Keras `(major, minor)`."""
     major, minor = keras.version().split(".")[:2]
     return int(major), int(minor)
 
 
-def multi_worker_fit_fix_needed():
-    """Whether the installed Keras needs the fix: a TensorFlow backend and a
-    version in `AFFECTED_KERAS_VERSIONS`."""
-    first, last = AFFECTED_KERAS_VERSIONS
+def _keras_needs_fix():
+    """Whether the backend is TensorFlow and the Keras version is in
+    `_AFFECTED_KERAS_VERSIONS`."""
+    first, last = _AFFECTED_KERAS_VERSIONS
     return (
         keras.backend.backend() == "tensorflow"
-        and first <= keras_version() <= last
+        and first <= _keras_version() <= last
     )
 
 
-def trainer_module():
-    from keras.src.backend.tensorflow import trainer
+def _tensorflow_trainer_class(required=True):
+    """The class of `keras.Model`'s bases that defines the TensorFlow
+    training loop, or None (with `required=False`) if there is none."""
+    for cls in keras.Model.__mro__:
+        if cls.__name__ == "TensorFlowTrainer":
+            module = sys.modules[cls.__module__]
+            if "_maybe_symbolic_build" in vars(cls) and hasattr(
+                module, "reduce_per_replica"
+            ):
+                return cls
+    if required:
+        raise RuntimeError(
+            f"`enable_multi_worker_fit` does not recognize Keras "
+            f"{keras.version()}: `keras.Model` has no `TensorFlowTrainer` "
+            "base defining `_maybe_symbolic_build` next to a module-level "
+            "`reduce_per_replica`."
+        )
+    return None
 
-    return trainer
+
+def _is_wrapper(function):
+    return hasattr(function, _WRAPPED)
 
 
-def in_multi_worker_mode(strategy):
+def _in_multi_worker_mode(strategy):
     return isinstance(
         strategy, tf.distribute.MultiWorkerMirroredStrategy
     ) and strategy.extended._in_multi_worker_mode()
 
 
-def first_replica_value(value):
+def _first_replica_value(value):
     if isinstance(value, tf.distribute.DistributedValues):
         return value.values[0]
     return value
 
 
-def fixed_maybe_symbolic_build(original):
+def _fixed_maybe_symbolic_build(original):
+    """`original` (`TensorFlowTrainer._maybe_symbolic_build`), building
+    from the first replica's batch in multi-worker mode."""
+
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         strategy = self._distribute_strategy
-        if iterator is None or not in_multi_worker_mode(strategy):
+        if iterator is None or not _in_multi_worker_mode(strategy):
             return original(self, iterator=iterator, data_batch=data_batch)
         for _, _, distributed_iterator in iterator:
             data_batch = tf.nest.map_structure(
-                first_replica_value, next(distributed_iterator)
+                _first_replica_value, next(distributed_iterator)
             )
             break
         return original(self, data_batch=data_batch)
 
-    _maybe_symbolic_build.fixes = original
+    setattr(_maybe_symbolic_build, _WRAPPED, original)
     return _maybe_symbolic_build
 
 
-def fixed_reduce_per_replica(original):
+def _fixed_reduce_per_replica(original):
+    """`original` (the trainer module's `reduce_per_replica`), taking the
+    mean across replicas with `axis=None` in multi-worker mode."""
+
     def reduce_per_replica(values, strategy, reduction):
-        if reduction not in ("auto", "mean") or not in_multi_worker_mode(
+        if reduction not in ("auto", "mean") or not _in_multi_worker_mode(
             strategy
         ):
             return original(values, strategy, reduction)
@@ -98,40 +179,5 @@ def fixed_reduce_per_replica(original):
             lambda value: strategy.reduce("MEAN", value, axis=None), values
         )
 
-    reduce_per_replica.fixes = original
+    setattr(reduce_per_replica, _WRAPPED, original)
     return reduce_per_replica
-
-
-def multi_worker_fit_fix_applied():
-    """Whether `apply_multi_worker_fit_fix` has patched Keras."""
-    trainer = trainer_module()
-    return hasattr(trainer.reduce_per_replica, "fixes")
-
-
-def apply_multi_worker_fit_fix():
-    """Patches Keras so that `model.fit` works under
-    `MultiWorkerMirroredStrategy` (keras-team/keras#20585).
-
-    Idempotent. Only the multi-worker code paths change; see the module
-    docstring for the two failures it fixes.
-    """
-    if multi_worker_fit_fix_applied():
-        return
-    trainer = trainer_module()
-    cls = trainer.TensorFlowTrainer
-    cls._maybe_symbolic_build = fixed_maybe_symbolic_build(
-        cls._maybe_symbolic_build
-    )
-    trainer.reduce_per_replica = fixed_reduce_per_replica(
-        trainer.reduce_per_replica
-    )
-
-
-def apply_multi_worker_fit_fix_if_needed():
-    """Applies the fix when Keras needs it, unless the environment variable
-    `KERAS_FAVOR_NO_MULTI_WORKER_FIX` is set to a non-empty value other than
-    `0`. Returns whether the fix is in place."""
-    disabled = os.environ.get(DISABLE_VARIABLE, "") not in ("", "0")
-    if multi_worker_fit_fix_needed() and not disabled:
-        apply_multi_worker_fit_fix()
-    return multi_worker_fit_fix_applied()
