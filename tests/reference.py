@@ -1,7 +1,10 @@
-"""Quadratic-time oracles that the linear algorithms are tested against."""
+"""The layer's heads and features in float64, for the quadratic references
+of `keras_favor.ops.naive` that the linear algorithms are tested against."""
 
 import numpy as np
 import tensorflow as tf
+
+from keras_favor import ops as favor_ops
 
 
 def heads(layer, query, value, key=None):
@@ -18,41 +21,32 @@ def heads(layer, query, value, key=None):
     )
 
 
-def features(layer, x):
-    """Unstabilized features `phi(x)` of `(B, H, T, d)` heads, in float64."""
+def feature_fn(layer):
+    """The layer's unstabilized feature function `phi`, in float64."""
     projection = None
     if layer.projection is not None:
-        projection = tf.constant(np.asarray(layer.projection), tf.float64)
-    return np.asarray(layer.feature_map(tf.constant(x, tf.float64), projection))
+        projection = tf.cast(tf.convert_to_tensor(layer.projection), tf.float64)
+    return lambda x: layer.feature_map(tf.cast(x, tf.float64), projection)
 
 
-def attention_from_scores(scores, v, mask=None, causal=False):
-    """`scores v / scores 1` with the key mask and the causal mask applied."""
-    scores = np.array(scores, np.float64)
-    if mask is not None:
-        scores = scores * np.asarray(mask, np.float64)[:, None, None, :]
-    if causal:
-        scores = np.tril(scores)
-    return scores @ v / scores.sum(-1, keepdims=True)
+def features(layer, x):
+    """Unstabilized features `phi(x)` of `(B, H, T, d)` heads, in float64."""
+    return np.asarray(feature_fn(layer)(x))
+
+
+def key_mask(mask):
+    """A `(B, S)` bool mask as the ops take it, `(B, 1, S)`, or None."""
+    return None if mask is None else tf.constant(mask, tf.bool)[:, None, :]
 
 
 def quadratic_feature_attention(layer, q, k, v, mask=None, causal=False):
     """The `L x S` form `phi(Q) phi(K)^T` with the layer's own features."""
-    scores = features(layer, q) @ np.swapaxes(features(layer, k), -1, -2)
-    return attention_from_scores(scores, v, mask, causal)
-
-
-def softmax_attention(q, k, v, mask=None, causal=False):
-    """Exact softmax attention on `(B, H, T, d)` heads."""
-    logits = q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1])
-    logits = logits - logits.max(-1, keepdims=True)
-    return attention_from_scores(np.exp(logits), v, mask, causal)
-
-
-def output(layer, attended):
-    """Applies the layer's output projection to `(B, H, T, dv)` heads."""
-    merged = np.transpose(attended, (0, 2, 1, 3)).astype(np.float32)
-    return np.asarray(layer.output_dense(merged))
+    return np.asarray(
+        favor_ops.naive_linear_attention(
+            *(tf.constant(x, tf.float64) for x in (q, k, v)),
+            feature_fn(layer), mask=key_mask(mask), causal=causal,
+        )
+    )
 
 
 def differentiable_quadratic_layer(layer, query, value, mask=None, causal=False):
@@ -65,21 +59,11 @@ def differentiable_quadratic_layer(layer, query, value, mask=None, causal=False)
     def split(dense, x):
         return tf.transpose(tf.cast(dense(x), tf.float64), (0, 2, 1, 3))
 
-    q = split(layer.query_dense, query)
-    k = split(layer.key_dense, value)
-    v = split(layer.value_dense, value)
-    projection = None
-    if layer.projection is not None:
-        projection = tf.cast(tf.convert_to_tensor(layer.projection), tf.float64)
-    scores = tf.einsum(
-        "bhtf,bhsf->bhts",
-        layer.feature_map(q, projection),
-        layer.feature_map(k, projection),
+    attended = favor_ops.naive_linear_attention(
+        split(layer.query_dense, query),
+        split(layer.key_dense, value),
+        split(layer.value_dense, value),
+        feature_fn(layer), mask=key_mask(mask), causal=causal,
     )
-    if mask is not None:
-        scores *= tf.cast(mask, tf.float64)[:, None, None, :]
-    if causal:
-        scores = tf.linalg.band_part(scores, -1, 0)
-    attended = scores @ v / tf.reduce_sum(scores, -1, keepdims=True)
     merged = tf.cast(tf.transpose(attended, (0, 2, 1, 3)), tf.float32)
     return layer.output_dense(merged)

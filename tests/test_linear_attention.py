@@ -210,7 +210,9 @@ def test_large_inputs_stay_finite_and_match_quadratic(
         reference.features(layer, k), -1, -2
     )
     if np.all(np.isfinite(scores)) and np.all(scores.sum(-1) > 0):
-        expected = reference.attention_from_scores(scores, v, causal=causal)
+        expected = reference.quadratic_feature_attention(
+            layer, q, k, v, causal=causal
+        )
         assert relative_error(actual, expected) < 1e-4
 
 
