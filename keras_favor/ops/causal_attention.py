@@ -13,6 +13,7 @@ from keras_favor.ops.chunk_scan import split_chunks
 from keras_favor.ops.feature_dropout import group_seed
 from keras_favor.ops.feature_dropout import numerator_key_features
 from keras_favor.ops.grouped_recompute import run_in_groups
+from keras_favor.validation import positive_int
 
 
 def empty_causal_state(
@@ -242,6 +243,7 @@ def causal_linear_attention(
         query, key, value, mask = (
             _pad_positions(x, padding) for x in (query, key, value, mask)
         )
+    positive_int(recompute_length, "recompute_length")
     if isinstance(length, int):
         group_length = max(1, recompute_length // chunk_size) * chunk_size
         starts = range(0, length + padding, group_length)

@@ -15,12 +15,15 @@ their activations alive at once and save nothing.
 
 import tensorflow as tf
 
+from keras_favor.validation import positive_int
+
 
 def position_groups(length, recompute_length):
     """Slices of at most `recompute_length` positions covering `length`.
 
     One slice over everything when `length` is unknown or short enough.
     """
+    positive_int(recompute_length, "recompute_length")
     if length is None or length <= recompute_length:
         return [slice(None)]
     return [
@@ -159,7 +162,10 @@ def _recomputed(group_fn, group_inputs, shared, carry):
             ]
             ends = [sum(output_counts[: i + 1]) for i in range(len(groups))]
             state_grad = upstream[ends[-1] :]
-            input_grads, shared_grads, previous = [], [None] * num_shared, []
+            input_grads, shared_grads = [], [None] * num_shared
+            # Each recomputation waits for the gradients it serves, so that
+            # it cannot run early, beside the others.
+            previous = upstream
             for index in reversed(range(len(groups))):
                 group, shared_now, state_in = _after(
                     previous, [groups[index], shared_in, states[index]]
