@@ -20,8 +20,9 @@ class FeatureMap(Configurable):
     `phi(x) = values * exp(log_scale)`, where `values` is bounded (or `None`,
     meaning ones) and `log_scale` broadcasts against it. `FavorAttention`
     subtracts stabilizing shifts from `log_scale` that cancel exactly in the
-    ratio above. A map whose features are small already (ReLU, elu + 1) just
-    implements `call` and returns no log-scale.
+    ratio above (docs/numerics.md, sections 1 and 2). A map whose features
+    are small already (ReLU, elu + 1) just implements `call` and returns no
+    log-scale.
 
     Subclasses set `requires_projection` (whether the map consumes the random
     projection `W` of shape `(num_features, d)`), override `feature_dim` when

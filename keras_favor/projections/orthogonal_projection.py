@@ -29,14 +29,15 @@ class OrthogonalProjection(Projection):
     Rows come in blocks of `dim` mutually orthogonal directions; blocks are
     independent Haar rotations. Each row is then scaled so that its norm is
     distributed like that of a Gaussian vector, which keeps every row
-    marginally `N(0, I)` and the softmax estimate unbiased.
+    marginally `N(0, I)` and the softmax estimate unbiased
+    (docs/numerics.md, section 8).
 
     Args:
         norm: `"chi"` (default) scales each row by the norm of a fresh
             Gaussian vector (a `chi(dim)` sample, independent of the
             directions); `"sqrt_d"` scales every row by `sqrt(dim)`, the
-            deterministic variant (then the estimate is no longer exactly
-            unbiased, but has lower variance).
+            deterministic variant (its estimate is not exactly unbiased,
+            but has lower variance).
 
     References:
         - [Choromanski et al., 2021](https://arxiv.org/abs/2009.14794)
