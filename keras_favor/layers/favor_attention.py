@@ -1,7 +1,6 @@
 """The `FavorAttention` layer."""
 
 import random
-import string
 
 import keras
 import tensorflow as tf
@@ -10,65 +9,15 @@ from keras import ops
 from keras_favor import feature_maps as feature_maps_lib
 from keras_favor import projections as projections_lib
 from keras_favor import ops as favor_ops
+from keras_favor.layers.attention_arguments import check_causal_lengths
+from keras_favor.layers.attention_arguments import key_padding_mask
+from keras_favor.layers.attention_arguments import normalized_output_shape
+from keras_favor.layers.attention_arguments import output_equation
 from keras_favor.validation import dropout_rate
 from keras_favor.validation import optional_seed
 from keras_favor.validation import positive_int
 
 SEED_RANGE = 2**31 - 1
-
-
-def normalized_output_shape(output_shape):
-    if output_shape is None:
-        return None
-    if isinstance(output_shape, int):
-        output_shape = (output_shape,)
-    try:
-        output_shape = tuple(int(dim) for dim in output_shape)
-    except (TypeError, ValueError):
-        raise ValueError(
-            "`output_shape` must be an int, a tuple of ints or None. "
-            f"Received: output_shape={output_shape!r}"
-        )
-    if not output_shape or min(output_shape) <= 0:
-        raise ValueError(
-            "`output_shape` must hold positive sizes. "
-            f"Received: output_shape={output_shape!r}"
-        )
-    return output_shape
-
-
-def output_equation(output_rank):
-    """Einsum `(B, T, heads, dv) -> (B, T, *output_shape)` and its bias axes,
-    the layout of `MultiHeadAttention`'s output projection."""
-    out = string.ascii_lowercase[4 : 4 + output_rank]
-    return f"abcd,cd{out}->ab{out}", out
-
-
-def key_padding_mask(value_mask, key_mask, attention_mask):
-    """Combines the key masks into one bool `(B, S)` mask, or `None`.
-
-    `attention_mask` may only mask keys: shape `(B, S)` or `(B, 1, S)`.
-    """
-    masks = [m for m in (value_mask, key_mask) if m is not None]
-    if attention_mask is not None:
-        rank = len(attention_mask.shape)
-        if rank == 3 and attention_mask.shape[1] == 1:
-            attention_mask = attention_mask[:, 0, :]
-        elif rank != 2:
-            raise ValueError(
-                "FavorAttention is linear attention: it supports key padding "
-                "masks and `use_causal_mask=True`, not general attention "
-                "masks. `attention_mask` must have shape (batch, key_length) "
-                "or (batch, 1, key_length). Received: attention_mask.shape="
-                f"{attention_mask.shape}"
-            )
-        masks.append(attention_mask)
-    if not masks:
-        return None
-    combined = ops.cast(masks[0], "bool")
-    for mask in masks[1:]:
-        combined = ops.logical_and(combined, ops.cast(mask, "bool"))
-    return combined
 
 
 @keras.saving.register_keras_serializable(package="keras_favor")
@@ -391,7 +340,7 @@ class FavorAttention(keras.layers.Layer):
     def _attend(self, query, key, value, mask, use_causal_mask, training):
         """Linear attention on `(B, T, H, d)` heads; returns `(B, T, H, dv)`."""
         query, key, value = (
-            tf.transpose(tf.cast(x, tf.float32), (0, 2, 1, 3))
+            ops.transpose(ops.cast(x, "float32"), (0, 2, 1, 3))
             for x in (query, key, value)
         )
         if mask is not None:
@@ -427,7 +376,7 @@ class FavorAttention(keras.layers.Layer):
                 query_feature_fn=query_feature_fn,
                 recompute_length=self.recompute_length,
             )
-        return tf.transpose(outputs, (0, 2, 1, 3))
+        return ops.transpose(outputs, (0, 2, 1, 3))
 
     def call(
         self,
@@ -486,27 +435,6 @@ class FavorAttention(keras.layers.Layer):
                 "dropout": self.dropout,
                 "use_bias": self.use_bias,
                 "output_shape": self.output_shape_,
-                "kernel_initializer": keras.initializers.serialize(
-                    self.kernel_initializer
-                ),
-                "bias_initializer": keras.initializers.serialize(
-                    self.bias_initializer
-                ),
-                "kernel_regularizer": keras.regularizers.serialize(
-                    self.kernel_regularizer
-                ),
-                "bias_regularizer": keras.regularizers.serialize(
-                    self.bias_regularizer
-                ),
-                "activity_regularizer": keras.regularizers.serialize(
-                    self._activity_regularizer
-                ),
-                "kernel_constraint": keras.constraints.serialize(
-                    self.kernel_constraint
-                ),
-                "bias_constraint": keras.constraints.serialize(
-                    self.bias_constraint
-                ),
                 "feature_map": feature_maps_lib.serialize(self.feature_map),
                 "num_features": self.num_features,
                 "projection": projections_lib.serialize(
@@ -515,15 +443,16 @@ class FavorAttention(keras.layers.Layer):
                 "seed": self.seed,
                 "chunk_size": self.chunk_size,
                 "recompute_length": self.recompute_length,
+                "activity_regularizer": keras.regularizers.serialize(
+                    self._activity_regularizer
+                ),
             }
         )
+        for kind, serialize in (
+            ("initializer", keras.initializers.serialize),
+            ("regularizer", keras.regularizers.serialize),
+            ("constraint", keras.constraints.serialize),
+        ):
+            for name in (f"kernel_{kind}", f"bias_{kind}"):
+                config[name] = serialize(getattr(self, name))
         return config
-
-
-def check_causal_lengths(query, key):
-    query_length, key_length = query.shape[1], key.shape[1]
-    if None not in (query_length, key_length) and query_length != key_length:
-        raise ValueError(
-            "`use_causal_mask=True` needs query and key of the same length. "
-            f"Received: query length {query_length}, key length {key_length}"
-        )

@@ -244,12 +244,13 @@ def causal_linear_attention(
             _pad_positions(x, padding) for x in (query, key, value, mask)
         )
     positive_int(recompute_length, "recompute_length")
+    groups = [slice(None)]
     if isinstance(length, int):
         group_length = max(1, recompute_length // chunk_size) * chunk_size
-        starts = range(0, length + padding, group_length)
-    else:
-        group_length, starts = None, [0]
-    groups = [slice(start, start + group_length) for start in starts]
+        groups = [
+            slice(start, start + group_length)
+            for start in range(0, length + padding, group_length)
+        ] or groups
 
     def group(index, inputs, shared, state):
         query, key, value, mask = inputs
