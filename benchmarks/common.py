@@ -1,73 +1,93 @@
-"""What the benchmarks share: where results go and what machine made them.
+"""What every benchmark shares: timing, memory, the environment, result files.
 
-Run as a script it prints the environment as JSON; the benchmarks call it
-in a subprocess so that the parent process never initialises a GPU.
+Importing it does not import TensorFlow, so the sweep's parent process stays
+free of it (and of the GPU). Run as a script, it prints `describe()` as JSON.
 """
 
+import csv
 import datetime
 import json
+import math
 import os
 import platform
+import resource
 import subprocess
 import sys
+import time
 
 BENCHMARKS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPOSITORY_DIR = os.path.dirname(BENCHMARKS_DIR)
 RESULTS_DIR = os.path.join(BENCHMARKS_DIR, "results")
+PASSES = ("forward", "forward_backward")
 
 
-def cpu_model():
+def time_calls(fn, inputs, repeats, warmup=1, budget_s=math.inf, min_repeats=1):
+    """Seconds of the first call of `fn(*inputs)` (tracing), and of each timed call.
+
+    Each call ends by fetching its result (`.numpy()`), which waits for the
+    device. After `warmup` untimed calls come `repeats` timed calls, fewer
+    once `min_repeats` of them have used `budget_s` seconds.
+    """
+    times = []
+    while len(times) < 1 + warmup + min_repeats or (
+            len(times) < 1 + warmup + repeats and sum(times[1 + warmup:]) < budget_s):
+        start = time.perf_counter()
+        fn(*inputs).numpy()
+        times.append(time.perf_counter() - start)
+    return times[0], times[1 + warmup:]
+
+
+def peak_rss_mib():
+    """This process's peak resident memory so far (`ru_maxrss`), in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def proc_field(path, field):
+    """The text after `field:` in a /proc file (`/proc/meminfo`...), or None."""
     try:
-        output = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        with open(path) as file:
+            values = [line.split(":", 1)[1].strip() for line in file
+                      if line.split(":")[0].strip() == field]
     except OSError:
-        return platform.processor() or "unknown CPU"
-    for line in output.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
+        return None
+    return values[0] if values else None
 
 
-def memory_gb():
-    with open("/proc/meminfo") as file:
-        for line in file:
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 2**20, 1)
-    return None
+def proc_mib(path, field):
+    """A `field: N kB` entry of a /proc file in MiB (`VmRSS`, `MemAvailable`...), or None."""
+    value = proc_field(path, field)
+    return None if value is None else int(value.split()[0]) / 1024
 
 
 def git_commit():
+    """The checked-out commit, marked when keras_favor has uncommitted changes."""
     def git(*args):
-        return subprocess.run(
-            ["git", *args], cwd=REPOSITORY_DIR, capture_output=True, text=True
-        ).stdout.strip()
+        return subprocess.run(["git", *args], cwd=REPOSITORY_DIR, capture_output=True,
+                              text=True).stdout.strip()
 
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
     dirty = git("status", "--porcelain", "--", "keras_favor")
-    return commit + ("+uncommitted keras_favor changes" if dirty else "")
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + (
+        "+uncommitted keras_favor changes" if dirty else "")
 
 
 def describe():
-    """The machine and versions, gathered in this process (imports TF)."""
+    """The machine, versions and code, read in this process (imports TF)."""
     import keras
     import numpy
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
-    gpu = None
-    if gpus:
-        details = tf.config.experimental.get_device_details(gpus[0])
-        gpu = details.get("device_name", gpus[0].name)
+    details = tf.config.experimental.get_device_details(gpus[0]) if gpus else {}
     return {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"
-        ),
-        "cpu": cpu_model(),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": proc_field("/proc/cpuinfo", "model name") or platform.processor(),
         "cores": os.cpu_count(),
-        "memory_gb": memory_gb(),
+        "memory_gib": round(proc_mib("/proc/meminfo", "MemTotal") / 1024, 1),
         "load_average": os.getloadavg(),
-        "gpu": gpu,
+        "gpu": details.get("device_name", gpus[0].name) if gpus else None,
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
+        "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset (on)"),
         "keras": keras.__version__,
         "numpy": numpy.__version__,
         "keras_favor_commit": git_commit(),
@@ -75,32 +95,43 @@ def describe():
 
 
 def environment():
-    """`describe()` from a subprocess, so this process stays GPU-free."""
-    output = subprocess.run(
-        [sys.executable, os.path.abspath(__file__)],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
-    ).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    """`describe()`, read in a subprocess so that this process stays TF-free."""
+    output = subprocess.run([sys.executable, os.path.abspath(__file__)], capture_output=True,
+                            text=True, check=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    return json.loads(output.stdout.strip().splitlines()[-1])
 
 
-def write_environment(csv_path, environment, settings):
-    """Appends this run's environment and settings to the JSON beside the CSV.
-
-    A CSV can hold rows of several runs (partial reruns replace rows), so
-    the JSON keeps every run, in order.
-    """
-    path = csv_path[: -len(".csv")] + ".json"
+def write_environment(path, environment, settings, keep_earlier=False):
+    """Writes the run's environment and settings to the JSON file `path`, after
+    the earlier runs with `keep_earlier` (partial reruns update a CSV)."""
     runs = []
-    if os.path.exists(path) and not settings.get("fresh"):
+    if keep_earlier and os.path.exists(path):
         with open(path) as file:
             runs = json.load(file)["runs"]
-    runs.append({"environment": environment, "settings": settings})
     with open(path, "w") as file:
-        json.dump({"runs": runs}, file, indent=1)
+        json.dump({"runs": runs + [{"environment": environment, "settings": settings}]}, file,
+                  indent=1)
         file.write("\n")
+
+
+def read_csv(path):
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def write_csv(path, fields, rows):
+    """Writes `rows` (dicts) under the header `fields`; missing values stay empty."""
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fields, restval="", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_lines(path, lines):
+    """Writes a summary's lines to `path`, and prints them."""
+    with open(path, "w") as file:
+        file.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

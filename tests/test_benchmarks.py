@@ -1,7 +1,8 @@
 """Smoke tests: the benchmark scripts run end to end at tiny sizes.
 
-They check the scripts' plumbing (CSV, caps, watchdog, plots, summaries),
-not speed: timings belong to the benchmarks themselves.
+They check the scripts' plumbing (CSV, caps, watchdog, plots, summaries)
+and the FLOP counts BENCHMARKS.md explains, not speed: timings belong to the
+benchmarks themselves.
 """
 
 import csv
@@ -14,6 +15,8 @@ BENCHMARKS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench
 sys.path.insert(0, BENCHMARKS_DIR)
 
 import approximation  # noqa: E402
+import flop_bound  # noqa: E402
+import models  # noqa: E402
 import speed_memory  # noqa: E402
 
 
@@ -38,45 +41,46 @@ def test_speed_sweep_records_caps_and_plots(tmp_path, monkeypatch):
         "--output-dir", str(tmp_path),
     )
     rows = read_csv(tmp_path / "speed_memory_cpu.csv")
+    assert list(rows[0]) == list(speed_memory.FIELDS)
     measured = [r for r in rows if r["length"] == "16"]
     assert sorted(r["mode"] for r in measured) == ["bidirectional", "causal"]
     for row in measured:
         assert row["status"] == "over_time_cap"
-        assert float(row["median_s"]) > 0
+        assert float(row["max_s"]) >= float(row["median_s"]) >= float(row["min_s"]) > 0
         assert float(row["peak_rss_mib"]) >= float(row["baseline_rss_mib"]) > 0
     assert [r["status"] for r in rows if r["length"] == "32"] == ["skipped"] * 2
     for name in ("layer.png", "summary.txt", "tables.md"):
         assert (tmp_path / f"speed_memory_cpu_{name}").stat().st_size > 0
-    environment = (tmp_path / "speed_memory_cpu.json").read_text()
-    assert "tensorflow" in environment
+    tables = (tmp_path / "speed_memory_cpu_tables.md").read_text()
+    assert "| 16 |" in tables and "favor causal, fwd+bwd peak GiB" in tables
+    assert "tensorflow" in (tmp_path / "speed_memory_cpu.json").read_text()
 
 
-def test_identity_stack_step_runs():
+@pytest.mark.parametrize("kind", ["identity", "favor"])
+def test_stack_step_runs(kind):
     # The stack level's models build and run one compiled training step.
-    import models
-    import timing
-
-    stack = models.block_stack("identity", causal=False)
-    stack.build((1, 8, models.HIDDEN))
-    step = timing.compiled_step(
-        stack, stack.trainable_variables, "forward_backward"
-    )
-    first, times = timing.time_step(step, timing.random_inputs(8, models.HIDDEN), 1)
-    assert first > 0 and len(times) == 1
+    stack, forward = models.build("stack", kind, causal=True, length=8)
+    step = models.compiled_step(forward, stack.trainable_variables, "forward_backward")
+    first, times = speed_memory.common.time_calls(step, [models.random_inputs(8)], 2)
+    assert first > 0 and len(times) == 2
 
 
-def isolated_args(**overrides):
-    args = speed_memory.parse_args(["--repeats", "1", "--min-repeats", "1"])
-    for key, value in overrides.items():
-        setattr(args, key, value)
-    return args
+def test_identity_stack_keeps_the_value_and_output_projections():
+    # The lower bound is a block without mixing of positions, not a block
+    # without its attention's projections.
+    identity, favor = (models.build("stack", kind, False, 8)[0].trainable_variables
+                       for kind in ("identity", "favor"))
+    query_key = 2 * (2 * models.HIDDEN**2 + 2 * models.HIDDEN)  # kernels and biases, 2 blocks
+    assert sum(v.numpy().size for v in identity) == (
+        sum(v.numpy().size for v in favor) - query_key)
 
 
 def test_watchdog_kills_a_worker_over_the_memory_cap():
     # Importing TensorFlow alone passes 0.1 GB.
-    args = isolated_args(memory_cap_gb=0.1)
-    command = speed_memory.worker_command(args, "layer", "favor", "causal", "forward", 16)
-    result = speed_memory.run_isolated(command, args)
+    args = speed_memory.parse_args(["--repeats", "1", "--memory-cap-gb", "0.1"])
+    configuration = {"level": "layer", "model": "favor", "mode": "causal", "pass": "forward",
+                     "length": 16}
+    result = speed_memory.run_isolated(args, configuration)
     assert result["status"] == "out_of_memory"
     assert result["note"].startswith("killed at")
 
@@ -102,9 +106,14 @@ def test_approximation_writes_errors_and_checks(tmp_path, monkeypatch):
         "--samples", "2", "--output-dir", str(tmp_path),
     )
     rows = read_csv(tmp_path / "approximation.csv")
+    assert list(rows[0]) == list(approximation.FIELDS)
     # 2 regimes x 2 feature maps x 2 projections x 2 sizes x 2 samples.
     assert len(rows) == 32
     assert all(float(r["mse"]) >= 0 for r in rows)
+    # The float32 kernel matches the float64 quadratic form of its features.
+    positive = [float(r["mse_vs_quadratic_form"]) for r in rows
+                if r["sample"] == "0" and r["feature_map"] == "positive"]
+    assert len(positive) == 8 and max(positive) < 1e-10
     summary = (tmp_path / "approximation_summary.txt").read_text()
     assert summary.count("HOLD") == 8
     assert (tmp_path / "approximation.png").stat().st_size > 0
@@ -117,43 +126,80 @@ def test_approximation_error_is_small_with_many_features():
     assert max(positive) < 1e-4
 
 
-def test_flop_counts_match_the_products_in_the_step_graphs():
-    # The arithmetic bound in BENCHMARKS.md rests on these counts: they must
-    # agree with the products each timed step really runs. FAVOR+ also has
-    # its normalizer's matrix-vector products (about 0.5 %), left out.
-    import flop_bound
+# The FLOP counts of the timed steps, written out: BENCHMARKS.md explains the
+# speed-up and the causal cost with them; flop_bound.py counts the graphs.
+H, F, D, E = models.NUM_HEADS, models.NUM_FEATURES, models.KEY_DIM, models.HIDDEN
 
+
+def projection_flops(length):
+    # Query, key, value kernels forward and their gradients, and the output
+    # projection's input gradient (the input takes no gradient, and a sum of
+    # outputs needs no output projection for the weights' gradients).
+    return 8 * 2 * length * E * E
+
+
+def test_exact_step_flops_are_the_two_products_and_their_gradients():
     length = 256
-    for kind, count, tolerance in (
-        ("favor", flop_bound.favor_step_flops, 0.01),
-        ("exact", flop_bound.exact_step_flops, 1e-9),
-    ):
-        counted = flop_bound.graph_step_flops(kind, "bidirectional", length)
-        assert abs(counted - count(length)) <= tolerance * count(length), kind
+    expected = projection_flops(length) + 6 * 2 * length * length * H * D
+    assert flop_bound.step_flops("exact", "bidirectional", length) == expected
 
 
-def test_causal_flop_count_matches_the_products_in_the_step_graph():
-    # BENCHMARKS.md explains the causal step's time with this count: 1024
-    # positions make 16 chunks of 64, passed on in two blocks of 8.
-    import flop_bound
-    import models
+def test_favor_step_flops_are_ten_feature_sized_products():
+    # The feature projections of queries and keys, K'^T V and Q' (K'^T V),
+    # and their gradients, 2 L H F D each; plus the normalizer's
+    # matrix-vector products, about 0.5 %.
+    length = 256
+    expected = projection_flops(length) + 10 * 2 * length * H * F * D
+    counted = flop_bound.step_flops("favor", "bidirectional", length)
+    assert expected <= counted <= 1.01 * expected
 
-    length = 1024
-    chunk_size = models.attention_layer("favor").chunk_size
-    counted = flop_bound.graph_step_flops("favor", "causal", length)
-    expected = flop_bound.favor_causal_step_flops(length, chunk_size)
-    assert counted == expected
+
+def test_causal_step_flops_add_the_chunk_products_and_the_state_prefix():
+    # 1024 positions: 16 chunks of 64, passed on in two blocks of 8.
+    from keras_favor.ops.causal_attention import PREFIX_BLOCK
+
+    length, chunk = 1024, models.build("layer", "favor", True, 8)[0].chunk_size
+
+    def prefix_flops(chunks):  # forward, per head, for the (F, D) states and F sums
+        state = F * D + F
+        if chunks > PREFIX_BLOCK and chunks % PREFIX_BLOCK == 0:
+            within = 2 * chunks * PREFIX_BLOCK * state + 2 * chunks * state
+            return within + prefix_flops(chunks // PREFIX_BLOCK)
+        return 2 * chunks * chunks * state
+
+    # Per position: the feature projections with gradients (4 F D), K'^T V
+    # and Q' S with two gradients each (6 F D), the chunk's C x C scores and
+    # their product with V (3 C (F + D) with gradients), the normalizer (5 F);
+    # the prefix's decay factors take no gradient.
+    per_position = 10 * F * D + 3 * chunk * (F + D) + 5 * F
+    expected = (projection_flops(length) + 2 * length * H * per_position
+                + 2 * H * prefix_flops(length // chunk))
+    assert flop_bound.step_flops("favor", "causal", length) == expected
 
 
 @pytest.mark.parametrize("kind", ["favor", "exact"])
 def test_products_are_rebuilt_as_the_step_runs_them(kind):
     # flop_bound.py times each product of a step alone; it must rebuild the
     # very product: the same output shape for every one in the graph.
-    import flop_bound
-
-    graph = flop_bound.step_graph(kind, "bidirectional", 256)
-    products = flop_bound.executed_products(graph)
+    products = flop_bound.products(flop_bound.step_graph(kind, "bidirectional", 256))
     assert len(products) >= 10
     for op in products:
         product, inputs = flop_bound.rebuilt_product(op)
         assert product(*inputs).shape == op.outputs[0].shape, op.name
+
+
+def test_flop_bound_reports_rates_and_floors(tmp_path, monkeypatch):
+    # The report's lines at tiny sizes, from a speed CSV of two lengths.
+    monkeypatch.setattr(flop_bound, "RATE_SHAPES", ((64, 64, 64),))
+    monkeypatch.setattr(flop_bound, "CAUSAL_LENGTHS", (128,))
+    monkeypatch.setattr(flop_bound, "FLOOR_LENGTH", 128)
+    rows = [{"device": "cpu", "level": "layer", "model": model, "mode": mode,
+             "pass": "forward_backward", "length": length, "status": "ok", "median_s": 0.01}
+            for model in ("favor", "exact") for mode in speed_memory.MODES for length in (64, 128)]
+    speed_memory.common.write_csv(tmp_path / "speed_memory_cpu.csv", speed_memory.FIELDS, rows)
+    run_main(flop_bound, monkeypatch, "--output-dir", str(tmp_path))
+    lines = (tmp_path / "flop_bound_cpu.txt").read_text().splitlines()
+    assert lines[0].startswith("matrix-product rate") and "GFLOP/s" in lines[0]
+    assert [line.split(":")[0] for line in lines[1:]] == ["L=64"] + ["L=128"] * 4
+    assert "FLOP ratio" in lines[2] and "the bidirectional step's; measured 1.00x" in lines[3]
+    assert "products alone" in lines[4] and "10x needs the FAVOR+ step within 0.001 s" in lines[5]
