@@ -28,8 +28,10 @@ class PerformerBlock(keras.layers.Layer):
     whose cost grows linearly with the sequence length. For baselines and
     ablations with the very same block, `attention="exact"` uses
     `keras.layers.MultiHeadAttention` (quadratic softmax attention) and
-    `attention="identity"` replaces attention by the identity (no mixing of
-    positions), which leaves the cost of everything else in the block.
+    `attention="identity"` replaces attention by its value and output
+    projections alone, applied to each position (no mixing of positions):
+    the cost of everything in the block except mixing, the lower bound of
+    the Performer paper's Figure 3.
 
     Masking: the block supports Keras masks (for example from
     `Embedding(mask_zero=True)`). Masked positions are removed as keys from
@@ -144,7 +146,7 @@ class PerformerBlock(keras.layers.Layer):
             )
         hidden_dim = input_shape[-1]
         key_dim = self.key_dim or self._default_key_dim(hidden_dim)
-        self.attention_layer = self._attention_layer(key_dim)
+        self.attention_layer = self._attention_layer(key_dim, input_shape)
         if self.attention_layer is not None:
             self.attention_layer.build(input_shape, input_shape)
         self.attention_norm = self._layer_norm("attention_norm", input_shape)
@@ -175,8 +177,20 @@ class PerformerBlock(keras.layers.Layer):
             )
         return hidden_dim // self.num_heads
 
-    def _attention_layer(self, key_dim):
+    def _attention_layer(self, key_dim, input_shape):
+        hidden_dim = input_shape[-1]
         if self.attention == "identity":
+            # The value and output projections, position by position.
+            self.value_dense = self._dense(
+                self.num_heads * key_dim, None, "value"
+            )
+            self.value_dense.build(input_shape)
+            self.attention_output_dense = self._dense(
+                hidden_dim, None, "attention_output"
+            )
+            self.attention_output_dense.build(
+                self.value_dense.compute_output_shape(input_shape)
+            )
             return None
         common = dict(
             num_heads=self.num_heads,
@@ -224,7 +238,7 @@ class PerformerBlock(keras.layers.Layer):
 
     def _attend(self, x, mask, training):
         if self.attention_layer is None:
-            return x
+            return self.attention_output_dense(self.value_dense(x))
         return self.attention_layer(
             x,
             x,
