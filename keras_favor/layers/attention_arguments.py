@@ -66,3 +66,26 @@ def check_causal_lengths(query, key):
             "`use_causal_mask=True` needs query and key of the same length. "
             f"Received: query length {query_length}, key length {key_length}"
         )
+
+
+def check_input_shapes(query_shape, value_shape, key_shape):
+    """Raises unless query, value and key are `(batch, length, dim)` and
+    value and key have the same length."""
+    for argument, shape in (
+        ("query", query_shape),
+        ("value", value_shape),
+        ("key", key_shape),
+    ):
+        if len(shape) != 3:
+            raise ValueError(
+                f"FavorAttention expects `{argument}` of rank 3, "
+                f"(batch, length, dim). Received: {argument}.shape={shape}"
+            )
+    if value_shape[1] != key_shape[1] and None not in (
+        value_shape[1],
+        key_shape[1],
+    ):
+        raise ValueError(
+            "`value` and `key` must have the same length. Received: "
+            f"value.shape={value_shape}, key.shape={key_shape}"
+        )

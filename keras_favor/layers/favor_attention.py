@@ -10,6 +10,7 @@ from keras_favor import feature_maps as feature_maps_lib
 from keras_favor import projections as projections_lib
 from keras_favor import ops as favor_ops
 from keras_favor.layers.attention_arguments import check_causal_lengths
+from keras_favor.layers.attention_arguments import check_input_shapes
 from keras_favor.layers.attention_arguments import key_padding_mask
 from keras_favor.layers.attention_arguments import normalized_output_shape
 from keras_favor.layers.attention_arguments import output_equation
@@ -234,24 +235,7 @@ class FavorAttention(keras.layers.Layer):
     def build(self, query_shape, value_shape=None, key_shape=None):
         value_shape = query_shape if value_shape is None else value_shape
         key_shape = value_shape if key_shape is None else key_shape
-        for argument, shape in (
-            ("query", query_shape),
-            ("value", value_shape),
-            ("key", key_shape),
-        ):
-            if len(shape) != 3:
-                raise ValueError(
-                    f"FavorAttention expects `{argument}` of rank 3, "
-                    f"(batch, length, dim). Received: {argument}.shape={shape}"
-                )
-        if value_shape[1] != key_shape[1] and None not in (
-            value_shape[1],
-            key_shape[1],
-        ):
-            raise ValueError(
-                "`value` and `key` must have the same length. Received: "
-                f"value.shape={value_shape}, key.shape={key_shape}"
-            )
+        check_input_shapes(query_shape, value_shape, key_shape)
         value_dim = self.value_dim or self.key_dim
         self._query_dense = self._head_projection("query", self.key_dim)
         self._query_dense.build(query_shape)
