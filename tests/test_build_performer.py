@@ -1,11 +1,10 @@
-"""Tests of `keras_favor.build_performer` and `TokenAndPositionEmbedding`."""
+"""Tests of `keras_favor.build_performer`."""
 
 import keras
 import numpy as np
 import pytest
 
 import keras_favor
-from keras_favor.models import TokenAndPositionEmbedding
 
 SIZES = dict(
     vocabulary_size=30,
@@ -176,20 +175,3 @@ def test_post_norm_has_no_final_norm():
 def test_bad_arguments_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         build(**kwargs)
-
-
-def test_embedding_adds_positions_and_masks_zeros():
-    layer = TokenAndPositionEmbedding(10, 6, 4, mask_zero=True)
-    x = np.array([[3, 3, 0]], "int32")
-    out = np.asarray(layer(x))
-    positions = np.asarray(layer.position_embeddings)
-    token = np.asarray(layer.token_embedding.embeddings)
-    np.testing.assert_allclose(out[0], token[[3, 3, 0]] + positions[:3], atol=1e-6)
-    np.testing.assert_array_equal(layer.compute_mask(x), x != 0)
-    assert TokenAndPositionEmbedding(10, 6, 4).compute_mask(x) is None
-
-
-def test_embedding_config_round_trip():
-    layer = TokenAndPositionEmbedding(10, 6, 4, mask_zero=True, name="emb")
-    config = layer.get_config()
-    assert TokenAndPositionEmbedding.from_config(config).get_config() == config

@@ -7,22 +7,90 @@ import pytest
 import tensorflow as tf
 
 import keras_favor
+from tests.layer_test_case import run_layer_test
 
 
-def self_attention_model(layer, length=8, dim=16, causal=False):
-    inputs = keras.Input((length, dim))
-    outputs = layer(inputs, inputs, use_causal_mask=causal)
-    return keras.Model(inputs, outputs)
+def self_attention_data(rng, length=8):
+    x = rng.normal(size=(2, length, 16)).astype("float32")
+    return {"query": x, "value": x}
 
 
-def test_output_shape_and_dtype(rng):
-    layer = keras_favor.FavorAttention(num_heads=2, key_dim=8)
-    query = rng.normal(size=(3, 5, 16)).astype("float32")
-    value = rng.normal(size=(3, 7, 12)).astype("float32")
-    assert layer(query, value).shape == (3, 5, 16)
-    layer = keras_favor.FavorAttention(2, 8, output_shape=(4, 3))
-    assert layer(query, value).shape == (3, 5, 4, 3)
-    assert layer.compute_output_shape((3, 5, 16), (3, 7, 12)) == (3, 5, 4, 3)
+def cross_attention_data(rng):
+    return {
+        "query": rng.normal(size=(2, 8, 16)).astype("float32"),
+        "value": rng.normal(size=(2, 6, 12)).astype("float32"),
+    }
+
+
+# The documented exemptions from the dtype policy: the projection is float32
+# under every policy, the redraw count int32.
+PROJECTION_WEIGHT_DTYPES = {"projection": "float32", "redraw_count": "int32"}
+
+RICH_CONFIG = dict(
+    num_heads=3,
+    key_dim=8,
+    value_dim=4,
+    use_bias=False,
+    output_shape=(4, 3),
+    kernel_initializer="he_normal",
+    kernel_regularizer="l2",
+    feature_map="softmax_hyperbolic",
+    num_features=16,
+    projection=keras_favor.projections.OrthogonalProjection("sqrt_d"),
+    seed=9,
+    chunk_size=4,
+    name="favor",
+)
+
+LAYER_TEST_CASES = {
+    "softmax-bidirectional-cross": (
+        dict(num_heads=2, key_dim=8, num_features=16),
+        cross_attention_data,
+        False,
+        (2, 8, 16),
+        PROJECTION_WEIGHT_DTYPES,
+    ),
+    "softmax-causal-chunked": (
+        dict(num_heads=2, key_dim=8, num_features=16, chunk_size=4),
+        self_attention_data,
+        True,
+        (2, 8, 16),
+        PROJECTION_WEIGHT_DTYPES,
+    ),
+    "hyperbolic-bidirectional-options": (
+        RICH_CONFIG,
+        self_attention_data,
+        False,
+        (2, 8, 4, 3),
+        PROJECTION_WEIGHT_DTYPES,
+    ),
+    "elu-causal": (
+        dict(num_heads=2, key_dim=8, feature_map="elu"),
+        self_attention_data,
+        True,
+        (2, 8, 16),
+        {"redraw_count": "int32"},
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "init_kwargs, data, causal, expected_shape, dtype_exemptions",
+    LAYER_TEST_CASES.values(),
+    ids=LAYER_TEST_CASES.keys(),
+)
+def test_layer_test(
+    rng, tmp_path, init_kwargs, data, causal, expected_shape, dtype_exemptions
+):
+    run_layer_test(
+        keras_favor.FavorAttention,
+        init_kwargs,
+        data(rng),
+        expected_shape,
+        tmp_path,
+        call_kwargs={"use_causal_mask": causal},
+        variable_dtype_exemptions=dtype_exemptions,
+    )
 
 
 @pytest.mark.parametrize(
@@ -201,48 +269,22 @@ def test_dropout_is_active_in_training_and_off_at_inference(rng, causal):
     assert np.all(np.isfinite(trained))
 
 
-def test_get_config_round_trip():
+def test_config_round_trip_of_dropout_an_int_output_shape_and_objects():
+    # Arguments the layer test cannot take: it trains without dropout, and
+    # `get_config` normalizes an int `output_shape` to a tuple.
     layer = keras_favor.FavorAttention(
-        num_heads=3,
-        key_dim=8,
-        value_dim=4,
-        dropout=0.1,
-        use_bias=False,
-        output_shape=12,
-        kernel_initializer="he_normal",
-        kernel_regularizer="l2",
-        feature_map="softmax_hyperbolic",
-        num_features=32,
-        projection=keras_favor.projections.OrthogonalProjection("sqrt_d"),
-        seed=9,
-        chunk_size=16,
-        name="favor",
+        **{**RICH_CONFIG, "dropout": 0.1, "output_shape": 12}
     )
     config = layer.get_config()
     restored = keras_favor.FavorAttention.from_config(config)
     assert restored.get_config() == config
+    assert restored.dropout == 0.1
+    assert restored.output_shape_ == (12,)
     assert restored.projection_distribution.norm == "sqrt_d"
     assert isinstance(
         restored.feature_map,
         keras_favor.feature_maps.SoftmaxHyperbolicFeatures,
     )
-
-
-@pytest.mark.parametrize("causal", [False, True])
-def test_keras_file_round_trip_keeps_the_projection(rng, tmp_path, causal):
-    model = self_attention_model(
-        keras_favor.FavorAttention(2, 8, num_features=16), causal=causal
-    )
-    model.layers[-1].redraw_features(seed=3)
-    x = rng.normal(size=(2, 8, 16)).astype("float32")
-    path = str(tmp_path / "model.keras")
-    model.save(path)
-    restored = keras.saving.load_model(path)
-    np.testing.assert_array_equal(
-        restored.layers[-1].projection, model.layers[-1].projection
-    )
-    assert int(restored.layers[-1].redraw_count) == 1
-    np.testing.assert_array_equal(restored(x), model(x))
 
 
 def test_sequential_and_functional_models_agree(rng):
@@ -278,11 +320,8 @@ def first_token_task(length=12, vocabulary=8, samples=256, seed=0):
     return tokens, np.repeat(tokens[:, :1], length, axis=1)
 
 
-@pytest.mark.parametrize(
-    "causal, jit_compile",
-    [(False, False), (True, False), (False, True), (True, True)],
-)
-def test_fit_lowers_the_loss(causal, jit_compile):
+@pytest.mark.parametrize("causal", [False, True])
+def test_fit_lowers_the_loss(causal):
     tokens, targets = first_token_task()
     inputs = keras.Input((None,), dtype="int32")
     x = keras.layers.Embedding(8, 32)(inputs)
@@ -296,7 +335,7 @@ def test_fit_lowers_the_loss(causal, jit_compile):
     model.compile(
         keras.optimizers.Adam(1e-2),
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        jit_compile=jit_compile,
+        jit_compile=False,
     )
     initial = model.evaluate(tokens, targets, verbose=0)
     model.fit(tokens, targets, epochs=12, batch_size=32, verbose=0)
@@ -319,8 +358,6 @@ def test_mixed_precision_is_finite_for_large_inputs(rng, policy, causal):
         y = layer(x, x, use_causal_mask=causal)
         loss = tf.reduce_sum(tf.cast(y, "float32"))
     gradients = tape.gradient(loss, layer.trainable_weights)
-    assert y.dtype == policy.split("_")[1]
-    assert all(w.dtype == "float32" for w in layer.weights if w.dtype != "int32")
     assert np.all(np.isfinite(np.asarray(y, np.float32)))
     assert all(np.all(np.isfinite(g)) for g in gradients)
 

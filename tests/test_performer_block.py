@@ -6,16 +6,14 @@ import pytest
 
 import keras_favor
 from keras_favor.layers import PerformerBlock
+from tests.layer_test_case import run_layer_test
 
 HIDDEN = 16
+SMALL = dict(num_heads=2, intermediate_dim=32, num_features=16, seed=3)
 
 
 def block(**kwargs):
-    options = dict(
-        num_heads=2, intermediate_dim=32, num_features=16, seed=3
-    )
-    options.update(kwargs)
-    return PerformerBlock(**options)
+    return PerformerBlock(**{**SMALL, **kwargs})
 
 
 def inputs(batch=2, length=8, seed=0):
@@ -24,13 +22,59 @@ def inputs(batch=2, length=8, seed=0):
     )
 
 
-@pytest.mark.parametrize("attention", ["favor", "exact", "identity"])
-@pytest.mark.parametrize("normalize_first", [True, False])
-def test_output_shape_is_input_shape(attention, normalize_first):
-    layer = block(attention=attention, normalize_first=normalize_first)
-    x = inputs()
-    assert layer(x).shape == x.shape
-    assert layer.compute_output_shape(x.shape) == x.shape
+# FavorAttention's projection is float32 under every policy, its redraw
+# count int32.
+FAVOR_WEIGHT_DTYPES = {"projection": "float32", "redraw_count": "int32"}
+
+# Softmax is unchanged when all logits of a query shift: exact attention's
+# key bias gets no gradient.
+EXACT_KEY_BIAS = ("self_attention/key/bias",)
+
+LAYER_TEST_CASES = {
+    "favor-bidirectional-pre-norm": (dict(), FAVOR_WEIGHT_DTYPES, ()),
+    "exact-causal-post-norm-options": (
+        dict(
+            attention="exact",
+            causal=True,
+            normalize_first=False,
+            key_dim=4,
+            activation="relu",
+            layer_norm_epsilon=1e-3,
+            kernel_initializer="he_normal",
+            bias_initializer="ones",
+            feature_map="relu",
+            projection="iid",
+            chunk_size=4,
+            name="block",
+        ),
+        {},
+        EXACT_KEY_BIAS,
+    ),
+    "identity-post-norm": (
+        dict(attention="identity", normalize_first=False),
+        {},
+        (),
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "kwargs, dtype_exemptions, weights_without_gradient",
+    LAYER_TEST_CASES.values(),
+    ids=LAYER_TEST_CASES.keys(),
+)
+def test_layer_test(
+    tmp_path, kwargs, dtype_exemptions, weights_without_gradient
+):
+    run_layer_test(
+        PerformerBlock,
+        {**SMALL, **kwargs},
+        inputs(),
+        (2, 8, HIDDEN),
+        tmp_path,
+        variable_dtype_exemptions=dtype_exemptions,
+        weights_without_gradient=weights_without_gradient,
+    )
 
 
 def test_pre_norm_matches_manual_computation():
@@ -54,10 +98,12 @@ def test_post_norm_matches_manual_computation():
     np.testing.assert_allclose(layer(x), expected, atol=1e-5)
 
 
-def test_identity_attention_has_no_attention_weights():
+def test_identity_attention_keeps_only_value_and_output_projections():
     layer = block(attention="identity")
     layer(inputs())
     assert layer.attention_layer is None
+    assert layer.value_dense.kernel.shape == (HIDDEN, HIDDEN)
+    assert layer.attention_output_dense.kernel.shape == (HIDDEN, HIDDEN)
     x = inputs(batch=1, length=5)
     # No mixing of positions: each position's output depends on itself only.
     single = layer(x[:, 2:3])
@@ -139,18 +185,6 @@ def test_key_dim_defaults_to_hidden_over_heads_and_can_be_set():
     explicit = block(num_heads=3, key_dim=5)
     explicit(inputs())
     assert explicit.attention_layer.key_dim == 5
-
-
-def test_get_config_round_trip():
-    layer = block(
-        attention="exact", causal=True, normalize_first=False, dropout=0.1,
-        feature_map="relu", projection="iid", key_dim=4, activation="relu",
-    )
-    config = layer.get_config()
-    clone = PerformerBlock.from_config(config)
-    assert clone.get_config() == config
-    for name in ("attention", "causal", "normalize_first", "key_dim"):
-        assert getattr(clone, name) == getattr(layer, name)
 
 
 def test_favor_options_reach_the_attention_layer():

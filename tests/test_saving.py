@@ -1,6 +1,5 @@
-"""Saving (`.keras`) and serving (SavedModel) of `build_performer` models."""
+"""Serving (SavedModel) of `build_performer` models."""
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -42,18 +41,6 @@ def model_and_tokens(request):
     tokens = rng.randint(1, 40, (8, MAX_LENGTH)).astype("int32")
     tokens[:, 12:] = 0
     return model, tokens
-
-
-def test_keras_file_round_trip(model_and_tokens, tmp_path):
-    model, tokens = model_and_tokens
-    path = str(tmp_path / "model.keras")
-    model.save(path)
-    loaded = keras.saving.load_model(path)
-    assert type(loaded) is type(model)
-    assert len(loaded.weights) == len(model.weights)
-    for original, restored in zip(model.weights, loaded.weights):
-        np.testing.assert_array_equal(original, restored)
-    np.testing.assert_array_equal(loaded(tokens), model(tokens))
 
 
 def test_saved_model_serves_any_batch_and_length(model_and_tokens, tmp_path):
