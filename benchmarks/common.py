@@ -1,9 +1,10 @@
-"""What every benchmark shares: timing, memory, the environment, result files.
+"""What every benchmark shares: options, timing, memory, the environment, result files.
 
 Importing it does not import TensorFlow, so the sweep's parent process stays
-free of it (and of the GPU). Run as a script, it prints `describe()` as JSON.
+free of it (and of the GPU).
 """
 
+import argparse
 import csv
 import datetime
 import json
@@ -18,7 +19,22 @@ import time
 BENCHMARKS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPOSITORY_DIR = os.path.dirname(BENCHMARKS_DIR)
 RESULTS_DIR = os.path.join(BENCHMARKS_DIR, "results")
-PASSES = ("forward", "forward_backward")
+
+
+def parse_args(doc, argv=None, **options):
+    """The options `--name` of `name=default` or `name=(default, help)`, and
+    `--output-dir` (`benchmarks/results/`): of the default's type, a flag for
+    `False`, one value or more for a list (of strings: its own values only)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    for name, value in dict(options, output_dir=RESULTS_DIR).items():
+        default, help_ = value if isinstance(value, tuple) else (value, None)
+        many = isinstance(default, list)
+        kind = type(default[0] if many else default)
+        parser.add_argument("--" + name.replace("_", "-"), default=default, help=help_, **(
+            {"action": "store_true"} if default is False else {
+                "type": kind, "nargs": "+" if many else None,
+                "choices": default if many and kind is str else None}))
+    return parser.parse_args(argv)
 
 
 def time_calls(fn, inputs, repeats, warmup=1, budget_s=math.inf, min_repeats=1):
@@ -42,21 +58,16 @@ def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def proc_field(path, field):
-    """The text after `field:` in a /proc file (`/proc/meminfo`...), or None."""
+def proc_field(path, field, mib=False):
+    """The text after `field:` in a /proc file, or None; with `mib`, a
+    `field: N kB` entry in MiB (`VmRSS`, `MemAvailable`...)."""
     try:
         with open(path) as file:
-            values = [line.split(":", 1)[1].strip() for line in file
-                      if line.split(":")[0].strip() == field]
+            text = next((line.split(":", 1)[1].strip() for line in file
+                         if line.split(":")[0].strip() == field), None)
     except OSError:
         return None
-    return values[0] if values else None
-
-
-def proc_mib(path, field):
-    """A `field: N kB` entry of a /proc file in MiB (`VmRSS`, `MemAvailable`...), or None."""
-    value = proc_field(path, field)
-    return None if value is None else int(value.split()[0]) / 1024
+    return int(text.split()[0]) / 1024 if mib and text else text
 
 
 def git_commit():
@@ -81,42 +92,36 @@ def describe():
     return {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": proc_field("/proc/cpuinfo", "model name") or platform.processor(),
-        "cores": os.cpu_count(),
-        "memory_gib": round(proc_mib("/proc/meminfo", "MemTotal") / 1024, 1),
-        "load_average": os.getloadavg(),
+        "cores": os.cpu_count(), "load_average": os.getloadavg(),
+        "memory_gib": round(proc_field("/proc/meminfo", "MemTotal", mib=True) / 1024, 1),
         "gpu": details.get("device_name", gpus[0].name) if gpus else None,
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
+        "python": platform.python_version(), "tensorflow": tf.__version__,
         "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset (on)"),
-        "keras": keras.__version__,
-        "numpy": numpy.__version__,
+        "keras": keras.__version__, "numpy": numpy.__version__,
         "keras_favor_commit": git_commit(),
     }
 
 
 def environment():
     """`describe()`, read in a subprocess so that this process stays TF-free."""
-    output = subprocess.run([sys.executable, os.path.abspath(__file__)], capture_output=True,
+    code = "import json, common; print(json.dumps(common.describe()))"
+    output = subprocess.run([sys.executable, "-c", code], cwd=BENCHMARKS_DIR, capture_output=True,
                             text=True, check=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     return json.loads(output.stdout.strip().splitlines()[-1])
 
 
 def write_environment(path, environment, settings, keep_earlier=False):
-    """Writes the run's environment and settings to the JSON file `path`, after
-    the earlier runs with `keep_earlier` (partial reruns update a CSV)."""
+    """Writes the run's environment and settings to the JSON file `path` (and
+    makes its folder), after the earlier runs with `keep_earlier` (partial
+    reruns update a CSV)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     runs = []
     if keep_earlier and os.path.exists(path):
         with open(path) as file:
             runs = json.load(file)["runs"]
     with open(path, "w") as file:
-        json.dump({"runs": runs + [{"environment": environment, "settings": settings}]}, file,
-                  indent=1)
-        file.write("\n")
-
-
-def read_csv(path):
-    with open(path, newline="") as file:
-        return list(csv.DictReader(file))
+        run = {"environment": environment, "settings": settings}
+        file.write(json.dumps({"runs": runs + [run]}, indent=1) + "\n")
 
 
 def write_csv(path, fields, rows):
@@ -132,7 +137,3 @@ def write_lines(path, lines):
     with open(path, "w") as file:
         file.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-if __name__ == "__main__":
-    print(json.dumps(describe()))

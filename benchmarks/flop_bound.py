@@ -12,7 +12,6 @@ elementwise passes FAVOR+'s features need.
     python benchmarks/flop_bound.py          # after speed_memory.py
 """
 
-import argparse
 import math
 import os
 
@@ -25,7 +24,6 @@ import speed_memory
 RATE_SHAPES = ((8192, models.HIDDEN, models.HIDDEN), (4096, 4096, 4096))
 CAUSAL_LENGTHS = (8192, 16384, 32768)
 FLOOR_LENGTH = 8192
-PRODUCTS = ("MatMul", "BatchMatMulV2", "Einsum")
 
 
 def step_graph(kind, mode, length):
@@ -42,21 +40,15 @@ def step_graph(kind, mode, length):
 
 
 def products(graph):
-    """The product ops (`PRODUCTS`) that the graph's outputs depend on."""
+    """The product ops (MatMul, BatchMatMulV2, Einsum) the graph's outputs depend on."""
     seen, stack, found = set(), [t.op for t in graph.outputs], []
     while stack:
         op = stack.pop()
         if op.name not in seen:
             seen.add(op.name)
-            found += [op] if op.type in PRODUCTS else []
+            found += [op] if op.type in ("MatMul", "BatchMatMulV2", "Einsum") else []
             stack += [t.op for t in op.inputs] + list(op.control_inputs)
     return found
-
-
-def transposes(op):
-    """`(transpose_a, transpose_b)` of a MatMul or BatchMatMulV2 op."""
-    names = ("adj_x", "adj_y") if op.type == "BatchMatMulV2" else ("transpose_a", "transpose_b")
-    return tuple(op.get_attr(name) for name in names)
 
 
 def flops(op):
@@ -69,9 +61,9 @@ def flops(op):
             shape = tensor.shape.as_list()
             sizes.update(zip(head, shape), **dict(zip(tail, shape[len(shape) - len(tail):])))
         contracted = math.prod(size for name, size in sizes.items() if name not in output)
-    else:
-        a = op.inputs[0].shape.as_list()
-        contracted = a[-2] if transposes(op)[0] else a[-1]
+    else:  # the first input's last two axes: the output's rows and the contracted axis
+        a, rows = op.inputs[0].shape.as_list(), op.outputs[0].shape[-2]
+        contracted = a[-2] * a[-1] // rows
     return 2 * op.outputs[0].shape.num_elements() * contracted
 
 
@@ -88,9 +80,9 @@ def rebuilt_product(op):
     if op.type == "Einsum":
         equation = op.get_attr("equation").decode()
         return (lambda a, b: tf.einsum(equation, a, b)), inputs
-    transpose_a, transpose_b = transposes(op)
-    return (lambda a, b: tf.linalg.matmul(a, b, transpose_a=transpose_a,
-                                          transpose_b=transpose_b)), inputs
+    names = ("adj_x", "adj_y") if op.type == "BatchMatMulV2" else ("transpose_a", "transpose_b")
+    transposes = [op.get_attr(name) for name in names]
+    return (lambda a, b: tf.linalg.matmul(a, b, *transposes)), inputs
 
 
 def best_time_s(fn, inputs, repeats=5):
@@ -99,12 +91,6 @@ def best_time_s(fn, inputs, repeats=5):
 
     run = tf.function(lambda *x: tf.reshape(fn(*x), [-1])[0])
     return min(common.time_calls(run, inputs, repeats)[1])
-
-
-def products_alone_s(kind, length):
-    """Seconds the step's products take one after another, each run alone."""
-    return sum(best_time_s(*rebuilt_product(op))
-               for op in products(step_graph(kind, "bidirectional", length)))
 
 
 def feature_passes_s(length, repeats=20):
@@ -118,14 +104,11 @@ def feature_passes_s(length, repeats=20):
 
     x, y = tf.random.normal((2, 1, models.NUM_HEADS, length, models.NUM_FEATURES))
     row = tf.random.normal((1, models.NUM_HEADS, length, 1))
-    seconds = {
-        "max": best_time_s(lambda x: tf.reduce_max(x, -1), [x], repeats),
-        "subtract": best_time_s(lambda x, r: x - r, [x, row], repeats),
-        "exp": best_time_s(tf.exp, [x], repeats),
-        "product": best_time_s(lambda x, y: x * y, [x, y], repeats),
-    }
-    counts = {"max": 2, "subtract": 3, "exp": 2, "product": 2}
-    return sum(counts[name] * seconds[name] for name in counts), seconds
+    passes = {"max": (2, lambda x: tf.reduce_max(x, -1), [x]),  # (count, op, inputs)
+              "subtract": (3, tf.subtract, [x, row]), "exp": (2, tf.exp, [x]),
+              "product": (2, tf.multiply, [x, y])}
+    seconds = {name: best_time_s(fn, inputs, repeats) for name, (_, fn, inputs) in passes.items()}
+    return sum(passes[name][0] * s for name, s in seconds.items()), seconds
 
 
 def report(medians, target):
@@ -158,7 +141,9 @@ def report(medians, target):
         if length in favor and length in medians["favor", "causal"]:
             line += f"; measured {medians['favor', 'causal'][length] / favor[length]:.2f}x its time"
         lines.append(line)
-    favor_alone, exact_alone = (products_alone_s(k, FLOOR_LENGTH) for k in ("favor", "exact"))
+    favor_alone, exact_alone = (  # the step's products one after another, each run alone
+        sum(best_time_s(*rebuilt_product(op)) for op in products(step_graph(
+            kind, "bidirectional", FLOOR_LENGTH))) for kind in ("favor", "exact"))
     passes, each = feature_passes_s(FLOOR_LENGTH)
     lines.append(
         f"L={FLOOR_LENGTH}: products alone, one after another: FAVOR+ {favor_alone:.3f} s, exact "
@@ -175,10 +160,7 @@ def report(medians, target):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target-speedup", type=float, default=10.0)
-    parser.add_argument("--output-dir", default=common.RESULTS_DIR)
-    args = parser.parse_args()
+    args = common.parse_args(__doc__, target_speedup=10.0)
     environment = common.describe()
     device = "gpu" if environment["gpu"] else "cpu"
     stem = os.path.join(args.output_dir, f"flop_bound_{device}")

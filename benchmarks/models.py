@@ -8,34 +8,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-import common
 import keras_favor
 
 NUM_HEADS, KEY_DIM, NUM_FEATURES = 8, 64, 256
 HIDDEN, INTERMEDIATE, NUM_BLOCKS = NUM_HEADS * KEY_DIM, 2048, 2
-
-
-class ValueProjection(keras.layers.Layer):
-    """Attention replaced by its value and output projections: all it computes
-    but mixing positions, the paper's lower-bound "X" line
-    (`PerformerBlock(attention="identity")` leaves out the projections too)."""
-
-    def build(self, query_shape, value_shape):
-        heads = (NUM_HEADS, KEY_DIM)
-        self.value_dense = keras.layers.EinsumDense("abc,cde->abde", (None, *heads), bias_axes="de")
-        self.value_dense.build(value_shape)
-        self.output_dense = keras.layers.EinsumDense("abcd,cde->abe", (None, HIDDEN), bias_axes="e")
-        self.output_dense.build(tuple(value_shape[:2]) + heads)
-
-    def call(self, query, value, **unused_masks):
-        return self.output_dense(self.value_dense(value))
-
-
-class ValueProjectionBlock(keras_favor.PerformerBlock):
-    """A `PerformerBlock` whose attention is `ValueProjection`."""
-
-    def _attention_layer(self, key_dim):
-        return ValueProjection()
 
 
 def build(level, kind, causal, length, chunk_size=None):
@@ -44,7 +20,8 @@ def build(level, kind, causal, length, chunk_size=None):
     `level="layer"`: `FavorAttention` (`kind="favor"`) or
     `keras.layers.MultiHeadAttention` (`"exact"`) as self-attention;
     `"stack"`: `NUM_BLOCKS` pre-norm `PerformerBlock`s with `kind` attention,
-    `"identity"` for `ValueProjection`.
+    where `"identity"` keeps only the value and output projections, position
+    by position: everything but mixing positions, the paper's lower bound.
     """
     shape, options = (1, length, HIDDEN), {} if chunk_size is None else {"chunk_size": chunk_size}
     if level == "layer":
@@ -53,18 +30,18 @@ def build(level, kind, causal, length, chunk_size=None):
                  else keras.layers.MultiHeadAttention(NUM_HEADS, KEY_DIM))
         layer.build(shape, shape)
         return layer, lambda x: layer(x, x, use_causal_mask=causal)
-    block = ValueProjectionBlock if kind == "identity" else keras_favor.PerformerBlock
     stack = keras.Sequential([
-        block(NUM_HEADS, INTERMEDIATE, attention=kind, causal=causal, num_features=NUM_FEATURES,
-              seed=0, **options) for _ in range(NUM_BLOCKS)])
+        keras_favor.PerformerBlock(NUM_HEADS, INTERMEDIATE, attention=kind, causal=causal,
+                                   num_features=NUM_FEATURES, seed=0, **options)
+        for _ in range(NUM_BLOCKS)])
     stack.build(shape)
     return stack, stack
 
 
 def compiled_step(forward, variables, pass_, jit_compile=False):
     """A `tf.function` of `x` returning a scalar that depends on the whole step:
-    for `pass_="forward"` the sum of `forward(x)`, for `"forward_backward"` the
-    sum of its gradients with respect to `variables`. Nothing is pruned, and
+    for `pass_="forward"` the sum of `forward(x)`, else (`"forward_backward"`)
+    the sum of its gradients with respect to `variables`. Nothing is pruned, and
     fetching the scalar waits for the whole step."""
     def step(x):
         if pass_ == "forward":
@@ -73,7 +50,6 @@ def compiled_step(forward, variables, pass_, jit_compile=False):
             loss = tf.reduce_sum(forward(x))
         return tf.add_n([tf.reduce_sum(g) for g in tape.gradient(loss, variables)])
 
-    assert pass_ in common.PASSES, pass_
     return tf.function(step, jit_compile=jit_compile)
 
 

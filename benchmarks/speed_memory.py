@@ -16,6 +16,8 @@ budget from that length on. On a GPU, results go to `speed_memory_gpu.*`.
 """
 
 import argparse
+import csv
+import itertools
 import json
 import math
 import os
@@ -27,27 +29,19 @@ import time
 
 import common
 
-LEVELS, PASSES, MODES = ("layer", "stack"), common.PASSES, ("bidirectional", "causal")
-FAVOR, EXACT = ("favor", "bidirectional"), ("exact", "bidirectional")
+LEVELS, PASSES = ("layer", "stack"), ("forward", "forward_backward")
+MODES = ("bidirectional", "causal")
+FAVOR, EXACT, IDENTITY = ((model, "bidirectional") for model in ("favor", "exact", "identity"))
 MODELS = {"layer": (FAVOR, ("favor", "causal"), EXACT, ("exact", "causal")),
-          "stack": (FAVOR, ("favor", "causal"), EXACT, ("identity", "bidirectional"))}
-LENGTHS = tuple(2**k for k in range(9, 17))  # 512 ... 65536
+          "stack": (FAVOR, ("favor", "causal"), EXACT, IDENTITY)}
+LENGTHS = [2**k for k in range(9, 17)]  # 512 ... 65536
 CONFIGURATION = ("device", "level", "model", "mode", "pass", "length", "chunk_size", "jit_compile")
 FIELDS = CONFIGURATION[:6] + (
     "status", "median_s", "min_s", "max_s", "timed_runs", "first_call_s", "baseline_rss_mib",
     "peak_rss_mib", "gpu_peak_mib", "chunk_size", "jit_compile", "load_average",
     "keras_favor_commit", "note")
-WORKER_SETTINGS = ("repeats", "min_repeats", "budget_s", "time_cap_s", "chunk_size", "jit",
-                   "profile_dir")
 MEASURED = ("ok", "over_time_cap")
 OUT_OF_BUDGET = ("over_time_cap", "out_of_memory", "timeout")  # longer lengths are skipped
-RESULT_PREFIX = "RESULT "
-STATUS_CELLS = {"out_of_memory": "OOM", "timeout": "timeout", "": ""}
-# Table columns and plot panels: (pass, CSV column, column, axis label, scale, digits).
-PANELS = (("forward", "median_s", "fwd s", "forward time (s)", 1, 3),
-          ("forward_backward", "median_s", "fwd+bwd s", "forward + backward time (s)", 1, 3),
-          ("forward_backward", "peak_rss_mib", "fwd+bwd peak GiB", "peak RSS, fwd + bwd (GiB)",
-           1 / 1024, 2))
 
 
 def measure(job):
@@ -56,13 +50,12 @@ def measure(job):
 
     import models
 
-    gpus = tf.config.list_physical_devices("GPU")
-    for gpu in gpus:
+    for gpu in (gpus := tf.config.list_physical_devices("GPU")):
         tf.config.experimental.set_memory_growth(gpu, True)
     x = models.random_inputs(job["length"])
     result = {"baseline_rss_mib": round(common.peak_rss_mib(), 1)}
-    model, forward = models.build(
-        job["level"], job["model"], job["mode"] == "causal", job["length"], job["chunk_size"])
+    model, forward = models.build(job["level"], job["model"], job["mode"] == "causal",
+                                  job["length"], job["chunk_size"] or None)
     step = models.compiled_step(forward, model.trainable_variables, job["pass"], job["jit"])
     try:
         first, times = common.time_calls(step, [x], job["repeats"], budget_s=job["budget_s"],
@@ -79,11 +72,6 @@ def measure(job):
     if gpus:
         peak = tf.config.experimental.get_memory_info("GPU:0")["peak"]
         result["gpu_peak_mib"] = round(peak / 2**20, 1)
-    if job["profile_dir"] and result["status"] == "ok":  # one more step, for TensorBoard
-        name = "_".join(str(job[key]) for key in ("level", "model", "mode", "pass", "length"))
-        tf.profiler.experimental.start(os.path.join(job["profile_dir"], name))
-        step(x).numpy()
-        tf.profiler.experimental.stop()
     return result
 
 
@@ -95,9 +83,7 @@ def run_isolated(args, configuration):
     (status `machine_busy`: rerun it), or after `--timeout-s`; an
     address-space limit backs it up.
     """
-    job = dict(configuration, **{name: getattr(args, name) for name in WORKER_SETTINGS})
-    if args.in_process:
-        return measure(job)
+    job = dict(configuration, **vars(args))
     limit = int((2 * args.memory_cap_gb + 8) * 2**30)
     process = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job)],
@@ -107,10 +93,10 @@ def run_isolated(args, configuration):
     deadline, stopped, rss = time.monotonic() + args.timeout_s, None, 0.0
     while stopped is None and process.poll() is None:
         time.sleep(0.05)
-        rss = common.proc_mib(f"/proc/{process.pid}/status", "VmRSS") or rss
+        rss = common.proc_field(f"/proc/{process.pid}/status", "VmRSS", mib=True) or rss
         if rss > args.memory_cap_gb * 1024:
             stopped = "out_of_memory", f"killed at {rss:.0f} MB RSS"
-        elif common.proc_mib("/proc/meminfo", "MemAvailable") < args.reserve_gb * 1024:
+        elif common.proc_field("/proc/meminfo", "MemAvailable", mib=True) < args.reserve_gb * 1024:
             stopped = "machine_busy", f"killed: machine below {args.reserve_gb} GB free"
         elif time.monotonic() > deadline:
             stopped = "timeout", f"killed after {args.timeout_s} s"
@@ -120,8 +106,8 @@ def run_isolated(args, configuration):
     if stopped:
         return {"status": stopped[0], "note": stopped[1], "peak_rss_mib": round(rss, 1)}
     for line in stdout.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
     # Under the address-space limit an allocation fails without a Python error.
     memory = any(word in stderr for word in ("bad_alloc", "Cannot allocate", "OOM"))
     note = (stderr.strip().splitlines() or ["no output"])[-1][:160]
@@ -134,13 +120,12 @@ def sweep(args, device, csv_path):
     Rows of configurations not run stay as they were (`--fresh` drops them).
     """
     key = lambda row: tuple(str(row[name]) for name in CONFIGURATION)  # noqa: E731
-    rows = {}
-    if os.path.exists(csv_path) and not args.fresh:
-        rows = {key(row): row for row in read_rows(csv_path)}
-    order = {name: index for index, name in enumerate(LEVELS + PASSES)}
+    rows = {} if args.fresh or not os.path.exists(csv_path) else {
+        key(row): row for row in read_rows(csv_path)}
+    order = lambda r: (LEVELS.index(r["level"]), r["model"], r["mode"],  # noqa: E731
+                       PASSES.index(r["pass"]), int(r["length"]))
     selected = [(level, model, mode, pass_) for level in args.levels
-                for model, mode in MODELS[level] if not args.models or model in args.models
-                for pass_ in args.passes]
+                for model, mode in MODELS[level] if model in args.models for pass_ in args.passes]
     for level, model, mode, pass_ in selected:
         stopped_at = None
         for length in sorted(args.lengths):
@@ -158,12 +143,13 @@ def sweep(args, device, csv_path):
                   f"{row.get('median_s', '-')} s, peak {row.get('peak_rss_mib', '-')} MiB",
                   flush=True)
             rows[key(row)] = row
-            common.write_csv(csv_path, FIELDS, sorted(rows.values(), key=lambda r: (
-                order[r["level"]], r["model"], r["mode"], order[r["pass"]], int(r["length"]))))
+            common.write_csv(csv_path, FIELDS, sorted(rows.values(), key=order))
 
 
 def read_rows(csv_path):
-    rows = common.read_csv(csv_path)
+    """The CSV's rows, with the lengths and the columns read here as numbers."""
+    with open(csv_path, newline="") as file:
+        rows = list(csv.DictReader(file))
     for row in rows:
         row["length"] = int(row["length"])
         for name in ("median_s", "min_s", "peak_rss_mib", "baseline_rss_mib"):
@@ -171,20 +157,16 @@ def read_rows(csv_path):
     return rows
 
 
-def find(rows, level, model, mode, pass_):
-    return [r for r in rows if (r["level"], r["model"], r["mode"], r["pass"])
-            == (level, model, mode, pass_)]
-
-
 def measured(rows, level, model, mode, pass_, name="median_s"):
     """`{length: value}` of one configuration's measured rows."""
-    return {r["length"]: r[name] for r in find(rows, level, model, mode, pass_)
-            if r["status"] in MEASURED and r[name] is not None}
+    return {r["length"]: r[name] for r in rows if r["status"] in MEASURED and r[name] is not None
+            and (r["level"], r["model"], r["mode"], r["pass"]) == (level, model, mode, pass_)}
 
 
 def out_of_budget_from(rows, level, model, mode, passes=PASSES):
-    return min((r["length"] for p in passes for r in find(rows, level, model, mode, p)
-                if r["status"] in OUT_OF_BUDGET), default=None)
+    """The length from which a configuration (any of `passes`) was out of budget, or None."""
+    return min((r["length"] for r in rows if r["status"] in OUT_OF_BUDGET and r["pass"] in passes
+                and (r["level"], r["model"], r["mode"]) == (level, model, mode)), default=None)
 
 
 def crossover_length(rows, mode, pass_):
@@ -194,8 +176,7 @@ def crossover_length(rows, mode, pass_):
     is faster and the first where it is not; None if it never crosses in
     the measured range, the shortest length if FAVOR+ is always faster.
     """
-    favor = measured(rows, "layer", "favor", mode, pass_)
-    exact = measured(rows, "layer", "exact", mode, pass_)
+    favor, exact = (measured(rows, "layer", model, mode, pass_) for model in ("favor", "exact"))
     previous = None
     for length in sorted(set(favor) & set(exact)):
         ratio = exact[length] / favor[length]
@@ -203,14 +184,13 @@ def crossover_length(rows, mode, pass_):
             if previous is None:
                 return length
             (l0, r0) = previous
-            t = math.log(1 / r0) / math.log(ratio / r0)
-            return round(math.exp(math.log(l0) + t * math.log(length / l0)))
+            return round(l0 * (length / l0) ** (math.log(1 / r0) / math.log(ratio / r0)))
         previous = (length, ratio)
     return None
 
 
 def summary(rows, at=8192, memory_at=65536):
-    """Issue 5's targets as measured, one line each.
+    """The targets as measured, one line each.
 
     Time ratios are of the medians, with the ratio of the fastest runs in
     brackets, as a check against other processes' load. Memory grows as
@@ -234,43 +214,36 @@ def summary(rows, at=8192, memory_at=65536):
                        ("layer", *FAVOR), "forward_backward", at, ">= 10x", lambda v: v >= 10)
     for pass_ in PASSES:
         lines += time_ratio(f"stack, {pass_}, L={at}: FAVOR+ / identity", ("stack", *FAVOR),
-                            ("stack", "identity", "bidirectional"), pass_, at, "<= 2x",
-                            lambda v: v <= 2)
-    for level in LEVELS:
-        for pass_ in PASSES:
-            for length in sorted({r["length"] for r in rows if r["length"] >= at}):
-                lines += time_ratio(f"{level}, {pass_}, L={length}: causal / bidirectional",
-                                    (level, "favor", "causal"), (level, *FAVOR), pass_, length,
-                                    "<= 1.5x", lambda v: v <= 1.5, optional=True)
-    for level in LEVELS:
-        for mode in MODES:
-            peaks = measured(rows, level, "favor", mode, "forward_backward", "peak_rss_mib")
-            bases = measured(rows, level, "favor", mode, "forward_backward", "baseline_rss_mib")
-            growth = [(math.log(n), math.log(p - bases[n])) for n, p in sorted(peaks.items())
-                      if n >= 4096 and p > bases.get(n, p)]
-            slope = statistics.linear_regression(*zip(*growth)).slope if len(growth) > 1 else None
-            peak = peaks.get(memory_at)
-            lines.append(
-                f"{level}, {mode}, fwd+bwd, L={memory_at}: peak RSS "
-                f"{fmt(peak and peak * 2**20 / 1e9, 2, ' GB')} "
-                f"({fmt(peak and peak / 1024, 2, ' GiB')}); target < 6 GB: "
-                f"{verdict(peak, lambda v: v * 2**20 < 6e9)}; log-log slope of "
-                f"(peak - baseline) over L >= 4096: {fmt(slope)} (1 = linear)")
-    for mode in MODES:
-        for pass_ in PASSES:
-            length = crossover_length(rows, mode, pass_) or "n/a (not within the measured lengths)"
-            lines.append(f"crossover, layer, {mode}, {pass_}: FAVOR+ faster than exact from "
-                         f"L ~ {length}")
+                            ("stack", *IDENTITY), pass_, at, "<= 2x", lambda v: v <= 2)
+    for level, pass_, length in itertools.product(
+            LEVELS, PASSES, sorted({r["length"] for r in rows if r["length"] >= at})):
+        lines += time_ratio(f"{level}, {pass_}, L={length}: causal / bidirectional",
+                            (level, "favor", "causal"), (level, *FAVOR), pass_, length,
+                            "<= 1.5x", lambda v: v <= 1.5, optional=True)
+    for level, mode in itertools.product(LEVELS, MODES):
+        peaks = measured(rows, level, "favor", mode, "forward_backward", "peak_rss_mib")
+        bases = measured(rows, level, "favor", mode, "forward_backward", "baseline_rss_mib")
+        growth = [(math.log(n), math.log(p - bases[n])) for n, p in sorted(peaks.items())
+                  if n >= 4096 and p > bases.get(n, p)]
+        slope = statistics.linear_regression(*zip(*growth)).slope if len(growth) > 1 else None
+        peak = peaks.get(memory_at)
+        lines.append(
+            f"{level}, {mode}, fwd+bwd, L={memory_at}: peak RSS "
+            f"{fmt(peak and peak * 2**20 / 1e9, 2, ' GB')} "
+            f"({fmt(peak and peak / 1024, 2, ' GiB')}); target < 6 GB: "
+            f"{verdict(peak, lambda v: v * 2**20 < 6e9)}; log-log slope of "
+            f"(peak - baseline) over L >= 4096: {fmt(slope)} (1 = linear)")
+    for mode, pass_ in itertools.product(MODES, PASSES):
+        length = crossover_length(rows, mode, pass_) or "n/a (not within the measured lengths)"
+        lines.append(f"crossover, layer, {mode}, {pass_}: FAVOR+ faster than exact from "
+                     f"L ~ {length}")
     return lines + [f"{level}, {model} {mode}: out of budget from L={stop}"
                     for level in LEVELS for model, mode in MODELS[level]
                     if (stop := out_of_budget_from(rows, level, model, mode))]
 
 
-STYLES = {("favor", "bidirectional"): ("FAVOR+ bidirectional", "tab:blue", "-"),
-          ("favor", "causal"): ("FAVOR+ causal", "tab:blue", "--"),
-          ("exact", "bidirectional"): ("exact bidirectional", "tab:red", "-"),
-          ("exact", "causal"): ("exact causal", "tab:red", "--"),
-          ("identity", "bidirectional"): ("identity (X, lower bound)", "black", ":")}
+COLORS = {"favor": "tab:blue", "exact": "tab:red", "identity": "black"}
+LABELS = {"favor": "FAVOR+", "exact": "exact", "identity": "identity (X, lower bound)"}
 
 
 def plot(rows, level, png_path, device_name):
@@ -281,15 +254,19 @@ def plot(rows, level, png_path, device_name):
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for axis, (pass_, name, _, label, scale, _) in zip(axes, PANELS):
+    panels = (("forward", "median_s", "forward time (s)", 1),
+              ("forward_backward", "median_s", "forward + backward time (s)", 1),
+              ("forward_backward", "peak_rss_mib", "peak RSS, fwd + bwd (GiB)", 1 / 1024))
+    for axis, (pass_, name, label, scale) in zip(axes, panels):
         for model, mode in MODELS[level]:
             points = sorted(measured(rows, level, model, mode, pass_, name).items())
             if points:
-                title, color, style = STYLES[(model, mode)]
+                style = ":" if model == "identity" else "-" if mode == "bidirectional" else "--"
                 axis.plot([n for n, _ in points], [v * scale for _, v in points], style,
-                          color=color, marker="o", markersize=3, label=title)
+                          color=COLORS[model], marker="o", markersize=3,
+                          label=LABELS[model] + ("" if model == "identity" else f" {mode}"))
                 if stop := out_of_budget_from(rows, level, model, mode, (pass_,)):
-                    axis.axvline(stop, color=color, alpha=0.15)
+                    axis.axvline(stop, color=COLORS[model], alpha=0.15)
         if name == "peak_rss_mib":
             axis.axhline(6e9 / 2**30, color="gray", linestyle=":", linewidth=1)
             axis.annotate("6 GB", (0.02, 6e9 / 2**30), xycoords=("axes fraction", "data"),
@@ -306,72 +283,36 @@ def plot(rows, level, png_path, device_name):
     plt.close(figure)
 
 
-def markdown_table(rows, level):
-    """One line per L, the PANELS columns of each model; OOM: over the memory cap."""
-    models = [c for c in MODELS[level] if any(find(rows, level, *c, p) for p in PASSES)]
-    names = [m if m == "identity" else f"{m} {'bi' if o == 'bidirectional' else o}"
-             for m, o in models]
-    header = ["L"] + [f"{n}, {column}" for _, _, column, *_ in PANELS for n in names]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for length in sorted({r["length"] for r in rows if r["level"] == level}):
-        cells = [str(length)]
-        for pass_, name, _, _, scale, digits in PANELS:
-            for model in models:
-                row = next((r for r in find(rows, level, *model, pass_) if r["length"] == length),
-                           {"status": ""})
-                if row["status"] in MEASURED and row[name] is not None:
-                    cells.append(f"{row[name] * scale:.{digits}f}")
-                else:  # the status that stopped the model, "-" where it was not run
-                    cells.append(STATUS_CELLS.get(row["status"], "-"))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add = parser.add_argument
-    add("--levels", nargs="+", choices=LEVELS, default=list(LEVELS))
-    add("--models", nargs="+", choices=("favor", "exact", "identity"), help="default: all")
-    add("--passes", nargs="+", choices=PASSES, default=list(PASSES))
-    add("--lengths", nargs="+", type=int, default=list(LENGTHS))
-    add("--repeats", type=int, default=5, help="timed runs at most")
-    add("--min-repeats", type=int, default=3, help="timed runs at least")
-    add("--budget-s", type=float, default=20.0,
-        help="stop timing once --min-repeats runs used this many seconds")
-    add("--time-cap-s", type=float, default=60.0, help="median step time cap")
-    add("--memory-cap-gb", type=float, default=10.0, help="resident memory cap")
-    add("--reserve-gb", type=float, default=2.0,
-        help="kill a worker when the machine has less memory available")
-    add("--timeout-s", type=float, default=900.0, help="hard cap per process")
-    add("--chunk-size", type=int, help="FavorAttention chunk_size (default: the layer's)")
-    add("--jit", action="store_true", help="compile the steps with XLA")
-    add("--profile-dir", help="trace one more step of each configuration with tf.profiler here")
-    add("--output-dir", default=common.RESULTS_DIR)
-    add("--plot-only", action="store_true", help="redraw plots and summary from the CSV")
-    add("--fresh", action="store_true", help="discard the CSV's earlier rows")
-    add("--in-process", action="store_true", help="no subprocesses (smoke tests only)")
-    add("--worker", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    return common.parse_args(
+        __doc__, argv, levels=list(LEVELS), models=["favor", "exact", "identity"],
+        passes=list(PASSES), lengths=LENGTHS, repeats=(5, "timed runs at most"),
+        min_repeats=(3, "timed runs at least"),
+        budget_s=(20.0, "stop timing once --min-repeats runs used this many seconds"),
+        time_cap_s=(60.0, "median step time cap"), memory_cap_gb=(10.0, "resident memory cap"),
+        reserve_gb=(2.0, "kill a worker when the machine has less memory available"),
+        timeout_s=(900.0, "hard cap per process"),
+        chunk_size=(0, "FavorAttention chunk_size (0: the layer's default)"),
+        jit=(False, "compile the steps with XLA"),
+        plot_only=(False, "redraw the plots and the summary from the CSV"),
+        fresh=(False, "discard the CSV's earlier rows"),
+        worker=("", argparse.SUPPRESS))
 
 
 def main():
     args = parse_args()
     if args.worker:
-        print(RESULT_PREFIX + json.dumps(measure(json.loads(args.worker))), flush=True)
+        print("RESULT " + json.dumps(measure(json.loads(args.worker))), flush=True)
         return
-    environment = common.describe() if args.in_process else common.environment()
+    environment = common.environment()
     device = "gpu" if environment["gpu"] else "cpu"
     stem = os.path.join(args.output_dir, f"speed_memory_{device}")
-    os.makedirs(args.output_dir, exist_ok=True)
     if not args.plot_only:
         common.write_environment(stem + ".json", environment, vars(args), not args.fresh)
         sweep(args, device, stem + ".csv")
     rows = read_rows(stem + ".csv")
-    levels = [level for level in LEVELS if any(row["level"] == level for row in rows)]
-    for level in levels:
+    for level in {row["level"] for row in rows}:
         plot(rows, level, f"{stem}_{level}.png", environment["gpu"] or environment["cpu"])
-    with open(f"{stem}_tables.md", "w") as file:
-        file.write("".join(f"### {level}\n\n{markdown_table(rows, level)}\n\n" for level in levels))
     common.write_lines(f"{stem}_summary.txt", summary(rows))
 
 
