@@ -14,41 +14,54 @@ RECOMPUTE_LENGTH = 32768
 
 
 def _key_sums(key, value, feature_fn, mask, dropout_rate, dropout_seed):
-    """`(K'^T V, K'^T 1, shift)` of some keys, taken at their own shift.
+    """`(K'^T V, K'^T 1, shift)` of some keys, taken at their own shifts.
 
-    The shift is the max of the valid keys' log-scales, per (batch, head),
-    and `NO_KEY_LEVEL` where there is none.
+    The shift is per feature: the max of the valid keys' log-scales,
+    `(B, H, F)` (or `(B, H, 1)` for a log-scale shared by a row's
+    features), and `NO_KEY_LEVEL` where there is no valid key. Every
+    feature's sum then holds a term `exp(0)`, so `K'^T 1 >= 1` wherever a
+    key exists, however far apart the features' scales are
+    (docs/numerics.md, section 2).
     """
     values, log_scale = feature_fn(key)
     if log_scale is None:
-        shift = ops.zeros(ops.shape(key)[:2], key.dtype)
+        shift = None
     else:
-        shift = ops.max(stabilizers.row_log_level(log_scale, mask), axis=-1)
+        shift = stabilizers.column_log_level(log_scale, mask)
     key_feats = stabilizers.shifted_key_features(
-        values, log_scale, shift[..., None], mask
+        values, log_scale, None if shift is None else shift[:, :, None], mask
     )
     dropped = numerator_key_features(key_feats, dropout_rate, dropout_seed)
     key_values = ops.matmul(ops.swapaxes(dropped, -1, -2), value)
+    if shift is None:
+        shift = ops.zeros_like(key_feats[:, :, 0])
     return key_values, ops.sum(key_feats, axis=2), shift
 
 
 def _add_key_sums(sums, more):
-    """Two `(K'^T V, K'^T 1, shift)` triples, summed at the larger shift.
+    """Two `(K'^T V, K'^T 1, shift)` triples, summed at the larger shifts.
 
-    Each enters with a factor `exp(shift - larger) <= 1`.
+    Each feature's sums enter with a factor `exp(shift - larger) <= 1`.
     """
     shift = ops.maximum(sums[2], more[2])
-    factors = [ops.exp(s[2] - shift) for s in (sums, more)]
-    pairs = list(zip((sums, more), factors))
-    key_values = sum(s[0] * f[..., None, None] for s, f in pairs)
-    key_sum = sum(s[1] * f[..., None] for s, f in pairs)
+    pairs = [(s, ops.exp(s[2] - shift)) for s in (sums, more)]
+    key_values = sum(s[0] * f[..., None] for s, f in pairs)
+    key_sum = sum(s[1] * f for s, f in pairs)
     return key_values, key_sum, shift
 
 
-def _attend_to_key_sums(query, key_values, key_sum, query_feature_fn):
-    """`Q'(K'^T V) / Q'(K'^T 1)` given the two key sums."""
+def _attend_to_key_sums(query, key_values, key_sum, shift, query_feature_fn):
+    """`Q'(K'^T V) / Q'(K'^T 1)` given the key sums at per-feature shifts.
+
+    The keys' shifts move to the queries (`+ shift` on their log-scale),
+    which keeps every product `q_f k_f` as it is; the query shift then makes
+    the normalizer >= 1 (docs/numerics.md, section 3).
+    """
+    values, log_scale = query_feature_fn(query)
+    if log_scale is not None:
+        log_scale = log_scale + shift[:, :, None]
     query_feats = stabilizers.query_features(
-        *query_feature_fn(query),
+        values, log_scale,
         [(stabilizers.log_key_sum(key_sum)[:, :, None], None)],
     )
     numerator = ops.matmul(query_feats, key_values)
@@ -67,10 +80,10 @@ def bidirectional_linear_attention(
 ):
     """`Q'(K'^T V) / Q'(K'^T 1)` without forming any `L x S` matrix.
 
-    Keys are summed into `K'^T V` and `K'^T 1` at one shift per batch and
-    head (the max of the valid keys' log-scales), which cancels in the ratio;
-    queries are shifted so that their normalizer stays >= 1
-    (docs/numerics.md, sections 2 and 3).
+    Keys are summed into `K'^T V` and `K'^T 1` at one shift per feature
+    (the max of the valid keys' log-scales), which moves onto the queries'
+    features and so cancels in every product; queries are shifted so that
+    their normalizer stays >= 1 (docs/numerics.md, sections 2 and 3).
 
     Args:
         query: `(B, H, L, d)` heads; key `(B, H, S, d)`; value `(B, H, S, D)`.
@@ -94,10 +107,10 @@ def bidirectional_linear_attention(
     query_slices = position_groups(query.shape[2], recompute_length)
     key_slices = position_groups(key.shape[2], recompute_length)
     if len(query_slices) == 1 and len(key_slices) == 1:
-        key_values, key_sum, _ = _key_sums(
+        key_sums = _key_sums(
             key, value, feature_fn, mask, dropout_rate, dropout_seed
         )
-        return _attend_to_key_sums(query, key_values, key_sum, query_feature_fn)
+        return _attend_to_key_sums(query, *key_sums, query_feature_fn)
 
     def key_group(index, inputs, shared, sums):
         key, value, mask = inputs
@@ -112,9 +125,9 @@ def bidirectional_linear_attention(
     no_keys = [
         ops.zeros((1, 1, 1, 1), value.dtype),
         ops.zeros((1, 1, 1), value.dtype),
-        ops.full((1, 1), stabilizers.NO_KEY_LEVEL, value.dtype),
+        ops.full((1, 1, 1), stabilizers.NO_KEY_LEVEL, value.dtype),
     ]
-    _, (key_values, key_sum, _) = run_in_groups(
+    _, key_sums = run_in_groups(
         key_group,
         [
             [key[:, :, s], value[:, :, s], _positions(mask, s)]
@@ -126,6 +139,6 @@ def bidirectional_linear_attention(
     outputs, _ = run_in_groups(
         query_group,
         [[query[:, :, s]] for s in query_slices],
-        shared=[key_values, key_sum],
+        shared=key_sums,
     )
     return ops.concatenate([o[0] for o in outputs], axis=2)

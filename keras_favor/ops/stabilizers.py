@@ -39,6 +39,15 @@ def row_log_level(log_scale, mask=None):
     return ops.where(mask, level, NO_KEY_LEVEL)
 
 
+def column_log_level(log_scale, mask=None):
+    """The largest log-scale of each feature over the positions, without
+    gradient: `(B, H, F)` from `(B, H, L, F)`, `NO_KEY_LEVEL` where no
+    position is valid. Masked positions enter no maximum."""
+    if mask is not None:
+        log_scale = ops.where(mask[..., None], log_scale, NO_KEY_LEVEL)
+    return ops.stop_gradient(ops.max(log_scale, axis=2))
+
+
 def log_key_sum(key_sum):
     """`log(key_sum)`, finite (about -85) where the sum is 0."""
     return ops.log(ops.maximum(key_sum, 1e-37))
@@ -85,10 +94,12 @@ def query_features(values, log_scale, key_sum_log_bounds=()):
 def key_exponent(log_scale, shift, mask):
     """`log_scale - shift`, and `NO_KEY_LEVEL` at masked keys.
 
+    `shift` broadcasts against `log_scale`, `mask` against its rows.
+
     Masked before `exp`, so padded keys produce neither an overflow nor a
     NaN gradient, and `exp(NO_KEY_LEVEL)` is exactly 0.
     """
-    exponent = log_scale - shift[..., None]
+    exponent = log_scale - shift
     if mask is None:
         return exponent
     return ops.where(mask[..., None], exponent, NO_KEY_LEVEL)
