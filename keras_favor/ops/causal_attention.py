@@ -52,9 +52,12 @@ def _chunk_levels(log_scale, mask, carried_level):
 
     Returns:
         `(before, after)`: the levels `(B, H, n, F)` before each chunk and
-        at its end. Neither looks at any key after the chunk.
+        at its end, without gradient (they cancel). Neither looks at any key
+        after the chunk.
     """
-    chunk_max = ops.max(_masked(log_scale, mask, stabilizers.NO_KEY_LEVEL), 3)
+    chunk_max = ops.stop_gradient(
+        ops.max(_masked(log_scale, mask, stabilizers.NO_KEY_LEVEL), axis=3)
+    )
     carried = carried_level + ops.zeros_like(chunk_max[:, :, 0])
     after = ops.maximum(carried[:, :, None], running_max(chunk_max, axis=2))
     return levels_before(after, carried), after
