@@ -216,6 +216,12 @@ def causal_linear_attention(
     returned, gives the outputs (and gradients) of the whole sequence run
     at once; a piece of one position costs `O(F D)` per head.
 
+    Limit in float32: the keys inside one chunk share a stabilizer level per
+    position, so at very large input scales (attention logits of order
+    1e3 and more) a query whose features align with features that sit far
+    below a key's largest one can get an exact-zero output where the
+    estimator is not zero. Bidirectional attention has no such limit.
+
     Args:
         query, key: `(B, H, L, d)` heads; value: `(B, H, L, D)`.
         feature_fn: maps heads to `(values, log_scale)` feature parts, as
