@@ -94,7 +94,8 @@ def next_token_pairs(windows):
 
 
 def bits_per_byte(y_true, y_pred):
-    """Cross-entropy in bits: each token is one byte."""
+    """Cross-entropy in bits: each token is one byte. (The windows are cut
+    from the corpus, so no target is padding and this is the loss in bits.)"""
     loss = keras.losses.sparse_categorical_crossentropy(
         y_true, y_pred, from_logits=True
     )
@@ -104,7 +105,8 @@ def bits_per_byte(y_true, y_pred):
 def compile_model(model, args):
     model.compile(
         optimizer=keras.optimizers.AdamW(args.learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        # The next-token cross-entropy over the non-padding targets.
+        loss=keras_favor.models.language_model_loss(),
         metrics=[bits_per_byte],
     )
 

@@ -451,3 +451,57 @@ def test_config_round_trip():
 def test_invalid_arguments(kwargs, argument):
     with pytest.raises(ValueError, match=f"`{argument}`"):
         keras_favor.FeatureRedraw(**kwargs)
+
+
+def attention_free_model():
+    inputs = keras.Input((fit_script.LENGTH, fit_script.DIM))
+    x = keras.layers.MultiHeadAttention(2, 4)(inputs, inputs)
+    outputs = keras.layers.Dense(1)(keras.layers.GlobalAveragePooling1D()(x))
+    return keras.Model(inputs, outputs, name="no_favor")
+
+
+def frozen_model():
+    model = fit_script.tiny_model()
+    model.get_layer("attention").trainable = False
+    return model
+
+
+def projection_free_model():
+    inputs = keras.Input((fit_script.LENGTH, fit_script.DIM))
+    x = keras_favor.FavorAttention(2, 4, feature_map="elu")(inputs, inputs)
+    outputs = keras.layers.Dense(1)(keras.layers.GlobalAveragePooling1D()(x))
+    return keras.Model(inputs, outputs)
+
+
+@pytest.mark.parametrize(
+    "make_model, reason",
+    [
+        (attention_free_model, "no FavorAttention"),
+        (frozen_model, "trainable=False"),
+        (projection_free_model, "none with a random projection"),
+    ],
+)
+def test_warns_once_per_fit_when_there_is_nothing_to_redraw(
+    make_model, reason
+):
+    model = fit_script.compile_model(make_model())
+    callback = keras_favor.FeatureRedraw(interval=1, seed=0)
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="FeatureRedraw") as record:
+            fit(model, [callback], epochs=3)
+        messages = [
+            str(w.message) for w in record if "FeatureRedraw" in str(w.message)
+        ]
+        assert len(messages) == 1
+        assert reason in messages[0]
+
+
+def test_does_not_warn_with_layers_to_redraw():
+    import warnings
+
+    model = compiled_model()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fit(model, [keras_favor.FeatureRedraw(interval=1, seed=0)], epochs=2)
+    assert not [w for w in record if "FeatureRedraw" in str(w.message)]
+    assert redraw_count(model.get_layer("attention")) == 2 * 32 // BATCH

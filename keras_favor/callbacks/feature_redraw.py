@@ -1,6 +1,7 @@
 """The `FeatureRedraw` callback."""
 
 import functools
+import warnings
 import zlib
 
 import keras
@@ -179,6 +180,10 @@ class FeatureRedraw(keras.callbacks.Callback):
     if l.name != "cross_attention"}`. A layer with `feature_map="elu"` has
     no projection and is left alone.
 
+    A callback with nothing to redraw (no `FavorAttention` in the model, or
+    none that is trainable and has a projection) warns once at the start of
+    every `fit`, saying why, and then does nothing.
+
     Args:
         interval: int, the number of training steps between redraws.
             Defaults to 1000.
@@ -246,6 +251,43 @@ class FeatureRedraw(keras.callbacks.Callback):
         for path, layer in layers.items():
             layer.redraw_features(self.redraw_seed(path, layer))
         return layers
+
+    def on_train_begin(self, logs=None):
+        if not self.layers_to_redraw():
+            warnings.warn(self._nothing_to_redraw_message())
+
+    def _nothing_to_redraw_message(self):
+        layers = favor_attention_layers(self.model)
+        if not layers:
+            reason = "holds no FavorAttention layer"
+        else:
+            with_projection = [
+                layer for layer in layers.values()
+                if layer.projection is not None
+            ]
+            if not with_projection:
+                reason = (
+                    f"holds {len(layers)} FavorAttention layer(s), none with "
+                    "a random projection (their feature maps, such as "
+                    "'elu' or 'relu', use none)"
+                )
+            elif not any(layer.trainable for layer in with_projection):
+                reason = (
+                    f"holds {len(with_projection)} FavorAttention layer(s) "
+                    "with a projection, all with `trainable=False` (the "
+                    "callback leaves frozen layers alone)"
+                )
+            else:
+                reason = (
+                    "has FavorAttention layers to redraw, but "
+                    "`layers_to_redraw()` returned none"
+                )
+        return (
+            f"FeatureRedraw will redraw nothing: the model "
+            f"{self.model.name!r} {reason}. Remove the callback, or give it "
+            "a model with a trainable FavorAttention whose feature map uses "
+            "a projection (such as the default 'softmax')."
+        )
 
     def training_step(self):
         return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))

@@ -1,7 +1,10 @@
 """`build_performer`: Performer models in one call."""
 
 import keras
+import numpy as np
 
+from keras_favor.validation import dropout_rate
+from keras_favor.validation import optional_seed
 from keras_favor.validation import positive_int
 from keras_favor.layers.performer_block import PerformerBlock
 from keras_favor.models.token_and_position_embedding import (
@@ -45,7 +48,8 @@ def build_performer(
     - `task="language_model"`: `(batch, length, vocabulary_size)` logits,
       where position `t` predicts token `t + 1`. Causal attention: the
       prediction at `t` depends on tokens `<= t` only. Train it on
-      `(tokens[:, :-1], tokens[:, 1:])`.
+      `(tokens[:, :-1], tokens[:, 1:])` with the loss
+      `keras_favor.models.language_model_loss()` (see Masking).
     - `task="encoder"`: `(batch, length, hidden_dim)` contextual vectors.
       Bidirectional attention.
 
@@ -60,8 +64,18 @@ def build_performer(
     same weights layout: `set_weights` copies weights between the two.
 
     Masking: with `mask_zero=True` (the default), token id 0 is padding: it
-    is masked out of attention, out of the classifier's mean, and out of the
-    language model's loss in `fit` and `evaluate`.
+    is masked out of attention and out of the classifier's mean. The
+    language model's loss must skip the positions whose *target* is
+    padding, which the inputs cannot tell (with `(tokens[:, :-1],
+    tokens[:, 1:])`, the last real input token of a padded sequence has the
+    target 0). So the language model's logits carry no Keras mask, and the
+    loss ignores target 0 itself: compile with
+    `keras_favor.models.language_model_loss()`, which is
+    `keras.losses.SparseCategoricalCrossentropy(from_logits=True,
+    ignore_class=0)`; `fit` and `evaluate` then average over the non-padding
+    targets. (A plain `SparseCategoricalCrossentropy` would also train on
+    the padding targets. Metrics see every position: give them
+    `sample_weight=targets != 0` through `weighted_metrics`.)
 
     Args:
         vocabulary_size: int, number of token ids (including the padding
@@ -75,7 +89,8 @@ def build_performer(
             Defaults to `4 * hidden_dim`.
         task: `"classification"` (default), `"language_model"` or
             `"encoder"`.
-        num_classes: int, number of classes for classification.
+        num_classes: int, number of classes for classification (ignored by
+            the other tasks).
         dropout: float in `[0, 1)`, dropout after the embeddings and in
             every block.
         feature_map, num_features, projection: passed to every
@@ -95,6 +110,12 @@ def build_performer(
     Returns:
         An uncompiled `keras.Model` (or `keras.Sequential`).
 
+    Raises:
+        ValueError: for an argument outside what is allowed above; the
+            message names the argument. At call time, token sequences
+            longer than `max_length` raise an error that names
+            `max_length`, also from an exported SavedModel.
+
     Example:
 
     ```python
@@ -108,6 +129,12 @@ def build_performer(
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
+
+    lm = keras_favor.build_performer(
+        vocabulary_size=257, max_length=512, task="language_model", seed=0
+    )
+    lm.compile("adam", keras_favor.models.language_model_loss())
+    lm.fit(tokens[:, :-1], tokens[:, 1:])  # token id 0 is padding
     ```
     """
     if task not in TASKS:
@@ -118,16 +145,33 @@ def build_performer(
         raise ValueError(
             f"`api` must be one of {list(APIS)}. Received: api={api!r}"
         )
+    vocabulary_size = positive_int(vocabulary_size, "vocabulary_size")
+    max_length = positive_int(max_length, "max_length")
     num_layers = positive_int(num_layers, "num_layers")
+    num_heads = positive_int(num_heads, "num_heads")
     hidden_dim = positive_int(hidden_dim, "hidden_dim")
-    if hidden_dim % positive_int(num_heads, "num_heads"):
+    if hidden_dim % num_heads:
         raise ValueError(
             f"`hidden_dim` ({hidden_dim}) must be divisible by `num_heads` "
             f"({num_heads})."
         )
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+    intermediate_dim = positive_int(
+        intermediate_dim, "intermediate_dim", allow_none=True
+    )
+    if intermediate_dim is None:
+        intermediate_dim = 4 * hidden_dim
+    if task == "classification":
+        num_classes = positive_int(num_classes, "num_classes")
+    dropout = dropout_rate(dropout, "dropout")
+    num_features = positive_int(num_features, "num_features")
+    chunk_size = positive_int(chunk_size, "chunk_size")
+    recompute_length = positive_int(recompute_length, "recompute_length")
+    seed = optional_seed(seed, "seed")
+    normalize_first = boolean(normalize_first, "normalize_first")
+    mask_zero = boolean(mask_zero, "mask_zero")
+    if name is not None and not isinstance(name, str):
         raise ValueError(
-            f"`seed` must be an int or None. Received: seed={seed!r}"
+            f"`name` must be a string or None. Received: name={name!r}"
         )
     layers = [
         TokenAndPositionEmbedding(
@@ -143,7 +187,7 @@ def build_performer(
         layers.append(
             PerformerBlock(
                 num_heads=num_heads,
-                intermediate_dim=intermediate_dim or 4 * hidden_dim,
+                intermediate_dim=intermediate_dim,
                 dropout=dropout,
                 normalize_first=normalize_first,
                 causal=task == "language_model",
@@ -169,15 +213,66 @@ def build_performer(
     return keras.Model(inputs, outputs, name=name)
 
 
+def boolean(value, name):
+    """`value` as a bool, or a `ValueError` unless it is one."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(
+            f"`{name}` must be True or False. Received: {name}={value!r}"
+        )
+    return bool(value)
+
+
 def task_head(task, vocabulary_size, num_classes):
     """The layers after the last block, for `task`."""
     if task == "classification":
         return [
             keras.layers.GlobalAveragePooling1D(name="pooling"),
-            keras.layers.Dense(
-                positive_int(num_classes, "num_classes"), name="logits"
-            ),
+            keras.layers.Dense(num_classes, name="logits"),
         ]
     if task == "language_model":
-        return [keras.layers.Dense(vocabulary_size, name="logits")]
+        return [LanguageModelLogits(vocabulary_size, name="logits")]
     return []
+
+
+def language_model_loss():
+    """The loss of a `build_performer(task="language_model")` model.
+
+    `keras.losses.SparseCategoricalCrossentropy(from_logits=True,
+    ignore_class=0)`: the cross-entropy of the next-token logits, averaged
+    over the positions whose target is not the padding id 0. With the
+    recipe `(tokens[:, :-1], tokens[:, 1:])` these are exactly the
+    predictions of real tokens (the prediction after a sequence's last
+    token, whose target is padding, is left out). For a model built with
+    `mask_zero=False`, where 0 is an ordinary token, use
+    `SparseCategoricalCrossentropy(from_logits=True)` instead.
+
+    Returns:
+        A `keras.losses.Loss`.
+
+    Example:
+
+    ```python
+    lm = keras_favor.build_performer(
+        vocabulary_size=257, max_length=128, task="language_model"
+    )
+    lm.compile("adam", keras_favor.models.language_model_loss())
+    lm.fit(tokens[:, :-1], tokens[:, 1:])
+    ```
+    """
+    return keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, ignore_class=0, name="language_model_loss"
+    )
+
+
+@keras.saving.register_keras_serializable(package="keras_favor")
+class LanguageModelLogits(keras.layers.Dense):
+    """The language model's head: a `Dense` whose output has no Keras mask.
+
+    The padding mask of the inputs is the wrong mask for the next-token
+    loss (see `build_performer`), so the head drops it: Keras then applies
+    no input mask to the loss or the metrics, and
+    `language_model_loss()` ignores the padding targets instead.
+    """
+
+    def compute_mask(self, inputs, mask=None):
+        return None

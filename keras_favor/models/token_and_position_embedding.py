@@ -1,6 +1,7 @@
 """The `TokenAndPositionEmbedding` layer."""
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 from keras_favor.validation import positive_int
@@ -15,6 +16,12 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
     any length up to `sequence_length`: the table is sliced to the actual
     length, which may be unknown until the layer is called (as in a
     SavedModel serving signature with shape `(None, None)`).
+
+    Longer sequences raise an error that names `sequence_length` (and
+    `max_length`, its name in `build_performer`): a `ValueError` when the
+    length is known as the model is traced (eager calls, `fit`, `predict`),
+    and otherwise, as in a served SavedModel, a
+    `tf.errors.InvalidArgumentError` when the call runs.
 
     Masking: with `mask_zero=True`, token id 0 is padding and the layer
     returns the Keras mask `tokens != 0`, which downstream layers such as
@@ -94,6 +101,16 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
     def call(self, inputs):
         check_length(inputs.shape[1], self.sequence_length)
         length = ops.shape(inputs)[1]
+        if inputs.shape[1] is None:
+            # Unknown until run time (a SavedModel's `(None, None)`
+            # signature): a runtime check, which exported graphs keep.
+            check = tf.debugging.assert_less_equal(
+                length,
+                tf.constant(self.sequence_length, length.dtype),
+                message=length_error(None, self.sequence_length),
+            )
+            with tf.control_dependencies([check]):
+                length = tf.identity(length)
         positions = ops.convert_to_tensor(self.position_embeddings)[:length]
         return self.token_embedding(inputs) + ops.cast(
             positions, self.compute_dtype
@@ -123,10 +140,19 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
         return config
 
 
+def length_error(length, sequence_length):
+    """The message for token sequences longer than `sequence_length`."""
+    received = "" if length is None else f" of length {length}"
+    return (
+        f"Token sequences{received} are longer than the model accepts: at "
+        f"most {sequence_length} tokens, the `max_length` of "
+        "`build_performer` (the `sequence_length` of "
+        "`TokenAndPositionEmbedding`). Truncate them, or build the model "
+        "with a larger `max_length`."
+    )
+
+
 def check_length(length, sequence_length):
+    """A `ValueError` if the static `length` exceeds `sequence_length`."""
     if length is not None and length > sequence_length:
-        raise ValueError(
-            f"Token sequences of length {length} are longer than the "
-            f"`sequence_length` ({sequence_length}) the embedding was built "
-            "for."
-        )
+        raise ValueError(length_error(length, sequence_length))
