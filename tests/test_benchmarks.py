@@ -168,18 +168,15 @@ def test_causal_step_flops_add_the_chunk_products_and_the_state_prefix():
     def prefix_flops(chunks):  # forward, per head, for the (F, D) states and F sums
         state = F * D + F
         if chunks > PREFIX_BLOCK and chunks % PREFIX_BLOCK == 0:
-            # Inside blocks, and each block's (F, D) sum at its last level
-            # (its F sums are an elementwise sum, not a product).
-            within = 2 * chunks * PREFIX_BLOCK * state + 2 * chunks * F * D
+            within = 2 * chunks * PREFIX_BLOCK * state + 2 * chunks * state
             return within + prefix_flops(chunks // PREFIX_BLOCK)
         return 2 * chunks * chunks * state
 
     # Per position: the feature projections with gradients (4 F D), K'^T V
     # and Q' S with two gradients each (6 F D), the chunk's C x C scores and
-    # their product with V (3 C (F + D) with gradients), the normalizer Q' z
-    # with its two gradients (3 F); each chunk's F key sums are elementwise
-    # sums, and the prefix's decay factors take no gradient.
-    per_position = 10 * F * D + 3 * chunk * (F + D) + 3 * F
+    # their product with V (3 C (F + D) with gradients), the normalizer (5 F);
+    # the prefix's decay factors take no gradient.
+    per_position = 10 * F * D + 3 * chunk * (F + D) + 5 * F
     expected = (projection_flops(length) + 2 * length * H * per_position
                 + 2 * H * prefix_flops(length // chunk))
     assert flop_bound.step_flops("favor", "causal", length) == expected

@@ -6,6 +6,7 @@ from keras_favor.ops import stabilizers
 from keras_favor.ops.feature_dropout import group_seed
 from keras_favor.ops.feature_dropout import numerator_key_features
 from keras_favor.ops.grouped_recompute import position_groups
+from keras_favor.ops.products import matmul_transposed_a
 from keras_favor.ops.grouped_recompute import run_in_groups
 
 # Attention over more positions than this runs in groups whose activations
@@ -32,7 +33,7 @@ def _key_sums(key, value, feature_fn, mask, dropout_rate, dropout_seed):
         values, log_scale, None if shift is None else shift[:, :, None], mask
     )
     dropped = numerator_key_features(key_feats, dropout_rate, dropout_seed)
-    key_values = ops.matmul(ops.swapaxes(dropped, -1, -2), value)
+    key_values = matmul_transposed_a(dropped, value)
     if shift is None:
         shift = ops.zeros_like(key_feats[:, :, 0])
     return key_values, ops.sum(key_feats, axis=2), shift

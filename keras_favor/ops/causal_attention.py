@@ -7,13 +7,14 @@ from keras_favor.ops.bidirectional_attention import RECOMPUTE_LENGTH
 from keras_favor.ops.chunk_scan import PREFIX_BLOCK
 from keras_favor.ops.chunk_scan import earlier_or_same
 from keras_favor.ops.chunk_scan import inherited_states
-from keras_favor.ops.chunk_scan import levels_before
 from keras_favor.ops.chunk_scan import merge_chunks
 from keras_favor.ops.chunk_scan import running_max
 from keras_favor.ops.chunk_scan import split_chunks
 from keras_favor.ops.feature_dropout import group_seed
 from keras_favor.ops.feature_dropout import numerator_key_features
 from keras_favor.ops.grouped_recompute import run_in_groups
+from keras_favor.ops.products import matmul_transposed_a
+from keras_favor.ops.products import matmul_transposed_b
 from keras_favor.validation import positive_int
 
 
@@ -24,137 +25,116 @@ def empty_causal_state(
 
     Returns:
         `(key_values, key_sum, level)` of shapes `(B, H, F, D)`, `(B, H, F)`
-        and `(B, H, F)`, as `causal_linear_attention` takes and returns it.
+        and `(B, H)`, as `causal_linear_attention` takes and returns it.
     """
     return (
         ops.zeros((batch_size, num_heads, num_features, value_dim), dtype),
         ops.zeros((batch_size, num_heads, num_features), dtype),
-        ops.full(
-            (batch_size, num_heads, num_features),
-            stabilizers.NO_KEY_LEVEL,
-            dtype,
-        ),
+        ops.full((batch_size, num_heads), stabilizers.NO_KEY_LEVEL, dtype),
     )
 
 
-def _masked(x, mask, fill):
-    """`x` where `mask` (broadcast over the trailing axis), else `fill`."""
-    return x if mask is None else ops.where(mask[..., None], x, fill)
+def _causal_key_features(values, log_scale, mask, initial_level, chunk_size):
+    """Key features shifted by the running max of the keys seen so far.
 
-
-def _chunk_levels(log_scale, mask, carried_level):
-    """Each feature's running max of the keys' log-scales, chunk by chunk.
-
-    Args:
-        log_scale: `(B, H, n, C, F)` keys' log-scales (F may be 1).
-        mask: bool `(B, 1 or H, n, C)` or None.
-        carried_level: `(B, H, F)` the level before chunk 0.
+    Key `s` is scaled by `exp(-max(initial_level, max_{s' <= s} level_s'))`,
+    so no key is scaled by anything it has not seen (docs/numerics.md,
+    section 5).
 
     Returns:
-        `(before, after)`: the levels `(B, H, n, F)` before each chunk and
-        at its end, without gradient (they cancel). Neither looks at any key
-        after the chunk.
+        `(features, levels, log_features)`: features `(B, H, S, F)`, the
+        running max `(B, H, S)` used as each key's shift, and the features'
+        logarithm where they are purely exponential (`values is None`),
+        else None.
     """
-    chunk_max = ops.stop_gradient(
-        ops.max(_masked(log_scale, mask, stabilizers.NO_KEY_LEVEL), axis=3)
+    if log_scale is None:
+        features = stabilizers.shifted_key_features(values, None, None, mask)
+        return features, ops.zeros(ops.shape(features)[:-1]), None
+    levels = running_max(
+        stabilizers.row_log_level(log_scale, mask), chunk_size, initial_level
     )
-    carried = carried_level + ops.zeros_like(chunk_max[:, :, 0])
-    after = ops.maximum(carried[:, :, None], running_max(chunk_max, axis=2))
-    return levels_before(after, carried), after
+    exponent = stabilizers.key_exponent(log_scale, levels[..., None], mask)
+    log_features = exponent if values is None else None
+    return (
+        stabilizers.exp_times_values(values, exponent),
+        levels,
+        log_features,
+    )
 
 
 def _causal_chunks(
-    query_parts, key_parts, value, mask, chunk_size, state, prefix_block,
-    dropout_rate, dropout_seed,
+    query_parts, key_feats, key_sum_feats, log_key_feats, levels, value,
+    chunk_size, state, prefix_block,
 ):
     """Chunked causal attention over whole chunks, from a carried state.
 
-    Feature `f` of a key in chunk `c` is shifted by the chunk's base
-    `base_cf`, the largest log-scale of that feature among the keys before
-    the chunk, and by `lam_s`, the running max within the chunk of how far
-    the key's log-scales exceed that base (>= 0). A query in chunk `c` takes
-    `+ base_cf` on its log-scale, so every product `q_f k_f` keeps its value
-    up to `exp(-lam_s)`. Inside a chunk the masked `C x C` product brings
-    key `s` to query `t`'s scale by `exp(lam_s - lam_t) <= 1`; the sums of
-    the chunks before come from `inherited_states` at the bases and enter
-    with `exp(-lam_t) <= 1` (docs/numerics.md, section 5).
+    Inside a chunk of `C` positions the masked `C x C` product is formed;
+    across chunks the prefix sums of `K'^T V` and `K'^T 1` come from
+    `inherited_states`.
 
     Args:
-        query_parts: `(values, log_scale)` of the queries, `(B, H, L, F)`.
-        key_parts: `(values, log_scale)` of the keys.
+        query_parts: `(values, log_scale)` of the queries.
+        key_feats: `(B, H, L, F)` key features for the numerator.
+        key_sum_feats: key features for the normalizer (differs from
+            `key_feats` only under feature dropout).
+        log_key_feats: `log(key_sum_feats)` where the features are purely
+            exponential, else None.
+        levels: `(B, H, L)` running max each key was shifted by.
         value: `(B, H, L, D)`.
-        mask: bool `(B, 1, L)` or None.
         chunk_size: int.
         state: the carried `(key_values, key_sum, level)`.
         prefix_block: int, chunks per block of the prefix scan.
-        dropout_rate, dropout_seed: key-feature dropout in the numerator.
 
     Returns:
         `(outputs, state)`: `(B, H, L, D)` outputs and the state after the
         last key.
     """
-    no_key = stabilizers.NO_KEY_LEVEL
-    key_values_, key_log = key_parts
-    if key_log is None:
-        key_log = ops.zeros_like(key_values_[..., :1])
-    chunked = lambda x: None if x is None else split_chunks(x, chunk_size)
-    k_values, k_log, v, mask = (
-        chunked(x) for x in (key_values_, key_log, value, mask)
+    k, v, k_sum, levels = (
+        split_chunks(x, chunk_size)
+        for x in (key_feats, value, key_sum_feats, levels)
     )
-    q_values, q_log = (chunked(x) for x in query_parts)
 
-    before, after = _chunk_levels(k_log, mask, state[2])
-    # A chunk with keys before it has finite bases; one without (the first
-    # keys of a sequence) is shifted by its running max alone.
-    seen_before = ops.any(before > 0.5 * no_key, axis=-1)
-    base = ops.where(seen_before[..., None], before, 0.0)
-
-    # Keys in the chunk: log-scales above the base, and their running max.
-    above_base = k_log - base[:, :, :, None]
-    row_level = ops.max(_masked(above_base, mask, no_key), axis=-1)
-    lam = ops.maximum(
-        ops.where(seen_before, 0.0, no_key)[..., None],
-        running_max(ops.stop_gradient(row_level), axis=-1),
+    # Each chunk's sums, scaled to the level at its last position. The
+    # per-key scale goes on the narrower factor, v, not on k.
+    chunk_level = levels[..., -1]
+    to_chunk_end = ops.exp(levels - chunk_level[..., None])[..., None]
+    chunk_kv = matmul_transposed_a(k, v * to_chunk_end)
+    chunk_sum = matmul_transposed_a(k_sum, to_chunk_end)[..., 0]
+    kv, key_sum, level, final_state = inherited_states(
+        chunk_kv, chunk_sum, chunk_level, state, prefix_block
     )
-    key_exponent = _masked(above_base - lam[..., None], mask, no_key)
-    key_feats = stabilizers.exp_times_values(k_values, key_exponent)
-    # Each chunk's sums at its end levels, for the chunks after it.
-    chunk_feats = stabilizers.exp_times_values(
-        k_values, _masked(k_log - after[:, :, :, None], mask, no_key)
-    )
-    chunk_feats_kv = numerator_key_features(
-        chunk_feats, dropout_rate, dropout_seed
-    )
-    dropped = numerator_key_features(key_feats, dropout_rate, dropout_seed)
-    chunk_kv = ops.matmul(ops.swapaxes(chunk_feats_kv, -1, -2), v)
-    chunk_sum = ops.sum(chunk_feats, axis=-2)
-    kv, key_sum, _, final_state = inherited_states(
-        chunk_kv, chunk_sum, after, state, prefix_block
-    )
-    # The inherited sums, at the bases, reach query t's scale by exp(-lam_t).
-    inherited = ops.where(seen_before[..., None], ops.exp(-lam), 0.0)
+    # The inherited sums rescaled to each position's own level (<= 1).
+    inherited = ops.exp(level[..., None] - levels)
 
     # What query t surely sees: the inherited sum and its own key.
-    bounds = [
+    key_sum_log_bounds = [
         (
             stabilizers.log_key_sum(key_sum)[:, :, :, None],
-            ops.where(seen_before[..., None], -lam, no_key),
+            level[..., None] - levels,
         )
     ]
-    if k_values is None:
-        bounds.append((key_exponent, None))
-    if q_log is not None:
-        q_log = q_log + base[:, :, :, None]
-    q = stabilizers.query_features(q_values, q_log, bounds)
-
-    relative = lam[..., None, :] - lam[..., :, None]
-    decay = ops.exp(
-        ops.where(earlier_or_same(chunk_size), relative, no_key)
+    if log_key_feats is not None:
+        key_sum_log_bounds.append(
+            (split_chunks(log_key_feats, chunk_size), None)
+        )
+    q = stabilizers.query_features(
+        *(
+            None if x is None else split_chunks(x, chunk_size)
+            for x in query_parts
+        ),
+        key_sum_log_bounds,
     )
-    scores = ops.matmul(q, ops.swapaxes(dropped, -1, -2)) * decay
+
+    # Inside a chunk, query t sees key s <= t at relative scale
+    # exp(level_s - level_t) <= 1.
+    relative = levels[..., None, :] - levels[..., :, None]
+    decay = ops.exp(
+        ops.where(earlier_or_same(chunk_size), relative, stabilizers.NO_KEY_LEVEL)
+    )
+    scores = matmul_transposed_b(q, k) * decay
     numerator = ops.matmul(scores, v)
-    if dropout_rate:
-        scores = ops.matmul(q, ops.swapaxes(key_feats, -1, -2)) * decay
+    if key_sum_feats is not key_feats:
+        scores = matmul_transposed_b(q, k_sum) * decay
     denominator = ops.sum(scores, axis=-1)
 
     numerator += ops.matmul(q, kv) * inherited[..., None]
@@ -179,7 +159,7 @@ def _check_state(state, query, value, num_features):
     expected = (
         batch_heads + (num_features, value.shape[-1]),
         batch_heads + (num_features,),
-        batch_heads + (num_features,),
+        batch_heads,
     )
     for name, tensor, shape in zip(
         ("key_values", "key_sum", "level"), state, expected
@@ -209,18 +189,18 @@ def causal_linear_attention(
 
     The state after the last key, `(key_values, key_sum, level)`, holds the
     running sums `phi(K)^T V` `(B, H, F, D)` and `phi(K)^T 1` `(B, H, F)`,
-    each feature scaled by `exp(-level_f)`, and the levels `(B, H, F)`:
-    each feature's largest log-scale so far, so that every feature's sum
-    holds a term `exp(0)` and stays representable.
+    both scaled by `exp(-level)`, and the running stabilizer level `(B, H)`.
     A sequence run in pieces, each piece given the state the previous one
     returned, gives the outputs (and gradients) of the whole sequence run
     at once; a piece of one position costs `O(F D)` per head.
 
-    Limit in float32: the keys inside one chunk share a stabilizer level per
-    position, so at very large input scales (attention logits of order
-    1e3 and more) a query whose features align with features that sit far
-    below a key's largest one can get an exact-zero output where the
-    estimator is not zero. Bidirectional attention has no such limit.
+    Limit in float32: keys share one stabilizer level per position and
+    batch and head, so at large input scales (attention logits of order 30
+    and more) a query whose features align with features far below the
+    largest key feature seen so far can get an exact-zero output where the
+    estimator is not zero. Bidirectional attention, whose levels are per
+    feature, has no such limit; a per-feature causal scan costs about 1.3x
+    in time (docs/numerics.md, section 5).
 
     Args:
         query, key: `(B, H, L, d)` heads; value: `(B, H, L, D)`.
@@ -283,10 +263,15 @@ def causal_linear_attention(
 
     def group(index, inputs, shared, state):
         query, key, value, mask = inputs
+        values, log_scale = feature_fn(key)
+        key_feats, levels, log_key_feats = _causal_key_features(
+            values, log_scale, mask, state[2], chunk_size
+        )
         seed = group_seed(dropout_seed, index, len(groups))
+        dropped = numerator_key_features(key_feats, dropout_rate, seed)
         outputs, state = _causal_chunks(
-            query_feature_fn(query), feature_fn(key), value, mask,
-            chunk_size, state, prefix_block, dropout_rate, seed,
+            query_feature_fn(query), dropped, key_feats, log_key_feats,
+            levels, value, chunk_size, state, prefix_block,
         )
         return [outputs], list(state)
 
