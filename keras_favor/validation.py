@@ -2,16 +2,26 @@
 
 import numbers
 
+import numpy as np
+import tensorflow as tf
+
+# The seeds the random ops accept: stateless TensorFlow ops and Keras
+# `SeedGenerator`s take int64 seeds, built from `[seed, 0]`.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+
+def is_int(value):
+    """Whether `value` is a Python or NumPy integer (bools are not)."""
+    return isinstance(value, numbers.Integral) and not isinstance(
+        value, (bool, np.bool_)
+    )
+
 
 def positive_int(value, name, allow_none=False):
     """`value` as an int, or a `ValueError` unless it is a positive int."""
     if allow_none and value is None:
         return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Integral)
-        or value <= 0
-    ):
+    if not is_int(value) or value <= 0:
         allowed = "a positive integer"
         if allow_none:
             allowed += " or None"
@@ -21,10 +31,27 @@ def positive_int(value, name, allow_none=False):
     return int(value)
 
 
+def optional_positive_number(value, name):
+    """`value` as a float or None, or a `ValueError` unless it is a positive
+    number or None."""
+    if value is None:
+        return None
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, numbers.Real)
+        or not value > 0
+    ):
+        raise ValueError(
+            f"`{name}` must be None or a positive number. Received: "
+            f"{name}={value!r}"
+        )
+    return float(value)
+
+
 def dropout_rate(value, name="dropout"):
     """`value` as a float, or a `ValueError` unless it is in `[0, 1)`."""
     if (
-        isinstance(value, bool)
+        isinstance(value, (bool, np.bool_))
         or not isinstance(value, numbers.Real)
         or not 0.0 <= value < 1.0
     ):
@@ -35,11 +62,40 @@ def dropout_rate(value, name="dropout"):
 
 
 def optional_seed(value, name="seed"):
-    """`value` as an int or None, or a `ValueError`."""
+    """`value` as an int or None, or a `ValueError` unless it is an int in
+    `[-2**63, 2**63)`, the int64 seeds of the random ops."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_int(value) or not SEED_MIN <= value <= SEED_MAX:
         raise ValueError(
-            f"`{name}` must be an int or None. Received: {name}={value!r}"
+            f"`{name}` must be None or an int in [-2**63, 2**63) (an int64 "
+            f"seed of the random ops). Received: {name}={value!r}"
         )
     return int(value)
+
+
+def stateless_seed(value, name="seed"):
+    """An int seed (see `optional_seed`) or a `(2,)` integer tensor of a
+    stateless seed, else a `ValueError` naming `name`."""
+    if is_int(value):
+        return optional_seed(value, name)
+    dtype = getattr(value, "dtype", None)
+    if dtype is None and isinstance(value, (list, tuple)):
+        value = np.asarray(value)
+        dtype = value.dtype
+    try:
+        dtype = tf.as_dtype(dtype)
+    except TypeError:
+        dtype = None
+    shape = getattr(value, "shape", None)
+    if (
+        dtype is None
+        or not dtype.is_integer
+        or shape is None
+        or tuple(shape) not in ((2,), (None,))
+    ):
+        raise ValueError(
+            f"`{name}` must be None, an int, or a (2,) integer tensor of a "
+            f"stateless seed. Received: {name}={value!r}"
+        )
+    return value

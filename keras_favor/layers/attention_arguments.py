@@ -1,91 +1,227 @@
-"""Checks and conversions of `FavorAttention`'s arguments."""
+"""Checks and conversions of `FavorAttention`'s arguments.
 
-import string
+Every error names the argument and says what is allowed. Shapes are checked
+statically where they are known; inside a `tf.function` whose shapes are
+partly unknown, cheap assertions check the rest when the function runs
+(XLA compiles assertions away: there, only the static checks hold).
+"""
 
+import tensorflow as tf
 from keras import ops
+
+from keras_favor.validation import is_int
 
 
 def normalized_output_shape(output_shape):
+    """`output_shape` as a tuple of positive ints, or None."""
     if output_shape is None:
         return None
-    if isinstance(output_shape, int):
-        output_shape = (output_shape,)
-    try:
-        output_shape = tuple(int(dim) for dim in output_shape)
-    except (TypeError, ValueError):
+    dims = (output_shape,) if is_int(output_shape) else output_shape
+    if isinstance(dims, (str, bytes)) or not hasattr(dims, "__iter__"):
+        dims = None
+    else:
+        dims = tuple(dims)
+    if not dims or not all(is_int(d) and d > 0 for d in dims):
         raise ValueError(
-            "`output_shape` must be an int, a tuple of ints or None. "
-            f"Received: output_shape={output_shape!r}"
+            "`output_shape` must be None, a positive int or a non-empty tuple "
+            f"of positive ints. Received: output_shape={output_shape!r}"
         )
-    if not output_shape or min(output_shape) <= 0:
+    return tuple(int(d) for d in dims)
+
+
+def normalized_attention_axes(attention_axes):
+    """`attention_axes` as None or a tuple of ints (see `check_attention_axes`
+    for the values `FavorAttention` supports)."""
+    if attention_axes is None:
+        return None
+    axes = (attention_axes,) if is_int(attention_axes) else attention_axes
+    if not isinstance(axes, (list, tuple)) or not all(is_int(a) for a in axes):
         raise ValueError(
-            "`output_shape` must hold positive sizes. "
-            f"Received: output_shape={output_shape!r}"
+            "`attention_axes` must be None, an int or a tuple of ints. "
+            f"Received: attention_axes={attention_axes!r}"
         )
-    return output_shape
+    return tuple(int(a) for a in axes)
 
 
-def output_equation(output_rank):
-    """Einsum `(B, T, heads, dv) -> (B, T, *output_shape)` and its bias axes,
-    the layout of `MultiHeadAttention`'s output projection."""
-    out = string.ascii_lowercase[4 : 4 + output_rank]
-    return f"abcd,cd{out}->ab{out}", out
+def check_attention_axes(attention_axes, **shapes):
+    """Raises unless `attention_axes` is None or names, for every input, all
+    the axes between batch and features (`MultiHeadAttention`'s default)."""
+    if attention_axes is None:
+        return
+    for name, shape in shapes.items():
+        rank = len(shape)
+        axes = sorted({a if a >= 0 else rank + a for a in attention_axes})
+        if axes != list(range(1, rank - 1)):
+            raise ValueError(
+                "FavorAttention attends over all axes between batch and "
+                "features jointly: `attention_axes` must be None (the "
+                f"default) or all of them, {tuple(range(1, rank - 1))} for "
+                f"`{name}` of rank {rank}. Attention over some of the axes "
+                "only is not supported. Received: "
+                f"attention_axes={attention_axes}, {name}.shape={shape}"
+            )
 
 
-def key_padding_mask(value_mask, key_mask, attention_mask):
-    """Combines the key masks into one bool `(B, S)` mask, or `None`.
+def check_linear_time_options(use_gate, sliding_window):
+    """Raises for the `MultiHeadAttention` options FavorAttention lacks."""
+    if use_gate:
+        raise ValueError(
+            "`use_gate=True` is not supported: FavorAttention has no gating "
+            "projection (gated attention is not implemented). Received: "
+            f"use_gate={use_gate!r}"
+        )
+    if sliding_window is not None:
+        raise ValueError(
+            "`sliding_window` is not supported: FavorAttention sums the "
+            "features of all keys (or of all earlier keys, when causal) and "
+            "has no linear-time banded form. It must be None. Received: "
+            f"sliding_window={sliding_window!r}"
+        )
 
-    `attention_mask` may only mask keys: shape `(B, S)` or `(B, 1, S)`.
-    """
-    masks = [m for m in (value_mask, key_mask) if m is not None]
-    if attention_mask is not None:
-        rank = len(attention_mask.shape)
-        if rank == 3 and attention_mask.shape[1] == 1:
-            attention_mask = attention_mask[:, 0, :]
-        elif rank != 2:
+
+def check_call_arguments(value, key, return_attention_scores):
+    """Raises for call arguments that linear attention cannot honour."""
+    if return_attention_scores:
+        raise ValueError(
+            "`return_attention_scores=True` is not supported: FavorAttention "
+            "is linear attention, which never forms the (query length, key "
+            "length) matrix of attention scores; that is what makes its time "
+            "and memory linear in the length. Pass "
+            "return_attention_scores=False."
+        )
+    if value is None and key is not None:
+        raise ValueError(
+            "`key` was given without `value`. Pass `value` (and optionally "
+            "`key`, which defaults to `value`), or the query alone for "
+            "self-attention."
+        )
+
+
+def _conflict(a, b):
+    return a is not None and b is not None and a != b
+
+
+def check_input_shapes(query_shape, value_shape, key_shape):
+    """Raises unless query, value and key are `(batch, *positions, dim)`,
+    of one batch size, with the same positions for value and key."""
+    shapes = {"query": query_shape, "value": value_shape, "key": key_shape}
+    for name, shape in shapes.items():
+        if len(shape) < 3:
+            raise ValueError(
+                f"FavorAttention expects `{name}` of rank 3 or more, "
+                f"(batch, *positions, dim). Received: {name}.shape={shape}"
+            )
+    for name in ("value", "key"):
+        if _conflict(query_shape[0], shapes[name][0]):
+            raise ValueError(
+                f"`query` and `{name}` must have the same batch size. "
+                f"Received: query.shape={query_shape}, "
+                f"{name}.shape={shapes[name]}"
+            )
+    value_positions, key_positions = value_shape[1:-1], key_shape[1:-1]
+    if len(value_positions) != len(key_positions) or any(
+        _conflict(v, k) for v, k in zip(value_positions, key_positions)
+    ):
+        raise ValueError(
+            "`value` and `key` must have the same length (all dimensions but "
+            f"the last). Received: value.shape={value_shape}, "
+            f"key.shape={key_shape}"
+        )
+
+
+def input_shapes(query_shape, value_shape, key_shape):
+    """The build shapes of query, value and key, the defaults filled in
+    and checked (`check_input_shapes`)."""
+    check_call_arguments(value_shape, key_shape, False)
+    value_shape = query_shape if value_shape is None else value_shape
+    key_shape = value_shape if key_shape is None else key_shape
+    check_input_shapes(query_shape, value_shape, key_shape)
+    return query_shape, value_shape, key_shape
+
+
+def call_inputs(query, value, key, return_attention_scores, **masks):
+    """Checks the call arguments; returns `value` and `key`, the defaults
+    filled in, and the combined key mask (see `key_padding_mask`)."""
+    check_call_arguments(value, key, return_attention_scores)
+    value = query if value is None else value
+    key = value if key is None else key
+    check_input_shapes(query.shape, value.shape, key.shape)
+    if tf.is_tensor(query):
+        runtime_shape_checks(query, value, key)
+    return value, key, key_padding_mask(key, len(query.shape), **masks)
+
+
+def _key_form(name, mask, key_shape, query_rank):
+    """`mask` as `(B, *key positions)` bool: checks its shape against the
+    keys' and drops the unit query axes of a broadcast attention mask."""
+    mask = ops.cast(mask, "bool")
+    expected = tuple(key_shape[:-1])
+    num_query_axes = query_rank - 2
+    broadcast = expected[:1] + (1,) * num_query_axes + expected[1:]
+    shape = tuple(mask.shape)
+    allowed = f"{expected}"
+    if name == "attention_mask":
+        allowed = f"{expected} or {broadcast}"
+        if len(shape) == len(broadcast) and all(
+            d == 1 for d in shape[1 : 1 + num_query_axes]
+        ):
+            mask = mask[(slice(None),) + (0,) * num_query_axes]
+        elif len(shape) != len(expected):
             raise ValueError(
                 "FavorAttention is linear attention: it supports key padding "
                 "masks and `use_causal_mask=True`, not general attention "
                 "masks. `attention_mask` must have shape (batch, key_length) "
-                "or (batch, 1, key_length). Received: attention_mask.shape="
-                f"{attention_mask.shape}"
+                f"or (batch, 1, key_length), here {allowed}. Received: "
+                f"attention_mask.shape={shape}"
             )
-        masks.append(attention_mask)
-    if not masks:
-        return None
-    combined = ops.cast(masks[0], "bool")
-    for mask in masks[1:]:
-        combined = ops.logical_and(combined, ops.cast(mask, "bool"))
+    got = tuple(mask.shape)
+    if len(got) != len(expected) or any(
+        _conflict(g, e) for g, e in zip(got, expected)
+    ):
+        raise ValueError(
+            f"`{name}` must mask keys: shape (batch, key_length) = {allowed}, "
+            "the batch size and length of the keys (`key`, or `value` "
+            f"without `key`, has shape {tuple(key_shape)}). Received: "
+            f"{name}.shape={shape}"
+        )
+    return mask
+
+
+def key_padding_mask(key, query_rank, **masks):
+    """Checks the key masks (`value_mask=`, `key_mask=`, `attention_mask=`,
+    each None or `(B, *key positions)`, an attention mask also with unit
+    query axes) against `key` and combines them into one bool
+    `(B, *key positions)` mask, or None."""
+    combined = None
+    for name, mask in masks.items():
+        if mask is None:
+            continue
+        mask = _key_form(name, mask, key.shape, query_rank)
+        if tf.is_tensor(key):
+            _assert_same(
+                tf.shape(mask), tf.shape(key)[:-1], mask.shape, key.shape[:-1],
+                f"`{name}` must have the batch size and length of the keys",
+            )
+        if combined is not None:
+            mask = ops.logical_and(combined, mask)
+        combined = mask
     return combined
 
 
-def check_causal_lengths(query, key):
-    query_length, key_length = query.shape[1], key.shape[1]
-    if None not in (query_length, key_length) and query_length != key_length:
-        raise ValueError(
-            "`use_causal_mask=True` needs query and key of the same length. "
-            f"Received: query length {query_length}, key length {key_length}"
-        )
+def _assert_same(a, b, static_a, static_b, message):
+    if None in tuple(static_a) + tuple(static_b):
+        tf.debugging.assert_equal(a, b, message=message)
 
 
-def check_input_shapes(query_shape, value_shape, key_shape):
-    """Raises unless query, value and key are `(batch, length, dim)` and
-    value and key have the same length."""
-    for argument, shape in (
-        ("query", query_shape),
-        ("value", value_shape),
-        ("key", key_shape),
-    ):
-        if len(shape) != 3:
-            raise ValueError(
-                f"FavorAttention expects `{argument}` of rank 3, "
-                f"(batch, length, dim). Received: {argument}.shape={shape}"
-            )
-    if value_shape[1] != key_shape[1] and None not in (
-        value_shape[1],
-        key_shape[1],
-    ):
-        raise ValueError(
-            "`value` and `key` must have the same length. Received: "
-            f"value.shape={value_shape}, key.shape={key_shape}"
+def runtime_shape_checks(query, value, key):
+    """Assertions for what `check_input_shapes` could not see statically:
+    equal batch sizes and equal value and key positions."""
+    for name, x in (("value", value), ("key", key)):
+        _assert_same(
+            tf.shape(query)[0], tf.shape(x)[0], query.shape[:1], x.shape[:1],
+            f"`query` and `{name}` must have the same batch size",
         )
+    _assert_same(
+        tf.shape(value)[:-1], tf.shape(key)[:-1], value.shape[:-1],
+        key.shape[:-1], "`value` and `key` must have the same length",
+    )

@@ -7,16 +7,16 @@ import tensorflow as tf
 from keras import ops
 
 from keras_favor import feature_maps as feature_maps_lib
-from keras_favor import projections as projections_lib
 from keras_favor import ops as favor_ops
-from keras_favor.layers.attention_arguments import check_causal_lengths
-from keras_favor.layers.attention_arguments import check_input_shapes
-from keras_favor.layers.attention_arguments import key_padding_mask
-from keras_favor.layers.attention_arguments import normalized_output_shape
-from keras_favor.layers.attention_arguments import output_equation
+from keras_favor import projections as projections_lib
+from keras_favor.layers import attention_arguments as arguments
+from keras_favor.layers import dense_sublayers
+from keras_favor.layers import multi_head_layout as layout
 from keras_favor.validation import dropout_rate
+from keras_favor.validation import optional_positive_number
 from keras_favor.validation import optional_seed
 from keras_favor.validation import positive_int
+from keras_favor.validation import stateless_seed
 
 SEED_RANGE = 2**31 - 1
 
@@ -25,102 +25,84 @@ SEED_RANGE = 2**31 - 1
 class FavorAttention(keras.layers.Layer):
     """Multi-head attention in linear time and memory: Performer's FAVOR+.
 
-    A drop-in replacement for `keras.layers.MultiHeadAttention`. It has the
-    same call signature and the same sub-layers (`query_dense`, `key_dense`,
-    `value_dense`, `output_dense`) with the same weight shapes, so trained
-    `MultiHeadAttention` weights copy over with `set_weights`. Instead of
-    `softmax(Q K^T / sqrt(d)) V` it computes
-    `phi(Q) (phi(K)^T V) / phi(Q) (phi(K)^T 1)` with a kernel feature map
-    `phi`, which never forms the `(T, S)` attention matrix: time and memory
-    grow linearly with the sequence length. With `feature_map="softmax"`
-    (the default) the result is an unbiased random-feature estimate of
-    softmax attention whose error falls like `1 / sqrt(num_features)`.
+    A drop-in replacement for `keras.layers.MultiHeadAttention` wherever
+    linear attention allows. Instead of `softmax(Q K^T / sqrt(d)) V` it
+    computes `phi(Q) (phi(K)^T V) / phi(Q) (phi(K)^T 1)` with a feature map
+    `phi`, never forming the `(T, S)` attention matrix. With the default
+    `feature_map="softmax"` it is an unbiased random-feature estimate of
+    softmax attention, with an error falling like `1 / sqrt(num_features)`.
 
-    The random projection is a non-trainable weight, `projection`, drawn once
-    when the layer is built, saved with the model and identical on every
-    replica. It changes only when `redraw_features` is called (see the
-    `keras_favor.FeatureRedraw` callback), never at inference.
+    Weights: `query_dense`, `key_dense`, `value_dense` and `output_dense`
+    are `MultiHeadAttention`'s sub-layers, with its equations and weight
+    shapes for every input rank. `get_weights()` lists the layer's own
+    non-trainable weights first, `projection` (the random projection: drawn
+    at build, saved, the same on every replica, changed only by
+    `redraw_features`) and `redraw_count`, then `MultiHeadAttention`'s eight
+    weights in its order. `set_weights` also takes those eight alone, as
+    `MultiHeadAttention.get_weights()` returns them, and
+    `load_multi_head_attention_weights(mha)` copies a built layer's.
+    `enable_lora` and `quantize` act on the four dense sub-layers.
 
-    Features and their sums are computed in float32 under any dtype policy,
-    with stabilizers that cancel exactly, so large inputs, fully padded rows
-    and mixed precision give no NaN or Inf.
+    Masking: keys can be masked, queries cannot. Keras masks on `value` and
+    `key` (as from `Embedding(mask_zero=True)`), `value_mask`, `key_mask`
+    and an `attention_mask` of shape `(B, S)` or `(B, 1, S)`, each with the
+    keys' batch size and length, remove keys from numerator and normalizer.
+    A general `(B, T, S)` mask has no linear-time form and raises. The
+    query's mask reaches the output; a query that sees no key gets zeros.
 
-    Masking: key padding is supported. Keras masks on `value` and `key` (for
-    example from `Embedding(mask_zero=True)`), `value_mask`, `key_mask` and
-    an `attention_mask` of shape `(B, S)` or `(B, 1, S)` remove keys: a
-    masked key adds nothing to the numerator or the normalizer. A general
-    `(B, T, S)` attention mask has no linear-time form and raises a
-    `ValueError`; use `use_causal_mask=True` for causal attention. The mask
-    of `query` is carried to the output. A query that sees no key gets a
-    zero attention output.
-
-    Dropout: there is no attention matrix to drop entries from. Instead,
-    during training each key feature in the numerator is dropped with
-    probability `dropout` (and the survivors scaled by `1 / (1 - dropout)`),
-    while the normalizer keeps all features. In expectation this is exactly
-    `MultiHeadAttention`'s dropout on attention weights. It is off at
-    inference.
+    Dropout drops key features of the numerator in training, which is
+    `MultiHeadAttention`'s dropout in expectation. Features and their sums
+    are float32 under any dtype policy, with stabilizers that cancel.
 
     Args:
         num_heads: int, number of attention heads.
         key_dim: int, size of each head for query and key.
         value_dim: int, size of each head for value. Defaults to `key_dim`.
-        dropout: float in `[0, 1)`, the feature dropout rate described above.
+        dropout: float in `[0, 1)`, the feature dropout rate.
         use_bias: bool, whether the dense layers use bias vectors.
-        output_shape: int or tuple of ints, the trailing shape of the output.
-            Defaults to the last dimension of `query`.
+        output_shape: positive int or tuple of them, the output's trailing
+            shape. Defaults to the last dimension of `query`.
+        attention_axes: None (default), attention over all axes between
+            batch and features jointly; only values naming all of them pass.
         kernel_initializer, bias_initializer, kernel_regularizer,
         bias_regularizer, activity_regularizer, kernel_constraint,
-        bias_constraint: as in `keras.layers.MultiHeadAttention`, applied to
-            the four dense sub-layers.
-        feature_map: `"softmax"` (FAVOR+ positive features, default),
-            `"softmax_hyperbolic"`, `"softmax_trig"`, `"relu"`, `"elu"`, or a
-            `keras_favor.feature_maps.FeatureMap`.
-        num_features: int, number of random projections `m`. Defaults to 256.
-        projection: `"orthogonal"` (default), `"iid"`, or a
-            `keras_favor.projections.Projection`, the distribution the
-            projection is drawn from.
-        seed: int or None. With an int, the initial projection and every
-            `redraw_features()` without an explicit seed are reproducible;
-            it also seeds dropout.
-        chunk_size: int, positions per chunk of the causal algorithm, which
-            forms `chunk_size x chunk_size` products inside a chunk and
-            carries prefix sums between chunks. Defaults to 64. It changes
-            speed and memory, not the result (beyond float32 round-off).
-        recompute_length: int, the memory/speed trade of long sequences.
-            Sequences longer than this run in groups of this many
-            positions, whose activations are recomputed in the backward
-            pass instead of stored: training memory then grows with
-            `recompute_length`, not with the sequence length, for one more
-            evaluation of the features per group. Defaults to 32768. A
-            causal training step over 32768 positions (8 heads of 64, 256
-            features, batch 1) peaks under 4 GB with 16384 and runs faster
-            with the default (BENCHMARKS.md). Inference is unaffected.
+        bias_constraint: as in `MultiHeadAttention`, for the dense layers.
+        use_gate, sliding_window: `MultiHeadAttention` options without a
+            linear-time form here: only the defaults (False, None) pass.
+        feature_map: `"softmax"` (default), `"softmax_hyperbolic"`,
+            `"softmax_trig"`, `"relu"`, `"elu"`, or a `FeatureMap`.
+        num_features: int, number of random projections. Defaults to 256.
+        projection: `"orthogonal"` (default), `"iid"`, or a `Projection`,
+            the distribution of the projection.
+        seed: None or an int in `[-2**63, 2**63)` (int64, as the random ops
+            take it). An int makes the initial projection, dropout and every
+            `redraw_features()` without a seed reproducible.
+        chunk_size: int, positions per chunk of the causal algorithm (speed
+            and memory, not the result). Defaults to 64.
+        recompute_length: int; longer sequences run in groups of this many
+            positions, recomputed in the backward pass, so training memory
+            grows with it, not with the length. Defaults to 32768.
+        lora_rank, lora_alpha: None, or `enable_lora`'s arguments, which
+            `get_config` records so a saved LoRA layer loads with LoRA.
         **kwargs: base layer keyword arguments, such as `name` and `dtype`.
 
     Call arguments:
-        query: `(B, T, dim)` query tensor.
-        value: `(B, S, dim)` value tensor. Defaults to `query`
-            (self-attention, whose keys are then masked by `query_mask`),
-            so that the layer also works with one input in
-            `keras.Sequential`.
-        key: optional `(B, S, dim)` key tensor; defaults to `value`.
-        query_mask: `(B, T)` bool, filled in by Keras from the query's mask.
-            Queries are not masked; as in `MultiHeadAttention`, the query's
-            Keras mask becomes the output's.
-        value_mask: `(B, S)` bool; False masks a key.
-        key_mask: `(B, S)` bool; False masks a key.
-        attention_mask: `(B, S)` or `(B, 1, S)` bool; False masks a key.
-        use_causal_mask: bool. If True, query `t` attends to keys `s <= t`
-            only (requires `T == S`).
+        query: `(B, *T, dim)`, one or more position axes `T`.
+        value: `(B, *S, dim)`. Defaults to `query` (self-attention, the keys
+            then masked by the query's mask), for `keras.Sequential`.
+        key: `(B, *S, dim)`, defaults to `value`; without `value` it raises.
+        query_mask: `(B, *T)`, filled in by Keras; it reaches the output.
+        value_mask, key_mask: `(B, *S)` bool; False masks a key.
+        attention_mask: `(B, *S)` or `(B, 1, *S)` bool; False masks a key.
+        return_attention_scores: must be False: there is no score matrix.
         training: bool, whether dropout is active.
-        mask: filled in by Keras with the query's mask when the layer is
-            called on the query alone; it then masks the keys, as
-            `query_mask` does.
+        use_causal_mask: bool: query `i` sees keys `j <= i`, positions in
+            row-major order; for `T > S` the last queries see every key
+            (`MultiHeadAttention`'s lower-triangular `(T, S)` mask).
+        mask: filled in by Keras for a one-input call: it masks the keys.
 
     Returns:
-        A `(B, T, dim)` tensor, or `(B, T, *output_shape)`, in the layer's
-        compute dtype.
+        `(B, *T, dim)`, or `(B, *T, *output_shape)`, in the compute dtype.
 
     Example:
 
@@ -145,6 +127,7 @@ class FavorAttention(keras.layers.Layer):
         dropout=0.0,
         use_bias=True,
         output_shape=None,
+        attention_axes=None,
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
         kernel_regularizer=None,
@@ -152,12 +135,16 @@ class FavorAttention(keras.layers.Layer):
         activity_regularizer=None,
         kernel_constraint=None,
         bias_constraint=None,
+        use_gate=False,
+        sliding_window=None,
         feature_map="softmax",
         num_features=256,
         projection="orthogonal",
         seed=None,
         chunk_size=64,
         recompute_length=32768,
+        lora_rank=None,
+        lora_alpha=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -167,7 +154,11 @@ class FavorAttention(keras.layers.Layer):
         self.value_dim = positive_int(value_dim, "value_dim", allow_none=True)
         self.dropout = dropout_rate(dropout)
         self.use_bias = bool(use_bias)
-        self.output_shape_ = normalized_output_shape(output_shape)
+        self.output_shape_ = arguments.normalized_output_shape(output_shape)
+        self.attention_axes = arguments.normalized_attention_axes(
+            attention_axes
+        )
+        arguments.check_linear_time_options(use_gate, sliding_window)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
@@ -188,128 +179,120 @@ class FavorAttention(keras.layers.Layer):
         self.recompute_length = positive_int(
             recompute_length, "recompute_length"
         )
+        self.lora_rank = positive_int(lora_rank, "lora_rank", allow_none=True)
+        self.lora_alpha = optional_positive_number(lora_alpha, "lora_alpha")
         self.projection = None
         self.redraw_count = None
 
-    @property
-    def query_dense(self):
-        return self._query_dense
-
-    @property
-    def key_dense(self):
-        return self._key_dense
-
-    @property
-    def value_dense(self):
-        return self._value_dense
-
-    @property
-    def output_dense(self):
-        return self._output_dense
-
-    def _dense(self, equation, output_shape, bias_axes, name):
-        return keras.layers.EinsumDense(
-            equation,
-            output_shape=output_shape,
-            bias_axes=bias_axes if self.use_bias else None,
-            kernel_initializer=self.kernel_initializer.__class__.from_config(
-                self.kernel_initializer.get_config()
-            ),
-            bias_initializer=self.bias_initializer.__class__.from_config(
-                self.bias_initializer.get_config()
-            ),
-            kernel_regularizer=self.kernel_regularizer,
-            bias_regularizer=self.bias_regularizer,
-            activity_regularizer=self._activity_regularizer,
-            kernel_constraint=self.kernel_constraint,
-            bias_constraint=self.bias_constraint,
-            dtype=self.dtype_policy,
-            name=name,
-        )
-
-    def _head_projection(self, name, head_dim):
-        return self._dense(
-            "abc,cde->abde", (None, self.num_heads, head_dim), "de", name
-        )
+    # MultiHeadAttention's read-only sub-layers, created in `build`.
+    query_dense = property(lambda self: self._query_dense)
+    key_dense = property(lambda self: self._key_dense)
+    value_dense = property(lambda self: self._value_dense)
+    output_dense = property(lambda self: self._output_dense)
 
     def build(self, query_shape, value_shape=None, key_shape=None):
-        value_shape = query_shape if value_shape is None else value_shape
-        key_shape = value_shape if key_shape is None else key_shape
-        check_input_shapes(query_shape, value_shape, key_shape)
-        value_dim = self.value_dim or self.key_dim
-        self._query_dense = self._head_projection("query", self.key_dim)
-        self._query_dense.build(query_shape)
-        self._key_dense = self._head_projection("key", self.key_dim)
-        self._key_dense.build(key_shape)
-        self._value_dense = self._head_projection("value", value_dim)
-        self._value_dense.build(value_shape)
-        output_shape = self.output_shape_ or (query_shape[-1],)
-        equation, bias_axes = output_equation(len(output_shape))
-        self._output_dense = self._dense(
-            equation, (None,) + output_shape, bias_axes, "attention_output"
+        shapes = arguments.input_shapes(query_shape, value_shape, key_shape)
+        arguments.check_attention_axes(
+            self.attention_axes, query=shapes[0], value=shapes[1]
         )
-        self._output_dense.build(
-            (query_shape[0], query_shape[1], self.num_heads, value_dim)
-        )
+        # Assigned in MultiHeadAttention's order, which `weights` follows.
+        (
+            self._query_dense,
+            self._key_dense,
+            self._value_dense,
+            self._output_dense,
+        ) = dense_sublayers.build_dense_layers(self, *shapes)
         if self.feature_map.requires_projection:
             self.projection = self.add_weight(
-                name="projection",
-                shape=(self.num_features, self.key_dim),
-                initializer=self._initial_projection,
-                trainable=False,
-                dtype="float32",
-                autocast=False,
+                name="projection", shape=(self.num_features, self.key_dim),
+                initializer=self._initial_projection, trainable=False,
+                dtype="float32", autocast=False,
             )
+            if self.seed is None:
+                # Unseeded redraws: a stateful seed, new at every call, also
+                # inside a tf.function.
+                self._redraw_seed = keras.random.SeedGenerator()
         self.redraw_count = self.add_weight(
-            name="redraw_count",
-            shape=(),
-            initializer="zeros",
-            trainable=False,
-            dtype="int32",
+            name="redraw_count", shape=(), initializer="zeros",
+            trainable=False, dtype="int32",
         )
         if self.dropout > 0:
             self._dropout_seed = keras.random.SeedGenerator(self.seed)
+        if self.lora_rank:
+            dense_sublayers.enable_lora(
+                self, self.lora_rank, self.lora_alpha, "he_uniform", "zeros"
+            )
         self.built = True
 
     def _initial_projection(self, shape, dtype=None):
-        seed = self.seed if self.seed is not None else random.randrange(
-            SEED_RANGE
-        )
+        seed = self.seed
+        if seed is None:
+            seed = random.randrange(SEED_RANGE)
         return self.projection_distribution(shape, seed)
 
     def redraw_features(self, seed=None):
         """Draws a new random projection in place.
 
         Args:
-            seed: int, or a `(2,)` int tensor of a stateless seed. The same
-                seed always gives the same projection. If None, the layer's
-                `seed` and its redraw count define the next projection (so
-                redraws are reproducible), or, without a layer seed, a random
-                one is drawn.
+            seed: None, an int, or a `(2,)` int tensor of a stateless seed.
+                The same seed always gives the same projection. If None, the
+                layer's `seed` and its redraw count `k` give the next one
+                (`fold_in([seed, 0], k)`, reproducible), or, without a layer
+                seed, a stateful seed generator gives a new one at every
+                call, eager or inside a `tf.function`.
 
         Returns:
             The new projection, or None for a feature map without one.
         """
-        if not self.built:
-            raise ValueError(
-                "redraw_features() needs a built layer: call the layer on "
-                "data (or build the model) first."
-            )
+        dense_sublayers.check_built(self, "redraw_features()")
         if self.projection is None:
             return None
-        if seed is None:
-            if self.seed is None:
-                seed = random.randrange(SEED_RANGE)
-            else:
-                seed = tf.random.experimental.stateless_fold_in(
-                    tf.constant([self.seed, 0], tf.int64),
-                    tf.cast(self.redraw_count.value + 1, tf.int64),
-                )
+        if seed is not None:
+            seed = stateless_seed(seed)
+        elif self.seed is None:
+            seed = self._redraw_seed.next()
+        else:
+            seed = tf.random.experimental.stateless_fold_in(
+                tf.constant([self.seed, 0], tf.int64),
+                tf.cast(self.redraw_count.value + 1, tf.int64),
+            )
         self.projection.assign(
             self.projection_distribution(self.projection.shape, seed)
         )
         self.redraw_count.assign_add(1)
         return self.projection
+
+    def load_multi_head_attention_weights(self, mha):
+        """Copies the dense weights of a built `MultiHeadAttention` of the
+        same configuration; the projection and redraw count stay."""
+        dense_sublayers.copy_multi_head_attention(self, mha)
+
+    def set_weights(self, weights):
+        """Sets `get_weights()`'s list, or the dense weights alone as
+        `MultiHeadAttention.get_weights()` lists them."""
+        if self.built and len(weights) != len(self.weights):
+            dense_sublayers.assign_dense_weights(self, weights, "`weights`")
+        else:
+            super().set_weights(weights)
+
+    def enable_lora(
+        self, rank, lora_alpha=None, a_initializer="he_uniform",
+        b_initializer="zeros",
+    ):
+        """LoRA finetuning: low-rank updates of the four dense kernels, the
+        only weights that then train (kernels and biases freeze)."""
+        dense_sublayers.check_built(self, "enable_lora()")
+        rank = positive_int(rank, "rank")
+        lora_alpha = optional_positive_number(lora_alpha, "lora_alpha")
+        dense_sublayers.enable_lora(
+            self, rank, lora_alpha, a_initializer, b_initializer
+        )
+        self.lora_rank, self.lora_alpha = rank, lora_alpha
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        """Quantizes the four dense sub-layers (e.g. `mode="int8"`); the
+        attention itself stays float32."""
+        dense_sublayers.quantize(self, mode, type_check, config)
 
     def _feature_fns(self):
         """Map `(B, H, T, d)` float32 key and query heads to feature parts."""
@@ -322,86 +305,86 @@ class FavorAttention(keras.layers.Layer):
         )
 
     def _attend(self, query, key, value, mask, use_causal_mask, training):
-        """Linear attention on `(B, T, H, d)` heads; returns `(B, T, H, dv)`."""
+        """Linear attention on `(B, L, N, h)` heads, to `(B, L, N, hv)`."""
         query, key, value = (
             ops.transpose(ops.cast(x, "float32"), (0, 2, 1, 3))
             for x in (query, key, value)
         )
-        if mask is not None:
-            mask = mask[:, None, :]
-        dropout_rate, dropout_seed = 0.0, None
-        if training and self.dropout > 0:
-            dropout_rate = self.dropout
-            dropout_seed = self._dropout_seed.next()
         feature_fn, query_feature_fn = self._feature_fns()
+        options = dict(
+            mask=None if mask is None else mask[:, None, :],
+            query_feature_fn=query_feature_fn,
+            recompute_length=self.recompute_length,
+        )
+        if training and self.dropout > 0:
+            options["dropout_rate"] = self.dropout
+            options["dropout_seed"] = self._dropout_seed.next()
         if use_causal_mask:
+            num_features = self.num_features
             outputs = favor_ops.causal_linear_attention(
-                query,
-                key,
-                value,
-                feature_fn,
-                self.feature_map.feature_dim(self.num_features, self.key_dim),
-                mask=mask,
-                chunk_size=self.chunk_size,
-                dropout_rate=dropout_rate,
-                dropout_seed=dropout_seed,
-                query_feature_fn=query_feature_fn,
-                recompute_length=self.recompute_length,
+                query, key, value, feature_fn,
+                self.feature_map.feature_dim(num_features, self.key_dim),
+                chunk_size=self.chunk_size, **options,
             )
         else:
             outputs = favor_ops.bidirectional_linear_attention(
-                query,
-                key,
-                value,
-                feature_fn,
-                mask=mask,
-                dropout_rate=dropout_rate,
-                dropout_seed=dropout_seed,
-                query_feature_fn=query_feature_fn,
-                recompute_length=self.recompute_length,
+                query, key, value, feature_fn, **options
             )
         return ops.transpose(outputs, (0, 2, 1, 3))
 
     def call(
-        self,
-        query,
-        value=None,
-        key=None,
-        query_mask=None,
-        value_mask=None,
-        key_mask=None,
-        attention_mask=None,
-        use_causal_mask=False,
-        training=None,
-        mask=None,
+        self, query, value=None, key=None, query_mask=None, value_mask=None,
+        key_mask=None, attention_mask=None, return_attention_scores=False,
+        training=None, use_causal_mask=False, mask=None,
     ):
-        if value is None:
+        if value is None and key is None:
             # Self-attention with a single input, as inside keras.Sequential:
             # the query's padding mask is the keys' mask. Keras passes it as
             # `mask` when the call has one tensor argument, as `query_mask`
             # when it has several.
-            value = query
             query_mask = mask if query_mask is None else query_mask
             value_mask = query_mask if value_mask is None else value_mask
-        if key is None:
-            key = value
-        # The query's Keras mask reaches the output through `compute_mask`,
-        # which Keras calls with the first argument's mask.
-        mask = key_padding_mask(value_mask, key_mask, attention_mask)
-        # The masks are handled here: the dense sub-layers get none (they
-        # would warn that they do not support masking).
-        query, value, key = (ops.copy(x) for x in (query, value, key))
-        if use_causal_mask:
-            check_causal_lengths(query, key)
-        outputs = self._attend(
-            self._query_dense(query),
-            self._key_dense(key),
-            self._value_dense(value),
-            mask,
-            use_causal_mask,
-            training,
+        value, key, mask = arguments.call_inputs(
+            query, value, key, return_attention_scores,
+            value_mask=value_mask, key_mask=key_mask,
+            attention_mask=attention_mask,
         )
+        # The query's Keras mask reaches the output through `compute_mask`.
+        # The dense sub-layers get no mask (they would warn that they do not
+        # support masking).
+        same_positions = key is query
+        query, value, key = (ops.copy(x) for x in (query, value, key))
+        query = self._query_dense(query)
+        positions = ops.shape(query)[1:-2]
+        query, key, value = (
+            layout.merge_positions(x, 2)
+            for x in (query, self._key_dense(key), self._value_dense(value))
+        )
+        if mask is not None:
+            mask = layout.merge_positions(mask, 0)
+        if use_causal_mask and not same_positions:
+            key, value, mask = layout.causal_keys(
+                ops.shape(query)[1], key, value, mask
+            )
+        outputs = self._attend(
+            query, key, value, mask, use_causal_mask, training
+        )
+        outputs = layout.split_positions(outputs, positions)
         return self._output_dense(ops.cast(outputs, self.compute_dtype))
+
+    def compute_output_spec(
+        self, query, value=None, key=None, query_mask=None, value_mask=None,
+        key_mask=None, attention_mask=None, return_attention_scores=False,
+        training=None, use_causal_mask=False, mask=None,
+    ):
+        # Symbolic calls run the same checks as `call`.
+        value, key, _ = arguments.call_inputs(
+            query, value, key, return_attention_scores,
+            value_mask=value_mask, key_mask=key_mask,
+            attention_mask=attention_mask,
+        )
+        shape = self.compute_output_shape(query.shape, value.shape, key.shape)
+        return keras.KerasTensor(shape, dtype=self.compute_dtype)
 
     def compute_output_shape(
         self, query_shape, value_shape=None, key_shape=None
@@ -419,6 +402,9 @@ class FavorAttention(keras.layers.Layer):
                 "dropout": self.dropout,
                 "use_bias": self.use_bias,
                 "output_shape": self.output_shape_,
+                "attention_axes": self.attention_axes,
+                "use_gate": False,
+                "sliding_window": None,
                 "feature_map": feature_maps_lib.serialize(self.feature_map),
                 "num_features": self.num_features,
                 "projection": projections_lib.serialize(
@@ -427,16 +413,9 @@ class FavorAttention(keras.layers.Layer):
                 "seed": self.seed,
                 "chunk_size": self.chunk_size,
                 "recompute_length": self.recompute_length,
-                "activity_regularizer": keras.regularizers.serialize(
-                    self._activity_regularizer
-                ),
+                "lora_rank": self.lora_rank,
+                "lora_alpha": self.lora_alpha,
             }
         )
-        for kind, serialize in (
-            ("initializer", keras.initializers.serialize),
-            ("regularizer", keras.regularizers.serialize),
-            ("constraint", keras.constraints.serialize),
-        ):
-            for name in (f"kernel_{kind}", f"bias_{kind}"):
-                config[name] = serialize(getattr(self, name))
+        config.update(dense_sublayers.sublayer_config(self))
         return config
