@@ -339,3 +339,17 @@ def test_seeded_redraws_fold_the_redraw_count_into_the_seed(in_function):
         np.testing.assert_array_equal(
             layer.projection, orthogonal((8, 4), seed)
         )
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_call_of_length_zero_gives_an_empty_output(causal):
+    layer = keras_favor.FavorAttention(2, 8, num_features=8)
+    empty = np.zeros((2, 0, 16), "float32")
+    assert layer(empty, empty, use_causal_mask=causal).shape == (2, 0, 16)
+
+
+def test_queries_without_keys_get_zero_attention():
+    layer = keras_favor.FavorAttention(2, 8, num_features=8, use_bias=False)
+    query = np.ones((2, 3, 16), "float32")
+    outputs = layer(query, np.zeros((2, 0, 16), "float32"))
+    np.testing.assert_array_equal(outputs, np.zeros((2, 3, 16)))

@@ -105,6 +105,9 @@ def bidirectional_linear_attention(
         `(B, H, L, D)` float32.
     """
     query_feature_fn = query_feature_fn or feature_fn
+    if 0 in (query.shape[2], key.shape[2]):
+        # No query, or no key to see: every query's output is 0.
+        return ops.zeros(ops.shape(query)[:3] + ops.shape(value)[3:])
     query_slices = position_groups(query.shape[2], recompute_length)
     key_slices = position_groups(key.shape[2], recompute_length)
     if len(query_slices) == 1 and len(key_slices) == 1:

@@ -195,12 +195,11 @@ def causal_linear_attention(
     at once; a piece of one position costs `O(F D)` per head.
 
     Limit in float32: keys share one stabilizer level per position and
-    batch and head, so at large input scales (attention logits of order 30
-    and more) a query whose features align with features far below the
-    largest key feature seen so far can get an exact-zero output where the
-    estimator is not zero. Bidirectional attention, whose levels are per
-    feature, has no such limit; a per-feature causal scan costs about 1.3x
-    in time (docs/numerics.md, section 5).
+    batch and head, so at large input scales a query whose features align
+    with features far below the largest key feature seen so far can get an
+    exact-zero output where the estimator is not zero (docs/numerics.md,
+    section 5, says from which scale). Bidirectional attention, whose levels
+    are per feature, has no such limit.
 
     Args:
         query, key: `(B, H, L, d)` heads; value: `(B, H, L, D)`.
@@ -241,6 +240,9 @@ def causal_linear_attention(
     else:
         _check_state(initial_state, query, value, num_features)
     length = query.shape[2]
+    if length == 0:
+        outputs = ops.zeros(ops.shape(query)[:3] + ops.shape(value)[3:])
+        return (outputs, tuple(initial_state)) if return_state else outputs
     if length is None:
         length = ops.shape(query)[2]
     else:
