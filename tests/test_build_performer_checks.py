@@ -9,21 +9,13 @@ import tensorflow as tf
 
 import keras_favor
 from keras_favor.models import language_model_loss
-
-SIZES = dict(
-    vocabulary_size=30,
-    max_length=12,
-    num_layers=1,
-    num_heads=2,
-    hidden_dim=16,
-    intermediate_dim=32,
-    num_features=16,
-    seed=5,
-)
+from tests.test_build_performer import SIZES
+from tests.test_build_performer import build as build_small
 
 
 def build(**kwargs):
-    return keras_favor.build_performer(**{**SIZES, **kwargs})
+    """The tests' small model of `test_build_performer`, with one block."""
+    return build_small(**{"num_layers": 1, **kwargs})
 
 
 def padded_batch():
