@@ -9,8 +9,11 @@ import keras_favor
 NUM_HEADS, KEY_DIM = 2, 16
 
 
-def favor_and_exact(num_features, projection, x):
-    """A MultiHeadAttention and a FavorAttention holding the same weights."""
+def favor_and_exact(num_features, projection, x, seed=None):
+    """A MultiHeadAttention and a FavorAttention holding the same weights,
+    drawn from `seed` when it is given."""
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
     exact = keras.layers.MultiHeadAttention(NUM_HEADS, KEY_DIM)
     exact(x, x)
     favor = keras_favor.FavorAttention(
@@ -22,9 +25,11 @@ def favor_and_exact(num_features, projection, x):
     return favor, exact
 
 
-def mean_squared_errors(num_features, projection, x, draws, causal=False):
+def mean_squared_errors(
+    num_features, projection, x, draws, causal=False, model_seed=None
+):
     """MSE against exact attention for `draws` seeded projections."""
-    favor, exact = favor_and_exact(num_features, projection, x)
+    favor, exact = favor_and_exact(num_features, projection, x, model_seed)
     expected = np.asarray(exact(x, x, use_causal_mask=causal))
     errors = []
     for seed in range(draws):
@@ -45,7 +50,10 @@ def small_norm_inputs(rng):
 def test_error_falls_like_one_over_sqrt_num_features(small_norm_inputs, causal):
     sizes = np.array([64, 256, 1024, 4096])
     mse = [
-        mean_squared_errors(m, "iid", small_norm_inputs, 12, causal).mean()
+        # One model for every number of features: only m changes.
+        mean_squared_errors(
+            m, "iid", small_norm_inputs, 12, causal, model_seed=0
+        ).mean()
         for m in sizes
     ]
     # The delta method gives MSE = c/m + O(1/m^2) for the ratio estimator:
