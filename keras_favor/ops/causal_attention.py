@@ -12,10 +12,10 @@ from keras_favor.ops.chunk_scan import running_max
 from keras_favor.ops.chunk_scan import split_chunks
 from keras_favor.ops.feature_dropout import group_seed
 from keras_favor.ops.feature_dropout import numerator_key_features
+from keras_favor.ops.grouped_recompute import position_groups
 from keras_favor.ops.grouped_recompute import run_in_groups
 from keras_favor.ops.products import matmul_transposed_a
 from keras_favor.ops.products import matmul_transposed_b
-from keras_favor.validation import positive_int
 
 
 def empty_causal_state(
@@ -254,14 +254,10 @@ def causal_linear_attention(
         query, key, value, mask = (
             _pad_positions(x, padding) for x in (query, key, value, mask)
         )
-    positive_int(recompute_length, "recompute_length")
-    groups = [slice(None)]
-    if isinstance(length, int):
-        group_length = max(1, recompute_length // chunk_size) * chunk_size
-        groups = [
-            slice(start, start + group_length)
-            for start in range(0, length + padding, group_length)
-        ] or groups
+    groups = position_groups(
+        length if isinstance(length, int) else None, recompute_length,
+        multiple=chunk_size,
+    )
 
     def group(index, inputs, shared, state):
         query, key, value, mask = inputs

@@ -18,18 +18,19 @@ import tensorflow as tf
 from keras_favor.validation import positive_int
 
 
-def position_groups(length, recompute_length):
+def position_groups(length, recompute_length, multiple=1):
     """Slices of at most `recompute_length` positions covering `length`.
 
     One slice over everything when `length` is unknown or short enough.
+    Otherwise each slice holds a multiple of `multiple` positions (at least
+    one multiple), so that it ends on a whole chunk; the last slice reaches
+    past `length` to the next multiple.
     """
     positive_int(recompute_length, "recompute_length")
     if length is None or length <= recompute_length:
         return [slice(None)]
-    return [
-        slice(start, start + recompute_length)
-        for start in range(0, length, recompute_length)
-    ]
+    step = max(1, recompute_length // multiple) * multiple
+    return [slice(start, start + step) for start in range(0, length, step)]
 
 
 def run_in_groups(group_fn, group_inputs, shared=(), carry=(), keep_last=True):
@@ -59,7 +60,9 @@ def run_in_groups(group_fn, group_inputs, shared=(), carry=(), keep_last=True):
     if recomputed:
         outputs, carry = _recomputed(group_fn, recomputed, list(shared), carry)
     if keep_last:
-        previous = tf.nest.flatten(outputs) + carry
+        # After recomputed groups, the last one waits for them; alone, it
+        # needs no ordering.
+        previous = tf.nest.flatten(outputs) + carry if recomputed else []
         last_inputs, carry = _after(previous, [group_inputs[-1], carry])
         last_outputs, carry = group_fn(
             len(group_inputs) - 1, last_inputs, list(shared), carry
