@@ -17,6 +17,15 @@ def is_int(value):
     )
 
 
+def boolean(value, name):
+    """`value` as a bool, or a `ValueError` unless it is one."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(
+            f"`{name}` must be True or False. Received: {name}={value!r}"
+        )
+    return bool(value)
+
+
 def positive_int(value, name, allow_none=False):
     """`value` as an int, or a `ValueError` unless it is a positive int."""
     if allow_none and value is None:

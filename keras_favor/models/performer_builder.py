@@ -1,8 +1,8 @@
 """`build_performer`: Performer models in one call."""
 
 import keras
-import numpy as np
 
+from keras_favor.validation import boolean
 from keras_favor.validation import dropout_rate
 from keras_favor.validation import optional_seed
 from keras_favor.validation import positive_int
@@ -211,15 +211,6 @@ def build_performer(
     for layer in layers:
         outputs = layer(outputs)
     return keras.Model(inputs, outputs, name=name)
-
-
-def boolean(value, name):
-    """`value` as a bool, or a `ValueError` unless it is one."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(
-            f"`{name}` must be True or False. Received: {name}={value!r}"
-        )
-    return bool(value)
 
 
 def task_head(task, vocabulary_size, num_classes):
