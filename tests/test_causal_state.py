@@ -102,7 +102,7 @@ def test_state_of_one_position_steps_equals_the_whole_state(rng):
     key_values, key_sum, level = whole
     assert key_values.shape == (2, 2, num_features, 8)
     assert key_sum.shape == (2, 2, num_features)
-    assert level.shape == (2, 2)
+    assert level.shape == (2, 2, num_features)
     for actual, expected in zip(stepped, whole):
         assert_close_to_round_off(actual, expected, 1e-6)
 

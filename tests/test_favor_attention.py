@@ -352,22 +352,24 @@ def test_mixed_precision_is_finite_for_large_inputs(rng, policy, causal):
     gradients = tape.gradient(loss, layer.trainable_weights)
     assert np.all(np.isfinite(np.asarray(y, np.float32)))
     assert all(np.all(np.isfinite(g)) for g in gradients)
+    # Every query sees a key, and the output projection's bias is 0: an
+    # exactly-zero row would be a lost normalizer.
+    assert not np.any(np.all(np.asarray(y, np.float32) == 0.0, axis=-1))
 
 
-@pytest.mark.parametrize(
-    "policy, input_scale",
-    [("mixed_float16", 1.0), ("mixed_float16", 30.0), ("mixed_bfloat16", 1.0)],
-)
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_mixed_precision_matches_float32_up_to_rounding(
-    rng, policy, input_scale, causal
-):
+def test_mixed_precision_matches_float32_up_to_rounding(rng, policy, causal):
     # Same weights in float32: the policy only rounds the projections'
     # inputs and outputs (about eight roundings of relative size u on the
-    # path to the output). A rounding moves a logit by |logit| u: at
-    # |logits| ~ 1e3 that is under one unit in float16 (u = 2^-11), but
-    # several in bfloat16 (u = 2^-8), enough to flip which key wins a near
-    # tie, so bfloat16 is compared at |logits| ~ 1 only.
+    # path to the output). A rounding also moves a logit by |logit| u, which
+    # at |logits| ~ 1 changes the weights by a factor within 1 + O(u). At
+    # large logits (~1e3, input scale 30) it moves them by whole units in
+    # float16 and changes near ties by far more than u: a difference of the
+    # rounded inputs, not of the kernel, which computes in float32 (its
+    # large-input accuracy is tested in test_large_inputs.py, and finite
+    # results under every policy above).
+    input_scale = 1.0
     x = rng.normal(scale=input_scale, size=(2, 12, 16)).astype("float32")
     reference = keras_favor.FavorAttention(2, 8, num_features=16, chunk_size=4)
     expected = np.asarray(reference(x, x, use_causal_mask=causal))

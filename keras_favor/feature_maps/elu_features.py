@@ -25,3 +25,9 @@ class EluFeatures(FeatureMap):
 
     def call(self, x, projection=None):
         return ops.elu(x) + 1.0
+
+    def log_scaled(self, x, projection):
+        # elu(x) + 1 = (1 + relu(x)) exp(min(x, 0)): for very negative
+        # inputs the feature is an exponential, kept as its logarithm so
+        # that it does not underflow before the kernel's shifts.
+        return 1.0 + ops.relu(x), ops.minimum(x, 0.0)

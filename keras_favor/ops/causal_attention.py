@@ -14,6 +14,7 @@ from keras_favor.ops.feature_dropout import group_seed
 from keras_favor.ops.feature_dropout import numerator_key_features
 from keras_favor.ops.grouped_recompute import position_groups
 from keras_favor.ops.grouped_recompute import run_in_groups
+from keras_favor.ops.log_domain_causal import log_domain_causal_attention
 from keras_favor.ops.products import matmul_transposed_a
 from keras_favor.ops.products import matmul_transposed_b
 
@@ -25,13 +26,30 @@ def empty_causal_state(
 
     Returns:
         `(key_values, key_sum, level)` of shapes `(B, H, F, D)`, `(B, H, F)`
-        and `(B, H)`, as `causal_linear_attention` takes and returns it.
+        and `(B, H, F)`, as `causal_linear_attention` takes and returns it.
     """
     return (
         ops.zeros((batch_size, num_heads, num_features, value_dim), dtype),
         ops.zeros((batch_size, num_heads, num_features), dtype),
-        ops.full((batch_size, num_heads), stabilizers.NO_KEY_LEVEL, dtype),
+        ops.full(
+            (batch_size, num_heads, num_features), stabilizers.NO_KEY_LEVEL,
+            dtype,
+        ),
     )
+
+
+def _one_level_state(state):
+    """A state with a level per feature at the largest of them, `(B, H)`."""
+    key_values, key_sum, level = state
+    top = ops.max(level, axis=-1)
+    to_top = ops.exp(level - top[..., None])
+    return key_values * to_top[..., None], key_sum * to_top, top
+
+
+def _per_feature_state(state):
+    """A state with one level, `(B, H)`, as one level per feature."""
+    key_values, key_sum, level = state
+    return key_values, key_sum, level[..., None] + ops.zeros_like(key_sum)
 
 
 def _causal_key_features(values, log_scale, mask, initial_level, chunk_size):
@@ -86,8 +104,8 @@ def _causal_chunks(
         prefix_block: int, chunks per block of the prefix scan.
 
     Returns:
-        `(outputs, state)`: `(B, H, L, D)` outputs and the state after the
-        last key.
+        `(parts, state)`: the `attention_parts` of the queries and the state
+        after the last key.
     """
     k, v, k_sum, levels = (
         split_chunks(x, chunk_size)
@@ -117,12 +135,13 @@ def _causal_chunks(
         key_sum_log_bounds.append(
             (split_chunks(log_key_feats, chunk_size), None)
         )
-    q = stabilizers.query_features(
+    q, query_shift = stabilizers.query_features(
         *(
             None if x is None else split_chunks(x, chunk_size)
             for x in query_parts
         ),
         key_sum_log_bounds,
+        return_shift=True,
     )
 
     # Inside a chunk, query t sees key s <= t at relative scale
@@ -139,8 +158,31 @@ def _causal_chunks(
 
     numerator += ops.matmul(q, kv) * inherited[..., None]
     denominator += ops.einsum("bhntf,bhnf->bhnt", q, key_sum) * inherited
-    outputs = stabilizers.normalize(numerator, denominator)
-    return merge_chunks(outputs), final_state
+    # Every product reached query t times exp(-(query shift + level_t)).
+    parts = (numerator, denominator, query_shift + levels)
+    return [merge_chunks(x) for x in parts], final_state
+
+
+def attention_parts_outputs(parts):
+    """`numerator / denominator` of `(numerator, denominator, shift)`."""
+    return stabilizers.normalize(parts[0], parts[1])
+
+
+def _loses_a_normalizer(levels, denominator):
+    """Whether a query that sees a key got a normalizer below
+    `SAFE_NORMALIZER`, where the one-level algorithm may have lost terms."""
+    sees_a_key = levels > 0.5 * stabilizers.NO_KEY_LEVEL
+    return ops.any(
+        ops.logical_and(
+            sees_a_key, denominator < stabilizers.SAFE_NORMALIZER
+        )
+    )
+
+
+def _has_feature_levels(parts, num_features):
+    """Whether the feature parts have a log-scale per feature."""
+    log_scale = parts[1]
+    return log_scale is not None and log_scale.shape[-1] == num_features
 
 
 def _pad_positions(x, padding):
@@ -159,7 +201,7 @@ def _check_state(state, query, value, num_features):
     expected = (
         batch_heads + (num_features, value.shape[-1]),
         batch_heads + (num_features,),
-        batch_heads,
+        batch_heads + (num_features,),
     )
     for name, tensor, shape in zip(
         ("key_values", "key_sum", "level"), state, expected
@@ -178,6 +220,7 @@ def causal_linear_attention(
     dropout_rate=0.0, dropout_seed=None, query_feature_fn=None,
     initial_state=None, return_state=False,
     recompute_length=RECOMPUTE_LENGTH, prefix_block=PREFIX_BLOCK,
+    normalized=True,
 ):
     """Exact causal linear attention (docs/numerics.md, section 5).
 
@@ -189,17 +232,18 @@ def causal_linear_attention(
 
     The state after the last key, `(key_values, key_sum, level)`, holds the
     running sums `phi(K)^T V` `(B, H, F, D)` and `phi(K)^T 1` `(B, H, F)`,
-    both scaled by `exp(-level)`, and the running stabilizer level `(B, H)`.
+    each feature scaled by `exp(-level_f)`, and the running stabilizer
+    levels `(B, H, F)`.
     A sequence run in pieces, each piece given the state the previous one
     returned, gives the outputs (and gradients) of the whole sequence run
     at once; a piece of one position costs `O(F D)` per head.
 
-    Limit in float32: keys share one stabilizer level per position and
-    batch and head, so at large input scales a query whose features align
-    with features far below the largest key feature seen so far can get an
-    exact-zero output where the estimator is not zero (docs/numerics.md,
-    section 5, says from which scale). Bidirectional attention, whose levels
-    are per feature, has no such limit.
+    Large input scales: keys share one stabilizer level per position and
+    batch and head. Where that would lose the normalizer of a query that
+    sees a key (below `SAFE_NORMALIZER`), which takes attention logits in
+    the hundreds, the group of positions is computed again with one level
+    per feature (`log_domain_causal`), exact to float32 round-off at any
+    scale and several times slower (docs/numerics.md, section 5).
 
     Args:
         query, key: `(B, H, L, d)` heads; value: `(B, H, L, D)`.
@@ -222,10 +266,16 @@ def causal_linear_attention(
         recompute_length: int, positions per group recomputed in the
             backward pass (rounded down to whole chunks).
         prefix_block: int >= 2, chunks per block of the prefix scan.
+        normalized: bool. False returns, instead of the outputs, their
+            attention parts `(numerator (B, H, L, D), denominator (B, H, L),
+            shift (B, H, L))`: the sums over the keys each query sees,
+            times `exp(-shift)`; the shift is about `NO_KEY_LEVEL` for a
+            query that sees no key. Parts of several attentions over
+            disjoint keys sum into one (`merge_attention_parts`).
 
     Returns:
-        `(B, H, L, D)` float32 outputs, and with `return_state=True` the
-        tuple `(outputs, state)`.
+        `(B, H, L, D)` float32 outputs (or their parts), and with
+        `return_state=True` the tuple `(outputs, state)`.
     """
     query_feature_fn = query_feature_fn or feature_fn
     if prefix_block < 2:
@@ -242,6 +292,9 @@ def causal_linear_attention(
     length = query.shape[2]
     if length == 0:
         outputs = ops.zeros(ops.shape(query)[:3] + ops.shape(value)[3:])
+        if not normalized:
+            no_key = ops.full(ops.shape(query)[:3], stabilizers.NO_KEY_LEVEL)
+            outputs = (outputs, ops.zeros_like(no_key), no_key)
         return (outputs, tuple(initial_state)) if return_state else outputs
     if length is None:
         length = ops.shape(query)[2]
@@ -261,17 +314,47 @@ def causal_linear_attention(
 
     def group(index, inputs, shared, state):
         query, key, value, mask = inputs
-        values, log_scale = feature_fn(key)
+        key_parts = feature_fn(key)
+        query_parts = query_feature_fn(query)
+        one_level = _one_level_state(state)
         key_feats, levels, log_key_feats = _causal_key_features(
-            values, log_scale, mask, state[2], chunk_size
+            *key_parts, mask, one_level[2], chunk_size
         )
         seed = group_seed(dropout_seed, index, len(groups))
         dropped = numerator_key_features(key_feats, dropout_rate, seed)
-        outputs, state = _causal_chunks(
-            query_feature_fn(query), dropped, key_feats, log_key_feats,
-            levels, value, chunk_size, state, prefix_block,
+        parts, one_level = _causal_chunks(
+            query_parts, dropped, key_feats, log_key_feats, levels, value,
+            chunk_size, one_level, prefix_block,
         )
-        return [outputs], list(state)
+        outputs = [attention_parts_outputs(parts)] if normalized else parts
+        state_after = list(_per_feature_state(one_level))
+        if not all(
+            _has_feature_levels(parts, num_features)
+            for parts in (query_parts, key_parts)
+        ):
+            return outputs, state_after
+        # Only what is used goes through the branch, so that an unused
+        # final state is not computed.
+        used = len(outputs) + len(state_after) * (
+            return_state or index < len(groups) - 1
+        )
+
+        def per_feature_levels():
+            parts, state_after = log_domain_causal_attention(
+                query_parts, key_parts, value, mask, state, dropout_rate,
+                seed, prefix_block,
+            )
+            if normalized:
+                parts = [attention_parts_outputs(parts)]
+            return [*parts, *state_after][:used]
+
+        results = ops.cond(
+            _loses_a_normalizer(levels, parts[1]),
+            per_feature_levels,
+            lambda: [*outputs, *state_after][:used],
+        )
+        count = len(outputs)
+        return list(results[:count]), list(results[count:]) or state_after
 
     outputs, state = run_in_groups(
         group,
@@ -281,8 +364,11 @@ def causal_linear_attention(
         ],
         carry=[ops.cast(x, value.dtype) for x in initial_state],
     )
-    outputs = ops.concatenate([o[0] for o in outputs], axis=2)
-    outputs = outputs[:, :, :length]
+    outputs = [
+        ops.concatenate(list(pieces), axis=2)[:, :, :length]
+        for pieces in zip(*outputs)
+    ]
+    outputs = outputs[0] if normalized else tuple(outputs)
     if return_state:
         return outputs, tuple(state)
     return outputs

@@ -20,6 +20,13 @@ MAX_QUERY_LOG_FEATURE = 30.0
 # its features with the keys' underflowed: its attention output is 0. With
 # features <= exp(30), gradients then stay below ~1e25 |v| L: finite.
 TINY_NORMALIZER = 1e-12
+# With query features <= exp(30) and key-side factors <= 1, every product
+# that is lost to underflow in float32 (below about exp(-87)) is below
+# exp(-57) in the units of the normalizer. A normalizer of at least 1e-9
+# (exp(-20.7)) loses under L F exp(-36) of its weight that way, below
+# float32's round-off for up to a billion key features (docs/numerics.md,
+# section 5); a smaller one sends causal attention to per-feature levels.
+SAFE_NORMALIZER = 1e-9
 
 
 def exp_times_values(values, exponent):
@@ -53,7 +60,9 @@ def log_key_sum(key_sum):
     return ops.log(ops.maximum(key_sum, 1e-37))
 
 
-def query_features(values, log_scale, key_sum_log_bounds=()):
+def query_features(
+    values, log_scale, key_sum_log_bounds=(), return_shift=False
+):
     """Query features with one shift per query, which cancels in its ratio.
 
     For purely exponential features (`values is None`) and lower bounds
@@ -71,8 +80,13 @@ def query_features(values, log_scale, key_sum_log_bounds=()):
             broadcasts against `log_scale`, `offset` (one per query) against
             its rows, or is None. A bound in two factors spares the
             logarithm of their `(L, F)` product.
+        return_shift: bool, whether to return the `(B, H, L)` shift too
+            (0 without a log-scale): the features are `exp(-shift)` times
+            the unshifted ones.
     """
     if log_scale is None:
+        if return_shift:
+            return values, ops.zeros_like(values[..., 0])
         return values
     shift = row_log_level(log_scale)
     if values is None and key_sum_log_bounds:
@@ -88,7 +102,8 @@ def query_features(values, log_scale, key_sum_log_bounds=()):
         # those of a query that sees no key yet, whose bounds are about
         # NO_KEY_LEVEL: the cap alone keeps its features finite.
         shift = ops.maximum(bounded, shift - MAX_QUERY_LOG_FEATURE)
-    return exp_times_values(values, log_scale - shift[..., None])
+    features = exp_times_values(values, log_scale - shift[..., None])
+    return (features, shift) if return_shift else features
 
 
 def key_exponent(log_scale, shift, mask):
