@@ -1,6 +1,7 @@
-"""FeatureRedraw: when and what it redraws, determinism, the layers it
-finds and their pinned index paths, and exact resume from `.keras` files,
-`tf.train.Checkpoint` and `BackupAndRestore`."""
+"""FeatureRedraw: when and what it redraws, no redraw in the final window
+of a `fit`, determinism, the layers it finds and their pinned index paths,
+and exact resume from `.keras` files, `tf.train.Checkpoint` and
+`BackupAndRestore`."""
 
 import keras
 import numpy as np
@@ -35,6 +36,30 @@ class CountRecorder(keras.callbacks.Callback):
         layer = self.model.get_layer(self.layer_name)
         self.records.append((step, redraw_count(layer)))
 
+    def redraw_steps(self):
+        """The steps after which the redraw count went up."""
+        counts = [0] + [count for _, count in self.records]
+        return [
+            step
+            for (step, _), before, after in zip(
+                self.records, counts, counts[1:]
+            )
+            if after > before
+        ]
+
+
+class StopAfterEpoch(keras.callbacks.Callback):
+    """Stops `fit` at the end of epoch `epochs` (counted from 1), as an
+    interruption would, without changing the `epochs` that `fit` plans."""
+
+    def __init__(self, epochs):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 >= self.epochs:
+            self.model.stop_training = True
+
 
 def fit(model, callbacks, epochs=1, initial_epoch=0, num_examples=32):
     x, y = fit_script.toy_data(num_examples)
@@ -61,7 +86,7 @@ def test_redraws_every_interval_steps(steps_per_execution, capsys):
     )
     initial = projection(model)
     recorder = CountRecorder()
-    callback = keras_favor.FeatureRedraw(interval=3, verbose=1)
+    callback = keras_favor.FeatureRedraw(interval=3, verbose=1, final_window=0)
     fit(model, [callback, recorder], epochs=2)
     steps = [step for step, _ in recorder.records]
     assert steps == list(range(steps_per_execution, 9, steps_per_execution))
@@ -83,7 +108,7 @@ def test_redraws_every_interval_steps(steps_per_execution, capsys):
 
 def test_never_redraws_in_evaluate_predict_or_validation():
     model = compiled_model()
-    callback = keras_favor.FeatureRedraw(interval=1, seed=0)
+    callback = keras_favor.FeatureRedraw(interval=1, seed=0, final_window=0)
     x, y = fit_script.toy_data(32)
     initial = projection(model)
     model.evaluate(x, y, batch_size=BATCH, verbose=0, callbacks=[callback])
@@ -98,6 +123,90 @@ def test_never_redraws_in_evaluate_predict_or_validation():
         callbacks=[callback],
     )
     assert redraw_count(model.get_layer("attention")) == 32 // BATCH
+
+
+# 2 epochs of 6 steps, a multiple of the interval 3: the redraws at steps
+# 3, 6, 9 and 12 are due, and those within `final_window` steps of step 12
+# are skipped. Running 2 steps at a time, the batches that pass a multiple
+# of 3 end at steps 4, 6, 10 and 12.
+@pytest.mark.parametrize(
+    "final_window, steps_per_execution, redraw_steps",
+    [
+        (None, 1, [3, 6, 9]),
+        (3, 1, [3, 6, 9]),
+        (5, 1, [3, 6]),
+        (0, 1, [3, 6, 9, 12]),
+        (None, 2, [4, 6]),
+    ],
+)
+def test_no_redraw_in_the_final_window(
+    final_window, steps_per_execution, redraw_steps, capsys
+):
+    model = fit_script.compile_model(
+        fit_script.tiny_model(), steps_per_execution=steps_per_execution
+    )
+    recorder = CountRecorder()
+    callback = keras_favor.FeatureRedraw(
+        interval=3, seed=0, verbose=1, final_window=final_window
+    )
+    fit(model, [callback, recorder], epochs=2, num_examples=48)
+    assert recorder.records[-1][0] == 12
+    assert recorder.redraw_steps() == redraw_steps
+    assert 12 - redraw_steps[-1] >= callback.window
+    skipped = [
+        line for line in capsys.readouterr().out.splitlines()
+        if "no redraw" in line
+    ]
+    due = {1: [3, 6, 9, 12], 2: [4, 6, 10, 12]}[steps_per_execution]
+    assert skipped == [
+        f"FeatureRedraw: step {step}, no redraw: training ends at step 12, "
+        f"within final_window={callback.window} steps."
+        for step in due
+        if step not in redraw_steps
+    ]
+
+
+def test_each_fit_call_keeps_its_own_final_window():
+    """Two `fit` calls of 8 steps each (no `initial_epoch`): each plans its
+    own end, steps 8 and 16."""
+    model = compiled_model()
+    recorder = CountRecorder()
+    callback = keras_favor.FeatureRedraw(interval=3, seed=0)
+    for _ in range(2):
+        fit(model, [callback, recorder], epochs=2)
+    assert recorder.records[-1][0] == 16
+    assert recorder.redraw_steps() == [3, 9, 12]
+
+
+def batches():
+    """A generator of the toy data: `fit` does not know how many steps it
+    makes."""
+    x, y = fit_script.toy_data(32)
+    for start in range(0, 32, BATCH):
+        yield x[start : start + BATCH], y[start : start + BATCH]
+
+
+def test_unknown_steps_per_epoch_warns_and_redraws_on_the_interval():
+    model = compiled_model()
+    recorder = CountRecorder()
+    callback = keras_favor.FeatureRedraw(interval=2, seed=0)
+    with pytest.warns(UserWarning, match="steps_per_epoch") as record:
+        model.fit(batches(), verbose=0, callbacks=[callback, recorder])
+    assert callback.params["steps"] is None
+    assert len([w for w in record if "FeatureRedraw" in str(w.message)]) == 1
+    assert recorder.redraw_steps() == [2, 4]
+
+    # With `steps_per_epoch` the rule applies and nothing warns.
+    import warnings
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        model.fit(
+            batches(), steps_per_epoch=4, verbose=0,
+            callbacks=[callback, recorder],
+        )
+    assert not [w for w in record if "FeatureRedraw" in str(w.message)]
+    assert recorder.redraw_steps() == [2, 4, 6]
 
 
 def redrawn_projection(callback, times=2, **model_kwargs):
@@ -343,38 +452,51 @@ def test_subclass_can_choose_the_layers():
     assert set(counts.values()) == {0}
 
 
-# Epoch ranges of an interrupted run: 3 steps an epoch and a redraw every 2
-# steps, so one interruption falls between redraws (step 3) and one on a
-# redraw (step 6).
+# Epoch ranges of an interrupted run of 4 epochs: 3 steps an epoch and a
+# redraw due every 2 steps, so one interruption falls between redraws
+# (step 3) and one on a redraw (step 6). The final window of 5 steps skips
+# the redraws due at steps 8, 10 and 12, all after the last resume.
 SEGMENTS = ((0, 1), (1, 2), (2, 4))
+EPOCHS = SEGMENTS[-1][1]
+REDRAW_STEPS = [2, 4, 6]
+
+
+def redraw_callback():
+    return keras_favor.FeatureRedraw(interval=2, seed=3, final_window=5)
 
 
 def interrupted_and_resumed(resume):
-    """Trains the SEGMENTS; `resume(model)` returns the model to continue
+    """Trains the SEGMENTS, each a `fit` of all EPOCHS from its first epoch
+    stopped after its last; `resume(model)` returns the model to continue
     with after each interruption."""
-    callbacks = [keras_favor.FeatureRedraw(interval=2, seed=3)]
+    callback = redraw_callback()
     model = compiled_model()
-    for index, (initial_epoch, epochs) in enumerate(SEGMENTS):
+    for index, (initial_epoch, stop) in enumerate(SEGMENTS):
         if index:
             model = resume(model)
-        fit(model, callbacks, epochs, initial_epoch, num_examples=24)
+        fit(
+            model,
+            [callback, StopAfterEpoch(stop)],
+            EPOCHS,
+            initial_epoch,
+            num_examples=24,
+        )
     return model
 
 
 def uninterrupted():
     model = compiled_model()
-    fit(
-        model,
-        [keras_favor.FeatureRedraw(interval=2, seed=3)],
-        epochs=SEGMENTS[-1][1],
-        num_examples=24,
-    )
+    recorder = CountRecorder()
+    fit(model, [redraw_callback(), recorder], epochs=EPOCHS, num_examples=24)
+    assert recorder.records[-1][0] == 12
+    assert recorder.redraw_steps() == REDRAW_STEPS
     return model
 
 
 def assert_same_training(resumed, reference):
     layer = resumed.get_layer("attention")
-    assert redraw_count(layer) == 6
+    assert int(keras.ops.convert_to_numpy(resumed.optimizer.iterations)) == 12
+    assert redraw_count(layer) == len(REDRAW_STEPS)
     np.testing.assert_array_equal(projection(resumed), projection(reference))
     for a, b in zip(resumed.get_weights(), reference.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
@@ -414,7 +536,7 @@ def test_resume_with_backup_and_restore(tmp_path, reference_run):
     """Runs stopped after each of the SEGMENTS, each restarted from scratch
     (new model, new callbacks) and restored by BackupAndRestore, end where
     the uninterrupted run does."""
-    for index, (_, epochs) in enumerate(SEGMENTS):
+    for index, (_, stop) in enumerate(SEGMENTS):
         # Restarted runs draw other initial projections: the backup
         # replaces them.
         model = compiled_model(
@@ -423,17 +545,23 @@ def test_resume_with_backup_and_restore(tmp_path, reference_run):
         backup = keras.callbacks.BackupAndRestore(
             str(tmp_path / "backup"), delete_checkpoint=False
         )
-        callbacks = [keras_favor.FeatureRedraw(interval=2, seed=3), backup]
-        fit(model, callbacks, epochs=epochs, num_examples=24)
+        callbacks = [redraw_callback(), backup, StopAfterEpoch(stop)]
+        fit(model, callbacks, epochs=EPOCHS, num_examples=24)
     assert_same_training(model, reference_run)
 
 
-def test_config_round_trip():
-    callback = keras_favor.FeatureRedraw(interval=50, seed=4, verbose=1)
+@pytest.mark.parametrize("final_window, window", [(None, 50), (0, 0), (7, 7)])
+def test_config_round_trip(final_window, window):
+    callback = keras_favor.FeatureRedraw(
+        interval=50, seed=4, verbose=1, final_window=final_window
+    )
     config = keras.saving.serialize_keras_object(callback)
     restored = keras.saving.deserialize_keras_object(config)
     assert isinstance(restored, keras_favor.callbacks.FeatureRedraw)
-    assert restored.get_config() == {"interval": 50, "seed": 4, "verbose": 1}
+    assert restored.get_config() == {
+        "interval": 50, "seed": 4, "verbose": 1, "final_window": final_window,
+    }
+    assert restored.window == window
     assert keras_favor.FeatureRedraw is keras_favor.callbacks.FeatureRedraw
 
 
@@ -446,6 +574,10 @@ def test_config_round_trip():
         ({"seed": "1"}, "seed"),
         ({"seed": 1.0}, "seed"),
         ({"verbose": 2}, "verbose"),
+        ({"final_window": -1}, "final_window"),
+        ({"final_window": 1.5}, "final_window"),
+        ({"final_window": True}, "final_window"),
+        ({"final_window": "10"}, "final_window"),
     ],
 )
 def test_invalid_arguments(kwargs, argument):
@@ -504,4 +636,5 @@ def test_does_not_warn_with_layers_to_redraw():
         warnings.simplefilter("always")
         fit(model, [keras_favor.FeatureRedraw(interval=1, seed=0)], epochs=2)
     assert not [w for w in record if "FeatureRedraw" in str(w.message)]
-    assert redraw_count(model.get_layer("attention")) == 2 * 32 // BATCH
+    # Every step but the last, which is within the final window of 1 step.
+    assert redraw_count(model.get_layer("attention")) == 2 * 32 // BATCH - 1

@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_favor.layers.favor_attention import FavorAttention
+from keras_favor.validation import is_int
 from keras_favor.validation import optional_seed
 from keras_favor.validation import positive_int
 
@@ -129,6 +130,19 @@ def projection_fingerprint(layer):
     return zlib.crc32(np.ascontiguousarray(projection).tobytes())
 
 
+def optional_non_negative_int(value, name):
+    """`value` as an int or None, or a `ValueError` unless it is a
+    non-negative int or None."""
+    if value is None:
+        return None
+    if not is_int(value) or value < 0:
+        raise ValueError(
+            f"`{name}` must be None or a non-negative integer. Received: "
+            f"{name}={value!r}"
+        )
+    return int(value)
+
+
 @keras.saving.register_keras_serializable(package="keras_favor")
 class FeatureRedraw(keras.callbacks.Callback):
     """Redraws the random projection of every `FavorAttention` during `fit`.
@@ -155,17 +169,37 @@ class FeatureRedraw(keras.callbacks.Callback):
     different projections.
 
     When to redraw is decided from `model.optimizer.iterations`, not from a
-    counter of its own: a redraw happens at the end of every training batch
+    counter of its own: a redraw is due at the end of every training batch
     that brings the iteration count to (or, with `steps_per_execution > 1`,
-    past) a multiple of `interval`. The iteration count and each layer's
-    `redraw_count` are model weights, saved by `model.save` (`.keras`),
-    `model.save_weights`, `tf.train.Checkpoint` and
-    `keras.callbacks.BackupAndRestore`. Training that is interrupted and
-    resumed from any of them therefore redraws at the same steps, with the
-    same seeds, and ends with exactly the projections of an uninterrupted
-    run. With a callback that saves every few batches (for example
-    `ModelCheckpoint(save_freq=N)`), list `FeatureRedraw` before it so that a
-    save at a redraw step includes the redraw.
+    past) a multiple of `interval`.
+
+    No redraw at the end of a `fit`: a model evaluated right after a redraw
+    has had no steps to adapt to its new features, and can be much worse
+    than before it. So a due redraw is skipped when `fit` ends within
+    `final_window` steps of it (by default `interval` steps): over a `fit`
+    whose step count is a multiple of `interval`, the last redraw comes
+    `interval` steps before the end, not on the last step. A skipped redraw
+    is not made up. The end is planned at the start of the first epoch of
+    each `fit` call, from `self.params`: the optimizer step then, plus the
+    steps per epoch (`params["steps"]`) times the epochs left (`epochs`
+    less the epoch `fit` starts from). When `fit` does not know its steps
+    per epoch (a generator, or a dataset of unknown length, without
+    `steps_per_epoch`), the end is unknown and the rule cannot apply: the
+    callback warns at the start of that `fit` (unless `final_window=0`)
+    and redraws every `interval` steps up to the end. Pass `steps_per_epoch`
+    to keep the rule.
+
+    The iteration count and each layer's `redraw_count` are model weights,
+    saved by `model.save` (`.keras`), `model.save_weights`,
+    `tf.train.Checkpoint` and `keras.callbacks.BackupAndRestore`. A run that
+    is interrupted and resumed from any of them, with the `epochs` of the
+    whole training (and, from a file or checkpoint, the `initial_epoch` to
+    go on from), plans the end of the whole training, so it redraws and
+    skips at the same steps, with the same seeds, and ends with exactly the
+    projections of an uninterrupted run. With a callback that saves every
+    few batches (for example `ModelCheckpoint(save_freq=N)`), list
+    `FeatureRedraw` before it so that a save at a redraw step includes the
+    redraw.
 
     Under `tf.distribute`, Keras runs callbacks in cross-replica context, so
     each redraw assigns the same projection to every replica's copy.
@@ -195,7 +229,11 @@ class FeatureRedraw(keras.callbacks.Callback):
             (which share the initial projection) and every resumed run
             (which restores it) still agree. Give an int when runs must
             match each other exactly.
-        verbose: 0 (silent, default) or 1 (print a line at each redraw).
+        verbose: 0 (silent, default) or 1 (print a line at each redraw,
+            and at each one skipped in the final window).
+        final_window: int >= 0 or None, the number of final steps of a
+            `fit` call in which no redraw is made. None (the default) means
+            `interval`; 0 redraws up to the last step.
 
     Example:
 
@@ -215,7 +253,7 @@ class FeatureRedraw(keras.callbacks.Callback):
           section 4 (feature redrawing).
     """
 
-    def __init__(self, interval=1000, seed=None, verbose=0):
+    def __init__(self, interval=1000, seed=None, verbose=0, final_window=None):
         super().__init__()
         self.interval = positive_int(interval, "interval")
         self.seed = optional_seed(seed)
@@ -224,7 +262,20 @@ class FeatureRedraw(keras.callbacks.Callback):
                 f"`verbose` must be 0 or 1. Received: verbose={verbose!r}"
             )
         self.verbose = verbose
+        self.final_window = optional_non_negative_int(
+            final_window, "final_window"
+        )
         self._batch_start_step = None
+        self._planned_end = None
+        self._plan_pending = False
+
+    @property
+    def window(self):
+        """The number of final steps of a `fit` call without redraws:
+        `final_window`, or `interval` when that is None."""
+        if self.final_window is None:
+            return self.interval
+        return self.final_window
 
     def layers_to_redraw(self):
         """The layers this callback redraws, as a dict from index path to
@@ -253,8 +304,48 @@ class FeatureRedraw(keras.callbacks.Callback):
         return layers
 
     def on_train_begin(self, logs=None):
+        self._planned_end = None
+        self._plan_pending = True
         if not self.layers_to_redraw():
             warnings.warn(self._nothing_to_redraw_message())
+        elif self.window and self._steps_per_epoch() is None:
+            warnings.warn(
+                "FeatureRedraw cannot keep the last "
+                f"final_window={self.window} steps of this `fit` free of "
+                "redraws: the number of steps per epoch is unknown. It "
+                f"redraws every {self.interval} steps up to the end, so the "
+                "model may end on features it has not trained with. Pass "
+                "`steps_per_epoch` to `fit` (or data of known length), or "
+                "`final_window=0` to silence this warning."
+            )
+
+    def on_epoch_begin(self, epoch, logs=None):
+        # The first epoch of a `fit` call comes after BackupAndRestore has
+        # restored the step count and chosen the epoch to resume from.
+        if not self._plan_pending:
+            return
+        self._plan_pending = False
+        self._planned_end = self.planned_end(epoch)
+
+    def planned_end(self, epoch):
+        """The optimizer step at which the `fit` call now starting `epoch`
+        will end, or None when `fit` does not know its steps per epoch."""
+        steps = self._steps_per_epoch()
+        if steps is None:
+            return None
+        epochs = (self.params or {}).get("epochs", 1)
+        return self.training_step() + max(0, epochs - epoch) * steps
+
+    def _steps_per_epoch(self):
+        steps = (self.params or {}).get("steps")
+        return int(steps) if steps else None
+
+    def in_final_window(self, step):
+        """Whether a redraw at `step` falls within the last `window` steps
+        of the current `fit` call (never when its end is unknown)."""
+        if not self.window or self._planned_end is None:
+            return False
+        return self._planned_end - step < self.window
 
     def _nothing_to_redraw_message(self):
         layers = favor_attention_layers(self.model)
@@ -301,20 +392,31 @@ class FeatureRedraw(keras.callbacks.Callback):
         if start is None:
             start = step - 1
         self._batch_start_step = None
-        if step // self.interval > start // self.interval:
-            layers = self.redraw()
+        if step // self.interval <= start // self.interval:
+            return
+        if self.in_final_window(step):
             if self.verbose:
                 print(
-                    f"\nFeatureRedraw: step {step}, redrew the projection "
-                    f"of {len(layers)} FavorAttention layer(s).",
+                    f"\nFeatureRedraw: step {step}, no redraw: training ends "
+                    f"at step {self._planned_end}, within final_window="
+                    f"{self.window} steps.",
                     flush=True,
                 )
+            return
+        layers = self.redraw()
+        if self.verbose:
+            print(
+                f"\nFeatureRedraw: step {step}, redrew the projection "
+                f"of {len(layers)} FavorAttention layer(s).",
+                flush=True,
+            )
 
     def get_config(self):
         return {
             "interval": self.interval,
             "seed": self.seed,
             "verbose": self.verbose,
+            "final_window": self.final_window,
         }
 
     @classmethod
