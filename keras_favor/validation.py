@@ -40,6 +40,16 @@ def positive_int(value, name, allow_none=False):
     return int(value)
 
 
+def non_negative_int(value, name):
+    """`value` as an int, or a `ValueError` unless it is an int >= 0."""
+    if not is_int(value) or value < 0:
+        raise ValueError(
+            f"`{name}` must be a non-negative integer. Received: "
+            f"{name}={value!r}"
+        )
+    return int(value)
+
+
 def optional_positive_number(value, name):
     """`value` as a float or None, or a `ValueError` unless it is a positive
     number or None."""

@@ -71,6 +71,20 @@ LAYER_TEST_CASES = {
         (2, 8, 16),
         {"redraw_count": "int32"},
     ),
+    "local-window-causal": (
+        dict(num_heads=2, key_dim=8, num_features=16, local_window=3),
+        self_attention_data,
+        True,
+        (2, 8, 16),
+        PROJECTION_WEIGHT_DTYPES,
+    ),
+    "local-window-bidirectional": (
+        dict(num_heads=2, key_dim=8, num_features=16, local_window=3),
+        self_attention_data,
+        False,
+        (2, 8, 16),
+        PROJECTION_WEIGHT_DTYPES,
+    ),
 }
 
 

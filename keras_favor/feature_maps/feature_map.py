@@ -50,6 +50,9 @@ class FeatureMap(Configurable):
     """
 
     requires_projection = True
+    # Whether `phi(q) . phi(k)` estimates the softmax kernel
+    # `exp(q . k / sqrt(d))` itself (so it can share a normalizer with it).
+    estimates_softmax = False
 
     def feature_dim(self, num_features, input_dim):
         """Number of features `F` produced for `num_features` projections."""

@@ -45,6 +45,8 @@ class SoftmaxFeatures(FeatureMap):
         - [Choromanski et al., 2021](https://arxiv.org/abs/2009.14794)
     """
 
+    estimates_softmax = True
+
     def log_scaled(self, x, projection):
         num_features = projection.shape[0]
         row_term = half_sq_norm(x) + 0.5 * math.log(num_features)

@@ -22,6 +22,8 @@ class SoftmaxHyperbolicFeatures(FeatureMap):
         - [Choromanski et al., 2021](https://arxiv.org/abs/2009.14794)
     """
 
+    estimates_softmax = True
+
     def feature_dim(self, num_features, input_dim):
         return 2 * num_features
 

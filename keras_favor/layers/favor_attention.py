@@ -15,6 +15,7 @@ from keras_favor.layers import multi_head_layout as layout
 from keras_favor.validation import dropout_rate
 from keras_favor.validation import optional_positive_number
 from keras_favor.validation import optional_seed
+from keras_favor.validation import non_negative_int
 from keras_favor.validation import positive_int
 from keras_favor.validation import stateless_seed
 
@@ -82,6 +83,14 @@ class FavorAttention(keras.layers.Layer):
         recompute_length: int; longer sequences run in groups of this many
             positions, recomputed in the backward pass, so training memory
             grows with it, not with the length. Defaults to 32768.
+        local_window: int >= 0. With `w > 0`, each query weighs the keys
+            within `w` positions exactly, by the softmax kernel
+            `exp(q . k / sqrt(key_dim))`, and all other keys by the random
+            features, with one normalizer over all keys: causal, the keys
+            `t - w < s <= t`; bidirectional, `|t - s| < w`. It costs
+            `O(L w key_dim)` more and needs a feature map that estimates
+            the softmax kernel and queries and keys of one length.
+            Defaults to 0 (random features for every key).
         lora_rank, lora_alpha: None, or `enable_lora`'s arguments, which
             `get_config` records so a saved LoRA layer loads with LoRA.
         **kwargs: base layer keyword arguments, such as `name` and `dtype`.
@@ -143,6 +152,7 @@ class FavorAttention(keras.layers.Layer):
         seed=None,
         chunk_size=64,
         recompute_length=32768,
+        local_window=0,
         lora_rank=None,
         lora_alpha=None,
         **kwargs,
@@ -179,6 +189,14 @@ class FavorAttention(keras.layers.Layer):
         self.recompute_length = positive_int(
             recompute_length, "recompute_length"
         )
+        self.local_window = non_negative_int(local_window, "local_window")
+        if self.local_window and not self.feature_map.estimates_softmax:
+            raise ValueError(
+                "`local_window` needs a feature map that estimates the "
+                "softmax kernel (softmax, softmax_hyperbolic, softmax_trig), "
+                "whose estimate can share a normalizer with the exact "
+                f"kernel. Received: feature_map={self.feature_map!r}"
+            )
         self.lora_rank = positive_int(lora_rank, "lora_rank", allow_none=True)
         self.lora_alpha = optional_positive_number(lora_alpha, "lora_alpha")
         self.projection = None
@@ -319,11 +337,21 @@ class FavorAttention(keras.layers.Layer):
         if training and self.dropout > 0:
             options["dropout_rate"] = self.dropout
             options["dropout_seed"] = self._dropout_seed.next()
-        if use_causal_mask:
-            num_features = self.num_features
+        num_features = self.feature_map.feature_dim(
+            self.num_features, self.key_dim
+        )
+        if self.local_window:
+            _check_window_lengths(query, key)
+            # The exact kernel's units: the queries' full features.
+            options["query_feature_fn"] = feature_fn
+            outputs = favor_ops.local_window_attention(
+                query, key, value, feature_fn, num_features,
+                self.local_window, bool(use_causal_mask),
+                chunk_size=self.chunk_size, **options,
+            )
+        elif use_causal_mask:
             outputs = favor_ops.causal_linear_attention(
-                query, key, value, feature_fn,
-                self.feature_map.feature_dim(num_features, self.key_dim),
+                query, key, value, feature_fn, num_features,
                 chunk_size=self.chunk_size, **options,
             )
         else:
@@ -413,9 +441,21 @@ class FavorAttention(keras.layers.Layer):
                 "seed": self.seed,
                 "chunk_size": self.chunk_size,
                 "recompute_length": self.recompute_length,
+                "local_window": self.local_window,
                 "lora_rank": self.lora_rank,
                 "lora_alpha": self.lora_alpha,
             }
         )
         config.update(dense_sublayers.sublayer_config(self))
         return config
+
+
+def _check_window_lengths(query, key):
+    """`local_window` compares positions: one length for queries and keys."""
+    lengths = (query.shape[2], key.shape[2])
+    if None not in lengths and lengths[0] != lengths[1]:
+        raise ValueError(
+            "`local_window` needs queries and keys at the same positions "
+            f"(one length). Received: {lengths[0]} queries and {lengths[1]} "
+            "keys."
+        )

@@ -7,6 +7,7 @@ from keras_favor import projections as projections_lib
 from keras_favor.layers.favor_attention import FavorAttention
 from keras_favor.validation import dropout_rate
 from keras_favor.validation import optional_seed
+from keras_favor.validation import non_negative_int
 from keras_favor.validation import positive_int
 
 ATTENTION_KINDS = ("favor", "exact", "identity")
@@ -55,7 +56,8 @@ class PerformerBlock(keras.layers.Layer):
         bias_initializer: initializer of all dense biases.
         attention: `"favor"` (default), `"exact"` or `"identity"`, see above.
         feature_map, num_features, projection, seed, chunk_size,
-        recompute_length: passed to `FavorAttention` (unused by the other attention kinds, except
+        recompute_length, local_window: passed to `FavorAttention` (unused
+            by the other attention kinds, except
             `seed`, which also seeds exact attention's dropout).
         **kwargs: base layer keyword arguments, such as `name` and `dtype`.
 
@@ -106,6 +108,7 @@ class PerformerBlock(keras.layers.Layer):
         seed=None,
         chunk_size=64,
         recompute_length=32768,
+        local_window=0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -136,6 +139,7 @@ class PerformerBlock(keras.layers.Layer):
         self.recompute_length = positive_int(
             recompute_length, "recompute_length"
         )
+        self.local_window = non_negative_int(local_window, "local_window")
 
     def build(self, input_shape):
         if len(input_shape) != 3 or input_shape[-1] is None:
@@ -210,6 +214,7 @@ class PerformerBlock(keras.layers.Layer):
             projection=self.projection,
             chunk_size=self.chunk_size,
             recompute_length=self.recompute_length,
+            local_window=self.local_window,
             **common,
         )
 
@@ -302,6 +307,7 @@ class PerformerBlock(keras.layers.Layer):
                 "seed": self.seed,
                 "chunk_size": self.chunk_size,
                 "recompute_length": self.recompute_length,
+                "local_window": self.local_window,
             }
         )
         return config

@@ -5,6 +5,7 @@ import keras
 from keras_favor.validation import boolean
 from keras_favor.validation import dropout_rate
 from keras_favor.validation import optional_seed
+from keras_favor.validation import non_negative_int
 from keras_favor.validation import positive_int
 from keras_favor.layers.performer_block import PerformerBlock
 from keras_favor.models.token_and_position_embedding import (
@@ -35,6 +36,7 @@ def build_performer(
     mask_zero=True,
     chunk_size=64,
     recompute_length=32768,
+    local_window=0,
     name=None,
 ):
     """Builds a Performer: embeddings, `PerformerBlock`s and a task head.
@@ -105,6 +107,10 @@ def build_performer(
         mask_zero: bool, whether token id 0 is padding.
         chunk_size, recompute_length: passed to every `FavorAttention`
             (see there: they trade speed against memory, not results).
+        local_window: int >= 0, passed to every `FavorAttention`: exact
+            softmax attention over the keys within this many positions,
+            random features beyond them, one normalizer (0, the default,
+            is random features for every key).
         name: optional model name.
 
     Returns:
@@ -166,6 +172,7 @@ def build_performer(
     num_features = positive_int(num_features, "num_features")
     chunk_size = positive_int(chunk_size, "chunk_size")
     recompute_length = positive_int(recompute_length, "recompute_length")
+    local_window = non_negative_int(local_window, "local_window")
     seed = optional_seed(seed, "seed")
     normalize_first = boolean(normalize_first, "normalize_first")
     mask_zero = boolean(mask_zero, "mask_zero")
@@ -198,6 +205,7 @@ def build_performer(
                 seed=None if seed is None else seed + index,
                 chunk_size=chunk_size,
                 recompute_length=recompute_length,
+                local_window=local_window,
                 name=f"performer_block_{index}",
             )
         )

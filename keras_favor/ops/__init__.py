@@ -1,7 +1,8 @@
 """Linear attention operations on `(batch, heads, length, dim)` heads.
 
 `bidirectional_linear_attention` and `causal_linear_attention` are the
-linear-time kernels; `naive_linear_attention` computes the same thing through
+linear-time kernels; `local_window_attention` mixes exact softmax attention
+over nearby keys with them, under one normalizer; `naive_linear_attention` computes the same thing through
 the quadratic score matrix, and `softmax_attention` is exact softmax
 attention, both as references for tests and measurements.
 """
@@ -11,6 +12,7 @@ from keras_favor.ops.bidirectional_attention import (
 )
 from keras_favor.ops.causal_attention import causal_linear_attention
 from keras_favor.ops.causal_attention import empty_causal_state
+from keras_favor.ops.local_window import local_window_attention
 from keras_favor.ops.naive import naive_linear_attention
 from keras_favor.ops.naive import softmax_attention
 
@@ -18,6 +20,7 @@ __all__ = [
     "bidirectional_linear_attention",
     "causal_linear_attention",
     "empty_causal_state",
+    "local_window_attention",
     "naive_linear_attention",
     "softmax_attention",
 ]

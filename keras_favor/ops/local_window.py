@@ -1,0 +1,203 @@
+"""Exact softmax attention over nearby keys, random features beyond them.
+
+The softmax feature maps estimate the very kernel `exp(q . k / sqrt(d))` that
+softmax attention weighs keys by, so each query can take the exact kernel
+for the keys within a window of its position and the random-feature
+estimate for all other keys, with numerator and denominator summed together:
+one normalizer over all keys (docs/numerics.md, section 9).
+
+- Causal: query `t` takes keys `t - w < s <= t` exactly and keys `s <= t - w`
+  through causal linear attention over the keys delayed by `w` positions.
+- Bidirectional: keys `|t - s| < w` exactly, keys `s <= t - w` as in the
+  causal mode and keys `s >= t + w` by the same on the reversed sequence.
+
+Each part comes as `(numerator, denominator, shift)` (the sums over its keys
+times `exp(-shift)`), and the parts are summed at the larger shift, with
+factors `<= 1` (`merge_attention_parts`). The window part costs `O(L w d)`
+time and `O(L w)` memory: queries in blocks of `w` positions attend to the
+keys of their own block and the block before (and after).
+"""
+
+import math
+
+import numpy as np
+from keras import ops
+
+from keras_favor.ops import stabilizers
+from keras_favor.ops.causal_attention import causal_linear_attention
+from keras_favor.ops.chunk_scan import merge_chunks
+from keras_favor.ops.chunk_scan import split_chunks
+from keras_favor.ops.feature_dropout import numerator_key_features
+from keras_favor.ops.products import matmul_transposed_b
+
+
+def merge_attention_parts(parts):
+    """Outputs of attention parts over disjoint keys, with one normalizer.
+
+    Args:
+        parts: `(numerator (B, H, L, D), denominator (B, H, L), shift
+            (B, H, L))` triples, as `causal_linear_attention(...,
+            normalized=False)` returns them.
+
+    Returns:
+        `(B, H, L, D)`: `sum numerator exp(shift) / sum denominator
+        exp(shift)`, and 0 for a query that sees no key in any part.
+    """
+    top = ops.stop_gradient(
+        ops.max(ops.stack([shift for _, _, shift in parts]), axis=0)
+    )
+    numerator, denominator = 0.0, 0.0
+    for part_numerator, part_denominator, shift in parts:
+        factor = ops.exp(shift - top)
+        numerator += part_numerator * factor[..., None]
+        denominator += part_denominator * factor
+    return stabilizers.normalize(numerator, denominator)
+
+
+def _neighbour_blocks(x, offset, fill):
+    """The block `offset` (-1 or 1) away from each block along axis 2,
+    `fill` beyond the ends."""
+    edge = ops.full_like(x[:, :, :1], fill)
+    if offset < 0:
+        return ops.concatenate([edge, x[:, :, :-1]], axis=2)
+    return ops.concatenate([x[:, :, 1:], edge], axis=2)
+
+
+def _window_blocks(x, offsets, fill=0):
+    """Each block's keys in the blocks at `offsets`, side by side."""
+    return ops.concatenate(
+        [x if o == 0 else _neighbour_blocks(x, o, fill) for o in offsets],
+        axis=3,
+    )
+
+
+def _in_window(window, offsets, causal):
+    """Bool `(w, len(offsets) w)`: query `i` of a block sees key `j` of the
+    blocks at `offsets` when `0 <= t - s < w` (causal) or `|t - s| < w`."""
+    queries = np.arange(window)[:, None]
+    keys = np.concatenate([np.arange(window) + o * window for o in offsets])
+    distance = queries - keys[None, :]
+    if causal:
+        return (distance >= 0) & (distance < window)
+    return np.abs(distance) < window
+
+
+def window_attention_parts(
+    query, key, value, window, causal, mask=None, dropout_rate=0.0,
+    dropout_seed=None,
+):
+    """Attention parts of exact softmax attention over a window of keys.
+
+    Query `t` sees keys `0 <= t - s < window` (causal) or
+    `|t - s| < window`, with weights `exp(q . k / sqrt(d))`.
+
+    Args:
+        query, key: `(B, H, L, d)` heads; value: `(B, H, L, D)`.
+        window: int >= 1.
+        causal: bool.
+        mask: bool `(B, 1, L)`, True at real keys, or None.
+        dropout_rate: float, dropout of the numerator's weights.
+        dropout_seed: `(2,)` stateless seed when `dropout_rate > 0`.
+
+    Returns:
+        `(numerator, denominator, shift)`, shifted by each query's largest
+        logit (about `NO_KEY_LEVEL` for a query that sees no key).
+    """
+    length = ops.shape(query)[2]
+    if mask is None:
+        mask = ops.ones_like(query[:1, :1, :, 0], "bool")
+    padding = (-length) % window
+    widths = [(0, 0), (0, 0), (0, padding)]
+    query, key, value = (ops.pad(x, widths + [(0, 0)]) for x in (query, key, value))
+    mask = ops.pad(mask, widths, constant_values=False)
+    offsets = (-1, 0) if causal else (-1, 0, 1)
+    query, key, value, mask = (
+        split_chunks(x, window) for x in (query, key, value, mask)
+    )
+    keys, values = (_window_blocks(x, offsets) for x in (key, value))
+    visible = ops.logical_and(
+        ops.convert_to_tensor(_in_window(window, offsets, causal)),
+        _window_blocks(mask, offsets, False)[..., None, :],
+    )
+    logits = matmul_transposed_b(query, keys) / math.sqrt(query.shape[-1])
+    logits = ops.where(visible, logits, stabilizers.NO_KEY_LEVEL)
+    shift = ops.stop_gradient(ops.max(logits, axis=-1))
+    weights = ops.exp(
+        ops.where(visible, logits - shift[..., None], stabilizers.NO_KEY_LEVEL)
+    )
+    dropped = numerator_key_features(weights, dropout_rate, dropout_seed)
+    parts = (ops.matmul(dropped, values), ops.sum(weights, axis=-1), shift)
+    return tuple(merge_chunks(x)[:, :, :length] for x in parts)
+
+
+def _delayed(x, lag, fill=0):
+    """`x` along axis 2 delayed by `lag` positions, `fill` before them."""
+    length = ops.shape(x)[2]
+    widths = [(0, 0), (0, 0), (lag, 0)] + [(0, 0)] * (len(x.shape) - 3)
+    return ops.pad(x, widths, constant_values=fill)[:, :, :length]
+
+
+def _earlier_keys_parts(query, key, value, mask, window, seed, **kwargs):
+    """Causal linear attention parts of query `t` over keys `s <= t - w`."""
+    if mask is None:
+        mask = ops.ones_like(query[:1, :1, :, 0], "bool")
+    return causal_linear_attention(
+        query, _delayed(key, window), _delayed(value, window),
+        mask=_delayed(mask, window, False), dropout_seed=seed,
+        normalized=False, **kwargs,
+    )
+
+
+def _reversed(x):
+    return None if x is None else ops.flip(x, axis=2)
+
+
+def local_window_attention(
+    query, key, value, feature_fn, num_features, window, causal, mask=None,
+    chunk_size=64, dropout_rate=0.0, dropout_seed=None,
+    query_feature_fn=None, recompute_length=None,
+):
+    """Exact attention within `window`, random features beyond it, with one
+    normalizer (module docstring).
+
+    Args:
+        query, key: `(B, H, L, d)` heads of one length; value `(B, H, L, D)`.
+        feature_fn, num_features, chunk_size, recompute_length: as for
+            `causal_linear_attention`. The feature map must estimate the
+            softmax kernel, and `query_feature_fn` (default `feature_fn`)
+            must give the queries' full features, with no factor left out,
+            so that both parts weigh keys in the same units.
+        window: int >= 1, see `window_attention_parts`.
+        causal: bool.
+        mask: bool `(B, 1, L)`, True at real keys, or None.
+        dropout_rate, dropout_seed: dropout of the numerator, in both parts.
+
+    Returns:
+        `(B, H, L, D)` float32.
+    """
+    seeds = [None] * 3
+    if dropout_rate:
+        seeds = [
+            ops.cast(ops.convert_to_tensor(dropout_seed), "int32") + i
+            for i in range(3)
+        ]
+    options = dict(
+        feature_fn=feature_fn, num_features=num_features,
+        chunk_size=chunk_size, dropout_rate=dropout_rate,
+        query_feature_fn=query_feature_fn,
+    )
+    if recompute_length is not None:
+        options["recompute_length"] = recompute_length
+    parts = [
+        window_attention_parts(
+            query, key, value, window, causal, mask, dropout_rate, seeds[0]
+        ),
+        _earlier_keys_parts(query, key, value, mask, window, seeds[1], **options),
+    ]
+    if not causal:
+        later = _earlier_keys_parts(
+            *(_reversed(x) for x in (query, key, value, mask)), window,
+            seeds[2], **options,
+        )
+        parts.append(tuple(_reversed(x) for x in later))
+    return merge_attention_parts(parts)

@@ -1,0 +1,182 @@
+"""Exact attention within a local window, random features beyond it, one
+normalizer: against a quadratic reference that builds the mixed kernel."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_favor
+from keras_favor.ops import local_window_attention
+from tests import reference
+
+MAPS = ["softmax", "softmax_hyperbolic", "softmax_trig"]
+UNIT_ROUNDOFF = 2.0**-24
+
+
+def setup(rng, feature_map, length, scale=1.0):
+    layer = keras_favor.FavorAttention(
+        2, 8, num_features=16, feature_map=feature_map, seed=1
+    )
+    x = rng.normal(scale=scale, size=(2, length, 16)).astype("float32")
+    layer(x, x)
+    heads = reference.heads(layer, x, x)
+    mask = np.ones((2, length), bool)
+    mask[1, length - 3 :] = False
+    return layer, heads, mask
+
+
+def mixed_kernel(layer, q, k, mask, window, causal):
+    """The `(B, H, T, S)` kernel: exact inside the window, features outside,
+    0 for masked and (causal) later keys; float64, differentiable."""
+    phi = reference.feature_fn(layer)
+    estimated = tf.einsum("bhtf,bhsf->bhts", phi(q), phi(k))
+    exact = tf.exp(tf.einsum("bhtd,bhsd->bhts", q, k) / np.sqrt(8.0))
+    length = q.shape[2]
+    distance = np.arange(length)[:, None] - np.arange(length)[None, :]
+    if causal:
+        in_window = (distance >= 0) & (distance < window)
+        allowed = distance >= 0
+    else:
+        in_window = np.abs(distance) < window
+        allowed = np.ones_like(in_window)
+    kernel = tf.where(in_window, exact, estimated)
+    return tf.where(allowed & mask[:, None, None, :], kernel, 0.0)
+
+
+def run(layer, heads, mask, window, causal):
+    feature_fn, _ = layer._feature_fns()
+    return local_window_attention(
+        *(tf.constant(h, tf.float32) for h in heads), feature_fn,
+        layer.feature_map.feature_dim(16, 8), window, causal,
+        mask=tf.constant(mask)[:, None, :], chunk_size=4,
+    )
+
+
+@pytest.mark.parametrize("feature_map", MAPS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window, length", [(1, 7), (4, 19), (8, 8), (30, 20)])
+def test_matches_the_mixed_quadratic_kernel(
+    rng, feature_map, causal, window, length
+):
+    layer, (q, k, v), mask = setup(rng, feature_map, length)
+    actual = run(layer, (q, k, v), mask, window, causal).numpy()
+    kernel = mixed_kernel(layer, q, k, mask, window, causal).numpy()
+    expected = kernel @ v / kernel.sum(-1, keepdims=True)
+    # Float32 sums of at most `length` keys and 32 features, each with a
+    # relative rounding of a few u, times the condition of signed weights.
+    condition = np.abs(kernel).sum(-1) / np.abs(kernel.sum(-1))
+    bound = 8 * (length + 32) * UNIT_ROUNDOFF * np.max(np.abs(v))
+    assert np.all(np.abs(actual - expected) <= bound * condition[..., None])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients_match_the_mixed_quadratic_kernel(rng, causal):
+    layer, heads, mask = setup(rng, "softmax", 13)
+    target = rng.normal(size=heads[2].shape)
+
+    def gradients(fn, dtype):
+        tensors = [tf.constant(h, dtype) for h in heads]
+        with tf.GradientTape() as tape:
+            tape.watch(tensors)
+            loss = tf.reduce_sum(tf.cast(fn(*tensors), tf.float64) * target)
+        return tape.gradient(loss, tensors)
+
+    def expected_fn(q, k, v):
+        kernel = mixed_kernel(layer, q, k, mask, 4, causal)
+        return kernel @ v / tf.reduce_sum(kernel, -1, keepdims=True)
+
+    feature_fn, _ = layer._feature_fns()
+    actual = gradients(
+        lambda q, k, v: local_window_attention(
+            q, k, v, feature_fn, 16, 4, causal,
+            mask=tf.constant(mask)[:, None, :], chunk_size=4,
+        ),
+        tf.float32,
+    )
+    for a, e in zip(actual, gradients(expected_fn, tf.float64)):
+        np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_window_over_every_key_is_softmax_attention(rng, causal):
+    _, heads, mask = setup(rng, "softmax", 11)
+    layer = keras_favor.FavorAttention(2, 8, num_features=16, seed=1)
+    layer.build((2, 11, 16))
+    actual = run(layer, heads, mask, 11, causal)
+    expected = keras_favor.ops.softmax_attention(
+        *(tf.constant(h, tf.float32) for h in heads),
+        mask=tf.constant(mask)[:, None, :], causal=causal,
+    )
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("position", [0, 3, 4, 9])
+def test_causal_window_has_no_future_leakage(rng, position):
+    layer = keras_favor.FavorAttention(
+        2, 8, num_features=16, local_window=4, chunk_size=4
+    )
+    x = rng.normal(size=(2, 12, 16)).astype("float32")
+    changed = x.copy()
+    changed[:, position + 1 :] = rng.normal(
+        scale=300.0, size=changed[:, position + 1 :].shape
+    )
+    before = np.asarray(layer(x, x, use_causal_mask=True))
+    after = np.asarray(layer(changed, changed, use_causal_mask=True))
+    assert np.all(np.isfinite(after))
+    np.testing.assert_allclose(
+        after[:, : position + 1], before[:, : position + 1],
+        rtol=1e-5, atol=1e-6,
+    )
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_large_inputs_stay_finite_and_nonzero(rng, causal):
+    layer = keras_favor.FavorAttention(
+        2, 8, num_features=16, local_window=3, chunk_size=4
+    )
+    x = rng.normal(scale=100.0, size=(2, 12, 16)).astype("float32")
+    with tf.GradientTape() as tape:
+        y = layer(x, x, use_causal_mask=causal)
+        loss = tf.reduce_sum(y)
+    grads = tape.gradient(loss, layer.trainable_weights)
+    assert np.all(np.isfinite(y))
+    assert all(np.all(np.isfinite(g)) for g in grads)
+    assert not np.any(np.all(np.asarray(y) == 0.0, axis=-1))
+
+
+def test_bad_local_window_arguments_raise():
+    with pytest.raises(ValueError, match="local_window"):
+        keras_favor.FavorAttention(2, 8, local_window=-1)
+    with pytest.raises(ValueError, match="local_window"):
+        keras_favor.FavorAttention(2, 8, local_window=2.5)
+    with pytest.raises(ValueError, match="softmax kernel"):
+        keras_favor.FavorAttention(2, 8, feature_map="relu", local_window=2)
+    layer = keras_favor.FavorAttention(2, 8, local_window=2)
+    with pytest.raises(ValueError, match="same positions"):
+        layer(np.zeros((1, 5, 16), "float32"), np.zeros((1, 6, 16), "float32"))
+    with pytest.raises(ValueError, match="local_window"):
+        keras_favor.models.build_performer(
+            vocabulary_size=10, max_length=8, local_window=-2
+        )
+
+
+def test_language_model_with_a_window_trains_and_round_trips(rng, tmp_path):
+    model = keras_favor.models.build_performer(
+        vocabulary_size=20, max_length=16, num_layers=1, hidden_dim=16,
+        num_heads=2, num_features=16, local_window=4, seed=0,
+        task="language_model",
+    )
+    tokens = rng.integers(1, 20, size=(8, 17))
+    model.compile("adam", keras_favor.models.language_model_loss())
+    before = model.evaluate(tokens[:, :-1], tokens[:, 1:], verbose=0)
+    model.fit(tokens[:, :-1], tokens[:, 1:], epochs=5, verbose=0)
+    assert model.evaluate(tokens[:, :-1], tokens[:, 1:], verbose=0) < before
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.get_layer("performer_block_0").local_window == 4
+    np.testing.assert_allclose(
+        loaded.predict(tokens[:, :-1], verbose=0),
+        model.predict(tokens[:, :-1], verbose=0), rtol=1e-5, atol=1e-5,
+    )
