@@ -139,12 +139,16 @@ def test_gradients_match_quadratic_form(rng, causal, mode):
         np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+@pytest.mark.parametrize(
+    "feature_map, local_window",
+    [(name, 0) for name in FEATURE_MAPS] + [("softmax", 3)],
+)
 @pytest.mark.parametrize("position", [0, 5, 6, 11])
-def test_causal_has_no_future_leakage(rng, feature_map, position):
+def test_causal_has_no_future_leakage(rng, feature_map, local_window, position):
     # Chunks of 4 and groups of 8: positions 5 and 6 share a chunk with
-    # the changed positions after them, position 11 a group.
-    layer = make_layer(feature_map)
+    # the changed positions after them, position 11 a group. A window of 3
+    # crosses the chunks of 4.
+    layer = make_layer(feature_map, local_window=local_window)
     x = rng.normal(size=(2, 16, 16)).astype("float32")
     changed = x.copy()
     changed[:, position + 1 :] = rng.normal(

@@ -111,25 +111,6 @@ def test_a_window_over_every_key_is_softmax_attention(rng, causal):
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("position", [0, 3, 4, 9])
-def test_causal_window_has_no_future_leakage(rng, position):
-    layer = keras_favor.FavorAttention(
-        2, 8, num_features=16, local_window=4, chunk_size=4
-    )
-    x = rng.normal(size=(2, 12, 16)).astype("float32")
-    changed = x.copy()
-    changed[:, position + 1 :] = rng.normal(
-        scale=300.0, size=changed[:, position + 1 :].shape
-    )
-    before = np.asarray(layer(x, x, use_causal_mask=True))
-    after = np.asarray(layer(changed, changed, use_causal_mask=True))
-    assert np.all(np.isfinite(after))
-    np.testing.assert_allclose(
-        after[:, : position + 1], before[:, : position + 1],
-        rtol=1e-5, atol=1e-6,
-    )
-
-
 @pytest.mark.parametrize("causal", [False, True])
 def test_large_inputs_stay_finite_and_nonzero(rng, causal):
     layer = keras_favor.FavorAttention(
