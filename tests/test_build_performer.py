@@ -141,9 +141,11 @@ def test_classifier_trains_with_fit_and_feature_redraw():
     )
     assert history.history["loss"][-1] < 0.5 * history.history["loss"][0]
     assert model.evaluate(x, y, verbose=0, return_dict=True)["accuracy"] > 0.9
-    # 48 steps: redraws after steps 20 and 40 in every block.
+    # 48 steps: a redraw after step 20 in every block; the one after step
+    # 40 would leave the model fewer than `interval` steps to adapt, so
+    # FeatureRedraw makes none there.
     for block, projection in zip(blocks(model), initial):
-        assert int(block.attention_layer.redraw_count) == 2
+        assert int(block.attention_layer.redraw_count) == 1
         assert not np.allclose(block.attention_layer.projection, projection)
 
 
