@@ -127,7 +127,11 @@ def train_under(strategy):
         epochs=EPOCHS,
         verbose=0,
         callbacks=[
-            keras_favor.FeatureRedraw(interval=INTERVAL, seed=REDRAW_SEED),
+            # Redraws to the last step (no final window): the tests check
+            # every redraw across replicas.
+            keras_favor.FeatureRedraw(
+                interval=INTERVAL, seed=REDRAW_SEED, final_window=0
+            ),
             recorder,
         ],
     )

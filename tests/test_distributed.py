@@ -265,7 +265,10 @@ def test_xla_fit_reads_redrawn_projection(use_causal_mask):
         model = fit_script.compile_model(
             fit_script.tiny_model(use_causal_mask), jit_compile=jit_compile
         )
-        callbacks = [keras_favor.FeatureRedraw(interval=1, seed=1)]
+        # A redraw after every step, the last one too (no final window).
+        callbacks = [
+            keras_favor.FeatureRedraw(interval=1, seed=1, final_window=0)
+        ]
         model.fit(
             x,
             y,
