@@ -161,3 +161,39 @@ def test_language_model_with_a_window_trains_and_round_trips(rng, tmp_path):
         loaded.predict(tokens[:, :-1], verbose=0),
         model.predict(tokens[:, :-1], verbose=0), rtol=1e-5, atol=1e-5,
     )
+
+
+@pytest.mark.parametrize("cuts", [(1, 2, 3, 9), (5,), (12, 13)])
+def test_causal_pieces_with_carried_state_equal_the_whole(rng, cuts):
+    # Pieces shorter and longer than the window of 4 and the chunks of 4.
+    layer, heads, mask = setup(rng, "softmax", 19)
+    feature_fn, _ = layer._feature_fns()
+    heads = [tf.constant(h, tf.float32) for h in heads]
+    mask = tf.constant(mask)[:, None, :]
+    options = dict(
+        feature_fn=feature_fn, num_features=16, window=4, causal=True,
+        chunk_size=4,
+    )
+    whole = local_window_attention(*heads, mask=mask, **options)
+    state, pieces = None, []
+    for start, stop in zip((0, *cuts), (*cuts, 19)):
+        outputs, state = local_window_attention(
+            *(h[:, :, start:stop] for h in heads), mask=mask[:, :, start:stop],
+            initial_state=state, return_state=True, **options,
+        )
+        pieces.append(outputs)
+    np.testing.assert_allclose(
+        tf.concat(pieces, axis=2), whole, rtol=1e-5, atol=1e-6
+    )
+    # The state keeps the last 4 keys as they are, with their padding.
+    np.testing.assert_array_equal(state[3], heads[1][:, :, -4:])
+    np.testing.assert_array_equal(state[5], mask[:, :, -4:])
+
+
+def test_bidirectional_state_raises(rng):
+    layer, heads, mask = setup(rng, "softmax", 6)
+    with pytest.raises(ValueError, match="causal attention only"):
+        local_window_attention(
+            *(tf.constant(h, tf.float32) for h in heads),
+            layer._feature_fns()[0], 16, 2, False, return_state=True,
+        )

@@ -12,6 +12,7 @@ from keras_favor.ops.bidirectional_attention import (
 )
 from keras_favor.ops.causal_attention import causal_linear_attention
 from keras_favor.ops.causal_attention import empty_causal_state
+from keras_favor.ops.local_window import empty_local_window_state
 from keras_favor.ops.local_window import local_window_attention
 from keras_favor.ops.naive import naive_linear_attention
 from keras_favor.ops.naive import softmax_attention
@@ -20,6 +21,7 @@ __all__ = [
     "bidirectional_linear_attention",
     "causal_linear_attention",
     "empty_causal_state",
+    "empty_local_window_state",
     "local_window_attention",
     "naive_linear_attention",
     "softmax_attention",

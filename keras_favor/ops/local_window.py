@@ -25,6 +25,7 @@ from keras import ops
 
 from keras_favor.ops import stabilizers
 from keras_favor.ops.causal_attention import causal_linear_attention
+from keras_favor.ops.causal_attention import empty_causal_state
 from keras_favor.ops.chunk_scan import merge_chunks
 from keras_favor.ops.chunk_scan import split_chunks
 from keras_favor.ops.feature_dropout import numerator_key_features
@@ -137,25 +138,98 @@ def _delayed(x, lag, fill=0):
     return ops.pad(x, widths, constant_values=fill)[:, :, :length]
 
 
-def _earlier_keys_parts(query, key, value, mask, window, seed, **kwargs):
-    """Causal linear attention parts of query `t` over keys `s <= t - w`."""
+def _all_keys(mask, query):
+    """The `(B, 1, L)` key mask, all True for None."""
     if mask is None:
-        mask = ops.ones_like(query[:1, :1, :, 0], "bool")
-    return causal_linear_attention(
-        query, _delayed(key, window), _delayed(value, window),
-        mask=_delayed(mask, window, False), dropout_seed=seed,
-        normalized=False, **kwargs,
+        return ops.ones_like(query[:, :1, :, 0], "bool")
+    return mask
+
+
+def empty_local_window_state(
+    batch_size, num_heads, num_features, key_dim, value_dim, window,
+    dtype="float32",
+):
+    """The causal local-window state before any key.
+
+    Returns:
+        `(key_values, key_sum, level, window_keys, window_values,
+        window_mask)`: the state of `empty_causal_state` for the keys that
+        have left the window, then the last `window` keys `(B, H, w, d)`,
+        values `(B, H, w, D)` and their validity `(B, 1, w)` (False: none
+        yet).
+    """
+    return (
+        *empty_causal_state(
+            batch_size, num_heads, num_features, value_dim, dtype
+        ),
+        ops.zeros((batch_size, num_heads, window, key_dim), dtype),
+        ops.zeros((batch_size, num_heads, window, value_dim), dtype),
+        ops.zeros((batch_size, 1, window), "bool"),
     )
 
 
-def _reversed(x):
-    return None if x is None else ops.flip(x, axis=2)
+def _causal_parts(query, key, value, mask, window, state, seeds, options):
+    """Parts of causal queries over the keys before them in `state` and
+    their own, and the state after them.
+
+    With the window's keys before the queries prepended, query `i` of the
+    piece finds its far keys at positions `<= i` of the joined keys (causal
+    linear attention from the carried state) and its near keys at positions
+    `i < j <= i + w` (the window part, with `w` queries of padding).
+    """
+    *far_state, keys_before, values_before, mask_before = state
+    length = ops.shape(query)[2]
+    keys, values, keys_mask = (
+        ops.concatenate([before, x], axis=2)
+        for before, x in (
+            (keys_before, key), (values_before, value),
+            (mask_before, _all_keys(mask, query)),
+        )
+    )
+    far, far_state = causal_linear_attention(
+        query, keys[:, :, :length], values[:, :, :length],
+        mask=keys_mask[:, :, :length], initial_state=tuple(far_state),
+        return_state=True, normalized=False, dropout_seed=seeds[1],
+        **options,
+    )
+    padded = ops.concatenate([ops.zeros_like(keys_before), query], axis=2)
+    near = window_attention_parts(
+        padded, keys, values, window, True, keys_mask,
+        options["dropout_rate"], seeds[0],
+    )
+    near = tuple(x[:, :, window:] for x in near)
+    state = (
+        *far_state, keys[:, :, length:], values[:, :, length:],
+        keys_mask[:, :, length:],
+    )
+    return [near, far], state
+
+
+def _bidirectional_parts(query, key, value, mask, window, seeds, options):
+    """Parts of the window and of the keys `w` or more before and after."""
+    parts = [
+        window_attention_parts(
+            query, key, value, window, False, mask, options["dropout_rate"],
+            seeds[0],
+        )
+    ]
+    for seed, flip in zip(seeds[1:], (False, True)):
+        order = (lambda x: ops.flip(x, axis=2)) if flip else (lambda x: x)
+        q, k, v, m = (order(x) for x in (query, key, value, _all_keys(mask, query)))
+        earlier = causal_linear_attention(
+            q, _delayed(k, window), _delayed(v, window),
+            mask=_delayed(m, window, False), dropout_seed=seed,
+            normalized=False, **options,
+        )
+        parts.append(tuple(order(x) for x in earlier))
+    return parts
 
 
 def local_window_attention(
     query, key, value, feature_fn, num_features, window, causal, mask=None,
     chunk_size=64, dropout_rate=0.0, dropout_seed=None,
-    query_feature_fn=None, recompute_length=None,
+    query_feature_fn=None, recompute_length=None, initial_state=None,
+    return_state=False,
 ):
     """Exact attention within `window`, random features beyond it, with one
     normalizer (module docstring).
@@ -171,10 +245,22 @@ def local_window_attention(
         causal: bool.
         mask: bool `(B, 1, L)`, True at real keys, or None.
         dropout_rate, dropout_seed: dropout of the numerator, in both parts.
+        initial_state: causal only: the state before position 0, as
+            returned with `return_state=True`, or None for no key yet
+            (`empty_local_window_state`).
+        return_state: bool, causal only: also return the state after the
+            last key. A sequence run in pieces, each given the state the
+            previous one returned, gives the outputs of the whole.
 
     Returns:
-        `(B, H, L, D)` float32.
+        `(B, H, L, D)` float32, and with `return_state=True` the tuple
+        `(outputs, state)`.
     """
+    if not causal and (initial_state is not None or return_state):
+        raise ValueError(
+            "A local-window state exists for causal attention only: "
+            "bidirectional queries also see keys after them."
+        )
     seeds = [None] * 3
     if dropout_rate:
         seeds = [
@@ -188,16 +274,19 @@ def local_window_attention(
     )
     if recompute_length is not None:
         options["recompute_length"] = recompute_length
-    parts = [
-        window_attention_parts(
-            query, key, value, window, causal, mask, dropout_rate, seeds[0]
-        ),
-        _earlier_keys_parts(query, key, value, mask, window, seeds[1], **options),
-    ]
     if not causal:
-        later = _earlier_keys_parts(
-            *(_reversed(x) for x in (query, key, value, mask)), window,
-            seeds[2], **options,
+        parts = _bidirectional_parts(
+            query, key, value, mask, window, seeds, options
         )
-        parts.append(tuple(_reversed(x) for x in later))
-    return merge_attention_parts(parts)
+        return merge_attention_parts(parts)
+    if initial_state is None:
+        batch, heads = ops.shape(query)[:2]
+        initial_state = empty_local_window_state(
+            batch, heads, num_features, ops.shape(key)[-1],
+            ops.shape(value)[-1], window, value.dtype,
+        )
+    parts, state = _causal_parts(
+        query, key, value, mask, window, initial_state, seeds, options
+    )
+    outputs = merge_attention_parts(parts)
+    return (outputs, state) if return_state else outputs
