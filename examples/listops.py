@@ -124,8 +124,14 @@ def chance_accuracy(train_labels, test_labels):
     return float(np.mean(test_labels == majority))
 
 
-def train(attention, args, train_data, test_data):
-    print(f"\n{ATTENTION_NAMES[attention]} attention:")
+def model_name(attention, local_window):
+    name = ATTENTION_NAMES[attention]
+    return f"{name}, exact window {local_window}" if local_window else name
+
+
+def train(attention, args, train_data, test_data, local_window=0):
+    name = model_name(attention, local_window)
+    print(f"\n{name} attention:")
     model = build_model(
         args,
         attention,
@@ -133,6 +139,7 @@ def train(attention, args, train_data, test_data):
         max_length=args.max_length,
         task="classification",
         num_classes=NUM_CLASSES,
+        local_window=local_window,
     )
     model.compile(
         optimizer=keras.optimizers.AdamW(args.learning_rate),
@@ -142,7 +149,7 @@ def train(attention, args, train_data, test_data):
     seconds = timed_fit(model, train_data, test_data, args)
     results = model.evaluate(test_data, verbose=0, return_dict=True)
     return {
-        "model": ATTENTION_NAMES[attention],
+        "model": name,
         "parameters": f"{model.count_params():,}",
         "train s": f"{seconds:.0f}",
         "test accuracy": f"{results['accuracy']:.3f}",
@@ -170,6 +177,10 @@ def parse_args(argv):
                         help="most arguments of an operator (LRA: 10)")
     parser.add_argument("--leaf-probability", type=float, default=0.75,
                         help="chance that a node below max depth is a digit")
+    parser.add_argument("--local-windows", type=int, nargs="*", default=[],
+                        help="also train the Performer with an exact local "
+                        "window of each of these sizes (FavorAttention's "
+                        "local_window)")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the exact-attention model")
     args = parser.parse_args(argv)
@@ -202,6 +213,10 @@ def main(argv=None):
     )
     attentions = ["favor"] if args.no_baseline else ["favor", "exact"]
     rows = [train(a, args, train_data, test_data) for a in attentions]
+    rows += [
+        train("favor", args, train_data, test_data, window)
+        for window in args.local_windows
+    ]
     chance = chance_accuracy(train_y, test_y)
     rows.append(
         {"model": "Chance (majority class)", "parameters": "-",

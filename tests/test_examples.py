@@ -61,10 +61,12 @@ def test_listops(examples, capsys):
     result = listops.main(
         TINY_MODEL
         + ["--train-size", "32", "--test-size", "16", "--max-length", "40",
-           "--min-length", "8", "--max-depth", "4", "--max-args", "4"]
+           "--min-length", "8", "--max-depth", "4", "--max-args", "4",
+           "--local-windows", "4"]
     )
     assert [row["model"] for row in result["rows"]] == [
-        "Performer (FAVOR+)", "Exact softmax", "Chance (majority class)",
+        "Performer (FAVOR+)", "Exact softmax",
+        "Performer (FAVOR+), exact window 4", "Chance (majority class)",
     ]
     for row in result["rows"]:
         assert 0 <= float(row["test accuracy"]) <= 1
