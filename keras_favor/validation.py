@@ -2,8 +2,8 @@
 
 import numbers
 
+import keras
 import numpy as np
-import tensorflow as tf
 
 # The seeds the random ops accept: stateless TensorFlow ops and Keras
 # `SeedGenerator`s take int64 seeds, built from `[seed, 0]`.
@@ -102,14 +102,10 @@ def stateless_seed(value, name="seed"):
     if dtype is None and isinstance(value, (list, tuple)):
         value = np.asarray(value)
         dtype = value.dtype
-    try:
-        dtype = tf.as_dtype(dtype)
-    except TypeError:
-        dtype = None
+    is_integer = _is_integer_dtype(dtype)
     shape = getattr(value, "shape", None)
     if (
-        dtype is None
-        or not dtype.is_integer
+        not is_integer
         or shape is None
         or tuple(shape) not in ((2,), (None,))
     ):
@@ -118,3 +114,20 @@ def stateless_seed(value, name="seed"):
             f"stateless seed. Received: {name}={value!r}"
         )
     return value
+
+
+def _is_integer_dtype(dtype):
+    """Whether `dtype` (any dtype-like, or None) is an integer dtype."""
+    if dtype is None:
+        return False
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        try:
+            return tf.as_dtype(dtype).is_integer
+        except TypeError:
+            return False
+    try:
+        return "int" in keras.backend.standardize_dtype(dtype)
+    except (TypeError, ValueError, AttributeError):
+        return False

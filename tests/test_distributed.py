@@ -222,7 +222,6 @@ def stock_trainer_functions():
         ("2.15.0", "tensorflow", False),
         ("3.16.0", "tensorflow", False),
         ("4.0.0", "tensorflow", False),
-        ("3.15.1", "jax", False),
     ],
 )
 def test_enabling_is_version_gated(
@@ -236,6 +235,19 @@ def test_enabling_is_version_gated(
     assert changed == [patches, patches]
     assert multi_worker_fit.multi_worker_fit_enabled() == patches
     assert not keras_favor.distribute.enable_multi_worker_fit()
+
+
+def test_enabling_on_another_backend_names_it(
+    stock_trainer_functions, monkeypatch
+):
+    # tf.distribute is TensorFlow's: on another backend a clear error, and
+    # Keras stays unpatched.
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    with pytest.raises(RuntimeError, match="'jax' backend"):
+        keras_favor.distribute.enable_multi_worker_fit()
+    after = fit_script.keras_trainer_functions()
+    assert all(a is b for a, b in zip(after, stock_trainer_functions))
+    assert not multi_worker_fit.multi_worker_fit_enabled()
 
 
 def test_public_surface():

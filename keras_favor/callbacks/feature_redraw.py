@@ -6,8 +6,8 @@ import zlib
 
 import keras
 import numpy as np
-import tensorflow as tf
 
+from keras_favor import backend
 from keras_favor.layers.favor_attention import FavorAttention
 from keras_favor.validation import is_int
 from keras_favor.validation import optional_seed
@@ -302,8 +302,8 @@ class FeatureRedraw(keras.callbacks.Callback):
         base = self.seed
         if base is None:
             base = projection_fingerprint(layer)
-        return tf.random.experimental.stateless_fold_in(
-            tf.constant([base, path_hash(path)], tf.int64), count + 1
+        return backend.fold_in(
+            backend.int_pair_seed(base, path_hash(path)), count + 1
         )
 
     def redraw(self):

@@ -39,7 +39,8 @@ and only once.
 import sys
 
 import keras
-import tensorflow as tf
+
+from keras_favor import backend
 
 # Keras versions [first, last_checked] known to have keras-team/keras#20585.
 # After checking that a newer Keras release still fails under
@@ -57,13 +58,17 @@ def enable_multi_worker_fit():
     Patches the two functions of Keras's TensorFlow trainer that fail in
     multi-worker mode (keras-team/keras#20585; the module docstring of
     `keras_favor.distribute.multi_worker_fit` says what changes). Call it
-    before `model.fit`. Idempotent, and a no-op unless the backend is
-    TensorFlow and the installed Keras is a version known to need it.
+    before `model.fit`. Idempotent, and a no-op unless the installed Keras
+    is a version known to need it. `tf.distribute` is TensorFlow's: on
+    another backend it raises a `RuntimeError` naming the backend.
 
     Returns:
         True if this call patched Keras; False if Keras was already patched
         or does not need the fix.
     """
+    backend.require_tensorflow(
+        "keras_favor.distribute.enable_multi_worker_fit (tf.distribute)"
+    )
     if not _keras_needs_fix() or multi_worker_fit_enabled():
         return False
     trainer_class = _tensorflow_trainer_class()
@@ -136,12 +141,16 @@ def _is_wrapper(function):
 
 
 def _in_multi_worker_mode(strategy):
+    import tensorflow as tf
+
     return isinstance(
         strategy, tf.distribute.MultiWorkerMirroredStrategy
     ) and strategy.extended._in_multi_worker_mode()
 
 
 def _first_replica_value(value):
+    import tensorflow as tf
+
     if isinstance(value, tf.distribute.DistributedValues):
         return value.values[0]
     return value
@@ -155,6 +164,8 @@ def _fixed_maybe_symbolic_build(original):
         strategy = self._distribute_strategy
         if iterator is None or not _in_multi_worker_mode(strategy):
             return original(self, iterator=iterator, data_batch=data_batch)
+        import tensorflow as tf
+
         for _, _, distributed_iterator in iterator:
             data_batch = tf.nest.map_structure(
                 _first_replica_value, next(distributed_iterator)
@@ -175,6 +186,8 @@ def _fixed_reduce_per_replica(original):
             strategy
         ):
             return original(values, strategy, reduction)
+        import tensorflow as tf
+
         return tf.nest.map_structure(
             lambda value: strategy.reduce("MEAN", value, axis=None), values
         )

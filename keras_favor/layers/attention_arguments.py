@@ -6,9 +6,9 @@ partly unknown, cheap assertions check the rest when the function runs
 (XLA compiles assertions away: there, only the static checks hold).
 """
 
-import tensorflow as tf
 from keras import ops
 
+from keras_favor import backend
 from keras_favor.validation import is_int
 
 
@@ -146,7 +146,7 @@ def call_inputs(query, value, key, return_attention_scores, **masks):
     value = query if value is None else value
     key = value if key is None else key
     check_input_shapes(query.shape, value.shape, key.shape)
-    if tf.is_tensor(query):
+    if backend.is_tf_tensor(query):
         runtime_shape_checks(query, value, key)
     return value, key, key_padding_mask(key, len(query.shape), **masks)
 
@@ -197,7 +197,9 @@ def key_padding_mask(key, query_rank, **masks):
         if mask is None:
             continue
         mask = _key_form(name, mask, key.shape, query_rank)
-        if tf.is_tensor(key):
+        if backend.is_tf_tensor(key):
+            import tensorflow as tf
+
             _assert_same(
                 tf.shape(mask), tf.shape(key)[:-1], mask.shape, key.shape[:-1],
                 f"`{name}` must have the batch size and length of the keys",
@@ -209,13 +211,19 @@ def key_padding_mask(key, query_rank, **masks):
 
 
 def _assert_same(a, b, static_a, static_b, message):
+    import tensorflow as tf
+
     if None in tuple(static_a) + tuple(static_b):
         tf.debugging.assert_equal(a, b, message=message)
 
 
 def runtime_shape_checks(query, value, key):
     """Assertions for what `check_input_shapes` could not see statically:
-    equal batch sizes and equal value and key positions."""
+    equal batch sizes and equal value and key positions (TensorFlow
+    tensors only: other backends trace with static shapes, which
+    `check_input_shapes` already checked)."""
+    import tensorflow as tf
+
     for name, x in (("value", value), ("key", key)):
         _assert_same(
             tf.shape(query)[0], tf.shape(x)[0], query.shape[:1], x.shape[:1],

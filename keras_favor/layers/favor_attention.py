@@ -3,9 +3,9 @@
 import random
 
 import keras
-import tensorflow as tf
 from keras import ops
 
+from keras_favor import backend
 from keras_favor import feature_maps as feature_maps_lib
 from keras_favor import ops as favor_ops
 from keras_favor import projections as projections_lib
@@ -270,9 +270,9 @@ class FavorAttention(keras.layers.Layer):
         elif self.seed is None:
             seed = self._redraw_seed.next()
         else:
-            seed = tf.random.experimental.stateless_fold_in(
-                tf.constant([self.seed, 0], tf.int64),
-                tf.cast(self.redraw_count.value + 1, tf.int64),
+            seed = backend.fold_in(
+                backend.int_pair_seed(self.seed, 0),
+                self.redraw_count.value + 1,
             )
         self.projection.assign(
             self.projection_distribution(self.projection.shape, seed)

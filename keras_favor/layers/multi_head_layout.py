@@ -11,8 +11,9 @@ to one length axis and restored afterwards, which is what
 import math
 import string
 
-import tensorflow as tf
 from keras import ops
+
+from keras_favor import backend
 
 
 def projection_equation(free_dims, bound_dims, output_dims):
@@ -81,6 +82,10 @@ def causal_keys(query_length, key, value, mask):
     key_length = key.shape[1]
     if isinstance(query_length, int) and query_length == key_length:
         return key, value, mask
+    if not backend.is_tensorflow():
+        return _align_static(query_length, key, value, mask)
+    import tensorflow as tf
+
     if mask is None:
         mask = tf.ones(tf.shape(key)[:2], tf.bool)
     if isinstance(query_length, int) and isinstance(key_length, int):
@@ -91,5 +96,21 @@ def causal_keys(query_length, key, value, mask):
     def align(x, fill):
         paddings = [[0, 0], [0, pad]] + [[0, 0]] * (len(x.shape) - 2)
         return tf.pad(x, paddings, constant_values=fill)[:, :query_length]
+
+    return align(key, 0.0), align(value, 0.0), align(mask, False)
+
+
+def _align_static(query_length, key, value, mask):
+    """`causal_keys` on backends that trace with static shapes."""
+    key_length = key.shape[1]
+    if mask is None:
+        mask = ops.ones(ops.shape(key)[:2], "bool")
+    pad = max(query_length - key_length, 0)
+
+    def align(x, fill):
+        if pad:
+            paddings = [[0, 0], [0, pad]] + [[0, 0]] * (len(x.shape) - 2)
+            x = ops.pad(x, paddings, constant_values=fill)
+        return x[:, :query_length]
 
     return align(key, 0.0), align(value, 0.0), align(mask, False)

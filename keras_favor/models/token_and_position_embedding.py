@@ -1,9 +1,9 @@
 """The `TokenAndPositionEmbedding` layer."""
 
 import keras
-import tensorflow as tf
 from keras import ops
 
+from keras_favor import backend
 from keras_favor.validation import positive_int
 
 
@@ -101,9 +101,12 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
     def call(self, inputs):
         check_length(inputs.shape[1], self.sequence_length)
         length = ops.shape(inputs)[1]
-        if inputs.shape[1] is None:
+        if inputs.shape[1] is None and backend.is_tensorflow():
             # Unknown until run time (a SavedModel's `(None, None)`
             # signature): a runtime check, which exported graphs keep.
+            # Other backends trace with static shapes, checked above.
+            import tensorflow as tf
+
             check = tf.debugging.assert_less_equal(
                 length,
                 tf.constant(self.sequence_length, length.dtype),

@@ -8,19 +8,33 @@ The masks come from stateless seeds, so a recomputation in the backward pass
 drops the same features.
 """
 
-import tensorflow as tf
+from keras import ops
+
+from keras_favor import backend
 
 
 def numerator_key_features(key_feats, rate, seed):
     """Key features for the numerator: dropped out when `rate > 0`."""
     if not rate:
         return key_feats
-    keep = tf.random.stateless_uniform(tf.shape(key_feats), seed) >= rate
-    return tf.where(keep, key_feats / (1.0 - rate), 0.0)
+    if backend.is_tensorflow():
+        import tensorflow as tf
+
+        keep = tf.random.stateless_uniform(tf.shape(key_feats), seed) >= rate
+        return tf.where(keep, key_feats / (1.0 - rate), 0.0)
+    keep = backend.stateless_uniform(tuple(key_feats.shape), seed) >= rate
+    return ops.where(
+        keep, key_feats / ops.cast(1.0 - rate, key_feats.dtype),
+        ops.zeros((), key_feats.dtype),
+    )
 
 
 def group_seed(seed, index, num_groups):
     """The stateless dropout seed of group `index` of `num_groups`."""
     if seed is None or num_groups == 1:
         return seed
-    return tf.random.experimental.stateless_fold_in(seed, index)
+    if backend.is_tensorflow():
+        import tensorflow as tf
+
+        return tf.random.experimental.stateless_fold_in(seed, index)
+    return backend.fold_in(seed, index)

@@ -11,10 +11,19 @@ Both attention modes use this one mechanism (docs/numerics.md, section 7).
 Graph scheduling is TensorFlow's job here: control dependencies keep the
 executor from running the groups side by side, which would keep all of
 their activations alive at once and save nothing.
+
+On other backends (JAX) the groups run in the same order with the same
+carried state, so outputs and gradients are the same; each recomputed group
+is wrapped in `keras.remat` (`jax.checkpoint`), which keeps only its inputs
+for the backward pass, and the scheduling of the recomputations is left to
+the backend's compiler.
 """
 
-import tensorflow as tf
+import functools
 
+import keras
+
+from keras_favor import backend
 from keras_favor.validation import positive_int
 
 
@@ -57,6 +66,12 @@ def run_in_groups(group_fn, group_inputs, shared=(), carry=(), keep_last=True):
     if len(recomputed) == 1 and not keep_last:
         recomputed = []
         keep_last = True
+    if not backend.is_tensorflow():
+        return _run_with_remat(
+            group_fn, group_inputs, list(shared), carry, len(recomputed)
+        )
+    import tensorflow as tf
+
     if recomputed:
         outputs, carry = _recomputed(group_fn, recomputed, list(shared), carry)
     if keep_last:
@@ -71,10 +86,34 @@ def run_in_groups(group_fn, group_inputs, shared=(), carry=(), keep_last=True):
     return outputs, carry
 
 
+def _run_with_remat(group_fn, group_inputs, shared, carry, num_recomputed):
+    """`run_in_groups` off TensorFlow: the first `num_recomputed` groups
+    under `keras.remat`, the others with their activations kept."""
+    outputs = []
+    for index, inputs in enumerate(group_inputs):
+        fn = functools.partial(group_fn, index)
+        if index < num_recomputed:
+            fn = keras.remat(_as_lists(fn))
+        group_outputs, carry = fn(inputs, shared, carry)
+        outputs.append(list(group_outputs))
+        carry = list(carry)
+    return outputs, carry
+
+
+def _as_lists(fn):
+    def run(inputs, shared, carry):
+        outputs, carry = fn(list(inputs), list(shared), list(carry))
+        return list(outputs), list(carry)
+
+    return run
+
+
 def _after(previous, structure):
     """`structure`'s tensors, available only once `previous` are computed."""
     if not previous:
         return structure
+    import tensorflow as tf
+
     with tf.control_dependencies(previous):
         return tf.nest.map_structure(
             lambda x: None if x is None else tf.identity(x), structure
@@ -90,6 +129,8 @@ def _gradients(fn, sources, upstream):
 
     Sources that are None or not floating get a None gradient.
     """
+    import tensorflow as tf
+
     watched = [x for x in sources if _differentiable(x)]
     with tf.GradientTape() as tape:
         tape.watch(watched)
@@ -111,6 +152,8 @@ def _add(a, b):
 
 def _recomputed(group_fn, group_inputs, shared, carry):
     """`run_in_groups` of groups whose activations are all recomputed."""
+    import tensorflow as tf
+
     present = [[x is not None for x in inputs] for inputs in group_inputs]
     flat = [x for inputs in group_inputs for x in inputs if x is not None]
     num_flat, num_shared = len(flat), len(shared)

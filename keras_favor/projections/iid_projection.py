@@ -1,8 +1,8 @@
 """Independent Gaussian projections."""
 
 import keras
-import tensorflow as tf
 
+from keras_favor import backend
 from keras_favor.projections.projection import Projection
 
 
@@ -11,4 +11,4 @@ class IIDProjection(Projection):
     """A matrix of independent standard normal entries."""
 
     def sample(self, shape, seed):
-        return tf.random.stateless_normal(shape, seed=seed)
+        return backend.stateless_normal(shape, seed)

@@ -3,8 +3,9 @@
 import math
 
 import keras
-import tensorflow as tf
+from keras import ops
 
+from keras_favor import backend
 from keras_favor.projections.projection import Projection
 
 ROW_NORMS = ("chi", "sqrt_d")
@@ -16,9 +17,19 @@ def haar_orthogonal_blocks(num_blocks, dim, seed):
     `Q` from the QR of a Gaussian matrix is Haar-distributed only after its
     columns are multiplied by `sign(diag(R))` (Mezzadri, 2007).
     """
-    gaussian = tf.random.stateless_normal((num_blocks, dim, dim), seed=seed)
-    q, r = tf.linalg.qr(gaussian)
-    signs = tf.where(tf.linalg.diag_part(r) < 0.0, -1.0, 1.0)
+    if backend.is_tensorflow():
+        import tensorflow as tf
+
+        gaussian = tf.random.stateless_normal(
+            (num_blocks, dim, dim), seed=seed
+        )
+        q, r = tf.linalg.qr(gaussian)
+        signs = tf.where(tf.linalg.diag_part(r) < 0.0, -1.0, 1.0)
+        return q * signs[:, None, :]
+    gaussian = backend.stateless_normal((num_blocks, dim, dim), seed)
+    q, r = ops.qr(gaussian)
+    diagonal = ops.diagonal(r, axis1=-2, axis2=-1)
+    signs = ops.where(diagonal < 0.0, -1.0, 1.0)
     return q * signs[:, None, :]
 
 
@@ -53,6 +64,22 @@ class OrthogonalProjection(Projection):
 
     def sample(self, shape, seed):
         num_features, dim = shape
+        if backend.is_tensorflow():
+            return self._sample_tensorflow(num_features, dim, seed)
+        block_seed, norm_seed = backend.split(seed, 2)
+        num_blocks = math.ceil(num_features / dim)
+        blocks = haar_orthogonal_blocks(num_blocks, dim, block_seed)
+        directions = ops.reshape(
+            ops.transpose(blocks, (0, 2, 1)), (num_blocks * dim, dim)
+        )[:num_features]
+        if self.norm == "sqrt_d":
+            return directions * math.sqrt(dim)
+        gaussian = backend.stateless_normal((num_features, dim), norm_seed)
+        return directions * ops.norm(gaussian, axis=-1, keepdims=True)
+
+    def _sample_tensorflow(self, num_features, dim, seed):
+        import tensorflow as tf
+
         block_seed, norm_seed = tf.unstack(
             tf.random.experimental.stateless_split(seed, num=2)
         )

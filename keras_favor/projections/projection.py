@@ -1,16 +1,15 @@
 """The `Projection` base class: a distribution over projection matrices."""
 
 import keras
-import tensorflow as tf
 
+from keras_favor import backend
 from keras_favor.lookup import Configurable
 
 
 def as_seed_pair(seed):
-    """Turns an int or a shape-`(2,)` tensor into a stateless seed pair."""
-    if isinstance(seed, int):
-        return tf.constant([seed, 0], dtype=tf.int64)
-    return tf.cast(tf.reshape(seed, (2,)), tf.int64)
+    """Turns an int or a shape-`(2,)` tensor into a stateless seed pair (on
+    TensorFlow int64; on JAX a uint32 key, see `keras_favor.backend`)."""
+    return backend.seed_pair(seed)
 
 
 @keras.saving.register_keras_serializable(package="keras_favor")
@@ -38,4 +37,14 @@ class Projection(Configurable):
                 f"Received: shape={shape}"
             )
         matrix = self.sample(tuple(shape), as_seed_pair(seed))
-        return tf.ensure_shape(tf.cast(matrix, tf.float32), shape)
+        if backend.is_tensorflow():
+            import tensorflow as tf
+
+            return tf.ensure_shape(tf.cast(matrix, tf.float32), shape)
+        matrix = keras.ops.cast(matrix, "float32")
+        if tuple(matrix.shape) != tuple(shape):
+            raise ValueError(
+                f"{type(self).__name__}.sample returned shape "
+                f"{tuple(matrix.shape)}, not {tuple(shape)}."
+            )
+        return matrix
