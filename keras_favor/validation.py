@@ -40,12 +40,16 @@ def positive_int(value, name, allow_none=False):
     return int(value)
 
 
-def non_negative_int(value, name):
+def non_negative_int(value, name, allow_none=False):
     """`value` as an int, or a `ValueError` unless it is an int >= 0."""
+    if allow_none and value is None:
+        return None
     if not is_int(value) or value < 0:
+        allowed = "a non-negative integer"
+        if allow_none:
+            allowed += " or None"
         raise ValueError(
-            f"`{name}` must be a non-negative integer. Received: "
-            f"{name}={value!r}"
+            f"`{name}` must be {allowed}. Received: {name}={value!r}"
         )
     return int(value)
 

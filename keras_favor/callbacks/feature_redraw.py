@@ -9,7 +9,7 @@ import numpy as np
 
 from keras_favor import backend
 from keras_favor.layers.favor_attention import FavorAttention
-from keras_favor.validation import is_int
+from keras_favor.validation import non_negative_int
 from keras_favor.validation import optional_seed
 from keras_favor.validation import positive_int
 
@@ -128,19 +128,6 @@ def projection_fingerprint(layer):
     """A 32-bit hash of the layer's current projection, bit for bit."""
     projection = keras.ops.convert_to_numpy(layer.projection)
     return zlib.crc32(np.ascontiguousarray(projection).tobytes())
-
-
-def optional_non_negative_int(value, name):
-    """`value` as an int or None, or a `ValueError` unless it is a
-    non-negative int or None."""
-    if value is None:
-        return None
-    if not is_int(value) or value < 0:
-        raise ValueError(
-            f"`{name}` must be None or a non-negative integer. Received: "
-            f"{name}={value!r}"
-        )
-    return int(value)
 
 
 @keras.saving.register_keras_serializable(package="keras_favor")
@@ -272,8 +259,8 @@ class FeatureRedraw(keras.callbacks.Callback):
                 f"`verbose` must be 0 or 1. Received: verbose={verbose!r}"
             )
         self.verbose = verbose
-        self.final_window = optional_non_negative_int(
-            final_window, "final_window"
+        self.final_window = non_negative_int(
+            final_window, "final_window", allow_none=True
         )
         self._batch_start_step = None
         self._planned_end = None
