@@ -1,0 +1,354 @@
+"""Runs keras_favor on the backend of `KERAS_BACKEND`, in a fresh process,
+for tests/test_jax_backend.py (the pytest process itself stays on
+TensorFlow).
+
+    KERAS_BACKEND=tensorflow python tests/backend_script.py draw DIR
+    KERAS_BACKEND=jax python tests/backend_script.py forward DIR
+    KERAS_BACKEND=jax python tests/backend_script.py MODE DIR
+
+`draw` makes inputs, and layers with their weights, and writes them with
+the layers' outputs to `DIR/draw.npz`; `forward` loads those weights into
+layers of the same configurations and writes its outputs to
+`DIR/forward_<backend>.npz`. The other modes (`import`, `features`, `fit`)
+check things on their own and write `DIR/<mode>.json`.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+import numpy as np  # noqa: E402
+
+FEATURE_MAPS = ("softmax", "softmax_hyperbolic", "softmax_trig", "relu", "elu")
+BATCH, LENGTH, DIM = 2, 20, 8
+
+
+def configurations():
+    """`(name, layer kwargs, call kwargs)` of every compared forward pass."""
+    configs = []
+    for feature_map in FEATURE_MAPS:
+        for causal in (False, True):
+            name = f"{feature_map}_{'causal' if causal else 'bidirectional'}"
+            configs.append((
+                name,
+                dict(feature_map=feature_map, chunk_size=8),
+                dict(use_causal_mask=causal),
+            ))
+    # Grouped recomputation (several groups), and a local window.
+    for causal in (False, True):
+        kind = "causal" if causal else "bidirectional"
+        configs.append((
+            f"softmax_{kind}_groups",
+            dict(chunk_size=4, recompute_length=8),
+            dict(use_causal_mask=causal),
+        ))
+        configs.append((
+            f"softmax_{kind}_local_window",
+            dict(chunk_size=4, local_window=3),
+            dict(use_causal_mask=causal),
+        ))
+    return configs
+
+
+def inputs():
+    rng = np.random.default_rng(0)
+    query = rng.normal(size=(BATCH, LENGTH, DIM)).astype("float32")
+    value = rng.normal(size=(BATCH, LENGTH, DIM)).astype("float32")
+    mask = np.ones((BATCH, LENGTH), bool)
+    mask[1, 13:] = False
+    return query, value, mask
+
+
+def make_layer(layer_kwargs, seed=7):
+    import keras_favor
+
+    return keras_favor.FavorAttention(
+        num_heads=2, key_dim=4, num_features=12, seed=seed, **layer_kwargs
+    )
+
+
+def run_forward(out_dir, load):
+    import keras
+
+    query, value, mask = inputs()
+    results = {"query": query, "value": value, "mask": mask}
+    stored = np.load(os.path.join(out_dir, "draw.npz")) if load else None
+    for index, (name, layer_kwargs, call_kwargs) in enumerate(
+        configurations()
+    ):
+        keras.utils.set_random_seed(index)
+        layer = make_layer(layer_kwargs)
+        layer(query, value, attention_mask=mask, **call_kwargs)
+        if load:
+            count = int(stored[f"{name}/count"])
+            layer.set_weights(
+                [stored[f"{name}/w{i}"] for i in range(count)]
+            )
+        else:
+            weights = layer.get_weights()
+            results[f"{name}/count"] = np.array(len(weights))
+            for i, w in enumerate(weights):
+                results[f"{name}/w{i}"] = w
+        output = layer(query, value, attention_mask=mask, **call_kwargs)
+        results[f"{name}/output"] = keras.ops.convert_to_numpy(output)
+    file = "draw.npz" if not load else f"forward_{keras.backend.backend()}.npz"
+    np.savez(os.path.join(out_dir, file), **results)
+
+
+def run_import(out_dir):
+    import keras
+
+    import keras_favor
+
+    result = {
+        "backend": keras.backend.backend(),
+        "tensorflow_imported": "tensorflow" in sys.modules,
+        "version": keras_favor.__version__,
+    }
+    try:
+        keras_favor.distribute.enable_multi_worker_fit()
+        result["distribute_error"] = None
+    except RuntimeError as error:
+        result["distribute_error"] = str(error)
+    result["multi_worker_fit_enabled"] = (
+        keras_favor.distribute.multi_worker_fit_enabled()
+    )
+    return result
+
+
+def run_features(out_dir):
+    """Projections, redraws, dropout and mixed precision on this backend."""
+    import keras
+
+    import keras_favor
+
+    result = {}
+    # Orthogonal projections: rows orthogonal within each block, and the
+    # same seed gives the same matrix.
+    dim, num_features = 4, 10
+    for norm in ("chi", "sqrt_d"):
+        projection = keras_favor.projections.OrthogonalProjection(norm)
+        matrix = keras.ops.convert_to_numpy(
+            projection((num_features, dim), 3)
+        )
+        again = keras.ops.convert_to_numpy(projection((num_features, dim), 3))
+        other = keras.ops.convert_to_numpy(projection((num_features, dim), 4))
+        block = matrix[:dim]
+        gram = block @ block.T
+        norms = np.linalg.norm(matrix, axis=-1)
+        directions = block / norms[:dim, None]
+        result[f"orthogonal_{norm}"] = {
+            "shape": list(matrix.shape),
+            "dtype": str(matrix.dtype),
+            "off_diagonal": float(
+                np.abs(directions @ directions.T - np.eye(dim)).max()
+            ),
+            "gram_off_diagonal": float(
+                np.abs(gram - np.diag(np.diag(gram))).max()
+            ),
+            "row_norm_range": [float(norms.min()), float(norms.max())],
+            "reproducible": bool(np.array_equal(matrix, again)),
+            "seed_matters": not bool(np.array_equal(matrix, other)),
+        }
+    iid = keras_favor.projections.IIDProjection()
+    draw = keras.ops.convert_to_numpy(iid((256, 8), 5))
+    result["iid"] = {
+        "mean": float(draw.mean()),
+        "std": float(draw.std()),
+        "reproducible": bool(
+            np.array_equal(draw, keras.ops.convert_to_numpy(iid((256, 8), 5)))
+        ),
+    }
+    # A tensor seed, as FeatureRedraw passes it.
+    tensor_seed = keras.ops.convert_to_numpy(
+        iid((3, 2), np.array([5, 9], np.int64))
+    )
+    result["iid_tensor_seed_shape"] = list(tensor_seed.shape)
+
+    query, value, mask = inputs()
+    layer = make_layer({}, seed=7)
+    layer(query, value, attention_mask=mask)
+    before = keras.ops.convert_to_numpy(layer.projection)
+    layer.redraw_features()
+    first = keras.ops.convert_to_numpy(layer.projection)
+    twin = make_layer({}, seed=7)
+    twin(query, value, attention_mask=mask)
+    twin.redraw_features()
+    result["redraw"] = {
+        "changed": not bool(np.array_equal(before, first)),
+        "reproducible": bool(
+            np.array_equal(first, keras.ops.convert_to_numpy(twin.projection))
+        ),
+        "count": int(keras.ops.convert_to_numpy(layer.redraw_count)),
+    }
+    unseeded = make_layer({}, seed=None)
+    unseeded(query, value, attention_mask=mask)
+    a = keras.ops.convert_to_numpy(unseeded.redraw_features())
+    b = keras.ops.convert_to_numpy(unseeded.redraw_features())
+    result["unseeded_redraws_differ"] = not bool(np.array_equal(a, b))
+
+    # Dropout: active in training only; the two modes differ.
+    dropout = make_layer(dict(dropout=0.5), seed=7)
+    plain = keras.ops.convert_to_numpy(
+        dropout(query, value, attention_mask=mask)
+    )
+    dropped = {}
+    for causal in (False, True):
+        out = keras.ops.convert_to_numpy(
+            dropout(query, value, attention_mask=mask, training=True,
+                    use_causal_mask=causal)
+        )
+        dropped[str(causal)] = bool(np.isfinite(out).all())
+    grouped = make_layer(dict(dropout=0.5, recompute_length=8), seed=7)
+    out_grouped = keras.ops.convert_to_numpy(
+        grouped(query, value, attention_mask=mask, training=True,
+                use_causal_mask=True)
+    )
+    training_out = keras.ops.convert_to_numpy(
+        dropout(query, value, attention_mask=mask, training=True)
+    )
+    result["dropout"] = {
+        "finite": dropped,
+        "grouped_finite": bool(np.isfinite(out_grouped).all()),
+        "training_differs": not bool(np.allclose(plain, training_out)),
+    }
+
+    # Mixed precision: float16 compute, close to float32.
+    reference = make_layer({}, seed=7)
+    out32 = keras.ops.convert_to_numpy(
+        reference(query, value, attention_mask=mask, use_causal_mask=True)
+    )
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        mixed = make_layer({}, seed=7)
+        mixed(query, value, attention_mask=mask)
+        mixed.set_weights(reference.get_weights())
+        out16 = mixed(query, value, attention_mask=mask, use_causal_mask=True)
+        result["mixed"] = {
+            "dtype": str(out16.dtype),
+            "max_error": float(
+                np.abs(keras.ops.convert_to_numpy(out16).astype("float32")
+                       - out32).max()
+            ),
+            "scale": float(np.abs(out32).max()),
+        }
+    finally:
+        keras.config.set_dtype_policy("float32")
+    return result
+
+
+def run_gradients(out_dir):
+    """Grouped recomputation gives the gradients of one group (JAX)."""
+    import jax
+    import keras
+
+    query, value, mask = inputs()
+    result = {}
+    for causal in (False, True):
+        grads = []
+        for recompute_length in (32768, 8):
+            layer = make_layer(
+                dict(chunk_size=4, recompute_length=recompute_length), seed=7
+            )
+            layer(query, value, attention_mask=mask)
+            if grads:
+                layer.set_weights(weights)
+            weights = layer.get_weights()
+            trainable = [v.value for v in layer.trainable_variables]
+            non_trainable = [v.value for v in layer.non_trainable_variables]
+
+            def loss(trainable, query, value):
+                output, _ = layer.stateless_call(
+                    trainable, non_trainable, query, value,
+                    attention_mask=mask, use_causal_mask=causal,
+                )
+                return keras.ops.sum(output ** 2)
+
+            grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+            g = grad_fn(trainable, query, value)
+            grads.append(jax.tree_util.tree_leaves(g))
+        result[str(causal)] = max(
+            float(np.abs(np.asarray(a) - np.asarray(b)).max()
+                  / (np.abs(np.asarray(a)).max() + 1e-12))
+            for a, b in zip(*grads)
+        )
+    return result
+
+
+def run_fit(out_dir):
+    """model.fit with jit_compile=True, FeatureRedraw and .keras saving."""
+    import keras
+
+    import keras_favor
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    result = {}
+    tokens = rng.integers(1, 20, size=(64, 12))
+    tokens[::3, 9:] = 0
+    labels = (tokens[:, 0] > 10).astype("int32")
+    for task in ("classification", "language_model"):
+        model = keras_favor.build_performer(
+            vocabulary_size=20, max_length=12, num_layers=1, num_heads=2,
+            hidden_dim=16, num_features=8, task=task, dropout=0.1, seed=3,
+            chunk_size=4,
+        )
+        if task == "classification":
+            x, y = tokens, labels
+            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        else:
+            x, y = tokens[:, :-1], tokens[:, 1:]
+            loss = keras_favor.models.language_model_loss()
+        model.compile(
+            optimizer=keras.optimizers.Adam(1e-2), loss=loss,
+            jit_compile=True,
+        )
+        redraw = keras_favor.FeatureRedraw(interval=3, seed=1)
+        history = model.fit(
+            x, y, batch_size=16, epochs=4, verbose=0, callbacks=[redraw]
+        )
+        losses = [float(v) for v in history.history["loss"]]
+        path = os.path.join(out_dir, f"{task}.keras")
+        model.save(path)
+        loaded = keras.saving.load_model(path)
+        before = keras.ops.convert_to_numpy(model.predict(x, verbose=0))
+        after = keras.ops.convert_to_numpy(loaded.predict(x, verbose=0))
+        counts = [
+            int(keras.ops.convert_to_numpy(layer.redraw_count))
+            for layer in keras_favor.callbacks.feature_redraw.
+            favor_attention_layers(model).values()
+        ]
+        result[task] = {
+            "losses": losses,
+            "jit_compile": bool(model.jit_compile),
+            "reload_error": float(np.abs(before - after).max()),
+            "redraw_counts": counts,
+        }
+    return result
+
+
+def main(mode, out_dir):
+    import keras
+
+    if mode == "draw":
+        run_forward(out_dir, load=False)
+        return
+    if mode == "forward":
+        run_forward(out_dir, load=True)
+        return
+    result = {
+        "import": run_import,
+        "features": run_features,
+        "gradients": run_gradients,
+        "fit": run_fit,
+    }[mode](out_dir)
+    result["backend"] = keras.backend.backend()
+    with open(os.path.join(out_dir, f"{mode}.json"), "w") as file:
+        json.dump(result, file)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
