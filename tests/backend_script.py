@@ -27,7 +27,8 @@ BATCH, LENGTH, DIM = 2, 20, 8
 
 
 def configurations():
-    """`(name, layer kwargs, call kwargs)` of every compared forward pass."""
+    """`(name, layer kwargs, call kwargs, input scale)` of every compared
+    forward pass."""
     configs = []
     for feature_map in FEATURE_MAPS:
         for causal in (False, True):
@@ -36,19 +37,25 @@ def configurations():
                 name,
                 dict(feature_map=feature_map, chunk_size=8),
                 dict(use_causal_mask=causal),
+                1.0,
             ))
-    # Grouped recomputation (several groups), and a local window.
     for causal in (False, True):
         kind = "causal" if causal else "bidirectional"
+        call = dict(use_causal_mask=causal)
+        # Grouped recomputation (several groups), and a local window.
         configs.append((
             f"softmax_{kind}_groups",
-            dict(chunk_size=4, recompute_length=8),
-            dict(use_causal_mask=causal),
+            dict(chunk_size=4, recompute_length=8), call, 1.0,
         ))
         configs.append((
             f"softmax_{kind}_local_window",
-            dict(chunk_size=4, local_window=3),
-            dict(use_causal_mask=causal),
+            dict(chunk_size=4, local_window=3), call, 1.0,
+        ))
+        # Large inputs: attention logits in the hundreds, where the causal
+        # kernel falls back to per-feature levels (docs/numerics.md, 5).
+        configs.append((
+            f"softmax_{kind}_large", dict(chunk_size=4, recompute_length=8),
+            call, 100.0,
         ))
     return configs
 
@@ -76,7 +83,7 @@ def run_forward(out_dir, load):
     query, value, mask = inputs()
     results = {"query": query, "value": value, "mask": mask}
     stored = np.load(os.path.join(out_dir, "draw.npz")) if load else None
-    for index, (name, layer_kwargs, call_kwargs) in enumerate(
+    for index, (name, layer_kwargs, call_kwargs, scale) in enumerate(
         configurations()
     ):
         keras.utils.set_random_seed(index)
@@ -92,7 +99,9 @@ def run_forward(out_dir, load):
             results[f"{name}/count"] = np.array(len(weights))
             for i, w in enumerate(weights):
                 results[f"{name}/w{i}"] = w
-        output = layer(query, value, attention_mask=mask, **call_kwargs)
+        output = layer(
+            scale * query, scale * value, attention_mask=mask, **call_kwargs
+        )
         results[f"{name}/output"] = keras.ops.convert_to_numpy(output)
     file = "draw.npz" if not load else f"forward_{keras.backend.backend()}.npz"
     np.savez(os.path.join(out_dir, file), **results)
@@ -278,6 +287,72 @@ def run_gradients(out_dir):
     return result
 
 
+def run_state(out_dir):
+    """The causal state carried across pieces equals the whole (under
+    jax.jit), and the Sequential Performer equals the functional one."""
+    import jax
+    import keras
+
+    import keras_favor
+    from keras_favor import ops as favor_ops
+
+    rng = np.random.default_rng(0)
+    layer = keras_favor.FavorAttention(
+        num_heads=2, key_dim=8, num_features=16, seed=3
+    )
+    layer(np.zeros((1, 2, 16), "float32"))
+    heads = [
+        rng.normal(scale=0.5, size=(2, 2, LENGTH, 8)).astype("float32")
+        for _ in range(3)
+    ]
+    mask = (np.arange(LENGTH)[None, :] < np.array([[LENGTH], [12]]))[
+        :, None, :
+    ]
+    num_features = layer.feature_map.feature_dim(16, 8)
+    feature_fn, query_feature_fn = layer._feature_fns()
+
+    def in_pieces(heads, cuts):
+        bounds = [0, *cuts, LENGTH]
+        state, outputs = None, []
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            piece, state = favor_ops.causal_linear_attention(
+                *(h[:, :, start:stop] for h in heads), feature_fn,
+                num_features, mask=mask[:, :, start:stop], chunk_size=4,
+                query_feature_fn=query_feature_fn, initial_state=state,
+                return_state=True,
+            )
+            outputs.append(piece)
+        return keras.ops.concatenate(outputs, axis=2), state
+
+    whole = jax.jit(lambda *h: in_pieces(h, ()))(*heads)
+    pieces = jax.jit(lambda *h: in_pieces(h, (1, 2, 7, 13)))(*heads)
+    leaves = zip(jax.tree_util.tree_leaves(pieces),
+                 jax.tree_util.tree_leaves(whole))
+    result = {"pieces_error": max(
+        float(np.abs(np.asarray(a) - np.asarray(b)).max()
+              / np.abs(np.asarray(b)).max())
+        for a, b in leaves
+    )}
+    tokens = rng.integers(1, 20, size=(4, 12))
+    tokens[1, 8:] = 0
+    outputs = {}
+    for api in ("functional", "sequential"):
+        model = keras_favor.build_performer(
+            vocabulary_size=20, max_length=12, num_layers=2, num_heads=2,
+            hidden_dim=16, num_features=8, task="language_model", seed=3,
+            api=api,
+        )
+        model(tokens)
+        if api == "sequential":
+            model.set_weights(weights)
+        weights = model.get_weights()
+        outputs[api] = keras.ops.convert_to_numpy(model(tokens))
+    result["sequential_error"] = float(
+        np.abs(outputs["functional"] - outputs["sequential"]).max()
+    )
+    return result
+
+
 def run_fit(out_dir):
     """model.fit with jit_compile=True, FeatureRedraw and .keras saving."""
     import keras
@@ -343,6 +418,7 @@ def main(mode, out_dir):
         "import": run_import,
         "features": run_features,
         "gradients": run_gradients,
+        "state": run_state,
         "fit": run_fit,
     }[mode](out_dir)
     result["backend"] = keras.backend.backend()

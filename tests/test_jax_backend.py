@@ -71,16 +71,23 @@ def test_forward_equals_tensorflow_for_the_same_weights(out_dir):
     run_script("jax", "forward", out_dir)
     tensorflow = np.load(os.path.join(out_dir, "draw.npz"))
     jax = np.load(os.path.join(out_dir, "forward_jax.npz"))
-    names = [name for name, _, _ in backend_script.configurations()]
-    assert len(names) == 14
+    names = [config[0] for config in backend_script.configurations()]
+    assert len(names) == 16
     for name in names:
         expected = tensorflow[f"{name}/output"]
         got = jax[f"{name}/output"]
         assert got.shape == expected.shape, name
         scale = np.abs(expected).max()
-        # Trigonometric features' normalizer can come near zero, which
-        # amplifies round-off (docs/numerics.md): a looser bound there.
-        rtol = 2e-4 if name.startswith("softmax_trig") else 1e-5
+        # Looser bounds where round-off is amplified: trigonometric
+        # features' normalizer can come near zero (measured 7e-5), and at
+        # input scale 100 the logits are very large, so the dense
+        # projections' round-off (each backend orders its sums its own way)
+        # moves the exponents (measured 8e-5).
+        rtol = 1e-5
+        if name.startswith("softmax_trig"):
+            rtol = 2e-4
+        elif name.endswith("_large"):
+            rtol = 5e-4
         np.testing.assert_allclose(
             got, expected, rtol=rtol, atol=rtol * scale, err_msg=name
         )
@@ -115,6 +122,12 @@ def test_grouped_recomputation_gradients_equal_one_group(out_dir):
     result = run_script("jax", "gradients", out_dir)
     assert result["False"] < 1e-5
     assert result["True"] < 1e-5
+
+
+def test_causal_state_in_pieces_and_the_sequential_performer(out_dir):
+    result = run_script("jax", "state", out_dir)
+    assert result["pieces_error"] < 2e-6
+    assert result["sequential_error"] < 1e-6
 
 
 def test_fit_with_jit_compile_redraws_and_keras_saving(out_dir):
