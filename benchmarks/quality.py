@@ -63,6 +63,13 @@ CONFIGS = {
     "favor_redraw": Config(
         "FAVOR+, FeatureRedraw, none in the last interval", redraw={}
     ),
+    **{
+        f"favor_window{w}": Config(
+            f"FAVOR+, exact softmax over the last {w} positions",
+            {"local_window": w},
+        )
+        for w in (16, 32, 64)
+    },
     "favor_redraw_to_end": Config(
         "FAVOR+, FeatureRedraw(final_window=0): redraws up to the end",
         redraw={"final_window": 0},

@@ -40,6 +40,9 @@ def test_quality_benchmark_runs_every_configuration(tmp_path, capsys):
         "exact": "",
         "favor": "",
         "favor_redraw": "2 4",
+        "favor_window16": "",
+        "favor_window32": "",
+        "favor_window64": "",
         "favor_redraw_to_end": "2 4 6",
     }
     favor_sizes = {
