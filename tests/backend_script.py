@@ -353,6 +353,46 @@ def run_state(out_dir):
     return result
 
 
+def run_export(out_dir):
+    """SavedModel export off TensorFlow: a fixed length exports (Keras's
+    jax2tf export); a length unknown until run time raises, naming the
+    backend."""
+    import keras
+
+    import keras_favor
+
+    result = {}
+    inputs = keras.Input((LENGTH, DIM))
+    outputs = make_layer({})(inputs, inputs, use_causal_mask=True)
+    model = keras.Model(inputs, outputs)
+    query = globals()["inputs"]()[0]
+    path = os.path.join(out_dir, "fixed_length")
+    model.export(path)
+    import tensorflow as tf
+
+    served = tf.saved_model.load(path)
+    result["fixed_length_error"] = float(np.abs(
+        served.serve(tf.constant(query)).numpy()
+        - keras.ops.convert_to_numpy(model(query))
+    ).max())
+    for name, model in (
+        ("favor_attention", None),
+        ("build_performer", keras_favor.build_performer(
+            vocabulary_size=20, max_length=12, num_layers=1, num_heads=2,
+            hidden_dim=16, num_features=8, seed=3,
+        )),
+    ):
+        if model is None:
+            inputs = keras.Input((None, DIM))
+            model = keras.Model(inputs, make_layer({})(inputs, inputs))
+        try:
+            model.export(os.path.join(out_dir, name))
+            result[name] = None
+        except Exception as error:  # Keras re-raises the layer's error.
+            result[name] = f"{type(error).__name__}: {error}"
+    return result
+
+
 def run_fit(out_dir):
     """model.fit with jit_compile=True, FeatureRedraw and .keras saving."""
     import keras
@@ -419,6 +459,7 @@ def main(mode, out_dir):
         "features": run_features,
         "gradients": run_gradients,
         "state": run_state,
+        "export": run_export,
         "fit": run_fit,
     }[mode](out_dir)
     result["backend"] = keras.backend.backend()

@@ -130,6 +130,17 @@ def test_causal_state_in_pieces_and_the_sequential_performer(out_dir):
     assert result["sequential_error"] < 1e-6
 
 
+def test_savedmodel_export_of_unknown_lengths_names_the_backend(out_dir):
+    result = run_script("jax", "export", out_dir)
+    # Keras exports a fixed-length model through jax2tf, which works.
+    assert result["fixed_length_error"] < 1e-5
+    for name in ("favor_attention", "build_performer"):
+        assert result[name] is not None, name
+        assert "RuntimeError" in result[name], result[name]
+        assert "needs the TensorFlow backend" in result[name]
+        assert "'jax' backend" in result[name]
+
+
 def test_fit_with_jit_compile_redraws_and_keras_saving(out_dir):
     result = run_script("jax", "fit", out_dir)
     for task in ("classification", "language_model"):

@@ -233,3 +233,18 @@ def runtime_shape_checks(query, value, key):
         tf.shape(value)[:-1], tf.shape(key)[:-1], value.shape[:-1],
         key.shape[:-1], "`value` and `key` must have the same length",
     )
+
+
+def check_traceable_lengths(query, value, key):
+    """Off TensorFlow, a clear error for symbolic position axes (as
+    `model.export` traces a `(batch, None, dim)` input on JAX): the kernels
+    need the lengths when they are traced; TensorFlow runs them with
+    lengths known only at run time. A symbolic batch size is fine."""
+    if backend.is_tensorflow():
+        return
+    for x in (query, value, key):
+        if not all(isinstance(d, (int, type(None))) for d in x.shape[1:]):
+            backend.require_tensorflow(
+                "FavorAttention with a length unknown until run time (a "
+                "SavedModel export of a `(batch, None, dim)` input)"
+            )

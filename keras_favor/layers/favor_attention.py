@@ -377,6 +377,7 @@ class FavorAttention(keras.layers.Layer):
             value_mask=value_mask, key_mask=key_mask,
             attention_mask=attention_mask,
         )
+        arguments.check_traceable_lengths(query, value, key)
         # The query's Keras mask reaches the output through `compute_mask`.
         # The dense sub-layers get no mask (they would warn that they do not
         # support masking).

@@ -99,6 +99,15 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
         )
 
     def call(self, inputs):
+        if not backend.is_tensorflow() and not isinstance(
+            inputs.shape[1], (int, type(None))
+        ):
+            # A symbolic length, as `model.export` traces the `(None, None)`
+            # signature on JAX: no run-time length check there.
+            backend.require_tensorflow(
+                "TokenAndPositionEmbedding with a length unknown until run "
+                "time (a SavedModel export of a `(batch, None)` input)"
+            )
         check_length(inputs.shape[1], self.sequence_length)
         length = ops.shape(inputs)[1]
         if inputs.shape[1] is None and backend.is_tensorflow():
