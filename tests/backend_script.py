@@ -57,6 +57,13 @@ def configurations():
             f"softmax_{kind}_large", dict(chunk_size=4, recompute_length=8),
             call, 100.0,
         ))
+    # Causal cross-attention of unequal lengths: fewer queries than keys
+    # (the keys after them are cut), and more (masked keys appended).
+    for cut in ("query", "key"):
+        configs.append((
+            f"softmax_causal_shorter_{cut}", dict(chunk_size=4),
+            dict(use_causal_mask=True, cut=cut), 1.0,
+        ))
     return configs
 
 
@@ -87,8 +94,15 @@ def run_forward(out_dir, load):
         configurations()
     ):
         keras.utils.set_random_seed(index)
+        call_kwargs = dict(call_kwargs)
+        cut = call_kwargs.pop("cut", None)
+        q, v, m = query, value, mask
+        if cut == "query":
+            q = query[:, :13]
+        elif cut == "key":
+            v, m = value[:, :13], mask[:, :13]
         layer = make_layer(layer_kwargs)
-        layer(query, value, attention_mask=mask, **call_kwargs)
+        layer(q, v, attention_mask=m, **call_kwargs)
         if load:
             count = int(stored[f"{name}/count"])
             layer.set_weights(
@@ -100,7 +114,7 @@ def run_forward(out_dir, load):
             for i, w in enumerate(weights):
                 results[f"{name}/w{i}"] = w
         output = layer(
-            scale * query, scale * value, attention_mask=mask, **call_kwargs
+            scale * q, scale * v, attention_mask=m, **call_kwargs
         )
         results[f"{name}/output"] = keras.ops.convert_to_numpy(output)
     file = "draw.npz" if not load else f"forward_{keras.backend.backend()}.npz"

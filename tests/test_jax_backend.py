@@ -72,7 +72,7 @@ def test_forward_equals_tensorflow_for_the_same_weights(out_dir):
     tensorflow = np.load(os.path.join(out_dir, "draw.npz"))
     jax = np.load(os.path.join(out_dir, "forward_jax.npz"))
     names = [config[0] for config in backend_script.configurations()]
-    assert len(names) == 16
+    assert len(names) == 18
     for name in names:
         expected = tensorflow[f"{name}/output"]
         got = jax[f"{name}/output"]
