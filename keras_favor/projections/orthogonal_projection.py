@@ -64,11 +64,10 @@ class OrthogonalProjection(Projection):
 
     def sample(self, shape, seed):
         num_features, dim = shape
-        if backend.is_tensorflow():
-            return self._sample_tensorflow(num_features, dim, seed)
         block_seed, norm_seed = backend.split(seed, 2)
         num_blocks = math.ceil(num_features / dim)
         blocks = haar_orthogonal_blocks(num_blocks, dim, block_seed)
+        # Rows of Q^T are orthonormal directions.
         directions = ops.reshape(
             ops.transpose(blocks, (0, 2, 1)), (num_blocks * dim, dim)
         )[:num_features]
@@ -76,25 +75,6 @@ class OrthogonalProjection(Projection):
             return directions * math.sqrt(dim)
         gaussian = backend.stateless_normal((num_features, dim), norm_seed)
         return directions * ops.norm(gaussian, axis=-1, keepdims=True)
-
-    def _sample_tensorflow(self, num_features, dim, seed):
-        import tensorflow as tf
-
-        block_seed, norm_seed = tf.unstack(
-            tf.random.experimental.stateless_split(seed, num=2)
-        )
-        num_blocks = math.ceil(num_features / dim)
-        blocks = haar_orthogonal_blocks(num_blocks, dim, block_seed)
-        # Rows of Q^T are orthonormal directions.
-        directions = tf.reshape(
-            tf.transpose(blocks, (0, 2, 1)), (num_blocks * dim, dim)
-        )[:num_features]
-        if self.norm == "sqrt_d":
-            return directions * math.sqrt(dim)
-        gaussian = tf.random.stateless_normal(
-            (num_features, dim), seed=norm_seed
-        )
-        return directions * tf.norm(gaussian, axis=-1, keepdims=True)
 
     def get_config(self):
         return {"norm": self.norm}
