@@ -8,6 +8,7 @@ from keras_favor.ops.chunk_scan import PREFIX_BLOCK
 from keras_favor.ops.chunk_scan import earlier_or_same
 from keras_favor.ops.chunk_scan import inherited_states
 from keras_favor.ops.chunk_scan import merge_chunks
+from keras_favor.ops.chunk_scan import pad_positions
 from keras_favor.ops.chunk_scan import running_max
 from keras_favor.ops.chunk_scan import split_chunks
 from keras_favor.ops.feature_dropout import group_seed
@@ -185,11 +186,6 @@ def _has_feature_levels(parts, num_features):
     return log_scale is not None and log_scale.shape[-1] == num_features
 
 
-def _pad_positions(x, padding):
-    widths = [(0, 0)] * 2 + [(0, padding)] + [(0, 0)] * (len(x.shape) - 3)
-    return ops.pad(x, widths)
-
-
 def _check_state(state, query, value, num_features):
     if len(state) != 3:
         raise ValueError(
@@ -305,7 +301,7 @@ def causal_linear_attention(
         if mask is None:
             mask = ops.ones_like(query[:1, :1, :, 0], "bool")
         query, key, value, mask = (
-            _pad_positions(x, padding) for x in (query, key, value, mask)
+            pad_positions(x, padding) for x in (query, key, value, mask)
         )
     groups = position_groups(
         length if isinstance(length, int) else None, recompute_length,

@@ -24,6 +24,12 @@ def split_chunks(x, chunk_size):
     return ops.reshape(x, shape[:2] + (-1, chunk_size) + shape[3:])
 
 
+def pad_positions(x, padding):
+    """`x` with `padding` zeros (False) after its positions, axis 2."""
+    widths = [(0, 0)] * 2 + [(0, padding)] + [(0, 0)] * (len(x.shape) - 3)
+    return ops.pad(x, widths)
+
+
 def merge_chunks(x):
     """`(B, H, N, C, ...)` back to `(B, H, N * C, ...)`."""
     shape = ops.shape(x)

@@ -26,6 +26,7 @@ from keras import ops
 from keras_favor.ops.chunk_scan import earlier_or_same
 from keras_favor.ops.chunk_scan import inherited_states
 from keras_favor.ops.chunk_scan import merge_chunks
+from keras_favor.ops.chunk_scan import pad_positions
 from keras_favor.ops.chunk_scan import split_chunks
 from keras_favor.ops.feature_dropout import numerator_key_features
 from keras_favor.ops.products import matmul_transposed_a
@@ -120,11 +121,6 @@ def _times(values, x):
     return x if values is None else x * values
 
 
-def _pad_positions(x, padding, value=0):
-    widths = [(0, 0)] * 2 + [(0, padding)] + [(0, 0)] * (len(x.shape) - 3)
-    return ops.pad(x, widths, constant_values=value)
-
-
 def log_domain_causal_attention(
     query_parts, key_parts, value, mask, state, dropout_rate=0.0,
     dropout_seed=None, prefix_block=8,
@@ -158,7 +154,7 @@ def log_domain_causal_attention(
     padding = (-length) % (EXACT_CHUNK * prefix_block)
     parts = [query_values, query_log, key_values, key_log, value, mask]
     if not isinstance(padding, int) or padding:
-        parts = [None if x is None else _pad_positions(x, padding) for x in parts]
+        parts = [None if x is None else pad_positions(x, padding) for x in parts]
     query_values, query_log, key_values, key_log, value, mask = (
         None if x is None else split_chunks(x, EXACT_CHUNK) for x in parts
     )
