@@ -147,7 +147,7 @@ def call_inputs(query, value, key, return_attention_scores, **masks):
     key = value if key is None else key
     check_input_shapes(query.shape, value.shape, key.shape)
     if backend.is_tf_tensor(query):
-        runtime_shape_checks(query, value, key)
+        value, key = runtime_shape_checks(query, value, key)
     return value, key, key_padding_mask(key, len(query.shape), **masks)
 
 
@@ -200,8 +200,9 @@ def key_padding_mask(key, query_rank, **masks):
         if backend.is_tf_tensor(key):
             import tensorflow as tf
 
-            _assert_same(
-                tf.shape(mask), tf.shape(key)[:-1], mask.shape, key.shape[:-1],
+            mask = _checked_same(
+                mask, tf.shape(mask), tf.shape(key)[:-1], mask.shape,
+                key.shape[:-1],
                 f"`{name}` must have the batch size and length of the keys",
             )
         if combined is not None:
@@ -210,29 +211,47 @@ def key_padding_mask(key, query_rank, **masks):
     return combined
 
 
-def _assert_same(a, b, static_a, static_b, message):
+def _checked_same(tensor, a, b, static_a, static_b, message):
+    """`tensor`, gated on the run-time assertion `a == b` when the static
+    shapes leave it open: every op that uses the returned tensor runs after
+    the check, so a wrong shape fails with `message`, not with the error of
+    whichever op would have met it first."""
     import tensorflow as tf
 
-    if None in tuple(static_a) + tuple(static_b):
-        tf.debugging.assert_equal(a, b, message=message)
+    if None not in tuple(static_a) + tuple(static_b):
+        return tensor
+    check = tf.debugging.assert_equal(a, b, message=message)
+    with tf.control_dependencies([check]):
+        return tf.identity(tensor)
 
 
 def runtime_shape_checks(query, value, key):
     """Assertions for what `check_input_shapes` could not see statically:
     equal batch sizes and equal value and key positions (TensorFlow
     tensors only: other backends trace with static shapes, which
-    `check_input_shapes` already checked)."""
+    `check_input_shapes` already checked). Returns `value` and `key` gated
+    on them (see `_checked_same`); a tensor that is the query itself needs
+    no check and stays the same object."""
     import tensorflow as tf
 
-    for name, x in (("value", value), ("key", key)):
-        _assert_same(
-            tf.shape(query)[0], tf.shape(x)[0], query.shape[:1], x.shape[:1],
-            f"`query` and `{name}` must have the same batch size",
+    key_is_value = key is value
+    if value is not query:
+        value = _checked_same(
+            value, tf.shape(query)[0], tf.shape(value)[0], query.shape[:1],
+            value.shape[:1], "`query` and `value` must have the same batch size",
         )
-    _assert_same(
-        tf.shape(value)[:-1], tf.shape(key)[:-1], value.shape[:-1],
-        key.shape[:-1], "`value` and `key` must have the same length",
-    )
+    if key_is_value:
+        key = value
+    elif key is not query:
+        key = _checked_same(
+            key, tf.shape(query)[0], tf.shape(key)[0], query.shape[:1],
+            key.shape[:1], "`query` and `key` must have the same batch size",
+        )
+        key = _checked_same(
+            key, tf.shape(value)[:-1], tf.shape(key)[:-1], value.shape[:-1],
+            key.shape[:-1], "`value` and `key` must have the same length",
+        )
+    return value, key
 
 
 def check_traceable_lengths(query, value, key):
