@@ -109,9 +109,24 @@ class FavorAttention(keras.layers.Layer):
             row-major order; for `T > S` the last queries see every key
             (`MultiHeadAttention`'s lower-triangular `(T, S)` mask).
         mask: filled in by Keras for a one-input call: it masks the keys.
+        cache: decoding only: the causal state before `query`'s first
+            position, from `empty_cache(batch_size)` or a previous cached
+            call. Causal self-attention only (`use_causal_mask=True`,
+            `query` alone, shape `(B, T, dim)`); any number `T` of new
+            positions (a whole prompt is one chunked pass); keys masked by
+            `query_mask` or `value_mask` leave the state as it is (left
+            padding); no dropout.
+        cache_update_index: the position of `query`'s first row, for
+            keras-hub's calling convention (`CachedMultiHeadAttention`).
+            The state has the same size at every position and does not
+            need it.
 
     Returns:
         `(B, *T, dim)`, or `(B, *T, *output_shape)`, in the compute dtype.
+        With a `cache`, the tuple `(outputs, new_cache)`: the state after
+        the last position, of the same shapes. Run in pieces, each given
+        the cache the previous one returned, a sequence gets the outputs
+        of one causal call over the whole of it.
 
     Example:
 
@@ -322,8 +337,12 @@ class FavorAttention(keras.layers.Layer):
             lambda heads: self.feature_map.query_log_scaled(heads, projection),
         )
 
-    def _attend(self, query, key, value, mask, use_causal_mask, training):
-        """Linear attention on `(B, L, N, h)` heads, to `(B, L, N, hv)`."""
+    def _attend(
+        self, query, key, value, mask, use_causal_mask, training, cache=None
+    ):
+        """Linear attention on `(B, L, N, h)` heads, to `(B, L, N, hv)`, and
+        with a `cache` (the causal state before the first position) also
+        the state after the last."""
         query, key, value = (
             ops.transpose(ops.cast(x, "float32"), (0, 2, 1, 3))
             for x in (query, key, value)
@@ -334,7 +353,9 @@ class FavorAttention(keras.layers.Layer):
             query_feature_fn=query_feature_fn,
             recompute_length=self.recompute_length,
         )
-        if training and self.dropout > 0:
+        if cache is not None:
+            options.update(initial_state=tuple(cache), return_state=True)
+        elif training and self.dropout > 0:
             options["dropout_rate"] = self.dropout
             options["dropout_seed"] = self._dropout_seed.next()
         num_features = self.feature_map.feature_dim(
@@ -358,13 +379,106 @@ class FavorAttention(keras.layers.Layer):
             outputs = favor_ops.bidirectional_linear_attention(
                 query, key, value, feature_fn, **options
             )
+        if cache is not None:
+            outputs, state = outputs
+            return ops.transpose(outputs, (0, 2, 1, 3)), tuple(state)
         return ops.transpose(outputs, (0, 2, 1, 3))
+
+    def empty_cache(self, batch_size):
+        """The decoding cache before any position, for `call(...,
+        cache=...)`: the causal state of `batch_size` sequences with no key.
+
+        Returns:
+            A tuple of float32 tensors whose sizes do not depend on the
+            position: the running sums `phi(K)^T V` `(B, H, F, Dv)` and
+            `phi(K)^T 1` `(B, H, F)`, scaled by `exp(-level)`, and the
+            stabilizer levels `(B, H, F)`; with a `local_window` `w`, also
+            the last `w` keys `(B, H, w, Dk)`, values `(B, H, w, Dv)` and
+            their mask `(B, 1, w)`.
+        """
+        dense_sublayers.check_built(self, "empty_cache()")
+        batch_size = positive_int(batch_size, "batch_size")
+        num_features = self.feature_map.feature_dim(
+            self.num_features, self.key_dim
+        )
+        value_dim = self.value_dim or self.key_dim
+        if self.local_window:
+            return favor_ops.empty_local_window_state(
+                batch_size, self.num_heads, num_features, self.key_dim,
+                value_dim, self.local_window,
+            )
+        return favor_ops.empty_causal_state(
+            batch_size, self.num_heads, num_features, value_dim
+        )
+
+    def _cache_shapes(self, batch_size=None):
+        """The shapes of `empty_cache(batch_size)`'s tensors."""
+        heads = (batch_size, self.num_heads)
+        features = self.feature_map.feature_dim(
+            self.num_features, self.key_dim
+        )
+        value_dim = self.value_dim or self.key_dim
+        shapes = [heads + (features, value_dim), heads + (features,)]
+        shapes.append(heads + (features,))
+        if self.local_window:
+            window = self.local_window
+            shapes += [
+                heads + (window, self.key_dim), heads + (window, value_dim),
+                (batch_size, 1, window),
+            ]
+        return shapes
+
+    def _check_cache_call(self, query, value, key, use_causal_mask, cache):
+        """A cache is the causal state of self-attention over one position
+        axis: anything else raises."""
+        if not use_causal_mask:
+            raise ValueError(
+                "A `cache` holds the causal state of the keys so far: call "
+                "with `use_causal_mask=True`. Bidirectional queries also "
+                "see later keys, which no cache holds."
+            )
+        if any(x is not None and x is not query for x in (value, key)):
+            raise ValueError(
+                "A `cache` is for causal self-attention: pass `query` alone "
+                "(no `value` or `key`); cross-attention has no decoding "
+                "cache."
+            )
+        if len(query.shape) != 3:
+            raise ValueError(
+                "A `cache` needs queries of shape (batch, length, dim), one "
+                f"position axis. Received: query.shape={tuple(query.shape)}"
+            )
+        expected = self._cache_shapes()
+        if not isinstance(cache, (tuple, list)) or len(cache) != len(
+            expected
+        ):
+            raise ValueError(
+                f"`cache` must be the tuple of {len(expected)} tensors that "
+                "`empty_cache(batch_size)` returns (or a call with a cache "
+                f"returned). Received: cache={type(cache).__name__} of "
+                f"{len(cache) if isinstance(cache, (tuple, list)) else 1}"
+            )
+        batch = query.shape[0]
+        for index, (x, shape) in enumerate(zip(cache, expected)):
+            shape = (batch,) + shape[1:]
+            got = tuple(x.shape)
+            if len(got) != len(shape) or any(
+                None not in (g, e) and g != e for g, e in zip(got, shape)
+            ):
+                raise ValueError(
+                    f"`cache[{index}]` must have shape {shape} (the batch "
+                    "size of `query`), as `empty_cache(batch_size)` makes "
+                    f"it for this layer. Received: cache[{index}].shape={got}"
+                )
 
     def call(
         self, query, value=None, key=None, query_mask=None, value_mask=None,
         key_mask=None, attention_mask=None, return_attention_scores=False,
-        training=None, use_causal_mask=False, mask=None,
+        training=None, use_causal_mask=False, mask=None, cache=None,
+        cache_update_index=None,
     ):
+        if cache is not None:
+            self._check_cache_call(query, value, key, use_causal_mask, cache)
         if value is None and key is None:
             # Self-attention with a single input, as inside keras.Sequential:
             # the query's padding mask is the keys' mask. Keras passes it as
@@ -396,24 +510,35 @@ class FavorAttention(keras.layers.Layer):
                 ops.shape(query)[1], key, value, mask
             )
         outputs = self._attend(
-            query, key, value, mask, use_causal_mask, training
+            query, key, value, mask, use_causal_mask, training, cache
         )
+        if cache is not None:
+            outputs, cache = outputs
         outputs = layout.split_positions(outputs, positions)
-        return self._output_dense(ops.cast(outputs, self.compute_dtype))
+        outputs = self._output_dense(ops.cast(outputs, self.compute_dtype))
+        return outputs if cache is None else (outputs, cache)
 
     def compute_output_spec(
         self, query, value=None, key=None, query_mask=None, value_mask=None,
         key_mask=None, attention_mask=None, return_attention_scores=False,
-        training=None, use_causal_mask=False, mask=None,
+        training=None, use_causal_mask=False, mask=None, cache=None,
+        cache_update_index=None,
     ):
         # Symbolic calls run the same checks as `call`.
+        if cache is not None:
+            self._check_cache_call(query, value, key, use_causal_mask, cache)
         value, key, _ = arguments.call_inputs(
             query, value, key, return_attention_scores,
             value_mask=value_mask, key_mask=key_mask,
             attention_mask=attention_mask,
         )
         shape = self.compute_output_shape(query.shape, value.shape, key.shape)
-        return keras.KerasTensor(shape, dtype=self.compute_dtype)
+        outputs = keras.KerasTensor(shape, dtype=self.compute_dtype)
+        if cache is None:
+            return outputs
+        return outputs, tuple(
+            keras.KerasTensor(x.shape, dtype=x.dtype) for x in cache
+        )
 
     def compute_output_shape(
         self, query_shape, value_shape=None, key_shape=None

@@ -1,6 +1,7 @@
 """The `PerformerBlock` layer."""
 
 import keras
+from keras import ops
 
 from keras_favor import feature_maps as feature_maps_lib
 from keras_favor import projections as projections_lib
@@ -67,8 +68,19 @@ class PerformerBlock(keras.layers.Layer):
             padding. Set automatically from a Keras mask.
         training: bool, whether dropout is active.
 
+        cache: decoding only (causal blocks): the cache of the positions
+            before `inputs`, from `empty_cache` or a previous cached call.
+            The call then returns `(outputs, new_cache)` and runs without
+            dropout; `mask` marks the padding of the new positions.
+        cache_update_index: int or scalar tensor, the position of the first
+            row of `inputs`: where an exact-attention block writes its keys
+            and values (FAVOR+'s recurrent state does not need it).
+
     Returns:
-        A `(batch, length, hidden_dim)` tensor, in the layer's compute dtype.
+        A `(batch, length, hidden_dim)` tensor, in the layer's compute dtype;
+        with a `cache`, the tuple `(outputs, new_cache)`. Run in pieces, each
+        given the cache the previous one returned, a sequence gets the
+        outputs of one call over the whole of it.
 
     Example:
 
@@ -241,9 +253,19 @@ class PerformerBlock(keras.layers.Layer):
         # give every kernel the same values.
         return initializer.__class__.from_config(initializer.get_config())
 
-    def _attend(self, x, mask, training):
+    def _attend(self, x, mask, training, cache=None, cache_update_index=None):
         if self.attention_layer is None:
-            return self.attention_output_dense(self.value_dense(x))
+            outputs = self.attention_output_dense(self.value_dense(x))
+            return outputs if cache is None else (outputs, cache)
+        if cache is not None and self.attention == "exact":
+            return _exact_attention_with_cache(
+                self.attention_layer, x, mask, cache, cache_update_index
+            )
+        if cache is not None:
+            return self.attention_layer(
+                x, query_mask=mask, use_causal_mask=True, cache=cache,
+                cache_update_index=cache_update_index,
+            )
         return self.attention_layer(
             x,
             x,
@@ -251,6 +273,51 @@ class PerformerBlock(keras.layers.Layer):
             value_mask=mask,
             use_causal_mask=self.causal,
             training=training,
+        )
+
+    def empty_cache(self, batch_size, max_length=None):
+        """The decoding cache of a causal block before any position.
+
+        Args:
+            batch_size: int, number of sequences.
+            max_length: int, the most positions the cache will hold: needed
+                by `attention="exact"`, whose key/value cache grows with
+                the positions; FAVOR+'s recurrent state has the same size
+                at every position and ignores it.
+
+        Returns:
+            A tuple of tensors, for `call(..., cache=...)`:
+            `FavorAttention.empty_cache(batch_size)` for `"favor"`; zero
+            keys `(B, max_length, N, h)`, values `(B, max_length, N, h)`
+            and their mask `(B, max_length)` (no key yet) for `"exact"`;
+            an empty tuple for `"identity"`.
+        """
+        if not self.built:
+            raise ValueError(
+                "empty_cache() needs a built block: call it on data (or "
+                "build the model) first."
+            )
+        if not self.causal:
+            raise ValueError(
+                "A decoding cache exists for causal blocks only "
+                "(`causal=True`): a bidirectional position also sees later "
+                "ones."
+            )
+        batch_size = positive_int(batch_size, "batch_size")
+        if self.attention == "favor":
+            return self.attention_layer.empty_cache(batch_size)
+        if self.attention == "identity":
+            return ()
+        max_length = positive_int(max_length, "max_length")
+        layer = self.attention_layer
+        heads = (batch_size, max_length, layer.num_heads)
+        return (
+            ops.zeros(heads + (layer.key_dim,), self.compute_dtype),
+            ops.zeros(
+                heads + (layer.value_dim or layer.key_dim,),
+                self.compute_dtype,
+            ),
+            ops.zeros((batch_size, max_length), "bool"),
         )
 
     def _feedforward(self, x, training):
@@ -263,7 +330,14 @@ class PerformerBlock(keras.layers.Layer):
             return x + dropout(sublayer(norm(x)), training=training)
         return norm(x + dropout(sublayer(x), training=training))
 
-    def call(self, inputs, mask=None, training=None):
+    def call(
+        self, inputs, mask=None, training=None, cache=None,
+        cache_update_index=None,
+    ):
+        if cache is not None:
+            return self._call_with_cache(
+                inputs, mask, cache, cache_update_index
+            )
         x = self._residual(
             inputs,
             lambda y: self._attend(y, mask, training),
@@ -271,6 +345,37 @@ class PerformerBlock(keras.layers.Layer):
             self.attention_dropout,
             training,
         )
+        return self._feedforward_block(x, training)
+
+    def _call_with_cache(self, inputs, mask, cache, cache_update_index):
+        """`call` for the positions after `cache`, no dropout: the outputs
+        and the cache after them."""
+        if not self.causal:
+            raise ValueError(
+                "A `cache` is for causal blocks (`causal=True`): a "
+                "bidirectional position also sees later ones."
+            )
+        if self.attention == "exact" and cache_update_index is None:
+            raise ValueError(
+                "`cache_update_index` is needed with `attention=\"exact\"`: "
+                "the position in the key/value cache where `inputs` go."
+            )
+        new_cache = []
+
+        def attend(y):
+            outputs, updated = self._attend(
+                y, mask, False, cache, cache_update_index
+            )
+            new_cache.append(updated)
+            return outputs
+
+        x = self._residual(
+            inputs, attend, self.attention_norm, self.attention_dropout,
+            False,
+        )
+        return self._feedforward_block(x, False), new_cache[0]
+
+    def _feedforward_block(self, x, training):
         return self._residual(
             x,
             lambda y: self._feedforward(y, training),
@@ -311,3 +416,36 @@ class PerformerBlock(keras.layers.Layer):
             }
         )
         return config
+
+
+def _exact_attention_with_cache(mha, x, mask, cache, index):
+    """`MultiHeadAttention`'s causal self-attention for the positions
+    `index, index + 1, ...` of `x`, over its key/value cache: the keys and
+    values of `x` are written at `index`, then each query attends to the
+    cached keys at or before its own position."""
+    keys, values, key_mask = cache
+    new_mask = ops.ones(ops.shape(x)[:2], "bool") if mask is None else mask
+    # The dense sub-layers get no Keras mask (they would warn that they do
+    # not support masking): the key mask below does its job.
+    x = ops.copy(x)
+    start = ops.cast(index, "int32")
+    keys = ops.slice_update(
+        keys, (0, start, 0, 0), ops.cast(mha.key_dense(x), keys.dtype)
+    )
+    values = ops.slice_update(
+        values, (0, start, 0, 0), ops.cast(mha.value_dense(x), values.dtype)
+    )
+    key_mask = ops.slice_update(
+        key_mask, (0, start), ops.cast(new_mask, "bool")
+    )
+    positions = start + ops.arange(ops.shape(x)[1], dtype="int32")
+    causal = ops.arange(ops.shape(keys)[1], dtype="int32")[None, :] <= (
+        positions[:, None]
+    )
+    attention_mask = ops.logical_and(causal[None], key_mask[:, None, :])
+    outputs = ops.dot_product_attention(
+        mha.query_dense(x), keys, values,
+        mask=attention_mask[:, None, :, :],
+        scale=1.0 / float(mha.key_dim) ** 0.5,
+    )
+    return mha.output_dense(outputs), (keys, values, key_mask)
