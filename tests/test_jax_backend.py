@@ -28,8 +28,8 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "backend_script.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_script(backend, mode, out_dir, timeout=600):
-    env = dict(os.environ)
+def run_script(backend, mode, out_dir, timeout=600, **extra_env):
+    env = dict(os.environ, **extra_env)
     env["KERAS_BACKEND"] = backend
     env["PYTHONPATH"] = os.pathsep.join(
         [ROOT] + [p for p in [env.get("PYTHONPATH")] if p]
@@ -150,3 +150,105 @@ def test_fit_with_jit_compile_redraws_and_keras_saving(out_dir):
         assert run["reload_error"] < 1e-6, task
         # 16 steps, a redraw every 3, none in the final window.
         assert run["redraw_counts"] == [4], task
+
+
+def test_redraws_are_deterministic_per_backend_not_across_backends(
+    out_dir,
+):
+    # FeatureRedraw's seeds are the same on both backends, but each
+    # backend's stateless generator turns them into its own numbers
+    # (TensorFlow's Philox, JAX's threefry): a seed gives one projection
+    # per backend, the same in every process and model, and a different
+    # one on the other backend (the FeatureRedraw docstring and the README
+    # say so). On TensorFlow, this process, a second process and a second
+    # model in it agree bit for bit.
+    from tests.backend_script import redraw_sequence
+
+    draws = {}
+    for name in ("tensorflow", "jax"):
+        result = run_script(name, "redraws", out_dir)
+        assert result["backend"] == name
+        assert result["identical_in_process"], name
+        draws[name] = dict(np.load(os.path.join(out_dir, f"redraws_{name}.npz")))
+    here = redraw_sequence()
+    names = sorted(here)
+    # Two layers, each as built and after two redraws.
+    assert len(names) == 6 and sorted(draws["jax"]) == names
+    for name in names:
+        np.testing.assert_array_equal(draws["tensorflow"][name], here[name])
+        tf_draw, jax_draw = draws["tensorflow"][name], draws["jax"][name]
+        assert tf_draw.shape == jax_draw.shape == (8, 8), name
+        assert not np.allclose(tf_draw, jax_draw, atol=1e-3), name
+        # Both are orthogonal projections: the rows of each 8 x 8 block
+        # are orthogonal, with chi-distributed norms.
+        for draw in (tf_draw, jax_draw):
+            norms = np.linalg.norm(draw, axis=-1)
+            directions = draw / norms[:, None]
+            np.testing.assert_allclose(
+                directions @ directions.T, np.eye(8), atol=1e-5
+            )
+    # Each redraw changes every layer's projection, on both backends.
+    for draw in draws.values():
+        for path in {name.rsplit("/", 1)[0] for name in names}:
+            for k in (1, 2):
+                assert not np.array_equal(
+                    draw[f"{path}/{k}"], draw[f"{path}/{k - 1}"]
+                ), path
+
+
+def test_feature_redraw_under_data_parallel_on_two_devices(out_dir):
+    # keras.distribution.DataParallel over two virtual CPU devices: each
+    # redraw's projection is one value, replicated to both devices, the
+    # projection of the same fit on one device; the fit goes on with it
+    # (the losses after the first redraw are the one-device fit's, and
+    # differ from a fit without redraws).
+    result = run_script(
+        "jax", "data_parallel", out_dir,
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    )
+    assert result["devices"] == 2
+    parallel, single, fixed = (
+        result[name] for name in ("parallel", "single", "fixed")
+    )
+    # 8 steps, redraws after steps 3 and 6, in both layers.
+    assert parallel["redraw_counts"] == single["redraw_counts"] == [2, 2]
+    assert fixed["redraw_counts"] == [0, 0]
+    assert parallel["projection_devices"] == [2]
+    assert parallel["replicated"] and parallel["shards_equal"]
+    assert result["projections_identical"] and result["projections_redrawn"]
+    assert len(parallel["losses"]) == len(single["losses"]) == 8
+    np.testing.assert_allclose(
+        parallel["losses"], single["losses"], rtol=1e-5
+    )
+    # Before the first redraw the fits agree; from the step after it on
+    # they train with other features.
+    np.testing.assert_allclose(single["losses"][:3], fixed["losses"][:3],
+                               rtol=1e-6)
+    assert all(
+        abs(a - b) > 1e-6 * abs(b)
+        for a, b in zip(single["losses"][3:], fixed["losses"][3:])
+    )
+    assert result["weights_error"] < 1e-4
+
+
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+def test_import_on_an_unsupported_backend_names_it(backend):
+    # PyTorch is not installed here: Keras itself fails to import, and
+    # keras_favor says so. The numpy backend imports, and keras_favor
+    # refuses it. Both name the backend and the supported ones, in one
+    # ImportError without Keras's traceback.
+    process = subprocess.run(
+        [sys.executable, "-c", "import keras_favor"],
+        env=dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=ROOT),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert process.returncode == 1
+    last = process.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: keras_favor"), process.stderr[-2000:]
+    assert f"KERAS_BACKEND={backend}" in last
+    assert "tensorflow and jax" in last
+    if importlib.util.find_spec(backend) is None:
+        assert f"No module named {backend!r}" in last
+        assert "keras/src" not in process.stderr
+    else:
+        assert f"does not support the Keras backend {backend!r}" in last

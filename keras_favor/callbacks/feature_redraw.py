@@ -155,6 +155,16 @@ class FeatureRedraw(keras.callbacks.Callback):
     strategy computes the same values on its own, and different layers get
     different projections.
 
+    Across Keras backends the seeds are the same, but not the projections:
+    each backend's stateless generator turns a seed into numbers of its own
+    (TensorFlow's `tf.random.stateless_*` ops, JAX's `jax.random` keys), so
+    a run on JAX redraws other projections than the same run on TensorFlow,
+    from the same distribution. On each backend a seed gives the same
+    projection in every run, process and replica. The layers' initial
+    projections (their `seed`) differ between backends in the same way;
+    copy the weights (`get_weights`, a `.keras` file) to carry a
+    projection from one backend to the other.
+
     When to redraw is decided from `model.optimizer.iterations`, not from a
     counter of its own: a redraw is due at the end of every training batch
     that brings the iteration count to (or, with `steps_per_execution > 1`,
