@@ -37,10 +37,12 @@ _check_backend()
 from keras_favor import callbacks  # noqa: E402
 from keras_favor import distribute  # noqa: E402
 from keras_favor import feature_maps  # noqa: E402
+from keras_favor import generation  # noqa: E402
 from keras_favor import models  # noqa: E402
 from keras_favor import ops  # noqa: E402
 from keras_favor import projections  # noqa: E402
 from keras_favor.callbacks import FeatureRedraw  # noqa: E402
+from keras_favor.generation import generate  # noqa: E402
 from keras_favor.layers import FavorAttention  # noqa: E402
 from keras_favor.layers import PerformerBlock  # noqa: E402
 from keras_favor.models import build_performer  # noqa: E402

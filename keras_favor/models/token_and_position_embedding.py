@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_favor import backend
+from keras_favor.validation import is_int
 from keras_favor.validation import positive_int
 
 
@@ -38,6 +39,10 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
     Call arguments:
         inputs: `(batch, length)` integer token ids, `length <=
             sequence_length`.
+        start_index: None (positions `0 .. length - 1`), or an int or
+            scalar tensor `t`: the inputs are positions `t .. t + length -
+            1`, as when decoding after a cache of `t` positions.
+            `t + length <= sequence_length` (checked when `t` is an int).
 
     Returns:
         A `(batch, length, embedding_dim)` tensor.
@@ -98,7 +103,7 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
             self.embeddings_initializer.get_config()
         )
 
-    def call(self, inputs):
+    def call(self, inputs, start_index=None):
         if not backend.is_tensorflow() and not isinstance(
             inputs.shape[1], (int, type(None))
         ):
@@ -123,12 +128,34 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
             )
             with tf.control_dependencies([check]):
                 length = tf.identity(length)
-        positions = ops.convert_to_tensor(self.position_embeddings)[:length]
+        table = ops.convert_to_tensor(self.position_embeddings)
+        if start_index is None:
+            positions = table[:length]
+        else:
+            positions = self._positions_from(table, start_index, inputs)
         return self.token_embedding(inputs) + ops.cast(
             positions, self.compute_dtype
         )
 
-    def compute_mask(self, inputs, mask=None):
+    def _positions_from(self, table, start_index, inputs):
+        """The position embeddings of `start_index, start_index + 1, ...`,
+        one per position of `inputs` (decoding: the positions after a
+        cache)."""
+        length = inputs.shape[1]
+        if is_int(start_index):
+            if start_index < 0:
+                raise ValueError(
+                    "`start_index` (`cache_update_index`) must be >= 0. "
+                    f"Received: {start_index}"
+                )
+            if length is not None:
+                check_length(start_index + length, self.sequence_length)
+        if length is None:
+            length = ops.shape(inputs)[1]
+        start = ops.cast(start_index, "int32")
+        return ops.slice(table, (start, 0), (length, self.embedding_dim))
+
+    def compute_mask(self, inputs, mask=None, start_index=None):
         if not self.mask_zero:
             return None
         return ops.not_equal(inputs, 0)

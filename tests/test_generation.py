@@ -1,0 +1,203 @@
+"""`generate` and the cached forward pass of a language model: greedy
+decoding gives the tokens of repeated full forward passes; sampling repeats
+under a seed; saved and distributed models generate the same tokens; bad
+arguments name themselves."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_favor
+from keras_favor import generation
+
+VOCABULARY = 61
+MAX_LENGTH = 96
+NEW_TOKENS = 64
+
+
+def language_model(
+    attention="favor", api="functional", num_layers=2, **kwargs
+):
+    model = keras_favor.build_performer(
+        VOCABULARY, MAX_LENGTH, num_layers=num_layers, num_heads=2,
+        hidden_dim=32,
+        intermediate_dim=64, task="language_model", num_features=16,
+        chunk_size=8, seed=0, attention=attention, api=api, **kwargs,
+    )
+    # Larger weights than the initial ones make confident, varied
+    # predictions, so that greedy decoding does not settle on one token.
+    rng = np.random.default_rng(5)
+    model.set_weights(
+        [
+            w if w.ndim < 2 or w.dtype != np.float32
+            else 3 * rng.normal(size=w.shape).astype("float32")
+            / np.sqrt(w.shape[-2])
+            for w in model.get_weights()
+        ]
+    )
+    return model
+
+
+def left_padded_prompts():
+    """Three prompts of 9, 6 and 3 tokens, left-padded to 9."""
+    prompt = np.random.default_rng(1).integers(1, VOCABULARY, size=(3, 9))
+    prompt[1, :3] = 0
+    prompt[2, :6] = 0
+    return prompt.astype("int32")
+
+
+def greedy_by_full_passes(model, prompt, num_tokens):
+    tokens = prompt
+    for _ in range(num_tokens):
+        logits = np.asarray(model(tokens))
+        next_token = logits[:, -1].argmax(axis=-1).astype("int32")
+        tokens = np.concatenate([tokens, next_token[:, None]], axis=1)
+    return tokens
+
+
+@pytest.mark.parametrize(
+    "attention, api, kwargs",
+    [
+        ("favor", "functional", {}),
+        ("favor", "sequential", {"feature_map": "relu"}),
+        ("favor", "functional", {"local_window": 4}),
+        ("exact", "functional", {}),
+    ],
+)
+def test_greedy_generate_equals_repeated_full_passes(attention, api, kwargs):
+    model = language_model(attention, api, **kwargs)
+    prompt = left_padded_prompts()
+    tokens = keras_favor.generate(model, prompt, NEW_TOKENS)
+    assert tokens.shape == (3, 9 + NEW_TOKENS)
+    np.testing.assert_array_equal(tokens[:, :9], prompt)
+    # Decoding visits many tokens, not a fixed point.
+    assert len(np.unique(tokens[:, 9:])) > 10
+    np.testing.assert_array_equal(
+        tokens, greedy_by_full_passes(model, prompt, NEW_TOKENS)
+    )
+
+
+def test_cached_logits_equal_the_full_pass_at_every_position():
+    model = language_model()
+    prompt = left_padded_prompts()
+    want = np.asarray(model(prompt))
+    cache = generation.empty_cache(model, 3)
+    logits, cache = generation.call_with_cache(model, prompt[:, :5], cache, 0)
+    pieces = [np.asarray(logits)]
+    for t in range(5, 9):
+        logits, cache = generation.call_with_cache(
+            model, prompt[:, t : t + 1], cache, t
+        )
+        pieces.append(np.asarray(logits))
+    got = np.concatenate(pieces, axis=1)
+    real = prompt != 0
+    scale = np.max(np.abs(want[real]))
+    np.testing.assert_allclose(got[real], want[real], atol=1e-5 * scale)
+
+
+def test_sampling_repeats_with_a_seed_and_differs_with_another():
+    model = language_model(num_layers=1)
+    prompt = left_padded_prompts()
+    options = dict(sampler="random", temperature=0.8, top_k=20, top_p=0.9)
+    first = keras_favor.generate(model, prompt, 24, seed=3, **options)
+    again = keras_favor.generate(model, prompt, 24, seed=3, **options)
+    other = keras_favor.generate(model, prompt, 24, seed=4, **options)
+    np.testing.assert_array_equal(first, again)
+    assert np.mean(first[:, 9:] != other[:, 9:]) > 0.5
+
+
+def test_end_token_stops_a_sequence_and_pads_it():
+    model = language_model(num_layers=1)
+    prompt = left_padded_prompts()
+    greedy = keras_favor.generate(model, prompt, 16)
+    end = int(greedy[0, 9 + 5])
+    tokens = keras_favor.generate(model, prompt, 16, end_token_id=end)
+    for row in range(3):
+        new = greedy[row, 9:]
+        stops = np.flatnonzero(new == end)
+        cut = stops[0] + 1 if stops.size else new.size
+        np.testing.assert_array_equal(tokens[row, 9 : 9 + cut], new[:cut])
+        assert np.all(tokens[row, 9 + cut :] == 0)
+    assert tokens.shape == greedy.shape
+
+
+def test_keras_file_round_trip_generates_the_same_tokens(tmp_path):
+    model = language_model(num_layers=1)
+    prompt = left_padded_prompts()
+    path = str(tmp_path / "lm.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_array_equal(
+        keras_favor.generate(loaded, prompt, 32),
+        keras_favor.generate(model, prompt, 32),
+    )
+
+
+def test_model_built_under_mirrored_strategy_generates_the_same_tokens():
+    model = language_model(num_layers=1)
+    with tf.distribute.MirroredStrategy().scope():
+        mirrored = language_model(num_layers=1)
+    mirrored.set_weights(model.get_weights())
+    prompt = left_padded_prompts()
+    np.testing.assert_array_equal(
+        keras_favor.generate(mirrored, prompt, 32),
+        keras_favor.generate(model, prompt, 32),
+    )
+
+
+def test_xla_compiled_loop_gives_the_same_tokens():
+    model = language_model(num_layers=1)
+    prompt = left_padded_prompts()
+    np.testing.assert_array_equal(
+        keras_favor.generate(model, prompt, 16, jit_compile=True),
+        keras_favor.generate(model, prompt, 16),
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": MAX_LENGTH}, "max_length"),
+        ({"sampler": "beam"}, "sampler"),
+        ({"sampler": "random", "temperature": 0}, "temperature"),
+        ({"sampler": "random", "top_k": 0}, "top_k"),
+        ({"sampler": "random", "top_k": VOCABULARY + 1}, "top_k"),
+        ({"sampler": "random", "top_p": 0}, "top_p"),
+        ({"sampler": "random", "top_p": 1.5}, "top_p"),
+        ({"temperature": 0.5}, "sampler='random'"),
+        ({"end_token_id": 1.5}, "end_token_id"),
+    ],
+)
+def test_bad_generate_arguments_name_themselves(kwargs, pattern):
+    model = language_model()
+    kwargs = {"max_new_tokens": 4, **kwargs}
+    with pytest.raises(ValueError, match=pattern):
+        keras_favor.generate(model, left_padded_prompts(), **kwargs)
+
+
+def test_bad_prompts_and_cache_positions_raise():
+    model = language_model()
+    with pytest.raises(ValueError, match="max_length"):
+        keras_favor.generate(
+            model, np.ones((1, MAX_LENGTH + 1), "int32"), 1
+        )
+    with pytest.raises(ValueError, match="prompt_ids"):
+        keras_favor.generate(model, np.ones((4,), "int32"), 1)
+    cache = generation.empty_cache(model, 1)
+    with pytest.raises(ValueError, match="max_length"):
+        generation.call_with_cache(
+            model, np.ones((1, 2), "int32"), cache, MAX_LENGTH - 1
+        )
+    with pytest.raises(ValueError, match="one cache per PerformerBlock"):
+        generation.call_with_cache(
+            model, np.ones((1, 2), "int32"), cache[:1], 0
+        )
+    with pytest.raises(ValueError, match=r"cache\[0\]"):
+        generation.call_with_cache(
+            model, np.ones((2, 2), "int32"), cache, 0
+        )
+    classifier = keras_favor.build_performer(VOCABULARY, MAX_LENGTH)
+    with pytest.raises(ValueError, match="causal language model"):
+        keras_favor.generate(classifier, left_padded_prompts(), 4)
