@@ -135,3 +135,11 @@ def _is_integer_dtype(dtype):
         return "int" in keras.backend.standardize_dtype(dtype)
     except (TypeError, ValueError, AttributeError):
         return False
+
+
+def batch_size(value, name="batch_size"):
+    """A positive int, or a scalar tensor as it stands (a graph's batch
+    size, known only when it runs); a `ValueError` for anything else."""
+    if keras.ops.is_tensor(value) and not is_int(value):
+        return value
+    return positive_int(value, name)

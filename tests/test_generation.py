@@ -3,6 +3,11 @@ decoding gives the tokens of repeated full forward passes; sampling repeats
 under a seed; saved and distributed models generate the same tokens; bad
 arguments name themselves."""
 
+import json
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -201,3 +206,108 @@ def test_bad_prompts_and_cache_positions_raise():
     classifier = keras_favor.build_performer(VOCABULARY, MAX_LENGTH)
     with pytest.raises(ValueError, match="causal language model"):
         keras_favor.generate(classifier, left_padded_prompts(), 4)
+
+
+SERVED_CLIENT = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+path, prompt, count, seed = json.loads(sys.argv[1])
+served = tf.saved_model.load(path)
+tokens = served.generate(
+    tf.constant(prompt, tf.int32), tf.constant(count, tf.int32),
+    tf.constant(seed, tf.int64),
+)
+print(json.dumps({
+    "tokens": tokens.numpy().tolist(),
+    "keras_favor_imported": any(m.startswith("keras_favor") for m in sys.modules),
+}))
+"""
+
+
+def served_generate(path, prompt, count, seed):
+    """The exported `generate` endpoint, run by a TensorFlow-only client
+    process that does not import keras_favor."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [
+            sys.executable, "-c", SERVED_CLIENT,
+            json.dumps([path, prompt.tolist(), count, seed]),
+        ],
+        env=env, capture_output=True, text=True, timeout=300,
+        cwd=os.path.dirname(path),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = json.loads(result.stdout.strip().splitlines()[-1])
+    assert not output["keras_favor_imported"]
+    return np.array(output["tokens"])
+
+
+@pytest.mark.parametrize(
+    "options, seed",
+    [({}, [0, 0]), ({"sampler": "random", "top_k": 10, "temperature": 0.7}, [7, 0])],
+)
+def test_exported_generate_endpoint_gives_generate_tokens(
+    tmp_path, options, seed
+):
+    model = language_model(num_layers=1)
+    path = str(tmp_path / "lm_savedmodel")
+    generation.export_language_model(model, path, **options)
+    prompt = left_padded_prompts()
+    np.testing.assert_array_equal(
+        served_generate(path, prompt, 20, seed),
+        keras_favor.generate(model, prompt, 20, seed=seed[0], **options),
+    )
+    # A one-token prompt: the prefill is that token alone.
+    np.testing.assert_array_equal(
+        served_generate(path, prompt[:1, -1:], 5, seed),
+        keras_favor.generate(model, prompt[:1, -1:], 5, seed=seed[0], **options),
+    )
+
+
+def test_exported_generate_checks_lengths_when_run(tmp_path):
+    model = language_model(num_layers=1)
+    path = str(tmp_path / "lm_savedmodel")
+    generation.export_language_model(model, path)
+    served = tf.saved_model.load(path)
+    seed = tf.constant([0, 0], tf.int64)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="max_length"):
+        served.generate(tf.ones((1, 90), tf.int32), 10, seed)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="max_new_tokens"):
+        served.generate(tf.ones((1, 9), tf.int32), 0, seed)
+
+
+JAX_SCRIPT = """
+import json
+import numpy as np
+import keras_favor
+from tests import test_generation as t
+model = t.language_model(num_layers=1)
+prompt = t.left_padded_prompts()
+tokens = keras_favor.generate(model, prompt, 24)
+sampled = [
+    keras_favor.generate(model, prompt, 8, sampler="random", top_p=0.9, seed=s)
+    for s in (3, 3, 4)
+]
+print(json.dumps({
+    "equal": bool(np.all(tokens == t.greedy_by_full_passes(model, prompt, 24))),
+    "repeats": bool(np.all(sampled[0] == sampled[1])),
+    "differs": bool(np.any(sampled[0] != sampled[2])),
+}))
+"""
+
+
+def test_generate_on_the_jax_backend():
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(
+        os.environ, KERAS_BACKEND="jax", CUDA_VISIBLE_DEVICES="",
+        PYTHONPATH=repo, JAX_PLATFORMS="cpu",
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", JAX_SCRIPT], env=env, capture_output=True,
+        text=True, timeout=600, cwd=repo,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = json.loads(result.stdout.strip().splitlines()[-1])
+    assert output == {"equal": True, "repeats": True, "differs": True}

@@ -39,6 +39,28 @@ def _check_prompt(prompt_ids, num_new_tokens, max_length):
     return prompt_ids.astype("int32")
 
 
+def decoding_options(
+    model, sampler, temperature, top_k, top_p, end_token_id, padding_id
+):
+    """The options of `decode`, checked (see `generate`): a `ValueError`
+    naming the argument for anything not allowed."""
+    sampling.check_sampling(
+        sampler, temperature, top_k, top_p, model.output_shape[-1]
+    )
+    for name, value in (("end_token_id", end_token_id), ("padding_id", padding_id)):
+        if not (is_int(value) or (value is None and name == "end_token_id")):
+            raise ValueError(
+                f"`{name}` must be an int"
+                + (" or None" if name == "end_token_id" else "")
+                + f". Received: {name}={value!r}"
+            )
+    return dict(
+        sampler=sampler, temperature=float(temperature), top_k=top_k,
+        top_p=None if top_p is None else float(top_p),
+        end_token_id=end_token_id, padding_id=int(padding_id),
+    )
+
+
 def decode(
     model, prompt_ids, max_new_tokens, seed, sampler="greedy",
     temperature=1.0, top_k=None, top_p=None, end_token_id=None,
@@ -65,31 +87,18 @@ def decode(
     if embedding.mask_zero:
         padding_mask = ops.not_equal(prompt_ids, padding_id)
     cache = language_model_cache.empty_cache(model, batch)
-    # Every prompt token but the last, in one chunked pass; each step then
-    # feeds the latest token and appends the one it predicts.
-    if prompt_ids.shape[1] != 1:
-        _, cache = language_model_cache.call_with_cache(
-            model, prompt_ids[:, :-1], cache, 0,
-            None if padding_mask is None else padding_mask[:, :-1],
-        )
+    # The prompt in one chunked pass; each step then appends the token the
+    # latest logits give and runs the model on it for the next logits.
+    logits, cache = language_model_cache.call_with_cache(
+        model, prompt_ids, cache, 0, padding_mask
+    )
     tokens = ops.concatenate(
         [prompt_ids, ops.full((batch, max_new_tokens), padding_id, "int32")],
         axis=1,
     )
     done = ops.zeros((batch,), "bool")
 
-    def step(index, tokens, cache, done):
-        position = length - 1 + index
-        token = ops.slice(tokens, (0, position), (batch, 1))
-        mask = None
-        if padding_mask is not None:
-            mask = ops.logical_and(
-                ops.not_equal(token, padding_id),
-                ops.logical_not(done)[:, None],
-            )
-        logits, cache = language_model_cache.call_with_cache(
-            model, token, cache, position, mask
-        )
+    def step(index, tokens, logits, cache, done):
         new = sampling.next_tokens(
             logits[:, -1], sampler, temperature, top_k, top_p,
             backend.fold_in(seed, index),
@@ -97,16 +106,26 @@ def decode(
         new = ops.where(done, padding_id, new)
         if end_token_id is not None:
             done = ops.logical_or(done, ops.equal(new, end_token_id))
-        tokens = ops.slice_update(tokens, (0, position + 1), new[:, None])
-        return index + 1, tokens, cache, done
+        position = length + index
+        tokens = ops.slice_update(tokens, (0, position), new[:, None])
+        mask = None
+        if padding_mask is not None:
+            # As in a full pass: a padding id (also after a sequence's
+            # end) is no key.
+            mask = ops.not_equal(new, padding_id)[:, None]
+        logits, cache = language_model_cache.call_with_cache(
+            model, new[:, None], cache, position, mask
+        )
+        return index + 1, tokens, logits, cache, done
 
-    def more(index, tokens, cache, done):
+    def more(index, tokens, logits, cache, done):
         return ops.logical_and(
             index < max_new_tokens, ops.logical_not(ops.all(done))
         )
 
-    _, tokens, _, _ = ops.while_loop(
-        more, step, (ops.convert_to_tensor(0, "int32"), tokens, cache, done)
+    start = ops.convert_to_tensor(0, "int32")
+    _, tokens, _, _, _ = ops.while_loop(
+        more, step, (start, tokens, logits[:, -1:], cache, done)
     )
     return tokens
 
@@ -216,25 +235,12 @@ def generate(
         )
     max_length = language_model_cache.max_length(model)
     prompt_ids = _check_prompt(prompt_ids, max_new_tokens, max_length)
-    vocabulary_size = model.output_shape[-1]
-    sampling.check_sampling(sampler, temperature, top_k, top_p, vocabulary_size)
-    for name, value in (("end_token_id", end_token_id),):
-        if value is not None and not is_int(value):
-            raise ValueError(
-                f"`{name}` must be None or an int. Received: {name}={value!r}"
-            )
-    if not is_int(padding_id):
-        raise ValueError(
-            f"`padding_id` must be an int. Received: padding_id={padding_id!r}"
-        )
+    options = decoding_options(
+        model, sampler, temperature, top_k, top_p, end_token_id, padding_id
+    )
     if seed is None:
         seed = random.randrange(2**31 - 1)
     seed = backend.seed_pair(stateless_seed(seed))
-    options = dict(
-        sampler=sampler, temperature=float(temperature), top_k=top_k,
-        top_p=None if top_p is None else float(top_p),
-        end_token_id=end_token_id, padding_id=int(padding_id),
-    )
     function = _compiled_decode(model, options, jit_compile)
     if backend.is_tensorflow():
         # A tensor: one trace serves every number of new tokens.

@@ -16,7 +16,7 @@ from keras_favor.layers.performer_block import PerformerBlock
 from keras_favor.models.token_and_position_embedding import (
     TokenAndPositionEmbedding,
 )
-from keras_favor.validation import positive_int
+from keras_favor import validation
 
 _WITHOUT_POSITIONS = (keras.layers.LayerNormalization, keras.layers.Dense)
 
@@ -98,7 +98,7 @@ def empty_cache(model, batch_size):
         exact attention a key/value cache of `max_length` positions.
     """
     embedding, layers = language_model_layers(model)
-    batch_size = positive_int(batch_size, "batch_size")
+    batch_size = validation.batch_size(batch_size)
     return tuple(
         layer.empty_cache(batch_size, embedding.sequence_length)
         for layer in layers

@@ -267,3 +267,4 @@ def check_traceable_lengths(query, value, key):
                 "FavorAttention with a length unknown until run time (a "
                 "SavedModel export of a `(batch, None, dim)` input)"
             )
+

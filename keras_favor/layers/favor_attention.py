@@ -12,6 +12,7 @@ from keras_favor import projections as projections_lib
 from keras_favor.layers import attention_arguments as arguments
 from keras_favor.layers import dense_sublayers
 from keras_favor.layers import multi_head_layout as layout
+from keras_favor.validation import batch_size as validation_batch_size
 from keras_favor.validation import dropout_rate
 from keras_favor.validation import optional_positive_number
 from keras_favor.validation import optional_seed
@@ -386,7 +387,8 @@ class FavorAttention(keras.layers.Layer):
 
     def empty_cache(self, batch_size):
         """The decoding cache before any position, for `call(...,
-        cache=...)`: the causal state of `batch_size` sequences with no key.
+        cache=...)`: the causal state of `batch_size` sequences (an int, or
+        a scalar tensor in a graph) with no key.
 
         Returns:
             A tuple of float32 tensors whose sizes do not depend on the
@@ -397,7 +399,7 @@ class FavorAttention(keras.layers.Layer):
             their mask `(B, 1, w)`.
         """
         dense_sublayers.check_built(self, "empty_cache()")
-        batch_size = positive_int(batch_size, "batch_size")
+        batch_size = validation_batch_size(batch_size)
         num_features = self.feature_map.feature_dim(
             self.num_features, self.key_dim
         )

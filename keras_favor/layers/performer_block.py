@@ -6,6 +6,7 @@ from keras import ops
 from keras_favor import feature_maps as feature_maps_lib
 from keras_favor import projections as projections_lib
 from keras_favor.layers.favor_attention import FavorAttention
+from keras_favor.validation import batch_size as validation_batch_size
 from keras_favor.validation import dropout_rate
 from keras_favor.validation import optional_seed
 from keras_favor.validation import non_negative_int
@@ -303,7 +304,7 @@ class PerformerBlock(keras.layers.Layer):
                 "(`causal=True`): a bidirectional position also sees later "
                 "ones."
             )
-        batch_size = positive_int(batch_size, "batch_size")
+        batch_size = validation_batch_size(batch_size)
         if self.attention == "favor":
             return self.attention_layer.empty_cache(batch_size)
         if self.attention == "identity":
