@@ -40,6 +40,7 @@ def test_quickstart(examples, tmp_path, capsys):
     assert result["max_diff"] < 1e-5
     assert (tmp_path / "lm" / "saved_model.pb").exists()
     assert len(result["continuation"]) >= 1
+    assert result["served_same"]
     assert "Summary" in capsys.readouterr().out
 
 
