@@ -147,7 +147,12 @@ def test_block_cache_errors(rng):
     exact(x)
     with pytest.raises(ValueError, match="max_length"):
         exact.empty_cache(3)
+    cache = exact.empty_cache(3, LENGTH)
     with pytest.raises(ValueError, match="cache_update_index"):
-        exact(x, cache=exact.empty_cache(3, LENGTH))
+        exact(x, cache=cache)
+    with pytest.raises(ValueError, match=r"`cache_update_index` \(1\)"):
+        exact(x, cache=cache, cache_update_index=1)
+    with pytest.raises(ValueError, match=r"`cache\[0\]`.*\(2, 13, 2, 8\)"):
+        exact(x[:2], cache=cache, cache_update_index=0)
     with pytest.raises(ValueError, match="built"):
         PerformerBlock(2, 32, causal=True).empty_cache(3)

@@ -8,6 +8,7 @@ from keras_favor import projections as projections_lib
 from keras_favor.layers.favor_attention import FavorAttention
 from keras_favor.validation import batch_size as validation_batch_size
 from keras_favor.validation import dropout_rate
+from keras_favor.validation import is_int
 from keras_favor.validation import optional_seed
 from keras_favor.validation import non_negative_int
 from keras_favor.validation import positive_int
@@ -356,10 +357,9 @@ class PerformerBlock(keras.layers.Layer):
                 "A `cache` is for causal blocks (`causal=True`): a "
                 "bidirectional position also sees later ones."
             )
-        if self.attention == "exact" and cache_update_index is None:
-            raise ValueError(
-                "`cache_update_index` is needed with `attention=\"exact\"`: "
-                "the position in the key/value cache where `inputs` go."
+        if self.attention == "exact":
+            _check_key_value_cache(
+                self.attention_layer, inputs, cache, cache_update_index
             )
         new_cache = []
 
@@ -417,6 +417,48 @@ class PerformerBlock(keras.layers.Layer):
             }
         )
         return config
+
+
+def _check_key_value_cache(mha, x, cache, index):
+    """A `ValueError` naming the argument unless `cache` is a key/value
+    cache for `x`'s batch with room for `x` at `index`."""
+    if index is None:
+        raise ValueError(
+            "`cache_update_index` is needed with `attention=\"exact\"`: "
+            "the position in the key/value cache where `inputs` go."
+        )
+    batch, length = x.shape[:2]
+    if not isinstance(cache, (tuple, list)) or len(cache) != 3:
+        raise ValueError(
+            "`cache` of an exact-attention block must be the `(keys, values, "
+            "key_mask)` tuple that `empty_cache(batch_size, max_length)` "
+            f"returns. Received: {type(cache).__name__}"
+        )
+    slots = cache[2].shape[1]
+    heads = mha.num_heads
+    expected = (
+        (batch, slots, heads, mha.key_dim),
+        (batch, slots, heads, mha.value_dim or mha.key_dim),
+        (batch, slots),
+    )
+    for position, (x_cache, shape) in enumerate(zip(cache, expected)):
+        got = tuple(x_cache.shape)
+        if len(got) != len(shape) or any(
+            None not in (g, e) and g != e for g, e in zip(got, shape)
+        ):
+            raise ValueError(
+                f"`cache[{position}]` must have shape {shape} (the batch size "
+                "of `inputs`), as `empty_cache(batch_size, max_length)` "
+                f"makes it. Received: cache[{position}].shape={got}"
+            )
+    if is_int(index) and None not in (length, slots) and (
+        index < 0 or index + length > slots
+    ):
+        raise ValueError(
+            f"`cache_update_index` ({index}) and the {length} new positions "
+            f"do not fit in the key/value cache of {slots} positions (its "
+            "`max_length`)."
+        )
 
 
 def _exact_attention_with_cache(mha, x, mask, cache, index):
