@@ -1,4 +1,13 @@
-"""Shared fixtures: deterministic, small inputs."""
+"""Shared fixtures: deterministic, small inputs; the backend markers.
+
+The suite runs on the Keras backend of `KERAS_BACKEND` (TensorFlow unless
+set). `make test` runs all of it on TensorFlow, then the modules marked
+`backend_independent` (`pytestmark = pytest.mark.backend_independent`) on
+JAX: `KERAS_BACKEND=jax pytest -m backend_independent`. Those modules use
+`keras.ops` and NumPy references only; a test among them that needs the
+TensorFlow backend says so with `@pytest.mark.tensorflow_only` and is
+skipped on another backend (no test is skipped for any other reason).
+"""
 
 import os
 
@@ -13,6 +22,31 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "backend_independent: the module runs on every Keras backend "
+        "(make test also runs it with KERAS_BACKEND=jax)",
+    )
+    config.addinivalue_line(
+        "markers",
+        "tensorflow_only: needs the TensorFlow backend (tf.function, "
+        "tf.distribute, SavedModel); skipped on another backend",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if keras.backend.backend() == "tensorflow":
+        return
+    skip = pytest.mark.skip(
+        reason=f"tensorflow_only: the Keras backend is "
+        f"{keras.backend.backend()!r}"
+    )
+    for item in items:
+        if item.get_closest_marker("tensorflow_only"):
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

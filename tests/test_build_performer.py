@@ -6,6 +6,8 @@ import pytest
 
 import keras_favor
 
+pytestmark = pytest.mark.backend_independent
+
 SIZES = dict(
     vocabulary_size=30,
     max_length=12,
