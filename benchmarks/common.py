@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+import numpy
+
 BENCHMARKS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPOSITORY_DIR = os.path.dirname(BENCHMARKS_DIR)
 RESULTS_DIR = os.path.join(BENCHMARKS_DIR, "results")
@@ -40,7 +42,7 @@ def parse_args(doc, argv=None, **options):
 def time_calls(fn, inputs, repeats, warmup=1, budget_s=math.inf, min_repeats=1):
     """Seconds of the first call of `fn(*inputs)` (tracing), and of each timed call.
 
-    Each call ends by fetching its result (`.numpy()`), which waits for the
+    Each call ends by fetching its result to NumPy, which waits for the
     device. After `warmup` untimed calls come `repeats` timed calls, fewer
     once `min_repeats` of them have used `budget_s` seconds.
     """
@@ -48,7 +50,7 @@ def time_calls(fn, inputs, repeats, warmup=1, budget_s=math.inf, min_repeats=1):
     while len(times) < 1 + warmup + min_repeats or (
             len(times) < 1 + warmup + repeats and sum(times[1 + warmup:]) < budget_s):
         start = time.perf_counter()
-        fn(*inputs).numpy()
+        numpy.asarray(fn(*inputs))
         times.append(time.perf_counter() - start)
     return times[0], times[1 + warmup:]
 
@@ -82,20 +84,30 @@ def git_commit():
 
 
 def describe():
-    """The machine, versions and code, read in this process (imports TF)."""
+    """The machine, versions and code, read in this process (imports the Keras
+    backend: TensorFlow unless `KERAS_BACKEND` names another)."""
     import keras
-    import numpy
-    import tensorflow as tf
 
-    gpus = tf.config.list_physical_devices("GPU")
-    details = tf.config.experimental.get_device_details(gpus[0]) if gpus else {}
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        details = tf.config.experimental.get_device_details(gpus[0]) if gpus else {}
+        gpu = details.get("device_name", gpus[0].name) if gpus else None
+        versions = {"tensorflow": tf.__version__}
+    else:
+        import jax
+
+        gpus = [d for d in jax.devices() if d.platform == "gpu"]
+        gpu = gpus[0].device_kind if gpus else None
+        versions = {"jax": jax.__version__}
     return {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": proc_field("/proc/cpuinfo", "model name") or platform.processor(),
         "cores": os.cpu_count(), "load_average": os.getloadavg(),
         "memory_gib": round(proc_field("/proc/meminfo", "MemTotal", mib=True) / 1024, 1),
-        "gpu": details.get("device_name", gpus[0].name) if gpus else None,
-        "python": platform.python_version(), "tensorflow": tf.__version__,
+        "gpu": gpu, "python": platform.python_version(), "backend": backend, **versions,
         "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset (on)"),
         "keras": keras.__version__, "numpy": numpy.__version__,
         "keras_favor_commit": git_commit(),
@@ -103,7 +115,8 @@ def describe():
 
 
 def environment():
-    """`describe()`, read in a subprocess so that this process stays TF-free."""
+    """`describe()`, read in a subprocess so that this process stays free of the
+    backend (and of the GPU)."""
     code = "import json, common; print(json.dumps(common.describe()))"
     output = subprocess.run([sys.executable, "-c", code], cwd=BENCHMARKS_DIR, capture_output=True,
                             text=True, check=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))

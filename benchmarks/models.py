@@ -6,7 +6,6 @@ random features; blocks of hidden size 512 and intermediate size 2048.
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 import keras_favor
 
@@ -42,7 +41,9 @@ def compiled_step(forward, variables, pass_, jit_compile=False):
     """A `tf.function` of `x` returning a scalar that depends on the whole step:
     for `pass_="forward"` the sum of `forward(x)`, else (`"forward_backward"`)
     the sum of its gradients with respect to `variables`. Nothing is pruned, and
-    fetching the scalar waits for the whole step."""
+    fetching the scalar waits for the whole step (TensorFlow backend)."""
+    import tensorflow as tf
+
     def step(x):
         if pass_ == "forward":
             return tf.reduce_sum(forward(x))
@@ -54,6 +55,6 @@ def compiled_step(forward, variables, pass_, jit_compile=False):
 
 
 def random_inputs(length, seed=0):
-    """A `(1, length, HIDDEN)` float32 input."""
+    """A `(1, length, HIDDEN)` float32 input, a tensor of the Keras backend."""
     values = np.random.default_rng(seed).standard_normal((1, length, HIDDEN))
-    return tf.constant(values, tf.float32)
+    return keras.ops.convert_to_tensor(values.astype(np.float32))

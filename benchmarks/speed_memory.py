@@ -9,10 +9,14 @@ called to trace and to warm up, then timed; the CSV has the median, min and
 max seconds and the peak resident memory. A step over the time cap, or a
 worker over the memory cap (a watchdog kills it), puts the model out of
 budget from that length on. On a GPU, results go to `speed_memory_gpu.*`.
+With `KERAS_BACKEND=jax` the steps are `jax.jit` functions, TensorFlow is
+not imported (a machine without it will do), and the files are
+`speed_memory_jax_cpu.*` or `speed_memory_jax_gpu.*`, with the same columns.
 
     python benchmarks/speed_memory.py --fresh           # the full sweep
     python benchmarks/speed_memory.py --levels layer --lengths 1024 8192
     python benchmarks/speed_memory.py --plot-only       # redraw from the CSV
+    KERAS_BACKEND=jax python benchmarks/speed_memory.py --levels layer stack
 """
 
 import argparse
@@ -45,23 +49,42 @@ OUT_OF_BUDGET = ("over_time_cap", "out_of_memory", "timeout")  # longer lengths 
 
 
 def measure(job):
-    """Times one configuration in this process and returns its CSV columns."""
-    import tensorflow as tf
+    """Times one configuration in this process and returns its CSV columns.
+
+    On the TensorFlow backend the step is a `tf.function` (`models.compiled_step`);
+    on another Keras backend (`KERAS_BACKEND=jax`) it is `jax_step`'s, and
+    TensorFlow is not imported.
+    """
+    import keras
 
     import models
 
-    for gpu in (gpus := tf.config.list_physical_devices("GPU")):
-        tf.config.experimental.set_memory_growth(gpu, True)
+    tensorflow = keras.backend.backend() == "tensorflow"
+    if tensorflow:
+        import tensorflow as tf
+
+        for gpu in (gpus := tf.config.list_physical_devices("GPU")):
+            tf.config.experimental.set_memory_growth(gpu, True)
+    else:
+        import jax
+
+        gpus = [d for d in jax.devices() if d.platform == "gpu"]
     x = models.random_inputs(job["length"])
     result = {"baseline_rss_mib": round(common.peak_rss_mib(), 1)}
     model, forward = models.build(job["level"], job["model"], job["mode"] == "causal",
                                   job["length"], job["chunk_size"] or None)
-    step = models.compiled_step(forward, model.trainable_variables, job["pass"], job["jit"])
+    if tensorflow:
+        step = models.compiled_step(forward, model.trainable_variables, job["pass"], job["jit"])
+    else:
+        step = jax_step(model, forward, job["pass"])
     try:
         first, times = common.time_calls(step, [x], job["repeats"], budget_s=job["budget_s"],
                                          min_repeats=min(job["min_repeats"], job["repeats"]))
-    except tf.errors.ResourceExhaustedError as error:
-        result.update(status="out_of_memory", note=error.message[:120])
+    except Exception as error:  # noqa: BLE001 (each backend has its own OOM error)
+        text = getattr(error, "message", None) or str(error)
+        if type(error).__name__ != "ResourceExhaustedError" and "RESOURCE_EXHAUSTED" not in text:
+            raise
+        result.update(status="out_of_memory", note=text[:120])
     else:
         median = statistics.median(times)
         result.update(status="over_time_cap" if median > job["time_cap_s"] else "ok",
@@ -69,10 +92,41 @@ def measure(job):
                       max_s=round(max(times), 5), timed_runs=len(times),
                       first_call_s=round(first, 3))
     result["peak_rss_mib"] = round(common.peak_rss_mib(), 1)
-    if gpus:
+    if gpus and tensorflow:
         peak = tf.config.experimental.get_memory_info("GPU:0")["peak"]
         result["gpu_peak_mib"] = round(peak / 2**20, 1)
+    elif gpus:
+        peak = (gpus[0].memory_stats() or {}).get("peak_bytes_in_use")
+        result["gpu_peak_mib"] = peak and round(peak / 2**20, 1)
     return result
+
+
+def jax_step(model, forward, pass_):
+    """`models.compiled_step` on the JAX backend: a `jax.jit` function of `x`
+    returning the sum of `forward(x)` (`pass_="forward"`) or of the gradients
+    of the model's trainable weights. `forward` runs in a `keras.StatelessScope`
+    that maps the variables to the function's arguments, as Keras's own JAX
+    training step does; XLA always compiles it (`--jit` has no effect)."""
+    import jax
+    import jax.numpy as jnp
+    import keras
+
+    trainable, other = model.trainable_variables, model.non_trainable_variables
+
+    def total(trainable_values, other_values, x):
+        mapping = list(zip(trainable, trainable_values)) + list(zip(other, other_values))
+        with keras.StatelessScope(state_mapping=mapping):
+            return jnp.sum(forward(x))
+
+    def step(trainable_values, other_values, x):
+        if pass_ == "forward":
+            return total(trainable_values, other_values, x)
+        grads = jax.grad(total)(trainable_values, other_values, x)
+        return sum(jnp.sum(g) for g in grads)
+
+    compiled = jax.jit(step)
+    values = ([v.value for v in trainable], [v.value for v in other])
+    return lambda x: compiled(*values, x)
 
 
 def run_isolated(args, configuration):
@@ -80,16 +134,19 @@ def run_isolated(args, configuration):
 
     A watchdog kills the worker when its resident memory passes
     `--memory-cap-gb`, when the machine has less than `--reserve-gb` left
-    (status `machine_busy`: rerun it), or after `--timeout-s`; an
-    address-space limit backs it up.
+    (status `machine_busy`: rerun it), or after `--timeout-s`; on a CPU an
+    address-space limit backs it up (not on a GPU, whose driver maps more
+    address space than that).
     """
     job = dict(configuration, **vars(args))
     limit = int((2 * args.memory_cap_gb + 8) * 2**30)
+    on_cpu = configuration.get("device") != "gpu"
     process = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+        preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+        if on_cpu else None)
     deadline, stopped, rss = time.monotonic() + args.timeout_s, None, 0.0
     while stopped is None and process.poll() is None:
         time.sleep(0.05)
@@ -114,10 +171,11 @@ def run_isolated(args, configuration):
     return {"status": "out_of_memory" if memory else "error", "note": note}
 
 
-def sweep(args, device, csv_path):
+def sweep(args, device, csv_path, jit_compile=None):
     """Runs each selected configuration up the lengths, merging rows into the CSV.
 
     Rows of configurations not run stay as they were (`--fresh` drops them).
+    `jit_compile`: the column's value when not `--jit` (JAX compiles always).
     """
     key = lambda row: tuple(str(row[name]) for name in CONFIGURATION)  # noqa: E731
     rows = {} if args.fresh or not os.path.exists(csv_path) else {
@@ -130,7 +188,8 @@ def sweep(args, device, csv_path):
         stopped_at = None
         for length in sorted(args.lengths):
             row = {"device": device, "level": level, "model": model, "mode": mode, "pass": pass_,
-                   "length": length, "chunk_size": args.chunk_size or "", "jit_compile": args.jit,
+                   "length": length, "chunk_size": args.chunk_size or "",
+                   "jit_compile": args.jit if jit_compile is None else jit_compile,
                    # How busy the machine was, and the code measured (others may commit).
                    "load_average": round(os.getloadavg()[0], 2),
                    "keras_favor_commit": common.git_commit()}
@@ -306,13 +365,20 @@ def main():
         return
     environment = common.environment()
     device = "gpu" if environment["gpu"] else "cpu"
-    stem = os.path.join(args.output_dir, f"speed_memory_{device}")
+    # Another backend's rows go to files of their own: speed_memory_jax_cpu.csv.
+    backend = "" if environment["backend"] == "tensorflow" else environment["backend"] + "_"
+    stem = os.path.join(args.output_dir, f"speed_memory_{backend}{device}")
     if not args.plot_only:
         common.write_environment(stem + ".json", environment, vars(args), not args.fresh)
-        sweep(args, device, stem + ".csv")
+        sweep(args, device, stem + ".csv", None if not backend else True)
     rows = read_rows(stem + ".csv")
-    for level in {row["level"] for row in rows}:
-        plot(rows, level, f"{stem}_{level}.png", environment["gpu"] or environment["cpu"])
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # a GPU machine may lack it: the CSV and summary suffice
+        print("matplotlib is not installed: no plots", flush=True)
+    else:
+        for level in {row["level"] for row in rows}:
+            plot(rows, level, f"{stem}_{level}.png", environment["gpu"] or environment["cpu"])
     common.write_lines(f"{stem}_summary.txt", summary(rows))
 
 

@@ -208,3 +208,88 @@ def test_flop_bound_reports_rates_and_floors(tmp_path, monkeypatch):
     assert [line.split(":")[0] for line in lines[1:]] == ["L=64"] + ["L=128"] * 4
     assert "FLOP ratio" in lines[2] and "the bidirectional step's; measured 1.00x" in lines[3]
     assert "products alone" in lines[4] and "10x needs the FAVOR+ step within 0.001 s" in lines[5]
+
+
+def test_speed_sweep_runs_on_jax_without_tensorflow(tmp_path):
+    # The GPU path (BENCHMARKS.md, "GPU"): KERAS_BACKEND=jax on a machine
+    # without TensorFlow. A `tensorflow` package that fails to import
+    # stands in for its absence, in the sweep and in its workers; the CSV
+    # has the CPU runs' columns, in files of their own.
+    pytest.importorskip("jax")
+    import json
+    import subprocess
+
+    hidden = tmp_path / "no_tensorflow" / "tensorflow"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text(
+        "raise ImportError('TensorFlow is not installed (hidden by the test)')\n"
+    )
+    root = os.path.dirname(BENCHMARKS_DIR)
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(hidden.parent), root]))
+    process = subprocess.run(
+        [sys.executable, os.path.join(BENCHMARKS_DIR, "speed_memory.py"),
+         "--levels", "stack", "--models", "favor", "identity",
+         "--passes", "forward_backward", "--lengths", "16",
+         "--repeats", "1", "--min-repeats", "1", "--output-dir", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert process.returncode == 0, process.stderr[-4000:]
+    rows = read_csv(tmp_path / "speed_memory_jax_cpu.csv")
+    assert list(rows[0]) == list(speed_memory.FIELDS)
+    # The stack level only (each row is a worker process: the layer
+    # level's step is jax_step's too, compared with TensorFlow's below).
+    assert sorted((r["level"], r["model"], r["mode"]) for r in rows) == [
+        ("stack", "favor", "bidirectional"), ("stack", "favor", "causal"),
+        ("stack", "identity", "bidirectional"),
+    ]
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert float(row["median_s"]) > 0
+        assert float(row["peak_rss_mib"]) >= float(row["baseline_rss_mib"]) > 0
+        assert row["jit_compile"] == "True" and row["device"] == "cpu"
+    environment = json.loads(
+        (tmp_path / "speed_memory_jax_cpu.json").read_text()
+    )["runs"][0]["environment"]
+    assert environment["backend"] == "jax" and "jax" in environment
+    assert "tensorflow" not in environment
+    assert not (tmp_path / "speed_memory_cpu.csv").exists()
+
+
+def test_jax_step_is_the_sum_of_the_gradients(tmp_path):
+    # The JAX backend's training step returns what models.compiled_step
+    # returns on TensorFlow (run on the TensorFlow backend here, in this
+    # process, against jax_step in a JAX subprocess: the sums of the
+    # forward pass and of the gradients of the same weights).
+    pytest.importorskip("jax")
+    import json
+    import subprocess
+
+    import numpy as np
+
+    length, results = 16, {}
+    code = (
+        "import json, sys; sys.path.insert(0, {dir!r}); import numpy as np;"
+        "import models, speed_memory;"
+        "layer, forward = models.build('layer', 'favor', True, {n});"
+        "layer.set_weights([np.load({w!r})[str(i)] for i in range(len(layer.weights))]);"
+        "x = models.random_inputs({n});"
+        "print(json.dumps([float(speed_memory.jax_step(layer, forward, p)(x))"
+        " for p in ('forward', 'forward_backward')]))"
+    )
+    layer, forward = models.build("layer", "favor", True, length)
+    x = models.random_inputs(length)
+    for pass_ in ("forward", "forward_backward"):
+        step = models.compiled_step(forward, layer.trainable_variables, pass_)
+        results[pass_] = float(step(x))
+    weights = str(tmp_path / "weights.npz")
+    np.savez(weights, **{str(i): w for i, w in enumerate(layer.get_weights())})
+    process = subprocess.run(
+        [sys.executable, "-c", code.format(dir=BENCHMARKS_DIR, n=length, w=weights)],
+        env=dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu"),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert process.returncode == 0, process.stderr[-4000:]
+    jax_forward, jax_gradients = json.loads(process.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(jax_forward, results["forward"], rtol=1e-5)
+    np.testing.assert_allclose(jax_gradients, results["forward_backward"], rtol=1e-4)
