@@ -77,8 +77,6 @@ def parse_args(argv=None):
     add("--max-cache-gib", type=float, default=8.0,
         help="skip a configuration whose exact key/value cache would be "
              "larger (it is copied once a step)")
-    add("--jit-compile", action="store_true",
-        help="compile the step with XLA (tf.function(jit_compile=True))")
     add("--seed", type=int, default=0, help="seed of weights and tokens")
     add("--output-dir", default=common.RESULTS_DIR,
         help="where generation.csv, .json and .png go")
@@ -101,7 +99,7 @@ def cache_bytes(cache):
                    for block in cache for x in block))
 
 
-def make_step(model, jit_compile):
+def make_step(model):
     """The compiled step: `(token (B, 1), cache, index)` to the argmax token
     `(B, 1)` and the new cache."""
     import tensorflow as tf
@@ -109,7 +107,9 @@ def make_step(model, jit_compile):
 
     from keras_favor import generation
 
-    @tf.function(jit_compile=jit_compile, reduce_retracing=True)
+    # Not XLA: with `jit_compile=True` each new position compiles the step
+    # again (seconds), which is not a decoding step's cost.
+    @tf.function(reduce_retracing=True)
     def step(token, cache, index):
         logits, cache = generation.call_with_cache(
             model, token, cache, index, ops.ones(ops.shape(token), "bool")
@@ -225,7 +225,7 @@ def run(args, environment):
                     start = time.perf_counter()
                     cache = repeat_batch(favor_cache, batch)
                     fill_s = prefill_s + time.perf_counter() - start
-                    step, cache_length = make_step(favor.model, args.jit_compile), ""
+                    step, cache_length = make_step(favor.model), ""
                 else:
                     kv_bytes = batch * length * (2 * heads * head_dim * 4 + 1) * args.num_layers
                     if kv_bytes > args.max_cache_gib * 2**30:
@@ -235,7 +235,7 @@ def run(args, environment):
                     start = time.perf_counter()
                     cache = exact_cache(exact_model, batch, position, args.seed)
                     fill_s = time.perf_counter() - start
-                    step, cache_length = make_step(exact_model, args.jit_compile), length
+                    step, cache_length = make_step(exact_model), length
                 steppers[name] = Stepper(step, cache, position, token)
                 info[name] = dict(cache_bytes=cache_bytes(cache), cache_length=cache_length,
                                   cache_fill_s=round(fill_s, 3))
@@ -260,7 +260,7 @@ def run(args, environment):
                     steps=args.steps, warmup=args.warmup,
                     num_layers=args.num_layers, hidden_dim=args.hidden_dim,
                     num_heads=heads, num_features=args.num_features,
-                    jit_compile=args.jit_compile, load_average=round(load, 2),
+                    jit_compile=False, load_average=round(load, 2),
                     keras_favor_commit=environment["keras_favor_commit"],
                 )
                 rows.append(row)
