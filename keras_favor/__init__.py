@@ -35,6 +35,7 @@ def _check_backend():
 _check_backend()
 
 from keras_favor import callbacks  # noqa: E402
+from keras_favor import convert  # noqa: E402
 from keras_favor import distribute  # noqa: E402
 from keras_favor import feature_maps  # noqa: E402
 from keras_favor import generation  # noqa: E402
