@@ -74,8 +74,8 @@ class FavorAttention(keras.layers.Layer):
         feature_map: `"softmax"` (default), `"softmax_hyperbolic"`,
             `"softmax_trig"`, `"relu"`, `"elu"`, or a `FeatureMap`.
         num_features: int, number of random projections. Defaults to 256.
-        projection: `"orthogonal"` (default), `"iid"`, or a `Projection`,
-            the distribution of the projection.
+        projection: `"orthogonal"` (default), `"iid"`, `"simplex"`, or a
+            `Projection`, the distribution of the projection.
         seed: None or an int in `[-2**63, 2**63)` (int64, as the random ops
             take it). An int makes the initial projection, dropout and every
             `redraw_features()` without a seed reproducible.

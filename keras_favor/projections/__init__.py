@@ -8,10 +8,12 @@ from keras_favor.projections.orthogonal_projection import (
     OrthogonalProjection,
 )
 from keras_favor.projections.projection import Projection
+from keras_favor.projections.simplex_projection import SimplexProjection
 
 ALL_PROJECTIONS = {
     "orthogonal": OrthogonalProjection,
     "iid": IIDProjection,
+    "simplex": SimplexProjection,
 }
 
 
@@ -30,6 +32,7 @@ def get(identifier):
 
     Args:
         identifier: `"orthogonal"` (`OrthogonalProjection()`, chi norms),
-            `"iid"`, a dict made by `serialize`, or a `Projection` instance.
+            `"iid"`, `"simplex"` (`SimplexProjection()`, chi norms), a dict
+            made by `serialize`, or a `Projection` instance.
     """
     return lookup(identifier, Projection, ALL_PROJECTIONS, "projection")

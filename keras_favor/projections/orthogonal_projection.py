@@ -67,14 +67,18 @@ class OrthogonalProjection(Projection):
         block_seed, norm_seed = backend.split(seed, 2)
         num_blocks = math.ceil(num_features / dim)
         blocks = haar_orthogonal_blocks(num_blocks, dim, block_seed)
-        # Rows of Q^T are orthonormal directions.
         directions = ops.reshape(
-            ops.transpose(blocks, (0, 2, 1)), (num_blocks * dim, dim)
+            self.block_directions(blocks), (num_blocks * dim, dim)
         )[:num_features]
         if self.norm == "sqrt_d":
             return directions * math.sqrt(dim)
         gaussian = backend.stateless_normal((num_features, dim), norm_seed)
         return directions * ops.norm(gaussian, axis=-1, keepdims=True)
+
+    def block_directions(self, blocks):
+        """The unit directions of each block, `(num_blocks, dim, dim)` rows,
+        from its Haar rotation `Q`: the rows of `Q^T`, orthonormal."""
+        return ops.transpose(blocks, (0, 2, 1))
 
     def get_config(self):
         return {"norm": self.norm}
