@@ -68,6 +68,48 @@ def configurations():
     return configs
 
 
+# Configurations whose gradients (inputs and weights) are compared too.
+GRADIENT_CONFIGS = (
+    "softmax_bidirectional", "softmax_causal", "softmax_bidirectional_groups",
+    "softmax_causal_groups", "softmax_causal_local_window", "relu_causal",
+)
+
+
+def gradients(layer, query, value, mask, call_kwargs, cotangent):
+    """Gradients of `sum(cotangent * layer(query, value))` with respect to
+    the query, the value and the layer's trainable weights, as NumPy arrays
+    (`tf.GradientTape` on TensorFlow, `jax.grad` of `stateless_call` on
+    JAX)."""
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        query, value = tf.constant(query), tf.constant(value)
+        with tf.GradientTape() as tape:
+            tape.watch([query, value])
+            output = layer(query, value, attention_mask=mask, **call_kwargs)
+            loss = tf.reduce_sum(output * cotangent)
+        grads = tape.gradient(loss, [query, value, *layer.trainable_variables])
+        return [g.numpy() for g in grads]
+    import jax
+
+    trainable = [v.value for v in layer.trainable_variables]
+    non_trainable = [v.value for v in layer.non_trainable_variables]
+
+    def loss(trainable, query, value):
+        output, _ = layer.stateless_call(
+            trainable, non_trainable, query, value, attention_mask=mask,
+            **call_kwargs,
+        )
+        return jax.numpy.sum(output * cotangent)
+
+    weights, query, value = jax.grad(loss, argnums=(0, 1, 2))(
+        trainable, query, value
+    )
+    return [np.asarray(g) for g in [query, value, *weights]]
+
+
 def inputs():
     rng = np.random.default_rng(0)
     query = rng.normal(size=(BATCH, LENGTH, DIM)).astype("float32")
@@ -118,6 +160,14 @@ def run_forward(out_dir, load):
             scale * q, scale * v, attention_mask=m, **call_kwargs
         )
         results[f"{name}/output"] = keras.ops.convert_to_numpy(output)
+        if name in GRADIENT_CONFIGS:
+            cotangent = np.random.default_rng(index).normal(
+                size=output.shape
+            ).astype("float32")
+            for i, g in enumerate(
+                gradients(layer, q, v, m, call_kwargs, cotangent)
+            ):
+                results[f"{name}/grad{i}"] = g
     file = "draw.npz" if not load else f"forward_{keras.backend.backend()}.npz"
     np.savez(os.path.join(out_dir, file), **results)
 

@@ -66,7 +66,9 @@ def test_import_needs_no_tensorflow_and_distribute_names_the_backend(
     assert not result["multi_worker_fit_enabled"]
 
 
-def test_forward_equals_tensorflow_for_the_same_weights(out_dir):
+def test_forward_and_gradients_equal_tensorflow_for_the_same_weights(
+    out_dir,
+):
     run_script("tensorflow", "draw", out_dir)
     run_script("jax", "forward", out_dir)
     tensorflow = np.load(os.path.join(out_dir, "draw.npz"))
@@ -91,6 +93,22 @@ def test_forward_equals_tensorflow_for_the_same_weights(out_dir):
         np.testing.assert_allclose(
             got, expected, rtol=rtol, atol=rtol * scale, err_msg=name
         )
+    # Gradients with respect to the query, the value and every trainable
+    # weight, of a random projection of the outputs.
+    for name in backend_script.GRADIENT_CONFIGS:
+        count = len([k for k in tensorflow.files if k.startswith(f"{name}/grad")])
+        assert count == len([k for k in jax.files
+                             if k.startswith(f"{name}/grad")]) > 2, name
+        for i in range(count):
+            expected = tensorflow[f"{name}/grad{i}"]
+            got = jax[f"{name}/grad{i}"]
+            assert got.shape == expected.shape, (name, i)
+            scale = np.abs(expected).max()
+            assert scale > 0, (name, i)
+            np.testing.assert_allclose(
+                got, expected, rtol=1e-5, atol=1e-5 * scale,
+                err_msg=f"{name} gradient {i}",
+            )
 
 
 def test_projections_redraws_dropout_and_mixed_precision(out_dir):
