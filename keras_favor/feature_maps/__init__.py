@@ -4,6 +4,9 @@ import keras
 
 from keras_favor.lookup import lookup
 from keras_favor.feature_maps.elu_features import EluFeatures
+from keras_favor.feature_maps.favor_plus_plus_features import (
+    FavorPlusPlusFeatures,
+)
 from keras_favor.feature_maps.feature_map import FeatureMap
 from keras_favor.feature_maps.relu_features import ReluFeatures
 from keras_favor.feature_maps.softmax_features import SoftmaxFeatures
@@ -20,6 +23,7 @@ ALL_FEATURE_MAPS = {
     "softmax_trig": SoftmaxTrigFeatures,
     "relu": ReluFeatures,
     "elu": EluFeatures,
+    "favor++": FavorPlusPlusFeatures,
 }
 
 
@@ -38,7 +42,7 @@ def get(identifier):
 
     Args:
         identifier: one of `"softmax"`, `"softmax_hyperbolic"`,
-            `"softmax_trig"`, `"relu"`, `"elu"`, a dict made by `serialize`,
-            or a `FeatureMap` instance (returned as is).
+            `"softmax_trig"`, `"relu"`, `"elu"`, `"favor++"`, a dict made
+            by `serialize`, or a `FeatureMap` instance (returned as is).
     """
     return lookup(identifier, FeatureMap, ALL_FEATURE_MAPS, "feature_map")

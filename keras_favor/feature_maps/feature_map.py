@@ -53,6 +53,10 @@ class FeatureMap(Configurable):
     # Whether `phi(q) . phi(k)` estimates the softmax kernel
     # `exp(q . k / sqrt(d))` itself (so it can share a normalizer with it).
     estimates_softmax = False
+    # Whether the features take a coefficient `a` from the inputs'
+    # statistics (`log_scaled(x, projection, a=...)`), which the layer
+    # computes and shares between queries and keys (FAVOR++).
+    uses_statistics = False
 
     def feature_dim(self, num_features, input_dim):
         """Number of features `F` produced for `num_features` projections."""

@@ -250,6 +250,13 @@ class FavorAttention(keras.layers.Layer):
             name="redraw_count", shape=(), initializer="zeros",
             trainable=False, dtype="int32",
         )
+        if self.feature_map.uses_statistics:
+            # FAVOR++'s moving input statistic per head, for causal calls.
+            self.input_statistic = self.add_weight(
+                name="input_statistic", shape=(self.num_heads,),
+                initializer="zeros", trainable=False, dtype="float32",
+                autocast=False, aggregation="mean",
+            )
         if self.dropout > 0:
             self._dropout_seed = keras.random.SeedGenerator(self.seed)
         if self.lora_rank:
@@ -328,18 +335,52 @@ class FavorAttention(keras.layers.Layer):
         attention itself stays float32."""
         dense_sublayers.quantize(self, mode, type_check, config)
 
-    def _feature_fns(self):
-        """Map `(B, H, T, d)` float32 key and query heads to feature parts."""
+    def _feature_fns(self, coefficient=None):
+        """Map `(B, H, T, d)` float32 key and query heads to feature parts
+        (with a statistics map's `coefficient`, shared by both)."""
         projection = None
         if self.projection is not None:
             projection = ops.convert_to_tensor(self.projection)
+        options = {} if coefficient is None else {"a": coefficient}
         return (
-            lambda heads: self.feature_map.log_scaled(heads, projection),
-            lambda heads: self.feature_map.query_log_scaled(heads, projection),
+            lambda heads: self.feature_map.log_scaled(
+                heads, projection, **options
+            ),
+            lambda heads: self.feature_map.query_log_scaled(
+                heads, projection, **options
+            ),
         )
 
+    def _statistics_coefficient(
+        self, query, key, mask, query_mask, causal, training
+    ):
+        """A statistics map's (FAVOR++'s) coefficient, `(B or 1, H, 1, 1)`:
+        bidirectional, from these queries and keys; causal, from the moving
+        statistic as it stood before this call, which a training call then
+        updates (`FavorPlusPlusFeatures`)."""
+        if not causal:
+            statistic = self.feature_map.statistic(
+                query, key, mask, query_mask
+            )
+            return self.feature_map.coefficient(statistic, self.key_dim)[
+                :, :, None, None
+            ]
+        stored = ops.convert_to_tensor(self.input_statistic)
+        coefficient = self.feature_map.coefficient(stored, self.key_dim)
+        if training:
+            batch = ops.mean(
+                self.feature_map.statistic(query, key, mask, query_mask),
+                axis=0,
+            )
+            momentum = self.feature_map.momentum
+            self.input_statistic.assign(
+                momentum * stored + (1.0 - momentum) * batch
+            )
+        return coefficient[None, :, None, None]
+
     def _attend(
-        self, query, key, value, mask, use_causal_mask, training, cache=None
+        self, query, key, value, mask, use_causal_mask, training, cache=None,
+        query_mask=None,
     ):
         """Linear attention on `(B, L, N, h)` heads, to `(B, L, N, hv)`, and
         with a `cache` (the causal state before the first position) also
@@ -348,9 +389,18 @@ class FavorAttention(keras.layers.Layer):
             ops.transpose(ops.cast(x, "float32"), (0, 2, 1, 3))
             for x in (query, key, value)
         )
-        feature_fn, query_feature_fn = self._feature_fns()
+        key_mask = None if mask is None else mask[:, None, :]
+        coefficient = None
+        if self.feature_map.uses_statistics:
+            coefficient = self._statistics_coefficient(
+                query, key, key_mask,
+                None if query_mask is None else query_mask[:, None, :],
+                use_causal_mask or cache is not None,
+                training and cache is None,
+            )
+        feature_fn, query_feature_fn = self._feature_fns(coefficient)
         options = dict(
-            mask=None if mask is None else mask[:, None, :],
+            mask=key_mask,
             query_feature_fn=query_feature_fn,
             recompute_length=self.recompute_length,
         )
@@ -511,8 +561,14 @@ class FavorAttention(keras.layers.Layer):
             key, value, mask = layout.causal_keys(
                 ops.shape(query)[1], key, value, mask
             )
+        statistics_mask = None
+        if self.feature_map.uses_statistics and query_mask is not None:
+            statistics_mask = layout.merge_positions(
+                ops.cast(query_mask, "bool"), 0
+            )
         outputs = self._attend(
-            query, key, value, mask, use_causal_mask, training, cache
+            query, key, value, mask, use_causal_mask, training, cache,
+            statistics_mask,
         )
         if cache is not None:
             outputs, cache = outputs
