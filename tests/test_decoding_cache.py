@@ -156,3 +156,21 @@ def test_block_cache_errors(rng):
         exact(x[:2], cache=cache, cache_update_index=0)
     with pytest.raises(ValueError, match="built"):
         PerformerBlock(2, 32, causal=True).empty_cache(3)
+
+
+@pytest.mark.parametrize("feature_map", ["softmax", "softmax_hyperbolic"])
+def test_one_position_steps_at_large_input_scales_equal_the_whole(
+    rng, feature_map
+):
+    """Attention logits in the hundreds: the recurrent step keeps a level
+    per feature, so no query's normalizer is lost, as in the chunked
+    algorithm's per-feature path."""
+    layer = attention_layer(feature_map)
+    x, mask = padded_inputs(rng)
+    x = 30 * x
+    want = np.asarray(layer(x, query_mask=mask, use_causal_mask=True))
+    got, cache = run_in_pieces(
+        layer_call(layer), x, mask, layer.empty_cache(3), first=1
+    )
+    assert np.all(np.isfinite(got)) and np.all(np.abs(got[mask]).sum(-1) > 0)
+    assert_equal_at_real_positions(got, want, mask)

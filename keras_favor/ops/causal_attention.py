@@ -16,6 +16,7 @@ from keras_favor.ops.feature_dropout import numerator_key_features
 from keras_favor.ops.grouped_recompute import position_groups
 from keras_favor.ops.grouped_recompute import run_in_groups
 from keras_favor.ops.log_domain_causal import log_domain_causal_attention
+from keras_favor.ops.one_position_step import one_position_attention
 from keras_favor.ops.products import matmul_transposed_a
 from keras_favor.ops.products import matmul_transposed_b
 
@@ -232,7 +233,8 @@ def causal_linear_attention(
     levels `(B, H, F)`.
     A sequence run in pieces, each piece given the state the previous one
     returned, gives the outputs (and gradients) of the whole sequence run
-    at once; a piece of one position costs `O(F D)` per head.
+    at once; a piece of one position (without dropout) is the recurrent
+    step of `one_position_step`, `O(F D)` per head.
 
     Large input scales: keys share one stabilizer level per position and
     batch and head. Where that would lose the normalizer of a query that
@@ -292,6 +294,14 @@ def causal_linear_attention(
             no_key = ops.full(ops.shape(query)[:3], stabilizers.NO_KEY_LEVEL)
             outputs = (outputs, ops.zeros_like(no_key), no_key)
         return (outputs, tuple(initial_state)) if return_state else outputs
+    if length == 1 and not dropout_rate:
+        # One new position (decoding): the recurrent step.
+        parts, state = one_position_attention(
+            query_feature_fn(query), feature_fn(key), value, mask,
+            [ops.cast(x, value.dtype) for x in initial_state],
+        )
+        outputs = attention_parts_outputs(parts) if normalized else parts
+        return (outputs, tuple(state)) if return_state else outputs
     if length is None:
         length = ops.shape(query)[2]
     else:
