@@ -143,3 +143,27 @@ def batch_size(value, name="batch_size"):
     if keras.ops.is_tensor(value) and not is_int(value):
         return value
     return positive_int(value, name)
+
+
+def check_cache_shapes(cache, shapes, inputs_name, maker):
+    """A `ValueError` naming the argument unless `cache` is a tuple of
+    tensors of `shapes` (`None` entries match any size); `inputs_name` is
+    the call argument whose batch the shapes carry, `maker` the call that
+    makes such a cache."""
+    if not isinstance(cache, (tuple, list)) or len(cache) != len(shapes):
+        count = len(cache) if isinstance(cache, (tuple, list)) else 1
+        raise ValueError(
+            f"`cache` must be the tuple of {len(shapes)} tensors that "
+            f"`{maker}` returns (or a call with a cache returned). "
+            f"Received: cache={type(cache).__name__} of {count}"
+        )
+    for index, (tensor, shape) in enumerate(zip(cache, shapes)):
+        got = tuple(tensor.shape)
+        if len(got) != len(shape) or any(
+            None not in (g, e) and g != e for g, e in zip(got, shape)
+        ):
+            raise ValueError(
+                f"`cache[{index}]` must have shape {tuple(shape)} (the batch "
+                f"size of `{inputs_name}`), as `{maker}` makes it for this "
+                f"layer. Received: cache[{index}].shape={got}"
+            )

@@ -13,6 +13,7 @@ from keras_favor.layers import attention_arguments as arguments
 from keras_favor.layers import dense_sublayers
 from keras_favor.layers import multi_head_layout as layout
 from keras_favor.validation import batch_size as validation_batch_size
+from keras_favor.validation import check_cache_shapes
 from keras_favor.validation import dropout_rate
 from keras_favor.validation import optional_positive_number
 from keras_favor.validation import optional_seed
@@ -500,28 +501,11 @@ class FavorAttention(keras.layers.Layer):
                 "A `cache` needs queries of shape (batch, length, dim), one "
                 f"position axis. Received: query.shape={tuple(query.shape)}"
             )
-        expected = self._cache_shapes()
-        if not isinstance(cache, (tuple, list)) or len(cache) != len(
-            expected
-        ):
-            raise ValueError(
-                f"`cache` must be the tuple of {len(expected)} tensors that "
-                "`empty_cache(batch_size)` returns (or a call with a cache "
-                f"returned). Received: cache={type(cache).__name__} of "
-                f"{len(cache) if isinstance(cache, (tuple, list)) else 1}"
-            )
         batch = query.shape[0]
-        for index, (x, shape) in enumerate(zip(cache, expected)):
-            shape = (batch,) + shape[1:]
-            got = tuple(x.shape)
-            if len(got) != len(shape) or any(
-                None not in (g, e) and g != e for g, e in zip(got, shape)
-            ):
-                raise ValueError(
-                    f"`cache[{index}]` must have shape {shape} (the batch "
-                    "size of `query`), as `empty_cache(batch_size)` makes "
-                    f"it for this layer. Received: cache[{index}].shape={got}"
-                )
+        check_cache_shapes(
+            cache, [(batch,) + shape[1:] for shape in self._cache_shapes()],
+            "query", "empty_cache(batch_size)",
+        )
 
     def call(
         self, query, value=None, key=None, query_mask=None, value_mask=None,

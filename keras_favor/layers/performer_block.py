@@ -7,6 +7,7 @@ from keras_favor import feature_maps as feature_maps_lib
 from keras_favor import projections as projections_lib
 from keras_favor.layers.favor_attention import FavorAttention
 from keras_favor.validation import batch_size as validation_batch_size
+from keras_favor.validation import check_cache_shapes
 from keras_favor.validation import dropout_rate
 from keras_favor.validation import is_int
 from keras_favor.validation import optional_seed
@@ -428,29 +429,17 @@ def _check_key_value_cache(mha, x, cache, index):
             "the position in the key/value cache where `inputs` go."
         )
     batch, length = x.shape[:2]
-    if not isinstance(cache, (tuple, list)) or len(cache) != 3:
-        raise ValueError(
-            "`cache` of an exact-attention block must be the `(keys, values, "
-            "key_mask)` tuple that `empty_cache(batch_size, max_length)` "
-            f"returns. Received: {type(cache).__name__}"
-        )
-    slots = cache[2].shape[1]
-    heads = mha.num_heads
-    expected = (
-        (batch, slots, heads, mha.key_dim),
-        (batch, slots, heads, mha.value_dim or mha.key_dim),
-        (batch, slots),
+    slots = cache[2].shape[1] if len(cache) == 3 else None
+    value_dim = mha.value_dim or mha.key_dim
+    check_cache_shapes(
+        cache,
+        [
+            (batch, slots, mha.num_heads, mha.key_dim),
+            (batch, slots, mha.num_heads, value_dim),
+            (batch, slots),
+        ],
+        "inputs", "empty_cache(batch_size, max_length)",
     )
-    for position, (x_cache, shape) in enumerate(zip(cache, expected)):
-        got = tuple(x_cache.shape)
-        if len(got) != len(shape) or any(
-            None not in (g, e) and g != e for g, e in zip(got, shape)
-        ):
-            raise ValueError(
-                f"`cache[{position}]` must have shape {shape} (the batch size "
-                "of `inputs`), as `empty_cache(batch_size, max_length)` "
-                f"makes it. Received: cache[{position}].shape={got}"
-            )
     if is_int(index) and None not in (length, slots) and (
         index < 0 or index + length > slots
     ):
