@@ -2,6 +2,8 @@
 position at a time) gives the outputs of one causal call over the whole,
 in FavorAttention and in PerformerBlock; the cache's size does not grow."""
 
+import itertools
+
 import keras
 import numpy as np
 import pytest
@@ -159,18 +161,22 @@ def test_block_cache_errors(rng):
 
 
 @pytest.mark.parametrize("feature_map", ["softmax", "softmax_hyperbolic"])
+@pytest.mark.parametrize("first", [1, 6])
 def test_one_position_steps_at_large_input_scales_equal_the_whole(
-    rng, feature_map
+    feature_map, first
 ):
-    """Attention logits in the hundreds: the recurrent step keeps a level
-    per feature, so no query's normalizer is lost, as in the chunked
-    algorithm's per-feature path."""
+    """Attention logits in the tens and hundreds: the recurrent step keeps
+    a level per feature and shifts each query by its normalizer's largest
+    term, so no normalizer is lost, also after a chunked prefill whose
+    state holds sums far below their level (input scales 6 to 12)."""
     layer = attention_layer(feature_map)
-    x, mask = padded_inputs(rng)
-    x = 30 * x
-    want = np.asarray(layer(x, query_mask=mask, use_causal_mask=True))
-    got, cache = run_in_pieces(
-        layer_call(layer), x, mask, layer.empty_cache(3), first=1
-    )
-    assert np.all(np.isfinite(got)) and np.all(np.abs(got[mask]).sum(-1) > 0)
-    assert_equal_at_real_positions(got, want, mask)
+    for scale, seed in itertools.product((6, 8, 10, 12, 30), range(3)):
+        x, mask = padded_inputs(np.random.default_rng(seed))
+        x = scale * x
+        want = np.asarray(layer(x, query_mask=mask, use_causal_mask=True))
+        got, _ = run_in_pieces(
+            layer_call(layer), x, mask, layer.empty_cache(3), first=first
+        )
+        assert np.all(np.isfinite(got))
+        assert np.all(np.abs(got[mask]).sum(-1) > 0)
+        assert_equal_at_real_positions(got, want, mask)

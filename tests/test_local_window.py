@@ -197,3 +197,21 @@ def test_bidirectional_state_raises(rng):
             *(tf.constant(h, tf.float32) for h in heads),
             layer._feature_fns()[0], 16, 2, False, return_state=True,
         )
+
+
+@pytest.mark.parametrize("scale", [1.0, 8.0])
+def test_per_feature_path_matches_the_mixed_kernel(rng, monkeypatch, scale):
+    """The far keys' per-feature algorithm (which a group takes when its
+    one-level normalizers would be lost) gives parts that merge with the
+    window's at the right scale, also for the first queries, which see no
+    far key at all."""
+    monkeypatch.setattr(
+        keras_favor.ops.causal_attention, "_loses_a_normalizer",
+        lambda levels, denominator: tf.constant(True),
+    )
+    layer, (q, k, v), mask = setup(rng, "softmax", 19, scale)
+    actual = run(layer, (q, k, v), mask, 4, True).numpy()
+    kernel = mixed_kernel(layer, q, k, mask, 4, True).numpy()
+    expected = kernel @ v / kernel.sum(-1, keepdims=True)
+    bound = 8 * (19 + 32) * UNIT_ROUNDOFF * np.max(np.abs(v))
+    assert np.all(np.abs(actual - expected) <= bound)

@@ -193,7 +193,10 @@ def log_domain_causal_attention(
             ops.max(ops.where(in_state, from_state, NO_KEY_LEVEL), axis=-1),
         )
     )
-    top = ops.where(_seen(top), top, 0.0)
+    # A query that sees no key keeps the shift NO_KEY_LEVEL, so that its
+    # empty parts never set the scale when merged with other parts.
+    seen = _seen(top)
+    top = ops.where(seen, top, 0.0)
 
     weights = ops.exp(
         ops.where(visible, products - top[..., None, None], NO_KEY_LEVEL)
@@ -214,7 +217,7 @@ def log_domain_causal_attention(
     denominator = ops.sum(scores, axis=-1) + ops.einsum(
         "bhntf,bhnf->bhnt", query_feats, key_sum
     )
-    shift = ops.where(_seen(top), top, NO_KEY_LEVEL)
+    shift = ops.where(seen, top, NO_KEY_LEVEL)
     parts = [
         merge_chunks(x)[:, :, :length] for x in (numerator, denominator, shift)
     ]

@@ -11,11 +11,14 @@ exact in the log domain at any scale:
     z'      = z exp(level - level') + phi(k) exp(-level')
 
 and the query's parts are its sums over `S'` and `z'` times
-`exp(log phi(q) + level' - shift)`, with `shift` the largest exponent over
-the features, so that every term is at most 1.
+`exp(log phi(q) + level' - shift)`, with `shift` the log of the largest
+term of the normalizer `phi(q) . z'`, so that no term exceeds 1 and, for
+positive features, the normalizer is at least 1.
 """
 
 from keras import ops
+
+from keras_favor.ops import stabilizers
 
 
 def _full_log_scale(parts, like):
@@ -60,10 +63,18 @@ def one_position_attention(query_parts, key_parts, value, mask, state):
     key_values = key_values * decay[..., None] + weight[..., None] * value
     key_sum = key_sum * decay + weight
     log_query = _full_log_scale(query_parts, reference)[:, :, 0] + new_level
-    shift = ops.stop_gradient(ops.max(log_query, axis=-1, keepdims=True))
+    query_values = None if query_parts[0] is None else query_parts[0][:, :, 0]
+    # The shift is the log of the largest term of the normalizer, so that
+    # the normalizer is at least 1 for positive features (and no term
+    # exceeds 1): the sums of a feature may lie far below its level.
+    magnitude = ops.abs(key_sum)
+    if query_values is not None:
+        magnitude = magnitude * ops.abs(query_values)
+    terms = log_query + stabilizers.log_key_sum(magnitude)
+    shift = ops.stop_gradient(ops.max(terms, axis=-1, keepdims=True))
     query_weight = ops.exp(log_query - shift)
-    if query_parts[0] is not None:
-        query_weight = query_weight * query_parts[0][:, :, 0]
+    if query_values is not None:
+        query_weight = query_weight * query_values
     numerator = ops.einsum("bhf,bhfd->bhd", query_weight, key_values)
     denominator = ops.sum(query_weight * key_sum, axis=-1)
     parts = (numerator[:, :, None], denominator[:, :, None], shift)
