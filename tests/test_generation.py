@@ -68,7 +68,7 @@ def greedy_by_full_passes(model, prompt, num_tokens):
         ("favor", "sequential", {"feature_map": "relu"}, False),
         ("favor", "functional", {"local_window": 4}, False),
         ("favor", "functional", {"feature_map": "favor++"}, False),
-        ("exact", "functional", {}, True),
+        ("exact", "functional", {}, False),
     ],
 )
 def test_greedy_generate_equals_repeated_full_passes(
@@ -295,12 +295,14 @@ from tests import test_generation as t
 model = t.language_model(num_layers=1)
 prompt = t.left_padded_prompts()
 tokens = keras_favor.generate(model, prompt, 24)
+# One causal pass over the result gives every step's logits at once.
+steps = np.asarray(model(tokens[:, :-1]))[:, 8:].argmax(axis=-1)
 sampled = [
     keras_favor.generate(model, prompt, 8, sampler="random", top_p=0.9, seed=s)
     for s in (3, 3, 4)
 ]
 print(json.dumps({
-    "equal": bool(np.all(tokens == t.greedy_by_full_passes(model, prompt, 24))),
+    "equal": bool(np.all(tokens[:, 9:] == steps)),
     "repeats": bool(np.all(sampled[0] == sampled[1])),
     "differs": bool(np.any(sampled[0] != sampled[2])),
 }))
