@@ -47,13 +47,15 @@ def decoding_options(
     sampling.check_sampling(
         sampler, temperature, top_k, top_p, model.output_shape[-1]
     )
-    for name, value in (("end_token_id", end_token_id), ("padding_id", padding_id)):
-        if not (is_int(value) or (value is None and name == "end_token_id")):
-            raise ValueError(
-                f"`{name}` must be an int"
-                + (" or None" if name == "end_token_id" else "")
-                + f". Received: {name}={value!r}"
-            )
+    if end_token_id is not None and not is_int(end_token_id):
+        raise ValueError(
+            "`end_token_id` must be an int or None. Received: "
+            f"end_token_id={end_token_id!r}"
+        )
+    if not is_int(padding_id):
+        raise ValueError(
+            f"`padding_id` must be an int. Received: padding_id={padding_id!r}"
+        )
     return dict(
         sampler=sampler, temperature=float(temperature), top_k=top_k,
         top_p=None if top_p is None else float(top_p),

@@ -464,15 +464,17 @@ class FavorAttention(keras.layers.Layer):
             batch_size, self.num_heads, num_features, value_dim
         )
 
-    def _cache_shapes(self, batch_size=None):
+    def _cache_shapes(self, batch_size):
         """The shapes of `empty_cache(batch_size)`'s tensors."""
         heads = (batch_size, self.num_heads)
         features = self.feature_map.feature_dim(
             self.num_features, self.key_dim
         )
         value_dim = self.value_dim or self.key_dim
-        shapes = [heads + (features, value_dim), heads + (features,)]
-        shapes.append(heads + (features,))
+        shapes = [
+            heads + (features, value_dim), heads + (features,),
+            heads + (features,),
+        ]
         if self.local_window:
             window = self.local_window
             shapes += [
@@ -503,7 +505,7 @@ class FavorAttention(keras.layers.Layer):
             )
         batch = query.shape[0]
         check_cache_shapes(
-            cache, [(batch,) + shape[1:] for shape in self._cache_shapes()],
+            cache, self._cache_shapes(batch),
             "query", "empty_cache(batch_size)",
         )
 
