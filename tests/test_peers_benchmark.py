@@ -1,0 +1,87 @@
+"""Smoke tests of benchmarks/peers.py: its plumbing at tiny sizes, not speed.
+
+The test environment lacks the other implementations' packages (PyTorch,
+performer-pytorch, Model Garden): their rows must say "not installed".
+"""
+
+import csv
+import os
+import sys
+
+BENCHMARKS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks")
+sys.path.insert(0, BENCHMARKS_DIR)
+
+import peers  # noqa: E402
+
+
+def read_csv(path):
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_sweep_measures_keras_layers_and_reports_missing_peers(tmp_path, monkeypatch):
+    # Measured in this process (no workers, so no TensorFlow start-up each).
+    monkeypatch.setattr(peers, "run_isolated",
+                        lambda args, row: peers.measure(dict(row, **vars(args))))
+    monkeypatch.setattr(peers.common, "environment", peers.common.describe)
+    monkeypatch.setattr(peers, "missing_modules", lambda name: (
+        [] if name.startswith("keras") else ["torch"]))
+    monkeypatch.setattr(sys, "argv", [
+        peers.__file__, "--implementations", "keras_favor", "keras_mha", "torch_sdpa",
+        "--passes", "forward_backward", "--lengths", "16", "--rounds", "1",
+        "--repeats", "1", "--min-repeats", "1", "--output-dir", str(tmp_path)])
+    peers.main()
+    rows = read_csv(tmp_path / "peers.csv")
+    assert list(rows[0]) == list(peers.FIELDS)
+    found = {(r["implementation"], r["mode"]): r for r in rows}
+    assert set(found) == {(name, mode) for name in ("keras_favor", "keras_mha", "torch_sdpa")
+                          for mode in peers.MODES}
+    for mode in peers.MODES:
+        for name in ("keras_favor", "keras_mha"):
+            row = found[name, mode]
+            assert row["status"] == "ok" and row["rounds"] == "1"
+            assert float(row["max_s"]) >= float(row["median_s"]) >= float(row["min_s"]) > 0
+            assert float(row["peak_rss_mib"]) >= float(row["baseline_rss_mib"]) > 0
+        assert found["torch_sdpa", mode]["status"] == "not_installed"
+        assert "missing torch" in found["torch_sdpa", mode]["note"]
+    table = (tmp_path / "peers_table.md").read_text()
+    assert "not installed" in table and "keras_favor FAVOR+ | " in table
+    assert (tmp_path / "peers.png").stat().st_size > 0
+    assert len(read_csv(tmp_path / "peers_runs.csv")) == len(rows)
+
+
+def test_missing_modules_are_found_without_importing():
+    # The test environment has keras_favor and not PyTorch.
+    assert peers.missing_modules("keras_favor") == []
+    assert "torch" in peers.missing_modules("torch_sdpa")
+
+
+def test_longer_lengths_are_skipped_by_the_estimated_step_time():
+    args = peers.parse_args(["--time-cap-s", "10"])
+    measured_at = {("keras_favor", "causal", "forward"): (4096, 1.0),
+                   ("keras_mha", "causal", "forward"): (4096, 1.0)}
+    stops = {("performer_pytorch", "causal", "forward"): 2048}
+    reason = lambda name, length: peers.skip_reason(  # noqa: E731
+        args, stops, measured_at, name, "causal", "forward", length)
+    # Linear attention grows as L: 1 s at 4096 is 4 s at 16384, 16 s at 65536.
+    assert reason("keras_favor", 16384) is None
+    assert "estimated 16 s" in reason("keras_favor", 65536)
+    # Exact attention grows as L^2: 16 s at 16384.
+    assert "estimated 16 s" in reason("keras_mha", 16384)
+    assert reason("performer_pytorch", 4096) == "out of budget from L=2048"
+    assert reason("torch_sdpa", 65536) is None  # nothing measured yet
+
+
+def test_rounds_combine_into_the_median_of_their_medians():
+    base = {"implementation": "keras_favor", "mode": "causal", "pass": "forward",
+            "length": 512, "baseline_rss_mib": "100"}
+    runs = [dict(base, round=i, status="ok", median_s=m, min_s=m - 0.1, max_s=m + 0.1,
+                 timed_runs=3, peak_rss_mib=p, load_average=2, note="")
+            for i, (m, p) in enumerate([(1.0, 150), (3.0, 170), (2.0, 160)])]
+    runs.append(dict(base, round=4, status="timeout", note="killed after 1 s"))
+    runs.append(dict(base, length=1024, round=1, status="out_of_memory", note="killed"))
+    short, long = peers.combine(runs)
+    assert (short["median_s"], short["min_s"], short["max_s"]) == (2.0, 0.9, 3.1)
+    assert (short["rounds"], short["timed_runs"], short["peak_rss_mib"]) == (3, 9, 170)
+    assert short["status"] == "ok" and short["note"] == "killed after 1 s"
+    assert (long["status"], long["rounds"]) == ("out_of_memory", 0)
