@@ -331,14 +331,15 @@ def plot(rows, level, png_path, device_name):
             axis.annotate("6 GB", (0.02, 6e9 / 2**30), xycoords=("axes fraction", "data"),
                           fontsize=7, color="gray", va="bottom")
         axis.set_xscale("log", base=2)
-        axis.set(yscale="log", xlabel="sequence length L", ylabel=label)
+        axis.set(yscale="log", xlabel="sequence length L (tokens)", ylabel=label)
         axis.grid(True, which="both", alpha=0.3)
-    next(a for a in axes if a.get_legend_handles_labels()[0]).legend(fontsize=8)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7)
     title = "attention layer alone" if level == "layer" else "two pre-norm blocks (hidden 512)"
     figure.suptitle(f"{title}, batch 1, 8 heads x 64, 256 features; {device_name} "
                     "(shaded line: out of budget from there)", fontsize=10)
     figure.tight_layout()
-    figure.savefig(png_path, dpi=80)
+    figure.savefig(png_path, dpi=130)
     plt.close(figure)
 
 
@@ -356,6 +357,14 @@ def parse_args(argv=None):
         plot_only=(False, "redraw the plots and the summary from the CSV"),
         fresh=(False, "discard the CSV's earlier rows"),
         worker=("", argparse.SUPPRESS))
+
+
+def measured_on(json_path, environment):
+    """The device of the last run recorded in `json_path` (this one's if none)."""
+    if os.path.exists(json_path):
+        with open(json_path) as file:
+            environment = json.load(file)["runs"][-1]["environment"]
+    return environment["gpu"] or environment["cpu"]
 
 
 def main():
@@ -377,8 +386,9 @@ def main():
     except ImportError:  # a GPU machine may lack it: the CSV and summary suffice
         print("matplotlib is not installed: no plots", flush=True)
     else:
+        device_name = measured_on(stem + ".json", environment)
         for level in {row["level"] for row in rows}:
-            plot(rows, level, f"{stem}_{level}.png", environment["gpu"] or environment["cpu"])
+            plot(rows, level, f"{stem}_{level}.png", device_name)
     common.write_lines(f"{stem}_summary.txt", summary(rows))
 
 
