@@ -32,7 +32,8 @@ makes the input, builds the layer, calls the step once (tracing), warms up
 once (below L = 16384), then times it; it reports the median, min and max
 seconds and its peak resident memory (`ru_maxrss`), beside its baseline
 (after the imports and the input). `peers_runs.csv` has one row per round;
-`peers.csv` the median over rounds of the per-round medians. A watchdog
+`peers.csv` the median over rounds of the per-round medians (`--append` adds
+rounds to an earlier run's). A watchdog
 kills a worker over `--memory-cap-gb` or `--timeout-s`; a configuration
 whose step took over `--time-cap-s`, or would take longer at the next
 length (its median scaled by the length ratio, squared for exact
@@ -323,7 +324,7 @@ def configurations(args):
 def skip_reason(args, stops, measured_at, name, mode, pass_, length):
     """Why `(name, mode, pass_)` is not run at `length`, or None."""
     key = (name, mode, pass_)
-    if key in stops:
+    if length >= stops.get(key, float("inf")):
         return f"out of budget from L={stops[key]}"
     if key in measured_at:
         previous, seconds = measured_at[key]
@@ -334,13 +335,31 @@ def skip_reason(args, stops, measured_at, name, mode, pass_, length):
     return None
 
 
+def record(row, stops, measured_at):
+    """Notes a run's result: the length it went out of budget at, or the longest
+    length it was measured at and its median."""
+    key, length = (row["implementation"], row["mode"], row["pass"]), int(row["length"])
+    if row["status"] in OUT_OF_BUDGET:
+        stops[key] = min(length, stops.get(key, length))
+    elif row["status"] == "ok":
+        measured_at[key] = max(measured_at.get(key, (0, 0)), (length, float(row["median_s"])))
+
+
 def sweep(args, runs_path):
     """Runs every round: lengths in order, implementations alternating within
-    each length. Returns the per-round rows (also written to `runs_path`)."""
+    each length. Returns the per-round rows (also written to `runs_path`);
+    with `--append`, after the rows already there, numbering its rounds on
+    from theirs and not running what they found out of budget."""
     chosen = configurations(args)
     rows, stops, measured_at = [], {}, {}
+    if args.append and os.path.exists(runs_path):
+        with open(runs_path, newline="") as file:
+            rows = list(csv.DictReader(file))
+        for row in rows:
+            record(row, stops, measured_at)
+    first = max((int(row["round"]) for row in rows), default=0) + 1
     commit = common.git_commit()
-    for round_ in range(1, args.rounds + 1):
+    for round_ in range(first, first + args.rounds):
         for length in sorted(args.lengths):
             order = chosen if round_ % 2 else chosen[::-1]
             for name, mode, pass_ in order:
@@ -359,11 +378,7 @@ def sweep(args, runs_path):
                     row.update(status="skipped", note=reason)
                 else:
                     row.update(run_isolated(args, row))
-                    key = (name, mode, pass_)
-                    if row["status"] in OUT_OF_BUDGET:
-                        stops[key] = min(length, stops.get(key, length))
-                    elif row["status"] == "ok":
-                        measured_at[key] = max(measured_at.get(key, (0, 0)), (length, row["median_s"]))
+                    record(row, stops, measured_at)
                 print(f"round {round_} {name} {mode} {pass_} L={length}: {row['status']}, median "
                       f"{row.get('median_s', '-')} s, peak {row.get('peak_rss_mib', '-')} MiB"
                       + (f" ({row['note']})" if row.get("note") else ""), flush=True)
@@ -378,7 +393,7 @@ def combine(runs):
     measured in no round keeps its first round's status and note."""
     groups = {}
     for row in runs:
-        groups.setdefault(tuple(row[name] for name in CONFIGURATION), []).append(row)
+        groups.setdefault(tuple(str(row[name]) for name in CONFIGURATION), []).append(row)
     combined = []
     for key, group in groups.items():
         done = [r for r in group if r["status"] in MEASURED and r.get("median_s") not in ("", None)]
@@ -475,7 +490,7 @@ def targets(rows, from_length=1024, exact_from=2048):
     for mode in MODES:
         for pass_ in PASSES:
             for name, spec in IMPLEMENTATIONS.items():
-                if spec[5] and name != "keras_favor" and mode in spec[1]:
+                if spec[5] and not name.startswith("keras_favor") and mode in spec[1]:
                     compare(name, mode, pass_, from_length)
     for pass_ in PASSES:
         compare("torch_sdpa", "causal", pass_, exact_from)
@@ -539,7 +554,9 @@ def parse_args(argv=None):
         memory_cap_gb=(8.0, "resident memory cap per worker"),
         reserve_gb=(2.0, "kill a worker when the machine has less memory available"),
         timeout_s=(150.0, "hard cap per worker process"),
-        plot_only=(False, "redraw the plot, the table and the targets from the CSVs"),
+        plot_only=(False, "redraw peers.csv, the plot, the table and the targets from "
+                   "peers_runs.csv"),
+        append=(False, "add rounds to the rows of peers_runs.csv already there"),
         worker=("", argparse.SUPPRESS))
 
 
@@ -552,9 +569,11 @@ def main():
     if not args.plot_only:
         environment = dict(common.environment(), versions=versions(), threads=args.threads,
                            TF_ENABLE_ONEDNN_OPTS=os.environ.get("TF_ENABLE_ONEDNN_OPTS", "0"))
-        common.write_environment(stem + ".json", environment, vars(args))
-        runs = sweep(args, stem + "_runs.csv")
-        common.write_csv(stem + ".csv", FIELDS, combine(runs))
+        common.write_environment(stem + ".json", environment, vars(args), args.append)
+        sweep(args, stem + "_runs.csv")
+    # From the per-round rows, so that a partial run's rows can be drawn too.
+    with open(stem + "_runs.csv", newline="") as file:
+        common.write_csv(stem + ".csv", FIELDS, combine(list(csv.DictReader(file))))
     rows = read_rows(stem + ".csv")
     with open(stem + ".json") as file:
         environment = json.load(file)["runs"][-1]["environment"]

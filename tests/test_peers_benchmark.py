@@ -28,15 +28,14 @@ def test_sweep_measures_keras_layers_and_reports_missing_peers(tmp_path, monkeyp
         [] if name.startswith("keras") else ["torch"]))
     monkeypatch.setattr(sys, "argv", [
         peers.__file__, "--implementations", "keras_favor", "keras_mha", "torch_sdpa",
-        "--passes", "forward_backward", "--lengths", "16", "--rounds", "1",
+        "--modes", "bidirectional", "--passes", "forward_backward", "--lengths", "16", "--rounds", "1",
         "--repeats", "1", "--min-repeats", "1", "--output-dir", str(tmp_path)])
     peers.main()
     rows = read_csv(tmp_path / "peers.csv")
     assert list(rows[0]) == list(peers.FIELDS)
     found = {(r["implementation"], r["mode"]): r for r in rows}
-    assert set(found) == {(name, mode) for name in ("keras_favor", "keras_mha", "torch_sdpa")
-                          for mode in peers.MODES}
-    for mode in peers.MODES:
+    assert set(found) == {(name, "bidirectional") for name in ("keras_favor", "keras_mha", "torch_sdpa")}
+    for mode in ["bidirectional"]:
         for name in ("keras_favor", "keras_mha"):
             row = found[name, mode]
             assert row["status"] == "ok" and row["rounds"] == "1"
@@ -85,3 +84,35 @@ def test_rounds_combine_into_the_median_of_their_medians():
     assert (short["rounds"], short["timed_runs"], short["peak_rss_mib"]) == (3, 9, 170)
     assert short["status"] == "ok" and short["note"] == "killed after 1 s"
     assert (long["status"], long["rounds"]) == ("out_of_memory", 0)
+
+
+def test_append_numbers_rounds_on_and_keeps_the_budget(tmp_path, monkeypatch):
+    # A stand-in worker: exact attention takes 1 s at L=512 and runs out of
+    # memory at 1024; FAVOR+ always takes 1 s.
+    def fake_worker(args, row):
+        if row["implementation"] == "keras_mha" and row["length"] > 512:
+            return {"status": "out_of_memory", "note": "killed"}
+        return {"status": "ok", "median_s": 1.0, "min_s": 1.0, "max_s": 1.0, "timed_runs": 1,
+                "baseline_rss_mib": 1.0, "peak_rss_mib": 2.0}
+
+    monkeypatch.setattr(peers, "run_isolated", fake_worker)
+    monkeypatch.setattr(peers, "missing_modules", lambda name: [])
+    runs_path = str(tmp_path / "runs.csv")
+    options = ["--implementations", "keras_favor", "keras_mha", "--modes", "causal",
+               "--passes", "forward", "--lengths", "512", "1024", "2048", "--time-cap-s", "5"]
+    first = peers.sweep(peers.parse_args(options + ["--rounds", "1"]), runs_path)
+    # Under the 5 s cap: exact attention at 1024 (1 s at 512, times 4), and
+    # FAVOR+ at 2048 (1 s at 1024, times 2).
+    assert [(r["implementation"], r["length"], r["status"]) for r in first] == [
+        ("keras_favor", 512, "ok"), ("keras_mha", 512, "ok"),
+        ("keras_favor", 1024, "ok"), ("keras_mha", 1024, "out_of_memory"),
+        ("keras_favor", 2048, "ok"), ("keras_mha", 2048, "skipped")]
+    both = peers.sweep(peers.parse_args(options + ["--rounds", "1", "--append"]), runs_path)
+    second = both[len(first):]
+    assert {int(r["round"]) for r in second} == {2}
+    # The second round runs in the other order and skips what the first ran out of.
+    assert [r["implementation"] for r in second[:2]] == ["keras_mha", "keras_favor"]
+    assert [r["status"] for r in second if r["implementation"] == "keras_mha"] == [
+        "ok", "skipped", "skipped"]
+    combined = peers.combine(both)
+    assert [int(r["rounds"]) for r in combined] == [2, 2, 2, 2, 0, 0]
