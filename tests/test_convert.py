@@ -268,3 +268,78 @@ def test_keras_masks_still_reach_a_wrapped_layer(rng):
         np.asarray(performer(padded))[:, :3],
         np.asarray(performer(padded[:, :3])), atol=1e-6,
     )
+
+
+def test_transfer_lowers_each_layers_error_and_trains_attention_only(rng):
+    """Attention transfer trains every converted attention (direct, held by
+    a custom layer, in a nested model) towards its teacher's outputs; the
+    teacher and the student's other weights stay; the reported error of
+    the direct layer equals one computed here from its own inputs."""
+    teacher = model_with_attention_everywhere(rng)
+    student = convert.performerize(teacher, num_features=16, seed=0)
+    x = data(rng, batch=8)
+    teacher_before = [w.copy() for w in teacher.get_weights()]
+    attention_ids = {
+        id(v) for layer in layers_of(student, keras_favor.FavorAttention)
+        for v in layer.weights
+    }
+    other_before = [
+        np.array(v) for v in student.weights if id(v) not in attention_ids
+    ]
+    result = convert.transfer_attention(
+        teacher, student, x, steps=15, batch_size=4, learning_rate=3e-3,
+        verbose=0,
+    )
+    assert result["steps"] == 15 and result["seconds"] > 0
+    assert sorted(result["mse_before"]) == sorted(result["mse_after"])
+    assert len(result["mse_before"]) == 3
+    for path, before in result["mse_before"].items():
+        assert result["mse_after"][path] < 0.9 * before, path
+    for old, now in zip(teacher_before, teacher.get_weights(), strict=True):
+        np.testing.assert_array_equal(old, now)
+    other_after = [
+        np.array(v) for v in student.weights if id(v) not in attention_ids
+    ]
+    for old, now in zip(other_before, other_after, strict=True):
+        np.testing.assert_array_equal(old, now)
+    # The direct layer's error from its inputs (the input Dense's outputs).
+    hidden = np.asarray(teacher.get_layer("input_dense")(x))
+    want = np.asarray(
+        teacher.get_layer("direct")(hidden, hidden, use_causal_mask=True)
+    )
+    got = np.asarray(
+        student.get_layer("direct")(hidden, hidden, use_causal_mask=True)
+    )
+    np.testing.assert_allclose(
+        result["mse_after"]["direct"], np.mean((got - want) ** 2),
+        rtol=1e-4,
+    )
+
+
+def test_transfer_needs_paired_models_and_valid_arguments(rng):
+    teacher = model_with_attention_everywhere(rng)
+    x = data(rng)
+    some = convert.performerize(
+        teacher, predicate=lambda mha: mha.name == "direct"
+    )
+    with pytest.raises(ValueError, match="3 MultiHeadAttention.*1 "
+                       "FavorAttention"):
+        convert.transfer_attention(teacher, some, x)
+    with pytest.raises(ValueError, match="no FavorAttention"):
+        convert.transfer_attention(teacher, teacher.__class__.from_config(
+            teacher.get_config()), x)
+    student = convert.performerize(teacher, num_features=16, seed=0)
+    with pytest.raises(ValueError, match="`teacher` must be a keras.Model"):
+        convert.transfer_attention(keras.layers.Dense(2), student, x)
+    for kwargs, name in (
+        ({"steps": 0}, "steps"), ({"batch_size": 1.5}, "batch_size"),
+        ({"learning_rate": -1.0}, "learning_rate"), ({"verbose": 2}, "verbose"),
+    ):
+        with pytest.raises(ValueError, match=f"`{name}`"):
+            convert.transfer_attention(teacher, student, x, **kwargs)
+    with pytest.raises(ValueError, match="`data`"):
+        convert.transfer_attention(teacher, student, 3.0)
+    # A different model of the same shape does not pair: other names.
+    other = convert.performerize(model_with_attention_everywhere(rng))
+    with pytest.raises(ValueError, match="do not match"):
+        convert.transfer_attention(teacher, other, x)

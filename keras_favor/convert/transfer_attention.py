@@ -257,7 +257,11 @@ def transfer_attention(
 
     Returns:
         A dict: `"steps"`; `"seconds"`, the time of recording the teacher
-        and of training (the two error measurements left out); and
+        and of training, compilation included (the two error measurements
+        left out); `"record_seconds"`, the recording's part;
+        `"step_seconds"`, the median time of one training step after the
+        first (compilation left out; the first step's time when there is
+        one step); and
         `"mse_before"` and `"mse_after"`, each `{layer path: mean squared
         error against the teacher's outputs on data}`, where a path is the
         layer names from the student model down, joined by "/".
@@ -305,7 +309,7 @@ def transfer_attention(
     pairs = _pairs(teacher, student)
     start = time.perf_counter()
     tensors, fixed, targets = _record(teacher, pairs, data, batch_size)
-    seconds = time.perf_counter() - start
+    seconds = record_seconds = time.perf_counter() - start
     inputs = {
         f"{index}/{key}": value
         for index, layer_tensors in enumerate(tensors)
@@ -325,15 +329,19 @@ def transfer_attention(
             f"Attention transfer: {len(pairs)} layers, {len(targets[0])} "
             f"recorded sequences, {steps} steps"
         )
+    timer = _StepTimer()
     start = time.perf_counter()
     model.fit(
-        _Batches(inputs, targets, batch_size, steps), verbose=verbose
+        _Batches(inputs, targets, batch_size, steps), verbose=verbose,
+        callbacks=[timer],
     )
     seconds += time.perf_counter() - start
     after = _layer_mse(model, inputs, targets, batch_size)
     return {
         "steps": steps,
         "seconds": seconds,
+        "record_seconds": record_seconds,
+        "step_seconds": timer.median(),
         "mse_before": dict(zip(names, before)),
         "mse_after": dict(zip(names, after)),
     }
@@ -380,6 +388,25 @@ def _length(array):
             f"teacher's inputs. Received: data={array!r}"
         )
     return int(array.shape[0])
+
+
+class _StepTimer(keras.callbacks.Callback):
+    """The durations of the training steps."""
+
+    def __init__(self):
+        super().__init__()
+        self.durations, self.begin = [], None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.begin = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.durations.append(time.perf_counter() - self.begin)
+
+    def median(self):
+        """The median duration, the first step's (compilation) left out
+        unless it is the only one."""
+        return float(np.median(self.durations[1:] or self.durations))
 
 
 class _Batches(keras.utils.PyDataset):
