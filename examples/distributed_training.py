@@ -18,6 +18,9 @@ MultiWorkerMirroredStrategy. Two workers on localhost:
                 "task": {"type": "worker", "index": 1}}' \\
         python examples/distributed_training.py
 
+With TF_CONFIG set, every line the worker prints starts with its index,
+`[worker 0] `, so that the logs of workers sharing a terminal stay apart.
+
 Stop a run (Ctrl-C, or `--interrupt-after-epoch=1` to simulate a failure)
 and start it again with the same command: BackupAndRestore resumes from the
 last finished epoch, and FeatureRedraw continues its sequence of
@@ -30,13 +33,18 @@ answer needs attention across the whole sequence.
 import argparse
 import json
 import os
+import sys
 import tempfile
 
-import keras
 import numpy as np
-import tensorflow as tf
 
-import keras_favor
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import example_utils  # noqa: E402, F401 (imports TensorFlow quietly)
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import keras_favor  # noqa: E402
 
 VOCABULARY = 16
 LENGTH = 64
@@ -74,6 +82,45 @@ def redraw_report(model):
         if isinstance(layer, keras_favor.FavorAttention)
     ]
     return f"redraw count per attention layer: {counts}"
+
+
+class PrefixedLines:
+    """A text stream that writes to `stream` with `prefix` at the start of
+    every line.
+
+    Args:
+        stream: a text stream, such as `sys.stdout`.
+        prefix: str, written before each line.
+    """
+
+    def __init__(self, stream, prefix):
+        self.stream = stream
+        self.prefix = prefix
+        self._at_line_start = True
+
+    def write(self, text):
+        pieces = []
+        for line in text.splitlines(keepends=True):
+            if self._at_line_start:
+                pieces.append(self.prefix)
+            pieces.append(line)
+            self._at_line_start = line.endswith(("\n", "\r"))
+        self.stream.write("".join(pieces))
+        return len(text)
+
+    def __getattr__(self, name):
+        # flush, fileno, isatty, encoding...: those of `stream`.
+        return getattr(self.stream, name)
+
+
+def prefix_output_with_worker():
+    """Under TF_CONFIG, starts every line of this process's Python output
+    (stdout and stderr) with `[worker i] `."""
+    if "TF_CONFIG" not in os.environ:
+        return
+    prefix = f"[worker {worker_index()}] "
+    sys.stdout = PrefixedLines(sys.stdout, prefix)
+    sys.stderr = PrefixedLines(sys.stderr, prefix)
 
 
 def make_strategy():
@@ -122,24 +169,40 @@ def build_model(num_features, seed):
     return keras.Model(inputs, outputs)
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--steps-per-epoch", type=int, default=40)
-    parser.add_argument("--batch-size-per-replica", type=int, default=32)
-    parser.add_argument("--num-features", type=int, default=32)
-    parser.add_argument("--redraw-interval", type=int, default=25)
-    parser.add_argument("--seed", type=int, default=1)
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0].replace("\n", " "),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--epochs", type=int, default=6,
+                        help="training epochs")
+    parser.add_argument("--steps-per-epoch", type=int, default=40,
+                        help="training steps per epoch")
+    parser.add_argument("--batch-size-per-replica", type=int, default=32,
+                        help="sequences per step on each replica (the "
+                        "global batch is this times the replicas)")
+    parser.add_argument("--num-features", type=int, default=32,
+                        help="random features per FAVOR+ attention")
+    parser.add_argument("--redraw-interval", type=int, default=25,
+                        help="FeatureRedraw interval, in training steps")
+    parser.add_argument("--seed", type=int, default=1,
+                        help="seed of the data, the weights and the "
+                        "projections")
     parser.add_argument(
         "--backup-dir",
         default=os.path.join(tempfile.gettempdir(), "keras_favor_backup"),
+        help="BackupAndRestore's directory; each worker writes its own "
+        "subdirectory",
     )
-    parser.add_argument("--interrupt-after-epoch", type=int, default=0)
-    return parser.parse_args()
+    parser.add_argument("--interrupt-after-epoch", type=int, default=0,
+                        help="stop with an error after this epoch, as a "
+                        "failure would (0: never)")
+    return parser.parse_args(argv)
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
+    prefix_output_with_worker()
     keras.utils.set_random_seed(args.seed)
     strategy = make_strategy()
     print(f"{strategy.num_replicas_in_sync} replica(s) in sync")

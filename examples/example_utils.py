@@ -1,16 +1,85 @@
-"""Helpers shared by the examples: model flags, timed training, tables."""
+"""Helpers shared by the examples: quiet start-up, model flags, timed
+training, tables.
 
+Importing this module imports TensorFlow with its start-up messages
+silenced (see `import_tensorflow_quietly`), so an example imports it before
+Keras.
+"""
+
+import contextlib
+import os
+import sys
 import time
 
-import keras
 
-import keras_favor
+@contextlib.contextmanager
+def stderr_to_devnull():
+    """Sends file descriptor 2 to `/dev/null` inside the block.
+
+    TensorFlow's C++ start-up messages (the CUDA probe on a machine without a
+    GPU, "All log messages before absl::InitializeLog() is called are written
+    to STDERR") are written before its log level applies, straight to the
+    file descriptor, so `TF_CPP_MIN_LOG_LEVEL` cannot hide them.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def import_tensorflow_quietly():
+    """Imports TensorFlow and finds its devices without start-up noise.
+
+    Sets `TF_CPP_MIN_LOG_LEVEL=2` (errors only) unless it is set, and
+    `TF_ENABLE_ONEDNN_OPTS=0` unless it is set: TensorFlow 2.21's oneDNN
+    batch matmul can corrupt the heap on CPU (README, "Known issue"), and
+    `make demo` and the tests run without it. The import and the first
+    device query run with file descriptor 2 sent to `/dev/null`; a failed
+    import still raises, with its traceback. Python's own log level for
+    TensorFlow (`absl` and the `tensorflow` logger) is set to errors.
+
+    Returns:
+        The `tensorflow` module.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    with stderr_to_devnull():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+    tf.get_logger().setLevel("ERROR")
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    except ImportError:
+        pass
+    return tf
+
+
+import_tensorflow_quietly()
+
+import keras  # noqa: E402
+
+import keras_favor  # noqa: E402
 
 ATTENTION_NAMES = {"favor": "Performer (FAVOR+)", "exact": "Exact softmax"}
 
 
 def add_model_arguments(parser, **defaults):
-    """Adds the model-size and training flags, with per-example defaults."""
+    """Adds the model-size and training flags, with per-example defaults.
+
+    A default of None leaves that flag out. The help texts do not state
+    the defaults: the examples' parsers use
+    `argparse.ArgumentDefaultsHelpFormatter`, which appends them.
+    """
     sizes = dict(
         num_layers=2,
         num_heads=4,
@@ -33,17 +102,19 @@ def add_model_arguments(parser, **defaults):
         num_features="random features per FAVOR+ attention",
         batch_size="sequences per training step",
         steps="training steps per model, split over the epochs",
-        epochs="epochs (progress bars) the steps are split over",
+        epochs="epochs the steps are split over",
         learning_rate="AdamW learning rate",
         dropout="dropout rate",
         seed="seed of the data, the weights and the projections",
     )
     for name, default in sizes.items():
+        if default is None:
+            continue
         parser.add_argument(
             "--" + name.replace("_", "-"),
             type=type(default),
             default=default,
-            help=f"{helps[name]} (default: {default})",
+            help=helps[name],
         )
     return parser
 
@@ -65,7 +136,8 @@ def build_model(args, attention, **kwargs):
 
 
 def timed_fit(model, train_data, validation_data, args, callbacks=()):
-    """Fits for `args.steps` steps over `args.epochs` epochs.
+    """Fits for `args.steps` steps over `args.epochs` epochs, one line of
+    progress per epoch.
 
     Returns:
         The training time in seconds, compilation included.
@@ -78,7 +150,7 @@ def timed_fit(model, train_data, validation_data, args, callbacks=()):
         steps_per_epoch=max(1, args.steps // epochs),
         validation_data=validation_data,
         callbacks=list(callbacks),
-        verbose=1,
+        verbose=2,
     )
     return time.perf_counter() - start
 

@@ -27,16 +27,17 @@ import time
 
 import numpy as np
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
+# example_utils first: it imports TensorFlow without its start-up messages.
 from example_utils import ATTENTION_NAMES  # noqa: E402
 from example_utils import add_model_arguments  # noqa: E402
 from example_utils import build_model  # noqa: E402
 from example_utils import print_table  # noqa: E402
 from example_utils import timed_fit  # noqa: E402
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 OPERATORS = {
     "[MAX": max,
@@ -193,8 +194,10 @@ def parse_args(argv):
         parser, steps=500, epochs=5, batch_size=32, num_features=32,
         learning_rate=5e-4,
     )
-    parser.add_argument("--train-size", type=int, default=6000)
-    parser.add_argument("--test-size", type=int, default=1000)
+    parser.add_argument("--train-size", type=int, default=6000,
+                        help="training expressions")
+    parser.add_argument("--test-size", type=int, default=1000,
+                        help="test expressions")
     parser.add_argument("--min-length", type=int, default=32,
                         help="shortest expression, in tokens")
     parser.add_argument("--max-length", type=int, default=128,

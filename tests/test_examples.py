@@ -1,8 +1,12 @@
 """Smoke tests: every example runs end to end at a tiny size."""
 
+import csv
 import importlib
+import io
+import math
 import pathlib
 import random
+import re
 import sys
 
 import numpy as np
@@ -24,24 +28,56 @@ def examples():
 
 
 def test_quickstart(examples, tmp_path, capsys):
+    """The demo at a tiny size: both models train for a second each, and
+    every file it promises is written."""
     quickstart = examples("quickstart")
+    output_dir = tmp_path / "demo"
     result = quickstart.main(
-        TINY_MODEL
-        + [
-            "--max-length", "16", "--corpus-bytes", "60000",
-            "--validation-windows", "8", "--redraw-interval", "1",
-            "--generate-bytes", "4", "--export-dir", str(tmp_path / "lm"),
+        [
+            "--num-layers", "1", "--num-heads", "2", "--hidden-dim", "16",
+            "--intermediate-dim", "32", "--num-features", "16",
+            "--batch-size", "4", "--max-length", "32", "--budget", "1",
+            "--validation-points", "2", "--validation-windows", "2",
+            "--corpus-bytes", "60000", "--lengths", "16", "32",
+            "--timed-steps", "1", "--redraw-interval", "2",
+            "--generate-bytes", "4", "--in-process",
+            "--output-dir", str(output_dir),
         ]
     )
-    models = [row["model"] for row in result["rows"]]
-    assert models == ["Performer (FAVOR+)", "Exact softmax"]
-    for row in result["rows"]:
-        assert 0 < float(row["val bits/byte"]) < 10
+    for name in ("model.keras", "saved_model/saved_model.pb", "demo.csv"):
+        assert (output_dir / name).is_file(), name
+    assert (output_dir / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(output_dir / "demo.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    models = ["Exact softmax", "Performer (FAVOR+)"]
+    results = [row for row in rows if row["kind"] == "result"]
+    assert [row["model"] for row in results] == models
+    uniform = math.log2(quickstart.VOCABULARY_SIZE)
+    for row in results:
+        # Trained: below the 8.0 bits of a uniform guess over 257 tokens.
+        assert 0 < float(row["val_bits_per_byte"]) < uniform
+        assert int(row["steps"]) >= 2
+        assert float(row["seconds"]) >= 1
+        assert float(row["peak_memory_mib"]) > 0
+    for model in models:
+        points = [
+            row for row in rows
+            if row["kind"] == "validation" and row["model"] == model
+        ]
+        assert len(points) == 2
+        seconds = [float(row["seconds"]) for row in points]
+        assert seconds == sorted(seconds)
+        timings = {
+            int(row["length"]): float(row["ms_per_step"])
+            for row in rows
+            if row["kind"] == "step_time" and row["model"] == model
+        }
+        assert sorted(timings) == [16, 32]
+        assert all(ms > 0 for ms in timings.values())
     assert result["max_diff"] < 1e-5
-    assert (tmp_path / "lm" / "saved_model.pb").exists()
     assert len(result["continuation"]) >= 1
-    assert result["served_same"]
-    assert "Summary" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "What was compared" in out and "Caveats:" in out
 
 
 def test_quickstart_corpus_is_the_stdlib_split_by_file(examples):
@@ -125,3 +161,71 @@ def depth(listops, tokens):
         current -= token == listops.CLOSE
         deepest = max(deepest, current)
     return deepest
+
+
+def help_entries(text):
+    """The option entries of an argparse `--help` text: a dict from each
+    entry's first flag to its text, and the list of those flags in order."""
+    options = text.split("\noptions:\n", 1)[1]
+    entries = re.split(r"\n(?=  -)", options.strip("\n"))
+    flags = [entry.split()[0].rstrip(",") for entry in entries]
+    return dict(zip(flags, entries)), flags
+
+
+@pytest.mark.parametrize(
+    "name",
+    sorted(
+        path.stem for path in EXAMPLES.glob("*.py")
+        if path.stem != "example_utils"
+    ),
+)
+def test_help_lists_each_flag_once_with_a_help_text(
+    examples, name, capsys, monkeypatch
+):
+    monkeypatch.setenv("COLUMNS", "100")
+    module = examples(name)
+    with pytest.raises(SystemExit) as stop:
+        module.parse_args(["--help"])
+    assert stop.value.code == 0
+    entries, flags = help_entries(capsys.readouterr().out)
+    assert len(flags) == len(set(flags)), flags
+    assert "-h" in entries and len(flags) > 3
+    for flag, entry in entries.items():
+        # The flags and metavars, then (after 2 spaces or a new line) the
+        # help text, with at most one default that is not all of it.
+        invocation = re.split(r"\s{2,}", entry.strip().splitlines()[0])[0]
+        help_text = entry.strip()[len(invocation):]
+        assert help_text.count("(default:") <= 1, entry
+        assert re.search(
+            "[a-z]", re.sub(r"\(default: [^)]*\)", "", help_text)
+        ), f"{flag} has no help text: {entry!r}"
+
+
+def test_distributed_example_prefixes_each_line_with_its_worker(
+    examples, monkeypatch
+):
+    distributed = examples("distributed_training")
+    stream = io.StringIO()
+    lines = distributed.PrefixedLines(stream, "[worker 1] ")
+    lines.write("Epoch 1/2\nloss: 0.5")
+    lines.write(" - accuracy: 0.9\n\nDone")
+    lines.write("\n")
+    assert stream.getvalue() == (
+        "[worker 1] Epoch 1/2\n[worker 1] loss: 0.5 - accuracy: 0.9\n"
+        "[worker 1] \n[worker 1] Done\n"
+    )
+    captured = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", captured)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    monkeypatch.setenv(
+        "TF_CONFIG",
+        '{"cluster": {"worker": ["localhost:1", "localhost:2"]}, '
+        '"task": {"type": "worker", "index": 1}}',
+    )
+    distributed.prefix_output_with_worker()
+    print("2 replica(s) in sync")
+    print("Done; redraw count per attention layer: [1, 1]")
+    assert captured.getvalue().splitlines() == [
+        "[worker 1] 2 replica(s) in sync",
+        "[worker 1] Done; redraw count per attention layer: [1, 1]",
+    ]
