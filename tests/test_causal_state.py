@@ -166,3 +166,96 @@ def test_initial_state_of_the_wrong_shape_raises(rng):
         favor_ops.causal_linear_attention(
             *heads, feature_fn, num_features, initial_state=state
         )
+
+
+def per_feature_setup(rng, monkeypatch):
+    """Heads `(2, 2, 40, 8)` with padding after key 29 of the second row,
+    feature fns, a cotangent, and the blocks' sizes as they are run."""
+    from keras_favor.ops import log_domain_causal
+
+    layer = keras_favor.FavorAttention(
+        num_heads=2, key_dim=8, num_features=16, seed=3
+    )
+    layer(np.zeros((1, 2, 16), "float32"))
+    heads = [
+        tf.constant(rng.normal(scale=s, size=(2, 2, 40, 8)), tf.float32)
+        for s in (3.0, 3.0, 1.0)
+    ]
+    mask = tf.constant(np.arange(40)[None, :] < np.array([[40], [29]]))
+    target = tf.constant(rng.normal(size=(2, 2, 40, 8)), tf.float32)
+    used = []
+    blocked = log_domain_causal._attention_in_blocks
+    monkeypatch.setattr(
+        log_domain_causal, "_attention_in_blocks",
+        lambda *args: used.append(args[3:]) or blocked(*args),
+    )
+    return layer, heads, mask[:, None], target, used
+
+
+def assert_blocks_equal_one_block(blocks, whole):
+    """The same levels, and sums of the same terms in another order."""
+    state, whole_state = blocks[1], whole[1]
+    # The levels are per feature, and equal.
+    assert np.ptp(np.asarray(whole_state[2]), axis=-1).min() > 0
+    np.testing.assert_array_equal(state[2], whole_state[2])
+    for actual, expected in zip(
+        tf.nest.flatten(blocks), tf.nest.flatten(whole)
+    ):
+        assert_close_to_round_off(actual, expected, 2e-6)
+
+
+def test_per_feature_blocks_equal_one_block(rng, monkeypatch):
+    # The per-feature path, forced here, in blocks of 16 positions (three,
+    # the last one padded), each from the state the one before left.
+    from keras_favor.ops import log_domain_causal
+
+    layer, heads, mask, target, used = per_feature_setup(rng, monkeypatch)
+    feature_fn, query_feature_fn = layer._feature_fns()
+    monkeypatch.setattr(
+        keras_favor.ops.causal_attention, "_loses_a_normalizer",
+        lambda levels, denominator: tf.constant(True),
+    )
+
+    def run(block):
+        monkeypatch.setattr(log_domain_causal, "EXACT_BLOCK", block)
+        return outputs_state_and_gradients(
+            lambda h: favor_ops.causal_linear_attention(
+                *h, feature_fn, layer.num_features, mask=mask, chunk_size=8,
+                query_feature_fn=query_feature_fn, prefix_block=2,
+                return_state=True,
+            ),
+            heads, target, "eager",
+        )
+
+    whole = run(64)
+    assert not used
+    blocks = run(16)
+    assert used == [(3, 16)]
+    assert_blocks_equal_one_block(blocks, whole)
+
+
+def test_per_feature_blocks_in_a_tf_function(rng, monkeypatch):
+    # The blocks' loop and their recomputation in a graph, against one
+    # block run eagerly (the kernel alone, which traces quickly).
+    from keras_favor.ops import log_domain_causal
+
+    layer, heads, mask, target, used = per_feature_setup(rng, monkeypatch)
+    feature_fn, query_feature_fn = layer._feature_fns()
+    state = favor_ops.empty_causal_state(2, 2, layer.num_features, 8)
+
+    def run(block, mode):
+        monkeypatch.setattr(log_domain_causal, "EXACT_BLOCK", block)
+
+        def attend(heads):
+            parts, state_after = log_domain_causal.log_domain_causal_attention(
+                query_feature_fn(heads[0]), feature_fn(heads[1]), heads[2],
+                mask, state, prefix_block=2,
+            )
+            return parts[0] / parts[1][..., None], state_after
+
+        return outputs_state_and_gradients(attend, heads, target, mode)
+
+    whole = run(64, "eager")
+    blocks = run(16, "graph")
+    assert used == [(3, 16)]
+    assert_blocks_equal_one_block(blocks, whole)

@@ -15,12 +15,18 @@ a running maximum per feature instead, and never forms a factor above 1:
 
 So the largest term of every query is exactly 1 and every term down to
 float32's smallest normal number is kept. It costs `L EXACT_CHUNK F`
-exponentials and as many numbers of memory for the products inside the
-chunks, and `(L / EXACT_CHUNK) F D` for the chunk states: several times the
-default algorithm, which is why `causal_linear_attention` runs this one only
-for groups of positions where the default would lose a query's normalizer.
+exponentials and, for one block of up to `EXACT_BLOCK` positions at a time,
+as many numbers of memory for the products inside the chunks and
+`(EXACT_BLOCK / EXACT_CHUNK) F D` for the chunk states: several times the
+default algorithm's time, which is why `causal_linear_attention` runs this
+one only for groups of positions where the default would lose a query's
+normalizer. The blocks run one after another, each from the state the one
+before left, and are recomputed in the backward pass, so that a compiled
+step (`jax.jit`, where both branches of a conditional get their buffers)
+reserves one block's worth of them.
 """
 
+import keras
 from keras import ops
 
 from keras_favor.ops.chunk_scan import earlier_or_same
@@ -35,6 +41,9 @@ from keras_favor.ops.stabilizers import NO_KEY_LEVEL
 # Positions per chunk: the products inside a chunk take `L C F` numbers and
 # the chunk states `(L / C) F D`; C = 8 keeps their sum small for D near 64.
 EXACT_CHUNK = 8
+# Positions per block at most: longer sequences run block after block, so
+# that the `L EXACT_CHUNK F` products are held for one block at a time.
+EXACT_BLOCK = 512
 
 
 def _seen(level):
@@ -127,6 +136,12 @@ def log_domain_causal_attention(
 ):
     """Causal linear attention with per-feature levels (module docstring).
 
+    Sequences longer than `EXACT_BLOCK` positions run block after block
+    (`keras.ops.scan`), each block starting from the state the previous
+    one left and recomputed in the backward pass (`keras.remat`), so that
+    the products inside the chunks are held for one block at a time. The
+    result is the same as in one block, to float32 round-off.
+
     Args:
         query_parts, key_parts: `(values, log_scale)` feature parts,
             `log_scale` `(B, H, L, F)` (one per feature), `values` of that
@@ -145,18 +160,145 @@ def log_domain_causal_attention(
         shift)` of the queries (as `causal_linear_attention` with
         `normalized=False` returns them) and the state after the last key,
         in the same form as `state`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> log_q = np.zeros((1, 1, 3, 2), "float32")
+    >>> log_k = np.array([[[[0., 300.], [0., -300.], [5., 0.]]]], "float32")
+    >>> value = np.eye(3, dtype="float32")[None, None]
+    >>> state = (np.zeros((1, 1, 2, 3), "float32"),
+    ...          np.zeros((1, 1, 2), "float32"),
+    ...          np.full((1, 1, 2), NO_KEY_LEVEL, "float32"))
+    >>> parts, state = log_domain_causal_attention(
+    ...     (None, log_q), (None, log_k), value, None, state)
+    >>> [round(float(x), 1) for x in parts[2][0, 0]]  # each query's shift
+    [300.0, 300.0, 300.0]
     """
     query_values, query_log = query_parts
     key_values, key_log = key_parts
     length = ops.shape(value)[2]
     if mask is None:
         mask = ops.ones_like(value[:1, :1, :, 0], "bool")
-    padding = (-length) % (EXACT_CHUNK * prefix_block)
-    parts = [query_values, query_log, key_values, key_log, value, mask]
+    num_blocks, block_length = _blocks(value.shape[2], prefix_block)
+    if block_length is None:
+        padding = (-length) % (EXACT_CHUNK * prefix_block)
+    else:
+        padding = num_blocks * block_length - length
+    inputs = [query_values, query_log, key_values, key_log, value, mask]
     if not isinstance(padding, int) or padding:
-        parts = [None if x is None else pad_positions(x, padding) for x in parts]
-    query_values, query_log, key_values, key_log, value, mask = (
-        None if x is None else split_chunks(x, EXACT_CHUNK) for x in parts
+        inputs = [
+            None if x is None else pad_positions(x, padding) for x in inputs
+        ]
+    keep = None
+    if dropout_rate:
+        keep = numerator_key_features(
+            ops.ones_like(inputs[3]), dropout_rate, dropout_seed
+        )
+    inputs.append(keep)
+    if num_blocks == 1:
+        parts, final_state = _attention_block(inputs, state, prefix_block)
+    else:
+        parts, final_state = _attention_in_blocks(
+            inputs, state, prefix_block, num_blocks, block_length
+        )
+    parts = [x[:, :, :length] for x in parts]
+    return parts, final_state
+
+
+def _blocks(length, prefix_block):
+    """`(num_blocks, block_length)` for `length` positions (None: unknown).
+
+    Blocks of at most `EXACT_BLOCK` positions, rounded up to whole blocks
+    of the prefix scan; one block of unknown length when `length` is None.
+    """
+    step = EXACT_CHUNK * prefix_block
+    if length is None:
+        return 1, None
+    num_blocks = max(1, -(-length // max(EXACT_BLOCK, step)))
+    block_length = -(-length // (num_blocks * step)) * step
+    return num_blocks, block_length
+
+
+def _attention_in_blocks(inputs, state, prefix_block, num_blocks, length):
+    """`_attention_block` over `num_blocks` blocks of `length` positions,
+    one after another (`keras.ops.scan`), each recomputed in the backward
+    pass (`keras.remat`).
+
+    Each block slices its positions out of the whole inputs, which the
+    recomputed function takes as arguments (so that their gradients reach
+    them on every backend); the whole inputs are the same at every step,
+    so the backward pass keeps them once, not once per block.
+    """
+    present = [x is not None for x in inputs]
+    value = inputs[4]
+    # The recomputed function's arguments are all floating point (the mask
+    # and the block's index too): `tf.recompute_grad` watches each of them.
+    inputs = [
+        ops.cast(x, value.dtype) if i == 5 else x
+        for i, x in enumerate(inputs)
+        if x is not None
+    ]
+
+    def one_block(index, state, whole):
+        start = ops.cast(index, "int32") * length
+        pieces = iter(
+            ops.slice(
+                x,
+                [0, 0, start] + [0] * (len(x.shape) - 3),
+                tuple(ops.shape(x)[:2]) + (length,) + tuple(ops.shape(x)[3:]),
+            )
+            for x in whole
+        )
+        block_inputs = [next(pieces) if p else None for p in present]
+        block_inputs[5] = block_inputs[5] > 0.5
+        parts, state = _attention_block(block_inputs, state, prefix_block)
+        return [*state, *parts]
+
+    one_block = keras.remat(one_block)
+
+    def scan_step(carry, _):
+        results = [carry[0] + 1, *one_block(carry[0], carry[1:4], inputs)]
+        # `keras.ops.scan` on TensorFlow stacks outputs shaped like the
+        # carry: the carry holds the block's parts too.
+        return results, results
+
+    batch_heads = ops.shape(value)[:2]
+    no_parts = [
+        ops.zeros(batch_heads + (length, ops.shape(value)[3]), value.dtype),
+        ops.zeros(batch_heads + (length,), value.dtype),
+        ops.zeros(batch_heads + (length,), value.dtype),
+    ]
+    final, stacked = ops.scan(
+        scan_step,
+        [ops.zeros((), value.dtype), *state, *no_parts],
+        length=num_blocks,
+    )
+
+    def from_blocks(x):
+        x = ops.moveaxis(x, 0, 2)
+        shape = ops.shape(x)
+        return ops.reshape(x, shape[:2] + (-1,) + shape[4:])
+
+    return [from_blocks(x) for x in stacked[4:]], tuple(final[1:4])
+
+
+def _attention_block(inputs, state, prefix_block):
+    """`log_domain_causal_attention` of one block from `state`.
+
+    Args:
+        inputs: `[query_values, query_log, key_values, key_log, value, mask,
+            keep]`, positions a multiple of `EXACT_CHUNK * prefix_block`;
+            `keep` the numerator's dropout factors of the key features, or
+            None.
+        state: the carried `(key_values, key_sum, level)`.
+        prefix_block: int, chunks per block of the prefix scan.
+
+    Returns:
+        `(parts, state)` as `log_domain_causal_attention` returns them.
+    """
+    query_values, query_log, key_values, key_log, value, mask, keep = (
+        None if x is None else split_chunks(x, EXACT_CHUNK) for x in inputs
     )
     keys = mask[..., None]
     key_log = ops.where(keys, key_log, NO_KEY_LEVEL)
@@ -169,11 +311,6 @@ def log_domain_causal_attention(
         ops.where(keys, key_log - chunk_level[:, :, :, None], NO_KEY_LEVEL)
     )
     key_feats = _times(key_values, key_feats)
-    keep = None
-    if dropout_rate:
-        keep = numerator_key_features(
-            ops.ones_like(key_log), dropout_rate, dropout_seed
-        )
     chunk_kv = matmul_transposed_a(_times(keep, key_feats), value)
     kv, key_sum, level, final_state = _inherit_per_feature(
         chunk_kv, ops.sum(key_feats, axis=3), chunk_level, state,
@@ -218,7 +355,5 @@ def log_domain_causal_attention(
         "bhntf,bhnf->bhnt", query_feats, key_sum
     )
     shift = ops.where(seen, top, NO_KEY_LEVEL)
-    parts = [
-        merge_chunks(x)[:, :, :length] for x in (numerator, denominator, shift)
-    ]
+    parts = [merge_chunks(x) for x in (numerator, denominator, shift)]
     return parts, final_state
