@@ -235,6 +235,8 @@ def main(argv=None):
             validation_data=make_dataset(512, global_batch_size, args.seed + 1),
             validation_steps=4,
             callbacks=callbacks,
+            # A tf.data pipeline: `fit` would warn that it cannot shuffle.
+            shuffle=False,
             verbose=2,
         )
     except Interrupted as stop:
