@@ -8,9 +8,9 @@ and finetunes the converted model, reporting validation bits per byte:
 - (a) the exact model before conversion;
 - (b) the converted model right after the swap;
 - (c) after N finetuning steps, for several N, without and with attention
-  transfer first (`keras_favor.convert.transfer_attention`: each
-  FavorAttention trained on its softmax layer's outputs), with the seconds
-  each stage took, so the two can be compared at equal compute;
+  transfer first (`attention_transfer.transfer_attention`, beside this
+  file: each FavorAttention trained on its softmax layer's outputs), with
+  the time each stage took, so the two can be compared at equal compute;
 - (d) a Performer with the same attention settings trained from scratch on
   the same batches, after the teacher's steps and after as many steps as
   the teacher and the finetuning together.
@@ -39,6 +39,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import keras  # noqa: E402
+from attention_transfer import transfer_attention  # noqa: E402
 from example_utils import print_table  # noqa: E402
 
 import keras_favor  # noqa: E402
@@ -191,7 +192,8 @@ def convert_and_finetune(teacher, args, train, variant, transfer):
 
     Returns:
         `[(steps, seconds, compute, bits per byte)]` from the conversion on
-        (0 steps: right after the conversion, or after the transfer).
+        (0 steps: right after the conversion, or after the transfer), and
+        `transfer_attention`'s result (None without transfer).
         Seconds are wall-clock, the transfer's and every compilation
         included. Compute is in finetuning steps: the steps, plus the
         transfer's time (recording, and its steps times their median time)
@@ -207,7 +209,7 @@ def convert_and_finetune(teacher, args, train, variant, transfer):
         # The teacher's inputs: the first training batches after its own.
         begin = args.steps * args.batch_size
         sample = train[0][begin : begin + args.transfer_sequences]
-        result = convert.transfer_attention(
+        result = transfer_attention(
             teacher, student, sample, steps=args.transfer_steps,
             batch_size=args.batch_size,
             learning_rate=args.transfer_learning_rate,
@@ -246,7 +248,7 @@ def convert_and_finetune(teacher, args, train, variant, transfer):
             f"  {n:5d} finetuning steps ({c:6.1f} steps of compute), "
             f"{s:6.1f} s: {bpb:.4f} bits/byte"
         )
-    return points
+    return points, result if transfer else None
 
 
 def at_compute(points, compute):
@@ -270,8 +272,8 @@ def plot(rows, path, args):
     colors = dict(zip(VARIANTS, ("tab:blue", "tab:orange")))
     for axis, x_key, x_label in (
         (axes[0], "finetune_steps", "finetuning steps after conversion"),
-        (axes[1], "compute_steps", "compute after conversion, in "
-         "finetuning steps (transfer included)"),
+        (axes[1], "compute_steps", "compute after conversion "
+         "(finetuning steps, transfer included)"),
     ):
         for variant in args.variants:
             color = colors[variant]
@@ -307,7 +309,6 @@ def plot(rows, path, args):
                      label="exact + 5 %")
         axis.set_xlabel(x_label)
         axis.set_ylabel("validation bits per byte")
-        axis.set_yscale("log")
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     figure.suptitle(
@@ -438,7 +439,7 @@ def main(argv=None):
         f"{1000 * step_seconds:.0f} ms/step)"
     )
     add("exact", "exact", 0, seconds, args.steps, exact, args.steps)
-    curves = {}
+    curves, transfers = {}, {}
     for variant in args.variants:
         name = variant_name(args, variant)
         methods = [("converted", False)]
@@ -446,10 +447,12 @@ def main(argv=None):
             methods.append(("converted+transfer", True))
         for method, transfer in methods:
             print(f"\n{name}: {method}")
-            points = convert_and_finetune(
+            points, result = convert_and_finetune(
                 teacher, args, train, variant, transfer
             )
             curves[variant, method] = points
+            if result:
+                transfers[variant] = result
             for n, s, c, bpb in points:
                 add(variant, method, n, s, c, bpb, args.steps + n)
         print(f"\n{name} from scratch, {total_steps} steps:")
@@ -479,7 +482,8 @@ def main(argv=None):
     print(f"\nWrote {csv_path} and {png_path}.")
     print(f"Total time: {time.perf_counter() - start:.0f} s, load average "
           f"{os.getloadavg()[0]:.1f}.")
-    return {"rows": rows, "summary": summary, "teacher": teacher,
+    return {"rows": rows, "summary": summary, "transfers": transfers,
+            "teacher": teacher,
             "validation": args.validation, "csv": csv_path,
             "png": png_path}
 

@@ -62,4 +62,9 @@ def test_convert_pretrained_runs_tiny(example, tmp_path, capsys):
     (exact,) = [float(r["bits_per_byte"]) for r in rows
                 if r["method"] == "exact"]
     np.testing.assert_allclose(exact, want, rtol=1e-3)
+    # The transfer brought the attention outputs closer to the teacher's.
+    transfer = result["transfers"]["favor"]
+    assert sum(transfer["mse_after"].values()) < sum(
+        transfer["mse_before"].values()
+    )
     assert "Validation bits per byte" in capsys.readouterr().out

@@ -1,5 +1,11 @@
-"""`transfer_attention`: trains each FavorAttention of a converted model to
-reproduce its softmax teacher layer's outputs."""
+"""Attention transfer for examples/convert_pretrained.py: each FavorAttention
+of a converted model trained to reproduce its softmax teacher layer's
+outputs.
+
+`convert_pretrained.py` measures it against plain finetuning at equal
+compute; it did not recover faster there (BENCHMARKS.md, "Converting a
+trained model"), so it is part of the example, not of `keras_favor`.
+"""
 
 import inspect
 import math
@@ -8,7 +14,7 @@ import time
 import keras
 import numpy as np
 
-from keras_favor.layers.favor_attention import FavorAttention
+from keras_favor import FavorAttention
 
 # The call arguments of MultiHeadAttention that carry tensors a student
 # layer is called with; the others are fixed per layer.
@@ -275,9 +281,7 @@ def transfer_attention(
 
     ```python
     student = keras_favor.convert.performerize(teacher, local_window=16)
-    keras_favor.convert.transfer_attention(
-        teacher, student, token_ids[:256], steps=200
-    )
+    transfer_attention(teacher, student, token_ids[:256], steps=200)
     student.compile("adam", loss)
     student.fit(data)  # finetune the whole model
     ```
