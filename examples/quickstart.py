@@ -4,14 +4,17 @@ A byte-level causal language model learns the Python standard library's
 source at 2048 bytes of context, built twice by `keras_favor.build_performer`:
 once with FAVOR+ attention (the Performer) and once with exact softmax
 attention, the same model otherwise. Each trains for the same wall-clock
-budget, in a process of its own (so that each process's peak resident memory
-is that model's), on the same batches. The script then reports the steps
-each model took, its time per step, its peak memory and its validation bits
-per byte on held-out files; times a few training steps of both at lengths
-from 256 to 4096 (where exact attention stops being the faster one); exports
-the trained Performer as a SavedModel with `serve` and `generate` endpoints
-(`keras_favor.generation.export_language_model`); generates text with its
-recurrent cache (`keras_favor.generate`); and ends with a plain summary.
+budget on the same batches: exact attention in a process of its own, then
+the Performer in the main process, where nothing has trained before, so that
+each process's peak resident memory is its model's. The script reports the
+steps each model took, its time per step, its peak memory and its
+validation bits per byte on held-out files; saves the Performer, exports it
+as a SavedModel with `serve` and `generate` endpoints
+(`keras_favor.generation.export_language_model`) and generates text with its
+recurrent cache (`keras_favor.generate`); times a few training steps of both
+models at lengths from 128 to 2048 (where exact attention stops being the
+faster one); and ends with a plain summary of what won, by how much, and the
+caveats.
 
 The budget counts the training steps' wall clock from the end of the first
 step (which traces and compiles the step) to the last. The validation passes
@@ -25,7 +28,7 @@ validation curves and the time per step against length) and `demo.csv`
 (every number printed).
 
 Run `make demo`, or `python examples/quickstart.py --help` for the flags. The
-defaults take about 5 minutes on 2 CPU cores; `--budget 900` compares 15
+defaults take 4 to 5 minutes on 2 busy CPU cores; `--budget 900` compares 15
 minutes of training per model.
 """
 
@@ -306,9 +309,13 @@ def step_times(model, tokens, args, label):
     return times
 
 
-def train_for_budget(attention, args, corpus_path, model_path=None):
-    """Builds one model, trains it for `args.budget` seconds and returns
-    its numbers; saves it to `model_path` if given."""
+def train_for_budget(attention, args, corpus_path, after_training=None):
+    """Builds one model, trains it for `args.budget` seconds, times its
+    step at `args.lengths` and returns its numbers.
+
+    `after_training(model)`, if given, runs between the training and the
+    step timing (which trains the model further), after the peak memory of
+    the training was read; what it returns is the result's `"extra"`."""
     corpus = np.load(corpus_path)
     validation = (corpus["validation_inputs"], corpus["validation_targets"])
     model = build_model(
@@ -349,8 +356,7 @@ def train_for_budget(attention, args, corpus_path, model_path=None):
         verbose=0,
     )
     memory_peak = peak_memory_mib()
-    if model_path:
-        model.save(model_path)
+    extra = after_training(model) if after_training else None
     times = step_times(model, corpus["train"], args, label)
     last = budget.history[-1]
     return {
@@ -367,6 +373,7 @@ def train_for_budget(attention, args, corpus_path, model_path=None):
         "history": budget.history,
         # JSON keys are strings.
         "times": {str(length): ms for length, ms in times.items()},
+        "extra": extra,
     }
 
 
@@ -376,15 +383,12 @@ def training_process(config_path):
     with open(config_path) as file:
         config = json.load(file)
     args = argparse.Namespace(**config["args"])
-    result = train_for_budget(
-        config["attention"], args, config["corpus_path"],
-        config.get("model_path"),
-    )
+    result = train_for_budget(config["attention"], args, config["corpus_path"])
     with open(config["result_path"], "w") as file:
         json.dump(result, file)
 
 
-def train_in_process(attention, args, corpus_path, work_dir, model_path=None):
+def train_in_process(attention, args, corpus_path, work_dir):
     """Runs `train_for_budget` in a fresh Python process; returns its
     results."""
     config_path = os.path.join(work_dir, f"{attention}_config.json")
@@ -392,8 +396,7 @@ def train_in_process(attention, args, corpus_path, work_dir, model_path=None):
     with open(config_path, "w") as file:
         json.dump(
             {"args": vars(args), "attention": attention,
-             "corpus_path": corpus_path, "model_path": model_path,
-             "result_path": result_path},
+             "corpus_path": corpus_path, "result_path": result_path},
             file,
         )
     sys.stdout.flush()
@@ -560,10 +563,14 @@ def summary_lines(results, times, args, load):
         f"of context, batch {args.batch_size}, built twice: with FAVOR+ "
         f"attention ({performer}, {args.num_features} random features"
         f"{window}) and with exact softmax attention. Each trained for "
-        f"{args.budget:g} s of wall clock in "
-        f"{'one process' if args.in_process else 'its own process'}, on the "
-        "same "
-        "batches (the first step, which traces the model, and the validation "
+        f"{args.budget:g} s of wall clock on the same batches, "
+        + (
+            "both in this process"
+            if args.in_process else
+            "exact attention in a process of its own, then the Performer in "
+            "the main one"
+        )
+        + " (the first step, which traces the model, and the validation "
         "passes are outside the budget).",
     ]
     step_ratio = favor["steps"] / exact["steps"]
@@ -590,21 +597,27 @@ def summary_lines(results, times, args, load):
         )
     lines.append(verdict)
     memory = (
-        f"{favor['peak_memory_mib']:,.0f} MiB for the Performer, "
-        f"{exact['peak_memory_mib']:,.0f} MiB for exact attention"
+        f"{favor['peak_memory_mib']:,.0f} MiB for the Performer "
+        f"({favor['memory_before_training_mib']:,.0f} before its training), "
+        f"{exact['peak_memory_mib']:,.0f} MiB for exact attention "
+        f"({exact['memory_before_training_mib']:,.0f} before)"
     )
     if args.in_process:
         lines.append(
-            f"Peak resident memory of this process after training: {memory} "
-            "(one process trained both, exact attention first, so the "
-            "Performer's figure is not its own)."
+            f"Peak resident memory of this process after training: {memory}. "
+            "One process trained both, exact attention first, so the "
+            "Performer's figure is not its own."
         )
     else:
+        added = [
+            r["peak_memory_mib"] - r["memory_before_training_mib"]
+            for r in (favor, exact)
+        ]
         lines.append(
-            f"Peak memory of the training processes: {memory} (resident "
-            "memory, each about "
-            f"{favor['memory_before_training_mib']:,.0f} MiB before "
-            "training: TensorFlow, the data and the model)."
+            f"Peak resident memory of each training process: {memory}; "
+            "before training each held TensorFlow, the data and the model. "
+            f"Training added {added[0]:,.0f} MiB for the Performer and "
+            f"{added[1]:,.0f} MiB for exact attention."
         )
     crossover = crossover_length(times)
     longest, shortest = max(times["favor"]), min(times["favor"])
@@ -641,9 +654,10 @@ def summary_lines(results, times, args, load):
     else:
         lines.append(
             f"- At {shortest} bytes the two steps took {short_exact:.0f} "
-            f"(exact) and {short_favor:.0f} ms (FAVOR+) here; on short "
-            "sequences exact attention is usually the faster one "
-            "(BENCHMARKS.md)."
+            f"(exact) and {short_favor:.0f} ms (FAVOR+) here, batch "
+            f"{args.timing_batch_size}: below a few hundred tokens FAVOR+ "
+            "saves nothing, and there exact attention is the faster layer "
+            "(BENCHMARKS.md, the speed sections)."
         )
     lines += [
         f"- {args.budget:g} s of training make rough text: both models are "
@@ -657,7 +671,9 @@ def summary_lines(results, times, args, load):
         f"({args.validation_windows * args.max_length:,} bytes): differences "
         "of a few hundredths are noise.",
         "- One seed and one short run on a shared machine (1-minute load "
-        f"average {load:.1f}): times drift 10-20 % between runs.",
+        f"average {load:.1f} on {os.cpu_count()} cores): times drift 10-20 % "
+        "between runs on a quiet machine and more on a busy one; the step "
+        f"timing keeps the fastest of {args.timed_steps} steps to limit that.",
     ]
     return lines
 
@@ -674,7 +690,7 @@ def parse_args(argv):
     )
     parser.add_argument("--max-length", type=int, default=2048,
                         help="bytes of context per training sequence")
-    parser.add_argument("--budget", type=float, default=45.0,
+    parser.add_argument("--budget", type=float, default=40.0,
                         help="seconds of training per model (wall clock)")
     parser.add_argument("--validation-points", type=int, default=4,
                         help="validations per model, evenly spread over the "
@@ -754,6 +770,42 @@ def main(argv=None):
         f"{args.max_length}-byte sequences, {args.budget:g} s of training "
         "per model."
     )
+    model_path = os.path.join(args.output_dir, "model.keras")
+    export_dir = os.path.join(args.output_dir, "saved_model")
+
+    def save_export_and_generate(performer):
+        performer.save(model_path)
+        export_start = time.perf_counter()
+        difference = export_and_check(
+            performer, export_dir, validation_inputs[:1, :256],
+            args.temperature,
+        )
+        print(
+            f"  Saved the Performer to {model_path} and exported it to "
+            f"{export_dir} ({time.perf_counter() - export_start:.0f} s); "
+            f"its serve endpoint matches the model to {difference:.1e}.",
+            flush=True,
+        )
+        prompt = prompt_tokens(args.prompt)
+        num_bytes = min(
+            args.generate_bytes, args.max_length - prompt.shape[1]
+        )
+        generate_start = time.perf_counter()
+        tokens = keras_favor.generate(
+            performer, prompt, num_bytes, sampler="random",
+            temperature=args.temperature, seed=args.seed,
+        )
+        print(
+            f"  Generated {num_bytes} bytes after {args.prompt!r} with its "
+            "recurrent cache (keras_favor.generate) in "
+            f"{time.perf_counter() - generate_start:.1f} s.",
+            flush=True,
+        )
+        return {
+            "max_diff": difference, "num_bytes": num_bytes,
+            "continuation": continuation_text(tokens, prompt.shape[1]),
+        }
+
     results = []
     with tempfile.TemporaryDirectory() as work_dir:
         corpus_path = os.path.join(work_dir, "corpus.npz")
@@ -762,56 +814,42 @@ def main(argv=None):
             validation_inputs=validation_inputs,
             validation_targets=validation_targets,
         )
-        model_path = os.path.join(args.output_dir, "model.keras")
-        for attention in ("exact", "favor"):
-            where = "this" if args.in_process else "its own"
-            print(
-                f"\n{ATTENTION_NAMES[attention]} attention, in {where} "
-                f"process: training for {args.budget:g} s, then the time "
-                f"per step at lengths {args.lengths} (batch "
-                f"{args.timing_batch_size})",
-                flush=True,
+        # Exact attention in a process of its own, then the Performer here,
+        # where nothing has trained yet: each process's peak memory is its
+        # model's. With --in-process both train here.
+        where = "this" if args.in_process else "its own"
+        print(
+            f"\n{ATTENTION_NAMES['exact']} attention, in {where} process: "
+            f"training for {args.budget:g} s, then the time per step at "
+            f"lengths {args.lengths} (batch {args.timing_batch_size})",
+            flush=True,
+        )
+        if args.in_process:
+            results.append(train_for_budget("exact", args, corpus_path))
+        else:
+            results.append(
+                train_in_process("exact", args, corpus_path, work_dir)
             )
-            train = train_for_budget if args.in_process else train_in_process
-            extra = () if args.in_process else (work_dir,)
-            results.append(train(
-                attention, args, corpus_path, *extra,
-                model_path if attention == "favor" else None,
-            ))
-
+        print(
+            f"\n{ATTENTION_NAMES['favor']} attention, in this process: "
+            f"training for {args.budget:g} s, saving, exporting and "
+            "generating, then the time per step at the same lengths",
+            flush=True,
+        )
+        results.append(train_for_budget(
+            "favor", args, corpus_path, save_export_and_generate
+        ))
     times = {
         result["attention"]: {
             int(length): ms for length, ms in result["times"].items()
         }
         for result in results
     }
-
-    performer = keras.saving.load_model(model_path)
-    export_dir = os.path.join(args.output_dir, "saved_model")
-    export_start = time.perf_counter()
-    difference = export_and_check(
-        performer, export_dir, validation_inputs[:1, :256], args.temperature
-    )
+    generated = results[1]["extra"]
     print(
-        f"\nSaved the Performer to {model_path} and exported it to "
-        f"{export_dir} ({time.perf_counter() - export_start:.0f} s); its "
-        f"serve endpoint matches the model to {difference:.1e}."
-    )
-
-    prompt = prompt_tokens(args.prompt)
-    num_bytes = min(args.generate_bytes, args.max_length - prompt.shape[1])
-    generate_start = time.perf_counter()
-    tokens = keras_favor.generate(
-        performer, prompt, num_bytes, sampler="random",
-        temperature=args.temperature, seed=args.seed,
-    )
-    continuation = continuation_text(tokens, prompt.shape[1])
-    print(
-        f"\nThe Performer's continuation of {args.prompt!r}: {num_bytes} "
-        "bytes sampled with its recurrent cache (keras_favor.generate, "
-        f"temperature {args.temperature}, "
-        f"{time.perf_counter() - generate_start:.1f} s):\n"
-        f"{args.prompt}{continuation}"
+        f"\nThe Performer's continuation of {args.prompt!r} "
+        f"({generated['num_bytes']} bytes sampled at temperature "
+        f"{args.temperature}):\n{args.prompt}{generated['continuation']}"
     )
 
     plot_path = os.path.join(args.output_dir, "demo.png")
@@ -851,7 +889,8 @@ def main(argv=None):
     )
     return {
         "results": results, "times": times, "rows": rows,
-        "max_diff": difference, "continuation": continuation,
+        "max_diff": generated["max_diff"],
+        "continuation": generated["continuation"],
         "output_dir": args.output_dir,
     }
 

@@ -172,13 +172,18 @@ def help_entries(text):
     return dict(zip(flags, entries)), flags
 
 
-@pytest.mark.parametrize(
-    "name",
-    sorted(
-        path.stem for path in EXAMPLES.glob("*.py")
-        if path.stem != "example_utils"
-    ),
+# The scripts among the examples (not their helper modules).
+SCRIPTS = sorted(
+    path.stem for path in EXAMPLES.glob("*.py")
+    if 'if __name__ == "__main__":' in path.read_text()
 )
+
+
+def test_the_scripts_are_found():
+    assert {"quickstart", "listops", "distributed_training"} <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
 def test_help_lists_each_flag_once_with_a_help_text(
     examples, name, capsys, monkeypatch
 ):
