@@ -307,6 +307,8 @@ def plot(rows, path, args):
                      label=f"exact softmax, {args.steps} steps")
         axis.axhline(1.05 * exact, color="gray", linestyle=":", linewidth=1,
                      label="exact + 5 %")
+        axis.axvline(0.1 * args.steps, color="gray", linestyle="--",
+                     linewidth=1, label="10 % of the teacher's steps")
         axis.set_xlabel(x_label)
         axis.set_ylabel("validation bits per byte")
         axis.grid(alpha=0.3)
