@@ -322,10 +322,19 @@ def plot(rows, path, args):
     plt.close(figure)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows the defaults, except an unset one (its help says what unset
+    means) and a switch's."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
     add = parser.add_argument
     add("--steps", type=int, default=400,
@@ -347,7 +356,8 @@ def parse_args(argv):
     add("--transfer-learning-rate", type=float, default=1e-3,
         help="Adam learning rate of the attention transfer")
     add("--full", action="store_true",
-        help=f"the full size: {FULL} unless given")
+        help=f"the full size: {FULL['steps']} teacher steps and "
+        f"{FULL['validation_windows']} validation windows, unless given")
     add("--num-layers", type=int, default=2, help="Transformer blocks")
     add("--num-heads", type=int, default=4, help="attention heads")
     add("--hidden-dim", type=int, default=64, help="model width")
