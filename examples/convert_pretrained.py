@@ -19,8 +19,9 @@ Each attention variant (`--variants`) is converted and trained from scratch
 on its own: plain FAVOR+ (`favor`) and FAVOR+ with an exact local window
 (`window`, `--local-window` positions). Writes `convert_pretrained.csv` and
 `convert_pretrained.png` (the recovery curves) into `--output-dir` and prints
-a table. The defaults finish in about 7 minutes on 2 CPU cores; `--full`
-trains the teacher for 1200 steps.
+a table. `--full` trains the teacher for 1200 steps instead of 400. On 2 CPU
+cores shared with other jobs (load average 9-16) the defaults took 18-23
+minutes and `--full` 35; an idle machine takes a fraction of that.
 """
 
 import argparse
