@@ -268,3 +268,46 @@ def test_keras_masks_still_reach_a_wrapped_layer(rng):
         np.asarray(performer(padded))[:, :3],
         np.asarray(performer(padded[:, :3])), atol=1e-6,
     )
+
+
+def test_exact_performer_language_model_converts_to_favor_blocks_that_decode(
+    rng,
+):
+    teacher = keras_favor.build_performer(
+        vocabulary_size=40, max_length=24, num_layers=2, num_heads=2,
+        hidden_dim=16, intermediate_dim=16, task="language_model",
+        attention="exact", seed=0,
+    )
+    teacher(np.ones((1, 4), "int32"))
+    performer = convert.performerize(teacher, num_features=8, seed=3)
+    old_blocks = layers_of(teacher, keras_favor.layers.PerformerBlock)
+    new_blocks = layers_of(performer, keras_favor.layers.PerformerBlock)
+    assert len(new_blocks) == len(old_blocks) == 2
+    for old, new in zip(old_blocks, new_blocks):
+        # The block's own FavorAttention, converted as one layer would be.
+        assert new.attention == "favor" and new.num_features == 8
+        expected = convert.from_multi_head_attention(
+            old.attention_layer, num_features=8, seed=3
+        )
+        for mine, theirs in zip(
+            new.attention_layer.get_weights(), expected.get_weights(),
+            strict=True,
+        ):
+            np.testing.assert_array_equal(mine, theirs)
+        for name in ("attention_norm", "intermediate_dense", "output_dense",
+                     "feedforward_norm"):
+            for mine, theirs in zip(
+                getattr(new, name).get_weights(),
+                getattr(old, name).get_weights(), strict=True,
+            ):
+                np.testing.assert_array_equal(mine, theirs)
+    # Cached greedy decoding gives the tokens of repeated full passes.
+    prompts = rng.integers(1, 40, (2, 3))
+    tokens = np.asarray(keras_favor.generate(performer, prompts, 5))
+    expected = prompts
+    for _ in range(5):
+        logits = np.asarray(performer(expected))
+        expected = np.concatenate(
+            [expected, logits[:, -1].argmax(-1)[:, None]], axis=1
+        )
+    np.testing.assert_array_equal(tokens, expected)

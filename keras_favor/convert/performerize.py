@@ -9,6 +9,17 @@ from keras_favor.convert.from_multi_head_attention import (
 from keras_favor.convert.performerized_layer import PerformerizedLayer
 from keras_favor.convert.performerized_layer import held_attention
 from keras_favor.convert.performerized_layer import swap_attention
+from keras_favor.layers.performer_block import PerformerBlock
+
+# FavorAttention arguments that PerformerBlock takes under the same name.
+_BLOCK_FAVOR_ARGUMENTS = (
+    "feature_map", "num_features", "projection", "seed", "chunk_size",
+    "recompute_length", "local_window",
+)
+# PerformerBlock's sub-layers with weights, besides its attention.
+_BLOCK_SUBLAYERS = (
+    "attention_norm", "intermediate_dense", "output_dense", "feedforward_norm",
+)
 
 
 def performerize(model, predicate=None, **favor_kwargs):
@@ -18,8 +29,11 @@ def performerize(model, predicate=None, **favor_kwargs):
     is true becomes `from_multi_head_attention(mha, **favor_kwargs)` (its
     weights copied), wherever it is: a layer of a functional or sequential
     model, of a nested model, or a layer held as an attribute by a custom
-    layer (as keras-hub's `TransformerEncoder` holds its attention). Every
-    other weight equals the original's. The new model calls the attention
+    layer (as keras-hub's `TransformerEncoder` holds its attention). A
+    `PerformerBlock(attention="exact")` becomes the same block with
+    `attention="favor"`, so a converted `build_performer` language model
+    still decodes with a cache (`keras_favor.generate`). Every other weight
+    equals the original's. The new model calls the attention
     layers with the same arguments, so `use_causal_mask=True` stays causal;
     a general `(B, T, S)` attention mask has no linear-time form and raises
     when the model is called. `model` is left as it was.
@@ -59,6 +73,10 @@ def performerize(model, predicate=None, **favor_kwargs):
             return layer  # a stateless operation, such as `x + y`
         if isinstance(layer, keras.layers.MultiHeadAttention):
             return converted(layer) if predicate(layer) else _copy(layer)
+        if _is_exact_block(layer, favor_kwargs) and predicate(
+            layer.attention_layer
+        ):
+            return _favor_block(layer, converted(layer.attention_layer))
         held = {
             path: mha for path, mha in held_attention(layer).items()
             if predicate(mha)
@@ -92,6 +110,33 @@ def performerize(model, predicate=None, **favor_kwargs):
         if old.weights:
             new.set_weights(old.get_weights())
     return new_model
+
+
+def _is_exact_block(layer, favor_kwargs):
+    """Whether `layer` is a built exact-attention PerformerBlock whose
+    attention converts into the block's own FavorAttention arguments."""
+    return (
+        isinstance(layer, PerformerBlock)
+        and layer.attention == "exact"
+        and layer.built
+        and set(favor_kwargs) <= set(_BLOCK_FAVOR_ARGUMENTS)
+    )
+
+
+def _favor_block(block, favor):
+    """`block` as a `PerformerBlock(attention="favor")` whose attention is
+    `favor` (converted from the block's own), with every other weight
+    copied: so the converted block still decodes with a cache."""
+    config = block.get_config()
+    config["attention"] = "favor"
+    favor_config = favor.get_config()
+    config.update({name: favor_config[name] for name in _BLOCK_FAVOR_ARGUMENTS})
+    new = PerformerBlock.from_config(config)
+    new.build_from_config(block.get_build_config())
+    new.attention_layer.set_weights(favor.get_weights())
+    for name in _BLOCK_SUBLAYERS:
+        getattr(new, name).set_weights(getattr(block, name).get_weights())
+    return new
 
 
 def _copy(layer):
