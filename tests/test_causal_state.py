@@ -183,6 +183,11 @@ def per_feature_setup(rng, monkeypatch):
     ]
     mask = tf.constant(np.arange(40)[None, :] < np.array([[40], [29]]))
     target = tf.constant(rng.normal(size=(2, 2, 40, 8)), tf.float32)
+    # Blocks run where a compiled step reserves memory for the untaken
+    # branch (under `jax.jit`); here on TensorFlow as well.
+    monkeypatch.setattr(
+        keras_favor.backend, "reserves_every_branch", lambda: True
+    )
     used = []
     blocked = log_domain_causal._attention_in_blocks
     monkeypatch.setattr(

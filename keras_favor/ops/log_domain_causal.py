@@ -15,20 +15,21 @@ a running maximum per feature instead, and never forms a factor above 1:
 
 So the largest term of every query is exactly 1 and every term down to
 float32's smallest normal number is kept. It costs `L EXACT_CHUNK F`
-exponentials and, for one block of up to `EXACT_BLOCK` positions at a time,
-as many numbers of memory for the products inside the chunks and
-`(EXACT_BLOCK / EXACT_CHUNK) F D` for the chunk states: several times the
-default algorithm's time, which is why `causal_linear_attention` runs this
-one only for groups of positions where the default would lose a query's
-normalizer. The blocks run one after another, each from the state the one
-before left, and are recomputed in the backward pass, so that a compiled
-step (`jax.jit`, where both branches of a conditional get their buffers)
-reserves one block's worth of them.
+exponentials and as many numbers of memory for the products inside the
+chunks, and `(L / EXACT_CHUNK) F D` for the chunk states: several times the
+default algorithm, which is why `causal_linear_attention` runs this one only
+for groups of positions where the default would lose a query's normalizer.
+Where a compiled step reserves memory for that branch whether it runs or
+not (under `jax.jit`: `backend.reserves_every_branch`), the positions run in
+blocks of up to `EXACT_BLOCK`, one after another, each from the state the
+one before left and recomputed in the backward pass, so that the memory
+above is held for one block at a time.
 """
 
 import keras
 from keras import ops
 
+from keras_favor import backend
 from keras_favor.ops.chunk_scan import earlier_or_same
 from keras_favor.ops.chunk_scan import inherited_states
 from keras_favor.ops.chunk_scan import merge_chunks
@@ -136,11 +137,12 @@ def log_domain_causal_attention(
 ):
     """Causal linear attention with per-feature levels (module docstring).
 
-    Sequences longer than `EXACT_BLOCK` positions run block after block
-    (`keras.ops.scan`), each block starting from the state the previous
-    one left and recomputed in the backward pass (`keras.remat`), so that
-    the products inside the chunks are held for one block at a time. The
-    result is the same as in one block, to float32 round-off.
+    Off TensorFlow (`backend.reserves_every_branch`), sequences longer
+    than `EXACT_BLOCK` positions run block after block (`keras.ops.scan`),
+    each block starting from the state the previous one left and
+    recomputed in the backward pass (`keras.remat`), so that the products
+    inside the chunks are held for one block at a time. The result is the
+    same as in one block, to float32 round-off.
 
     Args:
         query_parts, key_parts: `(values, log_scale)` feature parts,
@@ -210,11 +212,15 @@ def _blocks(length, prefix_block):
     """`(num_blocks, block_length)` for `length` positions (None: unknown).
 
     Blocks of at most `EXACT_BLOCK` positions, rounded up to whole blocks
-    of the prefix scan; one block of unknown length when `length` is None.
+    of the prefix scan, where a compiled step reserves memory for this
+    branch whether it runs or not (`backend.reserves_every_branch`); else,
+    or when `length` is None, one block (of unknown length: None).
     """
     step = EXACT_CHUNK * prefix_block
     if length is None:
         return 1, None
+    if not backend.reserves_every_branch():
+        return 1, -(-length // step) * step
     num_blocks = max(1, -(-length // max(EXACT_BLOCK, step)))
     block_length = -(-length // (num_blocks * step)) * step
     return num_blocks, block_length
