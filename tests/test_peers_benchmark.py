@@ -28,21 +28,21 @@ def test_sweep_measures_keras_layers_and_reports_missing_peers(tmp_path, monkeyp
         [] if name.startswith("keras") else ["torch"]))
     monkeypatch.setattr(sys, "argv", [
         peers.__file__, "--implementations", "keras_favor", "keras_mha", "torch_sdpa",
-        "--modes", "bidirectional", "--passes", "forward_backward", "--lengths", "16", "--rounds", "1",
-        "--repeats", "1", "--min-repeats", "1", "--output-dir", str(tmp_path)])
+        "--modes", "bidirectional", "--passes", "forward_backward", "--lengths", "16",
+        "--rounds", "1", "--repeats", "1", "--min-repeats", "1", "--output-dir", str(tmp_path)])
     peers.main()
     rows = read_csv(tmp_path / "peers.csv")
     assert list(rows[0]) == list(peers.FIELDS)
     found = {(r["implementation"], r["mode"]): r for r in rows}
-    assert set(found) == {(name, "bidirectional") for name in ("keras_favor", "keras_mha", "torch_sdpa")}
-    for mode in ["bidirectional"]:
-        for name in ("keras_favor", "keras_mha"):
-            row = found[name, mode]
-            assert row["status"] == "ok" and row["rounds"] == "1"
-            assert float(row["max_s"]) >= float(row["median_s"]) >= float(row["min_s"]) > 0
-            assert float(row["peak_rss_mib"]) >= float(row["baseline_rss_mib"]) > 0
-        assert found["torch_sdpa", mode]["status"] == "not_installed"
-        assert "missing torch" in found["torch_sdpa", mode]["note"]
+    names = ("keras_favor", "keras_mha", "torch_sdpa")
+    assert set(found) == {(name, "bidirectional") for name in names}
+    for name in ("keras_favor", "keras_mha"):
+        row = found[name, "bidirectional"]
+        assert row["status"] == "ok" and row["rounds"] == "1"
+        assert float(row["max_s"]) >= float(row["median_s"]) >= float(row["min_s"]) > 0
+        assert float(row["peak_rss_mib"]) >= float(row["baseline_rss_mib"]) > 0
+    assert found["torch_sdpa", "bidirectional"]["status"] == "not_installed"
+    assert "missing torch" in found["torch_sdpa", "bidirectional"]["note"]
     table = (tmp_path / "peers_table.md").read_text()
     assert "not installed" in table and "keras_favor FAVOR+ | " in table
     assert (tmp_path / "peers.png").stat().st_size > 0
