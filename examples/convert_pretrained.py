@@ -28,10 +28,7 @@ import argparse
 import csv
 import math
 import os
-import pathlib
-import random
 import sys
-import sysconfig
 import time
 
 import numpy as np
@@ -39,60 +36,23 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+# example_utils first: it imports TensorFlow without its start-up messages.
+from example_utils import print_table  # noqa: E402
+from quickstart import VOCABULARY_SIZE  # noqa: E402
+from quickstart import load_corpus  # noqa: E402
+from quickstart import next_token_pairs  # noqa: E402
+from quickstart import random_windows  # noqa: E402
+
 import keras  # noqa: E402
 from attention_transfer import transfer_attention  # noqa: E402
-from example_utils import print_table  # noqa: E402
 
 import keras_favor  # noqa: E402
 from keras_favor import convert  # noqa: E402
 
-# Bytes 0..255 are tokens 1..256; token 0 is padding (never used here).
-VOCABULARY_SIZE = 257
-EXCLUDED_PARTS = {"site-packages", "dist-packages", "__pycache__"}
 DEFAULT_OUTPUT_DIR = os.path.join("benchmarks", "results", "tmp")
 # What --full changes: the teacher's steps and the validation set.
 FULL = {"steps": 1200, "validation_windows": 256}
 VARIANTS = ("favor", "window")
-
-
-def source_bytes(max_bytes, validation_every, seed):
-    """The standard library's `.py` sources as byte tokens (byte + 1).
-
-    The sorted file paths are shuffled with `seed`; every
-    `validation_every`-th file is held out. Reading stops after
-    `max_bytes`.
-
-    Returns:
-        `(train, validation)` int32 token arrays.
-    """
-    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(
-        p for p in root.rglob("*.py")
-        if not EXCLUDED_PARTS.intersection(p.relative_to(root).parts)
-    )
-    random.Random(seed).shuffle(files)
-    train, validation, read = [], [], 0
-    for number, path in enumerate(files):
-        if read >= max_bytes:
-            break
-        chunk = path.read_bytes()[: max_bytes - read]
-        read += len(chunk)
-        (validation if number % validation_every == 0 else train).append(
-            chunk
-        )
-
-    def tokens(chunks):
-        return np.frombuffer(b"".join(chunks), np.uint8).astype("int32") + 1
-
-    return tokens(train), tokens(validation)
-
-
-def windows(tokens, count, length, rng):
-    """`count` random `(length + 1)`-token windows: inputs and next-token
-    targets."""
-    starts = rng.integers(0, len(tokens) - length - 1, size=count)
-    cut = np.stack([tokens[s : s + length + 1] for s in starts])
-    return cut[:, :-1], cut[:, 1:]
 
 
 def compiled(model, learning_rate):
@@ -414,18 +374,19 @@ def main(argv=None):
     args = parse_args(argv)
     start = time.perf_counter()
     os.makedirs(args.output_dir, exist_ok=True)
-    train_tokens, validation_tokens = source_bytes(
+    train_tokens, validation_tokens, _ = load_corpus(
         args.corpus_bytes, args.validation_every, args.seed
     )
     rng = np.random.default_rng(args.seed)
     total_steps = args.steps + args.finetune_steps[-1]
     # Finetuning without transfer runs `transfer_steps` further.
-    train = windows(
+    train = next_token_pairs(random_windows(
         train_tokens, (total_steps + args.transfer_steps) * args.batch_size,
-        args.max_length, rng,
-    )
-    args.validation = windows(validation_tokens, args.validation_windows,
-                              args.max_length, rng)
+        args.max_length + 1, rng,
+    ))
+    args.validation = next_token_pairs(random_windows(
+        validation_tokens, args.validation_windows, args.max_length + 1, rng
+    ))
     print(
         f"Corpus: {len(train_tokens):,} training and "
         f"{len(validation_tokens):,} validation bytes of stdlib source. "
