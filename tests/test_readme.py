@@ -14,8 +14,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 # Placeholders of each section: Python run in a namespace of its own, whose
@@ -150,12 +148,10 @@ def run_sections(names):
     print("README-RESULTS " + json.dumps(results))
 
 
-SECTIONS = list(sections())
-
-
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("readme")
+def test_every_readme_section_runs(tmp_path):
+    """One process for all sections (and so for one pytest worker)."""
+    names = list(sections())
+    assert set(PLACEHOLDERS) <= set(names) and len(names) >= 7
     process = subprocess.run(
         [
             sys.executable,
@@ -164,9 +160,9 @@ def results(tmp_path_factory):
             "from tests.test_readme import run_sections; "
             "run_sections(sys.argv[2:])",
             str(README.parent),
-            *SECTIONS,
+            *names,
         ],
-        cwd=directory,
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=600,
@@ -176,14 +172,9 @@ def results(tmp_path_factory):
         if line.startswith("README-RESULTS ")
     ]
     assert process.returncode == 0 and lines, process.stderr[-4000:]
-    return json.loads(lines[-1][len("README-RESULTS "):])
-
-
-def test_readme_has_the_sections_this_test_knows():
-    assert set(PLACEHOLDERS) <= set(SECTIONS)
-    assert len(SECTIONS) >= 7
-
-
-@pytest.mark.parametrize("section", SECTIONS)
-def test_readme_section_runs(results, section):
-    assert results[section] is None, results[section]
+    results = json.loads(lines[-1][len("README-RESULTS "):])
+    failed = {name: error for name, error in results.items() if error}
+    assert set(results) == set(names)
+    assert not failed, "\n\n".join(
+        f"README section {name!r}:\n{error}" for name, error in failed.items()
+    )
