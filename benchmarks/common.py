@@ -150,3 +150,45 @@ def write_lines(path, lines):
     with open(path, "w") as file:
         file.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def run_worker(command, env, args, address_space_limit=None):
+    """Runs a benchmark worker under a watchdog and returns its result.
+
+    The worker prints `RESULT <json>`. The watchdog kills it when its
+    resident memory passes `args.memory_cap_gb`, when the machine has less
+    than `args.reserve_gb` left (status `machine_busy`: rerun it), or after
+    `args.timeout_s`; `address_space_limit` (bytes) backs it up where given.
+
+    Returns:
+        The worker's result dict, or one with `status` (`out_of_memory`,
+        `machine_busy`, `timeout` or `error`) and a `note`.
+    """
+    limit = address_space_limit
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+        if limit else None)
+    deadline, stopped, rss = time.monotonic() + args.timeout_s, None, 0.0
+    while stopped is None and process.poll() is None:
+        time.sleep(0.05)
+        rss = proc_field(f"/proc/{process.pid}/status", "VmRSS", mib=True) or rss
+        if rss > args.memory_cap_gb * 1024:
+            stopped = "out_of_memory", f"killed at {rss:.0f} MiB RSS"
+        elif proc_field("/proc/meminfo", "MemAvailable", mib=True) < args.reserve_gb * 1024:
+            stopped = "machine_busy", f"killed: machine below {args.reserve_gb} GB free"
+        elif time.monotonic() > deadline:
+            stopped = "timeout", f"killed after {args.timeout_s:.0f} s"
+    if stopped:
+        process.kill()
+    stdout, stderr = process.communicate()
+    if stopped:
+        return {"status": stopped[0], "note": stopped[1], "peak_rss_mib": round(rss, 1)}
+    for line in stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    # Under the address-space limit an allocation fails without a Python error.
+    memory = any(word in stderr for word in ("bad_alloc", "Cannot allocate", "OOM",
+                                             "out of memory"))
+    note = (stderr.strip().splitlines() or ["no output"])[-1][:160]
+    return {"status": "out_of_memory" if memory else "error", "note": note}

@@ -60,11 +60,8 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
-import time
 
 import common
 
@@ -287,32 +284,9 @@ def run_isolated(args, configuration):
     env.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     if IMPLEMENTATIONS[configuration["implementation"]][0] == "tf_keras":
         env["TF_USE_LEGACY_KERAS"] = "1"  # Model Garden's layers are tf-keras (Keras 2)
-    process = subprocess.Popen(
+    return common.run_worker(
         [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
-    deadline, stopped, rss = time.monotonic() + args.timeout_s, None, 0.0
-    while stopped is None and process.poll() is None:
-        time.sleep(0.05)
-        rss = common.proc_field(f"/proc/{process.pid}/status", "VmRSS", mib=True) or rss
-        if rss > args.memory_cap_gb * 1024:
-            stopped = "out_of_memory", f"killed at {rss:.0f} MiB RSS"
-        elif common.proc_field("/proc/meminfo", "MemAvailable", mib=True) < args.reserve_gb * 1024:
-            stopped = "machine_busy", f"killed: machine below {args.reserve_gb} GB free"
-        elif time.monotonic() > deadline:
-            stopped = "timeout", f"killed after {args.timeout_s:.0f} s"
-    if stopped:
-        process.kill()
-    stdout, stderr = process.communicate()
-    if stopped:
-        return {"status": stopped[0], "note": stopped[1], "peak_rss_mib": round(rss, 1)}
-    for line in stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    memory = any(word in stderr for word in ("bad_alloc", "Cannot allocate", "OOM",
-                                             "out of memory"))
-    note = (stderr.strip().splitlines() or ["no output"])[-1][:160]
-    return {"status": "out_of_memory" if memory else "error", "note": note}
+        env, args, limit)
 
 
 def configurations(args):

@@ -25,11 +25,8 @@ import itertools
 import json
 import math
 import os
-import resource
 import statistics
-import subprocess
 import sys
-import time
 
 import common
 
@@ -141,34 +138,9 @@ def run_isolated(args, configuration):
     job = dict(configuration, **vars(args))
     limit = int((2 * args.memory_cap_gb + 8) * 2**30)
     on_cpu = configuration.get("device") != "gpu"
-    process = subprocess.Popen(
+    return common.run_worker(
         [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-        preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
-        if on_cpu else None)
-    deadline, stopped, rss = time.monotonic() + args.timeout_s, None, 0.0
-    while stopped is None and process.poll() is None:
-        time.sleep(0.05)
-        rss = common.proc_field(f"/proc/{process.pid}/status", "VmRSS", mib=True) or rss
-        if rss > args.memory_cap_gb * 1024:
-            stopped = "out_of_memory", f"killed at {rss:.0f} MB RSS"
-        elif common.proc_field("/proc/meminfo", "MemAvailable", mib=True) < args.reserve_gb * 1024:
-            stopped = "machine_busy", f"killed: machine below {args.reserve_gb} GB free"
-        elif time.monotonic() > deadline:
-            stopped = "timeout", f"killed after {args.timeout_s} s"
-    if stopped:
-        process.kill()
-    stdout, stderr = process.communicate()
-    if stopped:
-        return {"status": stopped[0], "note": stopped[1], "peak_rss_mib": round(rss, 1)}
-    for line in stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    # Under the address-space limit an allocation fails without a Python error.
-    memory = any(word in stderr for word in ("bad_alloc", "Cannot allocate", "OOM"))
-    note = (stderr.strip().splitlines() or ["no output"])[-1][:160]
-    return {"status": "out_of_memory" if memory else "error", "note": note}
+        dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), args, limit if on_cpu else None)
 
 
 def sweep(args, device, csv_path, jit_compile=None):

@@ -13,6 +13,7 @@ import time
 
 import keras
 import numpy as np
+from example_utils import StepTimer
 
 from keras_favor import FavorAttention
 
@@ -333,7 +334,7 @@ def transfer_attention(
             f"Attention transfer: {len(pairs)} layers, {len(targets[0])} "
             f"recorded sequences, {steps} steps"
         )
-    timer = _StepTimer()
+    timer = StepTimer()
     start = time.perf_counter()
     model.fit(
         _Batches(inputs, targets, batch_size, steps), verbose=verbose,
@@ -392,25 +393,6 @@ def _length(array):
             f"teacher's inputs. Received: data={array!r}"
         )
     return int(array.shape[0])
-
-
-class _StepTimer(keras.callbacks.Callback):
-    """The durations of the training steps."""
-
-    def __init__(self):
-        super().__init__()
-        self.durations, self.begin = [], None
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self.begin = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.durations.append(time.perf_counter() - self.begin)
-
-    def median(self):
-        """The median duration, the first step's (compilation) left out
-        unless it is the only one."""
-        return float(np.median(self.durations[1:] or self.durations))
 
 
 class _Batches(keras.utils.PyDataset):

@@ -37,6 +37,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # example_utils first: it imports TensorFlow without its start-up messages.
+from example_utils import StepTimer  # noqa: E402
 from example_utils import print_table  # noqa: E402
 from quickstart import VOCABULARY_SIZE  # noqa: E402
 from quickstart import load_corpus  # noqa: E402
@@ -68,25 +69,6 @@ def bits_per_byte(model, validation, batch_size):
     and no target is padding)."""
     loss = model.evaluate(*validation, batch_size=batch_size, verbose=0)
     return loss / math.log(2.0)
-
-
-class StepTimer(keras.callbacks.Callback):
-    """The durations of the training steps, the very first (which holds
-    the compilation) left out."""
-
-    def __init__(self):
-        super().__init__()
-        self.durations, self.begin = [], None
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self.begin = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.durations.append(time.perf_counter() - self.begin)
-
-    def median(self):
-        steps = self.durations[1:] or self.durations
-        return float(np.median(steps)) if steps else float("nan")
 
 
 def train_to(model, train, first_step, boundaries, args, verbose=0):

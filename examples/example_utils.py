@@ -67,6 +67,7 @@ def import_tensorflow_quietly():
 import_tensorflow_quietly()
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 
 import keras_favor  # noqa: E402
 
@@ -171,3 +172,25 @@ def print_table(headers, rows):
     print(line(["-" * w for w in widths]))
     for row in rows:
         print(line(row))
+
+
+class StepTimer(keras.callbacks.Callback):
+    """The wall time of every training batch, from its start to its end."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+        self._start = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
+
+    def median(self, warmup=1):
+        """The median seconds of a step, the first `warmup` steps (which
+        hold the compilation) left out unless no other step ran; NaN
+        before any step."""
+        steps = self.seconds[warmup:] or self.seconds
+        return float(np.median(steps)) if steps else float("nan")

@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from example_utils import ATTENTION_NAMES  # noqa: E402
 from example_utils import add_model_arguments  # noqa: E402
 from example_utils import build_model  # noqa: E402
+from example_utils import StepTimer  # noqa: E402
 from example_utils import print_table  # noqa: E402
 from example_utils import timed_fit  # noqa: E402
 
@@ -135,27 +136,6 @@ def model_name(attention, local_window):
     return f"{name}, exact window {local_window}" if local_window else name
 
 
-class StepTimer(keras.callbacks.Callback):
-    """The wall time of every training batch, from its start to its end."""
-
-    def __init__(self):
-        super().__init__()
-        self.seconds = []
-        self._start = None
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start)
-
-    def median_ms(self):
-        """The median after the first `WARMUP_STEPS` batches (the first half
-        of the batches in runs shorter than twice that)."""
-        warmup = min(WARMUP_STEPS, len(self.seconds) // 2)
-        return 1000 * float(np.median(self.seconds[warmup:]))
-
-
 def train(attention, args, train_data, test_data, local_window=0):
     name = model_name(attention, local_window)
     print(f"\n{name} attention:")
@@ -176,11 +156,12 @@ def train(attention, args, train_data, test_data, local_window=0):
     timer = StepTimer()
     seconds = timed_fit(model, train_data, test_data, args, [timer])
     results = model.evaluate(test_data, verbose=0, return_dict=True)
+    warmup = min(WARMUP_STEPS, len(timer.seconds) // 2)
     return {
         "model": name,
         "parameters": f"{model.count_params():,}",
         "train s": f"{seconds:.0f}",
-        "ms/step": f"{timer.median_ms():.1f}",
+        "ms/step": f"{1000 * timer.median(warmup):.1f}",
         "test accuracy": f"{results['accuracy']:.3f}",
     }
 

@@ -55,6 +55,7 @@ sys.path.insert(0, EXAMPLES_DIR)
 from example_utils import ATTENTION_NAMES  # noqa: E402
 from example_utils import add_model_arguments  # noqa: E402
 from example_utils import build_model  # noqa: E402
+from example_utils import StepTimer  # noqa: E402
 from example_utils import print_table  # noqa: E402
 
 import keras  # noqa: E402
@@ -265,21 +266,6 @@ def training_data(tokens, length, batch_size, seed):
     return tf.data.Dataset.from_generator(
         batches, output_signature=(spec, spec)
     ).prefetch(2)
-
-
-class StepTimer(keras.callbacks.Callback):
-    """The wall time of every training batch, from its start to its end."""
-
-    def __init__(self):
-        super().__init__()
-        self.seconds = []
-        self._start = None
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start)
 
 
 def step_times(model, tokens, args, label):
