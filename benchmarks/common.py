@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -192,3 +193,14 @@ def run_worker(command, env, args, address_space_limit=None):
                                              "out of memory"))
     note = (stderr.strip().splitlines() or ["no output"])[-1][:160]
     return {"status": "out_of_memory" if memory else "error", "note": note}
+
+
+def timing_fields(times, first_call_s, time_cap_s):
+    """A worker's result fields for its timed runs: `status` (`ok`, or
+    `over_time_cap` when the median step passes `time_cap_s`), the median,
+    fastest and slowest seconds, their count and the first (tracing) call's."""
+    median = statistics.median(times)
+    return dict(status="over_time_cap" if median > time_cap_s else "ok",
+                median_s=round(median, 5), min_s=round(min(times), 5),
+                max_s=round(max(times), 5), timed_runs=len(times),
+                first_call_s=round(first_call_s, 3))

@@ -257,11 +257,7 @@ def measure(job):
             raise
         result.update(status="out_of_memory", note=text.strip().splitlines()[0][:120])
     else:
-        median = statistics.median(times)
-        result.update(status="over_time_cap" if median > job["time_cap_s"] else "ok",
-                      median_s=round(median, 5), min_s=round(min(times), 5),
-                      max_s=round(max(times), 5), timed_runs=len(times),
-                      first_call_s=round(first, 3))
+        result.update(common.timing_fields(times, first, job["time_cap_s"]))
     result["peak_rss_mib"] = round(common.peak_rss_mib(), 1)
     return result
 
