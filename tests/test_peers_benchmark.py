@@ -23,6 +23,9 @@ def test_sweep_measures_keras_layers_and_reports_missing_peers(tmp_path, monkeyp
     # Measured in this process (no workers, so no TensorFlow start-up each).
     monkeypatch.setattr(peers, "run_isolated",
                         lambda args, row: peers.measure(dict(row, **vars(args))))
+    # A worker sets its threads before TensorFlow starts; this process's
+    # TensorFlow may have started already (other tests of the session).
+    monkeypatch.setattr(peers, "set_threads", lambda framework, threads: None)
     monkeypatch.setattr(peers.common, "environment", peers.common.describe)
     monkeypatch.setattr(peers, "missing_modules", lambda name: (
         [] if name.startswith("keras") else ["torch"]))
