@@ -317,5 +317,50 @@ def main(argv=None):
     return rows
 
 
+def plot(csv_paths, png_path):
+    """Validation bits per byte of each configuration (mean bar, one dot
+    per seed), a panel per CSV written by `main`."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(
+        1, len(csv_paths), figsize=(6 * len(csv_paths), 4.2), squeeze=False
+    )
+    for axis, path in zip(axes[0], csv_paths):
+        with open(path, newline="") as file:
+            rows = list(csv.DictReader(file))
+        names = list(dict.fromkeys(row["config"] for row in rows))
+        for i, name in enumerate(names):
+            values = [float(r["val_bits_per_byte"]) for r in rows
+                      if r["config"] == name]
+            axis.bar(i, np.mean(values), color="tab:blue" if name != "exact"
+                     else "tab:red", alpha=0.5,
+                     label="mean of the seeds" if i == len(names) - 1 else None)
+            axis.plot([i] * len(values), values, "ko", markersize=3,
+                      label="one seed" if i == 0 else None)
+        axis.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        low = min(float(r["val_bits_per_byte"]) for r in rows)
+        high = max(float(r["val_bits_per_byte"]) for r in rows)
+        axis.set_ylim(low - 0.2 * (high - low) - 0.01,
+                      high + 0.2 * (high - low) + 0.01)
+        axis.set_ylabel("validation bits per byte (lower is better)")
+        axis.set_title(f"context {rows[0]['context']} bytes, "
+                       f"{rows[0]['steps']} steps", fontsize=10)
+        axis.grid(True, axis="y", alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle("Byte-level language model on the Python standard "
+                    "library's source (red: exact attention)", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=130)
+    plt.close(figure)
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--plot"]:
+        plot(sys.argv[2:-1], sys.argv[-1])  # --plot CSV [CSV ...] PNG
+    else:
+        main()

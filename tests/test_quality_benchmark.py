@@ -55,6 +55,8 @@ def test_quality_benchmark_runs_every_configuration(tmp_path, capsys):
     [run] = json.loads((tmp_path / "quality.json").read_text())["runs"]
     assert run["environment"]["tensorflow"]
     assert run["settings"]["steps"] == 6
+    quality.plot([tmp_path / "quality.csv"], tmp_path / "quality.png")
+    assert (tmp_path / "quality.png").stat().st_size > 10_000
     table = capsys.readouterr().out.split("change against favor")[-1]
     for name in CONFIGS:
         assert name in table
