@@ -23,11 +23,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/quickstart.py
 
-# Two workers: the suite takes about 15 minutes in one process on 2 cores.
+# Two workers, idle ones taking tests from busy ones (worksteal), the long
+# modules first (tests/conftest.py).
 # Then the backend-independent modules again on JAX (tests/conftest.py).
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2
-	KERAS_BACKEND=jax JAX_PLATFORMS=cpu $(BIN)/python -m pytest -n 2 -m backend_independent
+	$(BIN)/python -m pytest -n 2 --dist worksteal
+	KERAS_BACKEND=jax JAX_PLATFORMS=cpu $(BIN)/python -m pytest -n 2 --dist worksteal -m backend_independent
 
 clean:
 	rm -rf $(VENV) build *.egg-info

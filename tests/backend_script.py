@@ -69,9 +69,10 @@ def configurations():
 
 
 # Configurations whose gradients (inputs and weights) are compared too.
+# (Grouped bidirectional gradients: test_grouped_recomputation_*.)
 GRADIENT_CONFIGS = (
-    "softmax_bidirectional", "softmax_causal", "softmax_bidirectional_groups",
-    "softmax_causal_groups", "softmax_causal_local_window", "relu_causal",
+    "softmax_bidirectional", "softmax_causal", "softmax_causal_groups",
+    "softmax_causal_local_window", "relu_causal",
 )
 
 

@@ -37,7 +37,17 @@ def pytest_configure(config):
     )
 
 
+# Modules of long tests (subprocesses, whole trainings), run first so that
+# `pytest -n 2` does not end with one worker busy and the other idle.
+LONG_MODULES = (
+    "test_jax_backend.py", "test_readme.py", "test_distributed.py",
+    "test_convert_pretrained.py", "test_quality_benchmark.py",
+    "test_examples.py", "test_generation.py", "test_benchmarks.py",
+)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in LONG_MODULES)
     if keras.backend.backend() == "tensorflow":
         return
     skip = pytest.mark.skip(
