@@ -44,14 +44,14 @@ Install the implementations beside keras_favor in a virtual environment of
 their own (tf-models-official pins another TensorFlow, so it comes without
 its dependencies; the extra lists the few its kernel attention imports):
 
-    python3 -m venv /work/peers-venv
-    /work/peers-venv/bin/pip install -e ".[peers]"
-    /work/peers-venv/bin/pip install --no-deps tf-models-official==2.20.0
+    python3 -m venv ../peers-venv
+    ../peers-venv/bin/pip install -e ".[peers]"
+    ../peers-venv/bin/pip install --no-deps tf-models-official==2.20.0
 
-    /work/peers-venv/bin/python benchmarks/peers.py          # the full sweep
-    /work/peers-venv/bin/python benchmarks/peers.py --lengths 1024 4096 \\
+    ../peers-venv/bin/python benchmarks/peers.py          # the full sweep
+    ../peers-venv/bin/python benchmarks/peers.py --lengths 1024 4096 \\
         --implementations keras_favor performer_pytorch --rounds 1
-    /work/peers-venv/bin/python benchmarks/peers.py --plot-only
+    ../peers-venv/bin/python benchmarks/peers.py --plot-only
 """
 
 import argparse
