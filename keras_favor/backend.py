@@ -48,6 +48,19 @@ def is_tf_tensor(x):
     return tf.is_tensor(x)
 
 
+def is_concrete(x):
+    """Whether the tensor `x` holds values now (an eager call), rather than
+    standing for them in a trace (`tf.function`, `jax.jit`, symbolic
+    shapes), so that Python can check them at no cost to a compiled step."""
+    if is_tensorflow():
+        import tensorflow as tf
+
+        return tf.executing_eagerly() and hasattr(x, "numpy")
+    import jax
+
+    return not isinstance(x, (jax.core.Tracer, keras.KerasTensor))
+
+
 def _split64(value):
     """A Python int as its (high, low) 32-bit words."""
     value = int(value) & 0xFFFFFFFFFFFFFFFF

@@ -16,49 +16,13 @@ import tensorflow as tf
 import keras_favor
 from keras_favor import generation
 
-VOCABULARY = 61
-MAX_LENGTH = 96
+from tests.language_models import MAX_LENGTH
+from tests.language_models import VOCABULARY
+from tests.language_models import greedy_by_full_passes
+from tests.language_models import language_model
+from tests.language_models import left_padded_prompts
+
 NEW_TOKENS = 64
-
-
-def language_model(
-    attention="favor", api="functional", num_layers=2, **kwargs
-):
-    model = keras_favor.build_performer(
-        VOCABULARY, MAX_LENGTH, num_layers=num_layers, num_heads=2,
-        hidden_dim=32,
-        intermediate_dim=64, task="language_model", num_features=16,
-        chunk_size=8, seed=0, attention=attention, api=api, **kwargs,
-    )
-    # Larger weights than the initial ones make confident, varied
-    # predictions, so that greedy decoding does not settle on one token.
-    rng = np.random.default_rng(5)
-    model.set_weights(
-        [
-            w if w.ndim < 2 or w.dtype != np.float32
-            else 3 * rng.normal(size=w.shape).astype("float32")
-            / np.sqrt(w.shape[-2])
-            for w in model.get_weights()
-        ]
-    )
-    return model
-
-
-def left_padded_prompts():
-    """Three prompts of 9, 6 and 3 tokens, left-padded to 9."""
-    prompt = np.random.default_rng(1).integers(1, VOCABULARY, size=(3, 9))
-    prompt[1, :3] = 0
-    prompt[2, :6] = 0
-    return prompt.astype("int32")
-
-
-def greedy_by_full_passes(model, prompt, num_tokens):
-    tokens = prompt
-    for _ in range(num_tokens):
-        logits = np.asarray(model(tokens))
-        next_token = logits[:, -1].argmax(axis=-1).astype("int32")
-        tokens = np.concatenate([tokens, next_token[:, None]], axis=1)
-    return tokens
 
 
 @pytest.mark.parametrize(
@@ -272,6 +236,20 @@ def test_exported_generate_endpoint_gives_generate_tokens(
     np.testing.assert_array_equal(
         served_generate(path, prompt[:1, -1:], 5, seed),
         keras_favor.generate(model, prompt[:1, -1:], 5, seed=seed[0], **options),
+    )
+
+
+def test_exported_generate_keeps_a_float32_state_under_mixed_float16(
+    tmp_path,
+):
+    keras.config.set_dtype_policy("mixed_float16")
+    model = language_model(num_layers=1)
+    path = str(tmp_path / "lm_savedmodel")
+    generation.export_language_model(model, path)
+    prompt = left_padded_prompts()
+    np.testing.assert_array_equal(
+        served_generate(path, prompt, 12, [0, 0]),
+        greedy_by_full_passes(model, prompt, 12),
     )
 
 

@@ -16,7 +16,7 @@ from keras_favor.validation import stateless_seed
 _COMPILED = weakref.WeakKeyDictionary()
 
 
-def _check_prompt(prompt_ids, num_new_tokens, max_length):
+def _check_prompt(prompt_ids, num_new_tokens, max_length, vocabulary_size):
     prompt_ids = np.asarray(prompt_ids)
     if prompt_ids.ndim != 2 or not np.issubdtype(prompt_ids.dtype, np.integer):
         raise ValueError(
@@ -27,6 +27,15 @@ def _check_prompt(prompt_ids, num_new_tokens, max_length):
         raise ValueError(
             "`prompt_ids` needs at least one sequence of at least one "
             f"token. Received: shape {prompt_ids.shape}"
+        )
+    # A compiled gather clamps an id outside the table and JAX's fills its
+    # row with NaN: either way a wrong answer without an error.
+    low, high = prompt_ids.min(), prompt_ids.max()
+    if low < 0 or high >= vocabulary_size:
+        raise ValueError(
+            "`prompt_ids` must be token ids in [0, "
+            f"{vocabulary_size}), the model's vocabulary. Received: ids "
+            f"from {low} to {high}"
         )
     total = prompt_ids.shape[1] + num_new_tokens
     if total > max_length:
@@ -55,6 +64,15 @@ def decoding_options(
     if not is_int(padding_id):
         raise ValueError(
             f"`padding_id` must be an int. Received: padding_id={padding_id!r}"
+        )
+    embedding, _ = language_model_cache.language_model_layers(model)
+    if embedding.mask_zero and padding_id != 0:
+        # The model's own mask says which positions are padding; another
+        # padding id would mask every real token of that id.
+        raise ValueError(
+            "`padding_id` must be 0 for this model: its embedding masks id "
+            "0 (`mask_zero=True`), and padding must be what the model "
+            f"masks. Received: padding_id={padding_id!r}"
         )
     return dict(
         sampler=sampler, temperature=float(temperature), top_k=top_k,
@@ -132,11 +150,27 @@ def decode(
     return tokens
 
 
+def _variables_signature(model):
+    """What a compiled loop depends on besides the variables' values: which
+    variables the model has, of which shapes and dtypes. `quantize` and
+    `enable_lora` change it (they replace or add variables); `set_weights`
+    and training do not."""
+    return tuple(
+        (id(v), v.path, tuple(v.shape), str(v.dtype)) for v in model.variables
+    )
+
+
 def _compiled_decode(model, options, jit_compile):
     """`decode` for `model` and `options`, compiled by the backend: a
     `tf.function` (XLA with `jit_compile=True`) on TensorFlow, `jax.jit`
-    over the model's variables on JAX. Kept per model and options."""
-    compiled = _COMPILED.setdefault(model, {})
+    over the model's variables on JAX. Kept per model and options while
+    the model's variables stay the same ones (`_variables_signature`): a
+    quantized or LoRA-enabled model gets a new trace."""
+    signature = _variables_signature(model)
+    kept_signature, compiled = _COMPILED.get(model, (None, {}))
+    if kept_signature != signature:
+        compiled = {}
+        _COMPILED[model] = (signature, compiled)
     key = (tuple(sorted(options.items())), jit_compile)
     if key in compiled:
         return compiled[key]
@@ -208,7 +242,10 @@ def generate(
         end_token_id: None or an int. A sequence that produces it stops:
             its later positions hold `padding_id`. Generation ends when all
             have stopped (the output keeps its full width).
-        padding_id: int, the padding token id (default 0).
+        padding_id: int, the padding token id (default 0). A model built
+            with `mask_zero=True` masks id 0, so it must be 0 there; for
+            other models it only fills the positions after a sequence's
+            end.
         jit_compile: bool, on TensorFlow whether the loop compiles with
             XLA (JAX always compiles it).
 
@@ -235,8 +272,11 @@ def generate(
             "`max_new_tokens` must be an integer >= 1. Received: "
             f"max_new_tokens={max_new_tokens!r}"
         )
-    max_length = language_model_cache.max_length(model)
-    prompt_ids = _check_prompt(prompt_ids, max_new_tokens, max_length)
+    embedding, _ = language_model_cache.language_model_layers(model)
+    prompt_ids = _check_prompt(
+        prompt_ids, max_new_tokens, embedding.sequence_length,
+        embedding.vocabulary_size,
+    )
     options = decoding_options(
         model, sampler, temperature, top_k, top_p, end_token_id, padding_id
     )

@@ -11,6 +11,7 @@ from keras_favor import ops as favor_ops
 from keras_favor import projections as projections_lib
 from keras_favor.layers import attention_arguments as arguments
 from keras_favor.layers import dense_sublayers
+from keras_favor.layers import float32_cache
 from keras_favor.layers import multi_head_layout as layout
 from keras_favor.validation import batch_size as validation_batch_size
 from keras_favor.validation import check_cache_shapes
@@ -174,7 +175,9 @@ class FavorAttention(keras.layers.Layer):
         lora_alpha=None,
         **kwargs,
     ):
-        super().__init__(**kwargs)
+        super().__init__(
+            **float32_cache.without_argument_casting("FavorAttention", kwargs)
+        )
         self.supports_masking = True
         self.num_heads = positive_int(num_heads, "num_heads")
         self.key_dim = positive_int(key_dim, "key_dim")
@@ -517,6 +520,7 @@ class FavorAttention(keras.layers.Layer):
     ):
         if cache is not None:
             self._check_cache_call(query, value, key, use_causal_mask, cache)
+            cache = float32_cache.float32_cache(cache)
         if value is None and key is None:
             # Self-attention with a single input, as inside keras.Sequential:
             # the query's padding mask is the keys' mask. Keras passes it as

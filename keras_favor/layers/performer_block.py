@@ -6,6 +6,7 @@ from keras import ops
 from keras_favor import feature_maps as feature_maps_lib
 from keras_favor import projections as projections_lib
 from keras_favor.layers.favor_attention import FavorAttention
+from keras_favor.layers.float32_cache import without_argument_casting
 from keras_favor.validation import batch_size as validation_batch_size
 from keras_favor.validation import check_cache_shapes
 from keras_favor.validation import dropout_rate
@@ -126,7 +127,9 @@ class PerformerBlock(keras.layers.Layer):
         local_window=0,
         **kwargs,
     ):
-        super().__init__(**kwargs)
+        super().__init__(
+            **without_argument_casting("PerformerBlock", kwargs)
+        )
         self.supports_masking = True
         self.num_heads = positive_int(num_heads, "num_heads")
         self.intermediate_dim = positive_int(
@@ -337,6 +340,9 @@ class PerformerBlock(keras.layers.Layer):
         self, inputs, mask=None, training=None, cache=None,
         cache_update_index=None,
     ):
+        # Keras's argument casting is off (`float32_cache`): the residual
+        # stream is cast here, the cache stays as it came.
+        inputs = ops.cast(inputs, self.compute_dtype)
         if cache is not None:
             return self._call_with_cache(
                 inputs, mask, cache, cache_update_index

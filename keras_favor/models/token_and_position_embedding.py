@@ -22,7 +22,10 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
     `max_length`, its name in `build_performer`): a `ValueError` when the
     length is known as the model is traced (eager calls, `fit`, `predict`),
     and otherwise, as in a served SavedModel, a
-    `tf.errors.InvalidArgumentError` when the call runs.
+    `tf.errors.InvalidArgumentError` when the call runs. Token ids outside
+    `[0, vocabulary_size)` raise a `ValueError` in an eager call; a traced
+    call (`fit`, `predict`, a compiled step) leaves them unchecked, as a
+    check there would cost every step.
 
     Masking: with `mask_zero=True`, token id 0 is padding and the layer
     returns the Keras mask `tokens != 0`, which downstream layers such as
@@ -114,6 +117,7 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
                 "time (a SavedModel export of a `(batch, None)` input)"
             )
         check_length(inputs.shape[1], self.sequence_length)
+        check_token_ids(inputs, self.vocabulary_size)
         length = ops.shape(inputs)[1]
         if inputs.shape[1] is None and backend.is_tensorflow():
             # Unknown until run time (a SavedModel's `(None, None)`
@@ -189,6 +193,24 @@ def length_error(length, sequence_length):
         "`TokenAndPositionEmbedding`). Truncate them, or build the model "
         "with a larger `max_length`."
     )
+
+
+def check_token_ids(token_ids, vocabulary_size):
+    """A `ValueError` if eager `token_ids` fall outside `[0,
+    vocabulary_size)`. Traced ids are not checked (the check would cost
+    every compiled step); `keras_favor.generate` checks its prompts."""
+    if not backend.is_concrete(token_ids):
+        return
+    ids = ops.convert_to_numpy(token_ids)
+    if ids.size == 0:
+        return
+    low, high = ids.min(), ids.max()
+    if low < 0 or high >= vocabulary_size:
+        raise ValueError(
+            f"`inputs` must be token ids in [0, {vocabulary_size}), the "
+            f"`vocabulary_size` of the embedding. Received: ids from {low} "
+            f"to {high}"
+        )
 
 
 def check_length(length, sequence_length):

@@ -1,0 +1,172 @@
+"""Generation on every backend: the decoding state stays float32 under
+mixed precision, a changed model gets a new compiled loop, and token ids
+outside the vocabulary or a padding id the model does not mask raise."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_favor
+from keras_favor import generation
+
+from tests.language_models import VOCABULARY
+from tests.language_models import greedy_by_full_passes
+from tests.language_models import language_model
+from tests.language_models import left_padded_prompts
+
+pytestmark = pytest.mark.backend_independent
+
+MIXED_POLICIES = ["mixed_float16", "mixed_bfloat16"]
+
+
+@pytest.mark.parametrize("policy", MIXED_POLICIES)
+@pytest.mark.parametrize("kwargs", [{}, {"local_window": 4}])
+def test_mixed_precision_greedy_generate_equals_repeated_full_passes(
+    policy, kwargs
+):
+    keras.config.set_dtype_policy(policy)
+    model = language_model(num_layers=1, **kwargs)
+    prompt = left_padded_prompts()
+    tokens = keras_favor.generate(model, prompt, 16)
+    # Decoding visits many tokens: not only padding, not a fixed point.
+    assert len(np.unique(tokens[:, 9:])) > 5
+    np.testing.assert_array_equal(
+        tokens, greedy_by_full_passes(model, prompt, 16)
+    )
+
+
+def unscaled(state):
+    """The causal state's sums at one common level (the state stores them
+    times `exp(-level)` at levels that depend on the summation order), and
+    its other tensors as they are, all float32 or bool."""
+    for x in state:
+        assert keras.backend.standardize_dtype(x.dtype) in ("float32", "bool")
+    key_values, key_sum, level = state[:3]
+    factor = keras.ops.exp(level - keras.ops.max(level))
+    return (
+        key_values * factor[..., None], key_sum * factor, *state[3:]
+    )
+
+
+def causal_layer(local_window=0):
+    return keras_favor.FavorAttention(
+        num_heads=4, key_dim=8, num_features=32, seed=1, chunk_size=16,
+        local_window=local_window,
+    )
+
+
+@pytest.mark.parametrize("policy", MIXED_POLICIES)
+@pytest.mark.parametrize("local_window", [0, 4])
+def test_mixed_precision_state_stays_float32_over_many_steps(
+    rng, policy, local_window
+):
+    length = 160
+    x = rng.normal(size=(2, length, 32)).astype("float32")
+    keras.config.set_dtype_policy(policy)
+    layer = causal_layer(local_window)
+    layer.build(x.shape)
+    whole, state = layer(
+        x, use_causal_mask=True, cache=layer.empty_cache(2),
+        cache_update_index=0,
+    )
+    cache = layer.empty_cache(2)
+    steps = []
+    for t in range(length):
+        outputs, cache = layer(
+            x[:, t : t + 1], use_causal_mask=True, cache=cache,
+            cache_update_index=t,
+        )
+        steps.append(keras.ops.convert_to_numpy(outputs).astype("float32"))
+    whole = keras.ops.convert_to_numpy(whole).astype("float32")
+    assert np.all(np.isfinite(np.concatenate(steps, axis=1)))
+    for got, want in zip(unscaled(cache), unscaled(state)):
+        got, want = (keras.ops.convert_to_numpy(s) for s in (got, want))
+        if want.dtype == bool:
+            np.testing.assert_array_equal(got, want)
+            continue
+        # Both are float32 sums of the same terms in another order:
+        # float32 round-off, where a compute-dtype state would be off by
+        # the compute dtype's unit round-off (2**-8 or 2**-11) per step.
+        scale = np.max(np.abs(want))
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale)
+    # Each step's output rounds the same float32 attention to the
+    # compute dtype as the whole call: at most one unit in the last place.
+    unit = {"mixed_float16": 2.0**-10, "mixed_bfloat16": 2.0**-7}[policy]
+    scale = np.max(np.abs(whole))
+    np.testing.assert_allclose(
+        np.concatenate(steps, axis=1), whole, rtol=0, atol=unit * scale
+    )
+
+
+def test_autocast_true_is_refused():
+    with pytest.raises(ValueError, match="`autocast` must be False"):
+        keras_favor.FavorAttention(2, 8, autocast=True)
+    with pytest.raises(ValueError, match="`autocast` must be False"):
+        keras_favor.PerformerBlock(2, 16, autocast=True)
+
+
+def tokens_of_one_pass(model, tokens, prompt_length):
+    """The greedy tokens a cached loop must produce, from one causal pass
+    over its output."""
+    logits = keras.ops.convert_to_numpy(model(tokens[:, :-1]))
+    return logits[:, prompt_length - 1 :].argmax(axis=-1)
+
+
+@pytest.mark.parametrize("change", ["quantize", "lora"])
+def test_generate_after_the_model_changes_uses_the_changed_model(change):
+    model = language_model(num_layers=1)
+    prompt = left_padded_prompts()
+    before = keras_favor.generate(model, prompt, 16)
+    if change == "quantize":
+        # int4 rounds coarsely enough to change some greedy tokens here.
+        model.quantize("int4")
+    else:
+        rng = np.random.default_rng(3)
+        for layer in model.layers:
+            if isinstance(layer, keras_favor.PerformerBlock):
+                attention = layer.attention_layer
+                attention.enable_lora(2)
+                # A nonzero update, so that the LoRA model differs.
+                for dense in (attention.query_dense, attention.output_dense):
+                    b = dense.lora_kernel_b
+                    b.assign(rng.normal(size=b.shape).astype("float32"))
+    after = keras_favor.generate(model, prompt, 16)
+    assert np.any(after != before)
+    np.testing.assert_array_equal(
+        after[:, 9:], tokens_of_one_pass(model, after, 9)
+    )
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("bad_id", [VOCABULARY, VOCABULARY + 7, -1])
+def test_prompt_ids_outside_the_vocabulary_raise(jit_compile, bad_id):
+    model = language_model(num_layers=1)
+    prompt = left_padded_prompts()
+    prompt[0, -1] = bad_id
+    with pytest.raises(ValueError, match=rf"`prompt_ids`.*\[0, {VOCABULARY}\)"):
+        keras_favor.generate(model, prompt, 4, jit_compile=jit_compile)
+
+
+def test_eager_token_ids_outside_the_vocabulary_raise():
+    model = language_model(num_layers=1)
+    prompt = left_padded_prompts()
+    for bad_id in (VOCABULARY, -1):
+        prompt[0, -1] = bad_id
+        with pytest.raises(ValueError, match=rf"`inputs`.*\[0, {VOCABULARY}\)"):
+            model(prompt)
+    with pytest.raises(ValueError, match=rf"`inputs`.*\[0, {VOCABULARY}\)"):
+        generation.call_with_cache(
+            model, prompt, generation.empty_cache(model, 3), 0
+        )
+
+
+def test_padding_id_must_be_the_id_the_model_masks():
+    model = language_model(num_layers=1)
+    with pytest.raises(ValueError, match="`padding_id` must be 0"):
+        keras_favor.generate(model, left_padded_prompts(), 4, padding_id=5)
+    unmasked = language_model(num_layers=1, mask_zero=False)
+    prompt = left_padded_prompts()[:1]
+    tokens = keras_favor.generate(unmasked, prompt, 4, padding_id=5)
+    np.testing.assert_array_equal(
+        tokens[:, 9:], tokens_of_one_pass(unmasked, tokens, 9)
+    )
