@@ -151,6 +151,46 @@ def call_inputs(query, value, key, return_attention_scores, **masks):
     return value, key, key_padding_mask(key, len(query.shape), **masks)
 
 
+def statistics_query_mask(query_mask, key_mask, query, value, key):
+    """The queries' padding mask for a statistic over the queries (FAVOR++'s
+    coefficient), bool `(B, *T)` or None: `query_mask` where given; else,
+    in self-attention, the keys' combined mask, the keys being at the
+    queries' positions, so that padding given as a key or attention mask
+    leaves padded queries out too; else None, every query counted."""
+    if query_mask is not None:
+        return ops.cast(query_mask, "bool")
+    if key_mask is None or value is query or key is query:
+        return key_mask
+    return _mask_if_same_inputs(query, key, key_mask)
+
+
+def _mask_if_same_inputs(query, key, key_mask):
+    """`key_mask` where `query` and `key` hold the same inputs (one sequence
+    given twice: two NumPy arrays, or a tensor that Keras cast once per
+    argument), else all True, or None where their shapes differ."""
+    if len(query.shape) != len(key.shape) or any(
+        _conflict(q, k) for q, k in zip(query.shape[1:], key.shape[1:])
+    ):
+        return None
+    if None not in tuple(query.shape[1:]) + tuple(key.shape[1:]):
+        return ops.logical_or(
+            key_mask, ops.logical_not(ops.all(ops.equal(query, key)))
+        )
+    if not backend.is_tf_tensor(query):
+        return None
+    import tensorflow as tf
+
+    # Lengths known only at run time: compare the values when the shapes
+    # agree (the branches' masks have the queries' and the keys' shapes).
+    return tf.cond(
+        tf.reduce_all(tf.equal(tf.shape(query), tf.shape(key))),
+        lambda: tf.logical_or(
+            key_mask, tf.logical_not(tf.reduce_all(tf.equal(query, key)))
+        ),
+        lambda: tf.ones(tf.shape(query)[:-1], tf.bool),
+    )
+
+
 def _key_form(name, mask, key_shape, query_rank):
     """`mask` as `(B, *key positions)` bool: checks its shape against the
     keys' and drops the unit query axes of a broadcast attention mask."""
