@@ -23,8 +23,9 @@ def normalized_output_shape(output_shape):
         dims = tuple(dims)
     if not dims or not all(is_int(d) and d > 0 for d in dims):
         raise ValueError(
-            "`output_shape` must be None, a positive int or a non-empty tuple "
-            f"of positive ints. Received: output_shape={output_shape!r}"
+            f"Invalid `output_shape`: `output_shape` must be None, a positive "
+            "int or a non-empty tuple of positive ints. Received: "
+            f"output_shape={output_shape!r}"
         )
     return tuple(int(d) for d in dims)
 
@@ -104,6 +105,15 @@ def _conflict(a, b):
 def check_input_shapes(query_shape, value_shape, key_shape):
     """Raises unless query, value and key are `(batch, *positions, dim)`,
     of one batch size, with the same positions for value and key."""
+    value_positions, key_positions = value_shape[1:-1], key_shape[1:-1]
+    if len(value_positions) != len(key_positions) or any(
+        _conflict(v, k) for v, k in zip(value_positions, key_positions)
+    ):
+        raise ValueError(
+            "`value` and `key` must be equal in all dimensions but the last: "
+            "a key at the position of each value. "
+            f"Received: value.shape={value_shape}, key.shape={key_shape}"
+        )
     shapes = {"query": query_shape, "value": value_shape, "key": key_shape}
     for name, shape in shapes.items():
         if len(shape) < 3:
@@ -118,15 +128,6 @@ def check_input_shapes(query_shape, value_shape, key_shape):
                 f"Received: query.shape={query_shape}, "
                 f"{name}.shape={shapes[name]}"
             )
-    value_positions, key_positions = value_shape[1:-1], key_shape[1:-1]
-    if len(value_positions) != len(key_positions) or any(
-        _conflict(v, k) for v, k in zip(value_positions, key_positions)
-    ):
-        raise ValueError(
-            "`value` and `key` must have the same length (all dimensions but "
-            f"the last). Received: value.shape={value_shape}, "
-            f"key.shape={key_shape}"
-        )
 
 
 def input_shapes(query_shape, value_shape, key_shape):
@@ -289,7 +290,8 @@ def runtime_shape_checks(query, value, key):
         )
         key = _checked_same(
             key, tf.shape(value)[:-1], tf.shape(key)[:-1], value.shape[:-1],
-            key.shape[:-1], "`value` and `key` must have the same length",
+            key.shape[:-1],
+            "`value` and `key` must be equal in all dimensions but the last",
         )
     return value, key
 

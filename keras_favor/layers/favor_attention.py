@@ -589,6 +589,7 @@ class FavorAttention(keras.layers.Layer):
     def compute_output_shape(
         self, query_shape, value_shape=None, key_shape=None
     ):
+        arguments.input_shapes(query_shape, value_shape, key_shape)
         output_shape = self.output_shape_ or (query_shape[-1],)
         return tuple(query_shape[:-1]) + tuple(output_shape)
 
