@@ -252,6 +252,23 @@ def test_padding_invariance_under_mixed_precision_and_unknown_lengths(rng):
     assert attend(batch, batch[:, :5], mask[:, :5]).shape == (2, 13, 32)
 
 
+def test_causal_training_statistic_leaves_padding_out(rng):
+    """The moving statistic, which later calls use, takes in a padded batch
+    as the sequences alone: padding given as an attention mask only. With
+    momentum 0 it is the last batch's mean over its sequences."""
+    layer = causal_layer(momentum=0.0)
+    sequences, batch, mask = padded_batch(rng, [9, 6], 13)
+    alone = []
+    for sequence in sequences:
+        layer(sequence[None], use_causal_mask=True, training=True)
+        alone.append(layer.input_statistic.numpy())
+    x = keras.ops.convert_to_tensor(batch)
+    layer(x, x, use_causal_mask=True, training=True, attention_mask=mask)
+    np.testing.assert_allclose(
+        layer.input_statistic.numpy(), np.mean(alone, axis=0), rtol=1e-5
+    )
+
+
 def test_cross_attention_statistic_leaves_masked_queries_out(rng):
     layer = favor_plus_plus_layer()
     queries, query_batch, query_mask = padded_batch(rng, [7, 4], 10)
