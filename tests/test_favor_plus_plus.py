@@ -182,8 +182,9 @@ def test_decoding_cache_pieces_equal_the_whole(rng):
     )
 
 
-# Padding of self-attention, each way Keras takes it: (query, mask) to the
-# call's keyword arguments. Without a query mask the layer takes the keys'.
+# Padding of self-attention, each way Keras takes it: the padding mask to
+# the call's keyword arguments. Without a query mask the layer takes the
+# keys' mask for the queries.
 PADDING_WAYS = {
     "query_and_value_masks": lambda m: dict(query_mask=m, value_mask=m),
     "value_mask": lambda m: dict(value_mask=m),
@@ -207,15 +208,18 @@ def padded_batch(rng, lengths, total):
     batch = 40 * rng.normal(size=(len(lengths), total, 32)).astype("float32")
     for row, sequence in zip(batch, sequences):
         row[: len(sequence)] = sequence
-    return sequences, batch, np.arange(total)[None] < np.array(lengths)[:, None]
+    mask = np.arange(total)[None] < np.array(lengths)[:, None]
+    return sequences, batch, mask
 
 
 @pytest.mark.parametrize("way", sorted(PADDING_WAYS))
 @pytest.mark.parametrize("one_tensor", [False, True])
-def test_bidirectional_self_attention_is_padding_invariant(rng, way, one_tensor):
+def test_bidirectional_self_attention_is_padding_invariant(
+    rng, way, one_tensor
+):
     """Real positions of a padded batch get the outputs of each sequence
     alone, however the padding is given; `one_tensor=False` passes the
-    sequence twice as NumPy arrays (two tensors once Keras converts them)."""
+    batch twice as NumPy arrays (two tensors once Keras converts them)."""
     layer = favor_plus_plus_layer()
     sequences, batch, mask = padded_batch(rng, [9, 6], 13)
     query = keras.ops.convert_to_tensor(batch) if one_tensor else batch
@@ -246,6 +250,8 @@ def test_padding_invariance_under_mixed_precision_and_unknown_lengths(rng):
     got = np.asarray(attend(batch, batch, mask), np.float32)
     for row, sequence in zip(got, sequences):
         want = np.asarray(layer(sequence[None], sequence[None]), np.float32)[0]
+        # The float32 attention differs by rounding only; float16's output
+        # projection rounds to 2 ** -10 of the largest output.
         np.testing.assert_allclose(
             row[: len(sequence)], want, atol=2e-3 * np.abs(want).max()
         )

@@ -23,7 +23,7 @@ def normalized_output_shape(output_shape):
         dims = tuple(dims)
     if not dims or not all(is_int(d) and d > 0 for d in dims):
         raise ValueError(
-            f"Invalid `output_shape`: `output_shape` must be None, a positive "
+            "Invalid `output_shape`: `output_shape` must be None, a positive "
             "int or a non-empty tuple of positive ints. Received: "
             f"output_shape={output_shape!r}"
         )
