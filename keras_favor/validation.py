@@ -35,7 +35,8 @@ def positive_int(value, name, allow_none=False):
         if allow_none:
             allowed += " or None"
         raise ValueError(
-            f"`{name}` must be {allowed}. Received: {name}={value!r}"
+            f"Invalid value for argument `{name}`: `{name}` must be "
+            f"{allowed}. Received: {name}={value!r}"
         )
     return int(value)
 
@@ -49,7 +50,8 @@ def non_negative_int(value, name, allow_none=False):
         if allow_none:
             allowed += " or None"
         raise ValueError(
-            f"`{name}` must be {allowed}. Received: {name}={value!r}"
+            f"Invalid value for argument `{name}`: `{name}` must be "
+            f"{allowed}. Received: {name}={value!r}"
         )
     return int(value)
 

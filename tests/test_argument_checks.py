@@ -120,6 +120,53 @@ def test_batch_sizes_that_differ_at_run_time_raise(rng):
         attend(data(rng, 2, 5, 8), data(rng, 3, 6, 8))
 
 
+# (query, value, key) shapes whose value and key differ in a dimension
+# other than the last, which MultiHeadAttention rejects with "must be equal".
+VALUE_KEY_MISMATCHES = [
+    ((2, 5, 8), (2, 3, 6), (2, 6)),
+    ((2, 5, 8), (2, 3, 8), (2, 4, 8)),
+    ((2, 3, 4, 8), (2, 2, 6, 8), (2, 6, 2, 8)),
+]
+
+
+@pytest.mark.parametrize("shapes", VALUE_KEY_MISMATCHES)
+def test_value_and_key_that_differ_raise_as_in_multi_head_attention(
+    rng, shapes
+):
+    """`compute_output_shape` (with tuples or lists), the eager call and the
+    symbolic call all reject them, with `MultiHeadAttention`'s phrase."""
+    query_shape, value_shape, key_shape = shapes
+    layer = keras_favor.FavorAttention(2, 4)
+    pattern = r"`value` and `key` must be equal.*but the last"
+    for convert in (tuple, list):
+        with pytest.raises(ValueError, match=pattern):
+            layer.compute_output_shape(
+                *(convert(shape) for shape in shapes)
+            )
+    with pytest.raises(ValueError, match=pattern):
+        layer(*(data(rng, *shape) for shape in shapes))
+    symbolic = [keras.Input(shape[1:], batch_size=2) for shape in shapes]
+    with pytest.raises(ValueError, match=pattern):
+        keras_favor.FavorAttention(2, 4)(*symbolic)
+    # With the key made to fit, the same shapes give the call's output.
+    key_shape = value_shape[:-1] + (5,)
+    output = layer(data(rng, *query_shape), data(rng, *value_shape),
+                   data(rng, *key_shape))
+    for convert in (tuple, list):
+        assert layer.compute_output_shape(
+            convert(query_shape), convert(value_shape), convert(key_shape)
+        ) == output.shape
+
+
+def test_value_and_key_that_differ_at_run_time_raise(rng):
+    layer = keras_favor.FavorAttention(2, 4)
+    spec = tf.TensorSpec((None, None, 8))
+    attend = tf.function(layer.__call__, input_signature=[spec] * 3)
+    attend(data(rng, 2, 5, 8), data(rng, 2, 6, 8), data(rng, 2, 6, 8))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="must be equal"):
+        attend(data(rng, 2, 5, 8), data(rng, 2, 6, 8), data(rng, 2, 4, 8))
+
+
 def test_return_attention_scores_false_is_accepted(rng):
     layer = keras_favor.FavorAttention(2, 4)
     x = data(rng, 2, 5, 8)
@@ -168,8 +215,22 @@ def test_output_shape_takes_ints_and_tuples_of_ints(output_shape, expected):
      0, -3, (), (4, 0), (4, None), {"a": 1}],
 )
 def test_output_shape_rejects_what_is_not_a_positive_int(output_shape):
-    with pytest.raises(ValueError, match="`output_shape` must be"):
+    # MultiHeadAttention's phrase first, then what is allowed.
+    pattern = "^Invalid `output_shape`: `output_shape` must be"
+    with pytest.raises(ValueError, match=pattern):
         keras_favor.FavorAttention(2, 4, output_shape=output_shape)
+
+
+@pytest.mark.parametrize("name", ["num_heads", "key_dim", "value_dim"])
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True])
+def test_head_sizes_raise_as_in_multi_head_attention(name, bad):
+    """`MultiHeadAttention`'s phrase, "argument `name`", then what is
+    allowed."""
+    kwargs = {"num_heads": 2, "key_dim": 4, name: bad}
+    pattern = rf"^Invalid value for argument `{name}`: `{name}` must be a "
+    pattern += "positive integer"
+    with pytest.raises(ValueError, match=pattern):
+        keras_favor.FavorAttention(**kwargs)
 
 
 @pytest.mark.parametrize("seed", [-(2**63), -1, 0, 2**31, 2**63 - 1])

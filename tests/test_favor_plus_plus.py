@@ -182,18 +182,125 @@ def test_decoding_cache_pieces_equal_the_whole(rng):
     )
 
 
-def test_bidirectional_statistic_leaves_padded_keys_out(rng):
-    layer = keras_favor.FavorAttention(
-        2, DIM, num_features=32, feature_map="favor++", seed=0
+# Padding of self-attention, each way Keras takes it: the padding mask to
+# the call's keyword arguments. Without a query mask the layer takes the
+# keys' mask for the queries.
+PADDING_WAYS = {
+    "query_and_value_masks": lambda m: dict(query_mask=m, value_mask=m),
+    "value_mask": lambda m: dict(value_mask=m),
+    "key_mask": lambda m: dict(key_mask=m),
+    "attention_mask": lambda m: dict(attention_mask=m),
+    "broadcast_attention_mask": lambda m: dict(attention_mask=m[:, None]),
+}
+
+
+def favor_plus_plus_layer(dtype=None):
+    return keras_favor.FavorAttention(
+        2, DIM, num_features=32, feature_map="favor++", seed=0, dtype=dtype
     )
-    x = rng.normal(size=(1, 9, 32)).astype("float32")
-    padded = np.concatenate([x, 50 * np.ones((1, 4, 32), "float32")], axis=1)
-    mask = np.arange(13)[None] < 9
+
+
+def padded_batch(rng, lengths, total):
+    """Sequences of `lengths`, and the batch of them padded to `total`
+    positions with large junk (which would move a statistic that took it
+    in), with its padding mask."""
+    sequences = [rng.normal(size=(n, 32)).astype("float32") for n in lengths]
+    batch = 40 * rng.normal(size=(len(lengths), total, 32)).astype("float32")
+    for row, sequence in zip(batch, sequences):
+        row[: len(sequence)] = sequence
+    mask = np.arange(total)[None] < np.array(lengths)[:, None]
+    return sequences, batch, mask
+
+
+@pytest.mark.parametrize("way", sorted(PADDING_WAYS))
+@pytest.mark.parametrize("one_tensor", [False, True])
+def test_bidirectional_self_attention_is_padding_invariant(
+    rng, way, one_tensor
+):
+    """Real positions of a padded batch get the outputs of each sequence
+    alone, however the padding is given; `one_tensor=False` passes the
+    batch twice as NumPy arrays (two tensors once Keras converts them)."""
+    layer = favor_plus_plus_layer()
+    sequences, batch, mask = padded_batch(rng, [9, 6], 13)
+    query = keras.ops.convert_to_tensor(batch) if one_tensor else batch
+    value = query if one_tensor else batch.copy()
+    got = np.asarray(layer(query, value, **PADDING_WAYS[way](mask)))
+    for row, sequence in zip(got, sequences):
+        want = np.asarray(layer(sequence[None], sequence[None]))[0]
+        np.testing.assert_allclose(
+            row[: len(sequence)], want, atol=1e-5 * np.abs(want).max()
+        )
+
+
+def test_padding_invariance_under_mixed_precision_and_unknown_lengths(rng):
+    """A float32 tensor given twice to a float16 layer (cast once per
+    argument), in a `tf.function` of unknown lengths: the attention mask's
+    padding still leaves padded queries out; cross-attention of other
+    lengths runs in the same function."""
+    import tensorflow as tf
+
+    layer = favor_plus_plus_layer("mixed_float16")
+    sequences, batch, mask = padded_batch(rng, [9, 6], 13)
+    spec = tf.TensorSpec((None, None, 32))
+    attend = tf.function(
+        lambda q, v, m: layer(q, v, attention_mask=m),
+        input_signature=[spec, spec, tf.TensorSpec((None, None), tf.bool)],
+    )
+    batch = tf.constant(batch)
+    got = np.asarray(attend(batch, batch, mask), np.float32)
+    for row, sequence in zip(got, sequences):
+        want = np.asarray(layer(sequence[None], sequence[None]), np.float32)[0]
+        # The float32 attention differs by rounding only; float16's output
+        # projection rounds to 2 ** -10 of the largest output.
+        np.testing.assert_allclose(
+            row[: len(sequence)], want, atol=2e-3 * np.abs(want).max()
+        )
+    assert attend(batch, batch[:, :5], mask[:, :5]).shape == (2, 13, 32)
+
+
+def test_causal_training_statistic_leaves_padding_out(rng):
+    """The moving statistic, which later calls use, takes in a padded batch
+    as the sequences alone: padding given as an attention mask only. With
+    momentum 0 it is the last batch's mean over its sequences."""
+    layer = causal_layer(momentum=0.0)
+    sequences, batch, mask = padded_batch(rng, [9, 6], 13)
+    alone = []
+    for sequence in sequences:
+        layer(sequence[None], use_causal_mask=True, training=True)
+        alone.append(layer.input_statistic.numpy())
+    x = keras.ops.convert_to_tensor(batch)
+    layer(x, x, use_causal_mask=True, training=True, attention_mask=mask)
     np.testing.assert_allclose(
-        np.asarray(
-            layer(padded, padded, query_mask=mask, value_mask=mask)
-        )[:, :9],
-        np.asarray(layer(x, x)), atol=1e-5,
+        layer.input_statistic.numpy(), np.mean(alone, axis=0), rtol=1e-5
+    )
+
+
+def test_cross_attention_statistic_leaves_masked_queries_out(rng):
+    layer = favor_plus_plus_layer()
+    queries, query_batch, query_mask = padded_batch(rng, [7, 4], 10)
+    keys, key_batch, key_mask = padded_batch(rng, [9, 6], 13)
+    got = np.asarray(
+        layer(query_batch, key_batch, query_mask=query_mask, key_mask=key_mask)
+    )
+    for row, query, key in zip(got, queries, keys):
+        want = np.asarray(layer(query[None], key[None]))[0]
+        np.testing.assert_allclose(
+            row[: len(query)], want, atol=1e-5 * np.abs(want).max()
+        )
+
+
+def test_keras_padding_mask_leaves_padded_positions_out(rng):
+    """`Embedding(mask_zero=True)`: Keras passes the masks itself."""
+    tokens = rng.integers(1, 50, size=(1, 9))
+    padded = np.concatenate([tokens, np.zeros((1, 4), "int64")], axis=1)
+    inputs = keras.Input((None,), dtype="int32")
+    embedded = keras.layers.Embedding(50, 32, mask_zero=True)(inputs)
+    model = keras.Model(
+        inputs, favor_plus_plus_layer()(embedded, embedded)
+    )
+    np.testing.assert_allclose(
+        np.asarray(model(padded))[:, :9], np.asarray(model(tokens)),
+        atol=1e-5,
     )
 
 

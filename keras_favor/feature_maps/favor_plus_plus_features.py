@@ -62,8 +62,9 @@ class FavorPlusPlusFeatures(FeatureMap):
     Where `A` comes from (chosen by `FavorAttention`):
 
     - Bidirectional attention: the statistic of the current queries and
-      keys, per batch element and head, padded keys (and queries, given a
-      query mask) left out, under stop-gradient.
+      keys, per batch element and head, under stop-gradient, padded keys
+      and queries left out: the queries by their mask, or, in
+      self-attention without one, by the keys' (the same positions).
     - Causal attention: a statistic from the current call would let a query
       depend on later keys, and per-position statistics would break the
       linear state (query and key features must share `A`). The layer keeps

@@ -23,8 +23,9 @@ def normalized_output_shape(output_shape):
         dims = tuple(dims)
     if not dims or not all(is_int(d) and d > 0 for d in dims):
         raise ValueError(
-            "`output_shape` must be None, a positive int or a non-empty tuple "
-            f"of positive ints. Received: output_shape={output_shape!r}"
+            "Invalid `output_shape`: `output_shape` must be None, a positive "
+            "int or a non-empty tuple of positive ints. Received: "
+            f"output_shape={output_shape!r}"
         )
     return tuple(int(d) for d in dims)
 
@@ -104,6 +105,15 @@ def _conflict(a, b):
 def check_input_shapes(query_shape, value_shape, key_shape):
     """Raises unless query, value and key are `(batch, *positions, dim)`,
     of one batch size, with the same positions for value and key."""
+    value_positions, key_positions = value_shape[1:-1], key_shape[1:-1]
+    if len(value_positions) != len(key_positions) or any(
+        _conflict(v, k) for v, k in zip(value_positions, key_positions)
+    ):
+        raise ValueError(
+            "`value` and `key` must be equal in all dimensions but the last: "
+            "a key at the position of each value. "
+            f"Received: value.shape={value_shape}, key.shape={key_shape}"
+        )
     shapes = {"query": query_shape, "value": value_shape, "key": key_shape}
     for name, shape in shapes.items():
         if len(shape) < 3:
@@ -118,15 +128,6 @@ def check_input_shapes(query_shape, value_shape, key_shape):
                 f"Received: query.shape={query_shape}, "
                 f"{name}.shape={shapes[name]}"
             )
-    value_positions, key_positions = value_shape[1:-1], key_shape[1:-1]
-    if len(value_positions) != len(key_positions) or any(
-        _conflict(v, k) for v, k in zip(value_positions, key_positions)
-    ):
-        raise ValueError(
-            "`value` and `key` must have the same length (all dimensions but "
-            f"the last). Received: value.shape={value_shape}, "
-            f"key.shape={key_shape}"
-        )
 
 
 def input_shapes(query_shape, value_shape, key_shape):
@@ -149,6 +150,46 @@ def call_inputs(query, value, key, return_attention_scores, **masks):
     if backend.is_tf_tensor(query):
         value, key = runtime_shape_checks(query, value, key)
     return value, key, key_padding_mask(key, len(query.shape), **masks)
+
+
+def statistics_query_mask(query_mask, key_mask, query, value, key):
+    """The queries' padding mask for a statistic over the queries (FAVOR++'s
+    coefficient), bool `(B, *T)` or None: `query_mask` where given; else,
+    in self-attention, the keys' combined mask, the keys being at the
+    queries' positions, so that padding given as a key or attention mask
+    leaves padded queries out too; else None, every query counted."""
+    if query_mask is not None:
+        return ops.cast(query_mask, "bool")
+    if key_mask is None or value is query or key is query:
+        return key_mask
+    return _mask_if_same_inputs(query, key, key_mask)
+
+
+def _mask_if_same_inputs(query, key, key_mask):
+    """`key_mask` where `query` and `key` hold the same inputs (one sequence
+    given twice: two NumPy arrays, or a tensor that Keras cast once per
+    argument), else all True, or None where their shapes differ."""
+    if len(query.shape) != len(key.shape) or any(
+        _conflict(q, k) for q, k in zip(query.shape[1:], key.shape[1:])
+    ):
+        return None
+    if None not in tuple(query.shape[1:]) + tuple(key.shape[1:]):
+        return ops.logical_or(
+            key_mask, ops.logical_not(ops.all(ops.equal(query, key)))
+        )
+    if not backend.is_tf_tensor(query):
+        return None
+    import tensorflow as tf
+
+    # Lengths known only at run time: compare the values when the shapes
+    # agree (the branches' masks have the queries' and the keys' shapes).
+    return tf.cond(
+        tf.reduce_all(tf.equal(tf.shape(query), tf.shape(key))),
+        lambda: tf.logical_or(
+            key_mask, tf.logical_not(tf.reduce_all(tf.equal(query, key)))
+        ),
+        lambda: tf.ones(tf.shape(query)[:-1], tf.bool),
+    )
 
 
 def _key_form(name, mask, key_shape, query_rank):
@@ -249,7 +290,8 @@ def runtime_shape_checks(query, value, key):
         )
         key = _checked_same(
             key, tf.shape(value)[:-1], tf.shape(key)[:-1], value.shape[:-1],
-            key.shape[:-1], "`value` and `key` must have the same length",
+            key.shape[:-1],
+            "`value` and `key` must be equal in all dimensions but the last",
         )
     return value, key
 

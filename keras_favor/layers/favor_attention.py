@@ -538,6 +538,11 @@ class FavorAttention(keras.layers.Layer):
         # The dense sub-layers get no mask (they would warn that they do not
         # support masking).
         same_positions = key is query
+        statistics_mask = None
+        if self.feature_map.uses_statistics:
+            statistics_mask = arguments.statistics_query_mask(
+                query_mask, mask, query, value, key
+            )
         query, value, key = (ops.copy(x) for x in (query, value, key))
         query = self._query_dense(query)
         positions = ops.shape(query)[1:-2]
@@ -547,14 +552,11 @@ class FavorAttention(keras.layers.Layer):
         )
         if mask is not None:
             mask = layout.merge_positions(mask, 0)
+        if statistics_mask is not None:
+            statistics_mask = layout.merge_positions(statistics_mask, 0)
         if use_causal_mask and not same_positions:
             key, value, mask = layout.causal_keys(
                 ops.shape(query)[1], key, value, mask
-            )
-        statistics_mask = None
-        if self.feature_map.uses_statistics and query_mask is not None:
-            statistics_mask = layout.merge_positions(
-                ops.cast(query_mask, "bool"), 0
             )
         outputs = self._attend(
             query, key, value, mask, use_causal_mask, training, cache,
@@ -591,6 +593,7 @@ class FavorAttention(keras.layers.Layer):
     def compute_output_shape(
         self, query_shape, value_shape=None, key_shape=None
     ):
+        arguments.input_shapes(query_shape, value_shape, key_shape)
         output_shape = self.output_shape_ or (query_shape[-1],)
         return tuple(query_shape[:-1]) + tuple(output_shape)
 
