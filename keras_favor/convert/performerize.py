@@ -3,14 +3,14 @@
 
 import keras
 
-from keras_favor.convert.from_multi_head_attention import (
-    from_multi_head_attention,
-)
 from keras_favor.convert.attention_paths import all_layers
 from keras_favor.convert.attention_paths import held_attention
 from keras_favor.convert.attention_paths import is_graph_model
 from keras_favor.convert.attention_paths import layer_at
 from keras_favor.convert.attention_paths import swap_attention
+from keras_favor.convert.from_multi_head_attention import (
+    from_multi_head_attention,
+)
 from keras_favor.convert.performerized_layer import PerformerizedLayer
 from keras_favor.convert.performerized_layer import build_like
 from keras_favor.layers.performer_block import PerformerBlock
@@ -68,8 +68,9 @@ def performerize(model, predicate=None, **favor_kwargs):
     ```
     """
     _check_model(model)
-    predicate = predicate or (lambda mha: True)
-    selected = _selected_attention(model, predicate)
+    selected = _selected_attention(model, predicate or (lambda mha: True))
+    # `predicate` is asked once per layer, here.
+    accepted = {id(mha) for _, mha in selected}
     clones, converted_ids = [], set()
 
     def converted(mha):
@@ -80,14 +81,15 @@ def performerize(model, predicate=None, **favor_kwargs):
         if not isinstance(layer, keras.layers.Layer):
             return layer  # a stateless operation, such as `x + y`
         if isinstance(layer, keras.layers.MultiHeadAttention):
-            return converted(layer) if predicate(layer) else _copy(layer)
-        if _is_exact_block(layer, favor_kwargs) and predicate(
-            layer.attention_layer
+            return converted(layer) if id(layer) in accepted else _copy(layer)
+        if (
+            _is_exact_block(layer, favor_kwargs)
+            and id(layer.attention_layer) in accepted
         ):
             return _favor_block(layer, converted(layer.attention_layer))
         held = {
             path: mha for path, mha in held_attention(layer).items()
-            if predicate(mha)
+            if id(mha) in accepted
         }
         if not held:
             new = layer.__class__.from_config(layer.get_config())
@@ -164,9 +166,8 @@ def _held_by_the_copy(inner, attentions):
 
 def _check_swapped(layer, inner, converted_count):
     """A `ValueError` unless `inner`, the converted copy of `layer`, holds
-    `converted_count` MultiHeadAttention layers fewer than `layer`: one
-    that `layer` holds twice, once where the conversion did not reach,
-    stays in the copy."""
+    `converted_count` MultiHeadAttention layers fewer than `layer` (else
+    the swap missed a reference to one of them)."""
     def attentions(root):
         return [
             (path, found) for path, found in all_layers(root)
@@ -178,8 +179,8 @@ def _check_swapped(layer, inner, converted_count):
         raise ValueError(
             f"After the swap, the copy of layer {layer.name!r} still holds "
             f"MultiHeadAttention layers it should not: {_listed(left)}. "
-            "A layer it holds at another place too (in no attribute, list, "
-            "tuple or dict) stays unconverted."
+            "One that the layer holds in two places, one of them not an "
+            "attribute, list, tuple or dict, stays unconverted."
         )
 
 
@@ -191,10 +192,10 @@ def _check_model(model):
     if not is_graph_model(model):
         raise ValueError(
             "`model` must be a functional or sequential keras.Model. "
-            f"Received a subclassed model of class {type(model).__name__}: "
-            "call it in a functional model (`inputs = keras.Input(...)`, "
-            "`keras.Model(inputs, model(inputs))`) and convert that one, "
-            "in which it converts as a layer."
+            f"Received a subclassed model of class {type(model).__name__}. "
+            "Call it in a functional model (`inputs = keras.Input(shape)`, "
+            "`keras.Model(inputs, model(inputs))`) and convert that model: "
+            "a subclassed model inside one converts."
         )
     if not model.built:
         raise ValueError("`model` must be built: call it on data first.")
