@@ -145,7 +145,7 @@ def _replace(layer, path, new):
     the layer owning it has `new`'s weights, not the old layer's."""
     nodes, steps = _nodes(layer, path)
     old = _child(nodes[-1], steps[-1])
-    owner = [node for node in nodes if isinstance(node, keras.layers.Layer)][-1]
+    owner = [n for n in nodes if isinstance(n, keras.layers.Layer)][-1]
     # Keras has no public way to swap a built layer's sub-layer: its
     # tracker is told directly, and the check below catches a Keras whose
     # tracker works otherwise.
