@@ -140,20 +140,23 @@ def model_with_attention_everywhere(rng):
 
 def layers_of(model, cls):
     """Every layer of class `cls` in `model`, its nested models and the
-    layers' attributes, once each."""
+    layers' attributes (also in lists, tuples and dicts), once each."""
     found, seen, stack = [], set(), list(model.layers)
     while stack:
-        layer = stack.pop()
-        if id(layer) in seen:
+        value = stack.pop()
+        if id(value) in seen:
             continue
-        seen.add(id(layer))
-        if isinstance(layer, cls):
-            found.append(layer)
-        stack.extend(
-            v for v in vars(layer).values() if isinstance(v, keras.layers.Layer)
-        )
-        if isinstance(layer, keras.Model):
-            stack.extend(layer.layers)
+        seen.add(id(value))
+        if isinstance(value, (list, tuple)):
+            stack.extend(value)
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, keras.layers.Layer):
+            if isinstance(value, cls):
+                found.append(value)
+            stack.extend(vars(value).values())
+            if isinstance(value, keras.Model):
+                stack.extend(value.layers)
     return found
 
 
@@ -311,3 +314,199 @@ def test_exact_performer_language_model_converts_to_favor_blocks_that_decode(
             [expected, logits[:, -1].argmax(-1)[:, None]], axis=1
         )
     np.testing.assert_array_equal(tokens, expected)
+
+
+# --- attention held in other ways; errors that name what failed ------------
+
+
+def randomized(model, rng):
+    for weight in model.weights:
+        weight.assign(rng.normal(size=weight.shape).astype("float32") * 0.3)
+    return model
+
+
+def functional(layer):
+    inputs = keras.Input((None, DIM))
+    return keras.Model(inputs, layer(inputs))
+
+
+def assert_exact_conversion_round_trips(model, rng, tmp_path):
+    """`performerize(model)` with a local window over every key, which
+    makes FAVOR+ exact softmax attention, gives the original's outputs,
+    keeps no MultiHeadAttention, and saves and loads."""
+    length = 7
+    performer = convert.performerize(
+        model, num_features=8, seed=0, local_window=length
+    )
+    assert count(performer, keras.layers.MultiHeadAttention) == 0
+    assert count(performer, keras_favor.FavorAttention) == count(
+        model, keras.layers.MultiHeadAttention
+    )
+    x = data(rng, length=length)
+    np.testing.assert_allclose(performer(x), model(x), atol=1e-5)
+    path = str(tmp_path / "performer.keras")
+    performer.save(path)
+    loaded = keras.saving.load_model(path)
+    assert count(loaded, keras.layers.MultiHeadAttention) == 0
+    np.testing.assert_allclose(loaded(x), performer(x), atol=1e-6)
+
+
+@keras.saving.register_keras_serializable(package="test_convert")
+class SubclassedAttention(keras.Model):
+    """A subclassed model, built by running its `call`."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.attention = keras.layers.MultiHeadAttention(2, 8)
+        self.dense = keras.layers.Dense(DIM)
+
+    def call(self, x):
+        return self.dense(x) + self.attention(x, x)
+
+
+def test_subclassed_model_nested_in_a_functional_model_converts(
+    rng, tmp_path
+):
+    model = randomized(functional(SubclassedAttention(name="sub")), rng)
+    assert_exact_conversion_round_trips(model, rng, tmp_path)
+
+
+@keras.saving.register_keras_serializable(package="test_convert")
+class AttentionInCollection(keras.layers.Layer):
+    """Two attention layers in a list, tuple or dict attribute, the second
+    one of them inside a nested list."""
+
+    def __init__(self, kind="list", **kwargs):
+        super().__init__(**kwargs)
+        self.kind = kind
+        first = keras.layers.MultiHeadAttention(2, 8)
+        second = [keras.layers.MultiHeadAttention(1, 4)]
+        self.heads = {
+            "list": [first, second],
+            "tuple": (first, second),
+            "dict": {"first": first, "second": second},
+        }[kind]
+
+    def _attentions(self):
+        heads = self.heads.values() if self.kind == "dict" else self.heads
+        first, (second,) = heads
+        return first, second
+
+    def build(self, input_shape):
+        for attention in self._attentions():
+            attention.build(input_shape, input_shape)
+
+    def call(self, x):
+        first, second = self._attentions()
+        return first(x, x) + second(x, x, use_causal_mask=True)
+
+    def get_config(self):
+        return {**super().get_config(), "kind": self.kind}
+
+
+@pytest.mark.parametrize("kind", ["list", "tuple", "dict"])
+def test_attention_in_list_tuple_and_dict_attributes_converts(
+    rng, tmp_path, kind
+):
+    model = randomized(functional(AttentionInCollection(kind)), rng)
+    assert count(model, keras.layers.MultiHeadAttention) == 2
+    assert_exact_conversion_round_trips(model, rng, tmp_path)
+
+
+def test_a_model_without_multi_head_attention_raises_naming_its_layers(
+    rng,
+):
+    inputs = keras.Input((None, DIM))
+    dot = keras.layers.Attention(name="dot_product")([inputs, inputs])
+    with pytest.raises(ValueError, match="Attention 'dot_product'"):
+        convert.performerize(keras.Model(inputs, dot))
+    plain = functional(keras.layers.Dense(3))
+    with pytest.raises(ValueError, match="no attention layer"):
+        convert.performerize(plain)
+    model = model_with_attention_everywhere(rng)
+    with pytest.raises(ValueError, match="`predicate` accepts none.*direct"):
+        convert.performerize(model, predicate=lambda mha: False)
+
+
+@keras.saving.register_keras_serializable(package="test_convert")
+class HoldsAFunctionalModel(keras.layers.Layer):
+    """Holds its attention inside a functional model, whose graph fixes
+    its layers."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        inputs = keras.Input((None, DIM))
+        attention = keras.layers.MultiHeadAttention(2, 8, name="deep")
+        self.inner = keras.Model(inputs, attention(inputs, inputs))
+
+    def call(self, x):
+        return self.inner(x)
+
+
+def test_attention_that_cannot_be_swapped_raises_naming_its_path():
+    model = functional(HoldsAFunctionalModel(name="holder"))
+    with pytest.raises(ValueError, match=r"`holder\.inner\.deep`"):
+        convert.performerize(model)
+
+
+class BadConfig(keras.layers.Layer):
+    """A layer whose config does not rebuild it."""
+
+    def __init__(self, scale, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(scale, int):
+            raise ValueError(f"`scale` must be an int. Received: {scale!r}")
+        self.scale = scale
+
+    def call(self, x):
+        return x * self.scale
+
+    def get_config(self):
+        return {**super().get_config(), "scale": str(self.scale)}
+
+
+def test_errors_name_the_layer_that_failed_not_the_model_kind(rng):
+    inputs = keras.Input((None, DIM))
+    gated = keras.layers.MultiHeadAttention(2, 8, use_gate=True, name="gated")
+    model = keras.Model(inputs, gated(inputs, inputs))
+    with pytest.raises(ValueError, match="'gated'.*`use_gate=True`") as error:
+        convert.performerize(model)
+    assert "functional and sequential" not in str(error.value)
+    x = keras.layers.MultiHeadAttention(2, 8)(inputs, inputs)
+    model = keras.Model(inputs, BadConfig(2, name="bad_config")(x))
+    with pytest.raises(ValueError, match="(?s)'bad_config'.*`scale`") as error:
+        convert.performerize(model)
+    assert "functional and sequential" not in str(error.value)
+    subclassed = SubclassedAttention()
+    subclassed(data(rng))
+    with pytest.raises(ValueError, match="subclassed model.*Attention"):
+        convert.performerize(subclassed)
+
+
+@pytest.mark.parametrize("change", ["lora", "int8"])
+def test_lora_or_int8_after_conversion_saves_and_loads(rng, tmp_path, change):
+    model = randomized(functional(HoldsAttention(name="held")), rng)
+    performer = convert.performerize(model, num_features=8, seed=0)
+    (favor,) = layers_of(performer, keras_favor.FavorAttention)
+    if change == "lora":
+        favor.enable_lora(2, lora_alpha=4)
+        randomized(favor.query_dense, rng)  # a LoRA update that counts
+    else:
+        performer.quantize("int8")
+    x = data(rng)
+    path = str(tmp_path / "performer.keras")
+    performer.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(loaded(x), performer(x), atol=1e-6)
+    (favor,) = layers_of(loaded, keras_favor.FavorAttention)
+    if change == "lora":
+        assert (favor.lora_rank, favor.lora_alpha) == (2, 4)
+        assert favor.query_dense.lora_enabled
+        assert all(
+            "lora" in w.path or "gain" in w.path or "norm" in w.path
+            for w in loaded.trainable_weights
+        )
+    else:
+        for name in ("query_dense", "key_dense", "value_dense",
+                     "output_dense"):
+            assert getattr(favor, name).quantization_mode == "int8", name

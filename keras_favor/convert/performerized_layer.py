@@ -3,86 +3,42 @@ are FavorAttention, in a form that saves and loads."""
 
 import keras
 
+from keras_favor.convert.attention_paths import layer_at
+from keras_favor.convert.attention_paths import swap_attention
 from keras_favor.layers.favor_attention import FavorAttention
 
 
-def held_attention(layer, prefix="", seen=None):
-    """`{path: mha}` for every MultiHeadAttention that `layer` holds as an
-    attribute, directly or through the layers it holds; a path is the
-    dotted attribute names from `layer`."""
-    seen = set() if seen is None else seen
-    seen.add(id(layer))
-    found = {}
-    for name, value in list(vars(layer).items()):
-        if (
-            not isinstance(value, keras.layers.Layer)
-            or isinstance(value, keras.Model)
-            or id(value) in seen
-        ):
-            continue
-        if isinstance(value, keras.layers.MultiHeadAttention):
-            found[prefix + name] = value
-        else:
-            found.update(held_attention(value, f"{prefix}{name}.", seen))
-    return found
-
-
-def _owner(layer, path):
-    *names, name = path.split(".")
-    for step in names:
-        layer = getattr(layer, step)
-    return layer, name
-
-
-def _replace_attribute(owner, name, new):
-    """`owner.name = new` in place of the tracked layer there, so that
-    `owner`'s weights are `new`'s, not the old layer's."""
-    old = getattr(owner, name)
-    # Keras has no public way to swap a built layer's sub-layer: its
-    # tracker is told directly, and the check below catches a Keras whose
-    # tracker works otherwise.
-    tracker = getattr(owner, "_tracker", None)
-    if tracker is not None:
-        locked = tracker.locked
-        tracker.untrack(old)
-        tracker.unlock()
-    setattr(owner, name, new)
-    if tracker is not None and locked:
-        tracker.lock()
-    old_ids = {id(v) for v in old.weights}
-    if any(id(v) in old_ids for v in owner.weights):
-        raise RuntimeError(
-            f"Could not replace the MultiHeadAttention `{name}` of layer "
-            f"{owner.name!r}: the installed Keras still tracks it."
-        )
-
-
-def swap_attention(layer, attentions):
-    """Replaces the MultiHeadAttention at each path of `attentions` (`{path:
-    FavorAttention}`) inside the built `layer` by its FavorAttention."""
-    for path, favor in attentions.items():
-        owner, name = _owner(layer, path)
-        _replace_attribute(owner, name, favor)
+def build_like(layer, build_config):
+    """Builds `layer` from `build_config`, as `Layer.build_from_config`
+    does, and marks it built: a model whose `build` is Keras's default is
+    built by running its `call`, which leaves it unmarked (and would
+    record no input shape when built again)."""
+    layer.build_from_config(build_config)
+    if not layer.built and build_config and "input_shape" in build_config:
+        layer.build(build_config["input_shape"])
 
 
 @keras.saving.register_keras_serializable(package="keras_favor")
 class PerformerizedLayer(keras.layers.Layer):
     """A layer whose held MultiHeadAttention layers are FavorAttention.
 
-    `keras_favor.convert.performerize` wraps a custom layer that holds its
-    attention as an attribute (as keras-hub's Transformer layers do) in
-    this layer: it calls the custom layer, in which each converted
-    attention is a `FavorAttention`. The wrapper records which attributes
-    were converted and their FavorAttention configurations, so a `.keras`
-    file loads into the same layers: the custom layer is rebuilt from its
-    own configuration, then its attention layers are swapped again before
-    the weights load.
+    `keras_favor.convert.performerize` wraps a custom layer or subclassed
+    model that holds its attention as an attribute (as keras-hub's
+    Transformer layers do), or in a list, tuple or dict attribute, in this
+    layer: it calls the custom layer, in which each converted attention is
+    a `FavorAttention`. The wrapper saves the paths of the converted
+    attention layers and their FavorAttention configurations as they are
+    when saved (so with LoRA enabled or quantization done after the
+    conversion), so a `.keras` file loads into the same layers: the custom
+    layer is rebuilt from its own configuration, then its attention layers
+    are swapped again before the weights load.
 
     Args:
         layer: the built custom layer, its attention layers already
             swapped (or, when loading, its serialized configuration).
-        attentions: `{path: FavorAttention config}`, the dotted attribute
-            paths from `layer` of the converted attention layers.
+        attentions: `{path: FavorAttention config}`, the paths from `layer`
+            of the converted attention layers: attribute names, list and
+            tuple indices and dict keys, joined by dots.
         **kwargs: base layer keyword arguments, such as `name`.
 
     Call arguments:
@@ -130,27 +86,41 @@ class PerformerizedLayer(keras.layers.Layer):
     def build_from_config(self, config):
         """Builds the custom layer as it was built, then swaps its
         attention layers for FavorAttention ones to load weights into."""
-        self.layer.build_from_config(config["layer"])
+        build_like(self.layer, config["layer"])
         self._swap_attention()
 
     def _swap_attention(self):
         """New FavorAttention layers from the recorded configurations in
-        place of the custom layer's MultiHeadAttention ones."""
-        attentions = {}
+        place of the custom layer's MultiHeadAttention ones (one for an
+        attention layer held at several paths)."""
+        attentions, by_id = {}, {}
         for path, favor_config in self.attentions.items():
-            owner, name = _owner(self.layer, path)
-            mha = getattr(owner, name)
+            mha = layer_at(self.layer, path)
             if isinstance(mha, FavorAttention):
                 continue
-            favor = FavorAttention.from_config(favor_config)
-            shapes = mha.get_build_config()["shapes_dict"]
-            favor.build(
-                shapes["query_shape"], shapes["value_shape"],
-                shapes.get("key_shape"),
-            )
-            attentions[path] = favor
+            if id(mha) not in by_id:
+                favor = FavorAttention.from_config(favor_config)
+                shapes = mha.get_build_config()["shapes_dict"]
+                favor.build(
+                    shapes["query_shape"], shapes["value_shape"],
+                    shapes.get("key_shape"),
+                )
+                by_id[id(mha)] = favor
+            attentions[path] = by_id[id(mha)]
         swap_attention(self.layer, attentions)
         self.built = True
+
+    def _attention_configs(self):
+        """`{path: config}` of the attention layers as they are now, so that
+        LoRA enabled or quantization done after the conversion saves."""
+        configs = {}
+        for path, recorded in self.attentions.items():
+            favor = layer_at(self.layer, path) if self.built else None
+            configs[path] = (
+                favor.get_config() if isinstance(favor, FavorAttention)
+                else dict(recorded)
+            )
+        return configs
 
     def get_build_config(self):
         return {"layer": self.layer.get_build_config()}
@@ -166,7 +136,7 @@ class PerformerizedLayer(keras.layers.Layer):
         config.update(
             {
                 "layer": keras.saving.serialize_keras_object(self.layer),
-                "attentions": self.attentions,
+                "attentions": self._attention_configs(),
             }
         )
         return config
