@@ -222,7 +222,8 @@ def generate(
     Args:
         model: a causal language model from `build_performer(task=
             "language_model")`, functional or sequential, any attention.
-        prompt_ids: `(batch, length)` integer token ids. Prompts of
+        prompt_ids: `(batch, length)` integer token ids in `[0,
+            vocabulary_size)` (others raise a `ValueError`). Prompts of
             different lengths are left-padded with `padding_id`, which
             needs a model built with `mask_zero=True` (padding is then no
             key of any position).

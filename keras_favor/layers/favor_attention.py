@@ -97,6 +97,8 @@ class FavorAttention(keras.layers.Layer):
         lora_rank, lora_alpha: None, or `enable_lora`'s arguments, which
             `get_config` records so a saved LoRA layer loads with LoRA.
         **kwargs: base layer keyword arguments, such as `name` and `dtype`.
+            `autocast` stays False: the dense sub-layers cast the inputs to
+            the compute dtype, and a decoding `cache` stays float32.
 
     Call arguments:
         query: `(B, *T, dim)`, one or more position axes `T`.

@@ -65,6 +65,8 @@ class PerformerBlock(keras.layers.Layer):
             by the other attention kinds, except
             `seed`, which also seeds exact attention's dropout).
         **kwargs: base layer keyword arguments, such as `name` and `dtype`.
+            `autocast` stays False: the block casts its inputs to the
+            compute dtype, and a decoding `cache` stays float32.
 
     Call arguments:
         inputs: `(batch, length, hidden_dim)` tensor.
