@@ -162,7 +162,9 @@ def _call_outputs(query, key, value, mask, window, causal, seeds, options):
 
     def mixed():
         near = banded_window_parts(*args)
-        far = _far_parts(query, key, value, mask, window, causal, seeds, options)
+        far = _far_parts(
+            query, key, value, mask, window, causal, seeds, options
+        )
         return merge_attention_parts([near, *far])
 
     length = query.shape[2]
@@ -192,7 +194,7 @@ def local_window_attention(
             softmax kernel, and `query_feature_fn` (default `feature_fn`)
             must give the queries' full features, with no factor left out,
             so that both parts weigh keys in the same units.
-        window: int >= 1, see `window_attention_parts`.
+        window: int >= 1, see `exact_window.window_attention_parts`.
         causal: bool.
         mask: bool `(B, 1, L)`, True at real keys, or None.
         dropout_rate, dropout_seed: dropout of the numerator, in both parts.
