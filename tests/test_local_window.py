@@ -71,7 +71,8 @@ def test_matches_the_mixed_quadratic_kernel(
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_gradients_match_the_mixed_quadratic_kernel(rng, causal):
+@pytest.mark.parametrize("window", [4, 13])
+def test_gradients_match_the_mixed_quadratic_kernel(rng, causal, window):
     layer, heads, mask = setup(rng, "softmax", 13)
     target = rng.normal(size=heads[2].shape)
 
@@ -83,13 +84,13 @@ def test_gradients_match_the_mixed_quadratic_kernel(rng, causal):
         return tape.gradient(loss, tensors)
 
     def expected_fn(q, k, v):
-        kernel = mixed_kernel(layer, q, k, mask, 4, causal)
+        kernel = mixed_kernel(layer, q, k, mask, window, causal)
         return kernel @ v / tf.reduce_sum(kernel, -1, keepdims=True)
 
     feature_fn, _ = layer._feature_fns()
     actual = gradients(
         lambda q, k, v: local_window_attention(
-            q, k, v, feature_fn, 16, 4, causal,
+            q, k, v, feature_fn, 16, window, causal,
             mask=tf.constant(mask)[:, None, :], chunk_size=4,
         ),
         tf.float32,
