@@ -62,7 +62,7 @@ def layer_call(layer):
 @pytest.mark.parametrize(
     "feature_map, local_window",
     [(name, 0) for name in FEATURE_MAPS]
-    + [("softmax", 3), ("softmax_hyperbolic", 5)],
+    + [("softmax", 3), ("softmax_hyperbolic", 5), ("softmax", 40000)],
 )
 def test_cached_pieces_equal_one_causal_call(rng, feature_map, local_window):
     layer = attention_layer(feature_map, local_window)

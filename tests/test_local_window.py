@@ -71,7 +71,8 @@ def test_matches_the_mixed_quadratic_kernel(
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_gradients_match_the_mixed_quadratic_kernel(rng, causal):
+@pytest.mark.parametrize("window", [4, 13])
+def test_gradients_match_the_mixed_quadratic_kernel(rng, causal, window):
     layer, heads, mask = setup(rng, "softmax", 13)
     target = rng.normal(size=heads[2].shape)
 
@@ -83,13 +84,13 @@ def test_gradients_match_the_mixed_quadratic_kernel(rng, causal):
         return tape.gradient(loss, tensors)
 
     def expected_fn(q, k, v):
-        kernel = mixed_kernel(layer, q, k, mask, 4, causal)
+        kernel = mixed_kernel(layer, q, k, mask, window, causal)
         return kernel @ v / tf.reduce_sum(kernel, -1, keepdims=True)
 
     feature_fn, _ = layer._feature_fns()
     actual = gradients(
         lambda q, k, v: local_window_attention(
-            q, k, v, feature_fn, 16, 4, causal,
+            q, k, v, feature_fn, 16, window, causal,
             mask=tf.constant(mask)[:, None, :], chunk_size=4,
         ),
         tf.float32,
@@ -98,17 +99,122 @@ def test_gradients_match_the_mixed_quadratic_kernel(rng, causal):
         np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5)
 
 
+def softmax_reference(q, k, v, mask, causal):
+    """Exact softmax attention in float64, and a bound on the float32
+    error: each logit a sum of `d` products (rounded logits move each
+    weight by a relative `2 * logit_error`), then sums of `L` weights and
+    of `L` weighted values."""
+    d, length = q.shape[-1], q.shape[2]
+    logits = q @ np.swapaxes(k, -1, -2) / np.sqrt(d)
+    seen = np.broadcast_to(mask[:, None, None, :], logits.shape)
+    if causal:
+        seen = seen & np.tri(length, dtype=bool)
+    logits = np.where(seen, logits, -np.inf)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    expected = weights @ v / weights.sum(-1, keepdims=True)
+    products = np.abs(q) @ np.swapaxes(np.abs(k), -1, -2) / np.sqrt(d)
+    logit_error = (d + 2) * UNIT_ROUNDOFF * products.max()
+    relative = 4 * logit_error + 4 * (length + 4) * UNIT_ROUNDOFF
+    return expected, relative * np.abs(v).max()
+
+
+def no_random_features(x):
+    raise AssertionError("a window over every key needs no random features")
+
+
 @pytest.mark.parametrize("causal", [False, True])
-def test_a_window_over_every_key_is_softmax_attention(rng, causal):
+@pytest.mark.parametrize("window", [11, 12, 40000])
+def test_a_window_over_every_key_is_softmax_attention(rng, causal, window):
+    """`w >= L`: exact softmax attention, and no random feature computed
+    (the cost of exact attention, whatever `w`)."""
     _, heads, mask = setup(rng, "softmax", 11)
-    layer = keras_favor.FavorAttention(2, 8, num_features=16, seed=1)
-    layer.build((2, 11, 16))
-    actual = run(layer, heads, mask, 11, causal)
-    expected = keras_favor.ops.softmax_attention(
-        *(tf.constant(h, tf.float32) for h in heads),
-        mask=tf.constant(mask)[:, None, :], causal=causal,
+    heads = [h.astype(np.float32) for h in heads]
+    actual = local_window_attention(
+        *heads, no_random_features, 16, window, causal,
+        mask=tf.constant(mask)[:, None, :], chunk_size=4,
     )
-    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
+    expected, bound = softmax_reference(
+        *(h.astype(np.float64) for h in heads), mask, causal
+    )
+    assert np.all(np.abs(np.asarray(actual) - expected) <= bound)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_window_far_longer_than_the_input_equals_one_as_long(rng, causal):
+    """`FavorAttention(1, 8, local_window=40000)` on 8 positions: the exact
+    attention of a window of 8, with no `(w, 2w)` blocks allocated."""
+    x = rng.normal(size=(2, 8, 16)).astype("float32")
+    mask = np.ones((2, 8), bool)
+    mask[1, 5:] = False
+    layers = [
+        keras_favor.FavorAttention(1, 8, local_window=w, seed=1)
+        for w in (40000, 8)
+    ]
+    for layer in layers:
+        layer(x, x)
+    layers[1].set_weights(layers[0].get_weights())
+    long, short = (
+        layer(x, query_mask=mask, use_causal_mask=causal) for layer in layers
+    )
+    np.testing.assert_allclose(long, short, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [0, 3])
+def test_no_position_gives_no_output(causal, window):
+    """Length 0, eager and traced, with and without a window, and with a
+    cache (an empty prompt) that it leaves as it is."""
+    layer = keras_favor.FavorAttention(
+        2, 8, num_features=16, local_window=window, seed=1
+    )
+    layer(np.zeros((2, 4, 16), "float32"))
+    x = np.zeros((2, 0, 16), "float32")
+
+    def call(x):
+        return layer(x, use_causal_mask=causal)
+
+    for fn in (call, tf.function(call)):
+        assert tuple(fn(x).shape) == (2, 0, 16)
+    if not causal:
+        return
+
+    def cached(x, cache):
+        return layer(x, use_causal_mask=True, cache=cache)
+
+    cache = layer.empty_cache(2)
+    for fn in (cached, tf.function(cached)):
+        outputs, after = fn(x, cache)
+        assert tuple(outputs.shape) == (2, 0, 16)
+        for before, now in zip(cache, after):
+            np.testing.assert_array_equal(now, before)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [8, 40000])
+def test_unknown_lengths_give_the_outputs_of_known_ones(rng, causal, window):
+    """A graph traced for any length chooses the dense or the banded window
+    at run time (lengths 0, 5 and 19 against windows of 8 and 40000)."""
+    layer = keras_favor.FavorAttention(
+        2, 8, num_features=16, local_window=window, chunk_size=4, seed=1
+    )
+    layer(np.zeros((2, 4, 16), "float32"))
+
+    def call(x, mask):
+        return layer(x, query_mask=mask, use_causal_mask=causal)
+
+    traced = tf.function(
+        call,
+        input_signature=[
+            tf.TensorSpec((2, None, 16)), tf.TensorSpec((2, None), tf.bool)
+        ],
+    )
+    for length in (0, 5, 19):
+        x = rng.normal(size=(2, length, 16)).astype("float32")
+        mask = np.ones((2, length), bool)
+        mask[1, :2] = False
+        np.testing.assert_allclose(
+            traced(x, mask), call(x, mask), rtol=1e-5, atol=1e-6
+        )
 
 
 @pytest.mark.parametrize("causal", [False, True])

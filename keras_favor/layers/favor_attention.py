@@ -91,8 +91,10 @@ class FavorAttention(keras.layers.Layer):
             `exp(q . k / sqrt(key_dim))`, and all other keys by the random
             features, with one normalizer over all keys: causal, the keys
             `t - w < s <= t`; bidirectional, `|t - s| < w`. It costs
-            `O(L w key_dim)` more and needs a feature map that estimates
-            the softmax kernel and queries and keys of one length.
+            `O(L min(w, L) key_dim)` more (a cached step `O(w key_dim)`),
+            is exact softmax attention where `w >= L`, and needs a feature
+            map that estimates the softmax kernel and queries and keys of
+            one length.
             Defaults to 0 (random features for every key).
         lora_rank, lora_alpha: None, or `enable_lora`'s arguments, which
             `get_config` records so a saved LoRA layer loads with LoRA.

@@ -13,23 +13,21 @@ one normalizer over all keys (docs/numerics.md, section 9).
 
 Each part comes as `(numerator, denominator, shift)` (the sums over its keys
 times `exp(-shift)`), and the parts are summed at the larger shift, with
-factors `<= 1` (`merge_attention_parts`). The window part costs `O(L w d)`
-time and `O(L w)` memory: queries in blocks of `w` positions attend to the
-keys of their own block and the block before (and after).
+factors `<= 1` (`merge_attention_parts`). The window part costs
+`O(L min(w, L) d)` time (`exact_window`). A window at least as long as the
+sequence leaves no key to the random features: the call is exact softmax
+attention at its cost, and a cached step attends to the `w` keys it keeps,
+`O(w d)`.
 """
 
-import math
-
-import numpy as np
 from keras import ops
 
 from keras_favor.ops import stabilizers
 from keras_favor.ops.causal_attention import causal_linear_attention
 from keras_favor.ops.causal_attention import empty_causal_state
-from keras_favor.ops.chunk_scan import merge_chunks
-from keras_favor.ops.chunk_scan import split_chunks
-from keras_favor.ops.feature_dropout import numerator_key_features
-from keras_favor.ops.products import matmul_transposed_b
+from keras_favor.ops.exact_window import banded_window_parts
+from keras_favor.ops.exact_window import dense_window_parts
+from keras_favor.ops.exact_window import window_attention_parts
 
 
 def merge_attention_parts(parts):
@@ -53,82 +51,6 @@ def merge_attention_parts(parts):
         numerator += part_numerator * factor[..., None]
         denominator += part_denominator * factor
     return stabilizers.normalize(numerator, denominator)
-
-
-def _neighbour_blocks(x, offset, fill):
-    """The block `offset` (-1 or 1) away from each block along axis 2,
-    `fill` beyond the ends."""
-    edge = ops.full_like(x[:, :, :1], fill)
-    if offset < 0:
-        return ops.concatenate([edge, x[:, :, :-1]], axis=2)
-    return ops.concatenate([x[:, :, 1:], edge], axis=2)
-
-
-def _window_blocks(x, offsets, fill=0):
-    """Each block's keys in the blocks at `offsets`, side by side."""
-    return ops.concatenate(
-        [x if o == 0 else _neighbour_blocks(x, o, fill) for o in offsets],
-        axis=3,
-    )
-
-
-def _in_window(window, offsets, causal):
-    """Bool `(w, len(offsets) w)`: query `i` of a block sees key `j` of the
-    blocks at `offsets` when `0 <= t - s < w` (causal) or `|t - s| < w`."""
-    queries = np.arange(window)[:, None]
-    keys = np.concatenate([np.arange(window) + o * window for o in offsets])
-    distance = queries - keys[None, :]
-    if causal:
-        return (distance >= 0) & (distance < window)
-    return np.abs(distance) < window
-
-
-def window_attention_parts(
-    query, key, value, window, causal, mask=None, dropout_rate=0.0,
-    dropout_seed=None,
-):
-    """Attention parts of exact softmax attention over a window of keys.
-
-    Query `t` sees keys `0 <= t - s < window` (causal) or
-    `|t - s| < window`, with weights `exp(q . k / sqrt(d))`.
-
-    Args:
-        query, key: `(B, H, L, d)` heads; value: `(B, H, L, D)`.
-        window: int >= 1.
-        causal: bool.
-        mask: bool `(B, 1, L)`, True at real keys, or None.
-        dropout_rate: float, dropout of the numerator's weights.
-        dropout_seed: `(2,)` stateless seed when `dropout_rate > 0`.
-
-    Returns:
-        `(numerator, denominator, shift)`, shifted by each query's largest
-        logit (about `NO_KEY_LEVEL` for a query that sees no key).
-    """
-    length = ops.shape(query)[2]
-    if mask is None:
-        mask = ops.ones_like(query[:1, :1, :, 0], "bool")
-    padding = (-length) % window
-    widths = [(0, 0), (0, 0), (0, padding)]
-    query, key, value = (ops.pad(x, widths + [(0, 0)]) for x in (query, key, value))
-    mask = ops.pad(mask, widths, constant_values=False)
-    offsets = (-1, 0) if causal else (-1, 0, 1)
-    query, key, value, mask = (
-        split_chunks(x, window) for x in (query, key, value, mask)
-    )
-    keys, values = (_window_blocks(x, offsets) for x in (key, value))
-    visible = ops.logical_and(
-        ops.convert_to_tensor(_in_window(window, offsets, causal)),
-        _window_blocks(mask, offsets, False)[..., None, :],
-    )
-    logits = matmul_transposed_b(query, keys) / math.sqrt(query.shape[-1])
-    logits = ops.where(visible, logits, stabilizers.NO_KEY_LEVEL)
-    shift = ops.stop_gradient(ops.max(logits, axis=-1))
-    weights = ops.exp(
-        ops.where(visible, logits - shift[..., None], stabilizers.NO_KEY_LEVEL)
-    )
-    dropped = numerator_key_features(weights, dropout_rate, dropout_seed)
-    parts = (ops.matmul(dropped, values), ops.sum(weights, axis=-1), shift)
-    return tuple(merge_chunks(x)[:, :, :length] for x in parts)
 
 
 def _delayed(x, lag, fill=0):
@@ -175,7 +97,7 @@ def _causal_parts(query, key, value, mask, window, state, seeds, options):
     With the window's keys before the queries prepended, query `i` of the
     piece finds its far keys at positions `<= i` of the joined keys (causal
     linear attention from the carried state) and its near keys at positions
-    `i < j <= i + w` (the window part, with `w` queries of padding).
+    `i < j <= i + w` (the window part, the queries at the last positions).
     """
     *far_state, keys_before, values_before, mask_before = state
     length = ops.shape(query)[2]
@@ -192,12 +114,10 @@ def _causal_parts(query, key, value, mask, window, state, seeds, options):
         return_state=True, normalized=False, dropout_seed=seeds[1],
         **options,
     )
-    padded = ops.concatenate([ops.zeros_like(keys_before), query], axis=2)
     near = window_attention_parts(
-        padded, keys, values, window, True, keys_mask,
+        query, keys, values, window, True, keys_mask,
         options["dropout_rate"], seeds[0],
     )
-    near = tuple(x[:, :, window:] for x in near)
     state = (
         *far_state, keys[:, :, length:], values[:, :, length:],
         keys_mask[:, :, length:],
@@ -205,17 +125,15 @@ def _causal_parts(query, key, value, mask, window, state, seeds, options):
     return [near, far], state
 
 
-def _bidirectional_parts(query, key, value, mask, window, seeds, options):
-    """Parts of the window and of the keys `w` or more before and after."""
-    parts = [
-        window_attention_parts(
-            query, key, value, window, False, mask, options["dropout_rate"],
-            seeds[0],
-        )
-    ]
-    for seed, flip in zip(seeds[1:], (False, True)):
+def _far_parts(query, key, value, mask, window, causal, seeds, options):
+    """Parts of the keys `w` or more before each query (and, bidirectional,
+    after it): causal linear attention over the keys delayed by `w`."""
+    parts = []
+    for seed, flip in zip(seeds[1:], (False, True)[: 1 if causal else 2]):
         order = (lambda x: ops.flip(x, axis=2)) if flip else (lambda x: x)
-        q, k, v, m = (order(x) for x in (query, key, value, _all_keys(mask, query)))
+        q, k, v, m = (
+            order(x) for x in (query, key, value, _all_keys(mask, query))
+        )
         earlier = causal_linear_attention(
             q, _delayed(k, window), _delayed(v, window),
             mask=_delayed(m, window, False), dropout_seed=seed,
@@ -223,6 +141,41 @@ def _bidirectional_parts(query, key, value, mask, window, seeds, options):
         )
         parts.append(tuple(order(x) for x in earlier))
     return parts
+
+
+def _call_outputs(query, key, value, mask, window, causal, seeds, options):
+    """The outputs of a call without a state.
+
+    Where every key lies within the window of every query (`L <= w`), the
+    random-feature parts are empty and are not computed: exact softmax
+    attention, at its cost.
+    """
+    if mask is None:
+        mask = ops.ones_like(key[:1, :1, :, 0], "bool")
+    args = (
+        query, key, value, window, causal, mask, options["dropout_rate"],
+        seeds[0],
+    )
+
+    def exact():
+        return stabilizers.normalize(*dense_window_parts(*args)[:2])
+
+    def mixed():
+        near = banded_window_parts(*args)
+        far = _far_parts(
+            query, key, value, mask, window, causal, seeds, options
+        )
+        return merge_attention_parts([near, *far])
+
+    length = query.shape[2]
+    if length is not None:
+        return exact() if length <= window else mixed()
+    return ops.cond(ops.shape(query)[2] <= window, exact, mixed)
+
+
+def _no_outputs(query, value):
+    """The `(B, H, 0, D)` outputs of no position."""
+    return ops.zeros(ops.shape(query)[:3] + ops.shape(value)[3:])
 
 
 def local_window_attention(
@@ -241,7 +194,7 @@ def local_window_attention(
             softmax kernel, and `query_feature_fn` (default `feature_fn`)
             must give the queries' full features, with no factor left out,
             so that both parts weigh keys in the same units.
-        window: int >= 1, see `window_attention_parts`.
+        window: int >= 1, see `exact_window.window_attention_parts`.
         causal: bool.
         mask: bool `(B, 1, L)`, True at real keys, or None.
         dropout_rate, dropout_seed: dropout of the numerator, in both parts.
@@ -274,19 +227,24 @@ def local_window_attention(
     )
     if recompute_length is not None:
         options["recompute_length"] = recompute_length
-    if not causal:
-        parts = _bidirectional_parts(
-            query, key, value, mask, window, seeds, options
+    length = query.shape[2]
+    if initial_state is None and not return_state:
+        if length == 0:
+            return _no_outputs(query, value)
+        return _call_outputs(
+            query, key, value, mask, window, causal, seeds, options
         )
-        return merge_attention_parts(parts)
     if initial_state is None:
         batch, heads = ops.shape(query)[:2]
         initial_state = empty_local_window_state(
             batch, heads, num_features, ops.shape(key)[-1],
             ops.shape(value)[-1], window, value.dtype,
         )
-    parts, state = _causal_parts(
-        query, key, value, mask, window, initial_state, seeds, options
-    )
-    outputs = merge_attention_parts(parts)
+    if length == 0:
+        outputs, state = _no_outputs(query, value), tuple(initial_state)
+    else:
+        parts, state = _causal_parts(
+            query, key, value, mask, window, initial_state, seeds, options
+        )
+        outputs = merge_attention_parts(parts)
     return (outputs, state) if return_state else outputs

@@ -1,0 +1,32 @@
+"""Smoke test: benchmarks/local_window_cost.py runs end to end at tiny sizes."""
+
+import csv
+import os
+import sys
+
+BENCHMARKS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks")
+sys.path.insert(0, BENCHMARKS_DIR)
+
+import local_window_cost  # noqa: E402
+
+
+def test_local_window_cost_times_every_window(tmp_path):
+    local_window_cost.main([
+        "--windows", "4", "16", "--rounds", "2", "--warmup", "0", "--num-heads", "2",
+        "--key-dim", "8", "--num-features", "16", "--output-dir", str(tmp_path),
+    ])
+    with open(tmp_path / "local_window_cost.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert list(rows[0]) == list(local_window_cost.FIELDS)
+    assert sorted((r["kind"], r["mode"], int(r["window"])) for r in rows) == sorted(
+        [("call", m, w) for m in ("causal", "bidirectional") for w in (0, 4, 16)]
+        + [("step", "causal", 4), ("step", "causal", 16)])
+    for row in rows:
+        assert row["timed_runs"] == "2"
+        assert float(row["max_s"]) >= float(row["median_s"]) >= float(row["min_s"]) > 0
+        assert row["length"] == ("1" if row["kind"] == "step" else "8")
+        if row["window"] == "4":
+            assert float(row["ratio"]) == 1.0
+    summary = (tmp_path / "local_window_cost_summary.txt").read_text()
+    assert summary.count("MultiHeadAttention") == 2
+    assert "tensorflow" in (tmp_path / "local_window_cost.json").read_text()
