@@ -7,7 +7,10 @@ only, each call a `tf.function` traced once:
   bidirectional, at each window `w` of `--windows`; a window at least as long as
   the input is exact softmax attention, and `MultiHeadAttention` with the same
   heads (`window` 0 in the rows) is timed beside it;
-- `step`: one cached decoding position (`cache=empty_cache(1)`), at each `w`.
+- `step`: one cached decoding position (`cache=empty_cache(1)`), at each `w`;
+- `capped_step`: the same with `cache=empty_cache(1, max_length)` for
+  `--max-length` positions (128 by default), as `generate` makes it: the cache
+  keeps `min(w, max_length)` keys, so a step stops growing with `w` there.
 
 The configurations are timed in alternation: each round runs every one once,
 so drifting load on the machine reaches all alike. `median_s` is the median of
@@ -43,7 +46,7 @@ def build_call(kind, causal, window, args):
 
     heads = dict(num_heads=args.num_heads, key_dim=args.key_dim)
     hidden = args.num_heads * args.key_dim
-    length = 1 if kind == "step" else args.length
+    length = args.length if kind == "call" else 1
     x = np.random.default_rng(0).standard_normal((1, length, hidden)).astype("float32")
     if window == 0:
         layer = keras.layers.MultiHeadAttention(**heads)
@@ -54,7 +57,8 @@ def build_call(kind, causal, window, args):
     layer(x, x)
     if kind == "call":
         return tf.function(lambda x: layer(x, x, use_causal_mask=causal)), [x]
-    cache = layer.empty_cache(1)
+    cache = layer.empty_cache(
+        1, args.max_length if kind == "capped_step" else None)
     step = tf.function(lambda x, cache: layer(x, use_causal_mask=True, cache=cache)[0])
     return step, [x, cache]
 
@@ -64,7 +68,8 @@ def jobs(args):
     found = []
     for mode in args.modes:
         found += [("call", mode, w) for w in [0] + args.windows]
-    return found + [("step", "causal", w) for w in args.windows]
+    return found + [
+        (kind, "causal", w) for kind in ("step", "capped_step") for w in args.windows]
 
 
 def measure(args):
@@ -84,7 +89,7 @@ def measure(args):
         median = statistics.median(job_times)
         rows.append({
             "kind": kind, "mode": mode, "window": window,
-            "length": 1 if kind == "step" else args.length,
+            "length": args.length if kind == "call" else 1,
             "num_heads": args.num_heads, "key_dim": args.key_dim,
             "num_features": args.num_features, "median_s": round(median, 6),
             "min_s": round(min(job_times), 6), "max_s": round(max(job_times), 6),
@@ -97,7 +102,7 @@ def measure(args):
 
 def summary(rows):
     """A line per configuration."""
-    return [f"{r['kind']:4s} {r['mode']:13s} L={r['length']} "
+    return [f"{r['kind']:11s} {r['mode']:13s} L={r['length']} "
             f"{'MultiHeadAttention' if r['window'] == 0 else 'w=' + str(r['window']):18s} "
             f"median {1e3 * r['median_s']:8.3f} ms (min {1e3 * r['min_s']:.3f}, "
             f"{r['timed_runs']} runs), x{r['ratio']:.2f} the smallest window's"
@@ -107,7 +112,7 @@ def summary(rows):
 def main(argv=None):
     args = common.parse_args(
         __doc__, argv, windows=[8, 32, 128, 512, 2048], modes=["causal", "bidirectional"],
-        length=8, num_heads=8, key_dim=64, num_features=256,
+        length=8, max_length=(128, "positions of the capped step's cache"), num_heads=8, key_dim=64, num_features=256,
         rounds=(15, "timed calls per configuration"),
         warmup=(2, "untimed calls per configuration after tracing"))
     rows = measure(args)

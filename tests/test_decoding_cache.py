@@ -72,6 +72,29 @@ def test_cached_pieces_equal_one_causal_call(rng, feature_map, local_window):
     assert_equal_at_real_positions(got, want, mask)
 
 
+@pytest.mark.parametrize("local_window", [3, 40000])
+def test_window_cache_for_max_length_positions_keeps_fewer_keys(
+    rng, local_window
+):
+    layer = attention_layer("softmax", local_window)
+    x, mask = padded_inputs(rng)
+    layer(x[:, :1])
+    cache = layer.empty_cache(3, max_length=LENGTH)
+    # A step costs what the kept keys cost: the window's, or the sequence's
+    # where the window is longer.
+    assert cache[3].shape[2] == min(local_window, LENGTH)
+    want = np.asarray(layer(x, query_mask=mask, use_causal_mask=True))
+    got, cache = run_in_pieces(layer_call(layer), x, mask, cache)
+    assert_equal_at_real_positions(got, want, mask)
+    if local_window > LENGTH:
+        with pytest.raises(ValueError, match="`cache_update_index` .13."):
+            layer_call(layer)(x[:, :1], mask[:, :1], cache, LENGTH)
+        other = attention_layer("softmax", local_window=4)
+        other(x[:, :1])
+        with pytest.raises(ValueError, match="more than `local_window`"):
+            layer_call(other)(x[:, :1], mask[:, :1], cache, 0)
+
+
 def test_cache_keeps_its_shapes_at_every_position(rng):
     layer = attention_layer("softmax", local_window=3)
     x, mask = padded_inputs(rng, length=40)

@@ -20,11 +20,11 @@ def test_local_window_cost_times_every_window(tmp_path):
     assert list(rows[0]) == list(local_window_cost.FIELDS)
     assert sorted((r["kind"], r["mode"], int(r["window"])) for r in rows) == sorted(
         [("call", m, w) for m in ("causal", "bidirectional") for w in (0, 4, 16)]
-        + [("step", "causal", 4), ("step", "causal", 16)])
+        + [(k, "causal", w) for k in ("step", "capped_step") for w in (4, 16)])
     for row in rows:
         assert row["timed_runs"] == "2"
         assert float(row["max_s"]) >= float(row["median_s"]) >= float(row["min_s"]) > 0
-        assert row["length"] == ("1" if row["kind"] == "step" else "8")
+        assert row["length"] == ("8" if row["kind"] == "call" else "1")
         if row["window"] == "4":
             assert float(row["ratio"]) == 1.0
     summary = (tmp_path / "local_window_cost_summary.txt").read_text()

@@ -1,5 +1,6 @@
 """The `FavorAttention` layer."""
 
+import math
 import random
 
 import keras
@@ -16,6 +17,7 @@ from keras_favor.layers import multi_head_layout as layout
 from keras_favor.validation import batch_size as validation_batch_size
 from keras_favor.validation import check_cache_shapes
 from keras_favor.validation import dropout_rate
+from keras_favor.validation import is_int
 from keras_favor.validation import optional_positive_number
 from keras_favor.validation import optional_seed
 from keras_favor.validation import non_negative_int
@@ -91,7 +93,8 @@ class FavorAttention(keras.layers.Layer):
             `exp(q . k / sqrt(key_dim))`, and all other keys by the random
             features, with one normalizer over all keys: causal, the keys
             `t - w < s <= t`; bidirectional, `|t - s| < w`. It costs
-            `O(L min(w, L) key_dim)` more (a cached step `O(w key_dim)`),
+            `O(L min(w, L) key_dim)` more (a cached step `O(min(w, n)
+            key_dim)` for a cache made for `n` positions, `empty_cache`),
             is exact softmax attention where `w >= L`, and needs a feature
             map that estimates the softmax kernel and queries and keys of
             one length.
@@ -126,7 +129,8 @@ class FavorAttention(keras.layers.Layer):
         cache_update_index: the position of `query`'s first row, for
             keras-hub's calling convention (`CachedMultiHeadAttention`).
             The state has the same size at every position and does not
-            need it.
+            need it; an int checks that the positions fit a window cache
+            made for fewer positions than the window.
 
     Returns:
         `(B, *T, dim)`, or `(B, *T, *output_shape)`, in the compute dtype.
@@ -443,21 +447,31 @@ class FavorAttention(keras.layers.Layer):
             return ops.transpose(outputs, (0, 2, 1, 3)), tuple(state)
         return ops.transpose(outputs, (0, 2, 1, 3))
 
-    def empty_cache(self, batch_size):
+    def empty_cache(self, batch_size, max_length=None):
         """The decoding cache before any position, for `call(...,
         cache=...)`: the causal state of `batch_size` sequences (an int, or
         a scalar tensor in a graph) with no key.
+
+        Args:
+            batch_size: int or scalar int tensor.
+            max_length: None, or the most positions the cache will see. With
+                a `local_window` `w` the cache then keeps `min(w,
+                max_length)` keys, so that a cached step costs
+                `O(min(w, max_length) d)` however long the window; a call
+                past `max_length` positions raises where its
+                `cache_update_index` is an int. Ignored without a window.
 
         Returns:
             A tuple of float32 tensors whose sizes do not depend on the
             position: the running sums `phi(K)^T V` `(B, H, F, Dv)` and
             `phi(K)^T 1` `(B, H, F)`, scaled by `exp(-level)`, and the
             stabilizer levels `(B, H, F)`; with a `local_window` `w`, also
-            the last `w` keys `(B, H, w, Dk)`, values `(B, H, w, Dv)` and
-            their mask `(B, 1, w)`.
+            the last `n = min(w, max_length)` keys `(B, H, n, Dk)`, values
+            `(B, H, n, Dv)` and their mask `(B, 1, n)`.
         """
         dense_sublayers.check_built(self, "empty_cache()")
         batch_size = validation_batch_size(batch_size)
+        max_length = positive_int(max_length, "max_length", allow_none=True)
         num_features = self.feature_map.feature_dim(
             self.num_features, self.key_dim
         )
@@ -465,7 +479,7 @@ class FavorAttention(keras.layers.Layer):
         if self.local_window:
             return favor_ops.empty_local_window_state(
                 batch_size, self.num_heads, num_features, self.key_dim,
-                value_dim, self.local_window,
+                value_dim, min(self.local_window, max_length or math.inf),
             )
         return favor_ops.empty_causal_state(
             batch_size, self.num_heads, num_features, value_dim
@@ -483,14 +497,39 @@ class FavorAttention(keras.layers.Layer):
             heads + (features,),
         ]
         if self.local_window:
-            window = self.local_window
+            # Any number of kept keys up to the window (`empty_cache`'s
+            # `max_length`), checked by `_check_window_slots`.
             shapes += [
-                heads + (window, self.key_dim), heads + (window, value_dim),
-                (batch_size, 1, window),
+                heads + (None, self.key_dim), heads + (None, value_dim),
+                (batch_size, 1, None),
             ]
         return shapes
 
-    def _check_cache_call(self, query, value, key, use_causal_mask, cache):
+    def _check_window_slots(self, cache, query, cache_update_index):
+        """A window cache keeps at most `w` keys, and one of fewer keys
+        (`empty_cache`'s `max_length`) serves that many positions: a key
+        pushed out of it before it is `w` positions old would be lost."""
+        slots = cache[3].shape[2]
+        if slots is None or slots == self.local_window:
+            return
+        if slots > self.local_window:
+            raise ValueError(
+                f"`cache` keeps {slots} keys, more than `local_window` "
+                f"({self.local_window}): it is not this layer's "
+                "`empty_cache(batch_size, max_length)`."
+            )
+        length = query.shape[1]
+        if is_int(cache_update_index) and length is not None:
+            if cache_update_index + length > slots:
+                raise ValueError(
+                    f"`cache_update_index` ({cache_update_index}) and the "
+                    f"{length} new positions pass the {slots} positions the "
+                    "cache was made for (`empty_cache`'s `max_length`)."
+                )
+
+    def _check_cache_call(
+        self, query, value, key, use_causal_mask, cache, cache_update_index
+    ):
         """A cache is the causal state of self-attention over one position
         axis: anything else raises."""
         if not use_causal_mask:
@@ -515,6 +554,8 @@ class FavorAttention(keras.layers.Layer):
             cache, self._cache_shapes(batch),
             "query", "empty_cache(batch_size)",
         )
+        if self.local_window:
+            self._check_window_slots(cache, query, cache_update_index)
 
     def call(
         self, query, value=None, key=None, query_mask=None, value_mask=None,
@@ -523,7 +564,9 @@ class FavorAttention(keras.layers.Layer):
         cache_update_index=None,
     ):
         if cache is not None:
-            self._check_cache_call(query, value, key, use_causal_mask, cache)
+            self._check_cache_call(
+                query, value, key, use_causal_mask, cache, cache_update_index
+            )
             cache = float32_cache.float32_cache(cache)
         if value is None and key is None:
             # Self-attention with a single input, as inside keras.Sequential:
@@ -580,7 +623,9 @@ class FavorAttention(keras.layers.Layer):
     ):
         # Symbolic calls run the same checks as `call`.
         if cache is not None:
-            self._check_cache_call(query, value, key, use_causal_mask, cache)
+            self._check_cache_call(
+                query, value, key, use_causal_mask, cache, cache_update_index
+            )
         value, key, _ = arguments.call_inputs(
             query, value, key, return_attention_scores,
             value_mask=value_mask, key_mask=key_mask,

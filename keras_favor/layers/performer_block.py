@@ -291,7 +291,8 @@ class PerformerBlock(keras.layers.Layer):
             max_length: int, the most positions the cache will hold: needed
                 by `attention="exact"`, whose key/value cache grows with
                 the positions; FAVOR+'s recurrent state has the same size
-                at every position and ignores it.
+                at every position, and with a `local_window` longer than
+                `max_length` keeps `max_length` keys, not the window's.
 
         Returns:
             A tuple of tensors, for `call(..., cache=...)`:
@@ -313,7 +314,7 @@ class PerformerBlock(keras.layers.Layer):
             )
         batch_size = validation_batch_size(batch_size)
         if self.attention == "favor":
-            return self.attention_layer.empty_cache(batch_size)
+            return self.attention_layer.empty_cache(batch_size, max_length)
         if self.attention == "identity":
             return ()
         max_length = positive_int(max_length, "max_length")
