@@ -146,6 +146,15 @@ def write_csv(path, fields, rows):
         writer.writerows(rows)
 
 
+def write_results(args, name, fields, rows, summary_lines):
+    """Writes `NAME.json` (environment and settings), `NAME.csv` and
+    `NAME_summary.txt` to `args.output_dir`, and prints the summary."""
+    stem = os.path.join(args.output_dir, name)
+    write_environment(stem + ".json", describe(), vars(args))
+    write_csv(stem + ".csv", fields, rows)
+    write_lines(stem + "_summary.txt", summary_lines)
+
+
 def write_lines(path, lines):
     """Writes a summary's lines to `path`, and prints them."""
     with open(path, "w") as file:

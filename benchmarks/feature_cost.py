@@ -108,10 +108,7 @@ def main(argv=None):
         num_features=256, rounds=(7, "timed calls per configuration"),
         warmup=(2, "untimed calls per configuration after tracing"))
     rows = measure(args)
-    stem = os.path.join(args.output_dir, "feature_cost")
-    common.write_environment(stem + ".json", common.describe(), vars(args))
-    common.write_csv(stem + ".csv", FIELDS, rows)
-    common.write_lines(stem + "_summary.txt", summary(rows))
+    common.write_results(args, "feature_cost", FIELDS, rows, summary(rows))
     return rows
 
 

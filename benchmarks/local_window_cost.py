@@ -112,14 +112,12 @@ def summary(rows):
 def main(argv=None):
     args = common.parse_args(
         __doc__, argv, windows=[8, 32, 128, 512, 2048], modes=["causal", "bidirectional"],
-        length=8, max_length=(128, "positions of the capped step's cache"), num_heads=8, key_dim=64, num_features=256,
+        length=8, max_length=(128, "positions of the capped step's cache"),
+        num_heads=8, key_dim=64, num_features=256,
         rounds=(15, "timed calls per configuration"),
         warmup=(2, "untimed calls per configuration after tracing"))
     rows = measure(args)
-    stem = os.path.join(args.output_dir, "local_window_cost")
-    common.write_environment(stem + ".json", common.describe(), vars(args))
-    common.write_csv(stem + ".csv", FIELDS, rows)
-    common.write_lines(stem + "_summary.txt", summary(rows))
+    common.write_results(args, "local_window_cost", FIELDS, rows, summary(rows))
     return rows
 
 
