@@ -311,7 +311,7 @@ def summaries(rows, args):
     steps_table, time_table = [], []
     for task in tasks:
         seeds = sorted({k[2] for k in runs if k[0] == task})
-        attentions = [a for a in args.attentions if (task, a, seeds[0]) in runs]
+        attentions = [a for a in ATTENTIONS if (task, a, seeds[0]) in runs]
         budget = {
             seed: min(runs[(task, a, seed)][-1]["seconds"] for a in attentions)
             for seed in seeds
@@ -448,9 +448,9 @@ def parse_args(argv):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_arguments(
-        parser, steps=150, epochs=None, seed=None, batch_size=16,
+        parser, steps=150, epochs=None, seed=None, batch_size=8,
         num_features=32, hidden_dim=64, intermediate_dim=128, num_heads=4,
-        num_layers=2, learning_rate=2e-3,
+        num_layers=2, learning_rate=3e-3,
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
                         help="seeds of the weights, projections and batches")
@@ -461,7 +461,7 @@ def parse_args(argv):
                         help="attentions of the language models")
     parser.add_argument("--classify-attentions", nargs="+",
                         choices=list(ATTENTIONS),
-                        default=["exact", "softmax", "window"],
+                        default=["exact", "softmax"],
                         help="attentions of the classifier")
     parser.add_argument("--lm-sets", nargs="+", choices=list(bio_data.PROTEIN_SETS),
                         default=list(bio_data.PROTEIN_SETS),
@@ -480,9 +480,9 @@ def parse_args(argv):
                         help="exact-attention window of the `window` model")
     parser.add_argument("--mask-rate", type=float, default=0.15,
                         help="share of residues the masked LM predicts")
-    parser.add_argument("--eval-points", type=int, default=5,
+    parser.add_argument("--eval-points", type=int, default=3,
                         help="evaluations per training")
-    parser.add_argument("--eval-sequences", type=int, default=256,
+    parser.add_argument("--eval-sequences", type=int, default=96,
                         help="validation sequences evaluated")
     parser.add_argument("--train-sequences", type=int, default=0,
                         help="training sequences used; 0: all")
