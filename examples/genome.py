@@ -149,14 +149,15 @@ def train_one(attention, context, seed, train, held_out, args):
     kwargs = dict(ATTENTIONS[attention][1])
     if attention == "window":
         kwargs["local_window"] = args.window
+    memory_gib = exact_memory_gib(context, args)
     row = {
         "context": context, "attention": name, "seed": seed,
-        "exact_memory_gib": round(exact_memory_gib(context, args), 2),
+        "exact_memory_gib": round(memory_gib, 3),
     }
-    if attention == "exact" and row["exact_memory_gib"] > args.exact_memory_gib:
+    if attention == "exact" and memory_gib > args.exact_memory_gib:
         print(
             f"  [{name}, context {context}] not trained: its attention "
-            f"matrices need about {row['exact_memory_gib']:.1f} GiB, over "
+            f"matrices need about {memory_gib:.1f} GiB, over "
             f"--exact-memory-gib {args.exact_memory_gib:g}",
             flush=True,
         )
