@@ -210,15 +210,21 @@ class TrainingClock(keras.callbacks.Callback):
         every_steps: int or None, evaluate after every this many steps.
         budget_s: number or None, stop training after this many seconds
             on the clock.
+        evaluate_first: bool, also evaluate after the first step, at 0 s
+            on the clock.
         label: str, the model's name in the progress lines.
 
     Training ends with an evaluation unless the last step had one.
     """
 
-    def __init__(self, evaluate, every_steps=None, budget_s=None, label=""):
+    def __init__(
+        self, evaluate, every_steps=None, budget_s=None,
+        evaluate_first=False, label="",
+    ):
         super().__init__()
         self.evaluate = evaluate
         self.every_steps = every_steps
+        self.evaluate_first = evaluate_first
         self.budget_s = budget_s
         self.label = label
         self.history = []
@@ -252,7 +258,7 @@ class TrainingClock(keras.callbacks.Callback):
         out_of_time = (
             self.budget_s is not None and self.seconds(now) >= self.budget_s
         )
-        if out_of_time or (
+        if out_of_time or (self.evaluate_first and self.steps == 1) or (
             self.every_steps and self.steps % self.every_steps == 0
         ):
             self.run_evaluation()

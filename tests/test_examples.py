@@ -327,8 +327,14 @@ def test_proteins_tiny(examples, tmp_path, capsys):
         for task in ("mlm", "causal")
         for attention in ("softmax", "relu")
     } | {("classify", "exact")}
+    for run in runs:
+        points = [r for r in result["rows"]
+                  if (r["task"], r["attention"]) == run]
+        # Evaluated after the first step (0 s on the clock) and the last.
+        assert [p["step"] for p in points] == [1, 2]
+        assert points[0]["seconds"] == 0 < points[1]["seconds"]
     for row in result["rows"]:
-        assert row["step"] in (1, 2) and 0 <= row["accuracy"] <= 1
+        assert 0 <= row["accuracy"] <= 1
         if row["task"] != "classify":
             # Near the 23-token vocabulary's uniform guess after 2 steps.
             assert 5 < row["perplexity"] < 60
@@ -339,6 +345,19 @@ def test_proteins_tiny(examples, tmp_path, capsys):
         assert len(list(csv.DictReader(file))) == len(result["rows"])
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     assert "Equal time" in capsys.readouterr().out
+
+
+def test_proteins_equal_time_interpolates_between_evaluations(examples):
+    proteins = examples("proteins")
+    points = [
+        {"step": 1, "seconds": 0.0, "accuracy": 0.1},
+        {"step": 51, "seconds": 10.0, "accuracy": 0.3},
+        {"step": 101, "seconds": 30.0, "accuracy": 0.4},
+    ]
+    assert proteins.at_time(points, 5.0, "accuracy") == pytest.approx(0.2)
+    assert proteins.at_time(points, 20.0, "step") == pytest.approx(76)
+    assert proteins.at_time(points, 30.0, "accuracy") == pytest.approx(0.4)
+    assert proteins.at_time(points[1:], 5.0, "accuracy") is None
 
 
 def test_genome_validation_and_markov_reference(examples):
