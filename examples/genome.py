@@ -254,8 +254,9 @@ def plot(rows, markov, path):
                          label=f"{name}: does not fit from {missing[0]:,}")
     for order, bits in markov.items():
         axis.axhline(bits, color="grey", linestyle="--", linewidth=0.8)
-        axis.annotate(f"order-{order} Markov", (axis.get_xlim()[0], bits),
-                      fontsize=7, color="grey", va="bottom")
+        axis.text(0.01, bits, f"order-{order} Markov", fontsize=7,
+                  color="grey", va="bottom",
+                  transform=axis.get_yaxis_transform())
     axis.set_xscale("log", base=2)
     axis.set_xlabel("context (bases)")
     axis.set_ylabel("held-out bits per base")
