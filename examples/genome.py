@@ -24,9 +24,10 @@ traces the step) on batches of the same number of bases
 For scale, the script also scores order-k Markov models (base counts after
 every k-base context, add-one smoothing) fitted on the training region.
 
-The defaults run in about 15 minutes on 2 CPU cores (one seed); `--full`
-trains a larger model for 10 minutes per context, to 131,072 bases, on two
-seeds (hours on a CPU).
+The defaults (one seed, 10 models of 60 s each) are sized for about 15
+minutes on 2 idle CPU cores; on a shared machine at load 6 to 9 they took 28
+minutes. `--full` trains a larger model for 10 minutes per context, to
+131,072 bases, on two seeds (over 4 hours).
 """
 
 import argparse
