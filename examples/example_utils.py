@@ -261,16 +261,16 @@ class TrainingClock(keras.callbacks.Callback):
         if out_of_time or (self.evaluate_first and self.steps == 1) or (
             self.every_steps and self.steps % self.every_steps == 0
         ):
-            self.run_evaluation()
+            self.run_evaluation(now)
         if out_of_time:
             self.model.stop_training = True
 
     def on_train_end(self, logs=None):
         if not self.history or self.history[-1]["step"] != self.steps:
-            self.run_evaluation()
+            self.run_evaluation(time.perf_counter())
 
-    def run_evaluation(self):
-        seconds = self.seconds()
+    def run_evaluation(self, now):
+        seconds = self.seconds(now)
         start = time.perf_counter()
         numbers = self.evaluate(self.model)
         self._evaluation_s += time.perf_counter() - start

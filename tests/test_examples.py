@@ -314,7 +314,7 @@ def test_proteins_tiny(examples, tmp_path, capsys):
     proteins = examples("proteins")
     result = proteins.main(
         TINY_MODEL[:-4]
-        + ["--steps", "2", "--classify-steps", "2", "--eval-points", "2",
+        + ["--steps", "3", "--classify-steps", "3", "--eval-points", "1",
            "--eval-sequences", "6", "--train-sequences", "16",
            "--max-length", "64", "--classify-max-length", "64",
            "--seeds", "0", "--attentions", "softmax", "relu",
@@ -331,7 +331,7 @@ def test_proteins_tiny(examples, tmp_path, capsys):
         points = [r for r in result["rows"]
                   if (r["task"], r["attention"]) == run]
         # Evaluated after the first step (0 s on the clock) and the last.
-        assert [p["step"] for p in points] == [1, 2]
+        assert [p["step"] for p in points] == [1, 3]
         assert points[0]["seconds"] == 0 < points[1]["seconds"]
     for row in result["rows"]:
         assert 0 <= row["accuracy"] <= 1
@@ -345,6 +345,30 @@ def test_proteins_tiny(examples, tmp_path, capsys):
         assert len(list(csv.DictReader(file))) == len(result["rows"])
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     assert "Equal time" in capsys.readouterr().out
+
+
+def test_training_clock_evaluates_at_its_steps_and_stops_at_its_budget(
+    examples,
+):
+    example_utils = examples("example_utils")
+    keras = example_utils.keras
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    data = (np.ones((14, 2)), np.ones((14, 1)))
+    calls = []
+    clock = example_utils.TrainingClock(
+        lambda m: {"calls": float(len(calls.append(1) or calls))},
+        every_steps=3, evaluate_first=True,
+    )
+    model.fit(*data, batch_size=2, epochs=1, callbacks=[clock], verbose=0)
+    assert [p["step"] for p in clock.history] == [1, 3, 6, 7]
+    assert clock.history[0]["seconds"] == 0
+    seconds = [p["seconds"] for p in clock.history]
+    assert seconds == sorted(seconds)
+    budget = example_utils.TrainingClock(lambda m: {}, budget_s=1e-9)
+    model.fit(*data, batch_size=2, epochs=1, callbacks=[budget], verbose=0)
+    # The clock starts after the first step: the second ends the budget.
+    assert [p["step"] for p in budget.history] == [2]
 
 
 def test_proteins_equal_time_interpolates_between_evaluations(examples):
