@@ -33,7 +33,7 @@ Batches group sequences of similar length and are padded to their longest;
 language-model sequences are cut to `--max-length` residues.
 
 The defaults are sized for about 15 minutes on 2 idle CPU cores (an
-estimate; on a shared machine at load 6 to 9 they took over an hour), and
+estimate; on a shared machine at load 5 to 9 they took about 55 minutes), and
 are far too short for the models to learn more than residue frequencies;
 `--full` trains larger models for 4,000 steps on 3 seeds (many hours on a
 CPU; meant for an accelerator).
