@@ -15,7 +15,8 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e ".[test]"
+	# The data extra: the sequences of the biology examples' smoke tests.
+	$(BIN)/python -m pip install -e ".[test,data]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -194,3 +194,94 @@ class StepTimer(keras.callbacks.Callback):
         before any step."""
         steps = self.seconds[warmup:] or self.seconds
         return float(np.median(steps)) if steps else float("nan")
+
+
+class TrainingClock(keras.callbacks.Callback):
+    """Evaluates a model at chosen steps or seconds of training, on a clock
+    that leaves out the tracing step and the evaluations.
+
+    The clock starts when the first training step ends (that step traces
+    and compiles the training step) and runs to the end of each later step;
+    the time of each evaluation is taken off it. Every evaluation appends
+    `{"step", "seconds", **evaluate(model)}` to `history`.
+
+    Args:
+        evaluate: callable from the model to a dict of numbers.
+        every_steps: int or None, evaluate after every this many steps.
+        budget_s: number or None, stop training after this many seconds
+            on the clock.
+        evaluate_first: bool, also evaluate after the first step, at 0 s
+            on the clock.
+        label: str, the model's name in the progress lines.
+
+    Training ends with an evaluation unless the last step had one.
+    """
+
+    def __init__(
+        self, evaluate, every_steps=None, budget_s=None,
+        evaluate_first=False, label="",
+    ):
+        super().__init__()
+        self.evaluate = evaluate
+        self.every_steps = every_steps
+        self.evaluate_first = evaluate_first
+        self.budget_s = budget_s
+        self.label = label
+        self.history = []
+        self.step_s = []
+        self.first_step_s = None
+        self._clock_start = None
+        self._batch_start = None
+        self._evaluation_s = 0.0
+
+    @property
+    def steps(self):
+        return len(self.step_s) + (self.first_step_s is not None)
+
+    def seconds(self, now=None):
+        """Seconds on the clock at `now` (default: the time of the call)."""
+        if self._clock_start is None:
+            return 0.0
+        now = time.perf_counter() if now is None else now
+        return now - self._clock_start - self._evaluation_s
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.perf_counter()
+        if self.first_step_s is None:
+            self.first_step_s = now - self._batch_start
+            self._clock_start = now
+        else:
+            self.step_s.append(now - self._batch_start)
+        out_of_time = (
+            self.budget_s is not None and self.seconds(now) >= self.budget_s
+        )
+        if out_of_time or (self.evaluate_first and self.steps == 1) or (
+            self.every_steps and self.steps % self.every_steps == 0
+        ):
+            self.run_evaluation(now)
+        if out_of_time:
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if not self.history or self.history[-1]["step"] != self.steps:
+            self.run_evaluation(time.perf_counter())
+
+    def run_evaluation(self, now):
+        seconds = self.seconds(now)
+        start = time.perf_counter()
+        numbers = self.evaluate(self.model)
+        self._evaluation_s += time.perf_counter() - start
+        self.history.append({"step": self.steps, "seconds": seconds, **numbers})
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in numbers.items())
+        print(
+            f"  [{self.label}] step {self.steps:5d}, {seconds:6.1f} s: "
+            f"{shown}",
+            flush=True,
+        )
+
+    def median_step_s(self):
+        """The median seconds of a step after the first; NaN before."""
+        return float(np.median(self.step_s)) if self.step_s else float("nan")
