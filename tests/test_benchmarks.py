@@ -69,11 +69,11 @@ def test_stack_step_runs(kind):
 
 
 def test_identity_stack_keeps_the_value_and_output_projections():
-    # The lower bound is PerformerBlock(attention="identity"): a block without
-    # mixing of positions, not without its attention's value and output
-    # projections; it lacks only the query and key kernels and biases.
+    # The lower bound is IdentityBlock: a block without mixing of positions,
+    # not without its attention's value and output projections; it lacks only
+    # the query and key kernels and biases.
     identity, favor = (models.build("stack", kind, False, 8)[0] for kind in ("identity", "favor"))
-    assert all(type(block) is keras_favor.PerformerBlock and block.attention == "identity"
+    assert all(type(block) is models.IdentityBlock and block.attention == "identity"
                for block in identity.layers)
     query_key = 2 * (2 * models.HIDDEN**2 + 2 * models.HIDDEN)  # 2 blocks
     assert sum(v.numpy().size for v in identity.trainable_variables) == (

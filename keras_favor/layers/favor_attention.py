@@ -23,6 +23,13 @@ from keras_favor.validation import positive_int
 from keras_favor.validation import stateless_seed
 
 SEED_RANGE = 2**31 - 1
+# The options of the FAVOR+ mechanism, beside MultiHeadAttention's own
+# arguments: what `PerformerBlock` and `build_performer` pass through to
+# this layer (as `attention_options`) and what a block's config records.
+OPTIONS = (
+    "feature_map", "num_features", "projection", "seed", "chunk_size",
+    "recompute_length", "local_window", "lora_rank", "lora_alpha",
+)
 
 
 @keras.saving.register_keras_serializable(package="keras_favor")
@@ -439,10 +446,13 @@ class FavorAttention(keras.layers.Layer):
             return ops.transpose(outputs, (0, 2, 1, 3)), tuple(state)
         return ops.transpose(outputs, (0, 2, 1, 3))
 
-    def empty_cache(self, batch_size):
+    def empty_cache(self, batch_size, max_length=None):
         """The decoding cache before any position, for `call(...,
         cache=...)`: the causal state of `batch_size` sequences (an int, or
-        a scalar tensor in a graph) with no key.
+        a scalar tensor in a graph) with no key. `max_length`, the most
+        positions a key/value cache would hold, is accepted for the
+        protocol that exact attention shares (`CachedSoftmaxAttention`):
+        the state has the same size at every position and ignores it.
 
         Returns:
             A tuple of float32 tensors whose sizes do not depend on the
@@ -485,6 +495,23 @@ class FavorAttention(keras.layers.Layer):
                 (batch_size, 1, window),
             ]
         return shapes
+
+    def options_config(self):
+        """The layer's FAVOR options (`OPTIONS`), serialized as in
+        `get_config`: what a `PerformerBlock`'s config records."""
+        return {
+            "feature_map": feature_maps_lib.serialize(self.feature_map),
+            "num_features": self.num_features,
+            "projection": projections_lib.serialize(
+                self.projection_distribution
+            ),
+            "seed": self.seed,
+            "chunk_size": self.chunk_size,
+            "recompute_length": self.recompute_length,
+            "local_window": self.local_window,
+            "lora_rank": self.lora_rank,
+            "lora_alpha": self.lora_alpha,
+        }
 
     def _check_cache_call(self, query, value, key, use_causal_mask, cache):
         """A cache is the causal state of self-attention over one position
@@ -610,19 +637,9 @@ class FavorAttention(keras.layers.Layer):
                 "attention_axes": self.attention_axes,
                 "use_gate": False,
                 "sliding_window": None,
-                "feature_map": feature_maps_lib.serialize(self.feature_map),
-                "num_features": self.num_features,
-                "projection": projections_lib.serialize(
-                    self.projection_distribution
-                ),
-                "seed": self.seed,
-                "chunk_size": self.chunk_size,
-                "recompute_length": self.recompute_length,
-                "local_window": self.local_window,
-                "lora_rank": self.lora_rank,
-                "lora_alpha": self.lora_alpha,
             }
         )
+        config.update(self.options_config())
         config.update(dense_sublayers.sublayer_config(self))
         return config
 
@@ -636,3 +653,17 @@ def _check_window_lengths(query, key):
             f"(one length). Received: {lengths[0]} queries and {lengths[1]} "
             "keys."
         )
+
+
+def checked_options(options):
+    """`options`, a mapping of `OPTIONS` names, checked by `FavorAttention`
+    itself and completed with its defaults, serialized as `options_config`
+    gives them (an unknown name or a bad value raises a `ValueError` that
+    names it)."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"Unknown FavorAttention options {unknown}: the options are "
+            f"{list(OPTIONS)}."
+        )
+    return FavorAttention(num_heads=1, key_dim=1, **options).options_config()
