@@ -4,6 +4,7 @@ cache."""
 import keras
 from keras import ops
 
+from keras_favor.layers.attention_cache import check_causal_self_attention
 from keras_favor.validation import batch_size as validation_batch_size
 from keras_favor.validation import check_cache_shapes
 from keras_favor.validation import is_int
@@ -104,21 +105,7 @@ class CachedSoftmaxAttention(keras.layers.MultiHeadAttention):
         """A `ValueError` naming the argument unless this is a causal
         self-attention call whose `cache` holds `query`'s batch with room
         for it at `index`."""
-        if not use_causal_mask:
-            raise ValueError(
-                "A `cache` holds the keys so far: call with "
-                "`use_causal_mask=True`."
-            )
-        if any(x is not None and x is not query for x in (value, key)):
-            raise ValueError(
-                "A `cache` is for causal self-attention: pass `query` alone "
-                "(no `value` or `key`)."
-            )
-        if len(query.shape) != 3:
-            raise ValueError(
-                "A `cache` needs queries of shape (batch, length, dim), one "
-                f"position axis. Received: query.shape={tuple(query.shape)}"
-            )
+        check_causal_self_attention(query, value, key, use_causal_mask)
         if index is None:
             raise ValueError(
                 "`cache_update_index` is needed with a key/value cache: the "

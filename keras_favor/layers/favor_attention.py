@@ -7,14 +7,13 @@ from keras import ops
 
 from keras_favor import backend
 from keras_favor import feature_maps as feature_maps_lib
-from keras_favor import ops as favor_ops
 from keras_favor import projections as projections_lib
 from keras_favor.layers import attention_arguments as arguments
+from keras_favor.layers import attention_cache
 from keras_favor.layers import dense_sublayers
+from keras_favor.layers import favor_kernels
 from keras_favor.layers import float32_cache
 from keras_favor.layers import multi_head_layout as layout
-from keras_favor.validation import batch_size as validation_batch_size
-from keras_favor.validation import check_cache_shapes
 from keras_favor.validation import dropout_rate
 from keras_favor.validation import optional_positive_number
 from keras_favor.validation import optional_seed
@@ -362,90 +361,6 @@ class FavorAttention(keras.layers.Layer):
             ),
         )
 
-    def _statistics_coefficient(
-        self, query, key, mask, query_mask, causal, training
-    ):
-        """A statistics map's (FAVOR++'s) coefficient, `(B or 1, H, 1, 1)`:
-        bidirectional, from these queries and keys; causal, from the moving
-        statistic as it stood before this call, which a training call then
-        updates (`FavorPlusPlusFeatures`)."""
-        if not causal:
-            statistic = self.feature_map.statistic(
-                query, key, mask, query_mask
-            )
-            return self.feature_map.coefficient(statistic, self.key_dim)[
-                :, :, None, None
-            ]
-        stored = ops.convert_to_tensor(self.input_statistic)
-        coefficient = self.feature_map.coefficient(stored, self.key_dim)
-        if training:
-            batch = ops.mean(
-                self.feature_map.statistic(query, key, mask, query_mask),
-                axis=0,
-            )
-            momentum = self.feature_map.momentum
-            self.input_statistic.assign(
-                momentum * stored + (1.0 - momentum) * batch
-            )
-        return coefficient[None, :, None, None]
-
-    def _attend(
-        self, query, key, value, mask, use_causal_mask, training, cache=None,
-        query_mask=None,
-    ):
-        """Linear attention on `(B, L, N, h)` heads, to `(B, L, N, hv)`, and
-        with a `cache` (the causal state before the first position) also
-        the state after the last."""
-        query, key, value = (
-            ops.transpose(ops.cast(x, "float32"), (0, 2, 1, 3))
-            for x in (query, key, value)
-        )
-        key_mask = None if mask is None else mask[:, None, :]
-        coefficient = None
-        if self.feature_map.uses_statistics:
-            coefficient = self._statistics_coefficient(
-                query, key, key_mask,
-                None if query_mask is None else query_mask[:, None, :],
-                use_causal_mask or cache is not None,
-                training and cache is None,
-            )
-        feature_fn, query_feature_fn = self._feature_fns(coefficient)
-        options = dict(
-            mask=key_mask,
-            query_feature_fn=query_feature_fn,
-            recompute_length=self.recompute_length,
-        )
-        if cache is not None:
-            options.update(initial_state=tuple(cache), return_state=True)
-        elif training and self.dropout > 0:
-            options["dropout_rate"] = self.dropout
-            options["dropout_seed"] = self._dropout_seed.next()
-        num_features = self.feature_map.feature_dim(
-            self.num_features, self.key_dim
-        )
-        if self.local_window:
-            _check_window_lengths(query, key)
-            # The exact kernel's units: the queries' full features.
-            options["query_feature_fn"] = feature_fn
-            outputs = favor_ops.local_window_attention(
-                query, key, value, feature_fn, num_features,
-                self.local_window, bool(use_causal_mask),
-                chunk_size=self.chunk_size, **options,
-            )
-        elif use_causal_mask:
-            outputs = favor_ops.causal_linear_attention(
-                query, key, value, feature_fn, num_features,
-                chunk_size=self.chunk_size, **options,
-            )
-        else:
-            outputs = favor_ops.bidirectional_linear_attention(
-                query, key, value, feature_fn, **options
-            )
-        if cache is not None:
-            outputs, state = outputs
-            return ops.transpose(outputs, (0, 2, 1, 3)), tuple(state)
-        return ops.transpose(outputs, (0, 2, 1, 3))
-
     def empty_cache(self, batch_size, max_length=None):
         """The decoding cache before any position, for `call(...,
         cache=...)`: the causal state of `batch_size` sequences (an int, or
@@ -463,38 +378,7 @@ class FavorAttention(keras.layers.Layer):
             their mask `(B, 1, w)`.
         """
         dense_sublayers.check_built(self, "empty_cache()")
-        batch_size = validation_batch_size(batch_size)
-        num_features = self.feature_map.feature_dim(
-            self.num_features, self.key_dim
-        )
-        value_dim = self.value_dim or self.key_dim
-        if self.local_window:
-            return favor_ops.empty_local_window_state(
-                batch_size, self.num_heads, num_features, self.key_dim,
-                value_dim, self.local_window,
-            )
-        return favor_ops.empty_causal_state(
-            batch_size, self.num_heads, num_features, value_dim
-        )
-
-    def _cache_shapes(self, batch_size):
-        """The shapes of `empty_cache(batch_size)`'s tensors."""
-        heads = (batch_size, self.num_heads)
-        features = self.feature_map.feature_dim(
-            self.num_features, self.key_dim
-        )
-        value_dim = self.value_dim or self.key_dim
-        shapes = [
-            heads + (features, value_dim), heads + (features,),
-            heads + (features,),
-        ]
-        if self.local_window:
-            window = self.local_window
-            shapes += [
-                heads + (window, self.key_dim), heads + (window, value_dim),
-                (batch_size, 1, window),
-            ]
-        return shapes
+        return attention_cache.empty_favor_state(self, batch_size)
 
     def options_config(self):
         """The layer's FAVOR options (`OPTIONS`), serialized as in
@@ -514,30 +398,10 @@ class FavorAttention(keras.layers.Layer):
         }
 
     def _check_cache_call(self, query, value, key, use_causal_mask, cache):
-        """A cache is the causal state of self-attention over one position
-        axis: anything else raises."""
-        if not use_causal_mask:
-            raise ValueError(
-                "A `cache` holds the causal state of the keys so far: call "
-                "with `use_causal_mask=True`. Bidirectional queries also "
-                "see later keys, which no cache holds."
-            )
-        if any(x is not None and x is not query for x in (value, key)):
-            raise ValueError(
-                "A `cache` is for causal self-attention: pass `query` alone "
-                "(no `value` or `key`); cross-attention has no decoding "
-                "cache."
-            )
-        if len(query.shape) != 3:
-            raise ValueError(
-                "A `cache` needs queries of shape (batch, length, dim), one "
-                f"position axis. Received: query.shape={tuple(query.shape)}"
-            )
-        batch = query.shape[0]
-        check_cache_shapes(
-            cache, self._cache_shapes(batch),
-            "query", "empty_cache(batch_size)",
+        attention_cache.check_causal_self_attention(
+            query, value, key, use_causal_mask
         )
+        attention_cache.check_favor_state(self, query, cache)
 
     def call(
         self, query, value=None, key=None, query_mask=None, value_mask=None,
@@ -585,8 +449,8 @@ class FavorAttention(keras.layers.Layer):
             key, value, mask = layout.causal_keys(
                 ops.shape(query)[1], key, value, mask
             )
-        outputs = self._attend(
-            query, key, value, mask, use_causal_mask, training, cache,
+        outputs = favor_kernels.attend(
+            self, query, key, value, mask, use_causal_mask, training, cache,
             statistics_mask,
         )
         if cache is not None:
@@ -642,17 +506,6 @@ class FavorAttention(keras.layers.Layer):
         config.update(self.options_config())
         config.update(dense_sublayers.sublayer_config(self))
         return config
-
-
-def _check_window_lengths(query, key):
-    """`local_window` compares positions: one length for queries and keys."""
-    lengths = (query.shape[2], key.shape[2])
-    if None not in lengths and lengths[0] != lengths[1]:
-        raise ValueError(
-            "`local_window` needs queries and keys at the same positions "
-            f"(one length). Received: {lengths[0]} queries and {lengths[1]} "
-            "keys."
-        )
 
 
 def checked_options(options):

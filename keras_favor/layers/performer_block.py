@@ -55,15 +55,13 @@ class PerformerBlock(keras.layers.Layer):
             `FavorAttention` for them and their defaults). They may also be
             given as keyword arguments of the block. Exact attention uses
             `seed` alone, for its dropout.
-        **kwargs: FAVOR options, or base layer keyword arguments, such as
-            `name` and `dtype`.
+        **kwargs: FAVOR options, or base layer arguments (`name`, `dtype`).
 
     Call arguments:
         inputs: `(batch, length, hidden_dim)` tensor.
         mask: optional `(batch, length)` bool padding mask; False marks
             padding. Set automatically from a Keras mask.
         training: bool, whether dropout is active.
-
         cache: decoding only (causal blocks): the cache of the positions
             before `inputs`, from `empty_cache` or a previous cached call.
             The call then returns `(outputs, new_cache)` and runs without
