@@ -1,11 +1,8 @@
 """The `FavorAttention` layer."""
 
-import random
-
 import keras
 from keras import ops
 
-from keras_favor import backend
 from keras_favor import feature_maps as feature_maps_lib
 from keras_favor import projections as projections_lib
 from keras_favor.layers import attention_arguments as arguments
@@ -13,15 +10,12 @@ from keras_favor.layers import attention_cache
 from keras_favor.layers import dense_sublayers
 from keras_favor.layers import favor_kernels
 from keras_favor.layers import float32_cache
-from keras_favor.layers import multi_head_layout as layout
 from keras_favor.validation import dropout_rate
 from keras_favor.validation import optional_positive_number
 from keras_favor.validation import optional_seed
 from keras_favor.validation import non_negative_int
 from keras_favor.validation import positive_int
-from keras_favor.validation import stateless_seed
 
-SEED_RANGE = 2**31 - 1
 # The options of the FAVOR+ mechanism, beside MultiHeadAttention's own
 # arguments: what `PerformerBlock` and `build_performer` pass through to
 # this layer (as `attention_options`) and what a block's config records.
@@ -276,10 +270,7 @@ class FavorAttention(keras.layers.Layer):
         self.built = True
 
     def _initial_projection(self, shape, dtype=None):
-        seed = self.seed
-        if seed is None:
-            seed = random.randrange(SEED_RANGE)
-        return self.projection_distribution(shape, seed)
+        return favor_kernels.initial_projection(self, shape)
 
     def redraw_features(self, seed=None):
         """Draws a new random projection in place.
@@ -296,22 +287,7 @@ class FavorAttention(keras.layers.Layer):
             The new projection, or None for a feature map without one.
         """
         dense_sublayers.check_built(self, "redraw_features()")
-        if self.projection is None:
-            return None
-        if seed is not None:
-            seed = stateless_seed(seed)
-        elif self.seed is None:
-            seed = self._redraw_seed.next()
-        else:
-            seed = backend.fold_in(
-                backend.int_pair_seed(self.seed, 0),
-                self.redraw_count.value + 1,
-            )
-        self.projection.assign(
-            self.projection_distribution(self.projection.shape, seed)
-        )
-        self.redraw_count.assign_add(1)
-        return self.projection
+        return favor_kernels.redraw_projection(self, seed)
 
     def load_multi_head_attention_weights(self, mha):
         """Copies the dense weights of a built `MultiHeadAttention` of the
@@ -345,21 +321,7 @@ class FavorAttention(keras.layers.Layer):
         attention itself stays float32."""
         dense_sublayers.quantize(self, mode, type_check, config)
 
-    def _feature_fns(self, coefficient=None):
-        """Map `(B, H, T, d)` float32 key and query heads to feature parts
-        (with a statistics map's `coefficient`, shared by both)."""
-        projection = None
-        if self.projection is not None:
-            projection = ops.convert_to_tensor(self.projection)
-        options = {} if coefficient is None else {"a": coefficient}
-        return (
-            lambda heads: self.feature_map.log_scaled(
-                heads, projection, **options
-            ),
-            lambda heads: self.feature_map.query_log_scaled(
-                heads, projection, **options
-            ),
-        )
+    _feature_fns = favor_kernels.feature_fns
 
     def empty_cache(self, batch_size, max_length=None):
         """The decoding cache before any position, for `call(...,
@@ -428,34 +390,17 @@ class FavorAttention(keras.layers.Layer):
         # The query's Keras mask reaches the output through `compute_mask`.
         # The dense sub-layers get no mask (they would warn that they do not
         # support masking).
-        same_positions = key is query
         statistics_mask = None
         if self.feature_map.uses_statistics:
             statistics_mask = arguments.statistics_query_mask(
                 query_mask, mask, query, value, key
             )
-        query, value, key = (ops.copy(x) for x in (query, value, key))
-        query = self._query_dense(query)
-        positions = ops.shape(query)[1:-2]
-        query, key, value = (
-            layout.merge_positions(x, 2)
-            for x in (query, self._key_dense(key), self._value_dense(value))
-        )
-        if mask is not None:
-            mask = layout.merge_positions(mask, 0)
-        if statistics_mask is not None:
-            statistics_mask = layout.merge_positions(statistics_mask, 0)
-        if use_causal_mask and not same_positions:
-            key, value, mask = layout.causal_keys(
-                ops.shape(query)[1], key, value, mask
-            )
-        outputs = favor_kernels.attend(
-            self, query, key, value, mask, use_causal_mask, training, cache,
+        outputs = favor_kernels.attend_inputs(
+            self, query, value, key, mask, use_causal_mask, training, cache,
             statistics_mask,
         )
         if cache is not None:
             outputs, cache = outputs
-        outputs = layout.split_positions(outputs, positions)
         outputs = self._output_dense(ops.cast(outputs, self.compute_dtype))
         return outputs if cache is None else (outputs, cache)
 

@@ -1,8 +1,98 @@
-"""From `FavorAttention`'s projected heads to the kernels of `ops`."""
+"""`FavorAttention`'s computations: its random projection, and its inputs
+through the dense projections and feature maps to the kernels of `ops`."""
+
+import random
 
 from keras import ops
 
+from keras_favor import backend
 from keras_favor import ops as favor_ops
+from keras_favor.layers import multi_head_layout as layout
+from keras_favor.validation import stateless_seed
+
+SEED_RANGE = 2**31 - 1
+
+
+def initial_projection(layer, shape):
+    """The projection drawn at build: from the layer's `seed`, else from a
+    seed drawn now."""
+    seed = layer.seed
+    if seed is None:
+        seed = random.randrange(SEED_RANGE)
+    return layer.projection_distribution(shape, seed)
+
+
+def redraw_projection(layer, seed=None):
+    """`FavorAttention.redraw_features` (see there)."""
+    if layer.projection is None:
+        return None
+    if seed is not None:
+        seed = stateless_seed(seed)
+    elif layer.seed is None:
+        seed = layer._redraw_seed.next()
+    else:
+        seed = backend.fold_in(
+            backend.int_pair_seed(layer.seed, 0),
+            layer.redraw_count.value + 1,
+        )
+    layer.projection.assign(
+        layer.projection_distribution(layer.projection.shape, seed)
+    )
+    layer.redraw_count.assign_add(1)
+    return layer.projection
+
+
+def feature_fns(layer, coefficient=None):
+    """Map `(B, H, T, d)` float32 key and query heads to feature parts
+    (with a statistics map's `coefficient`, shared by both)."""
+    projection = None
+    if layer.projection is not None:
+        projection = ops.convert_to_tensor(layer.projection)
+    options = {} if coefficient is None else {"a": coefficient}
+    return (
+        lambda heads: layer.feature_map.log_scaled(
+            heads, projection, **options
+        ),
+        lambda heads: layer.feature_map.query_log_scaled(
+            heads, projection, **options
+        ),
+    )
+
+
+def attend_inputs(
+    layer, query, value, key, mask, causal, training, cache=None,
+    statistics_mask=None,
+):
+    """`layer`'s attention from its checked inputs `(B, *T, dim)` and the
+    combined key mask `(B, *S)` to the heads `(B, *T, N, hv)` before the
+    output projection; with a `cache`, also the state after the last
+    position."""
+    same_positions = key is query
+    # The dense sub-layers get no mask (they would warn that they do not
+    # support masking).
+    query, value, key = (ops.copy(x) for x in (query, value, key))
+    query = layer.query_dense(query)
+    positions = ops.shape(query)[1:-2]
+    query, key, value = (
+        layout.merge_positions(x, 2)
+        for x in (query, layer.key_dense(key), layer.value_dense(value))
+    )
+    if mask is not None:
+        mask = layout.merge_positions(mask, 0)
+    if statistics_mask is not None:
+        statistics_mask = layout.merge_positions(statistics_mask, 0)
+    if causal and not same_positions:
+        key, value, mask = layout.causal_keys(
+            ops.shape(query)[1], key, value, mask
+        )
+    outputs = attend(
+        layer, query, key, value, mask, causal, training, cache,
+        statistics_mask,
+    )
+    if cache is not None:
+        outputs, cache = outputs
+        return layout.split_positions(outputs, positions), cache
+    return layout.split_positions(outputs, positions)
 
 
 def attend(
