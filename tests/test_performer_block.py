@@ -251,3 +251,15 @@ def test_indivisible_hidden_size_raises():
 def test_rank_two_input_raises():
     with pytest.raises(ValueError, match="hidden_dim"):
         block()(np.zeros((2, HIDDEN), "float32"))
+
+
+def test_checking_the_options_leaves_automatic_names_alone():
+    first = keras_favor.FavorAttention(2, 8)
+    block()
+    second = keras_favor.FavorAttention(2, 8)
+    prefix = "favor_attention"
+    numbers = [
+        int(layer.name[len(prefix) + 1:] or 0) if layer.name != prefix else 0
+        for layer in (first, second)
+    ]
+    assert numbers[1] == numbers[0] + 1

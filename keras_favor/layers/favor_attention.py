@@ -464,4 +464,7 @@ def checked_options(options):
             f"Unknown FavorAttention options {unknown}: the options are "
             f"{list(OPTIONS)}."
         )
-    return FavorAttention(num_heads=1, key_dim=1, **options).options_config()
+    # A named layer: an automatic name would count as one of the
+    # `favor_attention_<n>` names of the user's layers.
+    layer = FavorAttention(1, 1, name="attention_options", **options)
+    return layer.options_config()
