@@ -29,12 +29,56 @@ def build(level, kind, causal, length, chunk_size=None):
                  else keras.layers.MultiHeadAttention(NUM_HEADS, KEY_DIM))
         layer.build(shape, shape)
         return layer, lambda x: layer(x, x, use_causal_mask=causal)
+    block = IdentityBlock if kind == "identity" else keras_favor.PerformerBlock
     stack = keras.Sequential([
-        keras_favor.PerformerBlock(NUM_HEADS, INTERMEDIATE, attention=kind, causal=causal,
-                                   num_features=NUM_FEATURES, seed=0, **options)
+        block(NUM_HEADS, INTERMEDIATE, attention=kind, causal=causal,
+              num_features=NUM_FEATURES, seed=0, **options)
         for _ in range(NUM_BLOCKS)])
     stack.build(shape)
     return stack, stack
+
+
+class ValueOutputAttention(keras.layers.Layer):
+    """Attention without mixing of positions: the value and output projections
+    of each position alone. It takes the call and cache arguments of
+    `FavorAttention` (its cache is empty), so a `PerformerBlock` runs it."""
+
+    def __init__(self, num_heads, key_dim, dropout=0.0, seed=None,
+                 kernel_initializer="glorot_uniform", bias_initializer="zeros", **kwargs):
+        super().__init__(**kwargs)
+        self._dense = dict(kernel_initializer=kernel_initializer,
+                           bias_initializer=bias_initializer, dtype=self.dtype_policy)
+        self.value_dense = keras.layers.Dense(num_heads * key_dim, name="value", **self._dense)
+
+    def build(self, query_shape, value_shape=None):
+        self.value_dense.build(query_shape)
+        self.output_dense = keras.layers.Dense(query_shape[-1], name="attention_output",
+                                               **self._dense)
+        self.output_dense.build(self.value_dense.compute_output_shape(query_shape))
+
+    def call(self, query, cache=None, **unused):
+        outputs = self.output_dense(self.value_dense(query))
+        return outputs if cache is None else (outputs, cache)
+
+    def empty_cache(self, batch_size, max_length=None):
+        return ()
+
+
+class IdentityBlock(keras_favor.PerformerBlock):
+    """`PerformerBlock` with `ValueOutputAttention` (`attention="identity"`): the
+    cost of everything in the block except mixing positions, the lower bound of
+    the Performer paper's Figure 3."""
+
+    ATTENTION_KINDS = ("identity",)
+
+    def __init__(self, *args, attention="identity", **kwargs):
+        super().__init__(*args, attention=attention, **kwargs)
+
+    def _attention_layer(self, key_dim):
+        return ValueOutputAttention(
+            self.num_heads, key_dim, kernel_initializer=self._new_initializer(self.kernel_initializer),
+            bias_initializer=self._new_initializer(self.bias_initializer), dtype=self.dtype_policy,
+            name="self_attention")
 
 
 def compiled_step(forward, variables, pass_, jit_compile=False):

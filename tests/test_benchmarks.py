@@ -9,9 +9,8 @@ import csv
 import os
 import sys
 
+import numpy as np
 import pytest
-
-import keras_favor
 
 BENCHMARKS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks")
 sys.path.insert(0, BENCHMARKS_DIR)
@@ -69,15 +68,18 @@ def test_stack_step_runs(kind):
 
 
 def test_identity_stack_keeps_the_value_and_output_projections():
-    # The lower bound is PerformerBlock(attention="identity"): a block without
-    # mixing of positions, not without its attention's value and output
-    # projections; it lacks only the query and key kernels and biases.
+    # The lower bound is IdentityBlock: a block without mixing of positions,
+    # not without its attention's value and output projections; it lacks only
+    # the query and key kernels and biases.
     identity, favor = (models.build("stack", kind, False, 8)[0] for kind in ("identity", "favor"))
-    assert all(type(block) is keras_favor.PerformerBlock and block.attention == "identity"
+    assert all(type(block) is models.IdentityBlock and block.attention == "identity"
                for block in identity.layers)
     query_key = 2 * (2 * models.HIDDEN**2 + 2 * models.HIDDEN)  # 2 blocks
     assert sum(v.numpy().size for v in identity.trainable_variables) == (
         sum(v.numpy().size for v in favor.trainable_variables) - query_key)
+    # No mixing of positions: each position's output depends on itself only.
+    x = models.random_inputs(5)
+    np.testing.assert_allclose(identity(x)[:, 2:3], identity(x[:, 2:3]), atol=1e-5)
 
 
 def test_watchdog_kills_a_worker_over_the_memory_cap():

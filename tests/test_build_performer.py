@@ -77,7 +77,7 @@ def test_blocks_get_task_options_and_distinct_seeds():
     for block in language_model_blocks:
         assert block.causal and block.attention == "exact"
         assert block.dropout == 0.1
-    assert [b.seed for b in language_model_blocks] == [5, 6]
+    assert [b.attention_layer.seed for b in language_model_blocks] == [5, 6]
     assert not any(b.causal for b in blocks(build(task="encoder")))
 
 

@@ -288,7 +288,8 @@ def test_exact_performer_language_model_converts_to_favor_blocks_that_decode(
     assert len(new_blocks) == len(old_blocks) == 2
     for old, new in zip(old_blocks, new_blocks):
         # The block's own FavorAttention, converted as one layer would be.
-        assert new.attention == "favor" and new.num_features == 8
+        assert new.attention == "favor"
+        assert new.attention_layer.num_features == 8
         expected = convert.from_multi_head_attention(
             old.attention_layer, num_features=8, seed=3
         )

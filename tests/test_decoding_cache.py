@@ -116,7 +116,7 @@ def test_no_dropout_when_decoding(rng):
     assert_equal_at_real_positions(np.asarray(outputs), want, mask)
 
 
-@pytest.mark.parametrize("attention", ["favor", "exact", "identity"])
+@pytest.mark.parametrize("attention", ["favor", "exact"])
 def test_block_cached_pieces_equal_one_call(rng, attention):
     block = PerformerBlock(
         num_heads=2, intermediate_dim=32, causal=True, attention=attention,
@@ -203,3 +203,25 @@ def test_one_position_steps_at_large_input_scales_equal_the_whole(
         assert np.all(np.isfinite(got))
         assert np.all(np.abs(got[mask]).sum(-1) > 0)
         assert_equal_at_real_positions(got, want, mask)
+
+
+def test_cached_softmax_attention_pieces_equal_multi_head_attention(rng):
+    # The reference: keras.layers.MultiHeadAttention, causal over the whole
+    # sequence with the padding as a key mask, with the same weights.
+    x, mask = padded_inputs(rng)
+    reference = keras.layers.MultiHeadAttention(num_heads=2, key_dim=8)
+    want = np.asarray(
+        reference(x, x, value_mask=mask, use_causal_mask=True)
+    )
+    layer = keras_favor.layers.CachedSoftmaxAttention(num_heads=2, key_dim=8)
+    layer.build(x.shape, x.shape)
+    layer.set_weights(reference.get_weights())
+    got, cache = run_in_pieces(
+        layer_call(layer), x, mask, layer.empty_cache(3, LENGTH)
+    )
+    assert_equal_at_real_positions(got, want, mask)
+    np.testing.assert_array_equal(np.asarray(cache[2]), mask)
+    with pytest.raises(ValueError, match="use_causal_mask=True"):
+        layer(x, cache=cache, cache_update_index=0)
+    with pytest.raises(ValueError, match="cross-attention"):
+        layer(x, x, use_causal_mask=True, cache=cache, cache_update_index=0)

@@ -262,7 +262,8 @@ def test_language_model_with_a_window_trains_and_round_trips(rng, tmp_path):
     path = str(tmp_path / "model.keras")
     model.save(path)
     loaded = keras.saving.load_model(path)
-    assert loaded.get_layer("performer_block_0").local_window == 4
+    block = loaded.get_layer("performer_block_0")
+    assert block.attention_layer.local_window == 4
     np.testing.assert_allclose(
         loaded.predict(tokens[:, :-1], verbose=0),
         model.predict(tokens[:, :-1], verbose=0), rtol=1e-5, atol=1e-5,

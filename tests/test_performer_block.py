@@ -50,9 +50,9 @@ LAYER_TEST_CASES = {
         {},
         EXACT_KEY_BIAS,
     ),
-    "identity-post-norm": (
-        dict(attention="identity", normalize_first=False),
-        {},
+    "favor-relu-post-norm": (
+        dict(normalize_first=False, feature_map="relu", chunk_size=4),
+        FAVOR_WEIGHT_DTYPES,
         (),
     ),
 }
@@ -98,16 +98,46 @@ def test_post_norm_matches_manual_computation():
     np.testing.assert_allclose(layer(x), expected, atol=1e-5)
 
 
-def test_identity_attention_keeps_only_value_and_output_projections():
-    layer = block(attention="identity")
-    layer(inputs())
-    assert layer.attention_layer is None
-    assert layer.value_dense.kernel.shape == (HIDDEN, HIDDEN)
-    assert layer.attention_output_dense.kernel.shape == (HIDDEN, HIDDEN)
-    x = inputs(batch=1, length=5)
-    # No mixing of positions: each position's output depends on itself only.
-    single = layer(x[:, 2:3])
-    np.testing.assert_allclose(layer(x)[:, 2:3], single, atol=1e-6)
+def test_identity_attention_is_a_benchmark_baseline():
+    with pytest.raises(ValueError, match="benchmarks/models.py"):
+        block(attention="identity")
+
+
+def test_lora_of_the_attention_survives_saving(tmp_path):
+    model = keras.Sequential([keras.Input((None, HIDDEN)), block(causal=True)])
+    layer = model.layers[0]
+    layer.attention_layer.enable_lora(2)
+    for weight in layer.attention_layer.trainable_weights:
+        weight.assign(weight + 0.1)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path).layers[0]
+    assert loaded.attention_layer.lora_rank == 2
+    assert loaded.attention_layer.query_dense.lora_enabled
+    assert len(loaded.trainable_weights) == len(layer.trainable_weights)
+    np.testing.assert_allclose(
+        loaded(inputs()), layer(inputs()), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_config_with_options_at_the_top_level_loads():
+    # The FAVOR options as keyword arguments, as configs written before
+    # `attention_options` have them.
+    config = block(causal=True).get_config()
+    options = config.pop("attention_options")
+    config.update(options, local_window=2, num_features=8)
+    restored = PerformerBlock.from_config(config)
+    restored(inputs())
+    assert restored.attention_layer.local_window == 2
+    assert restored.attention_layer.num_features == 8
+    assert restored.get_config()["attention_options"]["local_window"] == 2
+
+
+def test_option_given_twice_or_unknown_raises():
+    with pytest.raises(ValueError, match="`num_features` was given twice"):
+        block(attention_options={"num_features": 8})
+    with pytest.raises(ValueError, match="num_feature"):
+        block(attention_options={"num_feature": 8})
 
 
 @pytest.mark.parametrize("attention", ["favor", "exact"])
@@ -117,7 +147,7 @@ def test_attention_kind_and_weight_shapes(attention):
     expected = (
         keras_favor.FavorAttention
         if attention == "favor"
-        else keras.layers.MultiHeadAttention
+        else keras_favor.layers.CachedSoftmaxAttention
     )
     assert type(layer.attention_layer) is expected
     assert layer.attention_layer.query_dense.kernel.shape == (HIDDEN, 2, 8)
@@ -221,3 +251,15 @@ def test_indivisible_hidden_size_raises():
 def test_rank_two_input_raises():
     with pytest.raises(ValueError, match="hidden_dim"):
         block()(np.zeros((2, HIDDEN), "float32"))
+
+
+def test_checking_the_options_leaves_automatic_names_alone():
+    first = keras_favor.FavorAttention(2, 8)
+    block()
+    second = keras_favor.FavorAttention(2, 8)
+    prefix = "favor_attention"
+    numbers = [
+        int(layer.name[len(prefix) + 1:] or 0) if layer.name != prefix else 0
+        for layer in (first, second)
+    ]
+    assert numbers[1] == numbers[0] + 1

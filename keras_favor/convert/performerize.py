@@ -13,13 +13,9 @@ from keras_favor.convert.from_multi_head_attention import (
 )
 from keras_favor.convert.performerized_layer import PerformerizedLayer
 from keras_favor.convert.performerized_layer import build_like
+from keras_favor.layers import favor_attention
 from keras_favor.layers.performer_block import PerformerBlock
 
-# FavorAttention arguments that PerformerBlock takes under the same name.
-_BLOCK_FAVOR_ARGUMENTS = (
-    "feature_map", "num_features", "projection", "seed", "chunk_size",
-    "recompute_length", "local_window",
-)
 # PerformerBlock's sub-layers with weights, besides its attention.
 _BLOCK_SUBLAYERS = (
     "attention_norm", "intermediate_dense", "output_dense", "feedforward_norm",
@@ -266,7 +262,7 @@ def _is_exact_block(layer, favor_kwargs):
         isinstance(layer, PerformerBlock)
         and layer.attention == "exact"
         and layer.built
-        and set(favor_kwargs) <= set(_BLOCK_FAVOR_ARGUMENTS)
+        and set(favor_kwargs) <= set(favor_attention.OPTIONS)
     )
 
 
@@ -276,8 +272,7 @@ def _favor_block(block, favor):
     copied: so the converted block still decodes with a cache."""
     config = block.get_config()
     config["attention"] = "favor"
-    favor_config = favor.get_config()
-    config.update({name: favor_config[name] for name in _BLOCK_FAVOR_ARGUMENTS})
+    config["attention_options"] = favor.options_config()
     new = PerformerBlock.from_config(config)
     new.build_from_config(block.get_build_config())
     new.attention_layer.set_weights(favor.get_weights())

@@ -2,3 +2,4 @@
 
 from keras_favor.layers.favor_attention import FavorAttention
 from keras_favor.layers.performer_block import PerformerBlock
+from keras_favor.layers.cached_softmax_attention import CachedSoftmaxAttention

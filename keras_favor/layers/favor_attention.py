@@ -1,30 +1,29 @@
 """The `FavorAttention` layer."""
 
-import math
-import random
-
 import keras
 from keras import ops
 
-from keras_favor import backend
 from keras_favor import feature_maps as feature_maps_lib
-from keras_favor import ops as favor_ops
 from keras_favor import projections as projections_lib
 from keras_favor.layers import attention_arguments as arguments
+from keras_favor.layers import attention_cache
 from keras_favor.layers import dense_sublayers
+from keras_favor.layers import favor_kernels
 from keras_favor.layers import float32_cache
-from keras_favor.layers import multi_head_layout as layout
-from keras_favor.validation import batch_size as validation_batch_size
-from keras_favor.validation import check_cache_shapes
 from keras_favor.validation import dropout_rate
 from keras_favor.validation import is_int
 from keras_favor.validation import optional_positive_number
 from keras_favor.validation import optional_seed
 from keras_favor.validation import non_negative_int
 from keras_favor.validation import positive_int
-from keras_favor.validation import stateless_seed
 
-SEED_RANGE = 2**31 - 1
+# The options of the FAVOR+ mechanism, beside MultiHeadAttention's own
+# arguments: what `PerformerBlock` and `build_performer` pass through to
+# this layer (as `attention_options`) and what a block's config records.
+OPTIONS = (
+    "feature_map", "num_features", "projection", "seed", "chunk_size",
+    "recompute_length", "local_window", "lora_rank", "lora_alpha",
+)
 
 
 @keras.saving.register_keras_serializable(package="keras_favor")
@@ -278,10 +277,7 @@ class FavorAttention(keras.layers.Layer):
         self.built = True
 
     def _initial_projection(self, shape, dtype=None):
-        seed = self.seed
-        if seed is None:
-            seed = random.randrange(SEED_RANGE)
-        return self.projection_distribution(shape, seed)
+        return favor_kernels.initial_projection(self, shape)
 
     def redraw_features(self, seed=None):
         """Draws a new random projection in place.
@@ -298,22 +294,7 @@ class FavorAttention(keras.layers.Layer):
             The new projection, or None for a feature map without one.
         """
         dense_sublayers.check_built(self, "redraw_features()")
-        if self.projection is None:
-            return None
-        if seed is not None:
-            seed = stateless_seed(seed)
-        elif self.seed is None:
-            seed = self._redraw_seed.next()
-        else:
-            seed = backend.fold_in(
-                backend.int_pair_seed(self.seed, 0),
-                self.redraw_count.value + 1,
-            )
-        self.projection.assign(
-            self.projection_distribution(self.projection.shape, seed)
-        )
-        self.redraw_count.assign_add(1)
-        return self.projection
+        return favor_kernels.redraw_projection(self, seed)
 
     def load_multi_head_attention_weights(self, mha):
         """Copies the dense weights of a built `MultiHeadAttention` of the
@@ -347,110 +328,13 @@ class FavorAttention(keras.layers.Layer):
         attention itself stays float32."""
         dense_sublayers.quantize(self, mode, type_check, config)
 
-    def _feature_fns(self, coefficient=None):
-        """Map `(B, H, T, d)` float32 key and query heads to feature parts
-        (with a statistics map's `coefficient`, shared by both)."""
-        projection = None
-        if self.projection is not None:
-            projection = ops.convert_to_tensor(self.projection)
-        options = {} if coefficient is None else {"a": coefficient}
-        return (
-            lambda heads: self.feature_map.log_scaled(
-                heads, projection, **options
-            ),
-            lambda heads: self.feature_map.query_log_scaled(
-                heads, projection, **options
-            ),
-        )
-
-    def _statistics_coefficient(
-        self, query, key, mask, query_mask, causal, training
-    ):
-        """A statistics map's (FAVOR++'s) coefficient, `(B or 1, H, 1, 1)`:
-        bidirectional, from these queries and keys; causal, from the moving
-        statistic as it stood before this call, which a training call then
-        updates (`FavorPlusPlusFeatures`)."""
-        if not causal:
-            statistic = self.feature_map.statistic(
-                query, key, mask, query_mask
-            )
-            return self.feature_map.coefficient(statistic, self.key_dim)[
-                :, :, None, None
-            ]
-        stored = ops.convert_to_tensor(self.input_statistic)
-        coefficient = self.feature_map.coefficient(stored, self.key_dim)
-        if training:
-            batch = ops.mean(
-                self.feature_map.statistic(query, key, mask, query_mask),
-                axis=0,
-            )
-            momentum = self.feature_map.momentum
-            self.input_statistic.assign(
-                momentum * stored + (1.0 - momentum) * batch
-            )
-        return coefficient[None, :, None, None]
-
-    def _attend(
-        self, query, key, value, mask, use_causal_mask, training, cache=None,
-        query_mask=None,
-    ):
-        """Linear attention on `(B, L, N, h)` heads, to `(B, L, N, hv)`, and
-        with a `cache` (the causal state before the first position) also
-        the state after the last."""
-        query, key, value = (
-            ops.transpose(ops.cast(x, "float32"), (0, 2, 1, 3))
-            for x in (query, key, value)
-        )
-        key_mask = None if mask is None else mask[:, None, :]
-        coefficient = None
-        if self.feature_map.uses_statistics:
-            coefficient = self._statistics_coefficient(
-                query, key, key_mask,
-                None if query_mask is None else query_mask[:, None, :],
-                use_causal_mask or cache is not None,
-                training and cache is None,
-            )
-        feature_fn, query_feature_fn = self._feature_fns(coefficient)
-        options = dict(
-            mask=key_mask,
-            query_feature_fn=query_feature_fn,
-            recompute_length=self.recompute_length,
-        )
-        if cache is not None:
-            options.update(initial_state=tuple(cache), return_state=True)
-        elif training and self.dropout > 0:
-            options["dropout_rate"] = self.dropout
-            options["dropout_seed"] = self._dropout_seed.next()
-        num_features = self.feature_map.feature_dim(
-            self.num_features, self.key_dim
-        )
-        if self.local_window:
-            _check_window_lengths(query, key)
-            # The exact kernel's units: the queries' full features.
-            options["query_feature_fn"] = feature_fn
-            outputs = favor_ops.local_window_attention(
-                query, key, value, feature_fn, num_features,
-                self.local_window, bool(use_causal_mask),
-                chunk_size=self.chunk_size, **options,
-            )
-        elif use_causal_mask:
-            outputs = favor_ops.causal_linear_attention(
-                query, key, value, feature_fn, num_features,
-                chunk_size=self.chunk_size, **options,
-            )
-        else:
-            outputs = favor_ops.bidirectional_linear_attention(
-                query, key, value, feature_fn, **options
-            )
-        if cache is not None:
-            outputs, state = outputs
-            return ops.transpose(outputs, (0, 2, 1, 3)), tuple(state)
-        return ops.transpose(outputs, (0, 2, 1, 3))
+    _feature_fns = favor_kernels.feature_fns
 
     def empty_cache(self, batch_size, max_length=None):
         """The decoding cache before any position, for `call(...,
         cache=...)`: the causal state of `batch_size` sequences (an int, or
-        a scalar tensor in a graph) with no key.
+        a scalar tensor in a graph) with no key, in the protocol that exact
+        attention shares (`CachedSoftmaxAttention`).
 
         Args:
             batch_size: int or scalar int tensor.
@@ -470,92 +354,34 @@ class FavorAttention(keras.layers.Layer):
             `(B, H, n, Dv)` and their mask `(B, 1, n)`.
         """
         dense_sublayers.check_built(self, "empty_cache()")
-        batch_size = validation_batch_size(batch_size)
-        max_length = positive_int(max_length, "max_length", allow_none=True)
-        num_features = self.feature_map.feature_dim(
-            self.num_features, self.key_dim
-        )
-        value_dim = self.value_dim or self.key_dim
-        if self.local_window:
-            return favor_ops.empty_local_window_state(
-                batch_size, self.num_heads, num_features, self.key_dim,
-                value_dim, min(self.local_window, max_length or math.inf),
-            )
-        return favor_ops.empty_causal_state(
-            batch_size, self.num_heads, num_features, value_dim
-        )
+        return attention_cache.empty_favor_state(self, batch_size, max_length)
 
-    def _cache_shapes(self, batch_size):
-        """The shapes of `empty_cache(batch_size)`'s tensors."""
-        heads = (batch_size, self.num_heads)
-        features = self.feature_map.feature_dim(
-            self.num_features, self.key_dim
-        )
-        value_dim = self.value_dim or self.key_dim
-        shapes = [
-            heads + (features, value_dim), heads + (features,),
-            heads + (features,),
-        ]
-        if self.local_window:
-            # Any number of kept keys up to the window (`empty_cache`'s
-            # `max_length`), checked by `_check_window_slots`.
-            shapes += [
-                heads + (None, self.key_dim), heads + (None, value_dim),
-                (batch_size, 1, None),
-            ]
-        return shapes
-
-    def _check_window_slots(self, cache, query, cache_update_index):
-        """A window cache keeps at most `w` keys, and one of fewer keys
-        (`empty_cache`'s `max_length`) serves that many positions: a key
-        pushed out of it before it is `w` positions old would be lost."""
-        slots = cache[3].shape[2]
-        if slots is None or slots == self.local_window:
-            return
-        if slots > self.local_window:
-            raise ValueError(
-                f"`cache` keeps {slots} keys, more than `local_window` "
-                f"({self.local_window}): it is not this layer's "
-                "`empty_cache(batch_size, max_length)`."
-            )
-        length = query.shape[1]
-        if is_int(cache_update_index) and length is not None:
-            if cache_update_index + length > slots:
-                raise ValueError(
-                    f"`cache_update_index` ({cache_update_index}) and the "
-                    f"{length} new positions pass the {slots} positions the "
-                    "cache was made for (`empty_cache`'s `max_length`)."
-                )
+    def options_config(self):
+        """The layer's FAVOR options (`OPTIONS`), serialized as in
+        `get_config`: what a `PerformerBlock`'s config records."""
+        return {
+            "feature_map": feature_maps_lib.serialize(self.feature_map),
+            "num_features": self.num_features,
+            "projection": projections_lib.serialize(
+                self.projection_distribution
+            ),
+            "seed": self.seed,
+            "chunk_size": self.chunk_size,
+            "recompute_length": self.recompute_length,
+            "local_window": self.local_window,
+            "lora_rank": self.lora_rank,
+            "lora_alpha": self.lora_alpha,
+        }
 
     def _check_cache_call(
         self, query, value, key, use_causal_mask, cache, cache_update_index
     ):
-        """A cache is the causal state of self-attention over one position
-        axis: anything else raises."""
-        if not use_causal_mask:
-            raise ValueError(
-                "A `cache` holds the causal state of the keys so far: call "
-                "with `use_causal_mask=True`. Bidirectional queries also "
-                "see later keys, which no cache holds."
-            )
-        if any(x is not None and x is not query for x in (value, key)):
-            raise ValueError(
-                "A `cache` is for causal self-attention: pass `query` alone "
-                "(no `value` or `key`); cross-attention has no decoding "
-                "cache."
-            )
-        if len(query.shape) != 3:
-            raise ValueError(
-                "A `cache` needs queries of shape (batch, length, dim), one "
-                f"position axis. Received: query.shape={tuple(query.shape)}"
-            )
-        batch = query.shape[0]
-        check_cache_shapes(
-            cache, self._cache_shapes(batch),
-            "query", "empty_cache(batch_size)",
+        attention_cache.check_causal_self_attention(
+            query, value, key, use_causal_mask
         )
-        if self.local_window:
-            self._check_window_slots(cache, query, cache_update_index)
+        attention_cache.check_favor_state(
+            self, query, cache, cache_update_index
+        )
 
     def call(
         self, query, value=None, key=None, query_mask=None, value_mask=None,
@@ -584,34 +410,17 @@ class FavorAttention(keras.layers.Layer):
         # The query's Keras mask reaches the output through `compute_mask`.
         # The dense sub-layers get no mask (they would warn that they do not
         # support masking).
-        same_positions = key is query
         statistics_mask = None
         if self.feature_map.uses_statistics:
             statistics_mask = arguments.statistics_query_mask(
                 query_mask, mask, query, value, key
             )
-        query, value, key = (ops.copy(x) for x in (query, value, key))
-        query = self._query_dense(query)
-        positions = ops.shape(query)[1:-2]
-        query, key, value = (
-            layout.merge_positions(x, 2)
-            for x in (query, self._key_dense(key), self._value_dense(value))
-        )
-        if mask is not None:
-            mask = layout.merge_positions(mask, 0)
-        if statistics_mask is not None:
-            statistics_mask = layout.merge_positions(statistics_mask, 0)
-        if use_causal_mask and not same_positions:
-            key, value, mask = layout.causal_keys(
-                ops.shape(query)[1], key, value, mask
-            )
-        outputs = self._attend(
-            query, key, value, mask, use_causal_mask, training, cache,
+        outputs = favor_kernels.attend_inputs(
+            self, query, value, key, mask, use_causal_mask, training, cache,
             statistics_mask,
         )
         if cache is not None:
             outputs, cache = outputs
-        outputs = layout.split_positions(outputs, positions)
         outputs = self._output_dense(ops.cast(outputs, self.compute_dtype))
         return outputs if cache is None else (outputs, cache)
 
@@ -659,29 +468,25 @@ class FavorAttention(keras.layers.Layer):
                 "attention_axes": self.attention_axes,
                 "use_gate": False,
                 "sliding_window": None,
-                "feature_map": feature_maps_lib.serialize(self.feature_map),
-                "num_features": self.num_features,
-                "projection": projections_lib.serialize(
-                    self.projection_distribution
-                ),
-                "seed": self.seed,
-                "chunk_size": self.chunk_size,
-                "recompute_length": self.recompute_length,
-                "local_window": self.local_window,
-                "lora_rank": self.lora_rank,
-                "lora_alpha": self.lora_alpha,
             }
         )
+        config.update(self.options_config())
         config.update(dense_sublayers.sublayer_config(self))
         return config
 
 
-def _check_window_lengths(query, key):
-    """`local_window` compares positions: one length for queries and keys."""
-    lengths = (query.shape[2], key.shape[2])
-    if None not in lengths and lengths[0] != lengths[1]:
+def checked_options(options):
+    """`options`, a mapping of `OPTIONS` names, checked by `FavorAttention`
+    itself and completed with its defaults, serialized as `options_config`
+    gives them (an unknown name or a bad value raises a `ValueError` that
+    names it)."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
         raise ValueError(
-            "`local_window` needs queries and keys at the same positions "
-            f"(one length). Received: {lengths[0]} queries and {lengths[1]} "
-            "keys."
+            f"Unknown FavorAttention options {unknown}: the options are "
+            f"{list(OPTIONS)}."
         )
+    # A named layer: an automatic name would count as one of the
+    # `favor_attention_<n>` names of the user's layers.
+    layer = FavorAttention(1, 1, name="attention_options", **options)
+    return layer.options_config()

@@ -3,19 +3,12 @@
 import keras
 from keras import ops
 
-from keras_favor import feature_maps as feature_maps_lib
-from keras_favor import projections as projections_lib
+from keras_favor.layers import favor_attention
+from keras_favor.layers.cached_softmax_attention import CachedSoftmaxAttention
 from keras_favor.layers.favor_attention import FavorAttention
 from keras_favor.layers.float32_cache import without_argument_casting
-from keras_favor.validation import batch_size as validation_batch_size
-from keras_favor.validation import check_cache_shapes
 from keras_favor.validation import dropout_rate
-from keras_favor.validation import is_int
-from keras_favor.validation import optional_seed
-from keras_favor.validation import non_negative_int
 from keras_favor.validation import positive_int
-
-ATTENTION_KINDS = ("favor", "exact", "identity")
 
 
 @keras.saving.register_keras_serializable(package="keras_favor")
@@ -31,13 +24,10 @@ class PerformerBlock(keras.layers.Layer):
     stack inside `keras.Sequential`.
 
     `attention="favor"` (the default) uses `keras_favor.FavorAttention`,
-    whose cost grows linearly with the sequence length. For baselines and
-    ablations with the very same block, `attention="exact"` uses
-    `keras.layers.MultiHeadAttention` (quadratic softmax attention) and
-    `attention="identity"` replaces attention by its value and output
-    projections alone, applied to each position (no mixing of positions):
-    the cost of everything in the block except mixing, the lower bound of
-    the Performer paper's Figure 3.
+    whose cost grows linearly with the sequence length. For baselines with
+    the very same block, `attention="exact"` uses
+    `keras_favor.layers.CachedSoftmaxAttention` (`MultiHeadAttention`'s
+    quadratic softmax attention, with the same decoding cache protocol).
 
     Masking: the block supports Keras masks (for example from
     `Embedding(mask_zero=True)`). Masked positions are removed as keys from
@@ -59,12 +49,13 @@ class PerformerBlock(keras.layers.Layer):
         layer_norm_epsilon: float, epsilon of the layer normalizations.
         kernel_initializer: initializer of all dense kernels.
         bias_initializer: initializer of all dense biases.
-        attention: `"favor"` (default), `"exact"` or `"identity"`, see above.
-        feature_map, num_features, projection, seed, chunk_size,
-        recompute_length, local_window: passed to `FavorAttention` (unused
-            by the other attention kinds, except
-            `seed`, which also seeds exact attention's dropout).
-        **kwargs: base layer keyword arguments, such as `name` and `dtype`.
+        attention: `"favor"` (default) or `"exact"`, see above.
+        attention_options: dict of `FavorAttention`'s FAVOR options (such
+            as `feature_map`, `num_features`, `seed`, `local_window`; see
+            `FavorAttention` for them and their defaults). They may also be
+            given as keyword arguments of the block. Exact attention uses
+            `seed` alone, for its dropout.
+        **kwargs: FAVOR options, or base layer arguments (`name`, `dtype`).
             `autocast` stays False: the block casts its inputs to the
             compute dtype, and a decoding `cache` stays float32.
 
@@ -73,14 +64,13 @@ class PerformerBlock(keras.layers.Layer):
         mask: optional `(batch, length)` bool padding mask; False marks
             padding. Set automatically from a Keras mask.
         training: bool, whether dropout is active.
-
         cache: decoding only (causal blocks): the cache of the positions
             before `inputs`, from `empty_cache` or a previous cached call.
             The call then returns `(outputs, new_cache)` and runs without
             dropout; `mask` marks the padding of the new positions.
         cache_update_index: int or scalar tensor, the position of the first
-            row of `inputs`: where an exact-attention block writes its keys
-            and values (FAVOR+'s recurrent state does not need it).
+            row of `inputs`, passed to the attention layer (exact attention
+            writes its keys and values there).
 
     Returns:
         A `(batch, length, hidden_dim)` tensor, in the layer's compute dtype;
@@ -107,6 +97,8 @@ class PerformerBlock(keras.layers.Layer):
         - [Xiong et al., 2020](https://arxiv.org/abs/2002.04745) (pre-norm)
     """
 
+    ATTENTION_KINDS = ("favor", "exact")
+
     def __init__(
         self,
         num_heads,
@@ -120,15 +112,10 @@ class PerformerBlock(keras.layers.Layer):
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
         attention="favor",
-        feature_map="softmax",
-        num_features=256,
-        projection="orthogonal",
-        seed=None,
-        chunk_size=64,
-        recompute_length=32768,
-        local_window=0,
+        attention_options=None,
         **kwargs,
     ):
+        attention_options = _gathered_options(attention_options, kwargs)
         super().__init__(
             **without_argument_casting("PerformerBlock", kwargs)
         )
@@ -145,21 +132,24 @@ class PerformerBlock(keras.layers.Layer):
         self.layer_norm_epsilon = float(layer_norm_epsilon)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
-        if attention not in ATTENTION_KINDS:
+        self.attention = self._checked_attention(attention)
+        self.attention_options = favor_attention.checked_options(
+            attention_options
+        )
+
+    def _checked_attention(self, attention):
+        if attention == "identity" and "identity" not in self.ATTENTION_KINDS:
             raise ValueError(
-                f"`attention` must be one of {list(ATTENTION_KINDS)}. "
+                "`attention=\"identity\"` is a benchmark baseline, not a "
+                "layer of the library: use `IdentityBlock` from the "
+                "repository's `benchmarks/models.py`."
+            )
+        if attention not in self.ATTENTION_KINDS:
+            raise ValueError(
+                f"`attention` must be one of {list(self.ATTENTION_KINDS)}. "
                 f"Received: attention={attention!r}"
             )
-        self.attention = attention
-        self.feature_map = feature_maps_lib.get(feature_map)
-        self.num_features = positive_int(num_features, "num_features")
-        self.projection = projections_lib.get(projection)
-        self.seed = optional_seed(seed)
-        self.chunk_size = positive_int(chunk_size, "chunk_size")
-        self.recompute_length = positive_int(
-            recompute_length, "recompute_length"
-        )
-        self.local_window = non_negative_int(local_window, "local_window")
+        return attention
 
     def build(self, input_shape):
         if len(input_shape) != 3 or input_shape[-1] is None:
@@ -170,9 +160,8 @@ class PerformerBlock(keras.layers.Layer):
             )
         hidden_dim = input_shape[-1]
         key_dim = self.key_dim or self._default_key_dim(hidden_dim)
-        self.attention_layer = self._attention_layer(key_dim, input_shape)
-        if self.attention_layer is not None:
-            self.attention_layer.build(input_shape, input_shape)
+        self.attention_layer = self._attention_layer(key_dim)
+        self.attention_layer.build(input_shape, input_shape)
         self.attention_norm = self._layer_norm("attention_norm", input_shape)
         self.attention_dropout = keras.layers.Dropout(
             self.dropout, dtype=self.dtype_policy, name="attention_dropout"
@@ -201,42 +190,23 @@ class PerformerBlock(keras.layers.Layer):
             )
         return hidden_dim // self.num_heads
 
-    def _attention_layer(self, key_dim, input_shape):
-        hidden_dim = input_shape[-1]
-        if self.attention == "identity":
-            # The value and output projections, position by position.
-            self.value_dense = self._dense(
-                self.num_heads * key_dim, None, "value"
-            )
-            self.value_dense.build(input_shape)
-            self.attention_output_dense = self._dense(
-                hidden_dim, None, "attention_output"
-            )
-            self.attention_output_dense.build(
-                self.value_dense.compute_output_shape(input_shape)
-            )
-            return None
+    def _attention_layer(self, key_dim):
+        """The self-attention layer (not built): it takes the call and
+        cache arguments of `FavorAttention`."""
         common = dict(
             num_heads=self.num_heads,
             key_dim=key_dim,
             dropout=self.dropout,
             kernel_initializer=self._new_initializer(self.kernel_initializer),
             bias_initializer=self._new_initializer(self.bias_initializer),
-            seed=self.seed,
             dtype=self.dtype_policy,
             name="self_attention",
         )
         if self.attention == "exact":
-            return keras.layers.MultiHeadAttention(**common)
-        return FavorAttention(
-            feature_map=self.feature_map,
-            num_features=self.num_features,
-            projection=self.projection,
-            chunk_size=self.chunk_size,
-            recompute_length=self.recompute_length,
-            local_window=self.local_window,
-            **common,
-        )
+            return CachedSoftmaxAttention(
+                seed=self.attention_options["seed"], **common
+            )
+        return FavorAttention(**common, **self.attention_options)
 
     def _layer_norm(self, name, input_shape):
         layer = keras.layers.LayerNormalization(
@@ -261,28 +231,6 @@ class PerformerBlock(keras.layers.Layer):
         # give every kernel the same values.
         return initializer.__class__.from_config(initializer.get_config())
 
-    def _attend(self, x, mask, training, cache=None, cache_update_index=None):
-        if self.attention_layer is None:
-            outputs = self.attention_output_dense(self.value_dense(x))
-            return outputs if cache is None else (outputs, cache)
-        if cache is not None and self.attention == "exact":
-            return _exact_attention_with_cache(
-                self.attention_layer, x, mask, cache, cache_update_index
-            )
-        if cache is not None:
-            return self.attention_layer(
-                x, query_mask=mask, use_causal_mask=True, cache=cache,
-                cache_update_index=cache_update_index,
-            )
-        return self.attention_layer(
-            x,
-            x,
-            query_mask=mask,
-            value_mask=mask,
-            use_causal_mask=self.causal,
-            training=training,
-        )
-
     def empty_cache(self, batch_size, max_length=None):
         """The decoding cache of a causal block before any position.
 
@@ -295,49 +243,24 @@ class PerformerBlock(keras.layers.Layer):
                 `max_length` keeps `max_length` keys, not the window's.
 
         Returns:
-            A tuple of tensors, for `call(..., cache=...)`:
-            `FavorAttention.empty_cache(batch_size)` for `"favor"`; zero
-            keys `(B, max_length, N, h)`, values `(B, max_length, N, h)`
-            and their mask `(B, max_length)` (no key yet) for `"exact"`;
-            an empty tuple for `"identity"`.
+            The attention layer's `empty_cache(batch_size, max_length)`, a
+            tuple of tensors for `call(..., cache=...)`.
         """
         if not self.built:
             raise ValueError(
                 "empty_cache() needs a built block: call it on data (or "
                 "build the model) first."
             )
+        self._check_causal()
+        return self.attention_layer.empty_cache(batch_size, max_length)
+
+    def _check_causal(self):
         if not self.causal:
             raise ValueError(
                 "A decoding cache exists for causal blocks only "
                 "(`causal=True`): a bidirectional position also sees later "
                 "ones."
             )
-        batch_size = validation_batch_size(batch_size)
-        if self.attention == "favor":
-            return self.attention_layer.empty_cache(batch_size, max_length)
-        if self.attention == "identity":
-            return ()
-        max_length = positive_int(max_length, "max_length")
-        layer = self.attention_layer
-        heads = (batch_size, max_length, layer.num_heads)
-        return (
-            ops.zeros(heads + (layer.key_dim,), self.compute_dtype),
-            ops.zeros(
-                heads + (layer.value_dim or layer.key_dim,),
-                self.compute_dtype,
-            ),
-            ops.zeros((batch_size, max_length), "bool"),
-        )
-
-    def _feedforward(self, x, training):
-        x = self.intermediate_dense(x)
-        x = self.feedforward_dropout(x, training=training)
-        return self.output_dense(x)
-
-    def _residual(self, x, sublayer, norm, dropout, training):
-        if self.normalize_first:
-            return x + dropout(sublayer(norm(x)), training=training)
-        return norm(x + dropout(sublayer(x), training=training))
 
     def call(
         self, inputs, mask=None, training=None, cache=None,
@@ -347,59 +270,49 @@ class PerformerBlock(keras.layers.Layer):
         # stream is cast here, the cache stays as it came.
         inputs = ops.cast(inputs, self.compute_dtype)
         if cache is not None:
-            return self._call_with_cache(
-                inputs, mask, cache, cache_update_index
-            )
+            self._check_causal()
+            training = False
+        attended = self.attention_layer(
+            self._sublayer_input(inputs, self.attention_norm),
+            query_mask=mask,
+            use_causal_mask=self.causal,
+            training=training,
+            cache=cache,
+            cache_update_index=cache_update_index,
+        )
+        if cache is not None:
+            attended, cache = attended
         x = self._residual(
-            inputs,
-            lambda y: self._attend(y, mask, training),
-            self.attention_norm,
-            self.attention_dropout,
+            inputs, attended, self.attention_norm, self.attention_dropout,
             training,
         )
-        return self._feedforward_block(x, training)
-
-    def _call_with_cache(self, inputs, mask, cache, cache_update_index):
-        """`call` for the positions after `cache`, no dropout: the outputs
-        and the cache after them."""
-        if not self.causal:
-            raise ValueError(
-                "A `cache` is for causal blocks (`causal=True`): a "
-                "bidirectional position also sees later ones."
-            )
-        if self.attention == "exact":
-            _check_key_value_cache(
-                self.attention_layer, inputs, cache, cache_update_index
-            )
-        new_cache = []
-
-        def attend(y):
-            outputs, updated = self._attend(
-                y, mask, False, cache, cache_update_index
-            )
-            new_cache.append(updated)
-            return outputs
-
+        hidden = self.intermediate_dense(
+            self._sublayer_input(x, self.feedforward_norm)
+        )
+        hidden = self.feedforward_dropout(hidden, training=training)
         x = self._residual(
-            inputs, attend, self.attention_norm, self.attention_dropout,
-            False,
+            x, self.output_dense(hidden), self.feedforward_norm,
+            self.feedforward_dropout, training,
         )
-        return self._feedforward_block(x, False), new_cache[0]
+        return x if cache is None else (x, cache)
 
-    def _feedforward_block(self, x, training):
-        return self._residual(
-            x,
-            lambda y: self._feedforward(y, training),
-            self.feedforward_norm,
-            self.feedforward_dropout,
-            training,
-        )
+    def _sublayer_input(self, x, norm):
+        return norm(x) if self.normalize_first else x
+
+    def _residual(self, x, outputs, norm, dropout, training):
+        """`x` plus a sub-layer's `outputs`, normalized after (post-norm)."""
+        x = x + dropout(outputs, training=training)
+        return x if self.normalize_first else norm(x)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)
 
     def get_config(self):
         config = super().get_config()
+        options = self.attention_options
+        if self.built and self.attention == "favor":
+            # What the layer has now, LoRA enabled after build included.
+            options = self.attention_layer.options_config()
         config.update(
             {
                 "num_heads": self.num_heads,
@@ -417,76 +330,23 @@ class PerformerBlock(keras.layers.Layer):
                     self.bias_initializer
                 ),
                 "attention": self.attention,
-                "feature_map": feature_maps_lib.serialize(self.feature_map),
-                "num_features": self.num_features,
-                "projection": projections_lib.serialize(self.projection),
-                "seed": self.seed,
-                "chunk_size": self.chunk_size,
-                "recompute_length": self.recompute_length,
-                "local_window": self.local_window,
+                "attention_options": dict(options),
             }
         )
         return config
 
 
-def _check_key_value_cache(mha, x, cache, index):
-    """A `ValueError` naming the argument unless `cache` is a key/value
-    cache for `x`'s batch with room for `x` at `index`."""
-    if index is None:
-        raise ValueError(
-            "`cache_update_index` is needed with `attention=\"exact\"`: "
-            "the position in the key/value cache where `inputs` go."
-        )
-    batch, length = x.shape[:2]
-    slots = cache[2].shape[1] if len(cache) == 3 else None
-    value_dim = mha.value_dim or mha.key_dim
-    check_cache_shapes(
-        cache,
-        [
-            (batch, slots, mha.num_heads, mha.key_dim),
-            (batch, slots, mha.num_heads, value_dim),
-            (batch, slots),
-        ],
-        "inputs", "empty_cache(batch_size, max_length)",
-    )
-    if is_int(index) and None not in (length, slots) and (
-        index < 0 or index + length > slots
-    ):
-        raise ValueError(
-            f"`cache_update_index` ({index}) and the {length} new positions "
-            f"do not fit in the key/value cache of {slots} positions (its "
-            "`max_length`)."
-        )
-
-
-def _exact_attention_with_cache(mha, x, mask, cache, index):
-    """`MultiHeadAttention`'s causal self-attention for the positions
-    `index, index + 1, ...` of `x`, over its key/value cache: the keys and
-    values of `x` are written at `index`, then each query attends to the
-    cached keys at or before its own position."""
-    keys, values, key_mask = cache
-    new_mask = ops.ones(ops.shape(x)[:2], "bool") if mask is None else mask
-    # The dense sub-layers get no Keras mask (they would warn that they do
-    # not support masking): the key mask below does its job.
-    x = ops.copy(x)
-    start = ops.cast(index, "int32")
-    keys = ops.slice_update(
-        keys, (0, start, 0, 0), ops.cast(mha.key_dense(x), keys.dtype)
-    )
-    values = ops.slice_update(
-        values, (0, start, 0, 0), ops.cast(mha.value_dense(x), values.dtype)
-    )
-    key_mask = ops.slice_update(
-        key_mask, (0, start), ops.cast(new_mask, "bool")
-    )
-    positions = start + ops.arange(ops.shape(x)[1], dtype="int32")
-    causal = ops.arange(ops.shape(keys)[1], dtype="int32")[None, :] <= (
-        positions[:, None]
-    )
-    attention_mask = ops.logical_and(causal[None], key_mask[:, None, :])
-    outputs = ops.dot_product_attention(
-        mha.query_dense(x), keys, values,
-        mask=attention_mask[:, None, :, :],
-        scale=1.0 / float(mha.key_dim) ** 0.5,
-    )
-    return mha.output_dense(outputs), (keys, values, key_mask)
+def _gathered_options(attention_options, kwargs):
+    """`attention_options` with the FAVOR options given as keyword
+    arguments (as configs saved before `attention_options` have them),
+    which are taken out of `kwargs`."""
+    options = dict(attention_options or {})
+    for name in favor_attention.OPTIONS:
+        if name in kwargs:
+            if name in options:
+                raise ValueError(
+                    f"`{name}` was given twice: as a keyword argument and "
+                    "in `attention_options`."
+                )
+            options[name] = kwargs.pop(name)
+    return options

@@ -5,7 +5,6 @@ import keras
 from keras_favor.validation import boolean
 from keras_favor.validation import dropout_rate
 from keras_favor.validation import optional_seed
-from keras_favor.validation import non_negative_int
 from keras_favor.validation import positive_int
 from keras_favor.layers.performer_block import PerformerBlock
 from keras_favor.models.token_and_position_embedding import (
@@ -26,18 +25,13 @@ def build_performer(
     task="classification",
     num_classes=2,
     dropout=0.0,
-    feature_map="softmax",
-    num_features=256,
-    projection="orthogonal",
     seed=None,
     api="functional",
     attention="favor",
     normalize_first=True,
     mask_zero=True,
-    chunk_size=64,
-    recompute_length=32768,
-    local_window=0,
     name=None,
+    **attention_options,
 ):
     """Builds a Performer: embeddings, `PerformerBlock`s and a task head.
 
@@ -95,23 +89,17 @@ def build_performer(
             the other tasks).
         dropout: float in `[0, 1)`, dropout after the embeddings and in
             every block.
-        feature_map, num_features, projection: passed to every
-            `FavorAttention`.
         seed: int or None. Block `i` gets seed `seed + i`, so that layers
             draw different but reproducible projections.
         api: `"functional"` (default) or `"sequential"`.
-        attention: `"favor"` (default), `"exact"` (softmax
-            `keras.layers.MultiHeadAttention`, a baseline with the same
-            architecture) or `"identity"`, see `PerformerBlock`.
+        attention: `"favor"` (default) or `"exact"` (softmax attention, a
+            baseline with the same architecture), see `PerformerBlock`.
         normalize_first: bool, pre-norm (True, default) or post-norm blocks.
         mask_zero: bool, whether token id 0 is padding.
-        chunk_size, recompute_length: passed to every `FavorAttention`
-            (see there: they trade speed against memory, not results).
-        local_window: int >= 0, passed to every `FavorAttention`: exact
-            softmax attention over the keys within this many positions,
-            random features beyond them, one normalizer (0, the default,
-            is random features for every key).
         name: optional model name.
+        **attention_options: `FavorAttention`'s FAVOR options for every
+            block (such as `feature_map`, `num_features` or
+            `local_window`; see `FavorAttention` for all of them).
 
     Returns:
         An uncompiled `keras.Model` (or `keras.Sequential`).
@@ -169,10 +157,6 @@ def build_performer(
     if task == "classification":
         num_classes = positive_int(num_classes, "num_classes")
     dropout = dropout_rate(dropout, "dropout")
-    num_features = positive_int(num_features, "num_features")
-    chunk_size = positive_int(chunk_size, "chunk_size")
-    recompute_length = positive_int(recompute_length, "recompute_length")
-    local_window = non_negative_int(local_window, "local_window")
     seed = optional_seed(seed, "seed")
     normalize_first = boolean(normalize_first, "normalize_first")
     mask_zero = boolean(mask_zero, "mask_zero")
@@ -199,13 +183,10 @@ def build_performer(
                 normalize_first=normalize_first,
                 causal=task == "language_model",
                 attention=attention,
-                feature_map=feature_map,
-                num_features=num_features,
-                projection=projection,
-                seed=None if seed is None else seed + index,
-                chunk_size=chunk_size,
-                recompute_length=recompute_length,
-                local_window=local_window,
+                attention_options=dict(
+                    attention_options,
+                    seed=None if seed is None else seed + index,
+                ),
                 name=f"performer_block_{index}",
             )
         )

@@ -1,0 +1,203 @@
+"""`FavorAttention`'s computations: its random projection, and its inputs
+through the dense projections and feature maps to the kernels of `ops`."""
+
+import random
+
+from keras import ops
+
+from keras_favor import backend
+from keras_favor import ops as favor_ops
+from keras_favor.layers import multi_head_layout as layout
+from keras_favor.validation import stateless_seed
+
+SEED_RANGE = 2**31 - 1
+
+
+def initial_projection(layer, shape):
+    """The projection drawn at build: from the layer's `seed`, else from a
+    seed drawn now."""
+    seed = layer.seed
+    if seed is None:
+        seed = random.randrange(SEED_RANGE)
+    return layer.projection_distribution(shape, seed)
+
+
+def redraw_projection(layer, seed=None):
+    """`FavorAttention.redraw_features` (see there)."""
+    if layer.projection is None:
+        return None
+    if seed is not None:
+        seed = stateless_seed(seed)
+    elif layer.seed is None:
+        seed = layer._redraw_seed.next()
+    else:
+        seed = backend.fold_in(
+            backend.int_pair_seed(layer.seed, 0),
+            layer.redraw_count.value + 1,
+        )
+    layer.projection.assign(
+        layer.projection_distribution(layer.projection.shape, seed)
+    )
+    layer.redraw_count.assign_add(1)
+    return layer.projection
+
+
+def feature_fns(layer, coefficient=None):
+    """Map `(B, H, T, d)` float32 key and query heads to feature parts
+    (with a statistics map's `coefficient`, shared by both)."""
+    projection = None
+    if layer.projection is not None:
+        projection = ops.convert_to_tensor(layer.projection)
+    options = {} if coefficient is None else {"a": coefficient}
+    return (
+        lambda heads: layer.feature_map.log_scaled(
+            heads, projection, **options
+        ),
+        lambda heads: layer.feature_map.query_log_scaled(
+            heads, projection, **options
+        ),
+    )
+
+
+def attend_inputs(
+    layer, query, value, key, mask, causal, training, cache=None,
+    statistics_mask=None,
+):
+    """`layer`'s attention from its checked inputs `(B, *T, dim)` and the
+    combined key mask `(B, *S)` to the heads `(B, *T, N, hv)` before the
+    output projection; with a `cache`, also the state after the last
+    position."""
+    same_positions = key is query
+    # The dense sub-layers get no mask (they would warn that they do not
+    # support masking).
+    query, value, key = (ops.copy(x) for x in (query, value, key))
+    query = layer.query_dense(query)
+    positions = ops.shape(query)[1:-2]
+    query, key, value = (
+        layout.merge_positions(x, 2)
+        for x in (query, layer.key_dense(key), layer.value_dense(value))
+    )
+    if mask is not None:
+        mask = layout.merge_positions(mask, 0)
+    if statistics_mask is not None:
+        statistics_mask = layout.merge_positions(statistics_mask, 0)
+    if causal and not same_positions:
+        key, value, mask = layout.causal_keys(
+            ops.shape(query)[1], key, value, mask
+        )
+    outputs = attend(
+        layer, query, key, value, mask, causal, training, cache,
+        statistics_mask,
+    )
+    if cache is not None:
+        outputs, cache = outputs
+        return layout.split_positions(outputs, positions), cache
+    return layout.split_positions(outputs, positions)
+
+
+def attend(
+    layer, query, key, value, mask, causal, training, cache=None,
+    query_mask=None,
+):
+    """`layer`'s linear attention on `(B, L, N, h)` heads.
+
+    Args:
+        layer: a built `FavorAttention`.
+        query, key, value: `(B, L, N, h)` heads (`hv` for the values).
+        mask: None or the bool `(B, S)` key mask.
+        causal: bool, whether query `i` sees keys `j <= i` only.
+        training: bool, whether dropout and statistics updates are on.
+        cache: None, or the causal state before the first position.
+        query_mask: None or `(B, T)`, the queries a statistic counts.
+
+    Returns:
+        `(B, L, N, hv)` float32 outputs; with a `cache`, also the state
+        after the last position.
+    """
+    query, key, value = (
+        ops.transpose(ops.cast(x, "float32"), (0, 2, 1, 3))
+        for x in (query, key, value)
+    )
+    key_mask = None if mask is None else mask[:, None, :]
+    coefficient = None
+    if layer.feature_map.uses_statistics:
+        coefficient = _statistics_coefficient(
+            layer, query, key, key_mask,
+            None if query_mask is None else query_mask[:, None, :],
+            causal or cache is not None, training and cache is None,
+        )
+    feature_fn, query_feature_fn = layer._feature_fns(coefficient)
+    dropout = training and cache is None and layer.dropout > 0
+    dropout_rate = layer.dropout if dropout else 0.0
+    dropout_seed = layer._dropout_seed.next() if dropout else None
+    num_features = layer.feature_map.feature_dim(
+        layer.num_features, layer.key_dim
+    )
+    if layer.local_window:
+        _check_window_lengths(query, key)
+        # The exact kernel's units: the queries' full features.
+        outputs = favor_ops.local_window_attention(
+            query, key, value, feature_fn, num_features, layer.local_window,
+            bool(causal), mask=key_mask, query_feature_fn=feature_fn,
+            recompute_length=layer.recompute_length,
+            chunk_size=layer.chunk_size, dropout_rate=dropout_rate,
+            dropout_seed=dropout_seed, initial_state=cache,
+            return_state=cache is not None,
+        )
+    elif causal:
+        outputs = favor_ops.causal_linear_attention(
+            query, key, value, feature_fn, num_features, mask=key_mask,
+            query_feature_fn=query_feature_fn,
+            recompute_length=layer.recompute_length,
+            chunk_size=layer.chunk_size, dropout_rate=dropout_rate,
+            dropout_seed=dropout_seed, initial_state=cache,
+            return_state=cache is not None,
+        )
+    else:
+        outputs = favor_ops.bidirectional_linear_attention(
+            query, key, value, feature_fn, mask=key_mask,
+            query_feature_fn=query_feature_fn,
+            recompute_length=layer.recompute_length,
+            dropout_rate=dropout_rate, dropout_seed=dropout_seed,
+        )
+    if cache is not None:
+        outputs, state = outputs
+        return ops.transpose(outputs, (0, 2, 1, 3)), tuple(state)
+    return ops.transpose(outputs, (0, 2, 1, 3))
+
+
+def _statistics_coefficient(
+    layer, query, key, mask, query_mask, causal, training
+):
+    """A statistics map's (FAVOR++'s) coefficient, `(B or 1, H, 1, 1)`:
+    bidirectional, from these queries and keys; causal, from the moving
+    statistic as it stood before this call, which a training call then
+    updates (`FavorPlusPlusFeatures`)."""
+    feature_map = layer.feature_map
+    if not causal:
+        statistic = feature_map.statistic(query, key, mask, query_mask)
+        return feature_map.coefficient(statistic, layer.key_dim)[
+            :, :, None, None
+        ]
+    stored = ops.convert_to_tensor(layer.input_statistic)
+    coefficient = feature_map.coefficient(stored, layer.key_dim)
+    if training:
+        batch = ops.mean(
+            feature_map.statistic(query, key, mask, query_mask), axis=0
+        )
+        momentum = feature_map.momentum
+        layer.input_statistic.assign(
+            momentum * stored + (1.0 - momentum) * batch
+        )
+    return coefficient[None, :, None, None]
+
+
+def _check_window_lengths(query, key):
+    """`local_window` compares positions: one length for queries and keys."""
+    lengths = (query.shape[2], key.shape[2])
+    if None not in lengths and lengths[0] != lengths[1]:
+        raise ValueError(
+            "`local_window` needs queries and keys at the same positions "
+            f"(one length). Received: {lengths[0]} queries and {lengths[1]} "
+            "keys."
+        )
