@@ -22,7 +22,7 @@ $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/python -m examples.long_context_lm
 
 # Two workers, idle ones taking tests from busy ones (worksteal), the long
 # modules first (tests/conftest.py).

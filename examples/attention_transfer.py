@@ -13,7 +13,7 @@ import time
 
 import keras
 import numpy as np
-from example_utils import StepTimer
+from examples.example_utils import StepTimer
 
 from keras_favor import FavorAttention
 

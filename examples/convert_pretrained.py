@@ -34,21 +34,20 @@ import time
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # example_utils first: it imports TensorFlow without its start-up messages.
-from example_utils import StepTimer  # noqa: E402
-from example_utils import print_table  # noqa: E402
-from quickstart import VOCABULARY_SIZE  # noqa: E402
-from quickstart import load_corpus  # noqa: E402
-from quickstart import next_token_pairs  # noqa: E402
-from quickstart import random_windows  # noqa: E402
+from examples.example_utils import StepTimer
+from examples.example_utils import print_table
+from examples.corpus import VOCABULARY_SIZE
+from examples.corpus import load_corpus
+from examples.corpus import next_token_pairs
+from examples.corpus import random_windows
 
-import keras  # noqa: E402
-from attention_transfer import transfer_attention  # noqa: E402
+import keras
+from examples.attention_transfer import transfer_attention
 
-import keras_favor  # noqa: E402
-from keras_favor import convert  # noqa: E402
+import keras_favor
+from keras_favor import convert
 
 DEFAULT_OUTPUT_DIR = os.path.join("benchmarks", "results", "tmp")
 # What --full changes: the teacher's steps and the validation set.

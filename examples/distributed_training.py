@@ -4,7 +4,7 @@ BackupAndRestore.
 On one machine, MirroredStrategy trains on every GPU present (or on the
 CPU):
 
-    python examples/distributed_training.py
+    python -m examples.distributed_training
 
 On several machines (or several processes on one), set `TF_CONFIG` on each
 worker and run the same command on each: the script then calls
@@ -13,10 +13,10 @@ MultiWorkerMirroredStrategy. Two workers on localhost:
 
     TF_CONFIG='{"cluster": {"worker": ["localhost:12345", "localhost:23456"]},
                 "task": {"type": "worker", "index": 0}}' \\
-        python examples/distributed_training.py &
+        python -m examples.distributed_training &
     TF_CONFIG='{"cluster": {"worker": ["localhost:12345", "localhost:23456"]},
                 "task": {"type": "worker", "index": 1}}' \\
-        python examples/distributed_training.py
+        python -m examples.distributed_training
 
 With TF_CONFIG set, every line the worker prints starts with its index,
 `[worker 0] `, so that the logs of workers sharing a terminal stay apart.
@@ -38,13 +38,12 @@ import tempfile
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import example_utils  # noqa: E402, F401 (imports TensorFlow quietly)
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from examples import example_utils  # noqa: F401 (imports TensorFlow quietly)
+import keras
+import tensorflow as tf
 
-import keras_favor  # noqa: E402
+import keras_favor
 
 VOCABULARY = 16
 LENGTH = 64

@@ -38,16 +38,16 @@ import time
 import numpy as np
 
 # example_utils first: it imports TensorFlow without its start-up messages.
-from example_utils import TrainingClock
-from example_utils import add_model_arguments
-from example_utils import build_model
-from example_utils import print_table
+from examples.example_utils import TrainingClock
+from examples.example_utils import add_model_arguments
+from examples.example_utils import build_model
+from examples.example_utils import print_table
 
-import bio_data  # noqa: E402
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from examples import bio_data
+import keras
+import tensorflow as tf
 
-import keras_favor  # noqa: E402
+import keras_favor
 
 ATTENTIONS = {
     "exact": ("Exact softmax", dict(attention="exact")),

@@ -20,25 +20,22 @@ and run in a few minutes on 2 CPU cores.
 
 import argparse
 import csv
-import os
 import random
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # example_utils first: it imports TensorFlow without its start-up messages.
-from example_utils import ATTENTION_NAMES  # noqa: E402
-from example_utils import add_model_arguments  # noqa: E402
-from example_utils import build_model  # noqa: E402
-from example_utils import StepTimer  # noqa: E402
-from example_utils import print_table  # noqa: E402
-from example_utils import timed_fit  # noqa: E402
+from examples.example_utils import ATTENTION_NAMES
+from examples.example_utils import add_model_arguments
+from examples.example_utils import build_model
+from examples.example_utils import StepTimer
+from examples.example_utils import print_table
+from examples.example_utils import timed_fit
 
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import tensorflow as tf
 
 OPERATORS = {
     "[MAX": max,

@@ -4,22 +4,16 @@ byte are the cross-entropy of its logits."""
 
 import csv
 import math
-import pathlib
-import sys
 
 import numpy as np
 import pytest
 
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
-
 
 @pytest.fixture
 def example():
-    sys.path.insert(0, str(EXAMPLES))
-    import convert_pretrained
+    from examples import convert_pretrained
 
-    yield convert_pretrained
-    sys.path.remove(str(EXAMPLES))
+    return convert_pretrained
 
 
 def bits_per_byte(logits, targets):

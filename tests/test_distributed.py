@@ -21,7 +21,8 @@ from tests import fit_script
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "tests", "fit_script.py")
 PROCESS_TIMEOUT_S = 180
-EXAMPLE = os.path.join(REPO, "examples", "distributed_training.py")
+# Run as a module of the `examples` package (PYTHONPATH holds REPO).
+EXAMPLE = ["-m", "examples.distributed_training"]
 
 
 def free_ports(count):
@@ -325,7 +326,7 @@ def test_example_trains_and_resumes(tmp_path):
     and run again, resumes at the step and redraw count it stopped at."""
     command = [
         sys.executable,
-        EXAMPLE,
+        *EXAMPLE,
         "--epochs=2",
         "--steps-per-epoch=3",
         "--redraw-interval=2",
@@ -351,7 +352,7 @@ def test_example_trains_on_two_workers(tmp_path):
     call) on two local workers."""
     command = [
         sys.executable,
-        EXAMPLE,
+        *EXAMPLE,
         "--epochs=1",
         "--steps-per-epoch=2",
         # A redraw after step 1, none in the last step.

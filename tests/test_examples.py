@@ -22,17 +22,26 @@ TINY_MODEL = [
 
 @pytest.fixture(scope="module")
 def examples():
-    sys.path.insert(0, str(EXAMPLES))
-    yield lambda name: importlib.import_module(name)
-    sys.path.remove(str(EXAMPLES))
+    return lambda name: importlib.import_module(f"examples.{name}")
 
 
-def test_quickstart(examples, tmp_path, capsys):
+def test_quickstart(examples, tmp_path):
+    """The one-screen quickstart at a tiny size: it trains, saves a model
+    that loads, and generates the prompt's continuation from the loaded
+    model."""
+    quickstart = examples("quickstart")
+    loss, text = quickstart.main(str(tmp_path), steps=3, batch_size=2)
+    assert (tmp_path / "performer.keras").is_file()
+    assert math.isfinite(loss) and loss > 0
+    assert text.startswith("def ") and len(text) > len("def ")
+
+
+def test_long_context_lm(examples, tmp_path, capsys):
     """The demo at a tiny size: both models train for a second each, and
     every file it promises is written."""
-    quickstart = examples("quickstart")
+    long_context_lm = examples("long_context_lm")
     output_dir = tmp_path / "demo"
-    result = quickstart.main(
+    result = long_context_lm.main(
         [
             "--num-layers", "1", "--num-heads", "2", "--hidden-dim", "16",
             "--intermediate-dim", "32", "--num-features", "16",
@@ -52,7 +61,7 @@ def test_quickstart(examples, tmp_path, capsys):
     models = ["Exact softmax", "Performer (FAVOR+)"]
     results = [row for row in rows if row["kind"] == "result"]
     assert [row["model"] for row in results] == models
-    uniform = math.log2(quickstart.VOCABULARY_SIZE)
+    uniform = math.log2(long_context_lm.VOCABULARY_SIZE)
     for row in results:
         # Trained: below the 8.0 bits of a uniform guess over 257 tokens.
         assert 0 < float(row["val_bits_per_byte"]) < uniform
@@ -80,14 +89,14 @@ def test_quickstart(examples, tmp_path, capsys):
     assert "What was compared" in out and "Caveats:" in out
 
 
-def test_quickstart_corpus_is_the_stdlib_split_by_file(examples):
-    quickstart = examples("quickstart")
-    train, validation, num_files = quickstart.load_corpus(200_000, 4, seed=0)
+def test_corpus_is_the_stdlib_split_by_file(examples):
+    corpus = examples("corpus")
+    train, validation, num_files = corpus.load_corpus(200_000, 4, seed=0)
     assert len(train) + len(validation) == 200_000
     assert num_files > 1 and len(validation) > 0
     assert train.min() >= 1 and train.max() <= 256
     # Deterministic: the same seed reads the same bytes.
-    again, _, _ = quickstart.load_corpus(200_000, 4, seed=0)
+    again, _, _ = corpus.load_corpus(200_000, 4, seed=0)
     np.testing.assert_array_equal(train, again)
     text = bytes((train[:2000] - 1).astype(np.uint8)).decode("utf-8", "replace")
     assert "def " in text or "import " in text
@@ -172,15 +181,18 @@ def help_entries(text):
     return dict(zip(flags, entries)), flags
 
 
-# The scripts among the examples (not their helper modules).
+# The scripts among the examples that take flags (not their helper modules,
+# nor the quickstart, which takes none).
 SCRIPTS = sorted(
     path.stem for path in EXAMPLES.glob("*.py")
-    if 'if __name__ == "__main__":' in path.read_text()
+    if "def parse_args(" in path.read_text()
 )
 
 
 def test_the_scripts_are_found():
-    assert {"quickstart", "listops", "distributed_training"} <= set(SCRIPTS)
+    assert {"long_context_lm", "listops", "distributed_training"} <= set(
+        SCRIPTS
+    )
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

@@ -9,6 +9,7 @@ directory, so the files the blocks write land there.
 """
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -152,16 +153,17 @@ def test_every_readme_section_runs(tmp_path):
     """One process for all sections (and so for one pytest worker)."""
     names = list(sections())
     assert set(PLACEHOLDERS) <= set(names) and len(names) >= 7
+    # The repository root on PYTHONPATH imports `tests` (and `examples`).
+    paths = [str(README.parent), os.environ.get("PYTHONPATH", "")]
     process = subprocess.run(
         [
             sys.executable,
             "-c",
-            "import sys; sys.path.insert(0, sys.argv[1]); "
-            "from tests.test_readme import run_sections; "
-            "run_sections(sys.argv[2:])",
-            str(README.parent),
+            "import sys; from tests.test_readme import run_sections; "
+            "run_sections(sys.argv[1:])",
             *names,
         ],
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths))),
         cwd=tmp_path,
         capture_output=True,
         text=True,
