@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TF_ENABLE_ONEDNN_OPTS ?= 0
 export TF_ENABLE_ONEDNN_OPTS
 
-.PHONY: demo test install clean
+.PHONY: demo test lint docs install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,8 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --upgrade pip
 	# The data extra: the sequences of the biology examples' smoke tests.
-	$(BIN)/python -m pip install -e ".[test,data]"
+	# The dev extra: ruff and MkDocs for `make lint` and `make docs`.
+	$(BIN)/python -m pip install -e ".[test,data,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,9 +28,19 @@ demo: $(STAMP)
 # Two workers, idle ones taking tests from busy ones (worksteal), the long
 # modules first (tests/conftest.py).
 # Then the backend-independent modules again on JAX (tests/conftest.py).
-test: $(STAMP)
+test: $(STAMP) lint docs
 	$(BIN)/python -m pytest -n 2 --dist worksteal
 	KERAS_BACKEND=jax JAX_PLATFORMS=cpu $(BIN)/python -m pytest -n 2 --dist worksteal -m backend_independent
 
+# ruff's settings are in pyproject.toml.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# The documentation site (mkdocs.yml) into site/; a broken link, page or
+# docstring fails the build.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build site *.egg-info

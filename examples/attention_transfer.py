@@ -13,8 +13,8 @@ import time
 
 import keras
 import numpy as np
-from examples.example_utils import StepTimer
 
+from examples.example_utils import StepTimer
 from keras_favor import FavorAttention
 
 # The call arguments of MultiHeadAttention that carry tensors a student

@@ -38,15 +38,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # example_utils first: it imports TensorFlow without its start-up messages.
 from examples.example_utils import StepTimer
 from examples.example_utils import print_table
+
+# isort: split
+import keras
+
+import keras_favor
+from examples.attention_transfer import transfer_attention
 from examples.corpus import VOCABULARY_SIZE
 from examples.corpus import load_corpus
 from examples.corpus import next_token_pairs
 from examples.corpus import random_windows
-
-import keras
-from examples.attention_transfer import transfer_attention
-
-import keras_favor
 from keras_favor import convert
 
 DEFAULT_OUTPUT_DIR = os.path.join("benchmarks", "results", "tmp")

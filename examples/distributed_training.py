@@ -38,8 +38,9 @@ import tempfile
 
 import numpy as np
 
-
 from examples import example_utils  # noqa: F401 (imports TensorFlow quietly)
+
+# isort: split
 import keras
 import tensorflow as tf
 

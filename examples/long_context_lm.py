@@ -47,10 +47,12 @@ import numpy as np
 
 # example_utils first: it imports TensorFlow without its start-up messages.
 from examples.example_utils import ATTENTION_NAMES
+from examples.example_utils import StepTimer
 from examples.example_utils import add_model_arguments
 from examples.example_utils import build_model
-from examples.example_utils import StepTimer
 from examples.example_utils import print_table
+
+# isort: split
 
 import keras
 import tensorflow as tf

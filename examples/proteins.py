@@ -52,12 +52,13 @@ from examples.example_utils import add_model_arguments
 from examples.example_utils import build_model
 from examples.example_utils import print_table
 
-from examples import bio_data
+# isort: split
 
 import keras
 import tensorflow as tf
 
 import keras_favor
+from examples import bio_data
 
 ATTENTIONS = {
     "exact": ("Exact softmax", dict(attention="exact")),

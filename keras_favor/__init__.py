@@ -47,5 +47,23 @@ from keras_favor.generation import generate  # noqa: E402
 from keras_favor.layers import FavorAttention  # noqa: E402
 from keras_favor.layers import PerformerBlock  # noqa: E402
 from keras_favor.models import build_performer  # noqa: E402
+from keras_favor.version import __version__  # noqa: E402
 
-__version__ = "0.1.0"
+__all__ = [
+    "FavorAttention",
+    "FeatureRedraw",
+    "PerformerBlock",
+    "SUPPORTED_BACKENDS",
+    "__version__",
+    "build_performer",
+    "callbacks",
+    "convert",
+    "distribute",
+    "feature_maps",
+    "generate",
+    "generation",
+    "layers",
+    "models",
+    "ops",
+    "projections",
+]

@@ -27,3 +27,44 @@ def test_readme_starts_with_the_two_commands():
     assert [line.split()[:2] for line in first_block] == [
         ["make", "demo"], ["make", "test"]
     ]
+
+
+def test_version_is_written_once_in_the_package():
+    """setup.cfg reads the version from keras_favor/version.py, the one
+    place it is written, and `keras_favor.__version__` is the same."""
+    from setuptools.config.setupcfg import read_configuration
+
+    import keras_favor
+    from keras_favor import version
+
+    assert metadata()["version"] == "attr: keras_favor.version.__version__"
+    declared = read_configuration(ROOT / "setup.cfg")["metadata"]["version"]
+    assert declared == version.__version__ == keras_favor.__version__
+    assert not any(
+        version.__version__ in path.read_text()
+        for path in [ROOT / "setup.cfg", ROOT / "keras_favor" / "__init__.py"]
+    )
+
+
+def test_every_public_package_declares_all_its_public_names():
+    """Each package's `__all__` lists names it has, and every public class
+    or function it imports from its own modules."""
+    import importlib
+    import inspect
+
+    names = ["keras_favor"] + [
+        f"keras_favor.{path.parent.name}"
+        for path in sorted((ROOT / "keras_favor").glob("*/__init__.py"))
+    ]
+    for name in names:
+        package = importlib.import_module(name)
+        assert hasattr(package, "__all__"), name
+        assert all(hasattr(package, item) for item in package.__all__), name
+        public = {
+            key
+            for key, value in vars(package).items()
+            if not key.startswith("_")
+            and (inspect.isclass(value) or inspect.isfunction(value))
+            and value.__module__.startswith(name)
+        }
+        assert public <= set(package.__all__), (name, public)

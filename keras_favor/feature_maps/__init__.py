@@ -2,7 +2,6 @@
 
 import keras
 
-from keras_favor.lookup import lookup
 from keras_favor.feature_maps.elu_features import EluFeatures
 from keras_favor.feature_maps.favor_plus_plus_features import (
     FavorPlusPlusFeatures,
@@ -13,9 +12,22 @@ from keras_favor.feature_maps.softmax_features import SoftmaxFeatures
 from keras_favor.feature_maps.softmax_hyperbolic_features import (
     SoftmaxHyperbolicFeatures,
 )
-from keras_favor.feature_maps.softmax_trig_features import (
-    SoftmaxTrigFeatures,
-)
+from keras_favor.feature_maps.softmax_trig_features import SoftmaxTrigFeatures
+from keras_favor.lookup import lookup
+
+__all__ = [
+    "ALL_FEATURE_MAPS",
+    "EluFeatures",
+    "FavorPlusPlusFeatures",
+    "FeatureMap",
+    "ReluFeatures",
+    "SoftmaxFeatures",
+    "SoftmaxHyperbolicFeatures",
+    "SoftmaxTrigFeatures",
+    "deserialize",
+    "get",
+    "serialize",
+]
 
 ALL_FEATURE_MAPS = {
     "softmax": SoftmaxFeatures,

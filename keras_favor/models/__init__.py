@@ -6,3 +6,9 @@ from keras_favor.models.performer_builder import language_model_loss
 from keras_favor.models.token_and_position_embedding import (
     TokenAndPositionEmbedding,
 )
+
+__all__ = [
+    "TokenAndPositionEmbedding",
+    "build_performer",
+    "language_model_loss",
+]

@@ -4,11 +4,20 @@ import keras
 
 from keras_favor.lookup import lookup
 from keras_favor.projections.iid_projection import IIDProjection
-from keras_favor.projections.orthogonal_projection import (
-    OrthogonalProjection,
-)
+from keras_favor.projections.orthogonal_projection import OrthogonalProjection
 from keras_favor.projections.projection import Projection
 from keras_favor.projections.simplex_projection import SimplexProjection
+
+__all__ = [
+    "ALL_PROJECTIONS",
+    "IIDProjection",
+    "OrthogonalProjection",
+    "Projection",
+    "SimplexProjection",
+    "deserialize",
+    "get",
+    "serialize",
+]
 
 ALL_PROJECTIONS = {
     "orthogonal": OrthogonalProjection,
