@@ -69,9 +69,10 @@ class FavorAttention(keras.layers.Layer):
             shape. Defaults to the last dimension of `query`.
         attention_axes: None (default), attention over all axes between
             batch and features jointly; only values naming all of them pass.
-        kernel_initializer, bias_initializer, kernel_regularizer,
-        bias_regularizer, activity_regularizer, kernel_constraint,
-        bias_constraint: as in `MultiHeadAttention`, for the dense layers.
+        kernel_initializer: as in `MultiHeadAttention`, for the dense
+            layers, and so are `bias_initializer`, `kernel_regularizer`,
+            `bias_regularizer`, `activity_regularizer`, `kernel_constraint`
+            and `bias_constraint`.
         use_gate, sliding_window: `MultiHeadAttention` options without a
             linear-time form here: only the defaults (False, None) pass.
         feature_map: `"softmax"` (default), `"softmax_hyperbolic"`,
