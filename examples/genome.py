@@ -234,7 +234,7 @@ def plot(rows, markov, path):
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for index, (attention, (name, _)) in enumerate(ATTENTIONS.items()):
+    for index, (name, _) in enumerate(ATTENTIONS.values()):
         points = {}
         for row in rows:
             if row["attention"] == name and "bits_per_base" in row:
