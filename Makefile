@@ -2,8 +2,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# TensorFlow 2.21's oneDNN batch matmul can corrupt the heap on CPU (README,
-# "Known issue"): the demo and the tests use TensorFlow's own kernels.
+# TensorFlow 2.21's oneDNN batch matmul can corrupt the heap on CPU
+# (docs/known_issues.md): the demo and the tests use TensorFlow's own kernels.
 # `make demo TF_ENABLE_ONEDNN_OPTS=1` runs with oneDNN.
 TF_ENABLE_ONEDNN_OPTS ?= 0
 export TF_ENABLE_ONEDNN_OPTS

@@ -39,7 +39,7 @@ def import_tensorflow_quietly():
 
     Sets `TF_CPP_MIN_LOG_LEVEL=2` (errors only) unless it is set, and
     `TF_ENABLE_ONEDNN_OPTS=0` unless it is set: TensorFlow 2.21's oneDNN
-    batch matmul can corrupt the heap on CPU (README, "Known issue"), and
+    batch matmul can corrupt the heap on CPU (docs/known_issues.md), and
     `make demo` and the tests run without it. The import and the first
     device query run with file descriptor 2 sent to `/dev/null`; a failed
     import still raises, with its traceback. Python's own log level for

@@ -592,8 +592,7 @@ def summary_lines(results, times, args, load):
         "Python-like noise, not working code.",
         "- The win is speed: for equal steps FAVOR+ was within about 1 % of "
         "exact attention in bits per byte at this context (a 2-block model "
-        "after 300 steps, BENCHMARKS.md, 'Local windows of exact attention "
-        "and quality'), not better.",
+        "after 300 steps, benchmarks/results/local_window.md), not better.",
         f"- Bits per byte on {args.validation_windows} held-out windows "
         f"({args.validation_windows * args.max_length:,} bytes): differences "
         "of a few hundredths are noise.",

@@ -1,6 +1,6 @@
 """keras_favor: Performer (FAVOR+) linear attention for Keras 3."""
 
-# keras_favor runs on these Keras backends (README, "Backends"). Another
+# keras_favor runs on these Keras backends (docs/training.md). Another
 # one (torch, numpy, openvino) fails here, naming it, rather than deep
 # inside the first layer's call.
 SUPPORTED_BACKENDS = ("tensorflow", "jax")
