@@ -437,7 +437,7 @@ def test_genome_tiny(examples, tmp_path):
     # fit in 0.0001 GiB (107 kB); at 128 bases they need 393 kB.
     assert rows[("Exact softmax", 32)]["status"] == "trained"
     assert rows[("Exact softmax", 128)]["status"] == "does not fit"
-    for key, row in rows.items():
+    for row in rows.values():
         if row["status"] == "trained":
             assert 1 <= row["steps"] <= 3
             # Three steps from the initial weights: above what the bases'
