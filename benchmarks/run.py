@@ -28,8 +28,12 @@ the table to `benchmarks/results/comparisons/<A>_vs_<B>.md`.
 A configuration's figure is the median over the rounds of each round's
 figure (a worker's median step, or its peak memory); the range is the
 rounds' lowest and highest. In a comparison, each round's B / A ratio is of
-two neighbouring runs; the verdict is "within noise" when these ratios,
-widened by 2 %, include 1.
+two neighbouring runs. The verdict says "B higher" or "B lower" only when
+every round's ratio lies more than 2 % on the same side of 1 and the ratio
+of the medians differs from 1 by more than either revision's rounds differ
+among themselves ((max - min) / median); otherwise "within noise". A
+comparison of a commit with itself shows the noise of the machine: under
+load, two rounds of it have read 0.81x and 1.09x.
 """
 
 import argparse
@@ -233,10 +237,19 @@ def with_range(summary, metric):
     return formatted(metric, summary[metric]) + (spread if len(values) > 1 else "")
 
 
-def verdict(ratios):
-    """Whether B differs from A beyond the rounds' noise, from B / A ratios."""
+def relative_range(values):
+    """`(max - min) / median` of one revision's rounds: its own noise."""
+    return (max(values) - min(values)) / statistics.median(values)
+
+
+def verdict(ratio, ratios, values_a, values_b):
+    """Whether B differs from A beyond noise: only when every round's B / A
+    ratio lies more than `TOLERANCE` on one side of 1 and the ratio of the
+    medians differs from 1 by more than either revision's rounds differ
+    among themselves (`relative_range`)."""
     low, high = min(ratios), max(ratios)
-    if low - TOLERANCE <= 1 <= high + TOLERANCE:
+    noise = max(TOLERANCE, relative_range(values_a), relative_range(values_b))
+    if low - TOLERANCE <= 1 <= high + TOLERANCE or abs(ratio - 1) <= noise:
         return "within noise"
     return "B lower" if high < 1 else "B higher"
 
@@ -256,9 +269,10 @@ def comparison_rows(pairs, paired, metric=None):
             ratios = [vb / va for va, vb in zip(*values)]
         else:  # ranges of unpaired runs: every B against every A
             ratios = [vb / va for va in values[0] for vb in values[1]]
+        ratio = b[field] / a[field]
         rows.append([name, field, with_range(a, field), with_range(b, field),
-                     f"{b[field] / a[field]:.3f}x ({min(ratios):.3f}-{max(ratios):.3f})",
-                     verdict(ratios)])
+                     f"{ratio:.3f}x ({min(ratios):.3f}-{max(ratios):.3f})",
+                     verdict(ratio, ratios, *values)])
     return rows
 
 

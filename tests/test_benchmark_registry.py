@@ -101,3 +101,14 @@ def test_keras_remat_path_gives_the_custom_gradient_path_gradients(monkeypatch):
     for causal in (False, True):
         for a, b in zip(results["custom_gradient", causal], results["keras_remat", causal]):
             np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * np.abs(a).max())
+
+
+def test_verdict_needs_a_difference_beyond_each_revisions_own_rounds():
+    # A commit against itself under load (2 rounds, load average 9-11):
+    # both rounds of B above A, yet by less than A's rounds differ.
+    assert run.verdict(1.090, [1.054, 1.133], [3.269, 3.868], [3.703, 4.076]) == "within noise"
+    assert run.verdict(0.959, [0.956, 0.963], [1928, 2018], [1857, 1930]) == "within noise"
+    # Rounds that straddle 1 are noise whatever the medians.
+    assert run.verdict(1.3, [0.99, 1.6], [1.0, 1.01], [1.0, 1.6]) == "within noise"
+    assert run.verdict(1.2, [1.19, 1.21], [1.0, 1.01], [1.19, 1.22]) == "B higher"
+    assert run.verdict(0.8, [0.79, 0.81], [1.0, 1.01], [0.79, 0.82]) == "B lower"
