@@ -348,7 +348,7 @@ def print_pairs(summaries):
     pairs = [(b, summaries[a], summaries[b]) for a, b in registry.PAIRS
              if a in summaries and b in summaries]
     if pairs:
-        print("\nPairs: A = the pair's first configuration, B = its second (named)")
+        print("\nPairs: A = the pair's first configuration, B = its second (named)\n")
         print("\n".join(tables("first", "second", pairs, paired=True)))
 
 
