@@ -73,12 +73,15 @@ def proc_field(path, field, mib=False):
     return int(text.split()[0]) / 1024 if mib and text else text
 
 
+def git(*args, check=False):
+    """The output of `git *args` in the repository; with `check`, a failed
+    command raises `subprocess.CalledProcessError`."""
+    return subprocess.run(["git", *args], cwd=REPOSITORY_DIR, capture_output=True, text=True,
+                          check=check).stdout.strip()
+
+
 def git_commit():
     """The checked-out commit, marked when keras_favor has uncommitted changes."""
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=REPOSITORY_DIR, capture_output=True,
-                              text=True).stdout.strip()
-
     dirty = git("status", "--porcelain", "--", "keras_favor")
     return (git("rev-parse", "--short", "HEAD") or "unknown") + (
         "+uncommitted keras_favor changes" if dirty else "")

@@ -86,19 +86,14 @@ def parse_args(argv=None):
 
 # --------------------------------------------------------------- revisions --
 
-def git(*args):
-    return subprocess.run(["git", *args], cwd=common.REPOSITORY_DIR, capture_output=True,
-                          text=True, check=True).stdout.strip()
-
-
 def revision_label(revision):
     """The short commit of `revision`, or for `worktree` the checked-out
     commit with `-dirty` when keras_favor has uncommitted changes."""
     if revision == WORKTREE:
-        dirty = git("status", "--porcelain", "--", "keras_favor")
-        return git("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else "")
+        dirty = common.git("status", "--porcelain", "--", "keras_favor")
+        return common.git("rev-parse", "--short", "HEAD", check=True) + ("-dirty" if dirty else "")
     try:
-        return git("rev-parse", "--short", f"{revision}^{{commit}}")
+        return common.git("rev-parse", "--short", f"{revision}^{{commit}}", check=True)
     except subprocess.CalledProcessError:
         raise ValueError(f"{revision!r} is not a commit of this repository.") from None
 
