@@ -52,6 +52,7 @@ from benchmarks import common, registry
 
 TOLERANCE = 0.02  # relative, added to the rounds' range in a verdict
 WORKTREE = "worktree"
+QUICK_REPEATS = 3  # timed steps per run at most, with --quick
 
 
 def parse_args(argv=None):
@@ -79,8 +80,6 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.rounds is None:
         args.rounds = 2 if args.quick else 5
-    if args.quick and args.repeats is None:
-        args.repeats = 3
     return args
 
 
@@ -132,7 +131,9 @@ def run_once(name, source, args):
     configuration = registry.get(name)
     parameters = dict(configuration.parameters)
     if args.repeats:
-        parameters["repeats"] = min(args.repeats, parameters["repeats"])
+        parameters["repeats"] = args.repeats
+    elif args.quick:
+        parameters["repeats"] = min(QUICK_REPEATS, parameters["repeats"])
     load = os.getloadavg()[0]
     started = time.perf_counter()
     result = common.run_worker(
