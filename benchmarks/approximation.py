@@ -29,9 +29,9 @@ projections) and `keras_favor.ops.softmax_attention` in float64.
 features in float64: the kernel's own error. The summary checks the paper's
 orderings at every m.
 
-    python benchmarks/approximation.py                 # the full setting
-    python benchmarks/approximation.py --length 512 --samples 3
-    python benchmarks/approximation.py --norm-stds 0.5 1 --norm-features 32
+    python -m benchmarks.approximation                 # the full setting
+    python -m benchmarks.approximation --length 512 --samples 3
+    python -m benchmarks.approximation --norm-stds 0.5 1 --norm-features 32
 """
 
 import itertools
@@ -41,8 +41,8 @@ import statistics
 import numpy as np
 import tensorflow as tf
 
-import common
 import keras_favor
+from benchmarks import common
 
 FEATURE_MAPS = {"positive": "softmax", "trigonometric": "softmax_trig",
                 "favor++": "favor++", "hyperbolic": "softmax_hyperbolic"}

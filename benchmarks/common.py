@@ -73,12 +73,15 @@ def proc_field(path, field, mib=False):
     return int(text.split()[0]) / 1024 if mib and text else text
 
 
+def git(*args, check=False):
+    """The output of `git *args` in the repository; with `check`, a failed
+    command raises `subprocess.CalledProcessError`."""
+    return subprocess.run(["git", *args], cwd=REPOSITORY_DIR, capture_output=True, text=True,
+                          check=check).stdout.strip()
+
+
 def git_commit():
     """The checked-out commit, marked when keras_favor has uncommitted changes."""
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=REPOSITORY_DIR, capture_output=True,
-                              text=True).stdout.strip()
-
     dirty = git("status", "--porcelain", "--", "keras_favor")
     return (git("rev-parse", "--short", "HEAD") or "unknown") + (
         "+uncommitted keras_favor changes" if dirty else "")
@@ -118,10 +121,24 @@ def describe():
 def environment():
     """`describe()`, read in a subprocess so that this process stays free of the
     backend (and of the GPU)."""
-    code = "import json, common; print(json.dumps(common.describe()))"
-    output = subprocess.run([sys.executable, "-c", code], cwd=BENCHMARKS_DIR, capture_output=True,
-                            text=True, check=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    code = "import json; from benchmarks import common; print(json.dumps(common.describe()))"
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, env=worker_env(TF_CPP_MIN_LOG_LEVEL="3"))
     return json.loads(output.stdout.strip().splitlines()[-1])
+
+
+def worker_env(**variables):
+    """This process's environment with `variables`, and with the repository
+    last on `PYTHONPATH`, so that a worker started as `python -m
+    benchmarks.NAME` finds the benchmarks from any working directory (and
+    keras_favor first in that directory or on the caller's `PYTHONPATH`)."""
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths + [REPOSITORY_DIR]), **variables)
+
+
+def module_command(module, *args):
+    """The command that runs `benchmarks.<module>` with `args` in a new interpreter."""
+    return [sys.executable, "-m", f"benchmarks.{module}", *args]
 
 
 def write_environment(path, environment, settings, keep_earlier=False):
@@ -162,13 +179,14 @@ def write_lines(path, lines):
     print("\n".join(lines))
 
 
-def run_worker(command, env, args, address_space_limit=None):
+def run_worker(command, env, args, address_space_limit=None, cwd=None):
     """Runs a benchmark worker under a watchdog and returns its result.
 
     The worker prints `RESULT <json>`. The watchdog kills it when its
     resident memory passes `args.memory_cap_gb`, when the machine has less
     than `args.reserve_gb` left (status `machine_busy`: rerun it), or after
     `args.timeout_s`; `address_space_limit` (bytes) backs it up where given.
+    It runs in the directory `cwd` (this process's by default).
 
     Returns:
         The worker's result dict, or one with `status` (`out_of_memory`,
@@ -176,7 +194,7 @@ def run_worker(command, env, args, address_space_limit=None):
     """
     limit = address_space_limit
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
         preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
         if limit else None)
     deadline, stopped, rss = time.monotonic() + args.timeout_s, None, 0.0

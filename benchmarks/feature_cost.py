@@ -20,14 +20,14 @@ the median over rounds of the same ratio within a round.
 Writes `feature_cost.csv`, `feature_cost.json` (machine, versions,
 settings) and `feature_cost_summary.txt` to `--output-dir`.
 
-    python benchmarks/feature_cost.py                   # L = 8192, 7 rounds
-    python benchmarks/feature_cost.py --length 4096 --rounds 5
+    python -m benchmarks.feature_cost                   # L = 8192, 7 rounds
+    python -m benchmarks.feature_cost --length 4096 --rounds 5
 """
 
 import os
 import statistics
 
-import common
+from benchmarks import common
 
 CONFIGS = {
     "favor+": {"feature_map": "softmax", "projection": "orthogonal"},
@@ -46,19 +46,19 @@ def build_step(config, causal, length, num_features):
     """The compiled training step of `FavorAttention` in `config`, as
     `models.build("layer", "favor", ...)` builds it but for the options."""
     import keras_favor
-    import models
+    from benchmarks import models
 
     shape = (1, length, models.HIDDEN)
     layer = keras_favor.FavorAttention(models.NUM_HEADS, models.KEY_DIM,
                                        num_features=num_features, seed=0, **CONFIGS[config])
     layer.build(shape, shape)
-    forward = lambda x: layer(x, x, use_causal_mask=causal, training=True)  # noqa: E731
+    forward = lambda x: layer(x, x, use_causal_mask=causal, training=True)
     return models.compiled_step(forward, layer.trainable_variables, "forward_backward")
 
 
 def measure(args):
     """The CSV rows: every configuration and mode, timed in alternation."""
-    import models
+    from benchmarks import models
 
     x = models.random_inputs(args.length)
     jobs = [(config, mode) for mode in args.modes for config in args.configs]

@@ -8,13 +8,13 @@ the moving statistic of past training batches), trained beside `favor`
 `feature_quality.csv` and `feature_quality.json` to `--output-dir`
 (`quality.py`'s own files are left alone).
 
-    python benchmarks/feature_quality.py --seeds 0
-    python benchmarks/feature_quality.py --configs favor favor_plus_plus --seeds 0 1
+    python -m benchmarks.feature_quality --seeds 0
+    python -m benchmarks.feature_quality --configs favor favor_plus_plus --seeds 0 1
 """
 
 import os
 
-import quality
+from benchmarks import quality
 
 quality.CONFIGS["favor_plus_plus"] = quality.Config(
     "FAVOR++, the initial projection throughout", {"feature_map": "favor++"})

@@ -9,15 +9,13 @@ FLOPs against the bidirectional step's; and at L = 8192 a floor under each
 step: its products rebuilt and run one after another, alone, and the fewest
 elementwise passes FAVOR+'s features need.
 
-    python benchmarks/flop_bound.py          # after speed_memory.py
+    python -m benchmarks.flop_bound          # after speed_memory.py
 """
 
 import math
 import os
 
-import common
-import models
-import speed_memory
+from benchmarks import common, models, speed_memory
 
 # (rows, inner, columns) of the products timed for the machine's rate: a
 # projection of the benchmark at L = 8192, and a large square product.

@@ -30,15 +30,13 @@ The cache's memory is the bytes of its tensors. Writes `generation.csv`,
 import argparse
 import os
 import statistics
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-import common  # noqa: E402
+from benchmarks import common
 
 MODELS = ("favor", "exact")
 FIELDS = (

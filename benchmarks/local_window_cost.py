@@ -21,14 +21,14 @@ call, `O(w d)` for a step) and stays near 1 where it does not.
 Writes `local_window_cost.csv`, `local_window_cost.json` (machine, versions,
 settings) and `local_window_cost_summary.txt` to `--output-dir`.
 
-    python benchmarks/local_window_cost.py          # w = 8 ... 2048, 15 rounds
-    python benchmarks/local_window_cost.py --windows 8 2048 --rounds 5
+    python -m benchmarks.local_window_cost          # w = 8 ... 2048, 15 rounds
+    python -m benchmarks.local_window_cost --windows 8 2048 --rounds 5
 """
 
 import os
 import statistics
 
-import common
+from benchmarks import common
 
 FIELDS = ("kind", "mode", "window", "length", "num_heads", "key_dim", "num_features",
           "median_s", "min_s", "max_s", "timed_runs", "first_call_s", "ratio",

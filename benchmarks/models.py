@@ -13,7 +13,7 @@ NUM_HEADS, KEY_DIM, NUM_FEATURES = 8, 64, 256
 HIDDEN, INTERMEDIATE, NUM_BLOCKS = NUM_HEADS * KEY_DIM, 2048, 2
 
 
-def build(level, kind, causal, length, chunk_size=None):
+def build(level, kind, causal, length, chunk_size=None, **favor_options):
     """`(model, forward)`: a built model, and the function of `x` that a step runs.
 
     `level="layer"`: `FavorAttention` (`kind="favor"`) or
@@ -21,8 +21,11 @@ def build(level, kind, causal, length, chunk_size=None):
     `"stack"`: `NUM_BLOCKS` pre-norm `PerformerBlock`s with `kind` attention,
     where `"identity"` keeps only the value and output projections, position
     by position: everything but mixing positions, the paper's lower bound.
+    `favor_options` (`recompute_length`...) go to each FAVOR+ attention.
     """
-    shape, options = (1, length, HIDDEN), {} if chunk_size is None else {"chunk_size": chunk_size}
+    shape, options = (1, length, HIDDEN), dict(favor_options)
+    if chunk_size is not None:
+        options["chunk_size"] = chunk_size
     if level == "layer":
         layer = (keras_favor.FavorAttention(NUM_HEADS, KEY_DIM, num_features=NUM_FEATURES, seed=0,
                                             **options) if kind == "favor"

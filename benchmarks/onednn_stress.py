@@ -21,9 +21,9 @@ that finish, raise a Python error, or run past the time limit:
 - `raw_broadcast`: `tf.matmul` of `2x1x40x20 @ 1x1x20x40` (oneDNN#4396).
 - `raw_rank_mismatch`: `tf.matmul` of `13x1x3x4 @ 4x16` (tensorflow#117700).
 
-    python benchmarks/onednn_stress.py                  # 20 runs per kind
-    python benchmarks/onednn_stress.py --runs 5 --kinds favor_causal mha
-    python benchmarks/onednn_stress.py --verbose        # keep the oneDNN
+    python -m benchmarks.onednn_stress                  # 20 runs per kind
+    python -m benchmarks.onednn_stress --runs 5 --kinds favor_causal mha
+    python -m benchmarks.onednn_stress --verbose        # keep the oneDNN
         # primitives (ONEDNN_VERBOSE=1) before each crash in the log
 
 It prints one line per run and a table; `--output FILE` writes the table,
@@ -175,8 +175,6 @@ def child_raw(lhs_shape, rhs_shape, steps):
 
 def child(kind, steps):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    # The installed keras_favor (or one on PYTHONPATH), else this checkout's.
-    sys.path.append(REPOSITORY_DIR)
     if kind == "favor_bidirectional":
         child_favor(False, steps)
     elif kind == "favor_causal":
@@ -230,11 +228,11 @@ def cpu_name():
 def versions():
     output = subprocess.run(
         [sys.executable, "-c",
-         "import os, sys; sys.path.append(sys.argv[1]); import tensorflow as tf, keras, "
-         "keras_favor; print(tf.__version__, keras.__version__, 'keras_favor from', "
-         "os.path.dirname(os.path.dirname(keras_favor.__file__)))", REPOSITORY_DIR],
+         "import os; import tensorflow as tf, keras, keras_favor; "
+         "print(tf.__version__, keras.__version__, 'keras_favor from', "
+         "os.path.dirname(os.path.dirname(keras_favor.__file__)))"],
         capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
-        cwd=BENCHMARKS_DIR,  # the children's first path entry, as for a script
+        cwd=REPOSITORY_DIR,  # the children's first path entry: this checkout
     )
     return output.stdout.strip() or "unknown"
 
@@ -277,7 +275,7 @@ def main():
             start = time.perf_counter()
             try:
                 result = subprocess.run(
-                    [sys.executable, os.path.abspath(__file__), "--child", kind,
+                    [sys.executable, "-m", "benchmarks.onednn_stress", "--child", kind,
                      "--steps", str(args.steps)],
                     capture_output=True, text=True, env=env, cwd=REPOSITORY_DIR,
                     timeout=args.timeout_s,

@@ -48,10 +48,10 @@ its dependencies; the extra lists the few its kernel attention imports):
     ../peers-venv/bin/pip install -e ".[peers]"
     ../peers-venv/bin/pip install --no-deps tf-models-official==2.20.0
 
-    ../peers-venv/bin/python benchmarks/peers.py          # the full sweep
-    ../peers-venv/bin/python benchmarks/peers.py --lengths 1024 4096 \\
+    ../peers-venv/bin/python -m benchmarks.peers          # the full sweep
+    ../peers-venv/bin/python -m benchmarks.peers --lengths 1024 4096 \\
         --implementations keras_favor performer_pytorch --rounds 1
-    ../peers-venv/bin/python benchmarks/peers.py --plot-only
+    ../peers-venv/bin/python -m benchmarks.peers --plot-only
 """
 
 import argparse
@@ -61,9 +61,8 @@ import importlib.util
 import json
 import os
 import statistics
-import sys
 
-import common
+from benchmarks import common
 
 NUM_HEADS, KEY_DIM, NUM_FEATURES = 8, 64, 256
 HIDDEN = NUM_HEADS * KEY_DIM
@@ -216,7 +215,7 @@ def ExactTorchAttention(causal):
                 torch.nn.Linear(HIDDEN, HIDDEN) for _ in range(4))
 
         def forward(self, x):
-            heads = lambda t: t.unflatten(-1, (NUM_HEADS, KEY_DIM)).transpose(1, 2)  # noqa: E731
+            heads = lambda t: t.unflatten(-1, (NUM_HEADS, KEY_DIM)).transpose(1, 2)
             mixed = torch.nn.functional.scaled_dot_product_attention(
                 heads(self.query(x)), heads(self.key(x)), heads(self.value(x)), is_causal=causal)
             return self.output(mixed.transpose(1, 2).flatten(-2))
@@ -249,7 +248,7 @@ def measure(job):
         first, times = common.time_calls(
             step, [x], job["repeats"], warmup=1 if job["length"] < 16384 else 0,
             budget_s=job["budget_s"], min_repeats=min(job["min_repeats"], job["repeats"]))
-    except Exception as error:  # noqa: BLE001 (each framework has its own OOM error)
+    except Exception as error:
         text = getattr(error, "message", None) or str(error)
         if not any(word in type(error).__name__ + text for word in (
                 "ResourceExhausted", "RESOURCE_EXHAUSTED", "OutOfMemory", "not enough memory",
@@ -275,14 +274,13 @@ def run_isolated(args, configuration):
     threads = str(args.threads)
     # OpenMP threads that wait for work by sleeping, not spinning: on a machine
     # shared with other processes spinning made PyTorch's steps up to 50x slower.
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS=threads,
-               MKL_NUM_THREADS=threads, OMP_WAIT_POLICY="PASSIVE")
+    env = common.worker_env(TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS=threads,
+                            MKL_NUM_THREADS=threads, OMP_WAIT_POLICY="PASSIVE")
     env.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     if IMPLEMENTATIONS[configuration["implementation"]][0] == "tf_keras":
         env["TF_USE_LEGACY_KERAS"] = "1"  # Model Garden's layers are tf-keras (Keras 2)
     return common.run_worker(
-        [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job)],
-        env, args, limit)
+        common.module_command("peers", "--worker", json.dumps(job)), env, args, limit)
 
 
 def configurations(args):
@@ -381,7 +379,7 @@ def combine(runs):
             row["load_average"] = round(statistics.mean(float(r["load_average"]) for r in done), 2)
         row["rounds"] = len(done)
         combined.append(row)
-    order = lambda r: (list(IMPLEMENTATIONS).index(r["implementation"]),  # noqa: E731
+    order = lambda r: (list(IMPLEMENTATIONS).index(r["implementation"]),
                        MODES.index(r["mode"]), PASSES.index(r["pass"]), int(r["length"]))
     return sorted(combined, key=order)
 

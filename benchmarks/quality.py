@@ -17,8 +17,8 @@ Writes `quality.csv` (one row per configuration and seed) and `quality.json`
 (machine, versions, settings) to `--output-dir`, and prints the mean over
 seeds of each configuration with its change against `--baseline`.
 
-    python benchmarks/quality.py                        # 1,200 steps, 2 seeds
-    python benchmarks/quality.py --configs favor favor_redraw --seeds 0 1 2
+    python -m benchmarks.quality                        # 1,200 steps, 2 seeds
+    python -m benchmarks.quality --configs favor favor_redraw --seeds 0 1 2
 """
 
 import argparse
@@ -28,20 +28,14 @@ import statistics
 import sys
 import time
 
+import keras
 import numpy as np
+import tensorflow as tf
 
-BENCHMARKS_DIR = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(BENCHMARKS_DIR), "examples"))
-
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-import common  # noqa: E402
-import example_utils  # noqa: E402
-import quickstart  # noqa: E402
-
-import keras_favor  # noqa: E402
-from keras_favor.callbacks import feature_redraw  # noqa: E402
+import keras_favor
+from benchmarks import common
+from examples import corpus, example_utils, quickstart
+from keras_favor.callbacks import feature_redraw
 
 WARMUP_STEPS = 10
 
@@ -118,7 +112,7 @@ class StepRecorder(keras.callbacks.Callback):
 def load_corpus(args):
     """The training and held-out byte tokens: the quickstart's split of the
     standard library by file, the same for every seed."""
-    train_tokens, validation_tokens, num_files = quickstart.load_corpus(
+    train_tokens, validation_tokens, num_files = corpus.load_corpus(
         args.corpus_bytes, args.validation_every, seed=0
     )
     print(
@@ -130,23 +124,23 @@ def load_corpus(args):
 
 def training_data(tokens, seed, args):
     """`args.steps` batches of `(inputs, next tokens)` at random offsets."""
-    windows = quickstart.random_windows(
+    windows = corpus.random_windows(
         tokens, args.steps * args.batch_size, args.context + 1,
         np.random.default_rng([1, seed]),
     )
     return tf.data.Dataset.from_tensor_slices(
-        quickstart.next_token_pairs(windows)
+        corpus.next_token_pairs(windows)
     ).batch(args.batch_size, drop_remainder=True).repeat()
 
 
 def validation_data(tokens, args):
     """The held-out windows, the same for every seed and configuration."""
-    windows = quickstart.random_windows(
+    windows = corpus.random_windows(
         tokens, args.validation_windows, args.context + 1,
         np.random.default_rng([2]),
     )
     return tf.data.Dataset.from_tensor_slices(
-        quickstart.next_token_pairs(windows)
+        corpus.next_token_pairs(windows)
     ).batch(args.batch_size)
 
 

@@ -13,10 +13,10 @@ With `KERAS_BACKEND=jax` the steps are `jax.jit` functions, TensorFlow is
 not imported (a machine without it will do), and the files are
 `speed_memory_jax_cpu.*` or `speed_memory_jax_gpu.*`, with the same columns.
 
-    python benchmarks/speed_memory.py --fresh           # the full sweep
-    python benchmarks/speed_memory.py --levels layer --lengths 1024 8192
-    python benchmarks/speed_memory.py --plot-only       # redraw from the CSV
-    KERAS_BACKEND=jax python benchmarks/speed_memory.py --levels layer stack
+    python -m benchmarks.speed_memory --fresh           # the full sweep
+    python -m benchmarks.speed_memory --levels layer --lengths 1024 8192
+    python -m benchmarks.speed_memory --plot-only       # redraw from the CSV
+    KERAS_BACKEND=jax python -m benchmarks.speed_memory --levels layer stack
 """
 
 import argparse
@@ -26,9 +26,8 @@ import json
 import math
 import os
 import statistics
-import sys
 
-import common
+from benchmarks import common
 
 LEVELS, PASSES = ("layer", "stack"), ("forward", "forward_backward")
 MODES = ("bidirectional", "causal")
@@ -48,13 +47,17 @@ OUT_OF_BUDGET = ("over_time_cap", "out_of_memory", "timeout")  # longer lengths 
 def measure(job):
     """Times one configuration in this process and returns its CSV columns.
 
+    `job` names the level, model, mode, pass, length and chunk size, the
+    timing options, and optionally `favor_options`, more FAVOR+ options
+    (`recompute_length`...).
+
     On the TensorFlow backend the step is a `tf.function` (`models.compiled_step`);
     on another Keras backend (`KERAS_BACKEND=jax`) it is `jax_step`'s, and
     TensorFlow is not imported.
     """
     import keras
 
-    import models
+    from benchmarks import models
 
     tensorflow = keras.backend.backend() == "tensorflow"
     if tensorflow:
@@ -69,7 +72,8 @@ def measure(job):
     x = models.random_inputs(job["length"])
     result = {"baseline_rss_mib": round(common.peak_rss_mib(), 1)}
     model, forward = models.build(job["level"], job["model"], job["mode"] == "causal",
-                                  job["length"], job["chunk_size"] or None)
+                                  job["length"], job["chunk_size"] or None,
+                                  **job.get("favor_options", {}))
     if tensorflow:
         step = models.compiled_step(forward, model.trainable_variables, job["pass"], job["jit"])
     else:
@@ -77,7 +81,7 @@ def measure(job):
     try:
         first, times = common.time_calls(step, [x], job["repeats"], budget_s=job["budget_s"],
                                          min_repeats=min(job["min_repeats"], job["repeats"]))
-    except Exception as error:  # noqa: BLE001 (each backend has its own OOM error)
+    except Exception as error:
         text = getattr(error, "message", None) or str(error)
         if type(error).__name__ != "ResourceExhaustedError" and "RESOURCE_EXHAUSTED" not in text:
             raise
@@ -135,8 +139,8 @@ def run_isolated(args, configuration):
     limit = int((2 * args.memory_cap_gb + 8) * 2**30)
     on_cpu = configuration.get("device") != "gpu"
     return common.run_worker(
-        [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job)],
-        dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), args, limit if on_cpu else None)
+        common.module_command("speed_memory", "--worker", json.dumps(job)),
+        common.worker_env(TF_CPP_MIN_LOG_LEVEL="2"), args, limit if on_cpu else None)
 
 
 def sweep(args, device, csv_path, jit_compile=None):
@@ -145,10 +149,10 @@ def sweep(args, device, csv_path, jit_compile=None):
     Rows of configurations not run stay as they were (`--fresh` drops them).
     `jit_compile`: the column's value when not `--jit` (JAX compiles always).
     """
-    key = lambda row: tuple(str(row[name]) for name in CONFIGURATION)  # noqa: E731
+    key = lambda row: tuple(str(row[name]) for name in CONFIGURATION)
     rows = {} if args.fresh or not os.path.exists(csv_path) else {
         key(row): row for row in read_rows(csv_path)}
-    order = lambda r: (LEVELS.index(r["level"]), r["model"], r["mode"],  # noqa: E731
+    order = lambda r: (LEVELS.index(r["level"]), r["model"], r["mode"],
                        PASSES.index(r["pass"]), int(r["length"]))
     selected = [(level, model, mode, pass_) for level in args.levels
                 for model, mode in MODELS[level] if model in args.models for pass_ in args.passes]

@@ -12,13 +12,9 @@ import sys
 import numpy as np
 import pytest
 
-BENCHMARKS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks")
-sys.path.insert(0, BENCHMARKS_DIR)
+from benchmarks import approximation, flop_bound, models, speed_memory
 
-import approximation  # noqa: E402
-import flop_bound  # noqa: E402
-import models  # noqa: E402
-import speed_memory  # noqa: E402
+REPOSITORY_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def read_csv(path):
@@ -226,11 +222,10 @@ def test_speed_sweep_runs_on_jax_without_tensorflow(tmp_path):
     (hidden / "__init__.py").write_text(
         "raise ImportError('TensorFlow is not installed (hidden by the test)')\n"
     )
-    root = os.path.dirname(BENCHMARKS_DIR)
     env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([str(hidden.parent), root]))
+               PYTHONPATH=os.pathsep.join([str(hidden.parent), REPOSITORY_DIR]))
     process = subprocess.run(
-        [sys.executable, os.path.join(BENCHMARKS_DIR, "speed_memory.py"),
+        [sys.executable, "-m", "benchmarks.speed_memory",
          "--levels", "stack", "--models", "favor", "identity",
          "--passes", "forward_backward", "--lengths", "16",
          "--repeats", "1", "--min-repeats", "1", "--output-dir", str(tmp_path)],
@@ -271,8 +266,8 @@ def test_jax_step_is_the_sum_of_the_gradients(tmp_path):
 
     length, results = 16, {}
     code = (
-        "import json, sys; sys.path.insert(0, {dir!r}); import numpy as np;"
-        "import models, speed_memory;"
+        "import json; import numpy as np;"
+        "from benchmarks import models, speed_memory;"
         "layer, forward = models.build('layer', 'favor', True, {n});"
         "layer.set_weights([np.load({w!r})[str(i)] for i in range(len(layer.weights))]);"
         "x = models.random_inputs({n});"
@@ -287,7 +282,7 @@ def test_jax_step_is_the_sum_of_the_gradients(tmp_path):
     weights = str(tmp_path / "weights.npz")
     np.savez(weights, **{str(i): w for i, w in enumerate(layer.get_weights())})
     process = subprocess.run(
-        [sys.executable, "-c", code.format(dir=BENCHMARKS_DIR, n=length, w=weights)],
+        [sys.executable, "-c", code.format(n=length, w=weights)], cwd=REPOSITORY_DIR,
         env=dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu"),
         capture_output=True, text=True, timeout=300,
     )

@@ -1,13 +1,8 @@
 """Smoke test: benchmarks/feature_cost.py runs end to end at tiny sizes."""
 
 import csv
-import os
-import sys
 
-BENCHMARKS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks")
-sys.path.insert(0, BENCHMARKS_DIR)
-
-import feature_cost  # noqa: E402
+from benchmarks import feature_cost
 
 
 def test_feature_cost_times_every_configuration(tmp_path):

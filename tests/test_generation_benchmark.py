@@ -3,15 +3,8 @@ steps at a tiny size and writes its CSV, JSON and plot."""
 
 import csv
 import json
-import os
-import sys
 
-BENCHMARKS_DIR = os.path.join(
-    os.path.dirname(os.path.dirname(__file__)), "benchmarks"
-)
-sys.path.insert(0, BENCHMARKS_DIR)
-
-import generation  # noqa: E402
+from benchmarks import generation
 
 TINY = [
     "--num-layers", "1", "--hidden-dim", "32", "--num-heads", "2",

@@ -1,13 +1,8 @@
 """Smoke test: benchmarks/local_window_cost.py runs end to end at tiny sizes."""
 
 import csv
-import os
-import sys
 
-BENCHMARKS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks")
-sys.path.insert(0, BENCHMARKS_DIR)
-
-import local_window_cost  # noqa: E402
+from benchmarks import local_window_cost
 
 
 def test_local_window_cost_times_every_window(tmp_path):

@@ -5,13 +5,9 @@ performer-pytorch, Model Garden): their rows must say "not installed".
 """
 
 import csv
-import os
 import sys
 
-BENCHMARKS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks")
-sys.path.insert(0, BENCHMARKS_DIR)
-
-import peers  # noqa: E402
+from benchmarks import peers
 
 
 def read_csv(path):
@@ -63,7 +59,7 @@ def test_longer_lengths_are_skipped_by_the_estimated_step_time():
     measured_at = {("keras_favor", "causal", "forward"): (4096, 1.0),
                    ("keras_mha", "causal", "forward"): (4096, 1.0)}
     stops = {("performer_pytorch", "causal", "forward"): 2048}
-    reason = lambda name, length: peers.skip_reason(  # noqa: E731
+    reason = lambda name, length: peers.skip_reason(
         args, stops, measured_at, name, "causal", "forward", length)
     # Linear attention grows as L: 1 s at 4096 is 4 s at 16384, 16 s at 65536.
     assert reason("keras_favor", 16384) is None

@@ -4,17 +4,10 @@ at a tiny size and writes its CSV, JSON and table."""
 import csv
 import json
 import math
-import os
-import sys
 
 import pytest
 
-BENCHMARKS_DIR = os.path.join(
-    os.path.dirname(os.path.dirname(__file__)), "benchmarks"
-)
-sys.path.insert(0, BENCHMARKS_DIR)
-
-import quality  # noqa: E402
+from benchmarks import quality
 
 TINY = [
     "--steps", "6", "--epochs", "2", "--seeds", "0", "--context", "16",
