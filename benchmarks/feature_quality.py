@@ -1,4 +1,4 @@
-"""Quality of FAVOR++ against FAVOR+ in the quickstart language model.
+"""Quality of FAVOR++ against FAVOR+ in the long-context language model.
 
 `benchmarks/quality.py`'s run (the same corpus, model, batches, validation
 windows and flags) with one more configuration, `favor_plus_plus`

@@ -1,12 +1,12 @@
-"""Quality and speed of the quickstart language model, by configuration.
+"""Quality and speed of the long-context language model, by configuration.
 
-The byte-level language model of `examples/quickstart.py` (the standard
+The byte-level language model of `examples/long_context_lm.py` (the standard
 library's source, held-out files for validation, AdamW, the loss
 `keras_favor.models.language_model_loss()`), built by
 `keras_favor.build_performer`, is trained once per configuration of CONFIGS
 and seed: for a seed every configuration starts from the same weights and
 sees the same batches, and all are evaluated on the same held-out windows.
-The steps are split over `--epochs` epochs of `fit`, as in the quickstart.
+The steps are split over `--epochs` epochs of `fit`, as in examples/long_context_lm.py.
 
 `ms_per_step` is the median wall time between the ends of consecutive
 training batches, after the first `WARMUP_STEPS` (tracing); `train_s` is the
@@ -34,7 +34,7 @@ import tensorflow as tf
 
 import keras_favor
 from benchmarks import common
-from examples import corpus, example_utils, quickstart
+from examples import corpus, example_utils, long_context_lm
 from keras_favor.callbacks import feature_redraw
 
 WARMUP_STEPS = 10
@@ -110,7 +110,7 @@ class StepRecorder(keras.callbacks.Callback):
 
 
 def load_corpus(args):
-    """The training and held-out byte tokens: the quickstart's split of the
+    """The training and held-out byte tokens: the long-context example's split of the
     standard library by file, the same for every seed."""
     train_tokens, validation_tokens, num_files = corpus.load_corpus(
         args.corpus_bytes, args.validation_every, seed=0
@@ -151,12 +151,12 @@ def build(config, seed, args):
     model = example_utils.build_model(
         argparse.Namespace(**vars(args), seed=seed, dropout=0.0),
         attention,
-        vocabulary_size=quickstart.VOCABULARY_SIZE,
+        vocabulary_size=corpus.VOCABULARY_SIZE,
         max_length=args.context,
         task="language_model",
         **build_kwargs,
     )
-    quickstart.compile_model(model, args)
+    long_context_lm.compile_model(model, args)
     return model
 
 
