@@ -147,25 +147,31 @@ def batch_size(value, name="batch_size"):
     return positive_int(value, name)
 
 
-def check_cache_shapes(cache, shapes, inputs_name, maker):
+def check_cache_shapes(
+    cache, shapes, inputs_name, maker, argument="cache", names=None
+):
     """A `ValueError` naming the argument unless `cache` is a tuple of
     tensors of `shapes` (`None` entries match any size); `inputs_name` is
     the call argument whose batch the shapes carry, `maker` the call that
-    makes such a cache."""
+    makes such a cache, `argument` the name of `cache` in the call, and
+    `names` (optional) the names of its tensors."""
     if not isinstance(cache, (tuple, list)) or len(cache) != len(shapes):
         count = len(cache) if isinstance(cache, (tuple, list)) else 1
         raise ValueError(
-            f"`cache` must be the tuple of {len(shapes)} tensors that "
-            f"`{maker}` returns (or a call with a cache returned). "
-            f"Received: cache={type(cache).__name__} of {count}"
+            f"`{argument}` must be the tuple of {len(shapes)} tensors that "
+            f"`{maker}` returns, or that a call given one returned. "
+            f"Received: {argument}={type(cache).__name__} of {count}"
         )
     for index, (tensor, shape) in enumerate(zip(cache, shapes)):
         got = tuple(tensor.shape)
         if len(got) != len(shape) or any(
             None not in (g, e) and g != e for g, e in zip(got, shape)
         ):
+            name = f"`{argument}[{index}]`"
+            if names is not None:
+                name += f" ({names[index]})"
             raise ValueError(
-                f"`cache[{index}]` must have shape {tuple(shape)} (the batch "
-                f"size of `{inputs_name}`), as `{maker}` makes it for this "
-                f"layer. Received: cache[{index}].shape={got}"
+                f"{name} must have shape {tuple(shape)} (the batch size of "
+                f"`{inputs_name}`), as `{maker}` makes it for these inputs. "
+                f"Received: {argument}[{index}].shape={got}"
             )

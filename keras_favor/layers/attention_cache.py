@@ -3,9 +3,8 @@
 
 import math
 
-from keras_favor import ops as favor_ops
+from keras_favor.ops import causal_state
 from keras_favor.validation import batch_size as validation_batch_size
-from keras_favor.validation import check_cache_shapes
 from keras_favor.validation import is_int
 from keras_favor.validation import positive_int
 
@@ -32,55 +31,57 @@ def check_causal_self_attention(query, value, key, use_causal_mask):
 
 
 def _sizes(layer):
+    """`layer`'s number of features and value size."""
     features = layer.feature_map.feature_dim(layer.num_features, layer.key_dim)
     return features, layer.value_dim or layer.key_dim
 
 
 def empty_favor_state(layer, batch_size, max_length=None):
     """`FavorAttention.empty_cache`: `layer`'s causal state of `batch_size`
-    sequences before any key; with a local window, keeping `min(w,
-    max_length)` keys."""
+    sequences before any key, as a plain tuple; with a local window,
+    keeping `min(w, max_length)` keys."""
     batch_size = validation_batch_size(batch_size)
     max_length = positive_int(max_length, "max_length", allow_none=True)
     features, value_dim = _sizes(layer)
     if layer.local_window:
-        return favor_ops.empty_local_window_state(
+        state = causal_state.empty_local_window_state(
             batch_size, layer.num_heads, features, layer.key_dim, value_dim,
             min(layer.local_window, max_length or math.inf),
         )
-    return favor_ops.empty_causal_state(
-        batch_size, layer.num_heads, features, value_dim
-    )
+    else:
+        state = causal_state.empty_causal_state(
+            batch_size, layer.num_heads, features, value_dim
+        )
+    return tuple(state)
 
 
 def check_favor_state(layer, query, cache, cache_update_index=None):
     """A `ValueError` naming the tensor unless `cache` has the shapes of
     `layer.empty_cache` for `query`'s batch size (and the positions fit a
     window cache made for fewer than the window's)."""
-    batch = query.shape[0]
-    heads = (batch, layer.num_heads)
-    features, value_dim = _sizes(layer)
-    shapes = [
-        heads + (features, value_dim), heads + (features,),
-        heads + (features,),
-    ]
+    sizes = (query.shape[0], layer.num_heads, *_sizes(layer))
     if layer.local_window:
         # Any number of kept keys up to the window (`max_length`), checked
         # by `_check_window_slots`.
-        shapes += [
-            heads + (None, layer.key_dim), heads + (None, value_dim),
-            (batch, 1, None),
-        ]
-    check_cache_shapes(cache, shapes, "query", "empty_cache(batch_size)")
+        shapes = causal_state.LocalWindowState.shapes(
+            *sizes[:3], layer.key_dim, sizes[3], None
+        )
+    else:
+        shapes = causal_state.CausalState.shapes(*sizes)
+    causal_state.check_state(
+        cache, shapes, "cache", "empty_cache(batch_size)"
+    )
     if layer.local_window:
-        _check_window_slots(layer.local_window, cache, query, cache_update_index)
+        _check_window_slots(
+            layer.local_window, cache, query, cache_update_index
+        )
 
 
 def _check_window_slots(window, cache, query, cache_update_index):
     """A window cache keeps at most `window` keys, and one of fewer keys
     (`empty_cache`'s `max_length`) serves that many positions: a key pushed
     out of it before it is `window` positions old would be lost."""
-    slots = cache[3].shape[2]
+    slots = causal_state.LocalWindowState(*cache).window_keys.shape[2]
     if slots is None or slots == window:
         return
     if slots > window:

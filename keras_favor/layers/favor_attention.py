@@ -347,12 +347,12 @@ class FavorAttention(keras.layers.Layer):
                 `cache_update_index` is an int. Ignored without a window.
 
         Returns:
-            A tuple of float32 tensors whose sizes do not depend on the
-            position: the running sums `phi(K)^T V` `(B, H, F, Dv)` and
-            `phi(K)^T 1` `(B, H, F)`, scaled by `exp(-level)`, and the
-            stabilizer levels `(B, H, F)`; with a `local_window` `w`, also
-            the last `n = min(w, max_length)` keys `(B, H, n, Dk)`, values
-            `(B, H, n, Dv)` and their mask `(B, 1, n)`.
+            A plain tuple of tensors (the floating ones float32) whose
+            sizes do not depend on the position: those of
+            `keras_favor.ops.CausalState`, the running sums and their
+            stabilizer levels; with a `local_window` `w`, those of
+            `keras_favor.ops.LocalWindowState`, which also keeps the last
+            `min(w, max_length)` keys and values.
         """
         dense_sublayers.check_built(self, "empty_cache()")
         return attention_cache.empty_favor_state(self, batch_size, max_length)

@@ -5,19 +5,25 @@ linear-time kernels; `local_window_attention` mixes exact softmax attention
 over nearby keys with them, under one normalizer; `naive_linear_attention` computes the same thing through
 the quadratic score matrix, and `softmax_attention` is exact softmax
 attention, both as references for tests and measurements.
+`CausalState` and `LocalWindowState` are the states the causal kernels
+carry from one piece of a sequence to the next (`causal_state`).
 """
 
 from keras_favor.ops.bidirectional_attention import (
     bidirectional_linear_attention,
 )
 from keras_favor.ops.causal_attention import causal_linear_attention
-from keras_favor.ops.causal_attention import empty_causal_state
-from keras_favor.ops.local_window import empty_local_window_state
+from keras_favor.ops.causal_state import CausalState
+from keras_favor.ops.causal_state import LocalWindowState
+from keras_favor.ops.causal_state import empty_causal_state
+from keras_favor.ops.causal_state import empty_local_window_state
 from keras_favor.ops.local_window import local_window_attention
 from keras_favor.ops.naive import naive_linear_attention
 from keras_favor.ops.naive import softmax_attention
 
 __all__ = [
+    "CausalState",
+    "LocalWindowState",
     "bidirectional_linear_attention",
     "causal_linear_attention",
     "empty_causal_state",

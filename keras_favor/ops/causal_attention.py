@@ -1,215 +1,36 @@
-"""Causal linear attention in chunks, with its recurrent state in and out."""
+"""Causal linear attention with its recurrent state in and out: a
+dispatcher over its kernels.
+
+- no position: no outputs, the state as it is;
+- one position (decoding): the recurrent step (`one_position_step`);
+- otherwise groups of positions, one after another, each recomputed in the
+  backward pass (`grouped_recompute`), each by the chunked kernel with one
+  stabilizer level per key (`causal_chunks`), and again with one level per
+  feature (`log_domain_causal`) where that loses a query's normalizer.
+
+The state they carry is a `causal_state.CausalState`.
+"""
+
+import functools
 
 from keras import ops
 
+from keras_favor.ops import causal_state
 from keras_favor.ops import stabilizers
 from keras_favor.ops.bidirectional_attention import RECOMPUTE_LENGTH
+from keras_favor.ops.causal_chunks import one_level_causal_attention
 from keras_favor.ops.chunk_scan import PREFIX_BLOCK
-from keras_favor.ops.chunk_scan import earlier_or_same
-from keras_favor.ops.chunk_scan import inherited_states
-from keras_favor.ops.chunk_scan import merge_chunks
 from keras_favor.ops.chunk_scan import pad_positions
-from keras_favor.ops.chunk_scan import running_max
-from keras_favor.ops.chunk_scan import split_chunks
 from keras_favor.ops.feature_dropout import group_seed
-from keras_favor.ops.feature_dropout import numerator_key_features
 from keras_favor.ops.grouped_recompute import position_groups
 from keras_favor.ops.grouped_recompute import run_in_groups
 from keras_favor.ops.log_domain_causal import log_domain_causal_attention
 from keras_favor.ops.one_position_step import one_position_attention
-from keras_favor.ops.products import matmul_transposed_a
-from keras_favor.ops.products import matmul_transposed_b
-
-
-def empty_causal_state(
-    batch_size, num_heads, num_features, value_dim, dtype="float32"
-):
-    """The causal state before any key: zero sums at no level.
-
-    Returns:
-        `(key_values, key_sum, level)` of shapes `(B, H, F, D)`, `(B, H, F)`
-        and `(B, H, F)`, as `causal_linear_attention` takes and returns it.
-    """
-    return (
-        ops.zeros((batch_size, num_heads, num_features, value_dim), dtype),
-        ops.zeros((batch_size, num_heads, num_features), dtype),
-        ops.full(
-            (batch_size, num_heads, num_features), stabilizers.NO_KEY_LEVEL,
-            dtype,
-        ),
-    )
-
-
-def _one_level_state(state):
-    """A state with a level per feature at the largest of them, `(B, H)`."""
-    key_values, key_sum, level = state
-    top = ops.max(level, axis=-1)
-    to_top = ops.exp(level - top[..., None])
-    return key_values * to_top[..., None], key_sum * to_top, top
-
-
-def _per_feature_state(state):
-    """A state with one level, `(B, H)`, as one level per feature."""
-    key_values, key_sum, level = state
-    return key_values, key_sum, level[..., None] + ops.zeros_like(key_sum)
-
-
-def _causal_key_features(values, log_scale, mask, initial_level, chunk_size):
-    """Key features shifted by the running max of the keys seen so far.
-
-    Key `s` is scaled by `exp(-max(initial_level, max_{s' <= s} level_s'))`,
-    so no key is scaled by anything it has not seen (docs/numerics.md,
-    section 5).
-
-    Returns:
-        `(features, levels, log_features)`: features `(B, H, S, F)`, the
-        running max `(B, H, S)` used as each key's shift, and the features'
-        logarithm where they are purely exponential (`values is None`),
-        else None.
-    """
-    if log_scale is None:
-        features = stabilizers.shifted_key_features(values, None, None, mask)
-        return features, ops.zeros(ops.shape(features)[:-1]), None
-    levels = running_max(
-        stabilizers.row_log_level(log_scale, mask), chunk_size, initial_level
-    )
-    exponent = stabilizers.key_exponent(log_scale, levels[..., None], mask)
-    log_features = exponent if values is None else None
-    return (
-        stabilizers.exp_times_values(values, exponent),
-        levels,
-        log_features,
-    )
-
-
-def _causal_chunks(
-    query_parts, key_feats, key_sum_feats, log_key_feats, levels, value,
-    chunk_size, state, prefix_block,
-):
-    """Chunked causal attention over whole chunks, from a carried state.
-
-    Inside a chunk of `C` positions the masked `C x C` product is formed;
-    across chunks the prefix sums of `K'^T V` and `K'^T 1` come from
-    `inherited_states`.
-
-    Args:
-        query_parts: `(values, log_scale)` of the queries.
-        key_feats: `(B, H, L, F)` key features for the numerator.
-        key_sum_feats: key features for the normalizer (differs from
-            `key_feats` only under feature dropout).
-        log_key_feats: `log(key_sum_feats)` where the features are purely
-            exponential, else None.
-        levels: `(B, H, L)` running max each key was shifted by.
-        value: `(B, H, L, D)`.
-        chunk_size: int.
-        state: the carried `(key_values, key_sum, level)`.
-        prefix_block: int, chunks per block of the prefix scan.
-
-    Returns:
-        `(parts, state)`: the `attention_parts` of the queries and the state
-        after the last key.
-    """
-    k, v, k_sum, levels = (
-        split_chunks(x, chunk_size)
-        for x in (key_feats, value, key_sum_feats, levels)
-    )
-
-    # Each chunk's sums, scaled to the level at its last position. The
-    # per-key scale goes on the narrower factor, v, not on k.
-    chunk_level = levels[..., -1]
-    to_chunk_end = ops.exp(levels - chunk_level[..., None])[..., None]
-    chunk_kv = matmul_transposed_a(k, v * to_chunk_end)
-    chunk_sum = matmul_transposed_a(k_sum, to_chunk_end)[..., 0]
-    kv, key_sum, level, final_state = inherited_states(
-        chunk_kv, chunk_sum, chunk_level, state, prefix_block
-    )
-    # The inherited sums rescaled to each position's own level (<= 1).
-    inherited = ops.exp(level[..., None] - levels)
-
-    # What query t surely sees: the inherited sum and its own key.
-    key_sum_log_bounds = [
-        (
-            stabilizers.log_key_sum(key_sum)[:, :, :, None],
-            level[..., None] - levels,
-        )
-    ]
-    if log_key_feats is not None:
-        key_sum_log_bounds.append(
-            (split_chunks(log_key_feats, chunk_size), None)
-        )
-    q, query_shift = stabilizers.query_features(
-        *(
-            None if x is None else split_chunks(x, chunk_size)
-            for x in query_parts
-        ),
-        key_sum_log_bounds,
-        return_shift=True,
-    )
-
-    # Inside a chunk, query t sees key s <= t at relative scale
-    # exp(level_s - level_t) <= 1.
-    relative = levels[..., None, :] - levels[..., :, None]
-    decay = ops.exp(
-        ops.where(earlier_or_same(chunk_size), relative, stabilizers.NO_KEY_LEVEL)
-    )
-    scores = matmul_transposed_b(q, k) * decay
-    numerator = ops.matmul(scores, v)
-    if key_sum_feats is not key_feats:
-        scores = matmul_transposed_b(q, k_sum) * decay
-    denominator = ops.sum(scores, axis=-1)
-
-    numerator += ops.matmul(q, kv) * inherited[..., None]
-    denominator += ops.einsum("bhntf,bhnf->bhnt", q, key_sum) * inherited
-    # Every product reached query t times exp(-(query shift + level_t)).
-    parts = (numerator, denominator, query_shift + levels)
-    return [merge_chunks(x) for x in parts], final_state
 
 
 def attention_parts_outputs(parts):
     """`numerator / denominator` of `(numerator, denominator, shift)`."""
     return stabilizers.normalize(parts[0], parts[1])
-
-
-def _loses_a_normalizer(levels, denominator):
-    """Whether a query that sees a key got a normalizer below
-    `SAFE_NORMALIZER`, where the one-level algorithm may have lost terms."""
-    sees_a_key = levels > 0.5 * stabilizers.NO_KEY_LEVEL
-    return ops.any(
-        ops.logical_and(
-            sees_a_key, denominator < stabilizers.SAFE_NORMALIZER
-        )
-    )
-
-
-def _has_feature_levels(parts, num_features):
-    """Whether the feature parts have a log-scale per feature."""
-    log_scale = parts[1]
-    return log_scale is not None and log_scale.shape[-1] == num_features
-
-
-def _check_state(state, query, value, num_features):
-    if len(state) != 3:
-        raise ValueError(
-            "`initial_state` must be a `(key_values, key_sum, level)` tuple, "
-            f"as `causal_linear_attention` returns it. Received {len(state)} "
-            "tensors."
-        )
-    batch_heads = tuple(query.shape[:2])
-    expected = (
-        batch_heads + (num_features, value.shape[-1]),
-        batch_heads + (num_features,),
-        batch_heads + (num_features,),
-    )
-    for name, tensor, shape in zip(
-        ("key_values", "key_sum", "level"), state, expected
-    ):
-        if len(tensor.shape) != len(shape) or any(
-            None not in (a, b) and a != b for a, b in zip(tensor.shape, shape)
-        ):
-            raise ValueError(
-                f"`initial_state`'s {name} must have shape {shape} for these "
-                f"inputs. Received: {name}.shape={tuple(tensor.shape)}"
-            )
 
 
 def causal_linear_attention(
@@ -227,10 +48,8 @@ def causal_linear_attention(
     state, with the activations of every group but the last recomputed in
     the backward pass instead of stored.
 
-    The state after the last key, `(key_values, key_sum, level)`, holds the
-    running sums `phi(K)^T V` `(B, H, F, D)` and `phi(K)^T 1` `(B, H, F)`,
-    each feature scaled by `exp(-level_f)`, and the running stabilizer
-    levels `(B, H, F)`.
+    The state after the last key is a `CausalState` (`causal_state`): the
+    running sums `phi(K)^T V` and `phi(K)^T 1` and their stabilizer levels.
     A sequence run in pieces, each piece given the state the previous one
     returned, gives the outputs (and gradients) of the whole sequence run
     at once; a piece of one position (without dropout) is the recurrent
@@ -257,9 +76,9 @@ def causal_linear_attention(
         dropout_seed: `(2,)` int stateless seed, when `dropout_rate > 0`.
         query_feature_fn: the queries' `feature_fn`; defaults to
             `feature_fn`.
-        initial_state: the state before position 0, as returned with
-            `return_state=True`, or None for no key yet
-            (`empty_causal_state`).
+        initial_state: the `CausalState` before position 0 (or a tuple of
+            its tensors), as returned with `return_state=True`, or None for
+            no key yet (`empty_causal_state`).
         return_state: bool, whether to return the state after the last key.
         recompute_length: int, positions per group recomputed in the
             backward pass (rounded down to whole chunks).
@@ -273,35 +92,81 @@ def causal_linear_attention(
 
     Returns:
         `(B, H, L, D)` float32 outputs (or their parts), and with
-        `return_state=True` the tuple `(outputs, state)`.
+        `return_state=True` the tuple `(outputs, state)`, `state` a
+        `CausalState`.
     """
-    query_feature_fn = query_feature_fn or feature_fn
     if prefix_block < 2:
         raise ValueError(
             f"`prefix_block` must be at least 2. Received: {prefix_block}"
         )
-    if initial_state is None:
-        batch, heads = ops.shape(query)[:2]
-        initial_state = empty_causal_state(
-            batch, heads, num_features, ops.shape(value)[-1], value.dtype
-        )
-    else:
-        _check_state(initial_state, query, value, num_features)
+    feature_fns = (feature_fn, query_feature_fn or feature_fn)
+    state = _initial_state(initial_state, query, value, num_features)
     length = query.shape[2]
     if length == 0:
-        outputs = ops.zeros(ops.shape(query)[:3] + ops.shape(value)[3:])
-        if not normalized:
-            no_key = ops.full(ops.shape(query)[:3], stabilizers.NO_KEY_LEVEL)
-            outputs = (outputs, ops.zeros_like(no_key), no_key)
-        return (outputs, tuple(initial_state)) if return_state else outputs
-    if length == 1 and not dropout_rate:
-        # One new position (decoding): the recurrent step.
+        outputs = _no_positions(query, value, normalized)
+    elif length == 1 and not dropout_rate:
         parts, state = one_position_attention(
-            query_feature_fn(query), feature_fn(key), value, mask,
-            [ops.cast(x, value.dtype) for x in initial_state],
+            feature_fns[1](query), feature_fns[0](key), value, mask, state
         )
-        outputs = attention_parts_outputs(parts) if normalized else parts
-        return (outputs, tuple(state)) if return_state else outputs
+        outputs = _outputs(parts, normalized)
+    else:
+        outputs, state = _in_groups(
+            query, key, value, mask, state, recompute_length, chunk_size,
+            return_state,
+            functools.partial(
+                _group_attention, feature_fns=feature_fns,
+                num_features=num_features, dropout_rate=dropout_rate,
+                dropout_seed=dropout_seed, prefix_block=prefix_block,
+                normalized=normalized,
+            ),
+        )
+    if return_state:
+        return outputs, causal_state.CausalState(*state)
+    return outputs
+
+
+def _initial_state(initial_state, query, value, num_features):
+    """The checked `initial_state` in `value`'s dtype, or the empty state."""
+    if initial_state is None:
+        batch, heads = ops.shape(query)[:2]
+        return causal_state.empty_causal_state(
+            batch, heads, num_features, ops.shape(value)[-1], value.dtype
+        )
+    causal_state.check_state(
+        initial_state,
+        causal_state.CausalState.shapes(
+            *query.shape[:2], num_features, value.shape[-1]
+        ),
+        "initial_state", "causal_linear_attention(..., return_state=True)",
+    )
+    return causal_state.CausalState(
+        *(ops.cast(x, value.dtype) for x in initial_state)
+    )
+
+
+def _outputs(parts, normalized):
+    """The normalized outputs of attention parts, or the parts."""
+    return attention_parts_outputs(parts) if normalized else tuple(parts)
+
+
+def _no_positions(query, value, normalized):
+    """The outputs (or parts) of no position: `(B, H, 0, D)`."""
+    outputs = ops.zeros(ops.shape(query)[:3] + ops.shape(value)[3:])
+    if normalized:
+        return outputs
+    no_key = ops.full(ops.shape(query)[:3], stabilizers.NO_KEY_LEVEL)
+    return outputs, ops.zeros_like(no_key), no_key
+
+
+def _in_groups(
+    query, key, value, mask, state, recompute_length, chunk_size,
+    return_state, group_attention,
+):
+    """Positions padded to whole chunks and run in groups of at most
+    `recompute_length`, each from the state the one before left
+    (`group_attention`); the outputs of the real positions and the state
+    after the last group."""
+    length = query.shape[2]
     if length is None:
         length = ops.shape(query)[2]
     else:
@@ -317,64 +182,105 @@ def causal_linear_attention(
         length if isinstance(length, int) else None, recompute_length,
         multiple=chunk_size,
     )
-
-    def group(index, inputs, shared, state):
-        query, key, value, mask = inputs
-        key_parts = feature_fn(key)
-        query_parts = query_feature_fn(query)
-        one_level = _one_level_state(state)
-        key_feats, levels, log_key_feats = _causal_key_features(
-            *key_parts, mask, one_level[2], chunk_size
-        )
-        seed = group_seed(dropout_seed, index, len(groups))
-        dropped = numerator_key_features(key_feats, dropout_rate, seed)
-        parts, one_level = _causal_chunks(
-            query_parts, dropped, key_feats, log_key_feats, levels, value,
-            chunk_size, one_level, prefix_block,
-        )
-        outputs = [attention_parts_outputs(parts)] if normalized else parts
-        state_after = list(_per_feature_state(one_level))
-        if not all(
-            _has_feature_levels(parts, num_features)
-            for parts in (query_parts, key_parts)
-        ):
-            return outputs, state_after
-        # Only what is used goes through the branch, so that an unused
-        # final state is not computed.
-        used = len(outputs) + len(state_after) * (
-            return_state or index < len(groups) - 1
-        )
-
-        def per_feature_levels():
-            parts, state_after = log_domain_causal_attention(
-                query_parts, key_parts, value, mask, state, dropout_rate,
-                seed, prefix_block,
-            )
-            if normalized:
-                parts = [attention_parts_outputs(parts)]
-            return [*parts, *state_after][:used]
-
-        results = ops.cond(
-            _loses_a_normalizer(levels, parts[1]),
-            per_feature_levels,
-            lambda: [*outputs, *state_after][:used],
-        )
-        count = len(outputs)
-        return list(results[:count]), list(results[count:]) or state_after
-
     outputs, state = run_in_groups(
-        group,
+        functools.partial(
+            group_attention, chunk_size=chunk_size, num_groups=len(groups),
+            return_state=return_state,
+        ),
         [
             [x if x is None else x[:, :, s] for x in (query, key, value, mask)]
             for s in groups
         ],
-        carry=[ops.cast(x, value.dtype) for x in initial_state],
+        carry=list(state),
     )
     outputs = [
         ops.concatenate(list(pieces), axis=2)[:, :, :length]
         for pieces in zip(*outputs)
     ]
-    outputs = outputs[0] if normalized else tuple(outputs)
-    if return_state:
-        return outputs, tuple(state)
-    return outputs
+    return outputs[0] if len(outputs) == 1 else tuple(outputs), state
+
+
+def _group_attention(
+    index, inputs, shared, state, feature_fns, num_features, chunk_size,
+    dropout_rate, dropout_seed, prefix_block, normalized, num_groups,
+    return_state,
+):
+    """One group of positions, as `run_in_groups` calls it: the one-level
+    kernel, and the per-feature one where it may have lost a normalizer.
+
+    Returns:
+        `(outputs, state)`: the list of the outputs (or the parts), and the
+        list of the state's tensors after the group.
+    """
+    query, key, value, mask = inputs
+    key_parts, query_parts = feature_fns[0](key), feature_fns[1](query)
+    state = causal_state.CausalState(*state)
+    seed = group_seed(dropout_seed, index, num_groups)
+    parts, state_after = one_level_causal_attention(
+        query_parts, key_parts, value, mask, state, chunk_size,
+        dropout_rate, seed, prefix_block,
+    )
+    outputs = _as_list(_outputs(parts, normalized))
+    if not all(
+        _has_feature_levels(parts, num_features)
+        for parts in (query_parts, key_parts)
+    ):
+        return outputs, list(state_after)
+
+    def per_feature_levels():
+        return log_domain_causal_attention(
+            query_parts, key_parts, value, mask, state, dropout_rate, seed,
+            prefix_block,
+        )
+
+    # Only what is used goes through the branch, so that an unused final
+    # state is not computed.
+    keep_state = return_state or index < num_groups - 1
+    return _per_feature_where_needed(
+        parts, outputs, list(state_after), per_feature_levels, normalized,
+        keep_state,
+    )
+
+
+def _per_feature_where_needed(
+    parts, outputs, state_after, per_feature_levels, normalized, keep_state
+):
+    """The one-level results, or those of `per_feature_levels()` where a
+    query that sees a key got a normalizer below `SAFE_NORMALIZER`, which
+    the one-level algorithm may have lost terms of. Returns `(outputs,
+    state_after)` as lists; the state only where `keep_state`."""
+    used = len(outputs) + len(state_after) * keep_state
+
+    def recomputed():
+        parts, state = per_feature_levels()
+        return [*_as_list(_outputs(parts, normalized)), *state][:used]
+
+    results = ops.cond(
+        _loses_a_normalizer(parts[2], parts[1]),
+        recomputed,
+        lambda: [*outputs, *state_after][:used],
+    )
+    count = len(outputs)
+    return list(results[:count]), list(results[count:]) or state_after
+
+
+def _as_list(outputs):
+    """Normalized outputs, or parts, as a list of tensors."""
+    return list(outputs) if isinstance(outputs, tuple) else [outputs]
+
+
+def _loses_a_normalizer(shift, denominator):
+    """Whether a query that sees a key (its shift above about
+    `NO_KEY_LEVEL`) got a normalizer below `SAFE_NORMALIZER`."""
+    sees_a_key = shift > 0.5 * stabilizers.NO_KEY_LEVEL
+    return ops.any(
+        ops.logical_and(
+            sees_a_key, denominator < stabilizers.SAFE_NORMALIZER
+        )
+    )
+
+
+def _has_feature_levels(parts, num_features):
+    """Whether the feature parts have a log-scale per feature."""
+    log_scale = parts[1]
+    return log_scale is not None and log_scale.shape[-1] == num_features

@@ -207,7 +207,8 @@ def inherited_states(
         chunk_kv: `(B, H, n, F, D)` each chunk's `K'^T V` at its own level.
         chunk_sum: `(B, H, n, F)` each chunk's `K'^T 1` at its own level.
         chunk_level: `(B, H, n)` the running max at each chunk's end.
-        state: the carried `(key_values, key_sum, level)` before chunk 0.
+        state: the carried `CausalState` before chunk 0, with one level
+            per row (`causal_state.one_level`): `(B, H)`.
         prefix_block: int, chunks per block of the scan.
 
     Returns:

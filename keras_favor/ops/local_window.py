@@ -22,9 +22,9 @@ attention at its cost, and a cached step attends to the `w` keys it keeps,
 
 from keras import ops
 
+from keras_favor.ops import causal_state
 from keras_favor.ops import stabilizers
 from keras_favor.ops.causal_attention import causal_linear_attention
-from keras_favor.ops.causal_attention import empty_causal_state
 from keras_favor.ops.exact_window import banded_window_parts
 from keras_favor.ops.exact_window import dense_window_parts
 from keras_favor.ops.exact_window import window_attention_parts
@@ -67,50 +67,26 @@ def _all_keys(mask, query):
     return mask
 
 
-def empty_local_window_state(
-    batch_size, num_heads, num_features, key_dim, value_dim, window,
-    dtype="float32",
-):
-    """The causal local-window state before any key.
-
-    Returns:
-        `(key_values, key_sum, level, window_keys, window_values,
-        window_mask)`: the state of `empty_causal_state` for the keys that
-        have left the window, then the last `window` keys `(B, H, w, d)`,
-        values `(B, H, w, D)` and their validity `(B, 1, w)` (False: none
-        yet).
-    """
-    return (
-        *empty_causal_state(
-            batch_size, num_heads, num_features, value_dim, dtype
-        ),
-        ops.zeros((batch_size, num_heads, window, key_dim), dtype),
-        ops.zeros((batch_size, num_heads, window, value_dim), dtype),
-        ops.zeros((batch_size, 1, window), "bool"),
-    )
-
-
 def _causal_parts(query, key, value, mask, window, state, seeds, options):
-    """Parts of causal queries over the keys before them in `state` and
-    their own, and the state after them.
+    """Parts of causal queries over the keys before them in the
+    `LocalWindowState` `state` and their own, and the state after them.
 
     With the window's keys before the queries prepended, query `i` of the
     piece finds its far keys at positions `<= i` of the joined keys (causal
     linear attention from the carried state) and its near keys at positions
     `i < j <= i + w` (the window part, the queries at the last positions).
     """
-    *far_state, keys_before, values_before, mask_before = state
     length = ops.shape(query)[2]
     keys, values, keys_mask = (
         ops.concatenate([before, x], axis=2)
         for before, x in (
-            (keys_before, key), (values_before, value),
-            (mask_before, _all_keys(mask, query)),
+            (state.window_keys, key), (state.window_values, value),
+            (state.window_mask, _all_keys(mask, query)),
         )
     )
     far, far_state = causal_linear_attention(
         query, keys[:, :, :length], values[:, :, :length],
-        mask=keys_mask[:, :, :length], initial_state=tuple(far_state),
+        mask=keys_mask[:, :, :length], initial_state=state.causal,
         return_state=True, normalized=False, dropout_seed=seeds[1],
         **options,
     )
@@ -118,7 +94,7 @@ def _causal_parts(query, key, value, mask, window, state, seeds, options):
         query, keys, values, window, True, keys_mask,
         options["dropout_rate"], seeds[0],
     )
-    state = (
+    state = causal_state.LocalWindowState(
         *far_state, keys[:, :, length:], values[:, :, length:],
         keys_mask[:, :, length:],
     )
@@ -178,6 +154,25 @@ def _no_outputs(query, value):
     return ops.zeros(ops.shape(query)[:3] + ops.shape(value)[3:])
 
 
+def _initial_state(initial_state, query, key, value, num_features, window):
+    """The checked `LocalWindowState` `initial_state`, or the empty one."""
+    if initial_state is None:
+        batch, heads = ops.shape(query)[:2]
+        return causal_state.empty_local_window_state(
+            batch, heads, num_features, ops.shape(key)[-1],
+            ops.shape(value)[-1], window, value.dtype,
+        )
+    causal_state.check_state(
+        initial_state,
+        causal_state.LocalWindowState.shapes(
+            *query.shape[:2], num_features, key.shape[-1], value.shape[-1],
+            None,
+        ),
+        "initial_state", "local_window_attention(..., return_state=True)",
+    )
+    return causal_state.LocalWindowState(*initial_state)
+
+
 def local_window_attention(
     query, key, value, feature_fn, num_features, window, causal, mask=None,
     chunk_size=64, dropout_rate=0.0, dropout_seed=None,
@@ -198,9 +193,11 @@ def local_window_attention(
         causal: bool.
         mask: bool `(B, 1, L)`, True at real keys, or None.
         dropout_rate, dropout_seed: dropout of the numerator, in both parts.
-        initial_state: causal only: the state before position 0, as
-            returned with `return_state=True`, or None for no key yet
-            (`empty_local_window_state`).
+        initial_state: causal only: the `LocalWindowState` before position
+            0 (or a tuple of its tensors), as returned with
+            `return_state=True`, or None for no key yet
+            (`empty_local_window_state`). Its window may keep fewer than
+            `window` keys, as many as the positions it will see.
         return_state: bool, causal only: also return the state after the
             last key. A sequence run in pieces, each given the state the
             previous one returned, gives the outputs of the whole.
@@ -234,14 +231,11 @@ def local_window_attention(
         return _call_outputs(
             query, key, value, mask, window, causal, seeds, options
         )
-    if initial_state is None:
-        batch, heads = ops.shape(query)[:2]
-        initial_state = empty_local_window_state(
-            batch, heads, num_features, ops.shape(key)[-1],
-            ops.shape(value)[-1], window, value.dtype,
-        )
+    initial_state = _initial_state(
+        initial_state, query, key, value, num_features, window
+    )
     if length == 0:
-        outputs, state = _no_outputs(query, value), tuple(initial_state)
+        outputs, state = _no_outputs(query, value), initial_state
     else:
         parts, state = _causal_parts(
             query, key, value, mask, window, initial_state, seeds, options

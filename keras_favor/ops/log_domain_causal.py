@@ -30,6 +30,7 @@ import keras
 from keras import ops
 
 from keras_favor import backend
+from keras_favor.ops.causal_state import CausalState
 from keras_favor.ops.chunk_scan import earlier_or_same
 from keras_favor.ops.chunk_scan import inherited_states
 from keras_favor.ops.chunk_scan import merge_chunks
@@ -150,9 +151,7 @@ def log_domain_causal_attention(
             shape or None.
         value: `(B, H, L, D)`.
         mask: bool `(B, 1, L)`, True at real keys, or None.
-        state: the carried `(key_values, key_sum, level)`, with the sums
-            `(B, H, F, D)` and `(B, H, F)` scaled by `exp(-level)` and the
-            level `(B, H, F)` per feature.
+        state: the carried `CausalState`.
         dropout_rate: float, key-feature dropout in the numerator.
         dropout_seed: `(2,)` stateless seed when `dropout_rate > 0`.
         prefix_block: int, chunks per block of the prefix scan.
@@ -160,18 +159,17 @@ def log_domain_causal_attention(
     Returns:
         `(parts, state)`: the attention parts `(numerator, denominator,
         shift)` of the queries (as `causal_linear_attention` with
-        `normalized=False` returns them) and the state after the last key,
-        in the same form as `state`.
+        `normalized=False` returns them) and the `CausalState` after the
+        last key.
 
     Example:
 
     >>> import numpy as np
+    >>> from keras_favor.ops import empty_causal_state
     >>> log_q = np.zeros((1, 1, 3, 2), "float32")
     >>> log_k = np.array([[[[0., 300.], [0., -300.], [5., 0.]]]], "float32")
     >>> value = np.eye(3, dtype="float32")[None, None]
-    >>> state = (np.zeros((1, 1, 2, 3), "float32"),
-    ...          np.zeros((1, 1, 2), "float32"),
-    ...          np.full((1, 1, 2), NO_KEY_LEVEL, "float32"))
+    >>> state = empty_causal_state(1, 1, 2, 3)
     >>> parts, state = log_domain_causal_attention(
     ...     (None, log_q), (None, log_k), value, None, state)
     >>> [round(float(x), 1) for x in parts[2][0, 0]]  # each query's shift
@@ -205,7 +203,7 @@ def log_domain_causal_attention(
             inputs, state, prefix_block, num_blocks, block_length
         )
     parts = [x[:, :, :length] for x in parts]
-    return parts, final_state
+    return parts, CausalState(*final_state)
 
 
 def _blocks(length, prefix_block):
@@ -297,7 +295,7 @@ def _attention_block(inputs, state, prefix_block):
             keep]`, positions a multiple of `EXACT_CHUNK * prefix_block`;
             `keep` the numerator's dropout factors of the key features, or
             None.
-        state: the carried `(key_values, key_sum, level)`.
+        state: the carried `CausalState`.
         prefix_block: int, chunks per block of the prefix scan.
 
     Returns:

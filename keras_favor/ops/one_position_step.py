@@ -2,8 +2,8 @@
 
 Decoding feeds one position at a time. The chunked algorithm would pad it
 to a chunk and run its prefix scan; one position needs only the update of
-the state `(key_values, key_sum, level)` by its key and one query against
-it (docs/numerics.md, section 5). With one level per feature the update is
+the `CausalState` `(key_values, key_sum, level)` by its key and one query
+against it (docs/numerics.md, section 5). With one level per feature the update is
 exact in the log domain at any scale:
 
     level'  = max(level, log phi(k))                      per feature
@@ -19,6 +19,7 @@ positive features, the normalizer is at least 1.
 from keras import ops
 
 from keras_favor.ops import stabilizers
+from keras_favor.ops.causal_state import CausalState
 
 
 def _full_log_scale(parts, like):
@@ -40,8 +41,7 @@ def one_position_attention(query_parts, key_parts, value, mask, state):
         value: `(B, H, 1, D)`.
         mask: bool `(B, 1, 1)`, False for a padded key (the state stays as
             it is), or None.
-        state: `(key_values (B, H, F, D), key_sum (B, H, F), level (B, H,
-            F))`, as `causal_linear_attention` takes it.
+        state: the `CausalState` before the position.
 
     Returns:
         `((numerator (B, H, 1, D), denominator (B, H, 1), shift (B, H, 1)),
@@ -78,5 +78,5 @@ def one_position_attention(query_parts, key_parts, value, mask, state):
     numerator = ops.einsum("bhf,bhfd->bhd", query_weight, key_values)
     denominator = ops.sum(query_weight * key_sum, axis=-1)
     parts = (numerator[:, :, None], denominator[:, :, None], shift)
-    return parts, (key_values, key_sum, new_level)
+    return parts, CausalState(key_values, key_sum, new_level)
 
