@@ -3,7 +3,6 @@
 from keras import ops
 
 from keras_favor.ops import stabilizers
-from keras_favor.ops.bidirectional_attention import RECOMPUTE_LENGTH
 from keras_favor.ops.chunk_scan import PREFIX_BLOCK
 from keras_favor.ops.chunk_scan import earlier_or_same
 from keras_favor.ops.chunk_scan import inherited_states
@@ -13,6 +12,7 @@ from keras_favor.ops.chunk_scan import running_max
 from keras_favor.ops.chunk_scan import split_chunks
 from keras_favor.ops.feature_dropout import group_seed
 from keras_favor.ops.feature_dropout import numerator_key_features
+from keras_favor.ops.grouped_recompute import RECOMPUTE_LENGTH
 from keras_favor.ops.grouped_recompute import position_groups
 from keras_favor.ops.grouped_recompute import run_in_groups
 from keras_favor.ops.log_domain_causal import log_domain_causal_attention

@@ -26,6 +26,10 @@ import keras
 from keras_favor import backend
 from keras_favor.validation import positive_int
 
+# Attention over more positions than this runs in groups whose activations
+# are recomputed in the backward pass.
+RECOMPUTE_LENGTH = 32768
+
 
 def position_groups(length, recompute_length, multiple=1):
     """Slices of at most `recompute_length` positions covering `length`.
