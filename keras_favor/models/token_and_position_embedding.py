@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_favor import backend
+from keras_favor.initializers import clone_initializer
 from keras_favor.validation import is_int
 from keras_favor.validation import positive_int
 
@@ -89,7 +90,9 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
         self.token_embedding = keras.layers.Embedding(
             self.vocabulary_size,
             self.embedding_dim,
-            embeddings_initializer=self._new_initializer(),
+            embeddings_initializer=clone_initializer(
+                self.embeddings_initializer
+            ),
             dtype=self.dtype_policy,
             name="token_embedding",
         )
@@ -97,14 +100,9 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
         self.position_embeddings = self.add_weight(
             name="position_embeddings",
             shape=(self.sequence_length, self.embedding_dim),
-            initializer=self._new_initializer(),
+            initializer=clone_initializer(self.embeddings_initializer),
         )
         self.built = True
-
-    def _new_initializer(self):
-        return self.embeddings_initializer.__class__.from_config(
-            self.embeddings_initializer.get_config()
-        )
 
     def call(self, inputs, start_index=None):
         # A symbolic length, as `model.export` traces the `(None, None)`
