@@ -1,5 +1,7 @@
-"""`FavorAttention`'s four dense sub-layers: copying `MultiHeadAttention`
-weights, LoRA, quantization, and the dtype policies that save them."""
+"""`FavorAttention`'s four dense sub-layers: their arguments, building them,
+copying `MultiHeadAttention` weights, LoRA, quantization, the dtype
+policies that save them, and the public members that expose them
+(`MultiHeadAttentionWeights`)."""
 
 import re
 

@@ -1,5 +1,6 @@
-"""`FavorAttention`'s computations: its random projection, and its inputs
-through the dense projections and feature maps to the kernels of `ops`."""
+"""`FavorAttention`'s computations: its own weights (the random projection
+and what goes with it), and its inputs through the dense projections and
+feature maps to the kernels of `ops`."""
 
 import random
 
