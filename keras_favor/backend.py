@@ -1,15 +1,28 @@
 """What differs between the Keras backends, in one place.
 
 On the TensorFlow backend keras_favor runs the TensorFlow ops it always ran
-(stateless random ops, `tf.custom_gradient`, control dependencies), so its
-numbers and speed there do not depend on this module. On other backends
-(JAX) the same computations use `keras.ops` and, for the stateless random
-draws, the backend's own random keys: a seed gives the same draws on every
-call and device of that backend, but not the TensorFlow backend's draws.
+(stateless random ops, transpose flags of `tf.matmul`, run-time shape
+assertions, `tf.function`), so its numbers and speed there do not depend on
+this module. On other backends (JAX) the same computations use `keras.ops`
+and, for the stateless random draws, the backend's own random keys: a seed
+gives the same draws on every call and device of that backend, but not the
+TensorFlow backend's draws.
 
 Seeds: on TensorFlow a stateless seed is a `(2,)` int64 tensor, as
 `tf.random.stateless_*` take it; on JAX it is a `(2,)` uint32 raw key, as
 `keras.random.SeedGenerator.next()` returns it there.
+
+Code whose whole job is one backend's stays with the feature it serves:
+
+- `keras_favor.ops.grouped_recompute`: TensorFlow's grouped recomputation
+  (`tf.custom_gradient` with control dependencies that keep the executor
+  from running the groups side by side); other backends use `keras.remat`
+  there.
+- `keras_favor.distribute`: multi-worker training with `tf.distribute`.
+- `keras_favor.generation.export`: the SavedModel export and its run-time
+  checks of a served model's inputs.
+- `keras_favor/__init__.py`: the check, at import, that Keras runs on a
+  supported backend.
 """
 
 import keras
@@ -117,13 +130,15 @@ def int_pair_seed(first, second):
     return _jax_key([first, second])
 
 
-def fold_in(seed, data):
-    """`seed` folded with the integer (int or scalar tensor) `data`."""
+def fold_in(seed, data, dtype="int64"):
+    """`seed` folded with the integer (int or scalar tensor) `data`, which
+    on TensorFlow is first cast to `dtype` (the draws depend on it there;
+    other backends fold in 32-bit words whatever the dtype)."""
     if is_tensorflow():
         import tensorflow as tf
 
         return tf.random.experimental.stateless_fold_in(
-            seed, tf.cast(data, tf.int64)
+            seed, tf.cast(data, dtype)
         )
     import jax
     import jax.numpy as jnp
@@ -181,3 +196,173 @@ def reserves_every_branch():
     True
     """
     return not is_tensorflow()
+
+
+def is_integer_dtype(dtype):
+    """Whether `dtype` (any dtype-like, or None) is an integer dtype."""
+    if dtype is None:
+        return False
+    if is_tensorflow():
+        import tensorflow as tf
+
+        try:
+            return tf.as_dtype(dtype).is_integer
+        except TypeError:
+            return False
+    try:
+        return "int" in keras.backend.standardize_dtype(dtype)
+    except (TypeError, ValueError, AttributeError):
+        return False
+
+
+def matmul(a, b, transpose_a=False, transpose_b=False):
+    """`a @ b` over the last two axes, either factor transposed first.
+
+    On TensorFlow an explicit transpose before `tf.matmul` is not folded
+    into the product (which then takes 1.15-1.4x as long), so the batched
+    matmul's own flags are used; other backends compile the transpose into
+    the product.
+    """
+    if is_tensorflow():
+        import tensorflow as tf
+
+        return tf.matmul(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+    if transpose_a:
+        a = keras.ops.swapaxes(a, -1, -2)
+    if transpose_b:
+        b = keras.ops.swapaxes(b, -1, -2)
+    return keras.ops.matmul(a, b)
+
+
+def runtime_shape(x):
+    """The shape of `x` when it runs: on TensorFlow an int32 tensor (axes
+    unknown until run time included); elsewhere `keras.ops.shape(x)`."""
+    if is_tensorflow():
+        import tensorflow as tf
+
+        return tf.shape(x)
+    return keras.ops.shape(x)
+
+
+def cond(pred, true_fn, false_fn):
+    """`true_fn()` if `pred` else `false_fn()`; on TensorFlow `tf.cond`,
+    whose branches may return tensors of different static shapes."""
+    if is_tensorflow():
+        import tensorflow as tf
+
+        return tf.cond(pred, true_fn, false_fn)
+    return keras.ops.cond(pred, true_fn, false_fn)
+
+
+def _gated(tensor, check):
+    import tensorflow as tf
+
+    with tf.control_dependencies([check]):
+        return tf.identity(tensor)
+
+
+def checked_equal(tensor, a, b, message):
+    """`tensor`, gated on the run-time assertion `a == b` on TensorFlow:
+    every op that uses the returned tensor runs after the check, so a wrong
+    shape fails with `message`. Other backends trace with static shapes,
+    checked in Python: there `tensor` itself."""
+    if not is_tensorflow():
+        return tensor
+    import tensorflow as tf
+
+    return _gated(tensor, tf.debugging.assert_equal(a, b, message=message))
+
+
+def checked_less_equal(tensor, a, b, message):
+    """`tensor`, gated on the run-time assertion `a <= b` on TensorFlow (as
+    `checked_equal`); `tensor` itself elsewhere."""
+    if not is_tensorflow():
+        return tensor
+    import tensorflow as tf
+
+    check = tf.debugging.assert_less_equal(
+        a, tf.cast(b, a.dtype), message=message
+    )
+    return _gated(tensor, check)
+
+
+def ensure_shape(x, shape, message):
+    """`x`, checked to have `shape`: on TensorFlow with `tf.ensure_shape`
+    (at run time where the static shape leaves it open); elsewhere against
+    the static shape, a `ValueError` with `message` if it differs."""
+    if is_tensorflow():
+        import tensorflow as tf
+
+        return tf.ensure_shape(x, shape)
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(message)
+    return x
+
+
+def require_static_lengths(x, feature):
+    """Off TensorFlow, a clear error for a symbolic (non-batch) axis of `x`
+    (as `model.export` traces a `(batch, None, ...)` input on JAX):
+    `feature` needs its lengths when it is traced there. TensorFlow runs
+    with lengths known only at run time. A symbolic batch size is fine."""
+    if is_tensorflow():
+        return
+    if not all(isinstance(d, (int, type(None))) for d in x.shape[1:]):
+        require_tensorflow(feature)
+
+
+def fit_positions(x, length, fill):
+    """`x` padded with `fill` or cut along axis 1 to `length` positions;
+    on TensorFlow `length` and the axis may be known only at run time."""
+    static = x.shape[1]
+    if is_tensorflow():
+        import tensorflow as tf
+
+        if isinstance(length, int) and isinstance(static, int):
+            pad = max(length - static, 0)
+        else:
+            pad = tf.maximum(length - tf.shape(x)[1], 0)
+        paddings = [[0, 0], [0, pad]] + [[0, 0]] * (len(x.shape) - 2)
+        return tf.pad(x, paddings, constant_values=fill)[:, :length]
+    pad = max(length - static, 0)
+    if pad:
+        paddings = [[0, 0], [0, pad]] + [[0, 0]] * (len(x.shape) - 2)
+        x = keras.ops.pad(x, paddings, constant_values=fill)
+    return x[:, :length]
+
+
+def loop_count(count):
+    """A loop's length as a compiled function takes it: on TensorFlow an
+    int32 tensor, so that one trace serves every count; elsewhere the
+    Python int (a static argument of `compile_function`)."""
+    if is_tensorflow():
+        return keras.ops.convert_to_tensor(count, "int32")
+    return count
+
+
+def compile_function(fn, variables, jit_compile=False, static_argnums=()):
+    """`fn` compiled by the backend: a `tf.function` (XLA with
+    `jit_compile=True`) on TensorFlow; on JAX `jax.jit` over the values of
+    `variables` (read at each call, so that later weights are used), with
+    `static_argnums` static; `fn` itself elsewhere."""
+    if is_tensorflow():
+        import tensorflow as tf
+
+        return tf.function(
+            fn, jit_compile=bool(jit_compile), reduce_retracing=True
+        )
+    if name() != "jax":
+        return fn
+    import jax
+
+    def stateless(values, *args):
+        with keras.StatelessScope(state_mapping=zip(variables, values)):
+            return fn(*args)
+
+    jitted = jax.jit(
+        stateless, static_argnums=tuple(i + 1 for i in static_argnums)
+    )
+
+    def function(*args):
+        return jitted([variable.value for variable in variables], *args)
+
+    return function

@@ -5,6 +5,8 @@ import numbers
 import keras
 import numpy as np
 
+from keras_favor import backend
+
 # The seeds the random ops accept: stateless TensorFlow ops and Keras
 # `SeedGenerator`s take int64 seeds, built from `[seed, 0]`.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
@@ -108,7 +110,7 @@ def stateless_seed(value, name="seed"):
     if dtype is None and isinstance(value, (list, tuple)):
         value = np.asarray(value)
         dtype = value.dtype
-    is_integer = _is_integer_dtype(dtype)
+    is_integer = backend.is_integer_dtype(dtype)
     shape = getattr(value, "shape", None)
     if (
         not is_integer
@@ -120,23 +122,6 @@ def stateless_seed(value, name="seed"):
             f"stateless seed. Received: {name}={value!r}"
         )
     return value
-
-
-def _is_integer_dtype(dtype):
-    """Whether `dtype` (any dtype-like, or None) is an integer dtype."""
-    if dtype is None:
-        return False
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        try:
-            return tf.as_dtype(dtype).is_integer
-        except TypeError:
-            return False
-    try:
-        return "int" in keras.backend.standardize_dtype(dtype)
-    except (TypeError, ValueError, AttributeError):
-        return False
 
 
 def batch_size(value, name="batch_size"):

@@ -9,7 +9,9 @@ import pytest
 import tensorflow as tf
 
 import keras_favor
+from keras_favor import layer_tree
 from keras_favor.callbacks.feature_redraw import favor_attention_layers
+from keras_favor.convert.attention_paths import all_layers
 from tests import fit_script
 
 BATCH = 8
@@ -401,6 +403,64 @@ def layer_names(model):
 
 def test_index_paths_are_pinned():
     assert layer_names(pinned_model()) == PINNED_PATHS
+
+
+class Holder(keras.layers.Layer):
+    """Sub-layers in an attribute, a tuple, a dict (one of them a second
+    time, in a list) and a Sequential."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.first = keras.layers.Dense(2, name="first")
+        self.pair = (keras.layers.Dense(2, name="in_tuple"), 3)
+        self.table = {"b": keras.layers.Dense(2, name="in_dict"),
+                      "a": [self.first]}
+        self.inner = keras.Sequential(
+            [keras.layers.Dense(2, name="in_sequential")], name="inner"
+        )
+
+
+def test_layer_tree_walks_attributes_containers_and_graphs():
+    holder = Holder()
+    # Keras's own attributes (its tracking of the same sub-layers) are not
+    # children; the layer's are, in the order they were set.
+    assert [name for name, _ in layer_tree.children(holder)] == [
+        "first", "pair", "table", "inner",
+    ]
+    assert [layer.name for layer in layer_tree.sublayers(holder)] == [
+        "first", "in_tuple", "in_dict", "inner",
+    ]
+    walk = layer_tree.depth_first(
+        holder,
+        lambda node: [
+            (str(i), child)
+            for i, child in enumerate(layer_tree.sublayers(node))
+        ],
+    )
+    assert [(path, layer.name) for path, layer in walk] == [
+        (("0",), "first"), (("1",), "in_tuple"), (("2",), "in_dict"),
+        (("3",), "inner"), (("3", "0"), "in_sequential"),
+    ]
+    # performerize's walk names the same layers by attribute path.
+    assert [(path, layer.name) for path, layer in all_layers(holder)] == [
+        ("first", "first"), ("pair.0", "in_tuple"), ("table.b", "in_dict"),
+        ("inner", "inner"), ("inner.in_sequential", "in_sequential"),
+    ]
+
+
+def test_redraw_and_convert_walks_find_the_same_layers():
+    model = pinned_model()
+    by_index = {
+        id(layer)
+        for _, layer in layer_tree.depth_first(
+            model,
+            lambda node: [
+                (str(i), child)
+                for i, child in enumerate(layer_tree.sublayers(node))
+            ],
+        )
+    }
+    assert by_index == {id(layer) for _, layer in all_layers(model)}
 
 
 def test_index_paths_and_redraws_survive_a_keras_file(tmp_path):

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 
 import keras_favor
+from keras_favor import layer_tree
+from keras_favor.initializers import clone_initializer
 from keras_favor.layers import PerformerBlock
 from tests.layer_test_case import run_layer_test
 
@@ -263,3 +265,31 @@ def test_checking_the_options_leaves_automatic_names_alone():
         for layer in (first, second)
     ]
     assert numbers[1] == numbers[0] + 1
+
+
+def test_clone_initializer_copies_class_and_config_not_the_object():
+    seeded = keras.initializers.GlorotUniform(seed=3)
+    clone = clone_initializer(seeded)
+    assert clone is not seeded
+    assert type(clone) is keras.initializers.GlorotUniform
+    assert clone.get_config() == seeded.get_config()
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(clone((4, 3))),
+        keras.ops.convert_to_numpy(seeded((4, 3))),
+    )
+    assert isinstance(clone_initializer("zeros"), keras.initializers.Zeros)
+
+
+def test_every_dense_layer_gets_its_own_initializer():
+    layer = block(kernel_initializer=keras.initializers.GlorotUniform(seed=5))
+    layer.build((2, 8, HIDDEN))
+    walk = layer_tree.depth_first(
+        layer, lambda node: enumerate(layer_tree.sublayers(node))
+    )
+    initializers = [layer.kernel_initializer] + [
+        dense.kernel_initializer
+        for _, dense in walk
+        if isinstance(dense, (keras.layers.Dense, keras.layers.EinsumDense))
+    ]
+    assert len(initializers) >= 6
+    assert len({id(i) for i in initializers}) == len(initializers)

@@ -1,6 +1,5 @@
 """The `FeatureRedraw` callback."""
 
-import functools
 import warnings
 import zlib
 
@@ -8,6 +7,7 @@ import keras
 import numpy as np
 
 from keras_favor import backend
+from keras_favor import layer_tree
 from keras_favor.layers.favor_attention import FavorAttention
 from keras_favor.validation import non_negative_int
 from keras_favor.validation import optional_seed
@@ -18,11 +18,11 @@ def favor_attention_layers(model):
     """Every `FavorAttention` inside `model`, found recursively.
 
     Each layer is reached through its index path: the position of each
-    sub-layer among its parent's sub-layers (see `sublayers`), from `model`
-    down, joined by "/" (`"2/0/1"`). Index paths do not depend on layer
-    names, which Keras numbers differently every time a model is rebuilt in
-    the same process, and they are the same for a model and the model
-    loaded from its `.keras` file.
+    sub-layer among its parent's sub-layers (see `layer_tree.sublayers`),
+    from `model` down, joined by "/" (`"2/0/1"`). Index paths do not depend
+    on layer names, which Keras numbers differently every time a model is
+    rebuilt in the same process, and they are the same for a model and the
+    model loaded from its `.keras` file.
 
     Args:
         model: a `keras.layers.Layer`, usually a `keras.Model`.
@@ -31,91 +31,18 @@ def favor_attention_layers(model):
         A dict from index path to layer, in depth-first order. A layer
         shared by several parents appears once, at its first path.
     """
-    found = {}
-    seen = {id(model)}
-
-    def visit(layer, path):
-        for index, child in enumerate(sublayers(layer)):
-            if id(child) in seen:
-                continue
-            seen.add(id(child))
-            child_path = path + (str(index),)
-            if isinstance(child, FavorAttention):
-                found["/".join(child_path)] = child
-            visit(child, child_path)
-
-    visit(model, ())
-    return found
+    return {
+        "/".join(path): layer
+        for path, layer in layer_tree.depth_first(model, _indexed_sublayers)
+        if isinstance(layer, FavorAttention)
+    }
 
 
-def sublayers(layer):
-    """The direct sub-layers of `layer`, in the order that index paths use.
-
-    - A `keras.Sequential` or functional model: `layer.layers`, the order
-      of `model.get_layer(index=...)` (for a functional model the order of
-      its graph, from the inputs; for a `Sequential` the order of its
-      layers).
-    - Any other layer (a subclassed layer or model): the layers held by its
-      attributes, in the order the attributes were first assigned (for a
-      layer built by its `__init__`, the order of `__init__`; so also for
-      one loaded from a `.keras` file). Lists, tuples and dicts among the
-      attribute values are searched too, in order (dicts in insertion
-      order); sets are not. The attributes that Keras itself keeps on every
-      layer (its tracking of sub-layers and variables) are skipped.
-
-    A layer appears once, at its first position.
-
-    Args:
-        layer: a `keras.layers.Layer`.
-
-    Returns:
-        A list of `keras.layers.Layer`.
-    """
-    if isinstance(layer, keras.Sequential) or _is_functional(layer):
-        children = layer.layers
-    else:
-        keras_names = _keras_layer_attribute_names()
-        children = _layers_in(
-            [
-                value
-                for name, value in vars(layer).items()
-                if name not in keras_names
-            ]
-        )
-    unique = {}
-    for child in children:
-        if child is not layer:
-            unique.setdefault(id(child), child)
-    return list(unique.values())
-
-
-def _is_functional(layer):
-    """Whether `layer` is a functional model (or a subclass of one, as
-    KerasHub backbones are)."""
-    return isinstance(layer, keras.Model) and any(
-        cls.__name__ == "Functional" for cls in type(layer).__mro__
-    )
-
-
-def _layers_in(value):
-    """The layers in `value`: `value` itself, or those inside it if it is a
-    list, tuple or dict (searched recursively, in order)."""
-    if isinstance(value, keras.layers.Layer):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        return [layer for item in value for layer in _layers_in(item)]
-    return []
-
-
-@functools.cache
-def _keras_layer_attribute_names():
-    """The attributes Keras keeps on every layer: those of a plain
-    `keras.layers.Layer` holding one sub-layer, less that sub-layer."""
-    probe = keras.layers.Layer(name="keras_favor_probe")
-    probe.sublayer = keras.layers.Layer(name="keras_favor_probe_sublayer")
-    return frozenset(vars(probe)) - {"sublayer"}
+def _indexed_sublayers(layer):
+    return [
+        (str(index), child)
+        for index, child in enumerate(layer_tree.sublayers(layer))
+    ]
 
 
 def path_hash(path):

@@ -6,41 +6,11 @@ indices and dict keys, joined by dots (`"blocks.0.attention"`).
 
 import keras
 
-# The Layer attribute in which Keras tracks every sub-layer.
-_TRACKING_LIST = "_layers"
-# Bookkeeping attributes of Keras and TensorFlow that hold a layer's
-# sub-layers again, beside the attributes through which the layer reaches
-# them.
-_BOOKKEEPING = frozenset({
-    _TRACKING_LIST, "_tracked",
-    "_self_unconditional_checkpoint_dependencies",
-    "_self_unconditional_dependency_names",
-    "_self_unconditional_deferred_dependencies",
-    "_self_saveable_object_factories",
-})
-
-
-def is_graph_model(layer):
-    """Whether `layer` is a functional or sequential model, whose layers are
-    its graph's (swapped by cloning, not by attribute)."""
-    return isinstance(layer, (keras.Sequential, keras.Function))
-
-
-def _children(node):
-    """`(step, value)` for the attributes of a layer or the items of a
-    list, tuple or dict."""
-    if isinstance(node, (list, tuple)):
-        return [(str(index), value) for index, value in enumerate(node)]
-    if isinstance(node, dict):
-        return [(key, value) for key, value in node.items()]
-    return [
-        (name, value) for name, value in vars(node).items()
-        if name not in _BOOKKEEPING
-    ]
-
-
-def _holds_layers(value):
-    return isinstance(value, (keras.layers.Layer, list, tuple, dict))
+from keras_favor.layer_tree import TRACKING_LIST
+from keras_favor.layer_tree import children
+from keras_favor.layer_tree import depth_first
+from keras_favor.layer_tree import holds_layers
+from keras_favor.layer_tree import is_graph_model
 
 
 def held_attention(layer, prefix="", seen=None):
@@ -52,8 +22,8 @@ def held_attention(layer, prefix="", seen=None):
     seen = set() if seen is None else seen
     seen.add(id(layer))
     found = {}
-    for step, value in _children(layer):
-        if not _is_addressable(step) or not _holds_layers(value):
+    for step, value in children(layer):
+        if not _is_addressable(step) or not holds_layers(value):
             continue
         if isinstance(value, keras.layers.MultiHeadAttention):
             found[prefix + step] = value
@@ -72,29 +42,23 @@ def all_layers(model):
     layers of functional and sequential models by name, the layers that
     others hold by attribute, and those Keras tracks in no attribute by
     name."""
-    found, seen = [], {id(model)}
+    return [
+        (".".join(path), value)
+        for path, value in depth_first(model, _named_children)
+        if isinstance(value, keras.layers.Layer)
+    ]
 
-    def visit(node, prefix):
-        if is_graph_model(node):
-            steps = [(layer.name, layer) for layer in node.layers]
-        else:
-            steps = _children(node)
-        if isinstance(node, keras.layers.Layer) and not is_graph_model(node):
-            steps += [
-                (layer.name, layer)
-                for layer in getattr(node, _TRACKING_LIST, [])
-            ]
-        for step, value in steps:
-            if not _holds_layers(value) or id(value) in seen:
-                continue
-            seen.add(id(value))
-            path = f"{prefix}{step}"
-            if isinstance(value, keras.layers.Layer):
-                found.append((path, value))
-            visit(value, path + ".")
 
-    visit(model, "")
-    return found
+def _named_children(node):
+    """The children `all_layers` follows from `node`, by name."""
+    if is_graph_model(node):
+        return [(layer.name, layer) for layer in node.layers]
+    steps = children(node)
+    if isinstance(node, keras.layers.Layer):
+        steps += [
+            (layer.name, layer) for layer in getattr(node, TRACKING_LIST, [])
+        ]
+    return [(step, value) for step, value in steps if holds_layers(value)]
 
 
 def _nodes(layer, path):

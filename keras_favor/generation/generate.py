@@ -178,28 +178,9 @@ def _compiled_decode(model, options, jit_compile):
     def run(prompt_ids, max_new_tokens, seed):
         return decode(model, prompt_ids, max_new_tokens, seed, **options)
 
-    if backend.is_tensorflow():
-        import tensorflow as tf
-
-        function = tf.function(
-            run, jit_compile=bool(jit_compile), reduce_retracing=True
-        )
-    elif backend.name() == "jax":
-        import jax
-
-        def stateless(values, prompt_ids, max_new_tokens, seed):
-            mapping = zip(model.variables, values)
-            with keras.StatelessScope(state_mapping=mapping):
-                return run(prompt_ids, max_new_tokens, seed)
-
-        jitted = jax.jit(stateless, static_argnums=2)
-
-        def function(prompt_ids, max_new_tokens, seed):
-            values = [variable.value for variable in model.variables]
-            return jitted(values, prompt_ids, max_new_tokens, seed)
-
-    else:
-        function = run
+    function = backend.compile_function(
+        run, list(model.variables), jit_compile, static_argnums=(1,)
+    )
     compiled[key] = function
     return function
 
@@ -285,8 +266,6 @@ def generate(
         seed = random.randrange(2**31 - 1)
     seed = backend.seed_pair(stateless_seed(seed))
     function = _compiled_decode(model, options, jit_compile)
-    if backend.is_tensorflow():
-        # A tensor: one trace serves every number of new tokens.
-        max_new_tokens = ops.convert_to_tensor(max_new_tokens, "int32")
+    max_new_tokens = backend.loop_count(max_new_tokens)
     tokens = function(ops.convert_to_tensor(prompt_ids), max_new_tokens, seed)
     return np.asarray(keras.ops.convert_to_numpy(tokens))

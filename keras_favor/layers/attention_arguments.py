@@ -179,16 +179,15 @@ def _mask_if_same_inputs(query, key, key_mask):
         )
     if not backend.is_tf_tensor(query):
         return None
-    import tensorflow as tf
-
     # Lengths known only at run time: compare the values when the shapes
     # agree (the branches' masks have the queries' and the keys' shapes).
-    return tf.cond(
-        tf.reduce_all(tf.equal(tf.shape(query), tf.shape(key))),
-        lambda: tf.logical_or(
-            key_mask, tf.logical_not(tf.reduce_all(tf.equal(query, key)))
+    query_shape = backend.runtime_shape(query)
+    return backend.cond(
+        ops.all(ops.equal(query_shape, backend.runtime_shape(key))),
+        lambda: ops.logical_or(
+            key_mask, ops.logical_not(ops.all(ops.equal(query, key)))
         ),
-        lambda: tf.ones(tf.shape(query)[:-1], tf.bool),
+        lambda: ops.ones(query_shape[:-1], "bool"),
     )
 
 
@@ -239,10 +238,9 @@ def key_padding_mask(key, query_rank, **masks):
             continue
         mask = _key_form(name, mask, key.shape, query_rank)
         if backend.is_tf_tensor(key):
-            import tensorflow as tf
-
             mask = _checked_same(
-                mask, tf.shape(mask), tf.shape(key)[:-1], mask.shape,
+                mask, backend.runtime_shape(mask),
+                backend.runtime_shape(key)[:-1], mask.shape,
                 key.shape[:-1],
                 f"`{name}` must have the batch size and length of the keys",
             )
@@ -257,13 +255,9 @@ def _checked_same(tensor, a, b, static_a, static_b, message):
     shapes leave it open: every op that uses the returned tensor runs after
     the check, so a wrong shape fails with `message`, not with the error of
     whichever op would have met it first."""
-    import tensorflow as tf
-
     if None not in tuple(static_a) + tuple(static_b):
         return tensor
-    check = tf.debugging.assert_equal(a, b, message=message)
-    with tf.control_dependencies([check]):
-        return tf.identity(tensor)
+    return backend.checked_equal(tensor, a, b, message)
 
 
 def runtime_shape_checks(query, value, key):
@@ -273,23 +267,22 @@ def runtime_shape_checks(query, value, key):
     `check_input_shapes` already checked). Returns `value` and `key` gated
     on them (see `_checked_same`); a tensor that is the query itself needs
     no check and stays the same object."""
-    import tensorflow as tf
-
+    shape = backend.runtime_shape
     key_is_value = key is value
     if value is not query:
         value = _checked_same(
-            value, tf.shape(query)[0], tf.shape(value)[0], query.shape[:1],
+            value, shape(query)[0], shape(value)[0], query.shape[:1],
             value.shape[:1], "`query` and `value` must have the same batch size",
         )
     if key_is_value:
         key = value
     elif key is not query:
         key = _checked_same(
-            key, tf.shape(query)[0], tf.shape(key)[0], query.shape[:1],
+            key, shape(query)[0], shape(key)[0], query.shape[:1],
             key.shape[:1], "`query` and `key` must have the same batch size",
         )
         key = _checked_same(
-            key, tf.shape(value)[:-1], tf.shape(key)[:-1], value.shape[:-1],
+            key, shape(value)[:-1], shape(key)[:-1], value.shape[:-1],
             key.shape[:-1],
             "`value` and `key` must be equal in all dimensions but the last",
         )
@@ -301,12 +294,9 @@ def check_traceable_lengths(query, value, key):
     `model.export` traces a `(batch, None, dim)` input on JAX): the kernels
     need the lengths when they are traced; TensorFlow runs them with
     lengths known only at run time. A symbolic batch size is fine."""
-    if backend.is_tensorflow():
-        return
     for x in (query, value, key):
-        if not all(isinstance(d, (int, type(None))) for d in x.shape[1:]):
-            backend.require_tensorflow(
-                "FavorAttention with a length unknown until run time (a "
-                "SavedModel export of a `(batch, None, dim)` input)"
-            )
-
+        backend.require_static_lengths(
+            x,
+            "FavorAttention with a length unknown until run time (a "
+            "SavedModel export of a `(batch, None, dim)` input)",
+        )

@@ -1,17 +1,41 @@
-"""`FavorAttention`'s four dense sub-layers: copying `MultiHeadAttention`
-weights, LoRA, quantization, and the dtype policies that save them."""
+"""`FavorAttention`'s four dense sub-layers: their arguments, building them,
+copying `MultiHeadAttention` weights, LoRA, quantization, the dtype
+policies that save them, and the public members that expose them
+(`MultiHeadAttentionWeights`)."""
 
 import re
 
 import keras
 
+from keras_favor.initializers import clone_initializer
 from keras_favor.layers import multi_head_layout as layout
+from keras_favor.validation import optional_positive_number
+from keras_favor.validation import positive_int
 
 DENSE_NAMES = ("query_dense", "key_dense", "value_dense", "output_dense")
 
 
 def dense_layers(layer):
     return [getattr(layer, name) for name in DENSE_NAMES]
+
+
+def set_sublayer_arguments(
+    layer, kernel_initializer, bias_initializer, kernel_regularizer,
+    bias_regularizer, activity_regularizer, kernel_constraint,
+    bias_constraint,
+):
+    """Sets `MultiHeadAttention`'s arguments of the dense sub-layers on
+    `layer`, each as Keras gets it from a name or config."""
+    layer.kernel_initializer = keras.initializers.get(kernel_initializer)
+    layer.bias_initializer = keras.initializers.get(bias_initializer)
+    layer.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+    layer.bias_regularizer = keras.regularizers.get(bias_regularizer)
+    # As in MultiHeadAttention, the activity regularizer applies to the
+    # four dense sub-layers; `layer.activity_regularizer` would make the
+    # base Layer apply it to the output a second time.
+    layer._activity_regularizer = keras.regularizers.get(activity_regularizer)
+    layer.kernel_constraint = keras.constraints.get(kernel_constraint)
+    layer.bias_constraint = keras.constraints.get(bias_constraint)
 
 
 def einsum_dense(layer, equation, output_shape, bias_axes, name):
@@ -21,12 +45,8 @@ def einsum_dense(layer, equation, output_shape, bias_axes, name):
         equation,
         output_shape=output_shape,
         bias_axes=bias_axes if layer.use_bias else None,
-        kernel_initializer=layer.kernel_initializer.__class__.from_config(
-            layer.kernel_initializer.get_config()
-        ),
-        bias_initializer=layer.bias_initializer.__class__.from_config(
-            layer.bias_initializer.get_config()
-        ),
+        kernel_initializer=clone_initializer(layer.kernel_initializer),
+        bias_initializer=clone_initializer(layer.bias_initializer),
         kernel_regularizer=layer.kernel_regularizer,
         bias_regularizer=layer.bias_regularizer,
         activity_regularizer=layer._activity_regularizer,
@@ -187,3 +207,45 @@ def sublayer_config(layer):
     if dtype is not None:
         config["dtype"] = dtype
     return config
+
+
+class MultiHeadAttentionWeights:
+    """`MultiHeadAttention`'s four dense sub-layers as an attention layer's
+    public members: read-only properties, weights loaded from a
+    `MultiHeadAttention`, LoRA and quantization. The layer creates the
+    sub-layers in `build` (`build_dense_layers`)."""
+
+    query_dense = property(lambda self: self._query_dense)
+    key_dense = property(lambda self: self._key_dense)
+    value_dense = property(lambda self: self._value_dense)
+    output_dense = property(lambda self: self._output_dense)
+
+    def load_multi_head_attention_weights(self, mha):
+        """Copies the dense weights of a built `MultiHeadAttention` of the
+        same configuration; the projection and redraw count stay."""
+        copy_multi_head_attention(self, mha)
+
+    def set_weights(self, weights):
+        """Sets `get_weights()`'s list, or the dense weights alone as
+        `MultiHeadAttention.get_weights()` lists them."""
+        if self.built and len(weights) != len(self.weights):
+            assign_dense_weights(self, weights, "`weights`")
+        else:
+            super().set_weights(weights)
+
+    def enable_lora(
+        self, rank, lora_alpha=None, a_initializer="he_uniform",
+        b_initializer="zeros",
+    ):
+        """LoRA finetuning: low-rank updates of the four dense kernels, the
+        only weights that then train (kernels and biases freeze)."""
+        check_built(self, "enable_lora()")
+        rank = positive_int(rank, "rank")
+        lora_alpha = optional_positive_number(lora_alpha, "lora_alpha")
+        enable_lora(self, rank, lora_alpha, a_initializer, b_initializer)
+        self.lora_rank, self.lora_alpha = rank, lora_alpha
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        """Quantizes the four dense sub-layers (e.g. `mode="int8"`); the
+        attention itself stays float32."""
+        quantize(self, mode, type_check, config)

@@ -3,31 +3,22 @@
 import keras
 from keras import ops
 
-from keras_favor import feature_maps as feature_maps_lib
-from keras_favor import projections as projections_lib
 from keras_favor.layers import attention_arguments as arguments
 from keras_favor.layers import attention_cache
 from keras_favor.layers import dense_sublayers
 from keras_favor.layers import favor_kernels
+from keras_favor.layers import favor_options
 from keras_favor.layers import float32_cache
+from keras_favor.layers.favor_options import OPTIONS
+from keras_favor.ops.grouped_recompute import RECOMPUTE_LENGTH
 from keras_favor.validation import dropout_rate
-from keras_favor.validation import is_int
-from keras_favor.validation import optional_positive_number
-from keras_favor.validation import optional_seed
-from keras_favor.validation import non_negative_int
 from keras_favor.validation import positive_int
-
-# The options of the FAVOR+ mechanism, beside MultiHeadAttention's own
-# arguments: what `PerformerBlock` and `build_performer` pass through to
-# this layer (as `attention_options`) and what a block's config records.
-OPTIONS = (
-    "feature_map", "num_features", "projection", "seed", "chunk_size",
-    "recompute_length", "local_window", "lora_rank", "lora_alpha",
-)
 
 
 @keras.saving.register_keras_serializable(package="keras_favor")
-class FavorAttention(keras.layers.Layer):
+class FavorAttention(
+    dense_sublayers.MultiHeadAttentionWeights, keras.layers.Layer
+):
     """Multi-head attention in linear time and memory: Performer's FAVOR+.
 
     A drop-in replacement for `keras.layers.MultiHeadAttention` wherever
@@ -177,7 +168,7 @@ class FavorAttention(keras.layers.Layer):
         projection="orthogonal",
         seed=None,
         chunk_size=64,
-        recompute_length=32768,
+        recompute_length=RECOMPUTE_LENGTH,
         local_window=0,
         lora_rank=None,
         lora_alpha=None,
@@ -197,44 +188,17 @@ class FavorAttention(keras.layers.Layer):
             attention_axes
         )
         arguments.check_linear_time_options(use_gate, sliding_window)
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
-        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
-        # As in MultiHeadAttention, the activity regularizer applies to the
-        # four dense sub-layers; `self.activity_regularizer` would make the
-        # base Layer apply it to the output a second time.
-        self._activity_regularizer = keras.regularizers.get(
-            activity_regularizer
+        dense_sublayers.set_sublayer_arguments(
+            self, kernel_initializer, bias_initializer, kernel_regularizer,
+            bias_regularizer, activity_regularizer, kernel_constraint,
+            bias_constraint,
         )
-        self.kernel_constraint = keras.constraints.get(kernel_constraint)
-        self.bias_constraint = keras.constraints.get(bias_constraint)
-        self.feature_map = feature_maps_lib.get(feature_map)
-        self.num_features = positive_int(num_features, "num_features")
-        self.projection_distribution = projections_lib.get(projection)
-        self.seed = optional_seed(seed)
-        self.chunk_size = positive_int(chunk_size, "chunk_size")
-        self.recompute_length = positive_int(
-            recompute_length, "recompute_length"
+        favor_options.set_options(
+            self, feature_map, num_features, projection, seed, chunk_size,
+            recompute_length, local_window, lora_rank, lora_alpha,
         )
-        self.local_window = non_negative_int(local_window, "local_window")
-        if self.local_window and not self.feature_map.estimates_softmax:
-            raise ValueError(
-                "`local_window` needs a feature map that estimates the "
-                "softmax kernel (softmax, softmax_hyperbolic, softmax_trig), "
-                "whose estimate can share a normalizer with the exact "
-                f"kernel. Received: feature_map={self.feature_map!r}"
-            )
-        self.lora_rank = positive_int(lora_rank, "lora_rank", allow_none=True)
-        self.lora_alpha = optional_positive_number(lora_alpha, "lora_alpha")
         self.projection = None
         self.redraw_count = None
-
-    # MultiHeadAttention's read-only sub-layers, created in `build`.
-    query_dense = property(lambda self: self._query_dense)
-    key_dense = property(lambda self: self._key_dense)
-    value_dense = property(lambda self: self._value_dense)
-    output_dense = property(lambda self: self._output_dense)
 
     def build(self, query_shape, value_shape=None, key_shape=None):
         shapes = arguments.input_shapes(query_shape, value_shape, key_shape)
@@ -248,37 +212,12 @@ class FavorAttention(keras.layers.Layer):
             self._value_dense,
             self._output_dense,
         ) = dense_sublayers.build_dense_layers(self, *shapes)
-        if self.feature_map.requires_projection:
-            self.projection = self.add_weight(
-                name="projection", shape=(self.num_features, self.key_dim),
-                initializer=self._initial_projection, trainable=False,
-                dtype="float32", autocast=False,
-            )
-            if self.seed is None:
-                # Unseeded redraws: a stateful seed, new at every call, also
-                # inside a tf.function.
-                self._redraw_seed = keras.random.SeedGenerator()
-        self.redraw_count = self.add_weight(
-            name="redraw_count", shape=(), initializer="zeros",
-            trainable=False, dtype="int32",
-        )
-        if self.feature_map.uses_statistics:
-            # FAVOR++'s moving input statistic per head, for causal calls.
-            self.input_statistic = self.add_weight(
-                name="input_statistic", shape=(self.num_heads,),
-                initializer="zeros", trainable=False, dtype="float32",
-                autocast=False, aggregation="mean",
-            )
-        if self.dropout > 0:
-            self._dropout_seed = keras.random.SeedGenerator(self.seed)
+        favor_kernels.add_favor_weights(self)
         if self.lora_rank:
             dense_sublayers.enable_lora(
                 self, self.lora_rank, self.lora_alpha, "he_uniform", "zeros"
             )
         self.built = True
-
-    def _initial_projection(self, shape, dtype=None):
-        return favor_kernels.initial_projection(self, shape)
 
     def redraw_features(self, seed=None):
         """Draws a new random projection in place.
@@ -296,38 +235,6 @@ class FavorAttention(keras.layers.Layer):
         """
         dense_sublayers.check_built(self, "redraw_features()")
         return favor_kernels.redraw_projection(self, seed)
-
-    def load_multi_head_attention_weights(self, mha):
-        """Copies the dense weights of a built `MultiHeadAttention` of the
-        same configuration; the projection and redraw count stay."""
-        dense_sublayers.copy_multi_head_attention(self, mha)
-
-    def set_weights(self, weights):
-        """Sets `get_weights()`'s list, or the dense weights alone as
-        `MultiHeadAttention.get_weights()` lists them."""
-        if self.built and len(weights) != len(self.weights):
-            dense_sublayers.assign_dense_weights(self, weights, "`weights`")
-        else:
-            super().set_weights(weights)
-
-    def enable_lora(
-        self, rank, lora_alpha=None, a_initializer="he_uniform",
-        b_initializer="zeros",
-    ):
-        """LoRA finetuning: low-rank updates of the four dense kernels, the
-        only weights that then train (kernels and biases freeze)."""
-        dense_sublayers.check_built(self, "enable_lora()")
-        rank = positive_int(rank, "rank")
-        lora_alpha = optional_positive_number(lora_alpha, "lora_alpha")
-        dense_sublayers.enable_lora(
-            self, rank, lora_alpha, a_initializer, b_initializer
-        )
-        self.lora_rank, self.lora_alpha = rank, lora_alpha
-
-    def quantize(self, mode=None, type_check=True, config=None):
-        """Quantizes the four dense sub-layers (e.g. `mode="int8"`); the
-        attention itself stays float32."""
-        dense_sublayers.quantize(self, mode, type_check, config)
 
     _feature_fns = favor_kernels.feature_fns
 
@@ -360,19 +267,7 @@ class FavorAttention(keras.layers.Layer):
     def options_config(self):
         """The layer's FAVOR options (`OPTIONS`), serialized as in
         `get_config`: what a `PerformerBlock`'s config records."""
-        return {
-            "feature_map": feature_maps_lib.serialize(self.feature_map),
-            "num_features": self.num_features,
-            "projection": projections_lib.serialize(
-                self.projection_distribution
-            ),
-            "seed": self.seed,
-            "chunk_size": self.chunk_size,
-            "recompute_length": self.recompute_length,
-            "local_window": self.local_window,
-            "lora_rank": self.lora_rank,
-            "lora_alpha": self.lora_alpha,
-        }
+        return favor_options.options_config(self)
 
     def _check_cache_call(
         self, query, value, key, use_causal_mask, cache, cache_update_index

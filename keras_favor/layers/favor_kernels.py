@@ -1,8 +1,10 @@
-"""`FavorAttention`'s computations: its random projection, and its inputs
-through the dense projections and feature maps to the kernels of `ops`."""
+"""`FavorAttention`'s computations: its own weights (the random projection
+and what goes with it), and its inputs through the dense projections and
+feature maps to the kernels of `ops`."""
 
 import random
 
+import keras
 from keras import ops
 
 from keras_favor import backend
@@ -20,6 +22,37 @@ def initial_projection(layer, shape):
     if seed is None:
         seed = random.randrange(SEED_RANGE)
     return layer.projection_distribution(shape, seed)
+
+
+def add_favor_weights(layer):
+    """Adds `layer`'s own weights at build: the projection (where the
+    feature map has one), the redraw count, FAVOR++'s input statistic, and
+    the seed generators of unseeded redraws and of dropout."""
+    if layer.feature_map.requires_projection:
+        layer.projection = layer.add_weight(
+            name="projection", shape=(layer.num_features, layer.key_dim),
+            initializer=lambda shape, dtype=None: initial_projection(
+                layer, shape
+            ),
+            trainable=False, dtype="float32", autocast=False,
+        )
+        if layer.seed is None:
+            # Unseeded redraws: a stateful seed, new at every call, also
+            # inside a tf.function.
+            layer._redraw_seed = keras.random.SeedGenerator()
+    layer.redraw_count = layer.add_weight(
+        name="redraw_count", shape=(), initializer="zeros",
+        trainable=False, dtype="int32",
+    )
+    if layer.feature_map.uses_statistics:
+        # FAVOR++'s moving input statistic per head, for causal calls.
+        layer.input_statistic = layer.add_weight(
+            name="input_statistic", shape=(layer.num_heads,),
+            initializer="zeros", trainable=False, dtype="float32",
+            autocast=False, aggregation="mean",
+        )
+    if layer.dropout > 0:
+        layer._dropout_seed = keras.random.SeedGenerator(layer.seed)
 
 
 def redraw_projection(layer, seed=None):
@@ -126,7 +159,7 @@ def attend(
             None if query_mask is None else query_mask[:, None, :],
             causal or cache is not None, training and cache is None,
         )
-    feature_fn, query_feature_fn = layer._feature_fns(coefficient)
+    feature_fn, query_feature_fn = feature_fns(layer, coefficient)
     dropout = training and cache is None and layer.dropout > 0
     dropout_rate = layer.dropout if dropout else 0.0
     dropout_seed = layer._dropout_seed.next() if dropout else None

@@ -82,35 +82,10 @@ def causal_keys(query_length, key, value, mask):
     key_length = key.shape[1]
     if isinstance(query_length, int) and query_length == key_length:
         return key, value, mask
-    if not backend.is_tensorflow():
-        return _align_static(query_length, key, value, mask)
-    import tensorflow as tf
-
     if mask is None:
-        mask = tf.ones(tf.shape(key)[:2], tf.bool)
-    if isinstance(query_length, int) and isinstance(key_length, int):
-        pad = max(query_length - key_length, 0)
-    else:
-        pad = tf.maximum(query_length - tf.shape(key)[1], 0)
-
-    def align(x, fill):
-        paddings = [[0, 0], [0, pad]] + [[0, 0]] * (len(x.shape) - 2)
-        return tf.pad(x, paddings, constant_values=fill)[:, :query_length]
-
-    return align(key, 0.0), align(value, 0.0), align(mask, False)
-
-
-def _align_static(query_length, key, value, mask):
-    """`causal_keys` on backends that trace with static shapes."""
-    key_length = key.shape[1]
-    if mask is None:
-        mask = ops.ones(ops.shape(key)[:2], "bool")
-    pad = max(query_length - key_length, 0)
-
-    def align(x, fill):
-        if pad:
-            paddings = [[0, 0], [0, pad]] + [[0, 0]] * (len(x.shape) - 2)
-            x = ops.pad(x, paddings, constant_values=fill)
-        return x[:, :query_length]
-
-    return align(key, 0.0), align(value, 0.0), align(mask, False)
+        mask = ops.ones(backend.runtime_shape(key)[:2], "bool")
+    return (
+        backend.fit_positions(key, query_length, 0.0),
+        backend.fit_positions(value, query_length, 0.0),
+        backend.fit_positions(mask, query_length, False),
+    )

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_favor.initializers import clone_initializer
 from keras_favor.layers import favor_attention
 from keras_favor.layers.cached_softmax_attention import CachedSoftmaxAttention
 from keras_favor.layers.favor_attention import FavorAttention
@@ -197,8 +198,8 @@ class PerformerBlock(keras.layers.Layer):
             num_heads=self.num_heads,
             key_dim=key_dim,
             dropout=self.dropout,
-            kernel_initializer=self._new_initializer(self.kernel_initializer),
-            bias_initializer=self._new_initializer(self.bias_initializer),
+            kernel_initializer=clone_initializer(self.kernel_initializer),
+            bias_initializer=clone_initializer(self.bias_initializer),
             dtype=self.dtype_policy,
             name="self_attention",
         )
@@ -219,17 +220,11 @@ class PerformerBlock(keras.layers.Layer):
         return keras.layers.Dense(
             units,
             activation=activation,
-            kernel_initializer=self._new_initializer(self.kernel_initializer),
-            bias_initializer=self._new_initializer(self.bias_initializer),
+            kernel_initializer=clone_initializer(self.kernel_initializer),
+            bias_initializer=clone_initializer(self.bias_initializer),
             dtype=self.dtype_policy,
             name=name,
         )
-
-    @staticmethod
-    def _new_initializer(initializer):
-        # A fresh copy per sub-layer, so that a seeded initializer does not
-        # give every kernel the same values.
-        return initializer.__class__.from_config(initializer.get_config())
 
     def empty_cache(self, batch_size, max_length=None):
         """The decoding cache of a causal block before any position.

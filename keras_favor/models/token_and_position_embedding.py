@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_favor import backend
+from keras_favor.initializers import clone_initializer
 from keras_favor.validation import is_int
 from keras_favor.validation import positive_int
 
@@ -89,7 +90,9 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
         self.token_embedding = keras.layers.Embedding(
             self.vocabulary_size,
             self.embedding_dim,
-            embeddings_initializer=self._new_initializer(),
+            embeddings_initializer=clone_initializer(
+                self.embeddings_initializer
+            ),
             dtype=self.dtype_policy,
             name="token_embedding",
         )
@@ -97,41 +100,30 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
         self.position_embeddings = self.add_weight(
             name="position_embeddings",
             shape=(self.sequence_length, self.embedding_dim),
-            initializer=self._new_initializer(),
+            initializer=clone_initializer(self.embeddings_initializer),
         )
         self.built = True
 
-    def _new_initializer(self):
-        return self.embeddings_initializer.__class__.from_config(
-            self.embeddings_initializer.get_config()
-        )
-
     def call(self, inputs, start_index=None):
-        if not backend.is_tensorflow() and not isinstance(
-            inputs.shape[1], (int, type(None))
-        ):
-            # A symbolic length, as `model.export` traces the `(None, None)`
-            # signature on JAX: no run-time length check there.
-            backend.require_tensorflow(
-                "TokenAndPositionEmbedding with a length unknown until run "
-                "time (a SavedModel export of a `(batch, None)` input)"
-            )
+        # A symbolic length, as `model.export` traces the `(None, None)`
+        # signature on JAX: no run-time length check there.
+        backend.require_static_lengths(
+            inputs,
+            "TokenAndPositionEmbedding with a length unknown until run "
+            "time (a SavedModel export of a `(batch, None)` input)",
+        )
         check_length(inputs.shape[1], self.sequence_length)
         check_token_ids(inputs, self.vocabulary_size)
         length = ops.shape(inputs)[1]
-        if inputs.shape[1] is None and backend.is_tensorflow():
+        if inputs.shape[1] is None:
             # Unknown until run time (a SavedModel's `(None, None)`
-            # signature): a runtime check, which exported graphs keep.
-            # Other backends trace with static shapes, checked above.
-            import tensorflow as tf
-
-            check = tf.debugging.assert_less_equal(
-                length,
-                tf.constant(self.sequence_length, length.dtype),
-                message=length_error(None, self.sequence_length),
+            # signature on TensorFlow): a runtime check, which exported
+            # graphs keep. Other backends trace with static shapes,
+            # checked above.
+            length = backend.checked_less_equal(
+                length, length, self.sequence_length,
+                length_error(None, self.sequence_length),
             )
-            with tf.control_dependencies([check]):
-                length = tf.identity(length)
         table = ops.convert_to_tensor(self.position_embeddings)
         if start_index is None:
             positions = table[:length]

@@ -5,13 +5,10 @@ from keras import ops
 from keras_favor.ops import stabilizers
 from keras_favor.ops.feature_dropout import group_seed
 from keras_favor.ops.feature_dropout import numerator_key_features
+from keras_favor.ops.grouped_recompute import RECOMPUTE_LENGTH
 from keras_favor.ops.grouped_recompute import position_groups
-from keras_favor.ops.products import matmul_transposed_a
 from keras_favor.ops.grouped_recompute import run_in_groups
-
-# Attention over more positions than this runs in groups whose activations
-# are recomputed in the backward pass.
-RECOMPUTE_LENGTH = 32768
+from keras_favor.ops.products import matmul_transposed_a
 
 
 def _key_sums(key, value, feature_fn, mask, dropout_rate, dropout_seed):

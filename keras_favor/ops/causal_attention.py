@@ -17,11 +17,11 @@ from keras import ops
 
 from keras_favor.ops import causal_state
 from keras_favor.ops import stabilizers
-from keras_favor.ops.bidirectional_attention import RECOMPUTE_LENGTH
 from keras_favor.ops.causal_chunks import one_level_causal_attention
 from keras_favor.ops.chunk_scan import PREFIX_BLOCK
 from keras_favor.ops.chunk_scan import pad_positions
 from keras_favor.ops.feature_dropout import group_seed
+from keras_favor.ops.grouped_recompute import RECOMPUTE_LENGTH
 from keras_favor.ops.grouped_recompute import position_groups
 from keras_favor.ops.grouped_recompute import run_in_groups
 from keras_favor.ops.log_domain_causal import log_domain_causal_attention

@@ -17,12 +17,9 @@ def numerator_key_features(key_feats, rate, seed):
     """Key features for the numerator: dropped out when `rate > 0`."""
     if not rate:
         return key_feats
-    if backend.is_tensorflow():
-        import tensorflow as tf
-
-        keep = tf.random.stateless_uniform(tf.shape(key_feats), seed) >= rate
-        return tf.where(keep, key_feats / (1.0 - rate), 0.0)
-    keep = backend.stateless_uniform(tuple(key_feats.shape), seed) >= rate
+    keep = backend.stateless_uniform(
+        backend.runtime_shape(key_feats), seed
+    ) >= rate
     return ops.where(
         keep, key_feats / ops.cast(1.0 - rate, key_feats.dtype),
         ops.zeros((), key_feats.dtype),
@@ -33,8 +30,6 @@ def group_seed(seed, index, num_groups):
     """The stateless dropout seed of group `index` of `num_groups`."""
     if seed is None or num_groups == 1:
         return seed
-    if backend.is_tensorflow():
-        import tensorflow as tf
-
-        return tf.random.experimental.stateless_fold_in(seed, index)
-    return backend.fold_in(seed, index)
+    # On TensorFlow the index folds in as an int32, as these seeds always
+    # have: the dropout masks of a seed stay the same.
+    return backend.fold_in(seed, index, dtype="int32")

@@ -26,6 +26,10 @@ import keras
 from keras_favor import backend
 from keras_favor.validation import positive_int
 
+# Attention over more positions than this runs in groups whose activations
+# are recomputed in the backward pass.
+RECOMPUTE_LENGTH = 32768
+
 
 def position_groups(length, recompute_length, multiple=1):
     """Slices of at most `recompute_length` positions covering `length`.
@@ -150,6 +154,29 @@ def _add(a, b):
     return a if b is None else b if a is None else a + b
 
 
+def _group_gradients(run_group, index, group, shared, state, upstream):
+    """The gradients of group `index`'s outputs and final state given
+    `upstream`, from `run_group` recomputed: those of the group's inputs,
+    of the shared tensors and of the state it started from."""
+    size, num_shared = len(group), len(shared)
+
+    def recompute(*sources):
+        outputs, state = run_group(
+            index,
+            list(sources[:size]),
+            list(sources[size : size + num_shared]),
+            list(sources[size + num_shared :]),
+        )
+        return outputs + state
+
+    grads = _gradients(recompute, group + shared + state, upstream)
+    return (
+        grads[:size],
+        grads[size : size + num_shared],
+        grads[size + num_shared :],
+    )
+
+
 def _recomputed(group_fn, group_inputs, shared, carry):
     """`run_in_groups` of groups whose activations are all recomputed."""
     import tensorflow as tf
@@ -166,26 +193,6 @@ def _recomputed(group_fn, group_inputs, shared, carry):
     def run_group(index, group, shared, state):
         outputs, state = group_fn(index, group, shared, state)
         return list(outputs), list(state)
-
-    def group_gradients(index, group, shared, state, upstream):
-        """Gradients of one group's outputs and final state."""
-        size = len(group)
-
-        def recompute(*sources):
-            outputs, state = run_group(
-                index,
-                list(sources[:size]),
-                list(sources[size : size + num_shared]),
-                list(sources[size + num_shared :]),
-            )
-            return outputs + state
-
-        grads = _gradients(recompute, group + shared + state, upstream)
-        return (
-            grads[:size],
-            grads[size : size + num_shared],
-            grads[size + num_shared :],
-        )
 
     @tf.custom_gradient
     def run(*args):
@@ -217,8 +224,8 @@ def _recomputed(group_fn, group_inputs, shared, carry):
                     previous, [groups[index], shared_in, states[index]]
                 )
                 start = ends[index] - output_counts[index]
-                grads, new_shared, state_grad = group_gradients(
-                    index, group, shared_now, state_in,
+                grads, new_shared, state_grad = _group_gradients(
+                    run_group, index, group, shared_now, state_in,
                     upstream[start : ends[index]] + state_grad,
                 )
                 input_grads[:0] = [

@@ -1,31 +1,19 @@
 """Matrix products with a transposed factor.
 
-`keras.ops.matmul` takes no transpose flags, and on the TensorFlow backend an
-explicit transpose before it is not folded into the product: the products of
-`K'^T V` and `Q' K'^T` then take about 1.15-1.4x as long, forward and
-backward. On TensorFlow these use the batched matmul's own flags; other
-backends compile the transpose into the product.
+`keras.ops.matmul` takes no transpose flags; these pass the transpose to the
+backend's product (`keras_favor.backend.matmul`), which on TensorFlow folds
+it into the batched matmul: the products `K'^T V` and `Q' K'^T` would
+otherwise take about 1.15-1.4x as long there, forward and backward.
 """
 
-import keras
-from keras import ops
-
-
-def _tensorflow_matmul(a, b, **flags):
-    import tensorflow as tf
-
-    return tf.matmul(a, b, **flags)
+from keras_favor import backend
 
 
 def matmul_transposed_a(a, b):
     """`a^T b` over the last two axes."""
-    if keras.backend.backend() == "tensorflow":
-        return _tensorflow_matmul(a, b, transpose_a=True)
-    return ops.matmul(ops.swapaxes(a, -1, -2), b)
+    return backend.matmul(a, b, transpose_a=True)
 
 
 def matmul_transposed_b(a, b):
     """`a b^T` over the last two axes."""
-    if keras.backend.backend() == "tensorflow":
-        return _tensorflow_matmul(a, b, transpose_b=True)
-    return ops.matmul(a, ops.swapaxes(b, -1, -2))
+    return backend.matmul(a, b, transpose_b=True)

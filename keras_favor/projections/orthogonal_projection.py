@@ -17,15 +17,6 @@ def haar_orthogonal_blocks(num_blocks, dim, seed):
     `Q` from the QR of a Gaussian matrix is Haar-distributed only after its
     columns are multiplied by `sign(diag(R))` (Mezzadri, 2007).
     """
-    if backend.is_tensorflow():
-        import tensorflow as tf
-
-        gaussian = tf.random.stateless_normal(
-            (num_blocks, dim, dim), seed=seed
-        )
-        q, r = tf.linalg.qr(gaussian)
-        signs = tf.where(tf.linalg.diag_part(r) < 0.0, -1.0, 1.0)
-        return q * signs[:, None, :]
     gaussian = backend.stateless_normal((num_blocks, dim, dim), seed)
     q, r = ops.qr(gaussian)
     diagonal = ops.diagonal(r, axis1=-2, axis2=-1)

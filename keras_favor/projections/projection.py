@@ -37,14 +37,8 @@ class Projection(Configurable):
                 f"Received: shape={shape}"
             )
         matrix = self.sample(tuple(shape), as_seed_pair(seed))
-        if backend.is_tensorflow():
-            import tensorflow as tf
-
-            return tf.ensure_shape(tf.cast(matrix, tf.float32), shape)
-        matrix = keras.ops.cast(matrix, "float32")
-        if tuple(matrix.shape) != tuple(shape):
-            raise ValueError(
-                f"{type(self).__name__}.sample returned shape "
-                f"{tuple(matrix.shape)}, not {tuple(shape)}."
-            )
-        return matrix
+        return backend.ensure_shape(
+            keras.ops.cast(matrix, "float32"), shape,
+            f"{type(self).__name__}.sample returned shape "
+            f"{tuple(matrix.shape)}, not {tuple(shape)}.",
+        )
