@@ -16,7 +16,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --upgrade pip
 	# The data extra: the sequences of the biology examples' smoke tests.
-	$(BIN)/python -m pip install -e ".[test,data]"
+	$(BIN)/python -m pip install -e ".[test,data,keras-hub]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,0 +1,19 @@
+"""keras-hub models with FAVOR+ attention.
+
+`keras_favor.convert.performerize` converts keras-hub backbones, tasks and
+Transformer layers through this package. Importing it imports keras-hub
+(the `keras-hub` extra) and registers the converted classes, so that a
+converted model's `.keras` file loads: import it before
+`keras.saving.load_model`.
+"""
+
+from keras_favor.keras_hub.favor_backbone import FavorBackbone
+from keras_favor.keras_hub.favor_backbone import favor_backbone_class
+from keras_favor.keras_hub.favor_backbone import register_backbone_classes
+from keras_favor.keras_hub.favor_transformer_decoder import (
+    FavorTransformerDecoder,
+)
+
+register_backbone_classes()
+
+__all__ = ["FavorBackbone", "FavorTransformerDecoder", "favor_backbone_class"]
