@@ -10,10 +10,17 @@ converted model's `.keras` file loads: import it before
 from keras_favor.keras_hub.favor_backbone import FavorBackbone
 from keras_favor.keras_hub.favor_backbone import favor_backbone_class
 from keras_favor.keras_hub.favor_backbone import register_backbone_classes
+from keras_favor.keras_hub.favor_causal_lm import FavorCausalLM
+from keras_favor.keras_hub.favor_causal_lm import favor_causal_lm_class
+from keras_favor.keras_hub.favor_causal_lm import register_causal_lm_classes
 from keras_favor.keras_hub.favor_transformer_decoder import (
     FavorTransformerDecoder,
 )
 
 register_backbone_classes()
+register_causal_lm_classes()
 
-__all__ = ["FavorBackbone", "FavorTransformerDecoder", "favor_backbone_class"]
+__all__ = [
+    "FavorBackbone", "FavorCausalLM", "FavorTransformerDecoder",
+    "favor_backbone_class", "favor_causal_lm_class",
+]

@@ -7,6 +7,7 @@ import keras_hub
 from keras_favor.keras_hub import favor_transformer_decoder
 from keras_favor.keras_hub.attention_swap import check_dense_weights
 from keras_favor.keras_hub.favor_backbone import convert_backbone
+from keras_favor.keras_hub.favor_causal_lm import favor_causal_lm_class
 
 
 def is_keras_hub_model(model):
@@ -22,7 +23,8 @@ def is_keras_hub_decoder(layer):
 
 def convert_model(model, predicate, favor_options):
     """`performerize(model, ...)` for a keras-hub backbone or task: the
-    same class for a task (its backbone converted, its preprocessor and
+    same class for a task (a CausalLM's `FavorCausalLM` subclass; its
+    backbone converted, its preprocessor and
     other weights kept), the `FavorBackbone` subclass for a backbone."""
     if predicate is not None:
         raise ValueError(
@@ -37,7 +39,11 @@ def convert_model(model, predicate, favor_options):
 
 
 def task_class(task_class_):
-    """The class of a converted task of class `task_class_`."""
+    """The class of a converted task of class `task_class_`: a CausalLM's
+    `FavorCausalLM` subclass, which generates on the recurrent state; any
+    other task's own class."""
+    if issubclass(task_class_, keras_hub.models.CausalLM):
+        return favor_causal_lm_class(task_class_)
     return task_class_
 
 

@@ -4,6 +4,7 @@ attention."""
 import keras
 import keras_hub
 
+from keras_favor.keras_hub import packed_state
 from keras_favor.keras_hub.attention_swap import convert_held_attention
 from keras_favor.layers.favor_attention import checked_options
 
@@ -33,9 +34,11 @@ class FavorTransformerDecoder(keras_hub.layers.TransformerDecoder):
 
     Decoding: the self-attention cache is `FavorAttention`'s causal state
     (a tuple whose size does not grow with the position), from
-    `empty_cache`. keras-hub's `(B, 2, S, heads, head_dim)` key/value
-    cache does not apply. Positions masked by `decoder_padding_mask` leave
-    the state as it is.
+    `empty_cache`, or the same packed into one `(B, P)` float32 tensor
+    (`empty_cache(batch_size, packed=True)`), the form keras-hub's
+    CausalLM tasks slice and stack. keras-hub's
+    `(B, 2, S, heads, head_dim)` key/value cache does not apply. Positions
+    masked by `decoder_padding_mask` leave the state as it is.
 
     Args:
         favor_options: dict of `FavorAttention` options (`num_features`,
@@ -73,10 +76,12 @@ class FavorTransformerDecoder(keras_hub.layers.TransformerDecoder):
         super().build(decoder_sequence_shape, encoder_sequence_shape)
         convert_held_attention(self, self._favor_options)
 
-    def empty_cache(self, batch_size, max_length=None):
+    def empty_cache(self, batch_size, max_length=None, packed=False):
         """The self-attention's causal state before any position:
-        `FavorAttention.empty_cache`."""
-        return self._self_attention_layer.empty_cache(batch_size, max_length)
+        `FavorAttention.empty_cache`, packed into one `(B, P)` float32
+        tensor with `packed=True`."""
+        state = self._self_attention_layer.empty_cache(batch_size, max_length)
+        return packed_state.pack(state) if packed else state
 
     def call(
         self, decoder_sequence, encoder_sequence=None,
@@ -149,10 +154,14 @@ class FavorTransformerDecoder(keras_hub.layers.TransformerDecoder):
     ):
         attention = self._self_attention_layer
         if cache is not None:
-            return attention(
+            packed = not isinstance(cache, (tuple, list))
+            if packed:
+                cache = packed_state.unpack(attention, cache)
+            outputs, cache = attention(
                 x, query_mask=padding_mask, use_causal_mask=True,
                 cache=cache, cache_update_index=cache_update_index,
             )
+            return outputs, packed_state.pack(cache) if packed else cache
         outputs = attention(
             x, x, value_mask=padding_mask, use_causal_mask=use_causal_mask,
             training=training,
