@@ -231,3 +231,20 @@ def test_llama_attention_raises_naming_its_class():
 def test_keras_hub_backbone_with_a_predicate_raises():
     with pytest.raises(ValueError, match="predicate"):
         performerize(gpt2_backbone(), predicate=lambda mha: True)
+
+
+def test_keras_favor_imports_without_importing_keras_hub():
+    """keras-hub is an extra: keras_favor (performerize included) loads it
+    only through `keras_favor.keras_hub`."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, keras_favor, keras_favor.convert; "
+        "print('keras_hub' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True,
+        cwd=ROOT, check=True,
+    )
+    assert result.stdout.strip() == "False"

@@ -20,14 +20,20 @@ LENGTH = 10
 PROMPT_LENGTHS = (3, 5, 1, 7)
 
 
-def converted_gpt2(vocabulary_size=50, seed=0):
-    keras.utils.set_random_seed(seed)
-    backbone = keras_hub.models.GPT2Backbone(
+def converted_causal_lm(family="GPT2", vocabulary_size=50, **favor_options):
+    keras.utils.set_random_seed(0)
+    backbone = getattr(keras_hub.models, family + "Backbone")(
         vocabulary_size=vocabulary_size, num_layers=2, num_heads=2,
         hidden_dim=16, intermediate_dim=32, max_sequence_length=16,
     )
-    task = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
-    return performerize(task, seed=0)
+    task = getattr(keras_hub.models, family + "CausalLM")(
+        backbone=backbone, preprocessor=None
+    )
+    return performerize(task, **{"seed": 0, **favor_options})
+
+
+def converted_gpt2(vocabulary_size=50):
+    return converted_causal_lm("GPT2", vocabulary_size)
 
 
 def prompts(seed=0):
@@ -61,9 +67,15 @@ def generate(model, inputs, sampler):
     )
 
 
-def test_greedy_generate_equals_argmax_of_repeated_full_passes():
-    model = converted_gpt2()
-    assert isinstance(model, keras_hub.models.GPT2CausalLM)
+@pytest.mark.parametrize(
+    "family, favor_options",
+    [("GPT2", {}), ("GPT2", {"local_window": 3}), ("OPT", {})],
+)
+def test_greedy_generate_equals_argmax_of_repeated_full_passes(
+    family, favor_options
+):
+    model = converted_causal_lm(family, **favor_options)
+    assert isinstance(model, getattr(keras_hub.models, family + "CausalLM"))
     assert isinstance(model, FavorCausalLM)
     inputs = prompts()
     np.testing.assert_array_equal(
@@ -146,3 +158,37 @@ def test_generate_from_strings_through_a_preprocessor():
         text.decode() if isinstance(text, bytes) else text
         for text in np.asarray(expected).tolist()
     ]
+
+
+@pytest.mark.integration
+def test_loaded_causal_lm_generates_as_before(tmp_path):
+    model = converted_causal_lm("OPT")
+    inputs = prompts()
+    expected = generate(model, inputs, "greedy")
+    model.save(tmp_path / "opt.keras")
+    loaded = keras.saving.load_model(tmp_path / "opt.keras")
+    assert type(loaded) is type(model)
+    np.testing.assert_array_equal(generate(loaded, inputs, "greedy"), expected)
+
+
+def test_bart_generate_raises_naming_cross_attention():
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.BartBackbone(
+        vocabulary_size=50, num_layers=1, num_heads=2, hidden_dim=16,
+        intermediate_dim=32, max_sequence_length=16,
+    )
+    task = performerize(
+        keras_hub.models.BartSeq2SeqLM(backbone=backbone, preprocessor=None),
+        seed=0,
+    )
+    inputs = prompts()
+    with pytest.raises(ValueError, match="cross-attention"):
+        task.generate(
+            {
+                "encoder_token_ids": inputs["token_ids"],
+                "encoder_padding_mask": inputs["padding_mask"],
+                "decoder_token_ids": inputs["token_ids"],
+                "decoder_padding_mask": inputs["padding_mask"],
+            },
+            stop_token_ids=None,
+        )

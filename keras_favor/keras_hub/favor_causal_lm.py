@@ -32,6 +32,21 @@ class FavorCausalLM:
     states packed (`FavorTransformerDecoder.empty_cache(packed=True)`).
     """
 
+    def _check_generation(self):
+        """A `ValueError` unless the backbone's `transformer_layers` are
+        converted self-attention decoders, the layers this generation
+        feeds."""
+        layers = getattr(self.backbone, "transformer_layers", None)
+        if isinstance(self, keras_hub.models.Seq2SeqLM) or not layers:
+            raise ValueError(
+                f"{type(self).__name__}.generate() is not supported after "
+                "conversion: keras_favor generates with decoder-only "
+                "keras-hub CausalLMs (such as GPT-2 and OPT), whose "
+                "backbone's `transformer_layers` are self-attention "
+                "decoders; cross-attention decoding has no FAVOR+ cache "
+                "here."
+            )
+
     def _empty_state(self, batch_size):
         return ops.stack(
             [
@@ -76,6 +91,7 @@ class FavorCausalLM:
     def generate_step(self, inputs, stop_token_ids=None):
         """keras-hub's generation of one batch (`CausalLM.generate_step`),
         each position entering the recurrent state once."""
+        self._check_generation()
         token_ids = inputs["token_ids"]
         padding_mask = ops.cast(inputs["padding_mask"], "bool")
         first_free = ops.min(ops.sum(ops.cast(padding_mask, "int32"), axis=-1))
