@@ -192,3 +192,24 @@ def test_bart_generate_raises_naming_cross_attention():
             },
             stop_token_ids=None,
         )
+
+
+@pytest.mark.parametrize(
+    "sampler", ["greedy", keras_hub.samplers.BeamSampler(num_beams=3)]
+)
+def test_with_a_full_window_generate_equals_the_original_tasks(sampler):
+    """With a local window as long as the buffer, FAVOR+ is exact softmax
+    attention: the converted task's generation on its recurrent state
+    equals keras-hub's on the original task's key/value cache (beam search
+    reorders the state with its sequences)."""
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=50, num_layers=2, num_heads=2, hidden_dim=16,
+        intermediate_dim=32, max_sequence_length=16,
+    )
+    task = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    converted = performerize(task, local_window=LENGTH, seed=0)
+    inputs = prompts()
+    np.testing.assert_array_equal(
+        generate(converted, inputs, sampler), generate(task, inputs, sampler)
+    )

@@ -103,8 +103,12 @@ class FavorCausalLM:
             position = index - 1
             # From the shortest prompt's end on, a position the prompt does
             # not fill holds a sampled token.
+            # A beam search runs `num_beams` copies of each sequence, next
+            # to each other in the batch.
+            copies = ops.shape(prompt)[0] // ops.shape(padding_mask)[0]
             is_real = ops.logical_or(
-                padding_mask[:, position], position >= first_free
+                ops.repeat(padding_mask[:, position], copies, axis=0),
+                position >= first_free,
             )
             logits, hidden, cache = self._feed(
                 prompt, cache, position, is_real
