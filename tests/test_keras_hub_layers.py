@@ -13,6 +13,7 @@ from keras import random
 from keras_favor.convert import from_multi_head_attention
 from keras_favor.convert import performerize
 from keras_favor.keras_hub import FavorTransformerDecoder
+from keras_favor.keras_hub.attention_swap import convert_held_attention
 from keras_favor.layers.favor_attention import FavorAttention
 
 BATCH, LENGTH, HEADS, KEY_DIM = 2, 5, 2, 4
@@ -191,7 +192,7 @@ def test_decoder_cross_attention_cache_raises():
 
 @pytest.mark.parametrize("normalize_first", [False, True])
 def test_encoder_behaviors_and_valid_call(normalize_first):
-    model, converted = converted_encoder(normalize_first=normalize_first)
+    _, converted = converted_encoder(normalize_first=normalize_first)
     inputs = uniform(2, 4, 6)
     assert tuple(converted(inputs).shape) == (2, 4, 6)
     encoder = converted.layers[-1].layer
@@ -210,8 +211,6 @@ def test_encoder_valid_call_with_mask_equals_the_original_with_a_full_window():
     inputs = uniform(2, 4, 6)
     mask = inputs[:, :, 0] < 0.5
     expected = encoder(inputs, mask)
-    from keras_favor.keras_hub.attention_swap import convert_held_attention
-
     convert_held_attention(encoder, {"local_window": 4, "seed": 0})
     assert encoder._self_attention_layer.get_config() == favor.get_config()
     np.testing.assert_allclose(
