@@ -213,3 +213,19 @@ def test_with_a_full_window_generate_equals_the_original_tasks(sampler):
     np.testing.assert_array_equal(
         generate(converted, inputs, sampler), generate(task, inputs, sampler)
     )
+
+
+@pytest.mark.integration
+def test_mixed_precision_generate_under_xla_equals_graph_generate():
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=50, num_layers=2, num_heads=2, hidden_dim=16,
+        intermediate_dim=32, max_sequence_length=16, dtype="mixed_bfloat16",
+    )
+    task = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    model = performerize(task, seed=0)
+    inputs = prompts()
+    expected = generate(model, inputs, "greedy")
+    model.compile(sampler="greedy", jit_compile=True)
+    tokens = model.generate(inputs, stop_token_ids=None)["token_ids"]
+    np.testing.assert_array_equal(np.asarray(tokens), expected)
