@@ -171,7 +171,9 @@ def test_loaded_causal_lm_generates_as_before(tmp_path):
     np.testing.assert_array_equal(generate(loaded, inputs, "greedy"), expected)
 
 
-def test_bart_generate_raises_naming_cross_attention():
+def test_bart_greedy_generate_equals_argmax_of_repeated_full_passes():
+    """The encoder runs once; each decoder position enters the state once
+    and the cross-attention reads the encoder's states at every step."""
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.BartBackbone(
         vocabulary_size=50, num_layers=1, num_heads=2, hidden_dim=16,
@@ -181,17 +183,31 @@ def test_bart_generate_raises_naming_cross_attention():
         keras_hub.models.BartSeq2SeqLM(backbone=backbone, preprocessor=None),
         seed=0,
     )
-    inputs = prompts()
-    with pytest.raises(ValueError, match="cross-attention"):
-        task.generate(
-            {
-                "encoder_token_ids": inputs["token_ids"],
-                "encoder_padding_mask": inputs["padding_mask"],
-                "decoder_token_ids": inputs["token_ids"],
-                "decoder_padding_mask": inputs["padding_mask"],
-            },
-            stop_token_ids=None,
-        )
+    assert isinstance(task, keras_hub.models.BartSeq2SeqLM)
+    decoder, encoder = prompts(), prompts(seed=1)
+    inputs = {
+        "encoder_token_ids": encoder["token_ids"],
+        "encoder_padding_mask": encoder["padding_mask"],
+        "decoder_token_ids": decoder["token_ids"],
+        "decoder_padding_mask": decoder["padding_mask"],
+    }
+    task.compile(sampler="greedy")
+    tokens = task.generate(inputs, stop_token_ids=None)["decoder_token_ids"]
+    expected = decoder["token_ids"].copy()
+    for row, length in enumerate(decoder["padding_mask"].sum(axis=1)):
+        for position in range(length, LENGTH):
+            logits = task(
+                {
+                    "encoder_token_ids": encoder["token_ids"][row:row + 1],
+                    "encoder_padding_mask": encoder["padding_mask"][row:row + 1],
+                    "decoder_token_ids": expected[row:row + 1],
+                    "decoder_padding_mask": np.arange(LENGTH)[None] < position,
+                }
+            )
+            expected[row, position] = np.argmax(
+                np.asarray(logits)[0, position - 1]
+            )
+    np.testing.assert_array_equal(np.asarray(tokens), expected)
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """keras-hub's own tests of TransformerDecoder, TransformerEncoder and
 CachedMultiHeadAttention, adapted to their converted forms (rewritten
 from what they check). Expected exceptions: no attention scores, no
-custom attention masks, no cross-attention cache."""
+custom attention masks, no cross-attention key/value cache to fill."""
 
 import keras
 import keras_hub
@@ -130,7 +130,7 @@ def cached_loop(layer, x, cache, **kwargs):
         output, cache = layer(
             token, self_attention_cache=cache,
             self_attention_cache_update_index=i, **kwargs,
-        )
+        )[:2]
         return i + 1, ops.slice_update(outputs, (0, i, 0), output), cache
 
     _, outputs, cache = ops.while_loop(
@@ -152,10 +152,12 @@ def test_decoder_cache_call_is_correct(cross_attention):
     if cross_attention:
         kwargs["encoder_sequence"] = uniform(BATCH, 3, HIDDEN, seed=1)
     full = layer(x, **kwargs)
+    # With cross-attention the call also returns the (unused)
+    # cross-attention cache, as keras-hub's decoder does.
     layer_outputs, one_call_state = layer(
         x[:, :LENGTH], self_attention_cache=layer.empty_cache(BATCH),
         self_attention_cache_update_index=0, **kwargs,
-    )
+    )[:2]
     loop_outputs, loop_state = cached_loop(
         layer, x[:, :LENGTH], layer.empty_cache(BATCH), **kwargs
     )
@@ -166,24 +168,35 @@ def test_decoder_cache_call_is_correct(cross_attention):
         np.asarray(loop_outputs), np.asarray(full)[:, :LENGTH], atol=1e-5
     )
     for state in (one_call_state, loop_state):
-        last, _ = layer(
+        last = layer(
             x[:, LENGTH:], self_attention_cache=state,
             self_attention_cache_update_index=LENGTH, **kwargs,
-        )
+        )[0]
         np.testing.assert_allclose(
             np.asarray(last)[:, 0], np.asarray(full)[:, LENGTH], atol=1e-5
         )
 
 
-def test_decoder_cross_attention_cache_raises():
+def test_decoder_cross_attention_cache_is_passed_through_never_filled():
     layer = decoder()
     x, encoded = uniform(BATCH, 1, HIDDEN), uniform(BATCH, 3, HIDDEN)
-    layer(x, encoded)
+    expected = layer(x, encoded)
+    placeholder = ops.zeros((BATCH, 2, 3, 2, 4))
+    outputs, _, cross_cache = layer(
+        x, encoded, self_attention_cache=layer.empty_cache(BATCH),
+        self_attention_cache_update_index=0,
+        cross_attention_cache=placeholder,
+    )
+    assert cross_cache is placeholder
+    np.testing.assert_allclose(
+        np.asarray(outputs), np.asarray(expected), atol=1e-5
+    )
     with pytest.raises(ValueError, match="cross_attention_cache"):
         layer(
             x, encoded, self_attention_cache=layer.empty_cache(BATCH),
             self_attention_cache_update_index=0,
-            cross_attention_cache=ops.zeros((BATCH, 2, 3, 2, 4)),
+            cross_attention_cache=placeholder,
+            cross_attention_cache_update_index=0,
         )
 
 

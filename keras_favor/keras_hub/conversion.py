@@ -8,6 +8,7 @@ from keras_favor.keras_hub import favor_transformer_decoder
 from keras_favor.keras_hub.attention_swap import check_dense_weights
 from keras_favor.keras_hub.favor_backbone import convert_backbone
 from keras_favor.keras_hub.favor_causal_lm import favor_causal_lm_class
+from keras_favor.keras_hub.favor_seq_2_seq_lm import favor_seq_2_seq_lm_class
 
 
 def is_keras_hub_model(model):
@@ -40,8 +41,10 @@ def convert_model(model, predicate, favor_options):
 
 def task_class(task_class_):
     """The class of a converted task of class `task_class_`: a CausalLM's
-    `FavorCausalLM` subclass, which generates on the recurrent state; any
-    other task's own class."""
+    `FavorCausalLM` subclass and a Seq2SeqLM's `FavorSeq2SeqLM` subclass,
+    which generate on the recurrent state; any other task's own class."""
+    if issubclass(task_class_, keras_hub.models.Seq2SeqLM):
+        return favor_seq_2_seq_lm_class(task_class_)
     if issubclass(task_class_, keras_hub.models.CausalLM):
         return favor_causal_lm_class(task_class_)
     return task_class_

@@ -37,14 +37,13 @@ class FavorCausalLM:
         converted self-attention decoders, the layers this generation
         feeds."""
         layers = getattr(self.backbone, "transformer_layers", None)
-        if isinstance(self, keras_hub.models.Seq2SeqLM) or not layers:
+        if not layers:
             raise ValueError(
                 f"{type(self).__name__}.generate() is not supported after "
                 "conversion: keras_favor generates with decoder-only "
                 "keras-hub CausalLMs (such as GPT-2 and OPT), whose "
                 "backbone's `transformer_layers` are self-attention "
-                "decoders; cross-attention decoding has no FAVOR+ cache "
-                "here."
+                "decoders."
             )
 
     def _empty_state(self, batch_size):
@@ -125,13 +124,13 @@ class FavorCausalLM:
         )
         return {
             "token_ids": token_ids,
-            "padding_mask": _generated_mask(
+            "padding_mask": generated_mask(
                 token_ids, padding_mask, stop_token_ids
             ),
         }
 
 
-def _generated_mask(token_ids, prompt_mask, stop_token_ids):
+def generated_mask(token_ids, prompt_mask, stop_token_ids):
     """The padding mask of the generated sequences: every position, or with
     stop tokens, the positions up to and with each sequence's first stop
     token after its prompt (as keras-hub's tasks return it)."""
@@ -170,5 +169,7 @@ def register_causal_lm_classes():
     for value in vars(keras_hub.models).values():
         if isinstance(value, type) and issubclass(
             value, keras_hub.models.CausalLM
-        ) and value is not keras_hub.models.CausalLM:
+        ) and not issubclass(value, keras_hub.models.Seq2SeqLM) and (
+            value is not keras_hub.models.CausalLM
+        ):
             favor_causal_lm_class(value)

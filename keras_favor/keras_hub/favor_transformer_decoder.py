@@ -49,8 +49,9 @@ class FavorTransformerDecoder(keras_hub.layers.TransformerDecoder):
     Call arguments:
         As `keras_hub.layers.TransformerDecoder`'s, except that
         `decoder_attention_mask` and `encoder_attention_mask` must be None,
-        `self_attention_cache` is a FAVOR state and
-        `cross_attention_cache` is not supported.
+        `self_attention_cache` is a FAVOR state and a
+        `cross_attention_cache` is only passed through (its update index
+        None): the cross-attention reads `encoder_sequence` at every call.
 
     Example:
 
@@ -94,6 +95,7 @@ class FavorTransformerDecoder(keras_hub.layers.TransformerDecoder):
         self._check_call(
             encoder_sequence, decoder_attention_mask, encoder_attention_mask,
             self_attention_cache, cross_attention_cache, use_causal_mask,
+            cross_attention_cache_update_index,
         )
         if decoder_padding_mask is None:
             decoder_padding_mask = _keras_mask(decoder_sequence)
@@ -133,6 +135,8 @@ class FavorTransformerDecoder(keras_hub.layers.TransformerDecoder):
         )
         if self_attention_cache is None:
             return x
+        if self._cross_attention_layer is not None:
+            return x, self_attention_cache, cross_attention_cache
         return x, self_attention_cache
 
     def _residual(self, x, norm, sublayer, dropout, training):
@@ -171,7 +175,7 @@ class FavorTransformerDecoder(keras_hub.layers.TransformerDecoder):
     def _check_call(
         self, encoder_sequence, decoder_attention_mask,
         encoder_attention_mask, self_attention_cache, cross_attention_cache,
-        use_causal_mask,
+        use_causal_mask, cross_attention_cache_update_index,
     ):
         has_cross = self._cross_attention_layer is not None
         if has_cross != (encoder_sequence is not None):
@@ -192,10 +196,14 @@ class FavorTransformerDecoder(keras_hub.layers.TransformerDecoder):
                     "`use_causal_mask` and padding from the padding masks. "
                     f"Received: {name} of shape {tuple(mask.shape)}"
                 )
-        if cross_attention_cache is not None:
+        if cross_attention_cache is not None and (
+            cross_attention_cache_update_index is not None
+        ):
             raise ValueError(
-                "`cross_attention_cache` is not supported: the converted "
-                "cross-attention reads `encoder_sequence` at every call."
+                "`cross_attention_cache` can only be passed through (with "
+                "`cross_attention_cache_update_index=None`): the converted "
+                "cross-attention reads `encoder_sequence` at every call, "
+                "and holds no key/value cache to fill."
             )
         if self_attention_cache is not None and not use_causal_mask:
             raise ValueError(
