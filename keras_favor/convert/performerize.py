@@ -39,7 +39,10 @@ def performerize(model, predicate=None, **favor_kwargs):
     equals the original's. The new model calls the attention
     layers with the same arguments, so `use_causal_mask=True` stays causal;
     a general `(B, T, S)` attention mask has no linear-time form and raises
-    when the model is called. `model` is left as it was.
+    when the model is called. A keras-hub backbone or task, and a
+    keras-hub `TransformerDecoder`, convert through `keras_favor.keras_hub`
+    (keeping their keras-hub classes; see docs/keras_hub.md). `model` is
+    left as it was.
 
     Args:
         model: a functional or sequential `keras.Model`, built.
