@@ -17,7 +17,8 @@ $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --upgrade pip
 	# The data extra: the sequences of the biology examples' smoke tests.
 	# The dev extra: ruff and MkDocs for `make lint` and `make docs`.
-	$(BIN)/python -m pip install -e ".[test,data,dev]"
+	# The keras-hub extra: the keras-hub conversion's tests.
+	$(BIN)/python -m pip install -e ".[test,data,dev,keras-hub]"
 	touch $(STAMP)
 
 install: $(STAMP)

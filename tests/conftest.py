@@ -30,6 +30,7 @@ def pytest_configure(config):
         "backend_independent: the module runs on every Keras backend "
         "(make test also runs it with KERAS_BACKEND=jax)",
     )
+    config.addinivalue_line("markers", "integration: a slow test (over 20 s)")
     config.addinivalue_line(
         "markers",
         "tensorflow_only: needs the TensorFlow backend (tf.function, "

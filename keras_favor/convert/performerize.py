@@ -1,6 +1,8 @@
 """`performerize`: a copy of a model with FavorAttention in place of its
 `keras.layers.MultiHeadAttention` layers."""
 
+import sys
+
 import keras
 
 from keras_favor.convert.attention_paths import all_layers
@@ -37,7 +39,10 @@ def performerize(model, predicate=None, **favor_kwargs):
     equals the original's. The new model calls the attention
     layers with the same arguments, so `use_causal_mask=True` stays causal;
     a general `(B, T, S)` attention mask has no linear-time form and raises
-    when the model is called. `model` is left as it was.
+    when the model is called. A keras-hub backbone or task, and a
+    keras-hub `TransformerDecoder`, convert through `keras_favor.keras_hub`
+    (keeping their keras-hub classes; see docs/keras_hub.md). `model` is
+    left as it was.
 
     Args:
         model: a functional or sequential `keras.Model`, built.
@@ -64,6 +69,10 @@ def performerize(model, predicate=None, **favor_kwargs):
     ```
     """
     _check_model(model)
+    if _is_keras_hub(model):
+        return _keras_hub_conversion().convert_model(
+            model, predicate, favor_kwargs
+        )
     selected = _selected_attention(model, predicate or (lambda mha: True))
     # `predicate` is asked once per layer, here.
     accepted = {id(mha) for _, mha in selected}
@@ -87,6 +96,13 @@ def performerize(model, predicate=None, **favor_kwargs):
             path: mha for path, mha in held_attention(layer).items()
             if id(mha) in accepted
         }
+        if held and _is_keras_hub(layer):
+            # keras-hub's decoder passes causality as a dense mask: it
+            # converts as a whole, into a decoder that asks for causality.
+            converted_ids.update(id(mha) for mha in held.values())
+            return _keras_hub_conversion().converted_decoder(
+                layer, favor_kwargs
+            )
         if not held:
             new = layer.__class__.from_config(layer.get_config())
             clones.append((layer, new))
@@ -281,9 +297,29 @@ def _favor_block(block, favor):
     return new
 
 
+def _is_keras_hub(layer):
+    """Whether `layer` is a keras-hub backbone, task or TransformerDecoder,
+    which convert through `keras_favor.keras_hub` (keras-hub is loaded
+    whenever a model holds one of its layers)."""
+    if "keras_hub" not in sys.modules:
+        return False
+    conversion = _keras_hub_conversion()
+    return conversion.is_keras_hub_model(layer) or (
+        conversion.is_keras_hub_decoder(layer)
+    )
+
+
+def _keras_hub_conversion():
+    from keras_favor.keras_hub import conversion
+
+    return conversion
+
+
 def _copy(layer):
     """A built copy of `layer` with its weights."""
     new = layer.__class__.from_config(layer.get_config())
-    build_like(new, layer.get_build_config())
+    if not new.built:
+        # Some layers (keras-hub's) are built by `from_config` already.
+        build_like(new, layer.get_build_config())
     new.set_weights(layer.get_weights())
     return new

@@ -1,0 +1,33 @@
+"""keras-hub models with FAVOR+ attention.
+
+`keras_favor.convert.performerize` converts keras-hub backbones, tasks and
+Transformer layers through this package. Importing it imports keras-hub
+(the `keras-hub` extra) and registers the converted classes, so that a
+converted model's `.keras` file loads: import it before
+`keras.saving.load_model`.
+"""
+
+from keras_favor.keras_hub.favor_backbone import FavorBackbone
+from keras_favor.keras_hub.favor_backbone import favor_backbone_class
+from keras_favor.keras_hub.favor_backbone import register_backbone_classes
+from keras_favor.keras_hub.favor_causal_lm import FavorCausalLM
+from keras_favor.keras_hub.favor_causal_lm import favor_causal_lm_class
+from keras_favor.keras_hub.favor_causal_lm import register_causal_lm_classes
+from keras_favor.keras_hub.favor_seq_2_seq_lm import FavorSeq2SeqLM
+from keras_favor.keras_hub.favor_seq_2_seq_lm import favor_seq_2_seq_lm_class
+from keras_favor.keras_hub.favor_seq_2_seq_lm import (
+    register_seq_2_seq_lm_classes,
+)
+from keras_favor.keras_hub.favor_transformer_decoder import (
+    FavorTransformerDecoder,
+)
+
+register_backbone_classes()
+register_causal_lm_classes()
+register_seq_2_seq_lm_classes()
+
+__all__ = [
+    "FavorBackbone", "FavorCausalLM", "FavorSeq2SeqLM",
+    "FavorTransformerDecoder", "favor_backbone_class",
+    "favor_causal_lm_class", "favor_seq_2_seq_lm_class",
+]
