@@ -107,21 +107,7 @@ def performerize(model, predicate=None, **favor_kwargs):
             new = layer.__class__.from_config(layer.get_config())
             clones.append((layer, new))
             return new
-        # A custom layer or subclassed model holding attention: a copy with
-        # its weights, its attention swapped, in a wrapper that saves it.
-        inner = _copy(layer)
-        favors = {}
-        for mha in held.values():
-            if id(mha) not in favors:
-                favors[id(mha)] = converted(mha)
-        attentions = {path: favors[id(mha)] for path, mha in held.items()}
-        swap_attention(inner, _held_by_the_copy(inner, attentions))
-        _check_swapped(layer, inner, len(favors))
-        return PerformerizedLayer(
-            inner,
-            {path: favor.get_config() for path, favor in attentions.items()},
-            name=layer.name,
-        )
+        return _holder_with_favor_attention(layer, held, converted)
 
     def clone_naming_the_layer(layer):
         try:
@@ -157,6 +143,26 @@ def performerize(model, predicate=None, **favor_kwargs):
 class _LayerError(ValueError):
     """A layer of the model failed to copy or convert (the message names
     it)."""
+
+
+def _holder_with_favor_attention(layer, held, converted):
+    """A custom layer or subclassed model holding attention: a copy with its
+    weights, the attention at each path of `held` swapped for
+    `converted(mha)` (a layer shared by several paths converts once), in a
+    wrapper that saves it."""
+    inner = _copy(layer)
+    favors = {}
+    for mha in held.values():
+        if id(mha) not in favors:
+            favors[id(mha)] = converted(mha)
+    attentions = {path: favors[id(mha)] for path, mha in held.items()}
+    swap_attention(inner, _held_by_the_copy(inner, attentions))
+    _check_swapped(layer, inner, len(favors))
+    return PerformerizedLayer(
+        inner,
+        {path: favor.get_config() for path, favor in attentions.items()},
+        name=layer.name,
+    )
 
 
 def _held_by_the_copy(inner, attentions):
