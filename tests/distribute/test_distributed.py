@@ -18,7 +18,7 @@ import keras_favor
 from keras_favor.distribute import multi_worker_fit
 from tests import fit_script
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "tests", "fit_script.py")
 PROCESS_TIMEOUT_S = 180
 EXAMPLE = os.path.join(REPO, "examples", "distributed_training.py")

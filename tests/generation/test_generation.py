@@ -288,7 +288,7 @@ print(json.dumps({
 
 
 def test_generate_on_the_jax_backend():
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(
         os.environ, KERAS_BACKEND="jax", CUDA_VISIBLE_DEVICES="",
         PYTHONPATH=repo, JAX_PLATFORMS="cpu",

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-BENCHMARKS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks")
+BENCHMARKS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks")
 sys.path.insert(0, BENCHMARKS_DIR)
 
 import approximation  # noqa: E402

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 TINY_MODEL = [
     "--num-layers", "1", "--num-heads", "2", "--hidden-dim", "16",
     "--intermediate-dim", "32", "--num-features", "16", "--batch-size", "4",

@@ -7,7 +7,7 @@ import os
 import sys
 
 BENCHMARKS_DIR = os.path.join(
-    os.path.dirname(os.path.dirname(__file__)), "benchmarks"
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks"
 )
 sys.path.insert(0, BENCHMARKS_DIR)
 

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests import backend_script
+from tests.integration import backend_script
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("jax") is None,
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "backend_script.py")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run_script(backend, mode, out_dir, timeout=600, **extra_env):
@@ -180,7 +180,7 @@ def test_redraws_are_deterministic_per_backend_not_across_backends(
     # one on the other backend (the FeatureRedraw docstring and the README
     # say so). On TensorFlow, this process, a second process and a second
     # model in it agree bit for bit.
-    from tests.backend_script import redraw_sequence
+    from tests.integration.backend_script import redraw_sequence
 
     draws = {}
     for name in ("tensorflow", "jax"):

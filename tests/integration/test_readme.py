@@ -14,7 +14,7 @@ import subprocess
 import sys
 import textwrap
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
 
 # Placeholders of each section: Python run in a namespace of its own, whose
 # names listed here are handed to the section's blocks.
@@ -157,7 +157,7 @@ def test_every_readme_section_runs(tmp_path):
             sys.executable,
             "-c",
             "import sys; sys.path.insert(0, sys.argv[1]); "
-            "from tests.test_readme import run_sections; "
+            "from tests.integration.test_readme import run_sections; "
             "run_sections(sys.argv[2:])",
             str(README.parent),
             *names,

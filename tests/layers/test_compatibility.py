@@ -16,7 +16,7 @@ import keras_favor  # noqa: F401  (registers the layers)
 
 pytestmark = pytest.mark.backend_independent
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 NAMES = [
     "classifier_favor",
     "classifier_relu_sequential",

@@ -9,8 +9,8 @@ import tensorflow as tf
 
 import keras_favor
 from keras_favor.models import language_model_loss
-from tests.test_build_performer import SIZES
-from tests.test_build_performer import build as build_small
+from tests.models.test_build_performer import SIZES
+from tests.models.test_build_performer import build as build_small
 
 
 def build(**kwargs):
