@@ -1,16 +1,17 @@
 """Runs keras_favor on the backend of `KERAS_BACKEND`, in a fresh process,
-for tests/test_jax_backend.py (the pytest process itself stays on
-TensorFlow).
+for tests/integration/test_jax_backend.py: the checks that need two
+backends in one test, or a process of their own (the rest of the suite
+runs on each backend in turn, `make test`).
 
-    KERAS_BACKEND=tensorflow python tests/backend_script.py draw DIR
-    KERAS_BACKEND=jax python tests/backend_script.py forward DIR
-    KERAS_BACKEND=jax python tests/backend_script.py MODE DIR
+    KERAS_BACKEND=tensorflow python tests/integration/backend_script.py draw DIR
+    KERAS_BACKEND=jax python tests/integration/backend_script.py forward DIR
+    KERAS_BACKEND=jax python tests/integration/backend_script.py MODE DIR
 
 `draw` makes inputs, and layers with their weights, and writes them with
 the layers' outputs to `DIR/draw.npz`; `forward` loads those weights into
 layers of the same configurations and writes its outputs to
-`DIR/forward_<backend>.npz`. The other modes (`import`, `features`, `fit`...)
-check things on their own and write `DIR/<mode>.json` (`redraws` also
+`DIR/forward_<backend>.npz`. The other modes (`import`, `redraws`,
+`data_parallel`) check things on their own and write `DIR/<mode>.json` (`redraws` also
 writes `DIR/redraws_<backend>.npz`).
 """
 
@@ -196,127 +197,6 @@ def run_import(out_dir):
     return result
 
 
-def run_features(out_dir):
-    """Projections, redraws, dropout and mixed precision on this backend."""
-    import keras
-
-    import keras_favor
-
-    result = {}
-    # Orthogonal projections: rows orthogonal within each block, and the
-    # same seed gives the same matrix.
-    dim, num_features = 4, 10
-    for norm in ("chi", "sqrt_d"):
-        projection = keras_favor.projections.OrthogonalProjection(norm)
-        matrix = keras.ops.convert_to_numpy(
-            projection((num_features, dim), 3)
-        )
-        again = keras.ops.convert_to_numpy(projection((num_features, dim), 3))
-        other = keras.ops.convert_to_numpy(projection((num_features, dim), 4))
-        block = matrix[:dim]
-        gram = block @ block.T
-        norms = np.linalg.norm(matrix, axis=-1)
-        directions = block / norms[:dim, None]
-        result[f"orthogonal_{norm}"] = {
-            "shape": list(matrix.shape),
-            "dtype": str(matrix.dtype),
-            "off_diagonal": float(
-                np.abs(directions @ directions.T - np.eye(dim)).max()
-            ),
-            "gram_off_diagonal": float(
-                np.abs(gram - np.diag(np.diag(gram))).max()
-            ),
-            "row_norm_range": [float(norms.min()), float(norms.max())],
-            "reproducible": bool(np.array_equal(matrix, again)),
-            "seed_matters": not bool(np.array_equal(matrix, other)),
-        }
-    iid = keras_favor.projections.IIDProjection()
-    draw = keras.ops.convert_to_numpy(iid((256, 8), 5))
-    result["iid"] = {
-        "mean": float(draw.mean()),
-        "std": float(draw.std()),
-        "reproducible": bool(
-            np.array_equal(draw, keras.ops.convert_to_numpy(iid((256, 8), 5)))
-        ),
-    }
-    # A tensor seed, as FeatureRedraw passes it.
-    tensor_seed = keras.ops.convert_to_numpy(
-        iid((3, 2), np.array([5, 9], np.int64))
-    )
-    result["iid_tensor_seed_shape"] = list(tensor_seed.shape)
-
-    query, value, mask = inputs()
-    layer = make_layer({}, seed=7)
-    layer(query, value, attention_mask=mask)
-    before = keras.ops.convert_to_numpy(layer.projection)
-    layer.redraw_features()
-    first = keras.ops.convert_to_numpy(layer.projection)
-    twin = make_layer({}, seed=7)
-    twin(query, value, attention_mask=mask)
-    twin.redraw_features()
-    result["redraw"] = {
-        "changed": not bool(np.array_equal(before, first)),
-        "reproducible": bool(
-            np.array_equal(first, keras.ops.convert_to_numpy(twin.projection))
-        ),
-        "count": int(keras.ops.convert_to_numpy(layer.redraw_count)),
-    }
-    unseeded = make_layer({}, seed=None)
-    unseeded(query, value, attention_mask=mask)
-    a = keras.ops.convert_to_numpy(unseeded.redraw_features())
-    b = keras.ops.convert_to_numpy(unseeded.redraw_features())
-    result["unseeded_redraws_differ"] = not bool(np.array_equal(a, b))
-
-    # Dropout: active in training only; the two modes differ.
-    dropout = make_layer(dict(dropout=0.5), seed=7)
-    plain = keras.ops.convert_to_numpy(
-        dropout(query, value, attention_mask=mask)
-    )
-    dropped = {}
-    for causal in (False, True):
-        out = keras.ops.convert_to_numpy(
-            dropout(query, value, attention_mask=mask, training=True,
-                    use_causal_mask=causal)
-        )
-        dropped[str(causal)] = bool(np.isfinite(out).all())
-    grouped = make_layer(dict(dropout=0.5, recompute_length=8), seed=7)
-    out_grouped = keras.ops.convert_to_numpy(
-        grouped(query, value, attention_mask=mask, training=True,
-                use_causal_mask=True)
-    )
-    training_out = keras.ops.convert_to_numpy(
-        dropout(query, value, attention_mask=mask, training=True)
-    )
-    result["dropout"] = {
-        "finite": dropped,
-        "grouped_finite": bool(np.isfinite(out_grouped).all()),
-        "training_differs": not bool(np.allclose(plain, training_out)),
-    }
-
-    # Mixed precision: float16 compute, close to float32.
-    reference = make_layer({}, seed=7)
-    out32 = keras.ops.convert_to_numpy(
-        reference(query, value, attention_mask=mask, use_causal_mask=True)
-    )
-    keras.config.set_dtype_policy("mixed_float16")
-    try:
-        mixed = make_layer({}, seed=7)
-        mixed(query, value, attention_mask=mask)
-        mixed.set_weights(reference.get_weights())
-        out16 = mixed(query, value, attention_mask=mask, use_causal_mask=True)
-        result["mixed"] = {
-            "dtype": str(out16.dtype),
-            "max_error": float(
-                np.abs(keras.ops.convert_to_numpy(out16).astype("float32")
-                       - out32).max()
-            ),
-            "scale": float(np.abs(out32).max()),
-        }
-    finally:
-        keras.config.set_dtype_policy("float32")
-    return result
-
-
 def redraw_sequence():
     """The projections of a small Performer's FavorAttention layers (by
     index path) as built (layer seed 3), and after each of two
@@ -358,202 +238,6 @@ def run_redraws(out_dir):
             np.array_equal(first[name], second[name]) for name in first
         ),
     }
-
-
-def run_gradients(out_dir):
-    """Grouped recomputation gives the gradients of one group (JAX)."""
-    import jax
-    import keras
-
-    query, value, mask = inputs()
-    result = {}
-    for causal in (False, True):
-        grads = []
-        for recompute_length in (32768, 8):
-            layer = make_layer(
-                dict(chunk_size=4, recompute_length=recompute_length), seed=7
-            )
-            layer(query, value, attention_mask=mask)
-            if grads:
-                layer.set_weights(weights)
-            weights = layer.get_weights()
-            trainable = [v.value for v in layer.trainable_variables]
-            non_trainable = [v.value for v in layer.non_trainable_variables]
-
-            def loss(trainable, query, value):
-                output, _ = layer.stateless_call(
-                    trainable, non_trainable, query, value,
-                    attention_mask=mask, use_causal_mask=causal,
-                )
-                return keras.ops.sum(output ** 2)
-
-            grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-            g = grad_fn(trainable, query, value)
-            grads.append(jax.tree_util.tree_leaves(g))
-        result[str(causal)] = max(
-            float(np.abs(np.asarray(a) - np.asarray(b)).max()
-                  / (np.abs(np.asarray(a)).max() + 1e-12))
-            for a, b in zip(*grads)
-        )
-    return result
-
-
-def run_state(out_dir):
-    """The causal state carried across pieces equals the whole (under
-    jax.jit), and the Sequential Performer equals the functional one."""
-    import jax
-    import keras
-
-    import keras_favor
-    from keras_favor import ops as favor_ops
-
-    rng = np.random.default_rng(0)
-    layer = keras_favor.FavorAttention(
-        num_heads=2, key_dim=8, num_features=16, seed=3
-    )
-    layer(np.zeros((1, 2, 16), "float32"))
-    heads = [
-        rng.normal(scale=0.5, size=(2, 2, LENGTH, 8)).astype("float32")
-        for _ in range(3)
-    ]
-    mask = (np.arange(LENGTH)[None, :] < np.array([[LENGTH], [12]]))[
-        :, None, :
-    ]
-    num_features = layer.feature_map.feature_dim(16, 8)
-    feature_fn, query_feature_fn = layer._feature_fns()
-
-    def in_pieces(heads, cuts):
-        bounds = [0, *cuts, LENGTH]
-        state, outputs = None, []
-        for start, stop in zip(bounds[:-1], bounds[1:]):
-            piece, state = favor_ops.causal_linear_attention(
-                *(h[:, :, start:stop] for h in heads), feature_fn,
-                num_features, mask=mask[:, :, start:stop], chunk_size=4,
-                query_feature_fn=query_feature_fn, initial_state=state,
-                return_state=True,
-            )
-            outputs.append(piece)
-        return keras.ops.concatenate(outputs, axis=2), state
-
-    whole = jax.jit(lambda *h: in_pieces(h, ()))(*heads)
-    pieces = jax.jit(lambda *h: in_pieces(h, (1, 2, 7, 13)))(*heads)
-    leaves = zip(jax.tree_util.tree_leaves(pieces),
-                 jax.tree_util.tree_leaves(whole))
-    result = {"pieces_error": max(
-        float(np.abs(np.asarray(a) - np.asarray(b)).max()
-              / np.abs(np.asarray(b)).max())
-        for a, b in leaves
-    )}
-    tokens = rng.integers(1, 20, size=(4, 12))
-    tokens[1, 8:] = 0
-    outputs = {}
-    for api in ("functional", "sequential"):
-        model = keras_favor.build_performer(
-            vocabulary_size=20, max_length=12, num_layers=2, num_heads=2,
-            hidden_dim=16, num_features=8, task="language_model", seed=3,
-            api=api,
-        )
-        model(tokens)
-        if api == "sequential":
-            model.set_weights(weights)
-        weights = model.get_weights()
-        outputs[api] = keras.ops.convert_to_numpy(model(tokens))
-    result["sequential_error"] = float(
-        np.abs(outputs["functional"] - outputs["sequential"]).max()
-    )
-    return result
-
-
-def run_export(out_dir):
-    """SavedModel export off TensorFlow: a fixed length exports (Keras's
-    jax2tf export); a length unknown until run time raises, naming the
-    backend."""
-    import keras
-
-    import keras_favor
-
-    result = {}
-    inputs = keras.Input((LENGTH, DIM))
-    outputs = make_layer({})(inputs, inputs, use_causal_mask=True)
-    model = keras.Model(inputs, outputs)
-    query = globals()["inputs"]()[0]
-    path = os.path.join(out_dir, "fixed_length")
-    model.export(path)
-    import tensorflow as tf
-
-    served = tf.saved_model.load(path)
-    result["fixed_length_error"] = float(np.abs(
-        served.serve(tf.constant(query)).numpy()
-        - keras.ops.convert_to_numpy(model(query))
-    ).max())
-    for name, model in (
-        ("favor_attention", None),
-        ("build_performer", keras_favor.build_performer(
-            vocabulary_size=20, max_length=12, num_layers=1, num_heads=2,
-            hidden_dim=16, num_features=8, seed=3,
-        )),
-    ):
-        if model is None:
-            inputs = keras.Input((None, DIM))
-            model = keras.Model(inputs, make_layer({})(inputs, inputs))
-        try:
-            model.export(os.path.join(out_dir, name))
-            result[name] = None
-        except Exception as error:  # Keras re-raises the layer's error.
-            result[name] = f"{type(error).__name__}: {error}"
-    return result
-
-
-def run_fit(out_dir):
-    """model.fit with jit_compile=True, FeatureRedraw and .keras saving."""
-    import keras
-
-    import keras_favor
-
-    keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(0)
-    result = {}
-    tokens = rng.integers(1, 20, size=(64, 12))
-    tokens[::3, 9:] = 0
-    labels = (tokens[:, 0] > 10).astype("int32")
-    for task in ("classification", "language_model"):
-        model = keras_favor.build_performer(
-            vocabulary_size=20, max_length=12, num_layers=1, num_heads=2,
-            hidden_dim=16, num_features=8, task=task, dropout=0.1, seed=3,
-            chunk_size=4,
-        )
-        if task == "classification":
-            x, y = tokens, labels
-            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        else:
-            x, y = tokens[:, :-1], tokens[:, 1:]
-            loss = keras_favor.models.language_model_loss()
-        model.compile(
-            optimizer=keras.optimizers.Adam(1e-2), loss=loss,
-            jit_compile=True,
-        )
-        redraw = keras_favor.FeatureRedraw(interval=3, seed=1)
-        history = model.fit(
-            x, y, batch_size=16, epochs=4, verbose=0, callbacks=[redraw]
-        )
-        losses = [float(v) for v in history.history["loss"]]
-        path = os.path.join(out_dir, f"{task}.keras")
-        model.save(path)
-        loaded = keras.saving.load_model(path)
-        before = keras.ops.convert_to_numpy(model.predict(x, verbose=0))
-        after = keras.ops.convert_to_numpy(loaded.predict(x, verbose=0))
-        counts = [
-            int(keras.ops.convert_to_numpy(layer.redraw_count))
-            for layer in keras_favor.callbacks.feature_redraw.
-            favor_attention_layers(model).values()
-        ]
-        result[task] = {
-            "losses": losses,
-            "jit_compile": bool(model.jit_compile),
-            "reload_error": float(np.abs(before - after).max()),
-            "redraw_counts": counts,
-        }
-    return result
 
 
 def run_data_parallel(out_dir):
@@ -660,12 +344,7 @@ def main(mode, out_dir):
         return
     result = {
         "import": run_import,
-        "features": run_features,
         "redraws": run_redraws,
-        "gradients": run_gradients,
-        "state": run_state,
-        "export": run_export,
-        "fit": run_fit,
         "data_parallel": run_data_parallel,
     }[mode](out_dir)
     result["backend"] = keras.backend.backend()

@@ -1,11 +1,13 @@
-"""keras_favor on the JAX backend, in subprocesses with KERAS_BACKEND=jax
-(this pytest process stays on TensorFlow); tests/backend_script.py runs
-them and writes what it found.
+"""What needs two backends in one test, or a fresh process: JAX outputs
+and gradients of layers whose weights the TensorFlow backend wrote, redraws
+per backend, `import keras_favor` without TensorFlow, two JAX devices, and
+unsupported backends. tests/integration/backend_script.py runs each check
+with KERAS_BACKEND set and writes what it found (this pytest process stays
+on its own backend). Everything else runs on each backend in turn
+(`make test`, the `backend_independent` modules).
 
-The forward passes are compared with the TensorFlow backend's for the same
-weights and projection. Random draws are the backend's own: a seed gives
-the same projection on every call and device of a backend, not the same on
-both backends, so the JAX checks of projections are distributional.
+Random draws are the backend's own: a seed gives the same projection on
+every call and device of a backend, not the same on both backends.
 """
 
 import importlib.util
@@ -109,65 +111,6 @@ def test_forward_and_gradients_equal_tensorflow_for_the_same_weights(
                 got, expected, rtol=1e-5, atol=1e-5 * scale,
                 err_msg=f"{name} gradient {i}",
             )
-
-
-def test_projections_redraws_dropout_and_mixed_precision(out_dir):
-    result = run_script("jax", "features", out_dir)
-    for norm in ("chi", "sqrt_d"):
-        orthogonal = result[f"orthogonal_{norm}"]
-        assert orthogonal["shape"] == [10, 4]
-        assert orthogonal["dtype"] == "float32"
-        assert orthogonal["off_diagonal"] < 1e-5
-        assert orthogonal["reproducible"] and orthogonal["seed_matters"]
-    low, high = result["orthogonal_sqrt_d"]["row_norm_range"]
-    assert abs(low - 2.0) < 1e-5 and abs(high - 2.0) < 1e-5
-    assert abs(result["iid"]["mean"]) < 0.1
-    assert abs(result["iid"]["std"] - 1.0) < 0.1
-    assert result["iid"]["reproducible"]
-    assert result["iid_tensor_seed_shape"] == [3, 2]
-    assert result["redraw"] == {
-        "changed": True, "reproducible": True, "count": 1,
-    }
-    assert result["unseeded_redraws_differ"]
-    assert result["dropout"]["finite"] == {"False": True, "True": True}
-    assert result["dropout"]["grouped_finite"]
-    assert result["dropout"]["training_differs"]
-    assert result["mixed"]["dtype"] == "float16"
-    assert result["mixed"]["max_error"] < 1e-2 * result["mixed"]["scale"]
-
-
-def test_grouped_recomputation_gradients_equal_one_group(out_dir):
-    result = run_script("jax", "gradients", out_dir)
-    assert result["False"] < 1e-5
-    assert result["True"] < 1e-5
-
-
-def test_causal_state_in_pieces_and_the_sequential_performer(out_dir):
-    result = run_script("jax", "state", out_dir)
-    assert result["pieces_error"] < 2e-6
-    assert result["sequential_error"] < 1e-6
-
-
-def test_savedmodel_export_of_unknown_lengths_names_the_backend(out_dir):
-    result = run_script("jax", "export", out_dir)
-    # Keras exports a fixed-length model through jax2tf, which works.
-    assert result["fixed_length_error"] < 1e-5
-    for name in ("favor_attention", "build_performer"):
-        assert result[name] is not None, name
-        assert "RuntimeError" in result[name], result[name]
-        assert "needs the TensorFlow backend" in result[name]
-        assert "'jax' backend" in result[name]
-
-
-def test_fit_with_jit_compile_redraws_and_keras_saving(out_dir):
-    result = run_script("jax", "fit", out_dir)
-    for task in ("classification", "language_model"):
-        run = result[task]
-        assert run["jit_compile"], task
-        assert run["losses"][-1] < run["losses"][0], (task, run["losses"])
-        assert run["reload_error"] < 1e-6, task
-        # 16 steps, a redraw every 3, none in the final window.
-        assert run["redraw_counts"] == [4], task
 
 
 def test_redraws_are_deterministic_per_backend_not_across_backends(
