@@ -11,6 +11,8 @@ import keras_favor
 from keras_favor import convert
 from tests import reference
 
+pytestmark = pytest.mark.backend_independent
+
 DIM = 16
 
 

@@ -16,6 +16,8 @@ from keras_favor.feature_maps.favor_plus_plus_features import (
     optimal_coefficient,
 )
 
+pytestmark = pytest.mark.backend_independent
+
 DIM = 16
 
 
@@ -232,6 +234,7 @@ def test_bidirectional_self_attention_is_padding_invariant(
         )
 
 
+@pytest.mark.tensorflow_only
 def test_padding_invariance_under_mixed_precision_and_unknown_lengths(rng):
     """A float32 tensor given twice to a float16 layer (cast once per
     argument), in a `tf.function` of unknown lengths: the attention mask's

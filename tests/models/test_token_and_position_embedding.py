@@ -6,6 +6,8 @@ import pytest
 from keras_favor.models import TokenAndPositionEmbedding
 from tests.layer_test_case import run_layer_test
 
+pytestmark = pytest.mark.backend_independent
+
 
 @pytest.mark.parametrize("mask_zero", [False, True])
 def test_layer_test(tmp_path, mask_zero):

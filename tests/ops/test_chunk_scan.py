@@ -94,9 +94,9 @@ def scan_inputs(rng, num_chunks, carried):
 
 @pytest.mark.parametrize(
     "num_chunks, prefix_block",
-    # One dense product; blocks of 4 (16 chunks); blocks of blocks (32
-    # chunks of 2, recursively); a count no block divides (dense).
-    [(5, 8), (16, 4), (32, 2), (12, 8)],
+    # One dense product; blocks of 4 (8 chunks); blocks of blocks (8
+    # chunks in blocks of 2, recursively); a count no block divides.
+    [(5, 8), (8, 4), (8, 2), (12, 8)],
 )
 @pytest.mark.parametrize("carried", [True, False])
 def test_inherited_states_equal_the_sequential_scan(

@@ -136,12 +136,14 @@ def assert_close(actual, expected, tolerance, name):
     )
 
 
-@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
 @pytest.mark.parametrize(
-    "length, chunk_size, recompute_length",
+    "feature_map, length, chunk_size, recompute_length",
     # 19 and 13 positions in chunks of 4 and 8, the last one partial; and
-    # groups of 8 positions recomputed in the backward pass.
-    [(19, 4, 4096), (13, 8, 4096), (19, 4, 8)],
+    # groups of 8 positions recomputed in the backward pass (the same
+    # grouping for every map: exponential and plain features).
+    [(name, 19, 4, 4096) for name in FEATURE_MAPS]
+    + [(name, 13, 8, 4096) for name in FEATURE_MAPS]
+    + [("softmax", 19, 4, 8), ("relu", 19, 4, 8)],
 )
 def test_causal_op_equals_the_quadratic_form_from_a_state(
     feature_map, length, chunk_size, recompute_length
@@ -174,8 +176,10 @@ def test_causal_op_equals_the_quadratic_form_from_a_state(
         assert_close(grad, ref_grad, 1e-5, f"gradient of the {name}")
 
 
-@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
-@pytest.mark.parametrize("recompute_length", [4096, 8])
+@pytest.mark.parametrize(
+    "feature_map, recompute_length",
+    [(name, 4096) for name in FEATURE_MAPS] + [("softmax", 8), ("relu", 8)],
+)
 def test_bidirectional_op_equals_the_quadratic_form(
     feature_map, recompute_length
 ):
