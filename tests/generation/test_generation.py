@@ -29,7 +29,10 @@ NEW_TOKENS = 64
 @pytest.mark.parametrize(
     "attention, api, kwargs, repeated_passes",
     [
-        ("favor", "functional", {}, True),
+        # Repeated eager passes of every length take minutes on JAX; the
+        # other cases' one causal pass is the same criterion.
+        pytest.param("favor", "functional", {}, True,
+                     marks=pytest.mark.tensorflow_only),
         ("favor", "sequential", {"feature_map": "relu"}, False),
         ("favor", "functional", {"local_window": 4}, False),
         ("favor", "functional", {"feature_map": "favor++"}, False),
