@@ -162,7 +162,7 @@ def causal_attention_with_state(
     """
     phi_q, phi_k, value = (np.asarray(x, np.float64) for x in (
         query_features, key_features, value))
-    batch, num_heads, length, num_features = phi_k.shape
+    batch, num_heads, _, num_features = phi_k.shape
     if mask is not None:
         phi_k = phi_k * np.asarray(mask, np.float64)[:, None, :, None]
     if initial_sums is None:

@@ -5,12 +5,13 @@ causal attention over lengths that differ, LoRA and int8 quantization."""
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_favor
 from keras_favor.layers.multi_head_layout import causal_keys
 from tests import reference
 from tests.layer_test_case import run_layer_test
+
+pytestmark = pytest.mark.backend_independent
 
 WEIGHT_DTYPES = {"projection": "float32", "redraw_count": "int32"}
 
@@ -256,10 +257,13 @@ def test_causal_attention_over_lengths_that_differ(rng, lengths, masked):
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.tensorflow_only
 @pytest.mark.parametrize("lengths", [(3, 7), (7, 3), (5, 5)])
 def test_keys_align_to_the_query_length_also_when_lengths_are_unknown(
     rng, lengths
 ):
+    import tensorflow as tf
+
     # The layer-level check above has static lengths; tracing the causal
     # kernel for unknown lengths is slow, so the alignment is checked alone.
     t, s = lengths

@@ -219,7 +219,7 @@ def test_general_attention_mask_is_rejected(rng):
 
 
 def test_inputs_must_have_rank_three_or_more(rng):
-    # Rank above 3 attends over all middle axes (tests/test_drop_in.py);
+    # Rank above 3 attends over all middle axes (tests/layers/test_drop_in.py);
     # causal attention over lengths that differ is tested there too.
     with pytest.raises(ValueError, match="rank 3 or more"):
         keras_favor.FavorAttention(2, 8)(

@@ -5,12 +5,13 @@ with an error naming `max_length` (in Keras and in an exported SavedModel)."""
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_favor
 from keras_favor.models import language_model_loss
 from tests.models.test_build_performer import SIZES
 from tests.models.test_build_performer import build as build_small
+
+pytestmark = pytest.mark.backend_independent
 
 
 def build(**kwargs):
@@ -134,6 +135,15 @@ def test_too_long_input_names_max_length_in_keras(api):
         model(too_long)
     with pytest.raises(ValueError, match="max_length"):
         model.predict(too_long, verbose=0)
+
+
+@pytest.mark.tensorflow_only
+@pytest.mark.parametrize("api", ["functional", "sequential"])
+def test_too_long_input_names_max_length_in_a_tf_function(api):
+    import tensorflow as tf
+
+    model = build(task="language_model", api=api)
+    too_long = np.ones((2, 13), "int32")
     # Compiled for any length, as an exported model is.
     serve = tf.function(
         lambda ids: model(ids),
@@ -146,7 +156,10 @@ def test_too_long_input_names_max_length_in_keras(api):
         serve(too_long)
 
 
+@pytest.mark.tensorflow_only
 def test_too_long_input_names_max_length_in_a_saved_model(tmp_path):
+    import tensorflow as tf
+
     model = build(task="classification")
     path = str(tmp_path / "saved_model")
     model.export(path, verbose=False)

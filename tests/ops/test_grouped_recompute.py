@@ -3,6 +3,8 @@
 whole chunks, and running in groups changes neither the outputs, nor the
 carried state, nor any gradient (inputs, shared tensors, initial carry)."""
 
+import itertools
+
 import numpy as np
 import pytest
 from keras import ops
@@ -72,7 +74,7 @@ def test_groups_give_the_outputs_state_and_gradients_of_one_pass(
     cuts = np.linspace(0, 9, num_groups + 1).astype(int)
 
     def loss(x, weight, carry, bias):
-        slices = [slice(a, b) for a, b in zip(cuts[:-1], cuts[1:])]
+        slices = [slice(a, b) for a, b in itertools.pairwise(cuts)]
         # The middle group has no bias: an absent input.
         inputs = [
             [x[:, s], None if i == 1 else bias] for i, s in enumerate(slices)
@@ -88,7 +90,7 @@ def test_groups_give_the_outputs_state_and_gradients_of_one_pass(
     def plain_loss(x, weight, carry, bias):
         # The same groups' computation, one after the other, no recompute.
         state, outputs = carry, []
-        for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+        for i, (a, b) in enumerate(itertools.pairwise(cuts)):
             (out,), (state,) = group_fn(
                 i, [x[:, a:b], None if i == 1 else bias], [weight], [state]
             )

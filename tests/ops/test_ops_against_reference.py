@@ -39,16 +39,19 @@ def setup(feature_map, length, seed=0):
         np.einsum("bhsf,bhsd->bhfd", earlier, earlier_values),
         earlier.sum(axis=2),
     )
-    return dict(
-        feature_map=feature_map, projection=projection, heads=(query, key, value),
-        mask=mask, initial_sums=initial_sums,
-        num_features=feature_map.feature_dim(NUM_PROJECTIONS, KEY_DIM),
-        targets=[
+    return {
+        "feature_map": feature_map,
+        "projection": projection,
+        "heads": (query, key, value),
+        "mask": mask,
+        "initial_sums": initial_sums,
+        "num_features": feature_map.feature_dim(NUM_PROJECTIONS, KEY_DIM),
+        "targets": [
             rng.normal(size=shape).astype("float32")
             for shape in (value.shape, initial_sums[0].shape,
                           initial_sums[1].shape)
         ],
-    )
+    }
 
 
 def op_outputs_and_sums(case, chunk_size, recompute_length=4096):
@@ -168,6 +171,8 @@ def test_causal_op_equals_the_quadratic_form_from_a_state(
     assert outputs.shape == (BATCH, HEADS, length, VALUE_DIM)
     assert_close(outputs, expected_outputs, 2e-6, "outputs")
     assert_close(ref_outputs, expected_outputs, 2e-6, "reference outputs")
+    assert_close(ref_kv, expected_sums[0], 2e-6, "reference key_values")
+    assert_close(ref_sum, expected_sums[1], 2e-6, "reference key_sum")
     assert_close(kv, expected_sums[0], 2e-6, "final key_values")
     assert_close(key_sum, expected_sums[1], 2e-6, "final key_sum")
     names = ["query", "key", "value", "initial key_values",

@@ -32,7 +32,7 @@ def test_levels_are_masked_maxima_without_gradient(rng):
     np.testing.assert_array_equal(columns[1], log_scale[1, :, :2].max(axis=1))
     for level in (stabilizers.row_log_level, stabilizers.column_log_level):
         (grad,) = reference.gradients(
-            lambda x: ops.sum(level(x, mask)), [log_scale]
+            lambda x, level=level: ops.sum(level(x, mask)), [log_scale]
         )
         assert not grad.any(), level.__name__
 
@@ -103,7 +103,7 @@ def test_masked_keys_are_exact_zeros_with_zero_gradient(rng):
     shift = np.zeros((1, 2, 1, 1), "float32")
     for key_values in (None, values):
 
-        def keys(log_scale):
+        def keys(log_scale, key_values=key_values):
             return stabilizers.shifted_key_features(
                 key_values, log_scale, shift, mask
             )
