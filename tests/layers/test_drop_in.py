@@ -31,7 +31,12 @@ def exact_layer(x, value=None, **kwargs):
 
 CONFIGS = [
     {},
-    {"value_dim": 6, "output_shape": 10},
+    # Keras 3.15's MultiHeadAttention itself fails on JAX with a value_dim
+    # other than key_dim (a reshape to key_dim in its attention).
+    pytest.param(
+        {"value_dim": 6, "output_shape": 10},
+        marks=pytest.mark.tensorflow_only,
+    ),
     {"use_bias": False},
     {"output_shape": (3, 4)},
 ]
