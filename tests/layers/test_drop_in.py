@@ -203,6 +203,10 @@ def test_rank_four_masks_of_the_wrong_shape_raise(rng):
     layer(x, x, attention_mask=np.ones((2, 1, 1, 3, 4), bool))
 
 
+# The harness's compiled fits of rank-4 inputs take minutes of XLA
+# compilation on JAX; rank 4 on JAX is checked by
+# test_rank_four_in_a_functional_model_of_unknown_sizes.
+@pytest.mark.tensorflow_only
 def test_rank_four_layer_test(rng, tmp_path):
     run_layer_test(
         keras_favor.FavorAttention,
