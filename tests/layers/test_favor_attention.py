@@ -110,7 +110,16 @@ def test_layer_test(
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{}, {"value_dim": 6, "output_shape": 10}, {"use_bias": False}],
+    [
+        {},
+        # Keras 3.15's MultiHeadAttention itself fails on JAX with a
+        # value_dim other than key_dim.
+        pytest.param(
+            {"value_dim": 6, "output_shape": 10},
+            marks=pytest.mark.tensorflow_only,
+        ),
+        {"use_bias": False},
+    ],
 )
 def test_weights_have_multi_head_attention_shapes_and_copy_over(rng, kwargs):
     query = rng.normal(size=(2, 6, 16)).astype("float32")
