@@ -23,6 +23,13 @@ $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 
 install: $(STAMP)
 
+# The edit loop: `make test` (below) without the integration runs (README,
+# examples, benchmarks, cross-backend subprocesses; tests/integration).
+.PHONY: test-fast
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -n 2 --dist worksteal -m "not integration"
+	KERAS_BACKEND=jax JAX_PLATFORMS=cpu $(BIN)/python -m pytest -n 2 --dist worksteal -m "backend_independent and not integration"
+
 demo: $(STAMP)
 	$(BIN)/python -m examples.long_context_lm
 

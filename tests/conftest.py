@@ -1,12 +1,18 @@
-"""Shared fixtures: deterministic, small inputs; the backend markers.
+"""Shared fixtures: deterministic, small inputs; the markers.
+
+The folders mirror the package (tests/ops for keras_favor/ops, ...);
+tests/integration holds the README, example, benchmark and cross-backend
+runs, marked `integration` here.
 
 The suite runs on the Keras backend of `KERAS_BACKEND` (TensorFlow unless
 set). `make test` runs all of it on TensorFlow, then the modules marked
 `backend_independent` (`pytestmark = pytest.mark.backend_independent`) on
 JAX: `KERAS_BACKEND=jax pytest -m backend_independent`. Those modules use
-`keras.ops` and NumPy references only; a test among them that needs the
-TensorFlow backend says so with `@pytest.mark.tensorflow_only` and is
-skipped on another backend (no test is skipped for any other reason).
+`keras.ops` and NumPy references only (gradients: `tests.reference.
+gradients`); a test among them that needs the TensorFlow backend says so
+with `@pytest.mark.tensorflow_only` and is skipped on another backend (no
+test is skipped for any other reason). `make test-fast` leaves out the
+`integration` tests.
 """
 
 import os
@@ -30,25 +36,38 @@ def pytest_configure(config):
         "backend_independent: the module runs on every Keras backend "
         "(make test also runs it with KERAS_BACKEND=jax)",
     )
-    config.addinivalue_line("markers", "integration: a slow test (over 20 s)")
     config.addinivalue_line(
         "markers",
         "tensorflow_only: needs the TensorFlow backend (tf.function, "
         "tf.distribute, SavedModel); skipped on another backend",
     )
+    config.addinivalue_line(
+        "markers",
+        "integration: README, examples, benchmarks and cross-backend "
+        "subprocess runs (tests/integration); make test-fast leaves them out",
+    )
 
+
+INTEGRATION = os.path.join(os.path.dirname(__file__), "integration")
 
 # Modules of long tests (subprocesses, whole trainings), run first so that
 # `pytest -n 2` does not end with one worker busy and the other idle.
 LONG_MODULES = (
     "test_jax_backend.py", "test_readme.py", "test_distributed.py",
-    "test_convert_pretrained.py", "test_quality_benchmark.py",
-    "test_examples.py", "test_generation.py", "test_benchmarks.py",
+    "test_convert_pretrained.py", "test_examples.py", "test_generation.py",
+    "test_quality_benchmark.py", "test_benchmarks.py",
+    "test_feature_redraw.py", "test_ops_against_reference.py",
+    "test_benchmark_registry.py", "test_keras_hub_generate.py",
 )
 
 
+# First, so that `-m "not integration"` sees the marker.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.path.name not in LONG_MODULES)
+    for item in items:
+        if str(item.path).startswith(INTEGRATION + os.sep):
+            item.add_marker(pytest.mark.integration)
     if keras.backend.backend() == "tensorflow":
         return
     skip = pytest.mark.skip(

@@ -1,0 +1,215 @@
+"""What needs two backends in one test, or a fresh process: JAX outputs
+and gradients of layers whose weights the TensorFlow backend wrote, redraws
+per backend, `import keras_favor` without TensorFlow, two JAX devices, and
+unsupported backends. tests/integration/backend_script.py runs each check
+with KERAS_BACKEND set and writes what it found (this pytest process stays
+on its own backend). Everything else runs on each backend in turn
+(`make test`, the `backend_independent` modules).
+
+Random draws are the backend's own: a seed gives the same projection on
+every call and device of a backend, not the same on both backends.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.integration import backend_script
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("jax") is None,
+    reason="JAX is not installed (the `test` extra installs it)",
+)
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "backend_script.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_script(backend, mode, out_dir, timeout=600, **extra_env):
+    env = dict(os.environ, **extra_env)
+    env["KERAS_BACKEND"] = backend
+    env["PYTHONPATH"] = os.pathsep.join(
+        [ROOT] + [p for p in [env.get("PYTHONPATH")] if p]
+    )
+    env.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # One CPU device for JAX, quiet about absent accelerators.
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    process = subprocess.run(
+        [sys.executable, SCRIPT, mode, str(out_dir)],
+        env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    assert process.returncode == 0, process.stderr[-6000:]
+    path = os.path.join(out_dir, f"{mode}.json")
+    if os.path.exists(path):
+        with open(path) as file:
+            return json.load(file)
+    return None
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("jax_backend")
+
+
+def test_import_needs_no_tensorflow_and_distribute_names_the_backend(
+    out_dir,
+):
+    result = run_script("jax", "import", out_dir)
+    assert result["backend"] == "jax"
+    assert not result["tensorflow_imported"]
+    assert "'jax' backend" in result["distribute_error"]
+    assert "tf.distribute" in result["distribute_error"]
+    assert not result["multi_worker_fit_enabled"]
+
+
+def test_forward_and_gradients_equal_tensorflow_for_the_same_weights(
+    out_dir,
+):
+    run_script("tensorflow", "draw", out_dir)
+    run_script("jax", "forward", out_dir)
+    tensorflow = np.load(os.path.join(out_dir, "draw.npz"))
+    jax = np.load(os.path.join(out_dir, "forward_jax.npz"))
+    names = [config[0] for config in backend_script.configurations()]
+    assert len(names) == 18
+    for name in names:
+        expected = tensorflow[f"{name}/output"]
+        got = jax[f"{name}/output"]
+        assert got.shape == expected.shape, name
+        scale = np.abs(expected).max()
+        # Looser bounds where round-off is amplified: trigonometric
+        # features' normalizer can come near zero (measured 7e-5), and at
+        # input scale 100 the logits are very large, so the dense
+        # projections' round-off (each backend orders its sums its own way)
+        # moves the exponents (measured 8e-5).
+        rtol = 1e-5
+        if name.startswith("softmax_trig"):
+            rtol = 2e-4
+        elif name.endswith("_large"):
+            rtol = 5e-4
+        np.testing.assert_allclose(
+            got, expected, rtol=rtol, atol=rtol * scale, err_msg=name
+        )
+    # Gradients with respect to the query, the value and every trainable
+    # weight, of a random projection of the outputs.
+    for name in backend_script.GRADIENT_CONFIGS:
+        count = len([k for k in tensorflow.files if k.startswith(f"{name}/grad")])
+        assert count == len([k for k in jax.files
+                             if k.startswith(f"{name}/grad")]) > 2, name
+        for i in range(count):
+            expected = tensorflow[f"{name}/grad{i}"]
+            got = jax[f"{name}/grad{i}"]
+            assert got.shape == expected.shape, (name, i)
+            scale = np.abs(expected).max()
+            assert scale > 0, (name, i)
+            np.testing.assert_allclose(
+                got, expected, rtol=1e-5, atol=1e-5 * scale,
+                err_msg=f"{name} gradient {i}",
+            )
+
+
+def test_redraws_are_deterministic_per_backend_not_across_backends(
+    out_dir,
+):
+    # FeatureRedraw's seeds are the same on both backends, but each
+    # backend's stateless generator turns them into its own numbers
+    # (TensorFlow's Philox, JAX's threefry): a seed gives one projection
+    # per backend, the same in every process and model, and a different
+    # one on the other backend (the FeatureRedraw docstring and the README
+    # say so). On TensorFlow, this process, a second process and a second
+    # model in it agree bit for bit.
+    from tests.integration.backend_script import redraw_sequence
+
+    draws = {}
+    for name in ("tensorflow", "jax"):
+        result = run_script(name, "redraws", out_dir)
+        assert result["backend"] == name
+        assert result["identical_in_process"], name
+        draws[name] = dict(np.load(os.path.join(out_dir, f"redraws_{name}.npz")))
+    here = redraw_sequence()
+    names = sorted(here)
+    # Two layers, each as built and after two redraws.
+    assert len(names) == 6 and sorted(draws["jax"]) == names
+    for name in names:
+        np.testing.assert_array_equal(draws["tensorflow"][name], here[name])
+        tf_draw, jax_draw = draws["tensorflow"][name], draws["jax"][name]
+        assert tf_draw.shape == jax_draw.shape == (8, 8), name
+        assert not np.allclose(tf_draw, jax_draw, atol=1e-3), name
+        # Both are orthogonal projections: the rows of each 8 x 8 block
+        # are orthogonal, with chi-distributed norms.
+        for draw in (tf_draw, jax_draw):
+            norms = np.linalg.norm(draw, axis=-1)
+            directions = draw / norms[:, None]
+            np.testing.assert_allclose(
+                directions @ directions.T, np.eye(8), atol=1e-5
+            )
+    # Each redraw changes every layer's projection, on both backends.
+    for draw in draws.values():
+        for path in {name.rsplit("/", 1)[0] for name in names}:
+            for k in (1, 2):
+                assert not np.array_equal(
+                    draw[f"{path}/{k}"], draw[f"{path}/{k - 1}"]
+                ), path
+
+
+def test_feature_redraw_under_data_parallel_on_two_devices(out_dir):
+    # keras.distribution.DataParallel over two virtual CPU devices: each
+    # redraw's projection is one value, replicated to both devices, the
+    # projection of the same fit on one device; the fit goes on with it
+    # (the losses after the first redraw are the one-device fit's, and
+    # differ from a fit without redraws).
+    result = run_script(
+        "jax", "data_parallel", out_dir,
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    )
+    assert result["devices"] == 2
+    parallel, single, fixed = (
+        result[name] for name in ("parallel", "single", "fixed")
+    )
+    # 8 steps, redraws after steps 3 and 6, in both layers.
+    assert parallel["redraw_counts"] == single["redraw_counts"] == [2, 2]
+    assert fixed["redraw_counts"] == [0, 0]
+    assert parallel["projection_devices"] == [2]
+    assert parallel["replicated"] and parallel["shards_equal"]
+    assert result["projections_identical"] and result["projections_redrawn"]
+    assert len(parallel["losses"]) == len(single["losses"]) == 8
+    np.testing.assert_allclose(
+        parallel["losses"], single["losses"], rtol=1e-5
+    )
+    # Before the first redraw the fits agree; from the step after it on
+    # they train with other features.
+    np.testing.assert_allclose(single["losses"][:3], fixed["losses"][:3],
+                               rtol=1e-6)
+    assert all(
+        abs(a - b) > 1e-6 * abs(b)
+        for a, b in zip(single["losses"][3:], fixed["losses"][3:])
+    )
+    assert result["weights_error"] < 1e-4
+
+
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+def test_import_on_an_unsupported_backend_names_it(backend):
+    # PyTorch is not installed here: Keras itself fails to import, and
+    # keras_favor says so. The numpy backend imports, and keras_favor
+    # refuses it. Both name the backend and the supported ones, in one
+    # ImportError without Keras's traceback.
+    process = subprocess.run(
+        [sys.executable, "-c", "import keras_favor"],
+        env=dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=ROOT),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert process.returncode == 1
+    last = process.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: keras_favor"), process.stderr[-2000:]
+    assert f"KERAS_BACKEND={backend}" in last
+    assert "tensorflow and jax" in last
+    if importlib.util.find_spec(backend) is None:
+        assert f"No module named {backend!r}" in last
+        assert "keras/src" not in process.stderr
+    else:
+        assert f"does not support the Keras backend {backend!r}" in last
