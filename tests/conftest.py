@@ -43,8 +43,9 @@ def pytest_configure(config):
     )
     config.addinivalue_line(
         "markers",
-        "integration: README, examples, benchmarks and cross-backend "
-        "subprocess runs (tests/integration); make test-fast leaves them out",
+        "integration: a long run (all of tests/integration: README, "
+        "examples, benchmarks, cross-backend subprocesses; and trainings "
+        "elsewhere); make test-fast leaves them out",
     )
 
 
