@@ -44,7 +44,7 @@ from keras_favor import backend
 
 # Keras versions [first, last_checked] known to have keras-team/keras#20585.
 # After checking that a newer Keras release still fails under
-# MultiWorkerMirroredStrategy (tests/test_distributed.py does), raise the
+# MultiWorkerMirroredStrategy (tests/distribute/test_distributed.py does), raise the
 # upper bound; when a release fixes it, make that release the bound.
 _AFFECTED_KERAS_VERSIONS = ((3, 0), (3, 15))
 
