@@ -25,6 +25,8 @@ SIZES = dict(
 )
 FAMILIES = {
     "Llama": SIZES,
+    # Llama's structure with biases on the query, key and value.
+    "Qwen": SIZES,
     # Gemma's heads need not split the hidden size; its queries are scaled
     # by the hidden size per head without `query_head_dim_normalize`.
     "Gemma": dict(SIZES, head_dim=8, query_head_dim_normalize=False),
@@ -35,9 +37,15 @@ PROMPT_LENGTHS = (3, 5, 1, 7)
 
 def backbone(family, **overrides):
     keras.utils.set_random_seed(0)
-    return getattr(keras_hub.models, family + "Backbone")(
+    model = getattr(keras_hub.models, family + "Backbone")(
         **{**FAMILIES[family], **overrides}
     )
+    # Biases start at zero: random ones show whether they are kept.
+    rng = np.random.RandomState(1)
+    for weight in model.weights:
+        if weight.name == "bias":
+            weight.assign(rng.normal(size=weight.shape).astype("float32"))
+    return model
 
 
 def token_inputs(seed=0):
@@ -73,9 +81,10 @@ def test_rotary_backbone_converts_and_equals_the_original(family):
             source_dense = getattr(
                 source, name + "_dense", None
             ) or getattr(source, "_" + name + "_dense")
-            np.testing.assert_array_equal(
-                np.asarray(dense.kernel), np.asarray(source_dense.kernel)
-            )
+            for weight, expected in zip(
+                dense.get_weights(), source_dense.get_weights(), strict=True
+            ):
+                np.testing.assert_array_equal(weight, expected)
     inside = {
         id(w) for layers in (attention, attention_layers(original))
         for layer in layers for w in layer.weights
@@ -143,7 +152,10 @@ def greedy_by_full_passes(model, inputs):
 
 @pytest.mark.parametrize(
     "family, favor_options",
-    [("Llama", {}), ("Llama", {"local_window": 3}), ("Gemma", {})],
+    [
+        ("Llama", {}), ("Llama", {"local_window": 3}), ("Qwen", {}),
+        ("Gemma", {}),
+    ],
 )
 def test_rotary_greedy_generate_equals_argmax_of_repeated_full_passes(
     family, favor_options
@@ -170,9 +182,19 @@ def test_custom_decoder_attention_mask_raises():
         decoder(x, decoder_attention_mask=mask)
 
 
-def test_gemma_soft_cap_raises_naming_the_option():
-    with pytest.raises(ValueError, match="logit_soft_cap"):
-        performerize(backbone("Gemma", attention_logit_soft_cap=50.0))
+@pytest.mark.parametrize(
+    "family, option, value",
+    [
+        ("Gemma", "attention_logit_soft_cap", 50.0),
+        ("Gemma", "use_sliding_window_attention", True),
+        ("Qwen", "use_sliding_window_attention", True),
+    ],
+)
+def test_option_without_a_linear_time_form_raises_naming_it(
+    family, option, value
+):
+    with pytest.raises(ValueError, match=option.replace("attention_", "")):
+        performerize(backbone(family, **{option: value}))
 
 
 def test_mistral_attention_raises_naming_its_class():

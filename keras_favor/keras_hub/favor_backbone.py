@@ -24,11 +24,11 @@ class FavorBackbone:
 
     Converted: every `keras_hub.layers.TransformerEncoder` (its attention
     becomes `FavorAttention`) and `TransformerDecoder` (it becomes a
-    `FavorTransformerDecoder`), and Llama's and Gemma's decoders (their
-    attention becomes `FavorRotaryAttention`). Any other layer holding
-    attention raises a
-    `ValueError` naming its class, as does an attention layer whose weights
-    are not `MultiHeadAttention`'s (Whisper's key projection has no bias).
+    `FavorTransformerDecoder`), and Llama's, Qwen's and Gemma's decoders
+    (their attention becomes `FavorRotaryAttention`). Any other layer
+    holding attention raises a `ValueError` naming its class, as does an
+    attention layer whose weights are not `MultiHeadAttention`'s
+    (Whisper's key projection has no bias).
 
     Args:
         favor_options: dict of `FavorAttention` options for every converted
@@ -134,7 +134,7 @@ def convert_backbone_layers(backbone, favor_options):
             )
             + ". keras_favor converts keras-hub's TransformerEncoder and "
             "TransformerDecoder, whose attention is MultiHeadAttention, "
-            "and the decoders of Llama and Gemma."
+            "and the decoders of Llama, Qwen and Gemma."
         )
     converted = 0
     for layer in layers:

@@ -1,5 +1,5 @@
 """`FavorRotaryAttention`: the grouped-query, rotary attention of
-keras-hub's Llama and Gemma decoders in FAVOR+."""
+keras-hub's Llama, Qwen and Gemma decoders in FAVOR+."""
 
 import math
 
@@ -24,8 +24,8 @@ DENSE_NAMES = ("query_dense", "key_dense", "value_dense", "output_dense")
 @keras.saving.register_keras_serializable(package="keras_favor")
 class FavorRotaryAttention(keras.layers.Layer):
     """Causal grouped-query self-attention with rotary position embeddings,
-    computed by FAVOR+: what keras-hub's `LlamaAttention` and
-    `CachedGemmaAttention` become in a converted model.
+    computed by FAVOR+: what keras-hub's `LlamaAttention`, `QwenAttention`
+    and `CachedGemmaAttention` become in a converted model.
 
     Queries and keys are projected and rotated (RoPE at their absolute
     positions) exactly as in the original; the rotated heads then go
@@ -56,7 +56,11 @@ class FavorRotaryAttention(keras.layers.Layer):
             afterwards (Gemma's layout of rotated heads).
         score_scale: float or None, the scale of the original's scores
             `q . k`. Defaults to `1 / sqrt(head_dim)`, FAVOR+'s own.
-        kernel_initializer: the projections' kernel initializer.
+        query_bias_axes, key_bias_axes: None (no bias, default) or the
+            `EinsumDense` bias axes of the query and of the key and value
+            projections (Qwen's).
+        kernel_initializer, bias_initializer: the projections'
+            initializers.
         dropout: float in `[0, 1)`, FAVOR+'s feature dropout rate.
         feature_map, num_features, projection, seed, chunk_size,
             recompute_length, local_window: as in `FavorAttention`.
@@ -83,7 +87,9 @@ class FavorRotaryAttention(keras.layers.Layer):
         query_equation="bqm,muh->bquh", key_equation="bkm,mvh->bkvh",
         output_equation="bquh,uhm->bqm", rope_max_wavelength=10000,
         rope_scaling_factor=1.0, interleave_rope=False, score_scale=None,
-        kernel_initializer="glorot_uniform", dropout=0.0,
+        query_bias_axes=None, key_bias_axes=None,
+        kernel_initializer="glorot_uniform", bias_initializer="zeros",
+        dropout=0.0,
         feature_map="softmax", num_features=256, projection="orthogonal",
         seed=None, chunk_size=64, recompute_length=RECOMPUTE_LENGTH,
         local_window=0, lora_rank=None, lora_alpha=None, **kwargs,
@@ -115,7 +121,9 @@ class FavorRotaryAttention(keras.layers.Layer):
         self.rope_scaling_factor = rope_scaling_factor
         self.interleave_rope = bool(interleave_rope)
         self.score_scale = None if score_scale is None else float(score_scale)
+        self.bias_axes = (query_bias_axes, key_bias_axes)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
         self.dropout = dropout_rate(dropout)
         # The names FAVOR+'s kernels and caches read.
         self.num_heads, self.key_dim, self.value_dim = (
@@ -133,10 +141,11 @@ class FavorRotaryAttention(keras.layers.Layer):
         self.projection = None
         self.redraw_count = None
 
-    def _dense(self, equation, output_shape, name):
+    def _dense(self, equation, output_shape, name, bias_axes=None):
         return keras.layers.EinsumDense(
-            equation, output_shape=output_shape,
+            equation, output_shape=output_shape, bias_axes=bias_axes,
             kernel_initializer=clone_initializer(self.kernel_initializer),
+            bias_initializer=clone_initializer(self.bias_initializer),
             dtype=self.dtype_policy, name=name,
         )
 
@@ -144,9 +153,16 @@ class FavorRotaryAttention(keras.layers.Layer):
         query_equation, key_equation, output_equation = self.equations
         heads = (None, self.num_query_heads, self.head_dim)
         key_heads = (None, self.num_key_value_heads, self.head_dim)
-        self.query_dense = self._dense(query_equation, heads, "query")
-        self.key_dense = self._dense(key_equation, key_heads, "key")
-        self.value_dense = self._dense(key_equation, key_heads, "value")
+        query_bias_axes, key_bias_axes = self.bias_axes
+        self.query_dense = self._dense(
+            query_equation, heads, "query", query_bias_axes
+        )
+        self.key_dense = self._dense(
+            key_equation, key_heads, "key", key_bias_axes
+        )
+        self.value_dense = self._dense(
+            key_equation, key_heads, "value", key_bias_axes
+        )
         self.output_dense = self._dense(
             output_equation, (None, inputs_shape[-1]), "attention_output"
         )
@@ -252,8 +268,13 @@ class FavorRotaryAttention(keras.layers.Layer):
                 "rope_scaling_factor": self.rope_scaling_factor,
                 "interleave_rope": self.interleave_rope,
                 "score_scale": self.score_scale,
+                "query_bias_axes": self.bias_axes[0],
+                "key_bias_axes": self.bias_axes[1],
                 "kernel_initializer": keras.initializers.serialize(
                     self.kernel_initializer
+                ),
+                "bias_initializer": keras.initializers.serialize(
+                    self.bias_initializer
                 ),
                 "dropout": self.dropout,
             }

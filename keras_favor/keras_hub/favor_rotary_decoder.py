@@ -1,4 +1,4 @@
-"""`FavorRotaryDecoder`: keras-hub's Llama and Gemma decoder layers with
+"""`FavorRotaryDecoder`: keras-hub's Llama, Qwen and Gemma decoder layers with
 `FavorRotaryAttention`."""
 
 import math
@@ -11,6 +11,8 @@ from keras_hub.src.models.gemma.gemma_attention import CachedGemmaAttention
 from keras_hub.src.models.gemma.gemma_decoder_block import GemmaDecoderBlock
 from keras_hub.src.models.llama.llama_attention import LlamaAttention
 from keras_hub.src.models.llama.llama_decoder import LlamaTransformerDecoder
+from keras_hub.src.models.qwen.qwen_attention import QwenAttention
+from keras_hub.src.models.qwen.qwen_decoder import QwenTransformerDecoder
 
 from keras_favor.convert.attention_paths import swap_attention
 from keras_favor.keras_hub import packed_state
@@ -22,6 +24,11 @@ from keras_favor.keras_hub.favor_rotary_attention import FavorRotaryAttention
 FAMILIES = {
     LlamaTransformerDecoder: (
         "_self_attention_layer", LlamaAttention,
+        ("_query_dense", "_key_dense", "_value_dense", "_output_dense"),
+        "rotary_embedding_layer",
+    ),
+    QwenTransformerDecoder: (
+        "_self_attention_layer", QwenAttention,
         ("_query_dense", "_key_dense", "_value_dense", "_output_dense"),
         "rotary_embedding_layer",
     ),
@@ -38,8 +45,8 @@ def _keras_mask(x):
 
 
 class FavorRotaryDecoder:
-    """The converted form of keras-hub's `LlamaTransformerDecoder` and
-    `GemmaDecoderBlock`: mixed in before the class (`convert_in_place`),
+    """The converted form of keras-hub's `LlamaTransformerDecoder`,
+    `QwenTransformerDecoder` and `GemmaDecoderBlock`: mixed in before the class (`convert_in_place`),
     with its attention a `FavorRotaryAttention`.
 
     keras-hub's decoder merges causality and padding into one dense
@@ -68,7 +75,8 @@ class FavorRotaryDecoder:
         self, decoder_sequence, decoder_padding_mask, decoder_attention_mask,
         self_attention_cache, self_attention_cache_update_index,
     ):
-        # Llama's decoder: its attention's mask is the padding of the keys.
+        # Llama's and Qwen's decoders: the attention's mask is the keys'
+        # padding.
         if decoder_attention_mask is not None:
             raise ValueError(
                 "A custom `decoder_attention_mask` has no linear-time form: "
@@ -121,20 +129,27 @@ def _rope_arguments(attention, rope):
     }
 
 
-def _gemma_arguments(attention):
-    """The arguments that Gemma's attention adds; a `ValueError` for its
-    options without a linear-time form (Gemma 2's)."""
-    for option, default in (
-        ("logit_soft_cap", None), ("use_sliding_window_attention", False),
-    ):
-        if getattr(attention, option) != default:
+def _check_defaults(attention, defaults):
+    """A `ValueError` naming the first option of `attention` (name:
+    default, in `defaults`) set otherwise: those have no linear-time
+    form (Gemma 2's soft cap, sliding windows)."""
+    for option, default in defaults.items():
+        if getattr(attention, option, default) != default:
             raise ValueError(
                 f"The attention layer {attention.name!r} "
-                f"(CachedGemmaAttention) has {option}="
+                f"({type(attention).__name__}) has {option}="
                 f"{getattr(attention, option)!r}, which has no linear-time "
                 "form, so it does not convert. Only "
                 f"{option}={default!r} converts."
             )
+
+
+def _gemma_arguments(attention):
+    """The arguments that Gemma's attention adds."""
+    _check_defaults(
+        attention,
+        {"logit_soft_cap": None, "use_sliding_window_attention": False},
+    )
     score_scale = None
     if not attention.query_head_dim_normalize:
         heads = attention.num_query_heads
@@ -152,12 +167,15 @@ def converted_attention(attention, dense_names, rope_name, favor_options):
         num_key_value_heads=attention.num_key_value_heads,
         head_dim=query.kernel.shape[-1], query_equation=query.equation,
         key_equation=key.equation, output_equation=output.equation,
+        query_bias_axes=query.bias_axes, key_bias_axes=key.bias_axes,
         kernel_initializer=query.kernel_initializer,
+        bias_initializer=query.bias_initializer,
         dropout=attention.dropout, dtype=attention.dtype_policy,
         name=attention.name, **_rope_arguments(attention, rope),
     )
     if isinstance(attention, CachedGemmaAttention):
         arguments.update(_gemma_arguments(attention))
+    _check_defaults(attention, {"use_sliding_window_attention": False})
     arguments.update(favor_options)
     favor = FavorRotaryAttention(**arguments)
     favor.build(query.get_build_config()["input_shape"])
@@ -173,6 +191,7 @@ def check_convertible(decoder):
     _rope_arguments(attention, getattr(attention, rope_name))
     if isinstance(attention, CachedGemmaAttention):
         _gemma_arguments(attention)
+    _check_defaults(attention, {"use_sliding_window_attention": False})
 
 
 _CLASSES = {}
