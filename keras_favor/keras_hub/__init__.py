@@ -13,6 +13,7 @@ from keras_favor.keras_hub.favor_backbone import register_backbone_classes
 from keras_favor.keras_hub.favor_causal_lm import FavorCausalLM
 from keras_favor.keras_hub.favor_causal_lm import favor_causal_lm_class
 from keras_favor.keras_hub.favor_causal_lm import register_causal_lm_classes
+from keras_favor.keras_hub.favor_rotary_attention import FavorRotaryAttention
 from keras_favor.keras_hub.favor_seq_2_seq_lm import FavorSeq2SeqLM
 from keras_favor.keras_hub.favor_seq_2_seq_lm import favor_seq_2_seq_lm_class
 from keras_favor.keras_hub.favor_seq_2_seq_lm import (
@@ -27,7 +28,7 @@ register_causal_lm_classes()
 register_seq_2_seq_lm_classes()
 
 __all__ = [
-    "FavorBackbone", "FavorCausalLM", "FavorSeq2SeqLM",
+    "FavorBackbone", "FavorCausalLM", "FavorRotaryAttention", "FavorSeq2SeqLM",
     "FavorTransformerDecoder", "favor_backbone_class",
     "favor_causal_lm_class", "favor_seq_2_seq_lm_class",
 ]

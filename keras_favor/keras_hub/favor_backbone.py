@@ -5,6 +5,7 @@ import keras
 import keras_hub
 
 from keras_favor.convert.attention_paths import all_layers
+from keras_favor.keras_hub import favor_rotary_decoder
 from keras_favor.keras_hub import favor_transformer_decoder
 from keras_favor.keras_hub.attention_swap import check_dense_weights
 from keras_favor.keras_hub.attention_swap import convert_held_attention
@@ -23,9 +24,11 @@ class FavorBackbone:
 
     Converted: every `keras_hub.layers.TransformerEncoder` (its attention
     becomes `FavorAttention`) and `TransformerDecoder` (it becomes a
-    `FavorTransformerDecoder`). Any other layer holding attention raises a
-    `ValueError` naming its class, as does an attention layer whose weights
-    are not `MultiHeadAttention`'s (Whisper's key projection has no bias).
+    `FavorTransformerDecoder`), and Llama's, Qwen's and Gemma's decoders
+    (their attention becomes `FavorRotaryAttention`). Any other layer
+    holding attention raises a `ValueError` naming its class, as does an
+    attention layer whose weights are not `MultiHeadAttention`'s
+    (Whisper's key projection has no bias).
 
     Args:
         favor_options: dict of `FavorAttention` options for every converted
@@ -89,6 +92,10 @@ def _unconvertible_layers(layers):
         for attribute in ("_self_attention_layer", "_cross_attention_layer")
         if getattr(layer, attribute, None) is not None
     }
+    handled.update(
+        id(favor_rotary_decoder.held_attention(layer))
+        for layer in layers if favor_rotary_decoder.is_rotary_decoder(layer)
+    )
     found = []
     for layer in layers:
         if isinstance(layer, keras.layers.MultiHeadAttention):
@@ -97,7 +104,9 @@ def _unconvertible_layers(layers):
         elif isinstance(layer, (_ENCODER, _DECODER)):
             if type(layer) not in (_ENCODER, _DECODER):
                 found.append(layer)
-        elif "attention" in type(layer).__name__.lower():
+        elif "attention" in type(layer).__name__.lower() and (
+            id(layer) not in handled
+        ):
             found.append(layer)
     return found
 
@@ -113,6 +122,8 @@ def convert_backbone_layers(backbone, favor_options):
             mha = getattr(layer, attribute, None)
             if isinstance(mha, keras.layers.MultiHeadAttention):
                 check_dense_weights(mha)
+        if favor_rotary_decoder.is_rotary_decoder(layer):
+            favor_rotary_decoder.check_convertible(layer)
     others = _unconvertible_layers(layers)
     if others:
         raise ValueError(
@@ -122,7 +133,8 @@ def convert_backbone_layers(backbone, favor_options):
                 f"{layer.name!r} ({type(layer).__name__})" for layer in others
             )
             + ". keras_favor converts keras-hub's TransformerEncoder and "
-            "TransformerDecoder, whose attention is MultiHeadAttention."
+            "TransformerDecoder, whose attention is MultiHeadAttention, "
+            "and the decoders of Llama, Qwen and Gemma."
         )
     converted = 0
     for layer in layers:
@@ -131,6 +143,9 @@ def convert_backbone_layers(backbone, favor_options):
             converted += 1
         elif type(layer) is _ENCODER:
             converted += convert_held_attention(layer, options)
+        elif favor_rotary_decoder.is_rotary_decoder(layer):
+            favor_rotary_decoder.convert_in_place(layer, options)
+            converted += 1
     if not converted and not any(
         isinstance(layer, FavorAttention) for layer in layers
     ):

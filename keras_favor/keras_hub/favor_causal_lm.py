@@ -9,7 +9,8 @@ _CLASSES = {}
 
 
 class FavorCausalLM:
-    """The converted form of a keras-hub CausalLM class (GPT-2, OPT):
+    """The converted form of a keras-hub CausalLM class (GPT-2, OPT,
+    Llama, Gemma):
     mixed in before it (`favor_causal_lm_class`), it makes keras-hub's
     `generate()`, samplers and preprocessing run on the converted
     decoders' recurrent state.
@@ -41,9 +42,9 @@ class FavorCausalLM:
             raise ValueError(
                 f"{type(self).__name__}.generate() is not supported after "
                 "conversion: keras_favor generates with decoder-only "
-                "keras-hub CausalLMs (such as GPT-2 and OPT), whose "
-                "backbone's `transformer_layers` are self-attention "
-                "decoders."
+                "keras-hub CausalLMs (such as GPT-2, OPT, Llama and "
+                "Gemma), whose backbone's `transformer_layers` are "
+                "self-attention decoders."
             )
 
     def _empty_state(self, batch_size):

@@ -220,16 +220,6 @@ def test_whisper_bias_less_key_projection_raises_naming_it():
         performerize(backbone)
 
 
-def test_llama_attention_raises_naming_its_class():
-    keras.utils.set_random_seed(8)
-    backbone = keras_hub.models.LlamaBackbone(
-        vocabulary_size=50, num_layers=1, num_query_heads=2, hidden_dim=16,
-        intermediate_dim=32, num_key_value_heads=1,
-    )
-    with pytest.raises(ValueError, match="LlamaAttention"):
-        performerize(backbone)
-
-
 def test_keras_hub_backbone_with_a_predicate_raises():
     with pytest.raises(ValueError, match="predicate"):
         performerize(gpt2_backbone(), predicate=lambda mha: True)
