@@ -163,6 +163,7 @@ def run_arms(args, train):
         name: performer(teacher, args, local_window)
         for name, local_window in variants(args)
     }
+    changes = logit_changes(teacher, students, args.validation[0])
     # The teacher trained on for as many steps as the finetuning: the
     # reference at equal steps.
     points = train_to(teacher, train, args.steps, [args.finetune_steps[-1]],
@@ -179,7 +180,20 @@ def run_arms(args, train):
         add(f"scratch {name}", local_window, 0, train_to(
             scratch, train, 0, [args.steps, args.total_steps], args
         ))
-    return rows, teacher
+    return rows, teacher, changes
+
+
+def logit_changes(teacher, students, token_ids):
+    """How far each conversion moved the outputs: the largest absolute
+    change of a validation logit, right after the conversion."""
+    want = teacher.predict(as_inputs(token_ids), verbose=0)
+    changes = {}
+    for name, student in students.items():
+        got = student.predict(as_inputs(token_ids), verbose=0)
+        changes[name] = float(np.max(np.abs(got - want)))
+        print(f"  converted {name}: the largest logit change "
+              f"{changes[name]:.3g}")
+    return changes
 
 
 def summarize(rows, args):
@@ -239,7 +253,6 @@ def plot(rows, path, args):
                  label=f"exact teacher, {args.total_steps} steps")
     axis.axhline((1 + TARGET) * exact, color="gray", linestyle=":",
                  linewidth=1, label=f"teacher + {TARGET:.0%}")
-    axis.set_yscale("log")
     axis.set_xlabel("finetuning steps after the conversion")
     axis.set_ylabel("validation bits per byte")
     axis.set_title(
@@ -334,9 +347,10 @@ def main(argv=None):
     print(f"Corpus: {len(train_tokens):,} training and "
           f"{len(validation_tokens):,} validation bytes. Load average "
           f"{load_before:.1f}.")
-    rows, teacher = run_arms(args, train)
+    rows, teacher, changes = run_arms(args, train)
     summary = summarize(rows, args)
     summary.update(
+        largest_logit_change=changes,
         seconds=round(time.perf_counter() - start, 1),
         load_before=load_before, load_after=os.getloadavg()[0],
         arguments={k: v for k, v in vars(args).items()
