@@ -280,7 +280,7 @@ def parse_args(argv):
         help="training steps of the exact teacher")
     add("--finetune-steps", default=None,
         help="comma-separated finetuning step counts to evaluate at "
-        "(default: 2.5, 5 and 10 %% of --steps)")
+        "(unset: 2.5, 5 and 10 %% of --steps)")
     add("--local-window", type=int, default=16,
         help="the window variant's local_window")
     add("--num-layers", type=int, default=2, help="decoder layers")
