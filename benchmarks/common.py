@@ -33,10 +33,20 @@ def parse_args(doc, argv=None, **options):
         default, help_ = value if isinstance(value, tuple) else (value, None)
         many = isinstance(default, list)
         kind = type(default[0] if many else default)
-        parser.add_argument("--" + name.replace("_", "-"), default=default, help=help_, **(
-            {"action": "store_true"} if default is False else {
-                "type": kind, "nargs": "+" if many else None,
-                "choices": default if many and kind is str else None}))
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            default=default,
+            help=help_,
+            **(
+                {"action": "store_true"}
+                if default is False
+                else {
+                    "type": kind,
+                    "nargs": "+" if many else None,
+                    "choices": default if many and kind is str else None,
+                }
+            ),
+        )
     return parser.parse_args(argv)
 
 
@@ -49,11 +59,13 @@ def time_calls(fn, inputs, repeats, warmup=1, budget_s=math.inf, min_repeats=1):
     """
     times = []
     while len(times) < 1 + warmup + min_repeats or (
-            len(times) < 1 + warmup + repeats and sum(times[1 + warmup:]) < budget_s):
+        len(times) < 1 + warmup + repeats
+        and sum(times[1 + warmup :]) < budget_s
+    ):
         start = time.perf_counter()
         numpy.asarray(fn(*inputs))
         times.append(time.perf_counter() - start)
-    return times[0], times[1 + warmup:]
+    return times[0], times[1 + warmup :]
 
 
 def peak_rss_mib():
@@ -66,8 +78,14 @@ def proc_field(path, field, mib=False):
     `field: N kB` entry in MiB (`VmRSS`, `MemAvailable`...)."""
     try:
         with open(path) as file:
-            text = next((line.split(":", 1)[1].strip() for line in file
-                         if line.split(":")[0].strip() == field), None)
+            text = next(
+                (
+                    line.split(":", 1)[1].strip()
+                    for line in file
+                    if line.split(":")[0].strip() == field
+                ),
+                None,
+            )
     except OSError:
         return None
     return int(text.split()[0]) / 1024 if mib and text else text
@@ -76,15 +94,21 @@ def proc_field(path, field, mib=False):
 def git(*args, check=False):
     """The output of `git *args` in the repository; with `check`, a failed
     command raises `subprocess.CalledProcessError`."""
-    return subprocess.run(["git", *args], cwd=REPOSITORY_DIR, capture_output=True, text=True,
-                          check=check).stdout.strip()
+    return subprocess.run(
+        ["git", *args],
+        cwd=REPOSITORY_DIR,
+        capture_output=True,
+        text=True,
+        check=check,
+    ).stdout.strip()
 
 
 def git_commit():
     """The checked-out commit, marked when keras_favor has uncommitted changes."""
     dirty = git("status", "--porcelain", "--", "keras_favor")
     return (git("rev-parse", "--short", "HEAD") or "unknown") + (
-        "+uncommitted keras_favor changes" if dirty else "")
+        "+uncommitted keras_favor changes" if dirty else ""
+    )
 
 
 def describe():
@@ -97,7 +121,9 @@ def describe():
         import tensorflow as tf
 
         gpus = tf.config.list_physical_devices("GPU")
-        details = tf.config.experimental.get_device_details(gpus[0]) if gpus else {}
+        details = (
+            tf.config.experimental.get_device_details(gpus[0]) if gpus else {}
+        )
         gpu = details.get("device_name", gpus[0].name) if gpus else None
         versions = {"tensorflow": tf.__version__}
     else:
@@ -107,13 +133,25 @@ def describe():
         gpu = gpus[0].device_kind if gpus else None
         versions = {"jax": jax.__version__}
     return {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": proc_field("/proc/cpuinfo", "model name") or platform.processor(),
-        "cores": os.cpu_count(), "load_average": os.getloadavg(),
-        "memory_gib": round(proc_field("/proc/meminfo", "MemTotal", mib=True) / 1024, 1),
-        "gpu": gpu, "python": platform.python_version(), "backend": backend, **versions,
-        "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset (on)"),
-        "keras": keras.__version__, "numpy": numpy.__version__,
+        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(
+            timespec="seconds"
+        ),
+        "cpu": proc_field("/proc/cpuinfo", "model name")
+        or platform.processor(),
+        "cores": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "memory_gib": round(
+            proc_field("/proc/meminfo", "MemTotal", mib=True) / 1024, 1
+        ),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "backend": backend,
+        **versions,
+        "TF_ENABLE_ONEDNN_OPTS": os.environ.get(
+            "TF_ENABLE_ONEDNN_OPTS", "unset (on)"
+        ),
+        "keras": keras.__version__,
+        "numpy": numpy.__version__,
         "keras_favor_commit": git_commit(),
     }
 
@@ -122,8 +160,13 @@ def environment():
     """`describe()`, read in a subprocess so that this process stays free of the
     backend (and of the GPU)."""
     code = "import json; from benchmarks import common; print(json.dumps(common.describe()))"
-    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True, env=worker_env(TF_CPP_MIN_LOG_LEVEL="3"))
+    output = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=worker_env(TF_CPP_MIN_LOG_LEVEL="3"),
+    )
     return json.loads(output.stdout.strip().splitlines()[-1])
 
 
@@ -133,7 +176,11 @@ def worker_env(**variables):
     benchmarks.NAME` finds the benchmarks from any working directory (and
     keras_favor first in that directory or on the caller's `PYTHONPATH`)."""
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths + [REPOSITORY_DIR]), **variables)
+    return dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(paths + [REPOSITORY_DIR]),
+        **variables,
+    )
 
 
 def module_command(module, *args):
@@ -194,30 +241,53 @@ def run_worker(command, env, args, address_space_limit=None, cwd=None):
     """
     limit = address_space_limit
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
-        preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
-        if limit else None)
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=cwd,
+        preexec_fn=(
+            lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        )
+        if limit
+        else None,
+    )
     deadline, stopped, rss = time.monotonic() + args.timeout_s, None, 0.0
     while stopped is None and process.poll() is None:
         time.sleep(0.05)
-        rss = proc_field(f"/proc/{process.pid}/status", "VmRSS", mib=True) or rss
+        rss = (
+            proc_field(f"/proc/{process.pid}/status", "VmRSS", mib=True) or rss
+        )
         if rss > args.memory_cap_gb * 1024:
             stopped = "out_of_memory", f"killed at {rss:.0f} MiB RSS"
-        elif proc_field("/proc/meminfo", "MemAvailable", mib=True) < args.reserve_gb * 1024:
-            stopped = "machine_busy", f"killed: machine below {args.reserve_gb} GB free"
+        elif (
+            proc_field("/proc/meminfo", "MemAvailable", mib=True)
+            < args.reserve_gb * 1024
+        ):
+            stopped = (
+                "machine_busy",
+                f"killed: machine below {args.reserve_gb} GB free",
+            )
         elif time.monotonic() > deadline:
             stopped = "timeout", f"killed after {args.timeout_s:.0f} s"
     if stopped:
         process.kill()
     stdout, stderr = process.communicate()
     if stopped:
-        return {"status": stopped[0], "note": stopped[1], "peak_rss_mib": round(rss, 1)}
+        return {
+            "status": stopped[0],
+            "note": stopped[1],
+            "peak_rss_mib": round(rss, 1),
+        }
     for line in stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     # Under the address-space limit an allocation fails without a Python error.
-    memory = any(word in stderr for word in ("bad_alloc", "Cannot allocate", "OOM",
-                                             "out of memory"))
+    memory = any(
+        word in stderr
+        for word in ("bad_alloc", "Cannot allocate", "OOM", "out of memory")
+    )
     note = (stderr.strip().splitlines() or ["no output"])[-1][:160]
     return {"status": "out_of_memory" if memory else "error", "note": note}
 
@@ -227,7 +297,11 @@ def timing_fields(times, first_call_s, time_cap_s):
     `over_time_cap` when the median step passes `time_cap_s`), the median,
     fastest and slowest seconds, their count and the first (tracing) call's."""
     median = statistics.median(times)
-    return dict(status="over_time_cap" if median > time_cap_s else "ok",
-                median_s=round(median, 5), min_s=round(min(times), 5),
-                max_s=round(max(times), 5), timed_runs=len(times),
-                first_call_s=round(first_call_s, 3))
+    return dict(
+        status="over_time_cap" if median > time_cap_s else "ok",
+        median_s=round(median, 5),
+        min_s=round(min(times), 5),
+        max_s=round(max(times), 5),
+        timed_runs=len(times),
+        first_call_s=round(first_call_s, 3),
+    )

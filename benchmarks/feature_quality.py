@@ -17,7 +17,8 @@ import os
 from benchmarks import quality
 
 quality.CONFIGS["favor_plus_plus"] = quality.Config(
-    "FAVOR++, the initial projection throughout", {"feature_map": "favor++"})
+    "FAVOR++, the initial projection throughout", {"feature_map": "favor++"}
+)
 
 
 def main(argv=None):
@@ -29,15 +30,27 @@ def main(argv=None):
     rows = []
     for seed in args.seeds:
         train = quality.training_data(train_tokens, seed, args)
-        rows += [quality.train_and_evaluate(name, seed, train, validation, args)
-                 for name in args.configs]
+        rows += [
+            quality.train_and_evaluate(name, seed, train, validation, args)
+            for name in args.configs
+        ]
     stem = os.path.join(args.output_dir, "feature_quality")
     settings = {k: v for k, v in vars(args).items() if k != "output_dir"}
-    quality.common.write_environment(stem + ".json", quality.common.describe(), settings)
+    quality.common.write_environment(
+        stem + ".json", quality.common.describe(), settings
+    )
     quality.common.write_csv(stem + ".csv", quality.FIELDS, rows)
     quality.example_utils.print_table(
-        ["config", "mean", "per seed", f"vs {args.baseline}", "ms/step", "redraw steps"],
-        quality.summary(rows, args.baseline))
+        [
+            "config",
+            "mean",
+            "per seed",
+            f"vs {args.baseline}",
+            "ms/step",
+            "redraw steps",
+        ],
+        quality.summary(rows, args.baseline),
+    )
     return rows
 
 

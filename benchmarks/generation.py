@@ -40,10 +40,25 @@ from benchmarks import common
 
 MODELS = ("favor", "exact")
 FIELDS = (
-    "model", "batch", "position", "cache_length", "cache_bytes",
-    "median_ms", "min_ms", "max_ms", "steps", "warmup", "trace_s",
-    "cache_fill_s", "num_layers", "hidden_dim", "num_heads",
-    "num_features", "jit_compile", "load_average", "keras_favor_commit",
+    "model",
+    "batch",
+    "position",
+    "cache_length",
+    "cache_bytes",
+    "median_ms",
+    "min_ms",
+    "max_ms",
+    "steps",
+    "warmup",
+    "trace_s",
+    "cache_fill_s",
+    "num_layers",
+    "hidden_dim",
+    "num_heads",
+    "num_features",
+    "jit_compile",
+    "load_average",
+    "keras_favor_commit",
 )
 
 
@@ -53,31 +68,68 @@ def parse_args(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
-    add("--positions", type=int, nargs="+", default=[64, 1024, 8192, 32768],
-        help="positions p of the timed token (the cache holds p positions)")
-    add("--batches", type=int, nargs="+", default=[1, 8],
-        help="batch sizes (a panel of the plot each)")
-    add("--models", nargs="+", choices=MODELS, default=list(MODELS),
-        help="attention of the models timed")
-    add("--steps", type=int, default=20,
-        help="timed decoding steps per model, position and batch (median)")
-    add("--warmup", type=int, default=3,
-        help="untimed steps after the first (tracing) call")
+    add(
+        "--positions",
+        type=int,
+        nargs="+",
+        default=[64, 1024, 8192, 32768],
+        help="positions p of the timed token (the cache holds p positions)",
+    )
+    add(
+        "--batches",
+        type=int,
+        nargs="+",
+        default=[1, 8],
+        help="batch sizes (a panel of the plot each)",
+    )
+    add(
+        "--models",
+        nargs="+",
+        choices=MODELS,
+        default=list(MODELS),
+        help="attention of the models timed",
+    )
+    add(
+        "--steps",
+        type=int,
+        default=20,
+        help="timed decoding steps per model, position and batch (median)",
+    )
+    add(
+        "--warmup",
+        type=int,
+        default=3,
+        help="untimed steps after the first (tracing) call",
+    )
     add("--num-layers", type=int, default=4, help="Performer blocks")
     add("--hidden-dim", type=int, default=512, help="hidden size")
     add("--num-heads", type=int, default=8, help="attention heads")
-    add("--intermediate-dim", type=int, default=None,
-        help="feed-forward width; None: 4 x hidden (default: %(default)s)")
-    add("--num-features", type=int, default=256,
-        help="FAVOR+ random features")
-    add("--vocabulary-size", type=int, default=257,
-        help="vocabulary (257: bytes and padding)")
-    add("--max-cache-gib", type=float, default=8.0,
+    add(
+        "--intermediate-dim",
+        type=int,
+        default=None,
+        help="feed-forward width; None: 4 x hidden (default: %(default)s)",
+    )
+    add("--num-features", type=int, default=256, help="FAVOR+ random features")
+    add(
+        "--vocabulary-size",
+        type=int,
+        default=257,
+        help="vocabulary (257: bytes and padding)",
+    )
+    add(
+        "--max-cache-gib",
+        type=float,
+        default=8.0,
         help="skip a configuration whose exact key/value cache would be "
-             "larger (it is copied once a step)")
+        "larger (it is copied once a step)",
+    )
     add("--seed", type=int, default=0, help="seed of weights and tokens")
-    add("--output-dir", default=common.RESULTS_DIR,
-        help="where generation.csv, .json and .png go")
+    add(
+        "--output-dir",
+        default=common.RESULTS_DIR,
+        help="where generation.csv, .json and .png go",
+    )
     return parser.parse_args(argv)
 
 
@@ -85,16 +137,27 @@ def build_model(args, attention, max_length):
     import keras_favor
 
     return keras_favor.build_performer(
-        args.vocabulary_size, max_length, num_layers=args.num_layers,
-        num_heads=args.num_heads, hidden_dim=args.hidden_dim,
-        intermediate_dim=args.intermediate_dim, task="language_model",
-        num_features=args.num_features, attention=attention, seed=args.seed,
+        args.vocabulary_size,
+        max_length,
+        num_layers=args.num_layers,
+        num_heads=args.num_heads,
+        hidden_dim=args.hidden_dim,
+        intermediate_dim=args.intermediate_dim,
+        task="language_model",
+        num_features=args.num_features,
+        attention=attention,
+        seed=args.seed,
     )
 
 
 def cache_bytes(cache):
-    return int(sum(int(np.prod(x.shape)) * x.dtype.size
-                   for block in cache for x in block))
+    return int(
+        sum(
+            int(np.prod(x.shape)) * x.dtype.size
+            for block in cache
+            for x in block
+        )
+    )
 
 
 def make_step(model):
@@ -112,7 +175,9 @@ def make_step(model):
         logits, cache = generation.call_with_cache(
             model, token, cache, index, ops.ones(ops.shape(token), "bool")
         )
-        return ops.cast(ops.argmax(logits[:, -1], axis=-1), "int32")[:, None], cache
+        return ops.cast(ops.argmax(logits[:, -1], axis=-1), "int32")[
+            :, None
+        ], cache
 
     return step
 
@@ -166,8 +231,9 @@ class FavorCaches:
 def repeat_batch(cache, batch):
     import tensorflow as tf
 
-    return tuple(tuple(tf.repeat(x, batch, axis=0) for x in block)
-                 for block in cache)
+    return tuple(
+        tuple(tf.repeat(x, batch, axis=0) for x in block) for block in cache
+    )
 
 
 def exact_cache(model, batch, position, seed):
@@ -181,7 +247,9 @@ def exact_cache(model, batch, position, seed):
     for layer, block in enumerate(generation.empty_cache(model, batch)):
         keys, values, mask = block
         filled = [
-            tf.random.stateless_normal(x.shape, (seed, 2 * layer + i), dtype=x.dtype)
+            tf.random.stateless_normal(
+                x.shape, (seed, 2 * layer + i), dtype=x.dtype
+            )
             for i, x in enumerate((keys, values))
         ]
         length = mask.shape[1]
@@ -216,7 +284,9 @@ def run(args, environment):
             print(f"favor prefill to {position}: {prefill_s:.1f} s", flush=True)
         for batch in args.batches:
             rng = np.random.default_rng([args.seed, position, batch])
-            token = rng.integers(1, args.vocabulary_size, (batch, 1)).astype("int32")
+            token = rng.integers(1, args.vocabulary_size, (batch, 1)).astype(
+                "int32"
+            )
             steppers, info = {}, {}
             for name in args.models:
                 if name == "favor":
@@ -225,18 +295,28 @@ def run(args, environment):
                     fill_s = prefill_s + time.perf_counter() - start
                     step, cache_length = make_step(favor.model), ""
                 else:
-                    kv_bytes = batch * length * (2 * heads * head_dim * 4 + 1) * args.num_layers
+                    kv_bytes = (
+                        batch
+                        * length
+                        * (2 * heads * head_dim * 4 + 1)
+                        * args.num_layers
+                    )
                     if kv_bytes > args.max_cache_gib * 2**30:
-                        print(f"exact at {position}, batch {batch}: cache of "
-                              f"{kv_bytes / 2**30:.1f} GiB > --max-cache-gib, skipped")
+                        print(
+                            f"exact at {position}, batch {batch}: cache of "
+                            f"{kv_bytes / 2**30:.1f} GiB > --max-cache-gib, skipped"
+                        )
                         continue
                     start = time.perf_counter()
                     cache = exact_cache(exact_model, batch, position, args.seed)
                     fill_s = time.perf_counter() - start
                     step, cache_length = make_step(exact_model), length
                 steppers[name] = Stepper(step, cache, position, token)
-                info[name] = dict(cache_bytes=cache_bytes(cache), cache_length=cache_length,
-                                  cache_fill_s=round(fill_s, 3))
+                info[name] = dict(
+                    cache_bytes=cache_bytes(cache),
+                    cache_length=cache_length,
+                    cache_fill_s=round(fill_s, 3),
+                )
                 del cache
             load = os.getloadavg()[0]
             # The first call traces; then warm-up and timed steps alternate
@@ -252,19 +332,30 @@ def run(args, environment):
             for name in steppers:
                 ms = [1000 * t for t in times[name]]
                 row = dict(
-                    model=name, batch=batch, position=position, **info[name],
+                    model=name,
+                    batch=batch,
+                    position=position,
+                    **info[name],
                     median_ms=round(statistics.median(ms), 4),
-                    min_ms=round(min(ms), 4), max_ms=round(max(ms), 4),
-                    steps=args.steps, warmup=args.warmup,
-                    num_layers=args.num_layers, hidden_dim=args.hidden_dim,
-                    num_heads=heads, num_features=args.num_features,
-                    jit_compile=False, load_average=round(load, 2),
+                    min_ms=round(min(ms), 4),
+                    max_ms=round(max(ms), 4),
+                    steps=args.steps,
+                    warmup=args.warmup,
+                    num_layers=args.num_layers,
+                    hidden_dim=args.hidden_dim,
+                    num_heads=heads,
+                    num_features=args.num_features,
+                    jit_compile=False,
+                    load_average=round(load, 2),
                     keras_favor_commit=environment["keras_favor_commit"],
                 )
                 rows.append(row)
-                print(f"{name:5s} batch {batch} position {position:6d}: "
-                      f"{row['median_ms']:9.3f} ms/token (min {row['min_ms']:.3f}), "
-                      f"cache {row['cache_bytes'] / 2**20:9.2f} MiB", flush=True)
+                print(
+                    f"{name:5s} batch {batch} position {position:6d}: "
+                    f"{row['median_ms']:9.3f} ms/token (min {row['min_ms']:.3f}), "
+                    f"cache {row['cache_bytes'] / 2**20:9.2f} MiB",
+                    flush=True,
+                )
             del steppers
         del exact_model
     return rows
@@ -274,28 +365,53 @@ def summarize(rows, positions):
     """The ratios the targets read (issue 14): FAVOR+'s token at 8192 (or the
     second-largest position measured) over its token at the first position,
     and exact over FAVOR+ at each position, per batch."""
-    median = {(r["model"], r["batch"], r["position"]): r["median_ms"] for r in rows}
+    median = {
+        (r["model"], r["batch"], r["position"]): r["median_ms"] for r in rows
+    }
     first = min(positions)
     target_position = 8192 if 8192 in positions else max(positions)
     summary = {"ratios": [], "targets": []}
     for batch in sorted({r["batch"] for r in rows}):
         for position in sorted(positions):
-            f, e = median.get(("favor", batch, position)), median.get(("exact", batch, position))
-            summary["ratios"].append(dict(
-                batch=batch, position=position,
-                favor_over_favor_first=None if f is None or ("favor", batch, first) not in median
-                else round(f / median[("favor", batch, first)], 3),
-                exact_over_favor=None if f is None or e is None else round(e / f, 2)))
-        f, e = median.get(("favor", batch, target_position)), median.get(("exact", batch, target_position))
+            f, e = (
+                median.get(("favor", batch, position)),
+                median.get(("exact", batch, position)),
+            )
+            summary["ratios"].append(
+                dict(
+                    batch=batch,
+                    position=position,
+                    favor_over_favor_first=None
+                    if f is None or ("favor", batch, first) not in median
+                    else round(f / median[("favor", batch, first)], 3),
+                    exact_over_favor=None
+                    if f is None or e is None
+                    else round(e / f, 2),
+                )
+            )
+        f, e = (
+            median.get(("favor", batch, target_position)),
+            median.get(("exact", batch, target_position)),
+        )
         f0 = median.get(("favor", batch, first))
         if f is not None and f0 is not None:
-            summary["targets"].append(dict(
-                target=f"favor at {target_position} <= 1.2 x favor at {first}", batch=batch,
-                measured=round(f / f0, 3), met=f / f0 <= 1.2))
+            summary["targets"].append(
+                dict(
+                    target=f"favor at {target_position} <= 1.2 x favor at {first}",
+                    batch=batch,
+                    measured=round(f / f0, 3),
+                    met=f / f0 <= 1.2,
+                )
+            )
         if f is not None and e is not None:
-            summary["targets"].append(dict(
-                target=f"exact / favor at {target_position} >= 3", batch=batch,
-                measured=round(e / f, 2), met=e / f >= 3))
+            summary["targets"].append(
+                dict(
+                    target=f"exact / favor at {target_position} >= 3",
+                    batch=batch,
+                    measured=round(e / f, 2),
+                    met=e / f >= 3,
+                )
+            )
     return summary
 
 
@@ -307,13 +423,24 @@ def plot(rows, path):
     import matplotlib.ticker
 
     batches = sorted({r["batch"] for r in rows})
-    figure, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4.2),
-                                sharey=True, squeeze=False)
-    labels = {"favor": "FAVOR+ (recurrent state)", "exact": "exact (key/value cache)"}
+    figure, axes = plt.subplots(
+        1,
+        len(batches),
+        figsize=(5.5 * len(batches), 4.2),
+        sharey=True,
+        squeeze=False,
+    )
+    labels = {
+        "favor": "FAVOR+ (recurrent state)",
+        "exact": "exact (key/value cache)",
+    }
     for ax, batch in zip(axes[0], batches):
         for name, marker in (("favor", "o"), ("exact", "s")):
-            points = sorted((r["position"], r["median_ms"]) for r in rows
-                            if r["model"] == name and r["batch"] == batch)
+            points = sorted(
+                (r["position"], r["median_ms"])
+                for r in rows
+                if r["model"] == name and r["batch"] == batch
+            )
             if points:
                 ax.plot(*zip(*points), marker=marker, label=labels[name])
         ax.set_xscale("log", base=2)
@@ -327,8 +454,10 @@ def plot(rows, path):
         ax.legend()
     axes[0][0].set_ylabel("time per token (ms, median of steps)")
     r = rows[0]
-    figure.suptitle(f"Cached decoding step: {r['num_layers']} blocks, hidden "
-                    f"{r['hidden_dim']}, {r['num_heads']} heads, {r['num_features']} features")
+    figure.suptitle(
+        f"Cached decoding step: {r['num_layers']} blocks, hidden "
+        f"{r['hidden_dim']}, {r['num_heads']} heads, {r['num_features']} features"
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=150)
     plt.close(figure)
@@ -336,24 +465,41 @@ def plot(rows, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or min(args.positions) < 1 or min(args.batches) < 1:
-        raise SystemExit("--steps, --positions and --batches must be >= 1, --warmup >= 0")
+    if (
+        args.steps < 1
+        or args.warmup < 0
+        or min(args.positions) < 1
+        or min(args.batches) < 1
+    ):
+        raise SystemExit(
+            "--steps, --positions and --batches must be >= 1, --warmup >= 0"
+        )
     environment = common.describe()
     started = time.perf_counter()
     rows = run(args, environment)
     summary = summarize(rows, args.positions)
     os.makedirs(args.output_dir, exist_ok=True)
-    common.write_csv(os.path.join(args.output_dir, "generation.csv"), FIELDS, rows)
+    common.write_csv(
+        os.path.join(args.output_dir, "generation.csv"), FIELDS, rows
+    )
     settings = {k: v for k, v in vars(args).items() if k != "output_dir"}
-    settings.update(run_s=round(time.perf_counter() - started, 1), favor_cache="prefill at batch 1, repeated over the batch",
-                    exact_cache="random keys and values, mask True below the position, "
-                                "max_length = position + 1 + warmup + steps")
-    common.write_environment(os.path.join(args.output_dir, "generation.json"),
-                             environment, dict(settings, **summary))
+    settings.update(
+        run_s=round(time.perf_counter() - started, 1),
+        favor_cache="prefill at batch 1, repeated over the batch",
+        exact_cache="random keys and values, mask True below the position, "
+        "max_length = position + 1 + warmup + steps",
+    )
+    common.write_environment(
+        os.path.join(args.output_dir, "generation.json"),
+        environment,
+        dict(settings, **summary),
+    )
     plot(rows, os.path.join(args.output_dir, "generation.png"))
     for line in summary["targets"]:
-        print(f"batch {line['batch']}: {line['target']}: {line['measured']} "
-              f"({'met' if line['met'] else 'not met'})")
+        print(
+            f"batch {line['batch']}: {line['target']}: {line['measured']} "
+            f"({'met' if line['met'] else 'not met'})"
+        )
     return rows, summary
 
 

@@ -30,9 +30,23 @@ import statistics
 
 from benchmarks import common
 
-FIELDS = ("kind", "mode", "window", "length", "num_heads", "key_dim", "num_features",
-          "median_s", "min_s", "max_s", "timed_runs", "first_call_s", "ratio",
-          "load_average", "keras_favor_commit")
+FIELDS = (
+    "kind",
+    "mode",
+    "window",
+    "length",
+    "num_heads",
+    "key_dim",
+    "num_features",
+    "median_s",
+    "min_s",
+    "max_s",
+    "timed_runs",
+    "first_call_s",
+    "ratio",
+    "load_average",
+    "keras_favor_commit",
+)
 
 
 def build_call(kind, causal, window, args):
@@ -47,19 +61,27 @@ def build_call(kind, causal, window, args):
     heads = dict(num_heads=args.num_heads, key_dim=args.key_dim)
     hidden = args.num_heads * args.key_dim
     length = args.length if kind == "call" else 1
-    x = np.random.default_rng(0).standard_normal((1, length, hidden)).astype("float32")
+    x = (
+        np.random.default_rng(0)
+        .standard_normal((1, length, hidden))
+        .astype("float32")
+    )
     if window == 0:
         layer = keras.layers.MultiHeadAttention(**heads)
         layer(x, x)
         return tf.function(lambda x: layer(x, x, use_causal_mask=causal)), [x]
     layer = keras_favor.FavorAttention(
-        **heads, num_features=args.num_features, local_window=window, seed=0)
+        **heads, num_features=args.num_features, local_window=window, seed=0
+    )
     layer(x, x)
     if kind == "call":
         return tf.function(lambda x: layer(x, x, use_causal_mask=causal)), [x]
     cache = layer.empty_cache(
-        1, args.max_length if kind == "capped_step" else None)
-    step = tf.function(lambda x, cache: layer(x, use_causal_mask=True, cache=cache)[0])
+        1, args.max_length if kind == "capped_step" else None
+    )
+    step = tf.function(
+        lambda x, cache: layer(x, use_causal_mask=True, cache=cache)[0]
+    )
     return step, [x, cache]
 
 
@@ -69,7 +91,10 @@ def jobs(args):
     for mode in args.modes:
         found += [("call", mode, w) for w in [0] + args.windows]
     return found + [
-        (kind, "causal", w) for kind in ("step", "capped_step") for w in args.windows]
+        (kind, "causal", w)
+        for kind in ("step", "capped_step")
+        for w in args.windows
+    ]
 
 
 def measure(args):
@@ -77,45 +102,67 @@ def measure(args):
     functions, first, times = {}, {}, {}
     for job in jobs(args):
         functions[job] = build_call(job[0], job[1] == "causal", job[2], args)
-        first[job], _ = common.time_calls(*functions[job], repeats=1, warmup=args.warmup)
+        first[job], _ = common.time_calls(
+            *functions[job], repeats=1, warmup=args.warmup
+        )
         times[job] = []
     for round_ in range(args.rounds):
         order = list(functions) if round_ % 2 == 0 else list(functions)[::-1]
         for job in order:
-            times[job] += common.time_calls(*functions[job], repeats=1, warmup=0)[1]
+            times[job] += common.time_calls(
+                *functions[job], repeats=1, warmup=0
+            )[1]
     rows = []
     for (kind, mode, window), job_times in times.items():
         smallest = (kind, mode, min(args.windows))
         median = statistics.median(job_times)
-        rows.append({
-            "kind": kind, "mode": mode, "window": window,
-            "length": args.length if kind == "call" else 1,
-            "num_heads": args.num_heads, "key_dim": args.key_dim,
-            "num_features": args.num_features, "median_s": round(median, 6),
-            "min_s": round(min(job_times), 6), "max_s": round(max(job_times), 6),
-            "timed_runs": len(job_times), "first_call_s": round(first[(kind, mode, window)], 3),
-            "ratio": round(median / statistics.median(times[smallest]), 3),
-            "load_average": round(os.getloadavg()[0], 2),
-            "keras_favor_commit": common.git_commit()})
+        rows.append(
+            {
+                "kind": kind,
+                "mode": mode,
+                "window": window,
+                "length": args.length if kind == "call" else 1,
+                "num_heads": args.num_heads,
+                "key_dim": args.key_dim,
+                "num_features": args.num_features,
+                "median_s": round(median, 6),
+                "min_s": round(min(job_times), 6),
+                "max_s": round(max(job_times), 6),
+                "timed_runs": len(job_times),
+                "first_call_s": round(first[(kind, mode, window)], 3),
+                "ratio": round(median / statistics.median(times[smallest]), 3),
+                "load_average": round(os.getloadavg()[0], 2),
+                "keras_favor_commit": common.git_commit(),
+            }
+        )
     return rows
 
 
 def summary(rows):
     """A line per configuration."""
-    return [f"{r['kind']:11s} {r['mode']:13s} L={r['length']} "
-            f"{'MultiHeadAttention' if r['window'] == 0 else 'w=' + str(r['window']):18s} "
-            f"median {1e3 * r['median_s']:8.3f} ms (min {1e3 * r['min_s']:.3f}, "
-            f"{r['timed_runs']} runs), x{r['ratio']:.2f} the smallest window's"
-            for r in rows]
+    return [
+        f"{r['kind']:11s} {r['mode']:13s} L={r['length']} "
+        f"{'MultiHeadAttention' if r['window'] == 0 else 'w=' + str(r['window']):18s} "
+        f"median {1e3 * r['median_s']:8.3f} ms (min {1e3 * r['min_s']:.3f}, "
+        f"{r['timed_runs']} runs), x{r['ratio']:.2f} the smallest window's"
+        for r in rows
+    ]
 
 
 def main(argv=None):
     args = common.parse_args(
-        __doc__, argv, windows=[8, 32, 128, 512, 2048], modes=["causal", "bidirectional"],
-        length=8, max_length=(128, "positions of the capped step's cache"),
-        num_heads=8, key_dim=64, num_features=256,
+        __doc__,
+        argv,
+        windows=[8, 32, 128, 512, 2048],
+        modes=["causal", "bidirectional"],
+        length=8,
+        max_length=(128, "positions of the capped step's cache"),
+        num_heads=8,
+        key_dim=64,
+        num_features=256,
         rounds=(15, "timed calls per configuration"),
-        warmup=(2, "untimed calls per configuration after tracing"))
+        warmup=(2, "untimed calls per configuration after tracing"),
+    )
     rows = measure(args)
     common.write_results(args, "local_window_cost", FIELDS, rows, summary(rows))
     return rows

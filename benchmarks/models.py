@@ -27,16 +27,30 @@ def build(level, kind, causal, length, chunk_size=None, **favor_options):
     if chunk_size is not None:
         options["chunk_size"] = chunk_size
     if level == "layer":
-        layer = (keras_favor.FavorAttention(NUM_HEADS, KEY_DIM, num_features=NUM_FEATURES, seed=0,
-                                            **options) if kind == "favor"
-                 else keras.layers.MultiHeadAttention(NUM_HEADS, KEY_DIM))
+        layer = (
+            keras_favor.FavorAttention(
+                NUM_HEADS, KEY_DIM, num_features=NUM_FEATURES, seed=0, **options
+            )
+            if kind == "favor"
+            else keras.layers.MultiHeadAttention(NUM_HEADS, KEY_DIM)
+        )
         layer.build(shape, shape)
         return layer, lambda x: layer(x, x, use_causal_mask=causal)
     block = IdentityBlock if kind == "identity" else keras_favor.PerformerBlock
-    stack = keras.Sequential([
-        block(NUM_HEADS, INTERMEDIATE, attention=kind, causal=causal,
-              num_features=NUM_FEATURES, seed=0, **options)
-        for _ in range(NUM_BLOCKS)])
+    stack = keras.Sequential(
+        [
+            block(
+                NUM_HEADS,
+                INTERMEDIATE,
+                attention=kind,
+                causal=causal,
+                num_features=NUM_FEATURES,
+                seed=0,
+                **options,
+            )
+            for _ in range(NUM_BLOCKS)
+        ]
+    )
     stack.build(shape)
     return stack, stack
 
@@ -46,18 +60,34 @@ class ValueOutputAttention(keras.layers.Layer):
     of each position alone. It takes the call and cache arguments of
     `FavorAttention` (its cache is empty), so a `PerformerBlock` runs it."""
 
-    def __init__(self, num_heads, key_dim, dropout=0.0, seed=None,
-                 kernel_initializer="glorot_uniform", bias_initializer="zeros", **kwargs):
+    def __init__(
+        self,
+        num_heads,
+        key_dim,
+        dropout=0.0,
+        seed=None,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        **kwargs,
+    ):
         super().__init__(**kwargs)
-        self._dense = dict(kernel_initializer=kernel_initializer,
-                           bias_initializer=bias_initializer, dtype=self.dtype_policy)
-        self.value_dense = keras.layers.Dense(num_heads * key_dim, name="value", **self._dense)
+        self._dense = dict(
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            dtype=self.dtype_policy,
+        )
+        self.value_dense = keras.layers.Dense(
+            num_heads * key_dim, name="value", **self._dense
+        )
 
     def build(self, query_shape, value_shape=None):
         self.value_dense.build(query_shape)
-        self.output_dense = keras.layers.Dense(query_shape[-1], name="attention_output",
-                                               **self._dense)
-        self.output_dense.build(self.value_dense.compute_output_shape(query_shape))
+        self.output_dense = keras.layers.Dense(
+            query_shape[-1], name="attention_output", **self._dense
+        )
+        self.output_dense.build(
+            self.value_dense.compute_output_shape(query_shape)
+        )
 
     def call(self, query, cache=None, **unused):
         outputs = self.output_dense(self.value_dense(query))
@@ -79,9 +109,13 @@ class IdentityBlock(keras_favor.PerformerBlock):
 
     def _attention_layer(self, key_dim):
         return ValueOutputAttention(
-            self.num_heads, key_dim, kernel_initializer=self._new_initializer(self.kernel_initializer),
-            bias_initializer=self._new_initializer(self.bias_initializer), dtype=self.dtype_policy,
-            name="self_attention")
+            self.num_heads,
+            key_dim,
+            kernel_initializer=self._new_initializer(self.kernel_initializer),
+            bias_initializer=self._new_initializer(self.bias_initializer),
+            dtype=self.dtype_policy,
+            name="self_attention",
+        )
 
 
 def compiled_step(forward, variables, pass_, jit_compile=False):
@@ -96,7 +130,9 @@ def compiled_step(forward, variables, pass_, jit_compile=False):
             return tf.reduce_sum(forward(x))
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(forward(x))
-        return tf.add_n([tf.reduce_sum(g) for g in tape.gradient(loss, variables)])
+        return tf.add_n(
+            [tf.reduce_sum(g) for g in tape.gradient(loss, variables)]
+        )
 
     return tf.function(step, jit_compile=jit_compile)
 

@@ -43,8 +43,12 @@ import time
 BENCHMARKS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPOSITORY_DIR = os.path.dirname(BENCHMARKS_DIR)
 KINDS = (
-    "favor_bidirectional", "favor_causal", "favor_feature_einsum", "mha",
-    "raw_broadcast", "raw_rank_mismatch",
+    "favor_bidirectional",
+    "favor_causal",
+    "favor_feature_einsum",
+    "mha",
+    "raw_broadcast",
+    "raw_rank_mismatch",
 )
 FEATURE_MAPS = ("softmax", "softmax_hyperbolic", "softmax_trig", "relu", "elu")
 # (batch, query length, key length, num_heads, key_dim, num_features,
@@ -61,6 +65,7 @@ CRASH_STATUSES = {134, 139, 136, 135}
 
 
 # ---------------------------------------------------------------- children --
+
 
 def _model(attention, shape, causal, cross, eager=True):
     import keras
@@ -124,8 +129,11 @@ def child_favor(causal, steps):
     def make(index, shape):
         _, _, _, heads, key_dim, features, chunk = shape
         return keras_favor.FavorAttention(
-            num_heads=heads, key_dim=key_dim, num_features=features,
-            chunk_size=chunk, feature_map=FEATURE_MAPS[index % len(FEATURE_MAPS)],
+            num_heads=heads,
+            key_dim=key_dim,
+            num_features=features,
+            chunk_size=chunk,
+            feature_map=FEATURE_MAPS[index % len(FEATURE_MAPS)],
             seed=index,
         )
 
@@ -194,6 +202,7 @@ def child(kind, steps):
 
 # ------------------------------------------------------------------ parent --
 
+
 def outcome(returncode):
     """`finished`, `crashed` (a signal or an abort's status) or `error`."""
     if returncode == 0:
@@ -227,11 +236,16 @@ def cpu_name():
 
 def versions():
     output = subprocess.run(
-        [sys.executable, "-c",
-         "import os; import tensorflow as tf, keras, keras_favor; "
-         "print(tf.__version__, keras.__version__, 'keras_favor from', "
-         "os.path.dirname(os.path.dirname(keras_favor.__file__)))"],
-        capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+        [
+            sys.executable,
+            "-c",
+            "import os; import tensorflow as tf, keras, keras_favor; "
+            "print(tf.__version__, keras.__version__, 'keras_favor from', "
+            "os.path.dirname(os.path.dirname(keras_favor.__file__)))",
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
         cwd=REPOSITORY_DIR,  # the children's first path entry: this checkout
     )
     return output.stdout.strip() or "unknown"
@@ -239,18 +253,37 @@ def versions():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=20, help="subprocesses per kind")
-    parser.add_argument("--steps", type=int, default=5,
-                        help="training steps per model in each subprocess")
-    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
-    parser.add_argument("--timeout-s", type=float, default=120.0,
-                        help="limit per subprocess")
-    parser.add_argument("--budget-s", type=float, default=float("inf"),
-                        help="start no round of runs after this many seconds")
-    parser.add_argument("--verbose", action="store_true",
-                        help="run the children with ONEDNN_VERBOSE=1")
-    parser.add_argument("--output", help="also write the table and the "
-                        "stderr tails of the runs that did not finish here")
+    parser.add_argument(
+        "--runs", type=int, default=20, help="subprocesses per kind"
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=5,
+        help="training steps per model in each subprocess",
+    )
+    parser.add_argument(
+        "--kinds", nargs="+", choices=KINDS, default=list(KINDS)
+    )
+    parser.add_argument(
+        "--timeout-s", type=float, default=120.0, help="limit per subprocess"
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=float("inf"),
+        help="start no round of runs after this many seconds",
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="run the children with ONEDNN_VERBOSE=1",
+    )
+    parser.add_argument(
+        "--output",
+        help="also write the table and the "
+        "stderr tails of the runs that did not finish here",
+    )
     parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -275,9 +308,19 @@ def main():
             start = time.perf_counter()
             try:
                 result = subprocess.run(
-                    [sys.executable, "-m", "benchmarks.onednn_stress", "--child", kind,
-                     "--steps", str(args.steps)],
-                    capture_output=True, text=True, env=env, cwd=REPOSITORY_DIR,
+                    [
+                        sys.executable,
+                        "-m",
+                        "benchmarks.onednn_stress",
+                        "--child",
+                        kind,
+                        "--steps",
+                        str(args.steps),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    cwd=REPOSITORY_DIR,
                     timeout=args.timeout_s,
                 )
                 returncode, stderr = result.returncode, result.stderr
@@ -293,8 +336,10 @@ def main():
                 crash_logs.append(
                     f"--- {kind}, run {run + 1}: {describe_status(returncode)}\n{tail}"
                 )
-            print(f"run {run + 1:3d} {kind:22s} {describe_status(returncode)}",
-                  flush=True)
+            print(
+                f"run {run + 1:3d} {kind:22s} {describe_status(returncode)}",
+                flush=True,
+            )
 
     header = (
         f"oneDNN stress: up to {args.runs} subprocesses per kind, {args.steps} steps, "

@@ -71,37 +71,116 @@ LENGTHS = [512, 1024, 2048, 4096, 8192, 16384, 65536]
 
 # name: (framework, modes, time growth with L, modules needed, label, linear)
 IMPLEMENTATIONS = {
-    "keras_favor": ("keras", MODES, 1, ("keras_favor",), "keras_favor FAVOR+", True),
-    "keras_favor_plusplus": ("keras", ("bidirectional",), 1, ("keras_favor",),
-                             "keras_favor FAVOR++", True),
-    "performer_pytorch": ("torch", MODES, 1, ("torch", "performer_pytorch"),
-                          "performer-pytorch SelfAttention", True),
-    "kernel_attention_exp": ("tf_keras", MODES, 1, ("tf_keras", "official"),
-                             "Model Garden KernelAttention exp", True),
-    "kernel_attention_expplus": ("tf_keras", ("bidirectional",), 1, ("tf_keras", "official"),
-                                 "Model Garden KernelAttention expplus", True),
-    "keras_mha": ("keras", MODES, 2, ("keras",), "Keras MultiHeadAttention (exact)", False),
-    "torch_sdpa": ("torch", MODES, 2, ("torch",),
-                   "PyTorch scaled_dot_product_attention (exact)", False),
+    "keras_favor": (
+        "keras",
+        MODES,
+        1,
+        ("keras_favor",),
+        "keras_favor FAVOR+",
+        True,
+    ),
+    "keras_favor_plusplus": (
+        "keras",
+        ("bidirectional",),
+        1,
+        ("keras_favor",),
+        "keras_favor FAVOR++",
+        True,
+    ),
+    "performer_pytorch": (
+        "torch",
+        MODES,
+        1,
+        ("torch", "performer_pytorch"),
+        "performer-pytorch SelfAttention",
+        True,
+    ),
+    "kernel_attention_exp": (
+        "tf_keras",
+        MODES,
+        1,
+        ("tf_keras", "official"),
+        "Model Garden KernelAttention exp",
+        True,
+    ),
+    "kernel_attention_expplus": (
+        "tf_keras",
+        ("bidirectional",),
+        1,
+        ("tf_keras", "official"),
+        "Model Garden KernelAttention expplus",
+        True,
+    ),
+    "keras_mha": (
+        "keras",
+        MODES,
+        2,
+        ("keras",),
+        "Keras MultiHeadAttention (exact)",
+        False,
+    ),
+    "torch_sdpa": (
+        "torch",
+        MODES,
+        2,
+        ("torch",),
+        "PyTorch scaled_dot_product_attention (exact)",
+        False,
+    ),
 }
 # The distributions whose versions the environment records.
-DISTRIBUTIONS = ("torch", "performer-pytorch", "tf-models-official", "tf-keras", "tensorflow",
-                 "keras", "einops")
+DISTRIBUTIONS = (
+    "torch",
+    "performer-pytorch",
+    "tf-models-official",
+    "tf-keras",
+    "tensorflow",
+    "keras",
+    "einops",
+)
 CONFIGURATION = ("implementation", "mode", "pass", "length")
 RUN_FIELDS = CONFIGURATION + (
-    "round", "framework", "status", "median_s", "min_s", "max_s", "timed_runs", "first_call_s",
-    "baseline_rss_mib", "peak_rss_mib", "threads", "load_average", "keras_favor_commit", "note")
+    "round",
+    "framework",
+    "status",
+    "median_s",
+    "min_s",
+    "max_s",
+    "timed_runs",
+    "first_call_s",
+    "baseline_rss_mib",
+    "peak_rss_mib",
+    "threads",
+    "load_average",
+    "keras_favor_commit",
+    "note",
+)
 FIELDS = CONFIGURATION + (
-    "framework", "status", "median_s", "min_s", "max_s", "rounds", "timed_runs",
-    "baseline_rss_mib", "peak_rss_mib", "threads", "load_average", "keras_favor_commit", "note")
+    "framework",
+    "status",
+    "median_s",
+    "min_s",
+    "max_s",
+    "rounds",
+    "timed_runs",
+    "baseline_rss_mib",
+    "peak_rss_mib",
+    "threads",
+    "load_average",
+    "keras_favor_commit",
+    "note",
+)
 MEASURED = ("ok", "over_time_cap")
 OUT_OF_BUDGET = ("over_time_cap", "out_of_memory", "timeout")
 
 
 def missing_modules(implementation):
     """The modules `implementation` needs that this environment lacks."""
-    return [name for name in IMPLEMENTATIONS[implementation][3]
-            if importlib.util.find_spec(name) is None]
+    return [
+        name
+        for name in IMPLEMENTATIONS[implementation][3]
+        if importlib.util.find_spec(name) is None
+    ]
 
 
 def versions():
@@ -133,7 +212,9 @@ def tensorflow_step(layer_call, variables, pass_):
             return tf.reduce_sum(layer_call(x))
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(layer_call(x))
-        return tf.add_n([tf.reduce_sum(g) for g in tape.gradient(loss, variables)])
+        return tf.add_n(
+            [tf.reduce_sum(g) for g in tape.gradient(loss, variables)]
+        )
 
     return tf.function(step)
 
@@ -150,12 +231,22 @@ def keras_step(implementation, causal, length, pass_):
     if implementation == "keras_mha":
         layer = keras.layers.MultiHeadAttention(NUM_HEADS, KEY_DIM)
     else:
-        feature_map = "favor++" if implementation == "keras_favor_plusplus" else "softmax"
-        layer = keras_favor.FavorAttention(NUM_HEADS, KEY_DIM, num_features=NUM_FEATURES,
-                                           feature_map=feature_map, seed=0)
+        feature_map = (
+            "favor++" if implementation == "keras_favor_plusplus" else "softmax"
+        )
+        layer = keras_favor.FavorAttention(
+            NUM_HEADS,
+            KEY_DIM,
+            num_features=NUM_FEATURES,
+            feature_map=feature_map,
+            seed=0,
+        )
     layer.build(shape, shape)
-    step = tensorflow_step(lambda x: layer(x, x, use_causal_mask=causal),
-                           layer.trainable_variables, pass_)
+    step = tensorflow_step(
+        lambda x: layer(x, x, use_causal_mask=causal),
+        layer.trainable_variables,
+        pass_,
+    )
     return step, tf.constant(random_inputs(length))
 
 
@@ -165,13 +256,28 @@ def kernel_attention_step(implementation, causal, length, pass_):
     from official.nlp.modeling.layers.kernel_attention import KernelAttention
 
     transform = implementation.rsplit("_", 1)[1]
-    options = dict(use_causal_windowed=True, causal_chunk_length=1,
-                   causal_window_length=length) if causal else {}
-    layer = KernelAttention(num_heads=NUM_HEADS, key_dim=KEY_DIM, feature_transform=transform,
-                            num_random_features=NUM_FEATURES, seed=0, **options)
+    options = (
+        dict(
+            use_causal_windowed=True,
+            causal_chunk_length=1,
+            causal_window_length=length,
+        )
+        if causal
+        else {}
+    )
+    layer = KernelAttention(
+        num_heads=NUM_HEADS,
+        key_dim=KEY_DIM,
+        feature_transform=transform,
+        num_random_features=NUM_FEATURES,
+        seed=0,
+        **options,
+    )
     x = tf.constant(random_inputs(length))
     layer(x[:, :8], x[:, :8])  # builds the weights
-    step = tensorflow_step(lambda x: layer(x, x), layer.trainable_variables, pass_)
+    step = tensorflow_step(
+        lambda x: layer(x, x), layer.trainable_variables, pass_
+    )
     return step, x
 
 
@@ -185,8 +291,13 @@ def torch_step(implementation, causal, length, pass_):
     if implementation == "performer_pytorch":
         from performer_pytorch import SelfAttention
 
-        module = SelfAttention(dim=HIDDEN, heads=NUM_HEADS, dim_head=KEY_DIM,
-                               nb_features=NUM_FEATURES, causal=causal)
+        module = SelfAttention(
+            dim=HIDDEN,
+            heads=NUM_HEADS,
+            dim_head=KEY_DIM,
+            nb_features=NUM_FEATURES,
+            causal=causal,
+        )
     else:
         module = ExactTorchAttention(causal)
     x = torch.from_numpy(random_inputs(length))
@@ -212,12 +323,19 @@ def ExactTorchAttention(causal):
         def __init__(self):
             super().__init__()
             self.query, self.key, self.value, self.output = (
-                torch.nn.Linear(HIDDEN, HIDDEN) for _ in range(4))
+                torch.nn.Linear(HIDDEN, HIDDEN) for _ in range(4)
+            )
 
         def forward(self, x):
-            heads = lambda t: t.unflatten(-1, (NUM_HEADS, KEY_DIM)).transpose(1, 2)
+            def heads(t):
+                return t.unflatten(-1, (NUM_HEADS, KEY_DIM)).transpose(1, 2)
+
             mixed = torch.nn.functional.scaled_dot_product_attention(
-                heads(self.query(x)), heads(self.key(x)), heads(self.value(x)), is_causal=causal)
+                heads(self.query(x)),
+                heads(self.key(x)),
+                heads(self.value(x)),
+                is_causal=causal,
+            )
             return self.output(mixed.transpose(1, 2).flatten(-2))
 
     return Module()
@@ -241,20 +359,44 @@ def measure(job):
     """Times one configuration in this process and returns its CSV columns."""
     framework = IMPLEMENTATIONS[job["implementation"]][0]
     set_threads(framework, job["threads"])
-    build = {"keras": keras_step, "tf_keras": kernel_attention_step, "torch": torch_step}[framework]
-    step, x = build(job["implementation"], job["mode"] == "causal", job["length"], job["pass"])
+    build = {
+        "keras": keras_step,
+        "tf_keras": kernel_attention_step,
+        "torch": torch_step,
+    }[framework]
+    step, x = build(
+        job["implementation"],
+        job["mode"] == "causal",
+        job["length"],
+        job["pass"],
+    )
     result = {"baseline_rss_mib": round(common.peak_rss_mib(), 1)}
     try:
         first, times = common.time_calls(
-            step, [x], job["repeats"], warmup=1 if job["length"] < 16384 else 0,
-            budget_s=job["budget_s"], min_repeats=min(job["min_repeats"], job["repeats"]))
+            step,
+            [x],
+            job["repeats"],
+            warmup=1 if job["length"] < 16384 else 0,
+            budget_s=job["budget_s"],
+            min_repeats=min(job["min_repeats"], job["repeats"]),
+        )
     except Exception as error:
         text = getattr(error, "message", None) or str(error)
-        if not any(word in type(error).__name__ + text for word in (
-                "ResourceExhausted", "RESOURCE_EXHAUSTED", "OutOfMemory", "not enough memory",
-                "Cannot allocate", "bad_alloc")):
+        if not any(
+            word in type(error).__name__ + text
+            for word in (
+                "ResourceExhausted",
+                "RESOURCE_EXHAUSTED",
+                "OutOfMemory",
+                "not enough memory",
+                "Cannot allocate",
+                "bad_alloc",
+            )
+        ):
             raise
-        result.update(status="out_of_memory", note=text.strip().splitlines()[0][:120])
+        result.update(
+            status="out_of_memory", note=text.strip().splitlines()[0][:120]
+        )
     else:
         result.update(common.timing_fields(times, first, job["time_cap_s"]))
     result["peak_rss_mib"] = round(common.peak_rss_mib(), 1)
@@ -274,19 +416,34 @@ def run_isolated(args, configuration):
     threads = str(args.threads)
     # OpenMP threads that wait for work by sleeping, not spinning: on a machine
     # shared with other processes spinning made PyTorch's steps up to 50x slower.
-    env = common.worker_env(TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS=threads,
-                            MKL_NUM_THREADS=threads, OMP_WAIT_POLICY="PASSIVE")
+    env = common.worker_env(
+        TF_CPP_MIN_LOG_LEVEL="2",
+        OMP_NUM_THREADS=threads,
+        MKL_NUM_THREADS=threads,
+        OMP_WAIT_POLICY="PASSIVE",
+    )
     env.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     if IMPLEMENTATIONS[configuration["implementation"]][0] == "tf_keras":
-        env["TF_USE_LEGACY_KERAS"] = "1"  # Model Garden's layers are tf-keras (Keras 2)
+        env["TF_USE_LEGACY_KERAS"] = (
+            "1"  # Model Garden's layers are tf-keras (Keras 2)
+        )
     return common.run_worker(
-        common.module_command("peers", "--worker", json.dumps(job)), env, args, limit)
+        common.module_command("peers", "--worker", json.dumps(job)),
+        env,
+        args,
+        limit,
+    )
 
 
 def configurations(args):
     """The selected `(implementation, mode, pass)` triples the implementation has."""
-    return [(name, mode, pass_) for name in args.implementations for mode in args.modes
-            for pass_ in args.passes if mode in IMPLEMENTATIONS[name][1]]
+    return [
+        (name, mode, pass_)
+        for name in args.implementations
+        for mode in args.modes
+        for pass_ in args.passes
+        if mode in IMPLEMENTATIONS[name][1]
+    ]
 
 
 def skip_reason(args, stops, measured_at, name, mode, pass_, length):
@@ -298,19 +455,26 @@ def skip_reason(args, stops, measured_at, name, mode, pass_, length):
         previous, seconds = measured_at[key]
         estimate = seconds * (length / previous) ** IMPLEMENTATIONS[name][2]
         if estimate > args.time_cap_s:
-            return (f"estimated {estimate:.0f} s a step (from L={previous}), over the "
-                    f"{args.time_cap_s:.0f} s cap")
+            return (
+                f"estimated {estimate:.0f} s a step (from L={previous}), over the "
+                f"{args.time_cap_s:.0f} s cap"
+            )
     return None
 
 
 def record(row, stops, measured_at):
     """Notes a run's result: the length it went out of budget at, or the longest
     length it was measured at and its median."""
-    key, length = (row["implementation"], row["mode"], row["pass"]), int(row["length"])
+    key, length = (
+        (row["implementation"], row["mode"], row["pass"]),
+        int(row["length"]),
+    )
     if row["status"] in OUT_OF_BUDGET:
         stops[key] = min(length, stops.get(key, length))
     elif row["status"] == "ok":
-        measured_at[key] = max(measured_at.get(key, (0, 0)), (length, float(row["median_s"])))
+        measured_at[key] = max(
+            measured_at.get(key, (0, 0)), (length, float(row["median_s"]))
+        )
 
 
 def sweep(args, runs_path):
@@ -331,25 +495,44 @@ def sweep(args, runs_path):
         for length in sorted(args.lengths):
             order = chosen if round_ % 2 else chosen[::-1]
             for name, mode, pass_ in order:
-                row = {"implementation": name, "mode": mode, "pass": pass_, "length": length,
-                       "round": round_, "framework": IMPLEMENTATIONS[name][0],
-                       "threads": args.threads, "load_average": round(os.getloadavg()[0], 2),
-                       "keras_favor_commit": commit}
+                row = {
+                    "implementation": name,
+                    "mode": mode,
+                    "pass": pass_,
+                    "length": length,
+                    "round": round_,
+                    "framework": IMPLEMENTATIONS[name][0],
+                    "threads": args.threads,
+                    "load_average": round(os.getloadavg()[0], 2),
+                    "keras_favor_commit": commit,
+                }
                 missing = missing_modules(name)
-                reason = skip_reason(args, stops, measured_at, name, mode, pass_, length)
+                reason = skip_reason(
+                    args, stops, measured_at, name, mode, pass_, length
+                )
                 if missing:
-                    row.update(status="not_installed",
-                               note="missing " + ", ".join(missing) + ': pip install -e ".[peers]"'
-                               + (" and --no-deps tf-models-official" if "official" in missing
-                                  else ""))
+                    row.update(
+                        status="not_installed",
+                        note="missing "
+                        + ", ".join(missing)
+                        + ': pip install -e ".[peers]"'
+                        + (
+                            " and --no-deps tf-models-official"
+                            if "official" in missing
+                            else ""
+                        ),
+                    )
                 elif reason:
                     row.update(status="skipped", note=reason)
                 else:
                     row.update(run_isolated(args, row))
                     record(row, stops, measured_at)
-                print(f"round {round_} {name} {mode} {pass_} L={length}: {row['status']}, median "
-                      f"{row.get('median_s', '-')} s, peak {row.get('peak_rss_mib', '-')} MiB"
-                      + (f" ({row['note']})" if row.get("note") else ""), flush=True)
+                print(
+                    f"round {round_} {name} {mode} {pass_} L={length}: {row['status']}, median "
+                    f"{row.get('median_s', '-')} s, peak {row.get('peak_rss_mib', '-')} MiB"
+                    + (f" ({row['note']})" if row.get("note") else ""),
+                    flush=True,
+                )
                 rows.append(row)
                 common.write_csv(runs_path, RUN_FIELDS, rows)
     return rows
@@ -361,26 +544,47 @@ def combine(runs):
     measured in no round keeps its first round's status and note."""
     groups = {}
     for row in runs:
-        groups.setdefault(tuple(str(row[name]) for name in CONFIGURATION), []).append(row)
+        groups.setdefault(
+            tuple(str(row[name]) for name in CONFIGURATION), []
+        ).append(row)
     combined = []
-    for key, group in groups.items():
-        done = [r for r in group if r["status"] in MEASURED and r.get("median_s") not in ("", None)]
+    for group in groups.values():
+        done = [
+            r
+            for r in group
+            if r["status"] in MEASURED and r.get("median_s") not in ("", None)
+        ]
         row = dict(group[0] if not done else done[0])
         if done:
             medians = [float(r["median_s"]) for r in done]
-            row.update(median_s=round(statistics.median(medians), 5),
-                       min_s=round(min(float(r["min_s"]) for r in done), 5),
-                       max_s=round(max(float(r["max_s"]) for r in done), 5),
-                       timed_runs=sum(int(r["timed_runs"]) for r in done),
-                       status="ok" if any(r["status"] == "ok" for r in done) else "over_time_cap",
-                       note="; ".join(sorted({r["note"] for r in group if r.get("note")})))
+            row.update(
+                median_s=round(statistics.median(medians), 5),
+                min_s=round(min(float(r["min_s"]) for r in done), 5),
+                max_s=round(max(float(r["max_s"]) for r in done), 5),
+                timed_runs=sum(int(r["timed_runs"]) for r in done),
+                status="ok"
+                if any(r["status"] == "ok" for r in done)
+                else "over_time_cap",
+                note="; ".join(
+                    sorted({r["note"] for r in group if r.get("note")})
+                ),
+            )
             for name in ("baseline_rss_mib", "peak_rss_mib"):
                 row[name] = max(float(r[name]) for r in done)
-            row["load_average"] = round(statistics.mean(float(r["load_average"]) for r in done), 2)
+            row["load_average"] = round(
+                statistics.mean(float(r["load_average"]) for r in done), 2
+            )
         row["rounds"] = len(done)
         combined.append(row)
-    order = lambda r: (list(IMPLEMENTATIONS).index(r["implementation"]),
-                       MODES.index(r["mode"]), PASSES.index(r["pass"]), int(r["length"]))
+
+    def order(r):
+        return (
+            list(IMPLEMENTATIONS).index(r["implementation"]),
+            MODES.index(r["mode"]),
+            PASSES.index(r["pass"]),
+            int(r["length"]),
+        )
+
     return sorted(combined, key=order)
 
 
@@ -390,30 +594,50 @@ def read_rows(csv_path):
         rows = list(csv.DictReader(file))
     for row in rows:
         row["length"] = int(row["length"])
-        for name in ("median_s", "min_s", "max_s", "peak_rss_mib", "baseline_rss_mib"):
-            row[name] = float(row[name]) if row.get(name) not in ("", None) else None
+        for name in (
+            "median_s",
+            "min_s",
+            "max_s",
+            "peak_rss_mib",
+            "baseline_rss_mib",
+        ):
+            row[name] = (
+                float(row[name]) if row.get(name) not in ("", None) else None
+            )
     return rows
 
 
 def measured(rows, name, mode, pass_, field="median_s"):
     """`{length: value}` of one configuration's measured rows."""
-    return {r["length"]: r[field] for r in rows if r["status"] in MEASURED
-            and r[field] is not None and (r["implementation"], r["mode"], r["pass"]) ==
-            (name, mode, pass_)}
+    return {
+        r["length"]: r[field]
+        for r in rows
+        if r["status"] in MEASURED
+        and r[field] is not None
+        and (r["implementation"], r["mode"], r["pass"]) == (name, mode, pass_)
+    }
 
 
 def cell(rows, name, mode, pass_, length):
     """A table cell: seconds and the memory the step added, or the status."""
     for r in rows:
-        if (r["implementation"], r["mode"], r["pass"], r["length"]) == (name, mode, pass_, length):
+        if (r["implementation"], r["mode"], r["pass"], r["length"]) == (
+            name,
+            mode,
+            pass_,
+            length,
+        ):
             if r["status"] in MEASURED and r["median_s"] is not None:
                 added = r["peak_rss_mib"] - r["baseline_rss_mib"]
                 return f"{r['median_s']:.3g} s, {added:.0f} MiB"
             if r["status"] == "skipped" and r["note"].startswith("estimated"):
                 return f"not run (est. {r['note'].split()[1]} s)"
-            return {"out_of_memory": "out of memory", "timeout": "over time limit",
-                    "skipped": "not run", "not_installed": "not installed"}.get(
-                        r["status"], r["status"])
+            return {
+                "out_of_memory": "out of memory",
+                "timeout": "over time limit",
+                "skipped": "not run",
+                "not_installed": "not installed",
+            }.get(r["status"], r["status"])
     return ""
 
 
@@ -423,16 +647,35 @@ def table(rows):
     lines = []
     for mode in MODES:
         for pass_ in PASSES:
-            names = [n for n in IMPLEMENTATIONS if any(
-                (r["implementation"], r["mode"], r["pass"]) == (n, mode, pass_) for r in rows)]
+            names = [
+                n
+                for n in IMPLEMENTATIONS
+                if any(
+                    (r["implementation"], r["mode"], r["pass"])
+                    == (n, mode, pass_)
+                    for r in rows
+                )
+            ]
             if not names:
                 continue
-            lines += ["", f"**{mode}, {pass_.replace('_', ' + ')}** (median seconds a step, "
-                      "and peak minus baseline resident memory)", "",
-                      "| implementation | " + " | ".join(f"L={n}" for n in lengths) + " |",
-                      "|---|" + "---|" * len(lengths)]
-            lines += [f"| {IMPLEMENTATIONS[n][4]} | " + " | ".join(
-                cell(rows, n, mode, pass_, length) for length in lengths) + " |" for n in names]
+            lines += [
+                "",
+                f"**{mode}, {pass_.replace('_', ' + ')}** (median seconds a step, "
+                "and peak minus baseline resident memory)",
+                "",
+                "| implementation | "
+                + " | ".join(f"L={n}" for n in lengths)
+                + " |",
+                "|---|" + "---|" * len(lengths),
+            ]
+            lines += [
+                f"| {IMPLEMENTATIONS[n][4]} | "
+                + " | ".join(
+                    cell(rows, n, mode, pass_, length) for length in lengths
+                )
+                + " |"
+                for n in names
+            ]
     return lines[1:]
 
 
@@ -443,37 +686,59 @@ def targets(rows, from_length=1024, exact_from=2048):
     lines = []
 
     def compare(name, mode, pass_, start):
-        ours, theirs = (measured(rows, n, mode, pass_) for n in ("keras_favor", name))
-        fastest = [measured(rows, n, mode, pass_, "min_s") for n in ("keras_favor", name)]
+        ours, theirs = (
+            measured(rows, n, mode, pass_) for n in ("keras_favor", name)
+        )
+        fastest = [
+            measured(rows, n, mode, pass_, "min_s")
+            for n in ("keras_favor", name)
+        ]
         lengths = sorted(n for n in set(ours) & set(theirs) if n >= start)
         if not lengths:
             return
         missed = [n for n in lengths if ours[n] >= theirs[n]]
-        ratios = ", ".join(f"{n}: {theirs[n] / ours[n]:.2f}x "
-                           f"(min {fastest[1][n] / fastest[0][n]:.2f}x)" for n in lengths)
+        ratios = ", ".join(
+            f"{n}: {theirs[n] / ours[n]:.2f}x "
+            f"(min {fastest[1][n] / fastest[0][n]:.2f}x)"
+            for n in lengths
+        )
         unmeasured = sorted(n for n in set(ours) - set(theirs) if n >= start)
         lines.append(
             f"{mode}, {pass_}: keras_favor vs {name} from L={start}: "
             f"{'met' if not missed else 'not met at L=' + ', '.join(map(str, missed))} "
             f"(their median time / keras_favor's, and of the fastest runs: {ratios})"
-            + (f"; {name} not measured at L={', '.join(map(str, unmeasured))}" if unmeasured
-               else ""))
+            + (
+                f"; {name} not measured at L={', '.join(map(str, unmeasured))}"
+                if unmeasured
+                else ""
+            )
+        )
 
     for mode in MODES:
         for pass_ in PASSES:
             for name, spec in IMPLEMENTATIONS.items():
-                if spec[5] and not name.startswith("keras_favor") and mode in spec[1]:
+                if (
+                    spec[5]
+                    and not name.startswith("keras_favor")
+                    and mode in spec[1]
+                ):
                     compare(name, mode, pass_, from_length)
     for pass_ in PASSES:
         compare("torch_sdpa", "causal", pass_, exact_from)
     for pass_ in PASSES:
-        pp, expplus = (measured(rows, n, "bidirectional", pass_)
-                       for n in ("keras_favor_plusplus", "kernel_attention_expplus"))
+        pp, expplus = (
+            measured(rows, n, "bidirectional", pass_)
+            for n in ("keras_favor_plusplus", "kernel_attention_expplus")
+        )
         common_lengths = sorted(set(pp) & set(expplus))
         if common_lengths:
-            lines.append(f"bidirectional, {pass_}: kernel_attention_expplus / keras_favor_plusplus"
-                         " time: " + ", ".join(f"{n}: {expplus[n] / pp[n]:.2f}x"
-                                               for n in common_lengths))
+            lines.append(
+                f"bidirectional, {pass_}: kernel_attention_expplus / keras_favor_plusplus"
+                " time: "
+                + ", ".join(
+                    f"{n}: {expplus[n] / pp[n]:.2f}x" for n in common_lengths
+                )
+            )
     return lines
 
 
@@ -487,28 +752,55 @@ def plot(rows, png_path, title):
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(2, 2, figsize=(12, 8.5), sharex=True)
-    colors = dict(zip(IMPLEMENTATIONS, ("tab:blue", "tab:cyan", "tab:orange", "tab:green",
-                                        "tab:olive", "tab:red", "tab:purple")))
+    colors = dict(
+        zip(
+            IMPLEMENTATIONS,
+            (
+                "tab:blue",
+                "tab:cyan",
+                "tab:orange",
+                "tab:green",
+                "tab:olive",
+                "tab:red",
+                "tab:purple",
+            ),
+        )
+    )
     for row_axes, pass_ in zip(axes, PASSES[::-1]):
         for axis, mode in zip(row_axes, MODES):
             for name, spec in IMPLEMENTATIONS.items():
                 points = sorted(measured(rows, name, mode, pass_).items())
                 if points:
-                    axis.plot([n for n, _ in points], [s for _, s in points],
-                              "-" if spec[5] else "--", color=colors[name], marker="o",
-                              markersize=3, label=spec[4])
+                    axis.plot(
+                        [n for n, _ in points],
+                        [s for _, s in points],
+                        "-" if spec[5] else "--",
+                        color=colors[name],
+                        marker="o",
+                        markersize=3,
+                        label=spec[4],
+                    )
             axis.set_xscale("log", base=2)
-            axis.set(yscale="log", xlabel="sequence length L (positions)",
-                     ylabel="seconds per step (median)",
-                     title=f"{mode}, {pass_.replace('_', ' + ')}")
+            axis.set(
+                yscale="log",
+                xlabel="sequence length L (positions)",
+                ylabel="seconds per step (median)",
+                title=f"{mode}, {pass_.replace('_', ' + ')}",
+            )
             axis.grid(True, which="both", alpha=0.3)
             axis.xaxis.set_tick_params(labelbottom=True)
     handles = {}
     for axis in axes.flat:
         for handle, label in zip(*axis.get_legend_handles_labels()):
             handles.setdefault(label, handle)
-    figure.legend(handles.values(), handles.keys(), loc="lower center", ncol=3, fontsize=8,
-                  frameon=False)
+    figure.legend(
+        handles.values(),
+        handles.keys(),
+        loc="lower center",
+        ncol=3,
+        fontsize=8,
+        frameon=False,
+    )
     figure.suptitle(title, fontsize=10)
     figure.tight_layout(rect=(0, 0.07, 1, 0.97))
     figure.savefig(png_path, dpi=130)
@@ -517,40 +809,74 @@ def plot(rows, png_path, title):
 
 def parse_args(argv=None):
     return common.parse_args(
-        __doc__, argv, implementations=list(IMPLEMENTATIONS), modes=list(MODES),
-        passes=list(PASSES), lengths=LENGTHS, rounds=(2, "rounds over all configurations"),
-        threads=(2, "threads for every framework"), repeats=(5, "timed runs at most"),
+        __doc__,
+        argv,
+        implementations=list(IMPLEMENTATIONS),
+        modes=list(MODES),
+        passes=list(PASSES),
+        lengths=LENGTHS,
+        rounds=(2, "rounds over all configurations"),
+        threads=(2, "threads for every framework"),
+        repeats=(5, "timed runs at most"),
         min_repeats=(2, "timed runs at least"),
-        budget_s=(3.0, "stop timing once --min-repeats runs used this many seconds"),
-        time_cap_s=(12.0, "median step time cap: not run at longer lengths past it"),
+        budget_s=(
+            3.0,
+            "stop timing once --min-repeats runs used this many seconds",
+        ),
+        time_cap_s=(
+            12.0,
+            "median step time cap: not run at longer lengths past it",
+        ),
         memory_cap_gb=(8.0, "resident memory cap per worker"),
-        reserve_gb=(2.0, "kill a worker when the machine has less memory available"),
+        reserve_gb=(
+            2.0,
+            "kill a worker when the machine has less memory available",
+        ),
         timeout_s=(150.0, "hard cap per worker process"),
-        plot_only=(False, "redraw peers.csv, the plot, the table and the targets from "
-                   "peers_runs.csv"),
-        append=(False, "add rounds to the rows of peers_runs.csv already there"),
-        worker=("", argparse.SUPPRESS))
+        plot_only=(
+            False,
+            "redraw peers.csv, the plot, the table and the targets from "
+            "peers_runs.csv",
+        ),
+        append=(
+            False,
+            "add rounds to the rows of peers_runs.csv already there",
+        ),
+        worker=("", argparse.SUPPRESS),
+    )
 
 
 def main():
     args = parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(measure(json.loads(args.worker))), flush=True)
+        print(
+            "RESULT " + json.dumps(measure(json.loads(args.worker))), flush=True
+        )
         return
     stem = os.path.join(args.output_dir, "peers")
     if not args.plot_only:
-        environment = dict(common.environment(), versions=versions(), threads=args.threads,
-                           TF_ENABLE_ONEDNN_OPTS=os.environ.get("TF_ENABLE_ONEDNN_OPTS", "0"))
-        common.write_environment(stem + ".json", environment, vars(args), args.append)
+        environment = dict(
+            common.environment(),
+            versions=versions(),
+            threads=args.threads,
+            TF_ENABLE_ONEDNN_OPTS=os.environ.get("TF_ENABLE_ONEDNN_OPTS", "0"),
+        )
+        common.write_environment(
+            stem + ".json", environment, vars(args), args.append
+        )
         sweep(args, stem + "_runs.csv")
     # From the per-round rows, so that a partial run's rows can be drawn too.
     with open(stem + "_runs.csv", newline="") as file:
-        common.write_csv(stem + ".csv", FIELDS, combine(list(csv.DictReader(file))))
+        common.write_csv(
+            stem + ".csv", FIELDS, combine(list(csv.DictReader(file)))
+        )
     rows = read_rows(stem + ".csv")
     with open(stem + ".json") as file:
         environment = json.load(file)["runs"][-1]["environment"]
-    title = (f"one self-attention layer, batch 1, {NUM_HEADS} heads x {KEY_DIM}, {NUM_FEATURES} "
-             f"features, float32; {environment['cpu']}, {environment['threads']} threads")
+    title = (
+        f"one self-attention layer, batch 1, {NUM_HEADS} heads x {KEY_DIM}, {NUM_FEATURES} "
+        f"features, float32; {environment['cpu']}, {environment['threads']} threads"
+    )
     try:
         import matplotlib  # noqa: F401
     except ImportError:

@@ -34,7 +34,9 @@ import tensorflow as tf
 
 import keras_favor
 from benchmarks import common
-from examples import corpus, example_utils, long_context_lm
+from examples import corpus
+from examples import example_utils
+from examples import long_context_lm
 from keras_favor.callbacks import feature_redraw
 
 WARMUP_STEPS = 10
@@ -70,9 +72,18 @@ CONFIGS = {
     ),
 }
 FIELDS = (
-    "config", "description", "seed", "steps", "context", "batch_size",
-    "num_features", "parameters", "val_bits_per_byte", "ms_per_step",
-    "train_s", "redraw_steps",
+    "config",
+    "description",
+    "seed",
+    "steps",
+    "context",
+    "batch_size",
+    "num_features",
+    "parameters",
+    "val_bits_per_byte",
+    "ms_per_step",
+    "train_s",
+    "redraw_steps",
 )
 
 
@@ -125,18 +136,24 @@ def load_corpus(args):
 def training_data(tokens, seed, args):
     """`args.steps` batches of `(inputs, next tokens)` at random offsets."""
     windows = corpus.random_windows(
-        tokens, args.steps * args.batch_size, args.context + 1,
+        tokens,
+        args.steps * args.batch_size,
+        args.context + 1,
         np.random.default_rng([1, seed]),
     )
-    return tf.data.Dataset.from_tensor_slices(
-        corpus.next_token_pairs(windows)
-    ).batch(args.batch_size, drop_remainder=True).repeat()
+    return (
+        tf.data.Dataset.from_tensor_slices(corpus.next_token_pairs(windows))
+        .batch(args.batch_size, drop_remainder=True)
+        .repeat()
+    )
 
 
 def validation_data(tokens, args):
     """The held-out windows, the same for every seed and configuration."""
     windows = corpus.random_windows(
-        tokens, args.validation_windows, args.context + 1,
+        tokens,
+        args.validation_windows,
+        args.context + 1,
         np.random.default_rng([2]),
     )
     return tf.data.Dataset.from_tensor_slices(
@@ -184,9 +201,13 @@ def train_and_evaluate(name, seed, train, validation, args):
     train_s = time.perf_counter() - start
     results = model.evaluate(validation, verbose=0, return_dict=True)
     row = {
-        "config": name, "description": config.description, "seed": seed,
-        "steps": args.steps, "context": args.context,
-        "batch_size": args.batch_size, "num_features": args.num_features,
+        "config": name,
+        "description": config.description,
+        "seed": seed,
+        "steps": args.steps,
+        "context": args.context,
+        "batch_size": args.batch_size,
+        "num_features": args.num_features,
         "parameters": model.count_params(),
         "val_bits_per_byte": round(results["bits_per_byte"], 4),
         "ms_per_step": round(1000 * recorder.median_step_s(), 1),
@@ -213,22 +234,25 @@ def summary(rows, baseline):
     for name, runs in by_config.items():
         values = [r["val_bits_per_byte"] for r in runs.values()]
         changes = [
-            100 * (run["val_bits_per_byte"]
-                   / reference[seed]["val_bits_per_byte"] - 1)
+            100
+            * (
+                run["val_bits_per_byte"] / reference[seed]["val_bits_per_byte"]
+                - 1
+            )
             for seed, run in runs.items()
             if seed in reference
         ]
-        ms_per_step = statistics.median(
-            r["ms_per_step"] for r in runs.values()
+        ms_per_step = statistics.median(r["ms_per_step"] for r in runs.values())
+        table.append(
+            [
+                name,
+                f"{statistics.mean(values):.3f}",
+                " ".join(f"{v:.3f}" for v in values),
+                f"{statistics.mean(changes):+.1f} %" if changes else "",
+                f"{ms_per_step:.0f}",
+                next(iter(runs.values()))["redraw_steps"] or "-",
+            ]
         )
-        table.append([
-            name,
-            f"{statistics.mean(values):.3f}",
-            " ".join(f"{v:.3f}" for v in values),
-            f"{statistics.mean(changes):+.1f} %" if changes else "",
-            f"{ms_per_step:.0f}",
-            next(iter(runs.values()))["redraw_steps"] or "-",
-        ])
     return table
 
 
@@ -239,11 +263,16 @@ def parse_args(argv=None):
     )
     flags = {
         "configs": (list(CONFIGS), "configurations to train (of CONFIGS)"),
-        "seeds": ([0, 1], "seeds of the weights, projections, redraws and "
-                  "training batches; one run per configuration and seed"),
+        "seeds": (
+            [0, 1],
+            "seeds of the weights, projections, redraws and "
+            "training batches; one run per configuration and seed",
+        ),
         "steps": (1200, "training steps per run"),
-        "epochs": (4, "epochs of `fit` the steps are split over (must "
-                   "divide --steps)"),
+        "epochs": (
+            4,
+            "epochs of `fit` the steps are split over (must divide --steps)",
+        ),
         "context": (128, "bytes per training and validation sequence"),
         "batch_size": (16, "sequences per training step"),
         "num_layers": (2, "number of Performer blocks"),
@@ -252,16 +281,19 @@ def parse_args(argv=None):
         "intermediate_dim": (128, "width of the feed-forward layers"),
         "num_features": (64, "random features per FAVOR+ attention"),
         "learning_rate": (1e-3, "AdamW learning rate"),
-        "redraw_interval": (300, "FeatureRedraw interval of the redraw "
-                            "configurations, in training steps"),
+        "redraw_interval": (
+            300,
+            "FeatureRedraw interval of the redraw "
+            "configurations, in training steps",
+        ),
         "corpus_bytes": (8_000_000, "how much of the stdlib to read"),
-        "validation_every": (10, "every n-th file is held out for "
-                             "validation"),
+        "validation_every": (10, "every n-th file is held out for validation"),
         "validation_windows": (512, "held-out sequences to evaluate on"),
-        "baseline": ("favor", "configuration the changes are measured "
-                     "against"),
-        "output_dir": (common.RESULTS_DIR, "where to write quality.csv and "
-                       "quality.json"),
+        "baseline": ("favor", "configuration the changes are measured against"),
+        "output_dir": (
+            common.RESULTS_DIR,
+            "where to write quality.csv and quality.json",
+        ),
     }
     for name, (default, help_) in flags.items():
         many = isinstance(default, list)
@@ -290,9 +322,7 @@ def main(argv=None):
     for seed in args.seeds:
         train = training_data(train_tokens, seed, args)
         for name in args.configs:
-            rows.append(
-                train_and_evaluate(name, seed, train, validation, args)
-            )
+            rows.append(train_and_evaluate(name, seed, train, validation, args))
 
     stem = os.path.join(args.output_dir, "quality")
     settings = {k: v for k, v in vars(args).items() if k != "output_dir"}
@@ -303,8 +333,14 @@ def main(argv=None):
         f"better), change against {args.baseline} on the same seeds:"
     )
     example_utils.print_table(
-        ["config", "mean", "per seed", f"vs {args.baseline}", "ms/step",
-         "redraw steps"],
+        [
+            "config",
+            "mean",
+            "per seed",
+            f"vs {args.baseline}",
+            "ms/step",
+            "redraw steps",
+        ],
         summary(rows, args.baseline),
     )
     print(f"Wrote {stem}.csv and {stem}.json")
@@ -329,25 +365,43 @@ def plot(csv_paths, png_path):
             rows = list(csv.DictReader(file))
         names = list(dict.fromkeys(row["config"] for row in rows))
         for i, name in enumerate(names):
-            values = [float(r["val_bits_per_byte"]) for r in rows
-                      if r["config"] == name]
-            axis.bar(i, np.mean(values), color="tab:blue" if name != "exact"
-                     else "tab:red", alpha=0.5,
-                     label="mean of the seeds" if i == len(names) - 1 else None)
-            axis.plot([i] * len(values), values, "ko", markersize=3,
-                      label="one seed" if i == 0 else None)
+            values = [
+                float(r["val_bits_per_byte"])
+                for r in rows
+                if r["config"] == name
+            ]
+            axis.bar(
+                i,
+                np.mean(values),
+                color="tab:blue" if name != "exact" else "tab:red",
+                alpha=0.5,
+                label="mean of the seeds" if i == len(names) - 1 else None,
+            )
+            axis.plot(
+                [i] * len(values),
+                values,
+                "ko",
+                markersize=3,
+                label="one seed" if i == 0 else None,
+            )
         axis.set_xticks(range(len(names)), names, rotation=30, ha="right")
         low = min(float(r["val_bits_per_byte"]) for r in rows)
         high = max(float(r["val_bits_per_byte"]) for r in rows)
-        axis.set_ylim(low - 0.2 * (high - low) - 0.01,
-                      high + 0.2 * (high - low) + 0.01)
+        axis.set_ylim(
+            low - 0.2 * (high - low) - 0.01, high + 0.2 * (high - low) + 0.01
+        )
         axis.set_ylabel("validation bits per byte (lower is better)")
-        axis.set_title(f"context {rows[0]['context']} bytes, "
-                       f"{rows[0]['steps']} steps", fontsize=10)
+        axis.set_title(
+            f"context {rows[0]['context']} bytes, {rows[0]['steps']} steps",
+            fontsize=10,
+        )
         axis.grid(True, axis="y", alpha=0.3)
         axis.legend(fontsize=8)
-    figure.suptitle("Byte-level language model on the Python standard "
-                    "library's source (red: exact attention)", fontsize=10)
+    figure.suptitle(
+        "Byte-level language model on the Python standard "
+        "library's source (red: exact attention)",
+        fontsize=10,
+    )
     figure.tight_layout()
     figure.savefig(png_path, dpi=130)
     plt.close(figure)

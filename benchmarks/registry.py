@@ -54,17 +54,23 @@ METRICS = ("median_s", "peak_rss_mib")
 def register(configuration):
     """Adds `configuration` to the registry under its name."""
     if configuration.name in _REGISTRY:
-        raise ValueError(f"A configuration named {configuration.name!r} is already registered.")
+        raise ValueError(
+            f"A configuration named {configuration.name!r} is already registered."
+        )
     if configuration.metric not in METRICS:
-        raise ValueError(f"`metric` must be one of {METRICS}, got {configuration.metric!r}.")
+        raise ValueError(
+            f"`metric` must be one of {METRICS}, got {configuration.metric!r}."
+        )
     _REGISTRY[configuration.name] = configuration
 
 
 def get(name):
     """The configuration registered as `name`."""
     if name not in _REGISTRY:
-        raise ValueError(f"No configuration named {name!r}. Registered: {names()}; "
-                         f"groups: {sorted(GROUPS)}.")
+        raise ValueError(
+            f"No configuration named {name!r}. Registered: {names()}; "
+            f"groups: {sorted(GROUPS)}."
+        )
     return _REGISTRY[name]
 
 
@@ -87,23 +93,43 @@ def expand(selection):
 
 def quick_names():
     """The configurations that `--quick` runs."""
-    return [name for name, configuration in _REGISTRY.items() if configuration.quick]
+    return [
+        name for name, configuration in _REGISTRY.items() if configuration.quick
+    ]
 
 
 # ------------------------------------------------------------ measurements --
 
-def training_step(level, mode, length, repeats, pass_="forward_backward", model="favor",
-                  **favor_options):
+
+def training_step(
+    level,
+    mode,
+    length,
+    repeats,
+    pass_="forward_backward",
+    model="favor",
+    **favor_options,
+):
     """Times `repeats` compiled steps of `models.build(level, model, ...)` on a
     `(1, length, 512)` input after one untimed call, as `speed_memory` does
     (TensorFlow backend: a `tf.function`; JAX: `jax.jit`); `pass_` is
     `"forward"` or `"forward_backward"` (the gradients of every weight)."""
     from benchmarks import speed_memory
 
-    job = {"level": level, "model": model, "mode": mode, "pass": pass_, "length": length,
-           "chunk_size": 0, "jit": False, "repeats": repeats, "min_repeats": repeats,
-           "budget_s": float("inf"), "time_cap_s": float("inf"),
-           "favor_options": favor_options}
+    job = {
+        "level": level,
+        "model": model,
+        "mode": mode,
+        "pass": pass_,
+        "length": length,
+        "chunk_size": 0,
+        "jit": False,
+        "repeats": repeats,
+        "min_repeats": repeats,
+        "budget_s": float("inf"),
+        "time_cap_s": float("inf"),
+        "favor_options": favor_options,
+    }
     return speed_memory.measure(job)
 
 
@@ -126,20 +152,28 @@ def use_keras_remat_for_groups():
 
     from keras_favor.ops import grouped_recompute
 
-    missing = [name for name in ("backend", "keras", "_run_with_remat")
-               if not hasattr(grouped_recompute, name)]
+    missing = [
+        name
+        for name in ("backend", "keras", "_run_with_remat")
+        if not hasattr(grouped_recompute, name)
+    ]
     if missing:
         raise RuntimeError(
             "keras_favor.ops.grouped_recompute no longer has "
-            f"{missing}: update benchmarks.registry.use_keras_remat_for_groups.")
-    grouped_recompute.backend = types.SimpleNamespace(is_tensorflow=lambda: False)
+            f"{missing}: update benchmarks.registry.use_keras_remat_for_groups."
+        )
+    grouped_recompute.backend = types.SimpleNamespace(
+        is_tensorflow=lambda: False
+    )
     grouped_recompute.keras = types.SimpleNamespace(
-        remat=lambda fn: _flat_tensor_remat(fn, keras.remat))
+        remat=lambda fn: _flat_tensor_remat(fn, keras.remat)
+    )
 
 
 def _flat_tensor_remat(fn, remat):
     """`remat(fn)` for `fn(inputs, shared, carry) -> (outputs, carry)`, whose
     arguments are lists holding tensors or None."""
+
     def run(inputs, shared, carry):
         structure = [list(inputs), list(shared), list(carry)]
         tensors = [x for part in structure for x in part if x is not None]
@@ -147,13 +181,16 @@ def _flat_tensor_remat(fn, remat):
 
         def on_tensors(*values):
             values = iter(values)
-            parts = [[None if x is None else next(values) for x in part] for part in structure]
+            parts = [
+                [None if x is None else next(values) for x in part]
+                for part in structure
+            ]
             outputs, new_carry = fn(*parts)
             num_outputs[:] = [len(outputs)]
             return list(outputs) + list(new_carry)
 
         results = list(remat(on_tensors)(*tensors))
-        return results[:num_outputs[0]], results[num_outputs[0]:]
+        return results[: num_outputs[0]], results[num_outputs[0] :]
 
     return run
 
@@ -161,55 +198,112 @@ def _flat_tensor_remat(fn, remat):
 # ---------------------------------------------------------- configurations --
 
 for _mode in ("bidirectional", "causal"):
-    register(Configuration(
-        f"favor_train_step_{_mode}_8192", training_step,
-        {"level": "layer", "mode": _mode, "length": 8192, "repeats": 5},
-        f"FavorAttention, {_mode}, forward + backward, L = 8192 (BENCHMARKS.md headline)",
-        quick=True))
-register(Configuration(
-    "favor_causal_peak_memory_32768", training_step,
-    {"level": "layer", "mode": "causal", "length": 32768, "repeats": 1},
-    "FavorAttention, causal, forward + backward, L = 32768: peak resident memory",
-    metric="peak_rss_mib", quick=True))
+    register(
+        Configuration(
+            f"favor_train_step_{_mode}_8192",
+            training_step,
+            {"level": "layer", "mode": _mode, "length": 8192, "repeats": 5},
+            f"FavorAttention, {_mode}, forward + backward, L = 8192 (BENCHMARKS.md headline)",
+            quick=True,
+        )
+    )
+register(
+    Configuration(
+        "favor_causal_peak_memory_32768",
+        training_step,
+        {"level": "layer", "mode": "causal", "length": 32768, "repeats": 1},
+        "FavorAttention, causal, forward + backward, L = 32768: peak resident memory",
+        metric="peak_rss_mib",
+        quick=True,
+    )
+)
 for _mode in ("bidirectional", "causal"):
-    register(Configuration(
-        f"favor_train_step_{_mode}_1024", training_step,
-        {"level": "layer", "mode": _mode, "length": 1024, "repeats": 15},
-        f"FavorAttention, {_mode}, forward + backward, L = 1024"))
-register(Configuration(
-    "favor_forward_causal_1024", training_step,
-    {"level": "layer", "mode": "causal", "length": 1024, "repeats": 15, "pass_": "forward"},
-    "FavorAttention, causal, forward only, L = 1024"))
-register(Configuration(
-    "performer_blocks_train_step_causal_2048", training_step,
-    {"level": "stack", "mode": "causal", "length": 2048, "repeats": 5},
-    "two causal PerformerBlocks (hidden 512), forward + backward, L = 2048"))
+    register(
+        Configuration(
+            f"favor_train_step_{_mode}_1024",
+            training_step,
+            {"level": "layer", "mode": _mode, "length": 1024, "repeats": 15},
+            f"FavorAttention, {_mode}, forward + backward, L = 1024",
+        )
+    )
+register(
+    Configuration(
+        "favor_forward_causal_1024",
+        training_step,
+        {
+            "level": "layer",
+            "mode": "causal",
+            "length": 1024,
+            "repeats": 15,
+            "pass_": "forward",
+        },
+        "FavorAttention, causal, forward only, L = 1024",
+    )
+)
+register(
+    Configuration(
+        "performer_blocks_train_step_causal_2048",
+        training_step,
+        {"level": "stack", "mode": "causal", "length": 2048, "repeats": 5},
+        "two causal PerformerBlocks (hidden 512), forward + backward, L = 2048",
+    )
+)
 
 # Grouped recomputation, by mechanism: four groups of 4096 positions.
 for _mode in ("bidirectional", "causal"):
-    _parameters = {"level": "layer", "mode": _mode, "length": 16384, "repeats": 3,
-                   "recompute_length": 4096}
-    register(Configuration(
-        f"recompute_custom_gradient_{_mode}_16384", training_step, _parameters,
-        f"FavorAttention, {_mode}, forward + backward, L = 16384 in groups of 4096 "
-        "recomputed by tf.custom_gradient (TensorFlow's path)"))
-    register(Configuration(
-        f"recompute_keras_remat_{_mode}_16384", training_step_with_keras_remat, _parameters,
-        "the same, the groups recomputed by keras.remat (tf.recompute_grad)"))
+    _parameters = {
+        "level": "layer",
+        "mode": _mode,
+        "length": 16384,
+        "repeats": 3,
+        "recompute_length": 4096,
+    }
+    register(
+        Configuration(
+            f"recompute_custom_gradient_{_mode}_16384",
+            training_step,
+            _parameters,
+            f"FavorAttention, {_mode}, forward + backward, L = 16384 in groups of 4096 "
+            "recomputed by tf.custom_gradient (TensorFlow's path)",
+        )
+    )
+    register(
+        Configuration(
+            f"recompute_keras_remat_{_mode}_16384",
+            training_step_with_keras_remat,
+            _parameters,
+            "the same, the groups recomputed by keras.remat (tf.recompute_grad)",
+        )
+    )
 
 # The smallest step, for the runner's own tests.
-register(Configuration(
-    "tiny_train_step_causal_64", training_step,
-    {"level": "layer", "mode": "causal", "length": 64, "repeats": 2},
-    "FavorAttention, causal, forward + backward, L = 64 (the runner's smoke test)"))
+register(
+    Configuration(
+        "tiny_train_step_causal_64",
+        training_step,
+        {"level": "layer", "mode": "causal", "length": 64, "repeats": 2},
+        "FavorAttention, causal, forward + backward, L = 64 (the runner's smoke test)",
+    )
+)
 
 GROUPS = {
     "speed_memory_unchanged": tuple(quick_names()),
-    "short_sequences": ("favor_train_step_bidirectional_1024", "favor_train_step_causal_1024",
-                        "favor_forward_causal_1024", "performer_blocks_train_step_causal_2048"),
+    "short_sequences": (
+        "favor_train_step_bidirectional_1024",
+        "favor_train_step_causal_1024",
+        "favor_forward_causal_1024",
+        "performer_blocks_train_step_causal_2048",
+    ),
     "recompute_custom_gradient_vs_remat": tuple(
-        f"recompute_{mechanism}_{mode}_16384" for mode in ("bidirectional", "causal")
-        for mechanism in ("custom_gradient", "keras_remat")),
+        f"recompute_{mechanism}_{mode}_16384"
+        for mode in ("bidirectional", "causal")
+        for mechanism in ("custom_gradient", "keras_remat")
+    ),
 }
-PAIRS = tuple((f"recompute_custom_gradient_{mode}_16384", f"recompute_keras_remat_{mode}_16384")
-              for mode in ("bidirectional", "causal"))
+PAIRS = tuple(
+    (
+        f"recompute_custom_gradient_{mode}_16384",
+        f"recompute_keras_remat_{mode}_16384",
+    )
+    for mode in ("bidirectional", "causal")
+)

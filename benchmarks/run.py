@@ -48,7 +48,8 @@ import sys
 import tempfile
 import time
 
-from benchmarks import common, registry
+from benchmarks import common
+from benchmarks import registry
 
 TOLERANCE = 0.02  # relative, added to the rounds' range in a verdict
 WORKTREE = "worktree"
@@ -56,25 +57,66 @@ QUICK_REPEATS = 3  # timed steps per run at most, with --quick
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n", 2)[2])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n", 2)[2],
+    )
     add = parser.add_argument
-    add("--configs", nargs="+", help="configuration or group names (default: every "
-        "configuration but the tiny one; with --quick, the quick set)")
-    add("--quick", action="store_true",
-        help="the quick set (unless --configs), 2 rounds and at most 3 timed steps per run")
-    add("--compare", nargs=2, metavar=("REV_A", "REV_B"),
-        help="measure two revisions alternately (`worktree`: the working tree)")
-    add("--show", nargs=2, metavar=("REV_A", "REV_B"), help="print stored results side by side")
-    add("--revision", default=WORKTREE, help="the revision measured without --compare")
-    add("--rounds", type=int, help="runs of each configuration per revision (5; --quick: 2)")
-    add("--repeats", type=int, help="timed steps per run (default: the configuration's)")
-    add("--list", action="store_true", help="list the configurations and groups")
+    add(
+        "--configs",
+        nargs="+",
+        help="configuration or group names (default: every "
+        "configuration but the tiny one; with --quick, the quick set)",
+    )
+    add(
+        "--quick",
+        action="store_true",
+        help="the quick set (unless --configs), 2 rounds and at most 3 timed steps per run",
+    )
+    add(
+        "--compare",
+        nargs=2,
+        metavar=("REV_A", "REV_B"),
+        help="measure two revisions alternately (`worktree`: the working tree)",
+    )
+    add(
+        "--show",
+        nargs=2,
+        metavar=("REV_A", "REV_B"),
+        help="print stored results side by side",
+    )
+    add(
+        "--revision",
+        default=WORKTREE,
+        help="the revision measured without --compare",
+    )
+    add(
+        "--rounds",
+        type=int,
+        help="runs of each configuration per revision (5; --quick: 2)",
+    )
+    add(
+        "--repeats",
+        type=int,
+        help="timed steps per run (default: the configuration's)",
+    )
+    add(
+        "--list", action="store_true", help="list the configurations and groups"
+    )
     add("--output-dir", default=common.RESULTS_DIR)
-    add("--memory-cap-gb", type=float, default=16.0, help="kill a worker above this memory")
-    add("--reserve-gb", type=float, default=1.0,
-        help="kill a worker when the machine has less memory available")
+    add(
+        "--memory-cap-gb",
+        type=float,
+        default=16.0,
+        help="kill a worker above this memory",
+    )
+    add(
+        "--reserve-gb",
+        type=float,
+        default=1.0,
+        help="kill a worker when the machine has less memory available",
+    )
     add("--timeout-s", type=float, default=900.0, help="hard cap per worker")
     add("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -85,16 +127,23 @@ def parse_args(argv=None):
 
 # --------------------------------------------------------------- revisions --
 
+
 def revision_label(revision):
     """The short commit of `revision`, or for `worktree` the checked-out
     commit with `-dirty` when keras_favor has uncommitted changes."""
     if revision == WORKTREE:
         dirty = common.git("status", "--porcelain", "--", "keras_favor")
-        return common.git("rev-parse", "--short", "HEAD", check=True) + ("-dirty" if dirty else "")
+        return common.git("rev-parse", "--short", "HEAD", check=True) + (
+            "-dirty" if dirty else ""
+        )
     try:
-        return common.git("rev-parse", "--short", f"{revision}^{{commit}}", check=True)
+        return common.git(
+            "rev-parse", "--short", f"{revision}^{{commit}}", check=True
+        )
     except subprocess.CalledProcessError:
-        raise ValueError(f"{revision!r} is not a commit of this repository.") from None
+        raise ValueError(
+            f"{revision!r} is not a commit of this repository."
+        ) from None
 
 
 @contextlib.contextmanager
@@ -106,9 +155,15 @@ def keras_favor_source(revision):
         return
     folder = tempfile.mkdtemp(prefix=f"keras_favor_{revision_label(revision)}_")
     try:
-        archive = subprocess.run(["git", "archive", revision, "keras_favor"],
-                                 cwd=common.REPOSITORY_DIR, capture_output=True, check=True)
-        subprocess.run(["tar", "-x", "-C", folder], input=archive.stdout, check=True)
+        archive = subprocess.run(
+            ["git", "archive", revision, "keras_favor"],
+            cwd=common.REPOSITORY_DIR,
+            capture_output=True,
+            check=True,
+        )
+        subprocess.run(
+            ["tar", "-x", "-C", folder], input=archive.stdout, check=True
+        )
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -116,13 +171,15 @@ def keras_favor_source(revision):
 
 # ----------------------------------------------------------------- running --
 
+
 def worker(name, parameters):
     """Runs one configuration in this process; prints `RESULT <json>`."""
     import keras_favor
 
     result = registry.get(name).function(**json.loads(parameters))
-    result["keras_favor_dir"] = os.path.dirname(os.path.dirname(
-        os.path.realpath(keras_favor.__file__)))
+    result["keras_favor_dir"] = os.path.dirname(
+        os.path.dirname(os.path.realpath(keras_favor.__file__))
+    )
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -138,11 +195,20 @@ def run_once(name, source, args):
     started = time.perf_counter()
     result = common.run_worker(
         common.module_command("run", "--worker", name, json.dumps(parameters)),
-        common.worker_env(TF_CPP_MIN_LOG_LEVEL="2"), args, cwd=source)
-    result.update(load_average=round(load, 2), wall_s=round(time.perf_counter() - started, 1))
+        common.worker_env(TF_CPP_MIN_LOG_LEVEL="2"),
+        args,
+        cwd=source,
+    )
+    result.update(
+        load_average=round(load, 2),
+        wall_s=round(time.perf_counter() - started, 1),
+    )
     found = result.get("keras_favor_dir")
     if found and found != os.path.realpath(source):
-        result.update(status="error", note=f"measured the keras_favor of {found}, not {source}")
+        result.update(
+            status="error",
+            note=f"measured the keras_favor of {found}, not {source}",
+        )
     return result
 
 
@@ -155,10 +221,13 @@ def run_alternately(sources, names, args):
             for index, (label, folder) in enumerate(sources):
                 result = run_once(name, folder, args)
                 results[index][name].append(result)
-                print(f"round {round_ + 1}/{args.rounds} {name} @ {label}: {result['status']}, "
-                      f"median {result.get('median_s', '-')} s, peak "
-                      f"{result.get('peak_rss_mib', '-')} MiB, load {result['load_average']}, "
-                      f"{result['wall_s']} s", flush=True)
+                print(
+                    f"round {round_ + 1}/{args.rounds} {name} @ {label}: {result['status']}, "
+                    f"median {result.get('median_s', '-')} s, peak "
+                    f"{result.get('peak_rss_mib', '-')} MiB, load {result['load_average']}, "
+                    f"{result['wall_s']} s",
+                    flush=True,
+                )
     return results
 
 
@@ -166,24 +235,33 @@ def summarize(name, rounds):
     """A configuration's figures over its rounds (see the module's docstring)."""
     configuration = registry.get(name)
     ok = [r for r in rounds if r.get("status") == "ok"]
-    summary = {"description": configuration.description, "metric": configuration.metric,
-               "parameters": configuration.parameters, "rounds": len(rounds),
-               "status": "ok" if len(ok) == len(rounds) else
-               f"{len(ok)} of {len(rounds)} rounds ok",
-               "load_average": [r["load_average"] for r in rounds],
-               "notes": sorted({r["note"] for r in rounds if r.get("note")})}
+    summary = {
+        "description": configuration.description,
+        "metric": configuration.metric,
+        "parameters": configuration.parameters,
+        "rounds": len(rounds),
+        "status": "ok"
+        if len(ok) == len(rounds)
+        else f"{len(ok)} of {len(rounds)} rounds ok",
+        "load_average": [r["load_average"] for r in rounds],
+        "notes": sorted({r["note"] for r in rounds if r.get("note")}),
+    }
     for field in ("median_s", "peak_rss_mib", "baseline_rss_mib"):
         values = [r[field] for r in ok if r.get(field) is not None]
         if values:
             summary[field] = round(statistics.median(values), 5)
             summary[f"rounds_{field}"] = values
     if ok:
-        summary.update(min_s=min(r["min_s"] for r in ok), max_s=max(r["max_s"] for r in ok),
-                       timed_steps=sum(r["timed_runs"] for r in ok))
+        summary.update(
+            min_s=min(r["min_s"] for r in ok),
+            max_s=max(r["max_s"] for r in ok),
+            timed_steps=sum(r["timed_runs"] for r in ok),
+        )
     return summary
 
 
 # ----------------------------------------------------------------- storing --
+
 
 def commit_path(output_dir, label):
     return os.path.join(output_dir, "commits", f"{label}.json")
@@ -207,8 +285,10 @@ def latest(output_dir, label, name):
     """The newest stored run of `label` that measured `name`: `(run, summary)`."""
     path = commit_path(output_dir, label)
     if not os.path.exists(path):
-        raise ValueError(f"No results for {label}: {path} does not exist "
-                         "(run `python -m benchmarks.run` there first).")
+        raise ValueError(
+            f"No results for {label}: {path} does not exist "
+            "(run `python -m benchmarks.run` there first)."
+        )
     with open(path) as file:
         runs = json.load(file)["runs"]
     for run in reversed(runs):
@@ -218,6 +298,7 @@ def latest(output_dir, label, name):
 
 
 # ---------------------------------------------------------------- printing --
+
 
 def formatted(metric, value):
     if value is None:
@@ -230,7 +311,9 @@ def with_range(summary, metric):
     if not values:
         return summary["status"] if summary else "not measured"
     spread = f" ({formatted(metric, min(values))} - {formatted(metric, max(values))})"
-    return formatted(metric, summary[metric]) + (spread if len(values) > 1 else "")
+    return formatted(metric, summary[metric]) + (
+        spread if len(values) > 1 else ""
+    )
 
 
 def relative_range(values):
@@ -259,49 +342,83 @@ def comparison_rows(pairs, paired, metric=None):
         field = metric or registry.get(name).metric
         values = [(s or {}).get(f"rounds_{field}") or [] for s in (a, b)]
         if not all(values):
-            rows.append([name, field, with_range(a, field), with_range(b, field), "-", "-"])
+            rows.append(
+                [
+                    name,
+                    field,
+                    with_range(a, field),
+                    with_range(b, field),
+                    "-",
+                    "-",
+                ]
+            )
             continue
         if paired and len(values[0]) == len(values[1]):
             ratios = [vb / va for va, vb in zip(*values)]
         else:  # ranges of unpaired runs: every B against every A
             ratios = [vb / va for va in values[0] for vb in values[1]]
         ratio = b[field] / a[field]
-        rows.append([name, field, with_range(a, field), with_range(b, field),
-                     f"{ratio:.3f}x ({min(ratios):.3f}-{max(ratios):.3f})",
-                     verdict(ratio, ratios, *values)])
+        rows.append(
+            [
+                name,
+                field,
+                with_range(a, field),
+                with_range(b, field),
+                f"{ratio:.3f}x ({min(ratios):.3f}-{max(ratios):.3f})",
+                verdict(ratio, ratios, *values),
+            ]
+        )
     return rows
 
 
 def markdown_table(headers, rows):
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return lines + [
+        "| " + " | ".join(str(cell) for cell in row) + " |" for row in rows
+    ]
 
 
 def table(label_a, label_b, pairs, paired, metric=None):
-    headers = ["configuration", "metric", f"A: {label_a}", f"B: {label_b}",
-               "B / A (rounds)", "verdict"]
+    headers = [
+        "configuration",
+        "metric",
+        f"A: {label_a}",
+        f"B: {label_b}",
+        "B / A (rounds)",
+        "verdict",
+    ]
     return markdown_table(headers, comparison_rows(pairs, paired, metric))
 
 
 def tables(label_a, label_b, pairs, paired):
     """The table of each configuration's own metric, then, where that is a
     time, the table of the same runs' peak memory."""
-    timed = [pair for pair in pairs if registry.get(pair[0]).metric != "peak_rss_mib"]
+    timed = [
+        pair for pair in pairs if registry.get(pair[0]).metric != "peak_rss_mib"
+    ]
     lines = table(label_a, label_b, pairs, paired)
     if timed:
         lines += ["", "Peak resident memory of the timed runs:", ""] + table(
-            label_a, label_b, timed, paired, "peak_rss_mib")
+            label_a, label_b, timed, paired, "peak_rss_mib"
+        )
     return lines
 
 
 def environment_line(environment):
-    return (f"{environment['date_utc']}, {environment['cpu']} ({environment['cores']} cores), "
-            f"GPU {environment['gpu']}, backend {environment['backend']}, keras "
-            f"{environment['keras']}, " + ", ".join(
-                f"{k} {environment[k]}" for k in ("tensorflow", "jax") if k in environment))
+    return (
+        f"{environment['date_utc']}, {environment['cpu']} ({environment['cores']} cores), "
+        f"GPU {environment['gpu']}, backend {environment['backend']}, keras "
+        f"{environment['keras']}, "
+        + ", ".join(
+            f"{k} {environment[k]}"
+            for k in ("tensorflow", "jax")
+            if k in environment
+        )
+    )
 
 
 # -------------------------------------------------------------------- main --
+
 
 def selected_names(args):
     if args.configs:
@@ -325,26 +442,40 @@ def measure(args, revisions):
     environment.pop("keras_favor_commit", None)
     started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     with contextlib.ExitStack() as stack:
-        sources = [(label, stack.enter_context(keras_favor_source(revision)))
-                   for label, revision in zip(labels, revisions)]
+        sources = [
+            (label, stack.enter_context(keras_favor_source(revision)))
+            for label, revision in zip(labels, revisions)
+        ]
         results = run_alternately(sources, names, args)
-    summaries = [{name: summarize(name, rounds) for name, rounds in by_name.items()}
-                 for by_name in results]
+    summaries = [
+        {name: summarize(name, rounds) for name, rounds in by_name.items()}
+        for by_name in results
+    ]
     for index, label in enumerate(labels):
-        run = {"run_id": started, "environment": environment,
-               "load_average_after": os.getloadavg(), "rounds": args.rounds,
-               "alternated_with": labels[1 - index] if len(labels) == 2 else None,
-               "quick": args.quick, "configurations": summaries[index]}
+        run = {
+            "run_id": started,
+            "environment": environment,
+            "load_average_after": os.getloadavg(),
+            "rounds": args.rounds,
+            "alternated_with": labels[1 - index] if len(labels) == 2 else None,
+            "quick": args.quick,
+            "configurations": summaries[index],
+        }
         print("wrote", append_run(args.output_dir, label, run))
     return labels, summaries, environment
 
 
 def print_pairs(summaries):
     """The registry's pairs measured in one run, side by side."""
-    pairs = [(b, summaries[a], summaries[b]) for a, b in registry.PAIRS
-             if a in summaries and b in summaries]
+    pairs = [
+        (b, summaries[a], summaries[b])
+        for a, b in registry.PAIRS
+        if a in summaries and b in summaries
+    ]
     if pairs:
-        print("\nPairs: A = the pair's first configuration, B = its second (named)\n")
+        print(
+            "\nPairs: A = the pair's first configuration, B = its second (named)\n"
+        )
         print("\n".join(tables("first", "second", pairs, paired=True)))
 
 
@@ -363,31 +494,60 @@ def main(argv=None):
         return
     if args.show:
         labels = [revision_label(revision) for revision in args.show]
-        names = registry.expand(args.configs) if args.configs else registry.names()
+        names = (
+            registry.expand(args.configs) if args.configs else registry.names()
+        )
         pairs, paired = [], True
         for name in names:
-            (run_a, a), (run_b, b) = (latest(args.output_dir, label, name) for label in labels)
+            (run_a, a), (run_b, b) = (
+                latest(args.output_dir, label, name) for label in labels
+            )
             if a or b:
                 pairs.append((name, a, b))
-                paired = paired and run_a is not None and run_b is not None and (
-                    run_a["run_id"] == run_b["run_id"])
+                paired = (
+                    paired
+                    and run_a is not None
+                    and run_b is not None
+                    and (run_a["run_id"] == run_b["run_id"])
+                )
         print("\n".join(tables(*labels, pairs, paired)))
         return
     if args.compare:
         labels, summaries, environment = measure(args, args.compare)
-        pairs = [(name, summaries[0][name], summaries[1][name]) for name in summaries[0]]
-        lines = [f"# {labels[0]} (A) against {labels[1]} (B)", "",
-                 environment_line(environment) + f"; {args.rounds} rounds, alternating A, B; "
-                 f"load average before: {[round(x, 2) for x in environment['load_average']]}, after: "
-                 f"{[round(x, 2) for x in os.getloadavg()]}", ""] + tables(*labels, pairs, True)
-        path = os.path.join(args.output_dir, "comparisons", f"{labels[0]}_vs_{labels[1]}.md")
+        pairs = [
+            (name, summaries[0][name], summaries[1][name])
+            for name in summaries[0]
+        ]
+        lines = [
+            f"# {labels[0]} (A) against {labels[1]} (B)",
+            "",
+            environment_line(environment)
+            + f"; {args.rounds} rounds, alternating A, B; "
+            f"load average before: {[round(x, 2) for x in environment['load_average']]}, after: "
+            f"{[round(x, 2) for x in os.getloadavg()]}",
+            "",
+        ] + tables(*labels, pairs, True)
+        path = os.path.join(
+            args.output_dir, "comparisons", f"{labels[0]}_vs_{labels[1]}.md"
+        )
         os.makedirs(os.path.dirname(path), exist_ok=True)
         common.write_lines(path, lines)
         return
     [label], [summaries], _ = measure(args, [args.revision])
-    rows = [[name, registry.get(name).metric, with_range(summary, registry.get(name).metric),
-             summary["status"]] for name, summary in summaries.items()]
-    print("\n".join(markdown_table(["configuration", "metric", label, "status"], rows)))
+    rows = [
+        [
+            name,
+            registry.get(name).metric,
+            with_range(summary, registry.get(name).metric),
+            summary["status"],
+        ]
+        for name, summary in summaries.items()
+    ]
+    print(
+        "\n".join(
+            markdown_table(["configuration", "metric", label, "status"], rows)
+        )
+    )
     print_pairs(summaries)
 
 

@@ -40,7 +40,8 @@ def _attention_layers(model, cls):
             return
         children = list(layer.layers) if isinstance(layer, keras.Model) else []
         children += [
-            value for value in vars(layer).values()
+            value
+            for value in vars(layer).values()
             if isinstance(value, keras.layers.Layer)
         ]
         for child in children:
@@ -71,9 +72,7 @@ def _pairs(teacher, student):
             f"({[path for path, _ in students]}): they must pair one to "
             "one, as in a model and its `performerize` conversion."
         )
-    for (teacher_path, mha), (student_path, favor) in zip(
-        teachers, students
-    ):
+    for (teacher_path, mha), (student_path, favor) in zip(teachers, students):
         same = (
             mha.name == favor.name
             and mha.num_heads == favor.num_heads
@@ -94,9 +93,8 @@ def _pairs(teacher, student):
                 "built: call `teacher` on data first."
             )
     return [
-        (mha, favor, path) for (_, mha), (path, favor) in zip(
-            teachers, students
-        )
+        (mha, favor, path)
+        for (_, mha), (path, favor) in zip(teachers, students)
     ]
 
 
@@ -152,7 +150,8 @@ class _Recorder:
                 "use_causal_mask": bool(bound.get("use_causal_mask", False)),
                 "shared_value": shared_value,
                 "present": tuple(
-                    key for key in _TENSORS
+                    key
+                    for key in _TENSORS
                     if bound.get(key) is not None
                     and not (key == "value" and shared_value)
                 ),
@@ -170,9 +169,7 @@ class _Recorder:
                     keras.ops.convert_to_numpy(bound[key])
                 )
             outputs.append(keras.ops.convert_to_numpy(output))
-        tensors = {
-            key: np.concatenate(parts) for key, parts in tensors.items()
-        }
+        tensors = {key: np.concatenate(parts) for key, parts in tensors.items()}
         return tensors, fixed, np.concatenate(outputs)
 
 
@@ -300,7 +297,8 @@ def transfer_attention(
     steps = _check_positive_int(steps, "steps")
     batch_size = _check_positive_int(batch_size, "batch_size")
     if isinstance(learning_rate, bool) or not (
-        isinstance(learning_rate, (int, float)) and learning_rate > 0
+        isinstance(learning_rate, (int, float))
+        and learning_rate > 0
         and math.isfinite(learning_rate)
     ):
         raise ValueError(
@@ -337,7 +335,8 @@ def transfer_attention(
     timer = StepTimer()
     start = time.perf_counter()
     model.fit(
-        _Batches(inputs, targets, batch_size, steps), verbose=verbose,
+        _Batches(inputs, targets, batch_size, steps),
+        verbose=verbose,
         callbacks=[timer],
     )
     seconds += time.perf_counter() - start
@@ -375,15 +374,15 @@ def _input_batches(data, batch_size):
     if isinstance(data, dict):
         size = _length(next(iter(data.values())))
         for begin in range(0, size, batch_size):
-            yield {k: v[begin:begin + batch_size] for k, v in data.items()}
+            yield {k: v[begin : begin + batch_size] for k, v in data.items()}
     elif isinstance(data, (list, tuple)):
         size = _length(data[0])
         for begin in range(0, size, batch_size):
-            yield [v[begin:begin + batch_size] for v in data]
+            yield [v[begin : begin + batch_size] for v in data]
     else:
         size = _length(data)
         for begin in range(0, size, batch_size):
-            yield data[begin:begin + batch_size]
+            yield data[begin : begin + batch_size]
 
 
 def _length(array):
@@ -410,8 +409,9 @@ class _Batches(keras.utils.PyDataset):
             rng.permutation(size) for _ in range(math.ceil(steps / per_pass))
         ]
         self.indices = [
-            order[begin * batch_size:(begin + 1) * batch_size]
-            for order in orders for begin in range(per_pass)
+            order[begin * batch_size : (begin + 1) * batch_size]
+            for order in orders
+            for begin in range(per_pass)
         ][:steps]
 
     def __len__(self):

@@ -55,7 +55,7 @@ def package_directory(package):
         raise MissingDataPackage(
             f"This example reads its sequences from the `{package}` package, "
             f"which is not installed. Install the `data` extra: "
-            f"`{DATA_EXTRA}` (in a checkout: `pip install -e \".[data]\"`)."
+            f'`{DATA_EXTRA}` (in a checkout: `pip install -e ".[data]"`).'
         )
     return pathlib.Path(list(spec.submodule_search_locations)[0])
 
@@ -69,7 +69,9 @@ def protein_file(name):
             f"name={name!r}"
         )
     path = (
-        package_directory("aaanalysis") / "_data" / "benchmarks"
+        package_directory("aaanalysis")
+        / "_data"
+        / "benchmarks"
         / PROTEIN_SETS[name]
     )
     if not path.is_file():

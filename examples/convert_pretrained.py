@@ -88,15 +88,22 @@ def train_to(model, train, first_step, boundaries, args, verbose=0):
             end = (first_step + boundary) * args.batch_size
             start = time.perf_counter()
             model.fit(
-                train[0][begin:end], train[1][begin:end],
-                batch_size=args.batch_size, epochs=1, shuffle=False,
-                verbose=verbose, callbacks=[timer],
+                train[0][begin:end],
+                train[1][begin:end],
+                batch_size=args.batch_size,
+                epochs=1,
+                shuffle=False,
+                verbose=verbose,
+                callbacks=[timer],
             )
             seconds += time.perf_counter() - start
             done = boundary
         points.append(
-            (done, seconds, bits_per_byte(model, args.validation,
-                                          args.batch_size))
+            (
+                done,
+                seconds,
+                bits_per_byte(model, args.validation, args.batch_size),
+            )
         )
     return points, timer.median()
 
@@ -104,11 +111,16 @@ def train_to(model, train, first_step, boundaries, args, verbose=0):
 def build(args, attention, local_window=0):
     keras.utils.set_random_seed(args.seed)
     return keras_favor.build_performer(
-        vocabulary_size=VOCABULARY_SIZE, max_length=args.max_length,
-        num_layers=args.num_layers, num_heads=args.num_heads,
-        hidden_dim=args.hidden_dim, intermediate_dim=args.intermediate_dim,
-        num_features=args.num_features, seed=args.seed,
-        task="language_model", attention=attention,
+        vocabulary_size=VOCABULARY_SIZE,
+        max_length=args.max_length,
+        num_layers=args.num_layers,
+        num_heads=args.num_heads,
+        hidden_dim=args.hidden_dim,
+        intermediate_dim=args.intermediate_dim,
+        num_features=args.num_features,
+        seed=args.seed,
+        task="language_model",
+        attention=attention,
         local_window=local_window,
     )
 
@@ -153,14 +165,16 @@ def convert_and_finetune(teacher, args, train, variant, transfer):
         begin = args.steps * args.batch_size
         sample = train[0][begin : begin + args.transfer_sequences]
         result = transfer_attention(
-            teacher, student, sample, steps=args.transfer_steps,
+            teacher,
+            student,
+            sample,
+            steps=args.transfer_steps,
             batch_size=args.batch_size,
             learning_rate=args.transfer_learning_rate,
         )
         seconds = result["seconds"]
         transfer_seconds = (
-            result["record_seconds"]
-            + result["steps"] * result["step_seconds"]
+            result["record_seconds"] + result["steps"] * result["step_seconds"]
         )
         print(
             f"  transfer: {result['steps']} steps, "
@@ -180,12 +194,13 @@ def convert_and_finetune(teacher, args, train, variant, transfer):
     offset = transfer_seconds / step_seconds if transfer else 0.0
     print(
         f"  finetuning: {1000 * step_seconds:.0f} ms/step"
-        + (f"; the transfer took as long as {offset:.1f} finetuning steps"
-           if transfer else "")
+        + (
+            f"; the transfer took as long as {offset:.1f} finetuning steps"
+            if transfer
+            else ""
+        )
     )
-    points = [
-        (n, seconds + s, offset + n, bpb) for n, s, bpb in points
-    ]
+    points = [(n, seconds + s, offset + n, bpb) for n, s, bpb in points]
     for n, s, c, bpb in points:
         print(
             f"  {n:5d} finetuning steps ({c:6.1f} steps of compute), "
@@ -215,43 +230,66 @@ def plot(rows, path, args):
     colors = dict(zip(VARIANTS, ("tab:blue", "tab:orange")))
     for axis, x_key, x_label in (
         (axes[0], "finetune_steps", "finetuning steps after conversion"),
-        (axes[1], "compute_steps", "compute after conversion "
-         "(finetuning steps, transfer included)"),
+        (
+            axes[1],
+            "compute_steps",
+            "compute after conversion (finetuning steps, transfer included)",
+        ),
     ):
         for variant in args.variants:
             color = colors[variant]
             name = variant_name(args, variant)
             for method, style, label in (
                 ("converted", "-o", "converted, finetuned"),
-                ("converted+transfer", "--s",
-                 "converted, transfer, finetuned"),
+                ("converted+transfer", "--s", "converted, transfer, finetuned"),
             ):
                 points = [
-                    r for r in rows
+                    r
+                    for r in rows
                     if r["variant"] == variant and r["method"] == method
                 ]
                 if points:
                     axis.plot(
                         [r[x_key] for r in points],
-                        [r["bits_per_byte"] for r in points], style,
-                        color=color, label=f"{name}: {label}",
+                        [r["bits_per_byte"] for r in points],
+                        style,
+                        color=color,
+                        label=f"{name}: {label}",
                         alpha=1.0 if method == "converted" else 0.7,
                     )
             scratch = next(
-                r["bits_per_byte"] for r in rows
-                if r["variant"] == variant and r["method"] == "scratch"
+                r["bits_per_byte"]
+                for r in rows
+                if r["variant"] == variant
+                and r["method"] == "scratch"
                 and r["finetune_steps"] == 0
             )
             axis.axhline(
-                scratch, color=color, linestyle=":",
+                scratch,
+                color=color,
+                linestyle=":",
                 label=f"{name} from scratch, {args.steps} steps",
             )
-        axis.axhline(exact, color="black", linestyle="-.",
-                     label=f"exact softmax, {args.steps} steps")
-        axis.axhline(1.05 * exact, color="gray", linestyle=":", linewidth=1,
-                     label="exact + 5 %")
-        axis.axvline(0.1 * args.steps, color="gray", linestyle="--",
-                     linewidth=1, label="10 % of the teacher's steps")
+        axis.axhline(
+            exact,
+            color="black",
+            linestyle="-.",
+            label=f"exact softmax, {args.steps} steps",
+        )
+        axis.axhline(
+            1.05 * exact,
+            color="gray",
+            linestyle=":",
+            linewidth=1,
+            label="exact + 5 %",
+        )
+        axis.axvline(
+            0.1 * args.steps,
+            color="gray",
+            linestyle="--",
+            linewidth=1,
+            label="10 % of the teacher's steps",
+        )
         axis.set_xlabel(x_label)
         axis.set_ylabel("validation bits per byte")
         axis.grid(alpha=0.3)
@@ -280,51 +318,110 @@ def parse_args(argv):
         description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
     add = parser.add_argument
-    add("--steps", type=int, default=400,
+    add(
+        "--steps",
+        type=int,
+        default=400,
         help="training steps of the exact teacher (and of the Performers "
-        "trained from scratch before their extra steps)")
-    add("--finetune-steps", default=None,
+        "trained from scratch before their extra steps)",
+    )
+    add(
+        "--finetune-steps",
+        default=None,
         help="comma-separated finetuning step counts to evaluate at; "
-        "unset: 1, 2.5, 5 and 10 %% of --steps")
-    add("--variants", default=",".join(VARIANTS),
+        "unset: 1, 2.5, 5 and 10 %% of --steps",
+    )
+    add(
+        "--variants",
+        default=",".join(VARIANTS),
         help="comma-separated attention variants: favor (plain FAVOR+), "
-        "window (FAVOR+ with an exact local window)")
-    add("--local-window", type=int, default=16,
-        help="the window variant's local_window")
-    add("--transfer-steps", type=int, default=None,
+        "window (FAVOR+ with an exact local window)",
+    )
+    add(
+        "--local-window",
+        type=int,
+        default=16,
+        help="the window variant's local_window",
+    )
+    add(
+        "--transfer-steps",
+        type=int,
+        default=None,
         help="attention transfer steps (unset: 5 %% of --steps; 0 skips "
-        "the transfer)")
-    add("--transfer-sequences", type=int, default=128,
-        help="training sequences the teacher's attention is recorded on")
-    add("--transfer-learning-rate", type=float, default=1e-3,
-        help="Adam learning rate of the attention transfer")
-    add("--full", action="store_true",
+        "the transfer)",
+    )
+    add(
+        "--transfer-sequences",
+        type=int,
+        default=128,
+        help="training sequences the teacher's attention is recorded on",
+    )
+    add(
+        "--transfer-learning-rate",
+        type=float,
+        default=1e-3,
+        help="Adam learning rate of the attention transfer",
+    )
+    add(
+        "--full",
+        action="store_true",
         help=f"the full size: {FULL['steps']} teacher steps and "
-        f"{FULL['validation_windows']} validation windows, unless given")
+        f"{FULL['validation_windows']} validation windows, unless given",
+    )
     add("--num-layers", type=int, default=2, help="Transformer blocks")
     add("--num-heads", type=int, default=4, help="attention heads")
     add("--hidden-dim", type=int, default=64, help="model width")
-    add("--intermediate-dim", type=int, default=128,
-        help="feed-forward width")
-    add("--num-features", type=int, default=64,
-        help="random features per FAVOR+ attention")
+    add("--intermediate-dim", type=int, default=128, help="feed-forward width")
+    add(
+        "--num-features",
+        type=int,
+        default=64,
+        help="random features per FAVOR+ attention",
+    )
     add("--max-length", type=int, default=128, help="bytes per sequence")
     add("--batch-size", type=int, default=16, help="sequences per step")
-    add("--learning-rate", type=float, default=1e-3,
+    add(
+        "--learning-rate",
+        type=float,
+        default=1e-3,
         help="AdamW learning rate of the teacher and the from-scratch "
-        "Performers")
-    add("--finetune-learning-rate", type=float, default=1e-3,
-        help="AdamW learning rate of the finetuning")
-    add("--corpus-bytes", type=int, default=8_000_000,
-        help="how much of the stdlib source to read")
-    add("--validation-every", type=int, default=10,
-        help="every n-th file is held out for validation")
-    add("--validation-windows", type=int, default=128,
-        help="held-out sequences the bits per byte are measured on")
-    add("--seed", type=int, default=0,
-        help="seed of the data, the weights and the projections")
-    add("--output-dir", default=DEFAULT_OUTPUT_DIR,
-        help="where the CSV and the plot go")
+        "Performers",
+    )
+    add(
+        "--finetune-learning-rate",
+        type=float,
+        default=1e-3,
+        help="AdamW learning rate of the finetuning",
+    )
+    add(
+        "--corpus-bytes",
+        type=int,
+        default=8_000_000,
+        help="how much of the stdlib source to read",
+    )
+    add(
+        "--validation-every",
+        type=int,
+        default=10,
+        help="every n-th file is held out for validation",
+    )
+    add(
+        "--validation-windows",
+        type=int,
+        default=128,
+        help="held-out sequences the bits per byte are measured on",
+    )
+    add(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the data, the weights and the projections",
+    )
+    add(
+        "--output-dir",
+        default=DEFAULT_OUTPUT_DIR,
+        help="where the CSV and the plot go",
+    )
     args = parser.parse_args(argv)
     if args.full:
         given = {a.split("=")[0] for a in (argv or sys.argv[1:])}
@@ -362,13 +459,19 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     total_steps = args.steps + args.finetune_steps[-1]
     # Finetuning without transfer runs `transfer_steps` further.
-    train = next_token_pairs(random_windows(
-        train_tokens, (total_steps + args.transfer_steps) * args.batch_size,
-        args.max_length + 1, rng,
-    ))
-    args.validation = next_token_pairs(random_windows(
-        validation_tokens, args.validation_windows, args.max_length + 1, rng
-    ))
+    train = next_token_pairs(
+        random_windows(
+            train_tokens,
+            (total_steps + args.transfer_steps) * args.batch_size,
+            args.max_length + 1,
+            rng,
+        )
+    )
+    args.validation = next_token_pairs(
+        random_windows(
+            validation_tokens, args.validation_windows, args.max_length + 1, rng
+        )
+    )
     print(
         f"Corpus: {len(train_tokens):,} training and "
         f"{len(validation_tokens):,} validation bytes of stdlib source. "
@@ -378,12 +481,17 @@ def main(argv=None):
 
     def add(variant, method, steps, seconds, compute, bpb, total):
         # Compute in finetuning steps (see convert_and_finetune).
-        rows.append({
-            "variant": variant, "method": method, "finetune_steps": steps,
-            "total_steps": total, "seconds": round(seconds, 2),
-            "compute_steps": round(compute, 2),
-            "bits_per_byte": round(bpb, 4),
-        })
+        rows.append(
+            {
+                "variant": variant,
+                "method": method,
+                "finetune_steps": steps,
+                "total_steps": total,
+                "seconds": round(seconds, 2),
+                "compute_steps": round(compute, 2),
+                "bits_per_byte": round(bpb, 4),
+            }
+        )
 
     print(f"\nExact softmax teacher, {args.steps} steps:")
     teacher = compiled(build(args, "exact"), args.learning_rate)
@@ -413,14 +521,18 @@ def main(argv=None):
                 add(variant, method, n, s, c, bpb, args.steps + n)
         print(f"\n{name} from scratch, {total_steps} steps:")
         scratch = compiled(
-            build(args, "favor", favor_arguments(args, variant)[
-                "local_window"]),
+            build(
+                args, "favor", favor_arguments(args, variant)["local_window"]
+            ),
             args.learning_rate,
         )
         points, step_seconds = train_to(
-            scratch, train, 0,
+            scratch,
+            train,
+            0,
             [args.steps] + [args.steps + n for n in args.finetune_steps],
-            args, verbose=1,
+            args,
+            verbose=1,
         )
         print(f"  {1000 * step_seconds:.0f} ms/step")
         for n, s, bpb in points:
@@ -436,12 +548,19 @@ def main(argv=None):
     plot(rows, png_path, args)
     summary = summarize(args, rows, curves, exact)
     print(f"\nWrote {csv_path} and {png_path}.")
-    print(f"Total time: {time.perf_counter() - start:.0f} s, load average "
-          f"{os.getloadavg()[0]:.1f}.")
-    return {"rows": rows, "summary": summary, "transfers": transfers,
-            "teacher": teacher,
-            "validation": args.validation, "csv": csv_path,
-            "png": png_path}
+    print(
+        f"Total time: {time.perf_counter() - start:.0f} s, load average "
+        f"{os.getloadavg()[0]:.1f}."
+    )
+    return {
+        "rows": rows,
+        "summary": summary,
+        "transfers": transfers,
+        "teacher": teacher,
+        "validation": args.validation,
+        "csv": csv_path,
+        "png": png_path,
+    }
 
 
 def summarize(args, rows, curves, exact):
@@ -449,15 +568,23 @@ def summarize(args, rows, curves, exact):
 
     def bpb(variant, method, steps):
         return next(
-            (r["bits_per_byte"] for r in rows if r["variant"] == variant
-             and r["method"] == method and r["finetune_steps"] == steps),
+            (
+                r["bits_per_byte"]
+                for r in rows
+                if r["variant"] == variant
+                and r["method"] == method
+                and r["finetune_steps"] == steps
+            ),
             None,
         )
 
     def compute_of(variant, method, steps):
         return next(
-            r["compute_steps"] for r in rows if r["variant"] == variant
-            and r["method"] == method and r["finetune_steps"] == steps
+            r["compute_steps"]
+            for r in rows
+            if r["variant"] == variant
+            and r["method"] == method
+            and r["finetune_steps"] == steps
         )
 
     print(
@@ -469,32 +596,47 @@ def summarize(args, rows, curves, exact):
         "+ N steps; 'plain at equal compute': finetuning without transfer "
         "at the compute of the transfer row, interpolated."
     )
-    headers = ["variant", "N", "finetuned", "transfer+finetuned",
-               "compute", "plain at equal compute", "from scratch",
-               "finetuned vs exact"]
+    headers = [
+        "variant",
+        "N",
+        "finetuned",
+        "transfer+finetuned",
+        "compute",
+        "plain at equal compute",
+        "from scratch",
+        "finetuned vs exact",
+    ]
     table = []
     summary = {}
     for variant in args.variants:
         plain = curves[variant, "converted"]
         transferred = curves.get((variant, "converted+transfer"))
         for n in [0] + args.finetune_steps:
-            row = [variant_name(args, variant), str(n),
-                   f"{bpb(variant, 'converted', n):.4f}"]
+            row = [
+                variant_name(args, variant),
+                str(n),
+                f"{bpb(variant, 'converted', n):.4f}",
+            ]
             if transferred:
                 compute = compute_of(variant, "converted+transfer", n)
                 equal = at_compute(plain, compute)
-                row += [f"{bpb(variant, 'converted+transfer', n):.4f}",
-                        f"{compute:.1f}",
-                        "-" if equal is None else f"{equal:.4f}"]
+                row += [
+                    f"{bpb(variant, 'converted+transfer', n):.4f}",
+                    f"{compute:.1f}",
+                    "-" if equal is None else f"{equal:.4f}",
+                ]
             else:
                 row += ["-", "-", "-"]
             scratch = bpb(variant, "scratch", n)
-            row += [f"{scratch:.4f}",
-                    f"{bpb(variant, 'converted', n) / exact - 1:+.1%}"]
+            row += [
+                f"{scratch:.4f}",
+                f"{bpb(variant, 'converted', n) / exact - 1:+.1%}",
+            ]
             table.append(row)
         scratch = bpb(variant, "scratch", 0)
         reached = [
-            n for n in args.finetune_steps
+            n
+            for n in args.finetune_steps
             if bpb(variant, "converted", n) <= scratch
         ]
         final = bpb(variant, "converted", args.finetune_steps[-1])
@@ -507,7 +649,8 @@ def summarize(args, rows, curves, exact):
         summary[variant] = {
             "transfer_vs_plain": compared,
             "right_after": bpb(variant, "converted", 0),
-            "final": final, "scratch": scratch,
+            "final": final,
+            "scratch": scratch,
             "first_n_at_scratch": reached[0] if reached else None,
             "final_vs_exact": final / exact - 1,
         }
@@ -519,10 +662,12 @@ def summarize(args, rows, curves, exact):
             print(
                 f"{name}: with transfer lower than without at equal compute "
                 f"at {better} of {len(s['transfer_vs_plain'])} points "
-                "(" + ", ".join(
+                "("
+                + ", ".join(
                     f"N={n}: {t:.4f} vs {p:.4f}"
                     for n, t, p in s["transfer_vs_plain"]
-                ) + ")."
+                )
+                + ")."
             )
         print(
             f"{name}: after {args.finetune_steps[-1]} finetuning steps "
@@ -532,8 +677,11 @@ def summarize(args, rows, curves, exact):
             f"{'met' if s['final_vs_exact'] <= 0.05 else 'not met'}); "
             f"from scratch after {args.steps} steps {s['scratch']:.4f}, "
             "reached after "
-            + (f"{s['first_n_at_scratch']} steps" if s["first_n_at_scratch"]
-               else "none of the measured steps")
+            + (
+                f"{s['first_n_at_scratch']} steps"
+                if s["first_n_at_scratch"]
+                else "none of the measured steps"
+            )
             + "."
         )
     return summary

@@ -174,29 +174,51 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0].replace("\n", " "),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--epochs", type=int, default=6,
-                        help="training epochs")
-    parser.add_argument("--steps-per-epoch", type=int, default=40,
-                        help="training steps per epoch")
-    parser.add_argument("--batch-size-per-replica", type=int, default=32,
-                        help="sequences per step on each replica (the "
-                        "global batch is this times the replicas)")
-    parser.add_argument("--num-features", type=int, default=32,
-                        help="random features per FAVOR+ attention")
-    parser.add_argument("--redraw-interval", type=int, default=25,
-                        help="FeatureRedraw interval, in training steps")
-    parser.add_argument("--seed", type=int, default=1,
-                        help="seed of the data, the weights and the "
-                        "projections")
+    parser.add_argument("--epochs", type=int, default=6, help="training epochs")
+    parser.add_argument(
+        "--steps-per-epoch",
+        type=int,
+        default=40,
+        help="training steps per epoch",
+    )
+    parser.add_argument(
+        "--batch-size-per-replica",
+        type=int,
+        default=32,
+        help="sequences per step on each replica (the "
+        "global batch is this times the replicas)",
+    )
+    parser.add_argument(
+        "--num-features",
+        type=int,
+        default=32,
+        help="random features per FAVOR+ attention",
+    )
+    parser.add_argument(
+        "--redraw-interval",
+        type=int,
+        default=25,
+        help="FeatureRedraw interval, in training steps",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=1,
+        help="seed of the data, the weights and the projections",
+    )
     parser.add_argument(
         "--backup-dir",
         default=os.path.join(tempfile.gettempdir(), "keras_favor_backup"),
         help="BackupAndRestore's directory; each worker writes its own "
         "subdirectory",
     )
-    parser.add_argument("--interrupt-after-epoch", type=int, default=0,
-                        help="stop with an error after this epoch, as a "
-                        "failure would (0: never)")
+    parser.add_argument(
+        "--interrupt-after-epoch",
+        type=int,
+        default=0,
+        help="stop with an error after this epoch, as a "
+        "failure would (0: never)",
+    )
     return parser.parse_args(argv)
 
 

@@ -218,8 +218,12 @@ class TrainingClock(keras.callbacks.Callback):
     """
 
     def __init__(
-        self, evaluate, every_steps=None, budget_s=None,
-        evaluate_first=False, label="",
+        self,
+        evaluate,
+        every_steps=None,
+        budget_s=None,
+        evaluate_first=False,
+        label="",
     ):
         super().__init__()
         self.evaluate = evaluate
@@ -258,8 +262,10 @@ class TrainingClock(keras.callbacks.Callback):
         out_of_time = (
             self.budget_s is not None and self.seconds(now) >= self.budget_s
         )
-        if out_of_time or (self.evaluate_first and self.steps == 1) or (
-            self.every_steps and self.steps % self.every_steps == 0
+        if (
+            out_of_time
+            or (self.evaluate_first and self.steps == 1)
+            or (self.every_steps and self.steps % self.every_steps == 0)
         ):
             self.run_evaluation(now)
         if out_of_time:
@@ -277,8 +283,7 @@ class TrainingClock(keras.callbacks.Callback):
         self.history.append({"step": self.steps, "seconds": seconds, **numbers})
         shown = ", ".join(f"{k} {v:.3f}" for k, v in numbers.items())
         print(
-            f"  [{self.label}] step {self.steps:5d}, {seconds:6.1f} s: "
-            f"{shown}",
+            f"  [{self.label}] step {self.steps:5d}, {seconds:6.1f} s: {shown}",
             flush=True,
         )
 

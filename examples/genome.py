@@ -62,9 +62,15 @@ VOCABULARY_SIZE = len(bio_data.NUCLEOTIDE_VOCABULARY)
 EXACT_BYTES_PER_ENTRY = 3 * 4
 MARKOV_ORDERS = (3, 6, 9)
 FULL = dict(
-    contexts=[1024, 4096, 16384, 65536, 131072], budget=600.0,
-    num_layers=4, num_heads=4, hidden_dim=128, intermediate_dim=512,
-    num_features=128, tokens_per_batch=65536, seeds=[0, 1],
+    contexts=[1024, 4096, 16384, 65536, 131072],
+    budget=600.0,
+    num_layers=4,
+    num_heads=4,
+    hidden_dim=128,
+    intermediate_dim=512,
+    num_features=128,
+    tokens_per_batch=65536,
+    seeds=[0, 1],
     validation_bases=262144,
 )
 
@@ -154,7 +160,9 @@ def train_one(attention, context, seed, train, held_out, args):
         kwargs["local_window"] = args.window
     memory_gib = exact_memory_gib(context, args)
     row = {
-        "context": context, "attention": name, "seed": seed,
+        "context": context,
+        "attention": name,
+        "seed": seed,
         "exact_memory_gib": round(memory_gib, 3),
     }
     if attention == "exact" and memory_gib > args.exact_memory_gib:
@@ -166,8 +174,11 @@ def train_one(attention, context, seed, train, held_out, args):
         )
         return {**row, "status": "does not fit"}
     model = build_model(
-        run_args, vocabulary_size=VOCABULARY_SIZE, max_length=context,
-        task="language_model", **kwargs,
+        run_args,
+        vocabulary_size=VOCABULARY_SIZE,
+        max_length=context,
+        task="language_model",
+        **kwargs,
     )
     model.compile(
         optimizer=keras.optimizers.AdamW(args.learning_rate),
@@ -182,7 +193,9 @@ def train_one(attention, context, seed, train, held_out, args):
     )
     model.fit(
         training_data(train, context, args, seed),
-        epochs=1, steps_per_epoch=args.max_steps, callbacks=[clock],
+        epochs=1,
+        steps_per_epoch=args.max_steps,
+        callbacks=[clock],
         verbose=0,
         # The windows are drawn at random already; `fit` warns that it
         # cannot shuffle a dataset.
@@ -190,7 +203,9 @@ def train_one(attention, context, seed, train, held_out, args):
     )
     final = clock.history[-1]
     return {
-        **row, "status": "trained", "steps": final["step"],
+        **row,
+        "status": "trained",
+        "steps": final["step"],
         "seconds": round(final["seconds"], 1),
         "first_step_s": round(clock.first_step_s, 1),
         "ms_per_step": round(1000 * clock.median_step_s(), 1),
@@ -208,7 +223,8 @@ def table(rows, args):
         cells = [name]
         for context in args.contexts:
             mine = [
-                r for r in rows
+                r
+                for r in rows
                 if r["attention"] == name and r["context"] == context
             ]
             trained = [r["bits_per_base"] for r in mine if "bits_per_base" in r]
@@ -221,7 +237,8 @@ def table(rows, args):
             else:
                 cells.append(
                     f"does not fit (~{mine[0]['exact_memory_gib']:.1f} GiB)"
-                    if mine else "-"
+                    if mine
+                    else "-"
                 )
         lines.append(cells)
     return headers, lines
@@ -245,26 +262,43 @@ def plot(rows, markov, path):
             continue
         contexts = sorted(points)
         axis.plot(
-            contexts, [np.mean(points[c]) for c in contexts], marker="o",
-            color=f"C{index}", label=name,
+            contexts,
+            [np.mean(points[c]) for c in contexts],
+            marker="o",
+            color=f"C{index}",
+            label=name,
         )
         missing = sorted(
-            r["context"] for r in rows
+            r["context"]
+            for r in rows
             if r["attention"] == name and r.get("status") == "does not fit"
         )
         if missing:
-            axis.axvline(missing[0], color=f"C{index}", linestyle=":",
-                         label=f"{name}: does not fit from {missing[0]:,}")
+            axis.axvline(
+                missing[0],
+                color=f"C{index}",
+                linestyle=":",
+                label=f"{name}: does not fit from {missing[0]:,}",
+            )
     for order, bits in markov.items():
         axis.axhline(bits, color="grey", linestyle="--", linewidth=0.8)
-        axis.text(0.01, bits, f"order-{order} Markov", fontsize=7,
-                  color="grey", va="bottom",
-                  transform=axis.get_yaxis_transform())
+        axis.text(
+            0.01,
+            bits,
+            f"order-{order} Markov",
+            fontsize=7,
+            color="grey",
+            va="bottom",
+            transform=axis.get_yaxis_transform(),
+        )
     axis.set_xscale("log", base=2)
     axis.set_xlabel("context (bases)")
     axis.set_ylabel("held-out bits per base")
-    axis.set_title("C. diphtheriae chromosome, equal training time per model "
-                   "(draft: shared CPU)", fontsize=9)
+    axis.set_title(
+        "C. diphtheriae chromosome, equal training time per model "
+        "(draft: shared CPU)",
+        fontsize=9,
+    )
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
     figure.tight_layout()
@@ -273,8 +307,16 @@ def plot(rows, markov, path):
 
 
 CSV_FIELDS = (
-    "context", "attention", "seed", "status", "steps", "seconds",
-    "first_step_s", "ms_per_step", "bits_per_base", "exact_memory_gib",
+    "context",
+    "attention",
+    "seed",
+    "status",
+    "steps",
+    "seconds",
+    "first_step_s",
+    "ms_per_step",
+    "bits_per_base",
+    "exact_memory_gib",
     "parameters",
 )
 
@@ -285,43 +327,98 @@ def parse_args(argv):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_arguments(
-        parser, steps=None, epochs=None, seed=None, batch_size=None,
-        num_layers=2, num_heads=2, hidden_dim=64, intermediate_dim=128,
-        num_features=32, learning_rate=2e-3,
+        parser,
+        steps=None,
+        epochs=None,
+        seed=None,
+        batch_size=None,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=64,
+        intermediate_dim=128,
+        num_features=32,
+        learning_rate=2e-3,
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
-                        help="seeds of the weights, projections and windows")
-    parser.add_argument("--contexts", type=int, nargs="+",
-                        default=[1024, 4096, 16384, 65536],
-                        help="context lengths in bases")
-    parser.add_argument("--attentions", nargs="+", choices=list(ATTENTIONS),
-                        default=list(ATTENTIONS), help="attentions to train")
-    parser.add_argument("--budget", type=float, default=60.0,
-                        help="training seconds per model and context")
-    parser.add_argument("--max-steps", type=int, default=1_000_000,
-                        help="most training steps per model, whatever the "
-                        "budget")
-    parser.add_argument("--tokens-per-batch", type=int, default=4096,
-                        help="bases per training batch (windows per batch: "
-                        "this over the context, at least 1)")
-    parser.add_argument("--window", type=int, default=64,
-                        help="exact-attention window of the `window` model")
-    parser.add_argument("--exact-memory-gib", type=float, default=4.0,
-                        help="train exact attention only where its "
-                        "attention matrices need at most this much memory")
-    parser.add_argument("--validation-fraction", type=float, default=0.1,
-                        help="share of the chromosome held out, at its end")
-    parser.add_argument("--validation-bases", type=int, default=65536,
-                        help="held-out bases scored (at least the longest "
-                        "context)")
-    parser.add_argument("--full", action="store_true",
-                        help="the size worth publishing: " + ", ".join(
-                            f"{k}={v}" for k, v in FULL.items()))
-    parser.add_argument("--csv", default=None,
-                        help="write one row per model and context here")
-    parser.add_argument("--plot", default=None,
-                        help="draw bits per base against context to this "
-                        "PNG file (needs matplotlib)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="seeds of the weights, projections and windows",
+    )
+    parser.add_argument(
+        "--contexts",
+        type=int,
+        nargs="+",
+        default=[1024, 4096, 16384, 65536],
+        help="context lengths in bases",
+    )
+    parser.add_argument(
+        "--attentions",
+        nargs="+",
+        choices=list(ATTENTIONS),
+        default=list(ATTENTIONS),
+        help="attentions to train",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=60.0,
+        help="training seconds per model and context",
+    )
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=1_000_000,
+        help="most training steps per model, whatever the budget",
+    )
+    parser.add_argument(
+        "--tokens-per-batch",
+        type=int,
+        default=4096,
+        help="bases per training batch (windows per batch: "
+        "this over the context, at least 1)",
+    )
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=64,
+        help="exact-attention window of the `window` model",
+    )
+    parser.add_argument(
+        "--exact-memory-gib",
+        type=float,
+        default=4.0,
+        help="train exact attention only where its "
+        "attention matrices need at most this much memory",
+    )
+    parser.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.1,
+        help="share of the chromosome held out, at its end",
+    )
+    parser.add_argument(
+        "--validation-bases",
+        type=int,
+        default=65536,
+        help="held-out bases scored (at least the longest context)",
+    )
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="the size worth publishing: "
+        + ", ".join(f"{k}={v}" for k, v in FULL.items()),
+    )
+    parser.add_argument(
+        "--csv", default=None, help="write one row per model and context here"
+    )
+    parser.add_argument(
+        "--plot",
+        default=None,
+        help="draw bits per base against context to this "
+        "PNG file (needs matplotlib)",
+    )
     args = parser.parse_args(argv)
     if args.full:
         for key, value in FULL.items():
@@ -357,8 +454,11 @@ def main(argv=None):
         )
         for order in MARKOV_ORDERS
     }
-    print("Order-k Markov models: " + ", ".join(
-        f"k={k}: {bits:.3f}" for k, bits in markov.items()) + " bits per base")
+    print(
+        "Order-k Markov models: "
+        + ", ".join(f"k={k}: {bits:.3f}" for k, bits in markov.items())
+        + " bits per base"
+    )
     rows = []
     for seed in args.seeds:
         for context in args.contexts:

@@ -52,8 +52,12 @@ from keras_favor import convert
 DEFAULT_OUTPUT_DIR = os.path.join("benchmarks", "results", "tmp")
 # What --full changes (unless given on the command line).
 FULL = {
-    "steps": 2000, "num_layers": 4, "hidden_dim": 128,
-    "intermediate_dim": 512, "num_features": 128, "max_length": 256,
+    "steps": 2000,
+    "num_layers": 4,
+    "hidden_dim": 128,
+    "intermediate_dim": 512,
+    "num_features": 128,
+    "max_length": 256,
     "validation_windows": 256,
 }
 FINETUNE_FRACTIONS = (0.025, 0.05, 0.1)
@@ -64,9 +68,12 @@ def gpt2(args):
     """A byte-level GPT-2 causal LM with exact attention, from a config."""
     keras.utils.set_random_seed(args.seed)
     backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=corpus.VOCABULARY_SIZE, num_layers=args.num_layers,
-        num_heads=args.num_heads, hidden_dim=args.hidden_dim,
-        intermediate_dim=args.intermediate_dim, dropout=0.0,
+        vocabulary_size=corpus.VOCABULARY_SIZE,
+        num_layers=args.num_layers,
+        num_heads=args.num_heads,
+        hidden_dim=args.hidden_dim,
+        intermediate_dim=args.intermediate_dim,
+        dropout=0.0,
         max_sequence_length=args.max_length,
     )
     return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
@@ -74,7 +81,9 @@ def gpt2(args):
 
 def performer(model, args, local_window):
     return convert.performerize(
-        model, num_features=args.num_features, seed=args.seed,
+        model,
+        num_features=args.num_features,
+        seed=args.seed,
         local_window=local_window,
     )
 
@@ -100,7 +109,9 @@ def as_inputs(token_ids):
 def bits_per_byte(model, validation, batch_size):
     """Validation cross-entropy in bits (one token is one byte)."""
     loss = model.evaluate(
-        as_inputs(validation[0]), validation[1], batch_size=batch_size,
+        as_inputs(validation[0]),
+        validation[1],
+        batch_size=batch_size,
         verbose=0,
     )
     return float(loss) / math.log(2.0)
@@ -122,23 +133,31 @@ def train_to(model, train, first_step, boundaries, args):
             end = (first_step + boundary) * args.batch_size
             start = time.perf_counter()
             model.fit(
-                as_inputs(train[0][begin:end]), train[1][begin:end],
-                batch_size=args.batch_size, epochs=1, shuffle=False,
+                as_inputs(train[0][begin:end]),
+                train[1][begin:end],
+                batch_size=args.batch_size,
+                epochs=1,
+                shuffle=False,
                 verbose=0,
             )
             seconds += time.perf_counter() - start
             done = boundary
         points.append(
-            (done, seconds, bits_per_byte(model, args.validation,
-                                          args.batch_size))
+            (
+                done,
+                seconds,
+                bits_per_byte(model, args.validation, args.batch_size),
+            )
         )
     return points
 
 
 def variants(args):
     """`(name, local_window)` of the converted attention variants."""
-    return [("FAVOR+", 0), (f"FAVOR+ window {args.local_window}",
-                            args.local_window)]
+    return [
+        ("FAVOR+", 0),
+        (f"FAVOR+ window {args.local_window}", args.local_window),
+    ]
 
 
 def run_arms(args, train):
@@ -149,13 +168,19 @@ def run_arms(args, train):
         # finetune_steps: the steps beyond the teacher's.
         for steps, seconds, bpb in points:
             total = first_step + steps
-            rows.append({
-                "arm": arm, "local_window": local_window,
-                "finetune_steps": total - args.steps, "total_steps": total,
-                "seconds": round(seconds, 2), "bits_per_byte": bpb,
-            })
-            print(f"  {arm}: {total} steps, {seconds:.0f} s: "
-                  f"{bpb:.4f} bits/byte")
+            rows.append(
+                {
+                    "arm": arm,
+                    "local_window": local_window,
+                    "finetune_steps": total - args.steps,
+                    "total_steps": total,
+                    "seconds": round(seconds, 2),
+                    "bits_per_byte": bpb,
+                }
+            )
+            print(
+                f"  {arm}: {total} steps, {seconds:.0f} s: {bpb:.4f} bits/byte"
+            )
 
     teacher = compiled(gpt2(args), args.learning_rate)
     add("teacher", 0, 0, train_to(teacher, train, 0, [args.steps], args))
@@ -166,20 +191,30 @@ def run_arms(args, train):
     changes = logit_changes(teacher, students, args.validation[0])
     # The teacher trained on for as many steps as the finetuning: the
     # reference at equal steps.
-    points = train_to(teacher, train, args.steps, [args.finetune_steps[-1]],
-                      args)
+    points = train_to(
+        teacher, train, args.steps, [args.finetune_steps[-1]], args
+    )
     add("teacher", 0, args.steps, points)
     for name, local_window in variants(args):
         student = compiled(students[name], args.finetune_learning_rate)
-        add(f"converted {name}", local_window, args.steps,
-            train_to(student, train, args.steps,
-                     [0] + args.finetune_steps, args))
+        add(
+            f"converted {name}",
+            local_window,
+            args.steps,
+            train_to(
+                student, train, args.steps, [0] + args.finetune_steps, args
+            ),
+        )
     for name, local_window in variants(args):
-        scratch = compiled(performer(gpt2(args), args, local_window),
-                           args.learning_rate)
-        add(f"scratch {name}", local_window, 0, train_to(
-            scratch, train, 0, [args.steps, args.total_steps], args
-        ))
+        scratch = compiled(
+            performer(gpt2(args), args, local_window), args.learning_rate
+        )
+        add(
+            f"scratch {name}",
+            local_window,
+            0,
+            train_to(scratch, train, 0, [args.steps, args.total_steps], args),
+        )
     return rows, teacher, changes
 
 
@@ -191,30 +226,41 @@ def logit_changes(teacher, students, token_ids):
     for name, student in students.items():
         got = student.predict(as_inputs(token_ids), verbose=0)
         changes[name] = float(np.max(np.abs(got - want)))
-        print(f"  converted {name}: the largest logit change "
-              f"{changes[name]:.3g}")
+        print(
+            f"  converted {name}: the largest logit change {changes[name]:.3g}"
+        )
     return changes
 
 
 def summarize(rows, args):
     """The table (teacher, each arm right after conversion and at the end)
     and the check of the target."""
-    exact, exact_on = (r["bits_per_byte"] for r in rows
-                       if r["arm"] == "teacher")
+    exact, exact_on = (
+        r["bits_per_byte"] for r in rows if r["arm"] == "teacher"
+    )
     headers = ["arm", "steps", "finetune steps", "bits/byte", "vs teacher"]
     table = [
-        [r["arm"], str(r["total_steps"]),
-         str(r["finetune_steps"]) if r["arm"].startswith("converted")
-         else "-",
-         f"{r['bits_per_byte']:.4f}",
-         f"{r['bits_per_byte'] / exact - 1:+.2%}"]
+        [
+            r["arm"],
+            str(r["total_steps"]),
+            str(r["finetune_steps"])
+            if r["arm"].startswith("converted")
+            else "-",
+            f"{r['bits_per_byte']:.4f}",
+            f"{r['bits_per_byte'] / exact - 1:+.2%}",
+        ]
         for r in rows
     ]
-    print(f"\nValidation bits per byte ({len(args.validation[0])} windows "
-          f"of {args.max_length} bytes; lower is better):")
+    print(
+        f"\nValidation bits per byte ({len(args.validation[0])} windows "
+        f"of {args.max_length} bytes; lower is better):"
+    )
     print_table(headers, table)
-    window = [r for r in rows if r["arm"] == f"converted FAVOR+ window "
-              f"{args.local_window}"][-1]
+    window = [
+        r
+        for r in rows
+        if r["arm"] == f"converted FAVOR+ window {args.local_window}"
+    ][-1]
     gap = window["bits_per_byte"] / exact - 1
     gap_on = window["bits_per_byte"] / exact_on - 1
     print(
@@ -224,9 +270,13 @@ def summarize(rows, args):
         f"{TARGET:.0%}: {'met' if gap <= TARGET else 'not met'}); "
         f"{gap_on:+.2%} against the teacher trained as many steps more."
     )
-    return {"teacher": exact, "teacher_equal_steps": exact_on,
-            "window_gap": gap, "window_gap_equal_steps": gap_on,
-            "target_met": gap <= TARGET}
+    return {
+        "teacher": exact,
+        "teacher_equal_steps": exact_on,
+        "window_gap": gap,
+        "window_gap_equal_steps": gap_on,
+        "target_met": gap <= TARGET,
+    }
 
 
 def plot(rows, path, args):
@@ -236,23 +286,44 @@ def plot(rows, path, args):
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7.5, 4.8))
-    exact, exact_on = (r["bits_per_byte"] for r in rows
-                       if r["arm"] == "teacher")
+    exact, exact_on = (
+        r["bits_per_byte"] for r in rows if r["arm"] == "teacher"
+    )
     for (name, _), color in zip(variants(args), ("tab:blue", "tab:orange")):
         points = [r for r in rows if r["arm"] == f"converted {name}"]
-        axis.plot([r["finetune_steps"] for r in points],
-                  [r["bits_per_byte"] for r in points], "-o", color=color,
-                  label=f"converted {name}, finetuned")
+        axis.plot(
+            [r["finetune_steps"] for r in points],
+            [r["bits_per_byte"] for r in points],
+            "-o",
+            color=color,
+            label=f"converted {name}, finetuned",
+        )
         scratch = [r for r in rows if r["arm"] == f"scratch {name}"][-1]
-        axis.axhline(scratch["bits_per_byte"], color=color, linestyle=":",
-                     label=f"{name} from scratch, "
-                     f"{scratch['total_steps']} steps")
-    axis.axhline(exact, color="black", linestyle="-.",
-                 label=f"exact teacher, {args.steps} steps")
-    axis.axhline(exact_on, color="black", linestyle=":",
-                 label=f"exact teacher, {args.total_steps} steps")
-    axis.axhline((1 + TARGET) * exact, color="gray", linestyle=":",
-                 linewidth=1, label=f"teacher + {TARGET:.0%}")
+        axis.axhline(
+            scratch["bits_per_byte"],
+            color=color,
+            linestyle=":",
+            label=f"{name} from scratch, {scratch['total_steps']} steps",
+        )
+    axis.axhline(
+        exact,
+        color="black",
+        linestyle="-.",
+        label=f"exact teacher, {args.steps} steps",
+    )
+    axis.axhline(
+        exact_on,
+        color="black",
+        linestyle=":",
+        label=f"exact teacher, {args.total_steps} steps",
+    )
+    axis.axhline(
+        (1 + TARGET) * exact,
+        color="gray",
+        linestyle=":",
+        linewidth=1,
+        label=f"teacher + {TARGET:.0%}",
+    )
     axis.set_xlabel("finetuning steps after the conversion")
     axis.set_ylabel("validation bits per byte")
     axis.set_title(
@@ -272,40 +343,84 @@ def parse_args(argv):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
-    add("--full", action="store_true",
-        help="the full size: " + ", ".join(
-            f"{k.replace('_', '-')} {v}" for k, v in FULL.items()
-        ) + ", unless given")
-    add("--steps", type=int, default=400,
-        help="training steps of the exact teacher")
-    add("--finetune-steps", default=None,
+    add(
+        "--full",
+        action="store_true",
+        help="the full size: "
+        + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in FULL.items())
+        + ", unless given",
+    )
+    add(
+        "--steps",
+        type=int,
+        default=400,
+        help="training steps of the exact teacher",
+    )
+    add(
+        "--finetune-steps",
+        default=None,
         help="comma-separated finetuning step counts to evaluate at "
-        "(unset: 2.5, 5 and 10 %% of --steps)")
-    add("--local-window", type=int, default=16,
-        help="the window variant's local_window")
+        "(unset: 2.5, 5 and 10 %% of --steps)",
+    )
+    add(
+        "--local-window",
+        type=int,
+        default=16,
+        help="the window variant's local_window",
+    )
     add("--num-layers", type=int, default=2, help="decoder layers")
     add("--num-heads", type=int, default=4, help="attention heads")
     add("--hidden-dim", type=int, default=64, help="model width")
-    add("--intermediate-dim", type=int, default=256,
-        help="feed-forward width")
-    add("--num-features", type=int, default=64,
-        help="random features per FAVOR+ attention")
+    add("--intermediate-dim", type=int, default=256, help="feed-forward width")
+    add(
+        "--num-features",
+        type=int,
+        default=64,
+        help="random features per FAVOR+ attention",
+    )
     add("--max-length", type=int, default=128, help="bytes per sequence")
     add("--batch-size", type=int, default=16, help="sequences per step")
-    add("--learning-rate", type=float, default=1e-3,
-        help="AdamW learning rate of the teacher and from-scratch arms")
-    add("--finetune-learning-rate", type=float, default=1e-3,
-        help="AdamW learning rate of the finetuning")
-    add("--corpus-bytes", type=int, default=8_000_000,
-        help="how much of the stdlib source to read")
-    add("--validation-every", type=int, default=10,
-        help="every n-th file is held out for validation")
-    add("--validation-windows", type=int, default=128,
-        help="held-out sequences the bits per byte are measured on")
-    add("--seed", type=int, default=0,
-        help="seed of the data, the weights and the projections")
-    add("--output-dir", default=DEFAULT_OUTPUT_DIR,
-        help="where the CSV, JSON and plot go")
+    add(
+        "--learning-rate",
+        type=float,
+        default=1e-3,
+        help="AdamW learning rate of the teacher and from-scratch arms",
+    )
+    add(
+        "--finetune-learning-rate",
+        type=float,
+        default=1e-3,
+        help="AdamW learning rate of the finetuning",
+    )
+    add(
+        "--corpus-bytes",
+        type=int,
+        default=8_000_000,
+        help="how much of the stdlib source to read",
+    )
+    add(
+        "--validation-every",
+        type=int,
+        default=10,
+        help="every n-th file is held out for validation",
+    )
+    add(
+        "--validation-windows",
+        type=int,
+        default=128,
+        help="held-out sequences the bits per byte are measured on",
+    )
+    add(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the data, the weights and the projections",
+    )
+    add(
+        "--output-dir",
+        default=DEFAULT_OUTPUT_DIR,
+        help="where the CSV, JSON and plot go",
+    )
     args = parser.parse_args(argv)
     if args.full:
         given = {a.split("=")[0] for a in (argv or sys.argv[1:])}
@@ -336,28 +451,38 @@ def main(argv=None):
         args.corpus_bytes, args.validation_every, args.seed
     )
     rng = np.random.default_rng(args.seed)
-    train = corpus.next_token_pairs(corpus.random_windows(
-        train_tokens, args.total_steps * args.batch_size,
-        args.max_length + 1, rng,
-    ))
-    args.validation = corpus.next_token_pairs(corpus.random_windows(
-        validation_tokens, args.validation_windows, args.max_length + 1, rng
-    ))
+    train = corpus.next_token_pairs(
+        corpus.random_windows(
+            train_tokens,
+            args.total_steps * args.batch_size,
+            args.max_length + 1,
+            rng,
+        )
+    )
+    args.validation = corpus.next_token_pairs(
+        corpus.random_windows(
+            validation_tokens, args.validation_windows, args.max_length + 1, rng
+        )
+    )
     load_before = os.getloadavg()[0]
-    print(f"Corpus: {len(train_tokens):,} training and "
-          f"{len(validation_tokens):,} validation bytes. Load average "
-          f"{load_before:.1f}.")
+    print(
+        f"Corpus: {len(train_tokens):,} training and "
+        f"{len(validation_tokens):,} validation bytes. Load average "
+        f"{load_before:.1f}."
+    )
     rows, teacher, changes = run_arms(args, train)
     summary = summarize(rows, args)
     summary.update(
         largest_logit_change=changes,
         seconds=round(time.perf_counter() - start, 1),
-        load_before=load_before, load_after=os.getloadavg()[0],
-        arguments={k: v for k, v in vars(args).items()
-                   if k != "validation"},
+        load_before=load_before,
+        load_after=os.getloadavg()[0],
+        arguments={k: v for k, v in vars(args).items() if k != "validation"},
     )
-    paths = {ext: os.path.join(args.output_dir, f"keras_hub_transfer.{ext}")
-             for ext in ("csv", "json", "png")}
+    paths = {
+        ext: os.path.join(args.output_dir, f"keras_hub_transfer.{ext}")
+        for ext in ("csv", "json", "png")
+    }
     with open(paths["csv"], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -365,11 +490,18 @@ def main(argv=None):
     with open(paths["json"], "w") as f:
         json.dump({"summary": summary, "rows": rows}, f, indent=1)
     plot(rows, paths["png"], args)
-    print(f"Wrote {', '.join(paths.values())}. Total "
-          f"{summary['seconds']:.0f} s, load average "
-          f"{summary['load_after']:.1f}.")
-    return {"rows": rows, "summary": summary, "teacher": teacher,
-            "validation": args.validation, "paths": paths}
+    print(
+        f"Wrote {', '.join(paths.values())}. Total "
+        f"{summary['seconds']:.0f} s, load average "
+        f"{summary['load_after']:.1f}."
+    )
+    return {
+        "rows": rows,
+        "summary": summary,
+        "teacher": teacher,
+        "validation": args.validation,
+        "paths": paths,
+    }
 
 
 if __name__ == "__main__":

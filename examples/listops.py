@@ -47,9 +47,7 @@ OPERATORS = {
 OPERATOR_NAMES = list(OPERATORS)
 CLOSE = "]"
 # Token id 0 is padding.
-VOCABULARY = ["<pad>"] + [str(d) for d in range(10)] + list(OPERATORS) + [
-    CLOSE
-]
+VOCABULARY = ["<pad>"] + [str(d) for d in range(10)] + list(OPERATORS) + [CLOSE]
 TOKEN_IDS = {token: index for index, token in enumerate(VOCABULARY)}
 NUM_CLASSES = 10
 # Training steps left out of the time per step: tracing and warm-up.
@@ -170,32 +168,66 @@ def parse_args(argv):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_arguments(
-        parser, steps=500, epochs=5, batch_size=32, num_features=32,
+        parser,
+        steps=500,
+        epochs=5,
+        batch_size=32,
+        num_features=32,
         learning_rate=5e-4,
     )
-    parser.add_argument("--train-size", type=int, default=6000,
-                        help="training expressions")
-    parser.add_argument("--test-size", type=int, default=1000,
-                        help="test expressions")
-    parser.add_argument("--min-length", type=int, default=32,
-                        help="shortest expression, in tokens")
-    parser.add_argument("--max-length", type=int, default=128,
-                        help="longest expression, in tokens (LRA: 2000)")
-    parser.add_argument("--max-depth", type=int, default=10,
-                        help="deepest nesting (LRA: 10)")
-    parser.add_argument("--max-args", type=int, default=10,
-                        help="most arguments of an operator (LRA: 10)")
-    parser.add_argument("--leaf-probability", type=float, default=0.75,
-                        help="chance that a node below max depth is a digit")
-    parser.add_argument("--local-windows", type=int, nargs="*", default=[],
-                        help="also train the Performer with an exact local "
-                        "window of each of these sizes (FavorAttention's "
-                        "local_window)")
-    parser.add_argument("--no-baseline", action="store_true",
-                        help="skip the exact-attention model")
-    parser.add_argument("--csv", default=None,
-                        help="also write the summary table to this CSV file, "
-                        "with the seed in each row")
+    parser.add_argument(
+        "--train-size", type=int, default=6000, help="training expressions"
+    )
+    parser.add_argument(
+        "--test-size", type=int, default=1000, help="test expressions"
+    )
+    parser.add_argument(
+        "--min-length",
+        type=int,
+        default=32,
+        help="shortest expression, in tokens",
+    )
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=128,
+        help="longest expression, in tokens (LRA: 2000)",
+    )
+    parser.add_argument(
+        "--max-depth", type=int, default=10, help="deepest nesting (LRA: 10)"
+    )
+    parser.add_argument(
+        "--max-args",
+        type=int,
+        default=10,
+        help="most arguments of an operator (LRA: 10)",
+    )
+    parser.add_argument(
+        "--leaf-probability",
+        type=float,
+        default=0.75,
+        help="chance that a node below max depth is a digit",
+    )
+    parser.add_argument(
+        "--local-windows",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also train the Performer with an exact local "
+        "window of each of these sizes (FavorAttention's "
+        "local_window)",
+    )
+    parser.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip the exact-attention model",
+    )
+    parser.add_argument(
+        "--csv",
+        default=None,
+        help="also write the summary table to this CSV file, "
+        "with the seed in each row",
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.min_length <= args.max_length:
         parser.error("--min-length must be between 1 and --max-length")
@@ -232,8 +264,13 @@ def main(argv=None):
     ]
     chance = chance_accuracy(train_y, test_y)
     rows.append(
-        {"model": "Chance (majority class)", "parameters": "-",
-         "train s": "-", "ms/step": "-", "test accuracy": f"{chance:.3f}"}
+        {
+            "model": "Chance (majority class)",
+            "parameters": "-",
+            "train s": "-",
+            "ms/step": "-",
+            "test accuracy": f"{chance:.3f}",
+        }
     )
     print("\nSummary")
     print_table(list(rows[0]), [list(row.values()) for row in rows])

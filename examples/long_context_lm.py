@@ -64,9 +64,7 @@ from examples.corpus import load_corpus
 from examples.corpus import next_token_pairs
 from examples.corpus import random_windows
 
-REPOSITORY_ROOT = os.path.dirname(
-    os.path.dirname(os.path.abspath(__file__))
-)
+REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUTPUT_DIR = os.path.join(REPOSITORY_ROOT, "demo_output")
 # `fit` runs one epoch of this many steps at most; the budget stops it.
 MAX_STEPS = 1_000_000
@@ -258,8 +256,7 @@ def train_for_budget(attention, args, corpus_path, after_training=None):
     )
     label = ATTENTION_NAMES[attention]
     budget = WallClockBudget(
-        args.budget, validation, args.validation_points, args.batch_size,
-        label,
+        args.budget, validation, args.validation_points, args.batch_size, label
     )
     callbacks = [budget]
     if attention == "favor" and args.redraw_interval:
@@ -319,15 +316,24 @@ def train_in_process(attention, args, corpus_path, work_dir):
     result_path = os.path.join(work_dir, f"{attention}_result.json")
     with open(config_path, "w") as file:
         json.dump(
-            {"args": vars(args), "attention": attention,
-             "corpus_path": corpus_path, "result_path": result_path},
+            {
+                "args": vars(args),
+                "attention": attention,
+                "corpus_path": corpus_path,
+                "result_path": result_path,
+            },
             file,
         )
     sys.stdout.flush()
     # The child runs this module as `python -m`, from the repository root.
     subprocess.run(
-        [sys.executable, "-m", "examples.long_context_lm",
-         "--training-process", config_path],
+        [
+            sys.executable,
+            "-m",
+            "examples.long_context_lm",
+            "--training-process",
+            config_path,
+        ],
         check=True,
         cwd=REPOSITORY_ROOT,
     )
@@ -350,9 +356,7 @@ def continuation_text(tokens, prompt_length):
 
 def printable(text):
     """`text` with control characters other than newline and tab as `?`."""
-    return "".join(
-        c if c.isprintable() or c in "\n\t" else "?" for c in text
-    )
+    return "".join(c if c.isprintable() or c in "\n\t" else "?" for c in text)
 
 
 def export_and_check(model, export_dir, check_inputs, temperature):
@@ -399,7 +403,9 @@ def plot(results, times, path):
     for attention, by_length in times.items():
         lengths = sorted(by_length)
         scaling.plot(
-            lengths, [by_length[n] for n in lengths], marker="o",
+            lengths,
+            [by_length[n] for n in lengths],
+            marker="o",
             label=ATTENTION_NAMES[attention],
         )
     scaling.set_xscale("log", base=2)
@@ -418,8 +424,15 @@ def plot(results, times, path):
 
 
 CSV_FIELDS = (
-    "kind", "model", "length", "steps", "seconds", "ms_per_step",
-    "val_bits_per_byte", "peak_memory_mib", "memory_before_training_mib",
+    "kind",
+    "model",
+    "length",
+    "steps",
+    "seconds",
+    "ms_per_step",
+    "val_bits_per_byte",
+    "peak_memory_mib",
+    "memory_before_training_mib",
 )
 
 
@@ -428,31 +441,43 @@ def write_csv(results, times, args, path):
     point, a `step_time` row per model and length."""
     rows = []
     for result in results:
-        rows.append({
-            "kind": "result", "model": result["model"],
-            "length": args.max_length, "steps": result["steps"],
-            "seconds": round(result["seconds"], 2),
-            "ms_per_step": round(result["ms_per_step"], 1),
-            "val_bits_per_byte": round(result["bits_per_byte"], 4),
-            "peak_memory_mib": round(result["peak_memory_mib"]),
-            "memory_before_training_mib": round(
-                result["memory_before_training_mib"]
-            ),
-        })
+        rows.append(
+            {
+                "kind": "result",
+                "model": result["model"],
+                "length": args.max_length,
+                "steps": result["steps"],
+                "seconds": round(result["seconds"], 2),
+                "ms_per_step": round(result["ms_per_step"], 1),
+                "val_bits_per_byte": round(result["bits_per_byte"], 4),
+                "peak_memory_mib": round(result["peak_memory_mib"]),
+                "memory_before_training_mib": round(
+                    result["memory_before_training_mib"]
+                ),
+            }
+        )
         for point in result["history"]:
-            rows.append({
-                "kind": "validation", "model": result["model"],
-                "length": args.max_length, "steps": point["steps"],
-                "seconds": round(point["seconds"], 2),
-                "val_bits_per_byte": round(point["bits_per_byte"], 4),
-            })
+            rows.append(
+                {
+                    "kind": "validation",
+                    "model": result["model"],
+                    "length": args.max_length,
+                    "steps": point["steps"],
+                    "seconds": round(point["seconds"], 2),
+                    "val_bits_per_byte": round(point["bits_per_byte"], 4),
+                }
+            )
     for attention, by_length in times.items():
         for length, ms in sorted(by_length.items()):
-            rows.append({
-                "kind": "step_time", "model": ATTENTION_NAMES[attention],
-                "length": length, "steps": args.timed_steps,
-                "ms_per_step": round(ms, 1),
-            })
+            rows.append(
+                {
+                    "kind": "step_time",
+                    "model": ATTENTION_NAMES[attention],
+                    "length": length,
+                    "steps": args.timed_steps,
+                    "ms_per_step": round(ms, 1),
+                }
+            )
     with open(path, "w", newline="") as file:
         writer = csv.DictWriter(file, CSV_FIELDS)
         writer.writeheader()
@@ -465,9 +490,7 @@ def crossover_length(times):
     exact attention's at every longer measured length, or None."""
     lengths = sorted(times["favor"])
     for index, length in enumerate(lengths):
-        if all(
-            times["favor"][n] < times["exact"][n] for n in lengths[index:]
-        ):
+        if all(times["favor"][n] < times["exact"][n] for n in lengths[index:]):
             return length
     return None
 
@@ -481,7 +504,8 @@ def summary_lines(results, times, args, load):
     performer = "the Performer"
     window = (
         f" and an exact window over the {args.local_window} latest bytes"
-        if args.local_window else ""
+        if args.local_window
+        else ""
     )
     lines = [
         "What was compared: one byte-level language model of the Python "
@@ -493,12 +517,12 @@ def summary_lines(results, times, args, load):
         f"{args.budget:g} s of wall clock on the same batches, "
         + (
             "both in this process"
-            if args.in_process else
-            "exact attention in a process of its own, then the Performer in "
+            if args.in_process
+            else "exact attention in a process of its own, then the Performer in "
             "the main one"
         )
         + " (the first step, which traces the model, and the validation "
-        "passes are outside the budget).",
+        "passes are outside the budget)."
     ]
     step_ratio = favor["steps"] / exact["steps"]
     speed_ratio = exact["ms_per_step"] / favor["ms_per_step"]
@@ -610,55 +634,117 @@ def parse_args(argv):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_arguments(
-        parser, num_layers=1, hidden_dim=128, intermediate_dim=256,
+        parser,
+        num_layers=1,
+        hidden_dim=128,
+        intermediate_dim=256,
         batch_size=2,
-        steps=None, epochs=None,
+        steps=None,
+        epochs=None,
     )
-    parser.add_argument("--max-length", type=int, default=2048,
-                        help="bytes of context per training sequence")
-    parser.add_argument("--budget", type=float, default=40.0,
-                        help="seconds of training per model (wall clock)")
-    parser.add_argument("--validation-points", type=int, default=4,
-                        help="validations per model, evenly spread over the "
-                        "budget")
-    parser.add_argument("--validation-windows", type=int, default=4,
-                        help="held-out sequences to validate on")
-    parser.add_argument("--corpus-bytes", type=int, default=4_000_000,
-                        help="how much of the stdlib to read")
-    parser.add_argument("--validation-every", type=int, default=10,
-                        help="every n-th file is held out for validation")
-    parser.add_argument("--local-window", type=int, default=0,
-                        help="exact attention over this many latest "
-                        "positions inside the Performer's attention "
-                        "(FavorAttention's local_window; 0: none)")
-    parser.add_argument("--redraw-interval", type=int, default=300,
-                        help="FeatureRedraw interval, in training steps "
-                        "(0: no redraws)")
-    parser.add_argument("--lengths", type=int, nargs="+", default=None,
-                        help="sequence lengths of the step timing, each at "
-                        "most --max-length; None: the powers of 2 from 128 "
-                        "to --max-length")
-    parser.add_argument("--timed-steps", type=int, default=3,
-                        help="timed steps per length, after one warm-up step")
-    parser.add_argument("--timing-batch-size", type=int, default=1,
-                        help="sequences per step in the step timing")
-    parser.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR,
-                        help="where to write model.keras, saved_model/, "
-                        "demo.png and demo.csv")
-    parser.add_argument("--in-process", action="store_true",
-                        help="train both models in this process instead of "
-                        "one process each: quicker to start, but the second "
-                        "model's peak memory then includes the first's")
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=2048,
+        help="bytes of context per training sequence",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=40.0,
+        help="seconds of training per model (wall clock)",
+    )
+    parser.add_argument(
+        "--validation-points",
+        type=int,
+        default=4,
+        help="validations per model, evenly spread over the budget",
+    )
+    parser.add_argument(
+        "--validation-windows",
+        type=int,
+        default=4,
+        help="held-out sequences to validate on",
+    )
+    parser.add_argument(
+        "--corpus-bytes",
+        type=int,
+        default=4_000_000,
+        help="how much of the stdlib to read",
+    )
+    parser.add_argument(
+        "--validation-every",
+        type=int,
+        default=10,
+        help="every n-th file is held out for validation",
+    )
+    parser.add_argument(
+        "--local-window",
+        type=int,
+        default=0,
+        help="exact attention over this many latest "
+        "positions inside the Performer's attention "
+        "(FavorAttention's local_window; 0: none)",
+    )
+    parser.add_argument(
+        "--redraw-interval",
+        type=int,
+        default=300,
+        help="FeatureRedraw interval, in training steps (0: no redraws)",
+    )
+    parser.add_argument(
+        "--lengths",
+        type=int,
+        nargs="+",
+        default=None,
+        help="sequence lengths of the step timing, each at "
+        "most --max-length; None: the powers of 2 from 128 "
+        "to --max-length",
+    )
+    parser.add_argument(
+        "--timed-steps",
+        type=int,
+        default=3,
+        help="timed steps per length, after one warm-up step",
+    )
+    parser.add_argument(
+        "--timing-batch-size",
+        type=int,
+        default=1,
+        help="sequences per step in the step timing",
+    )
+    parser.add_argument(
+        "--output-dir",
+        default=DEFAULT_OUTPUT_DIR,
+        help="where to write model.keras, saved_model/, demo.png and demo.csv",
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="train both models in this process instead of "
+        "one process each: quicker to start, but the second "
+        "model's peak memory then includes the first's",
+    )
     # The body of the training process that `train_in_process` starts.
-    parser.add_argument("--training-process", metavar="CONFIG",
-                        help=argparse.SUPPRESS)
-    parser.add_argument("--prompt", default="def ",
-                        help="text the generated bytes continue")
-    parser.add_argument("--generate-bytes", type=int, default=200,
-                        help="bytes to generate (at most --max-length minus "
-                        "the prompt's bytes)")
-    parser.add_argument("--temperature", type=float, default=0.9,
-                        help="sampling temperature of the generated bytes")
+    parser.add_argument(
+        "--training-process", metavar="CONFIG", help=argparse.SUPPRESS
+    )
+    parser.add_argument(
+        "--prompt", default="def ", help="text the generated bytes continue"
+    )
+    parser.add_argument(
+        "--generate-bytes",
+        type=int,
+        default=200,
+        help="bytes to generate (at most --max-length minus "
+        "the prompt's bytes)",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.9,
+        help="sampling temperature of the generated bytes",
+    )
     args = parser.parse_args(argv)
     if args.budget <= 0:
         parser.error(f"--budget must be > 0. Received: {args.budget}")
@@ -691,7 +777,9 @@ def main(argv=None):
     )
     validation_inputs, validation_targets = next_token_pairs(
         random_windows(
-            validation_tokens, args.validation_windows, args.max_length + 1,
+            validation_tokens,
+            args.validation_windows,
+            args.max_length + 1,
             np.random.default_rng([2, args.seed]),
         )
     )
@@ -708,8 +796,7 @@ def main(argv=None):
         performer.save(model_path)
         export_start = time.perf_counter()
         difference = export_and_check(
-            performer, export_dir, validation_inputs[:1, :256],
-            args.temperature,
+            performer, export_dir, validation_inputs[:1, :256], args.temperature
         )
         print(
             f"  Saved the Performer to {model_path} and exported it to "
@@ -718,13 +805,15 @@ def main(argv=None):
             flush=True,
         )
         prompt = prompt_tokens(args.prompt)
-        num_bytes = min(
-            args.generate_bytes, args.max_length - prompt.shape[1]
-        )
+        num_bytes = min(args.generate_bytes, args.max_length - prompt.shape[1])
         generate_start = time.perf_counter()
         tokens = keras_favor.generate(
-            performer, prompt, num_bytes, sampler="random",
-            temperature=args.temperature, seed=args.seed,
+            performer,
+            prompt,
+            num_bytes,
+            sampler="random",
+            temperature=args.temperature,
+            seed=args.seed,
         )
         print(
             f"  Generated {num_bytes} bytes after {args.prompt!r} with its "
@@ -733,7 +822,8 @@ def main(argv=None):
             flush=True,
         )
         return {
-            "max_diff": difference, "num_bytes": num_bytes,
+            "max_diff": difference,
+            "num_bytes": num_bytes,
             "continuation": continuation_text(tokens, prompt.shape[1]),
         }
 
@@ -741,7 +831,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as work_dir:
         corpus_path = os.path.join(work_dir, "corpus.npz")
         np.savez(
-            corpus_path, train=train_tokens,
+            corpus_path,
+            train=train_tokens,
             validation_inputs=validation_inputs,
             validation_targets=validation_targets,
         )
@@ -767,9 +858,11 @@ def main(argv=None):
             "generating, then the time per step at the same lengths",
             flush=True,
         )
-        results.append(train_for_budget(
-            "favor", args, corpus_path, save_export_and_generate
-        ))
+        results.append(
+            train_for_budget(
+                "favor", args, corpus_path, save_export_and_generate
+            )
+        )
     times = {
         result["attention"]: {
             int(length): ms for length, ms in result["times"].items()
@@ -788,15 +881,28 @@ def main(argv=None):
     plot(results, times, plot_path)
     rows = write_csv(results, times, args, csv_path)
 
-    print(f"\nSummary ({args.max_length}-byte sequences, {args.budget:g} s "
-          "of training each; bits per byte: lower is better)")
+    print(
+        f"\nSummary ({args.max_length}-byte sequences, {args.budget:g} s "
+        "of training each; bits per byte: lower is better)"
+    )
     print_table(
-        ["model", "parameters", "steps", "ms/step", "peak memory MiB",
-         "val bits/byte"],
         [
-            [r["model"], f"{r['parameters']:,}", str(r["steps"]),
-             f"{r['ms_per_step']:.0f}", f"{r['peak_memory_mib']:,.0f}",
-             f"{r['bits_per_byte']:.3f}"]
+            "model",
+            "parameters",
+            "steps",
+            "ms/step",
+            "peak memory MiB",
+            "val bits/byte",
+        ],
+        [
+            [
+                r["model"],
+                f"{r['parameters']:,}",
+                str(r["steps"]),
+                f"{r['ms_per_step']:.0f}",
+                f"{r['peak_memory_mib']:,.0f}",
+                f"{r['bits_per_byte']:.3f}",
+            ]
             for r in results
         ],
     )
@@ -819,7 +925,9 @@ def main(argv=None):
         f"{time.perf_counter() - start:.0f} s."
     )
     return {
-        "results": results, "times": times, "rows": rows,
+        "results": results,
+        "times": times,
+        "rows": rows,
         "max_diff": generated["max_diff"],
         "continuation": generated["continuation"],
         "output_dir": args.output_dir,

@@ -75,9 +75,16 @@ TASK_NAMES = {
 }
 VOCABULARY_SIZE = len(bio_data.PROTEIN_VOCABULARY)
 FULL = dict(
-    steps=4000, num_layers=4, num_heads=8, hidden_dim=256,
-    intermediate_dim=1024, num_features=128, batch_size=32,
-    seeds=[0, 1, 2], eval_sequences=2000, classify_steps=3000,
+    steps=4000,
+    num_layers=4,
+    num_heads=8,
+    hidden_dim=256,
+    intermediate_dim=1024,
+    num_features=128,
+    batch_size=32,
+    seeds=[0, 1, 2],
+    eval_sequences=2000,
+    classify_steps=3000,
 )
 
 
@@ -172,8 +179,11 @@ def training_data(task, tokens, labels, args, seed):
         while True:
             for batch in length_batches(lengths, args.batch_size, rng):
                 yield make_batch(
-                    task, [tokens[i] for i in batch], labels[batch],
-                    args.mask_rate, rng,
+                    task,
+                    [tokens[i] for i in batch],
+                    labels[batch],
+                    args.mask_rate,
+                    rng,
                 )
 
     spec = tf.TensorSpec((None, None), tf.int32)
@@ -192,8 +202,7 @@ def evaluation_batches(task, tokens, labels, args):
     chosen = chosen[np.argsort([len(tokens[i]) for i in chosen], kind="stable")]
     return [
         make_batch(
-            task, [tokens[i] for i in batch], labels[batch],
-            args.mask_rate, rng,
+            task, [tokens[i] for i in batch], labels[batch], args.mask_rate, rng
         )
         for batch in np.array_split(
             chosen, max(1, math.ceil(count / args.batch_size))
@@ -232,17 +241,27 @@ def build(task, attention, args, max_length):
         kwargs["local_window"] = args.window
     if task == "causal":
         return build_model(
-            args, vocabulary_size=VOCABULARY_SIZE, max_length=max_length,
-            task="language_model", **kwargs,
+            args,
+            vocabulary_size=VOCABULARY_SIZE,
+            max_length=max_length,
+            task="language_model",
+            **kwargs,
         )
     if task == "classify":
         return build_model(
-            args, vocabulary_size=VOCABULARY_SIZE, max_length=max_length,
-            task="classification", num_classes=2, **kwargs,
+            args,
+            vocabulary_size=VOCABULARY_SIZE,
+            max_length=max_length,
+            task="classification",
+            num_classes=2,
+            **kwargs,
         )
     encoder = build_model(
-        args, vocabulary_size=VOCABULARY_SIZE, max_length=max_length,
-        task="encoder", **kwargs,
+        args,
+        vocabulary_size=VOCABULARY_SIZE,
+        max_length=max_length,
+        task="encoder",
+        **kwargs,
     )
     logits = keras.layers.Dense(VOCABULARY_SIZE, name="residue_logits")(
         encoder.output
@@ -263,8 +282,9 @@ def train_one(task, attention, seed, data, args):
         # Cross-entropy of the predictions whose target is not 0.
         loss = keras_favor.models.language_model_loss()
         steps = args.steps
-    model.compile(optimizer=keras.optimizers.AdamW(args.learning_rate),
-                  loss=loss)
+    model.compile(
+        optimizer=keras.optimizers.AdamW(args.learning_rate), loss=loss
+    )
     clock = TrainingClock(
         lambda m: evaluate(m, batches),
         every_steps=max(1, steps // args.eval_points),
@@ -273,14 +293,20 @@ def train_one(task, attention, seed, data, args):
     )
     model.fit(
         training_data(task, train_tokens, train_labels, args, seed),
-        epochs=1, steps_per_epoch=steps, callbacks=[clock], verbose=0,
+        epochs=1,
+        steps_per_epoch=steps,
+        callbacks=[clock],
+        verbose=0,
         # The batches are shuffled already; `fit` warns that it cannot.
         shuffle=False,
     )
     ms_per_step = 1000 * clock.median_step_s()
     return [
         {
-            "task": task, "attention": attention, "seed": seed, **point,
+            "task": task,
+            "attention": attention,
+            "seed": seed,
+            **point,
             "ms_per_step": ms_per_step,
             "parameters": model.count_params(),
         }
@@ -325,7 +351,8 @@ def summaries(rows, args):
             finals = [runs[(task, attention, s)][-1] for s in seeds]
             name = ATTENTIONS[attention][0]
             steps_row = {
-                "task": TASK_NAMES[task], "attention": name,
+                "task": TASK_NAMES[task],
+                "attention": name,
                 "steps": finals[0]["step"],
                 "accuracy": mean_spread([f["accuracy"] for f in finals]),
                 "perplexity": mean_spread(
@@ -336,19 +363,24 @@ def summaries(rows, args):
             }
             steps_table.append(steps_row)
             time_row = {
-                "task": TASK_NAMES[task], "attention": name,
+                "task": TASK_NAMES[task],
+                "attention": name,
                 "budget s": f"{np.mean(list(budget.values())):.0f}",
-                "steps": mean_spread([
-                    at_time(runs[(task, attention, s)], budget[s], "step")
-                    for s in seeds
-                ]).split(".")[0],
+                "steps": mean_spread(
+                    [
+                        at_time(runs[(task, attention, s)], budget[s], "step")
+                        for s in seeds
+                    ]
+                ).split(".")[0],
             }
             for key in ("accuracy", "perplexity"):
                 if key in finals[0]:
-                    time_row[key] = mean_spread([
-                        at_time(runs[(task, attention, s)], budget[s], key)
-                        for s in seeds
-                    ])
+                    time_row[key] = mean_spread(
+                        [
+                            at_time(runs[(task, attention, s)], budget[s], key)
+                            for s in seeds
+                        ]
+                    )
                 else:
                     time_row[key] = "-"
             time_table.append(time_row)
@@ -377,9 +409,7 @@ def verdict(rows, args):
         noise = max(spread, 0.005)
         if "relu" in mean and len(linear) > 1:
             best = max(linear, key=mean.get)
-            margin = mean["relu"] - max(
-                mean[a] for a in linear if a != "relu"
-            )
+            margin = mean["relu"] - max(mean[a] for a in linear if a != "relu")
             if best != "relu":
                 lead = "does not lead"
             elif margin > noise:
@@ -392,9 +422,7 @@ def verdict(rows, args):
             lines.append(
                 f"{name}: Performer-ReLU {lead}"
                 + " the random-feature models at equal steps ("
-                + ", ".join(
-                    f"{ATTENTIONS[a][0]} {mean[a]:.3f}" for a in linear
-                )
+                + ", ".join(f"{ATTENTIONS[a][0]} {mean[a]:.3f}" for a in linear)
                 + ")."
             )
         if "softmax" in mean and "exact" in mean:
@@ -424,7 +452,8 @@ def plot(rows, path):
     for column, task in enumerate(tasks):
         for attention, (name, _) in ATTENTIONS.items():
             points = [
-                r for r in rows
+                r
+                for r in rows
                 if r["task"] == task and r["attention"] == attention
             ]
             if not points:
@@ -433,13 +462,15 @@ def plot(rows, path):
                 mine = [r for r in points if r["seed"] == seed]
                 style = dict(
                     color=f"C{list(ATTENTIONS).index(attention)}",
-                    marker="o", markersize=3,
+                    marker="o",
+                    markersize=3,
                     label=name if seed == points[0]["seed"] else None,
                     alpha=1.0 if seed == points[0]["seed"] else 0.5,
                 )
                 for row, key in enumerate(("step", "seconds")):
                     axes[row][column].plot(
-                        [r[key] for r in mine], [r["accuracy"] for r in mine],
+                        [r[key] for r in mine],
+                        [r["accuracy"] for r in mine],
                         **style,
                     )
         axes[0][column].set_title(TASK_NAMES[task])
@@ -455,8 +486,15 @@ def plot(rows, path):
 
 
 CSV_FIELDS = (
-    "task", "attention", "seed", "step", "seconds", "accuracy", "perplexity",
-    "ms_per_step", "parameters",
+    "task",
+    "attention",
+    "seed",
+    "step",
+    "seconds",
+    "accuracy",
+    "perplexity",
+    "ms_per_step",
+    "parameters",
 )
 
 
@@ -466,52 +504,119 @@ def parse_args(argv):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_arguments(
-        parser, steps=150, epochs=None, seed=None, batch_size=8,
-        num_features=32, hidden_dim=64, intermediate_dim=128, num_heads=4,
-        num_layers=2, learning_rate=3e-3,
+        parser,
+        steps=150,
+        epochs=None,
+        seed=None,
+        batch_size=8,
+        num_features=32,
+        hidden_dim=64,
+        intermediate_dim=128,
+        num_heads=4,
+        num_layers=2,
+        learning_rate=3e-3,
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
-                        help="seeds of the weights, projections and batches")
-    parser.add_argument("--tasks", nargs="+", choices=TASKS,
-                        default=list(TASKS), help="tasks to train")
-    parser.add_argument("--attentions", nargs="+", choices=list(ATTENTIONS),
-                        default=list(ATTENTIONS),
-                        help="attentions of the language models")
-    parser.add_argument("--classify-attentions", nargs="+",
-                        choices=list(ATTENTIONS),
-                        default=["exact", "softmax"],
-                        help="attentions of the classifier")
-    parser.add_argument("--lm-sets", nargs="+", choices=list(bio_data.PROTEIN_SETS),
-                        default=list(bio_data.PROTEIN_SETS),
-                        help="aaanalysis sets the language models learn")
-    parser.add_argument("--classify-set", choices=list(bio_data.PROTEIN_SETS),
-                        default="capsid", help="aaanalysis set to classify")
-    parser.add_argument("--max-length", type=int, default=1024,
-                        help="residues per language-model sequence (longer "
-                        "ones are cut)")
-    parser.add_argument("--classify-max-length", type=int, default=0,
-                        help="residues per classified sequence; 0: the "
-                        "longest sequence, none cut")
-    parser.add_argument("--classify-steps", type=int, default=150,
-                        help="training steps of each classifier")
-    parser.add_argument("--window", type=int, default=16,
-                        help="exact-attention window of the `window` model")
-    parser.add_argument("--mask-rate", type=float, default=0.15,
-                        help="share of residues the masked LM predicts")
-    parser.add_argument("--eval-points", type=int, default=3,
-                        help="evaluations per training")
-    parser.add_argument("--eval-sequences", type=int, default=96,
-                        help="validation sequences evaluated")
-    parser.add_argument("--train-sequences", type=int, default=0,
-                        help="training sequences used; 0: all")
-    parser.add_argument("--full", action="store_true",
-                        help="the size worth publishing: " + ", ".join(
-                            f"{k}={v}" for k, v in FULL.items()))
-    parser.add_argument("--csv", default=None,
-                        help="write every evaluation to this CSV file")
-    parser.add_argument("--plot", default=None,
-                        help="draw the accuracy curves to this PNG file "
-                        "(needs matplotlib)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1],
+        help="seeds of the weights, projections and batches",
+    )
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        choices=TASKS,
+        default=list(TASKS),
+        help="tasks to train",
+    )
+    parser.add_argument(
+        "--attentions",
+        nargs="+",
+        choices=list(ATTENTIONS),
+        default=list(ATTENTIONS),
+        help="attentions of the language models",
+    )
+    parser.add_argument(
+        "--classify-attentions",
+        nargs="+",
+        choices=list(ATTENTIONS),
+        default=["exact", "softmax"],
+        help="attentions of the classifier",
+    )
+    parser.add_argument(
+        "--lm-sets",
+        nargs="+",
+        choices=list(bio_data.PROTEIN_SETS),
+        default=list(bio_data.PROTEIN_SETS),
+        help="aaanalysis sets the language models learn",
+    )
+    parser.add_argument(
+        "--classify-set",
+        choices=list(bio_data.PROTEIN_SETS),
+        default="capsid",
+        help="aaanalysis set to classify",
+    )
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=1024,
+        help="residues per language-model sequence (longer ones are cut)",
+    )
+    parser.add_argument(
+        "--classify-max-length",
+        type=int,
+        default=0,
+        help="residues per classified sequence; 0: the "
+        "longest sequence, none cut",
+    )
+    parser.add_argument(
+        "--classify-steps",
+        type=int,
+        default=150,
+        help="training steps of each classifier",
+    )
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=16,
+        help="exact-attention window of the `window` model",
+    )
+    parser.add_argument(
+        "--mask-rate",
+        type=float,
+        default=0.15,
+        help="share of residues the masked LM predicts",
+    )
+    parser.add_argument(
+        "--eval-points", type=int, default=3, help="evaluations per training"
+    )
+    parser.add_argument(
+        "--eval-sequences",
+        type=int,
+        default=96,
+        help="validation sequences evaluated",
+    )
+    parser.add_argument(
+        "--train-sequences",
+        type=int,
+        default=0,
+        help="training sequences used; 0: all",
+    )
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="the size worth publishing: "
+        + ", ".join(f"{k}={v}" for k, v in FULL.items()),
+    )
+    parser.add_argument(
+        "--csv", default=None, help="write every evaluation to this CSV file"
+    )
+    parser.add_argument(
+        "--plot",
+        default=None,
+        help="draw the accuracy curves to this PNG file (needs matplotlib)",
+    )
     args = parser.parse_args(argv)
     if args.full:
         for key, value in FULL.items():
@@ -528,8 +633,9 @@ def subset(split, count, seed):
     sequences, labels = split
     if not count or count >= len(sequences):
         return split
-    chosen = np.sort(np.random.default_rng(seed).choice(
-        len(sequences), count, replace=False))
+    chosen = np.sort(
+        np.random.default_rng(seed).choice(len(sequences), count, replace=False)
+    )
     return [sequences[i] for i in chosen], labels[chosen]
 
 
@@ -557,31 +663,44 @@ def main(argv=None):
         )
         if task == "classify":
             majority = np.bincount(train_labels).argmax()
-            chance = float(np.mean(
-                np.concatenate([b[1] for b in batches]) == majority))
+            chance = float(
+                np.mean(np.concatenate([b[1] for b in batches]) == majority)
+            )
             print(f"  chance (majority class): {chance:.3f}")
         else:
-            counts = np.bincount(np.concatenate(train_tokens),
-                                 minlength=VOCABULARY_SIZE)
-            print(f"  most frequent residue: {counts.max() / counts.sum():.3f}"
-                  " of the training residues")
+            counts = np.bincount(
+                np.concatenate(train_tokens), minlength=VOCABULARY_SIZE
+            )
+            print(
+                f"  most frequent residue: {counts.max() / counts.sum():.3f}"
+                " of the training residues"
+            )
         data = (train_tokens, train_labels, batches, max_length)
-        attentions = (args.classify_attentions if task == "classify"
-                      else args.attentions)
+        attentions = (
+            args.classify_attentions if task == "classify" else args.attentions
+        )
         for seed in args.seeds:
             for attention in attentions:
                 rows += train_one(task, attention, seed, data, args)
     steps_table, time_table = summaries(rows, args)
     print("\nEqual steps (validation; mean ± half the range over seeds)")
     print_table(list(steps_table[0]), [list(r.values()) for r in steps_table])
-    print("\nEqual time: each model at the training time of the fastest of "
-          "its task and seed (interpolated; a draft on a shared CPU)")
+    print(
+        "\nEqual time: each model at the training time of the fastest of "
+        "its task and seed (interpolated; a draft on a shared CPU)"
+    )
     print_table(list(time_table[0]), [list(r.values()) for r in time_table])
     finals = [
-        r for r in rows
-        if r is max(
-            (q for q in rows if (q["task"], q["attention"], q["seed"])
-             == (r["task"], r["attention"], r["seed"])),
+        r
+        for r in rows
+        if r
+        is max(
+            (
+                q
+                for q in rows
+                if (q["task"], q["attention"], q["seed"])
+                == (r["task"], r["attention"], r["seed"])
+            ),
             key=lambda q: q["step"],
         )
     ]
@@ -595,8 +714,12 @@ def main(argv=None):
             writer.writerows(rows)
     if args.plot:
         plot(rows, args.plot)
-    return {"rows": rows, "equal_steps": steps_table,
-            "equal_time": time_table, "verdict": lines}
+    return {
+        "rows": rows,
+        "equal_steps": steps_table,
+        "equal_time": time_table,
+        "verdict": lines,
+    }
 
 
 if __name__ == "__main__":

@@ -18,13 +18,16 @@ TRACKING_LIST = "_layers"
 # Bookkeeping attributes of Keras and TensorFlow that hold a layer's
 # sub-layers again, beside the attributes through which the layer reaches
 # them (not all are set on a fresh layer).
-_BOOKKEEPING = frozenset({
-    TRACKING_LIST, "_tracked",
-    "_self_unconditional_checkpoint_dependencies",
-    "_self_unconditional_dependency_names",
-    "_self_unconditional_deferred_dependencies",
-    "_self_saveable_object_factories",
-})
+_BOOKKEEPING = frozenset(
+    {
+        TRACKING_LIST,
+        "_tracked",
+        "_self_unconditional_checkpoint_dependencies",
+        "_self_unconditional_dependency_names",
+        "_self_unconditional_deferred_dependencies",
+        "_self_saveable_object_factories",
+    }
+)
 
 
 def is_graph_model(layer):
@@ -53,8 +56,7 @@ def children(node):
         return list(node.items())
     names = keras_attribute_names()
     return [
-        (name, value) for name, value in vars(node).items()
-        if name not in names
+        (name, value) for name, value in vars(node).items() if name not in names
     ]
 
 

@@ -112,11 +112,7 @@ def stateless_seed(value, name="seed"):
         dtype = value.dtype
     is_integer = backend.is_integer_dtype(dtype)
     shape = getattr(value, "shape", None)
-    if (
-        not is_integer
-        or shape is None
-        or tuple(shape) not in ((2,), (None,))
-    ):
+    if not is_integer or shape is None or tuple(shape) not in ((2,), (None,)):
         raise ValueError(
             f"`{name}` must be None, an int, or a (2,) integer tensor of a "
             f"stateless seed. Received: {name}={value!r}"

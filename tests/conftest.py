@@ -54,11 +54,18 @@ INTEGRATION = os.path.join(os.path.dirname(__file__), "integration")
 # Modules of long tests (subprocesses, whole trainings), run first so that
 # `pytest -n 2` does not end with one worker busy and the other idle.
 LONG_MODULES = (
-    "test_jax_backend.py", "test_readme.py", "test_distributed.py",
-    "test_convert_pretrained.py", "test_examples.py", "test_generation.py",
-    "test_quality_benchmark.py", "test_benchmarks.py",
-    "test_feature_redraw.py", "test_ops_against_reference.py",
-    "test_benchmark_registry.py", "test_keras_hub_generate.py",
+    "test_jax_backend.py",
+    "test_readme.py",
+    "test_distributed.py",
+    "test_convert_pretrained.py",
+    "test_examples.py",
+    "test_generation.py",
+    "test_quality_benchmark.py",
+    "test_benchmarks.py",
+    "test_feature_redraw.py",
+    "test_ops_against_reference.py",
+    "test_benchmark_registry.py",
+    "test_keras_hub_generate.py",
 )
 
 

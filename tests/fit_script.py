@@ -65,9 +65,7 @@ def toy_data(num_examples=NUM_EXAMPLES):
 def toy_dataset():
     import tensorflow as tf
 
-    dataset = tf.data.Dataset.from_tensor_slices(toy_data()).batch(
-        GLOBAL_BATCH
-    )
+    dataset = tf.data.Dataset.from_tensor_slices(toy_data()).batch(GLOBAL_BATCH)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = (
         tf.data.experimental.AutoShardPolicy.DATA
@@ -76,9 +74,7 @@ def toy_dataset():
 
 
 def compile_model(model, **kwargs):
-    model.compile(
-        optimizer=keras.optimizers.Adam(0.01), loss="mse", **kwargs
-    )
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse", **kwargs)
     return model
 
 

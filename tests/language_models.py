@@ -8,22 +8,31 @@ VOCABULARY = 61
 MAX_LENGTH = 96
 
 
-def language_model(
-    attention="favor", api="functional", num_layers=2, **kwargs
-):
+def language_model(attention="favor", api="functional", num_layers=2, **kwargs):
     model = keras_favor.build_performer(
-        VOCABULARY, MAX_LENGTH, num_layers=num_layers, num_heads=2,
+        VOCABULARY,
+        MAX_LENGTH,
+        num_layers=num_layers,
+        num_heads=2,
         hidden_dim=32,
-        intermediate_dim=64, task="language_model", num_features=16,
-        chunk_size=8, seed=0, attention=attention, api=api, **kwargs,
+        intermediate_dim=64,
+        task="language_model",
+        num_features=16,
+        chunk_size=8,
+        seed=0,
+        attention=attention,
+        api=api,
+        **kwargs,
     )
     # Larger weights than the initial ones make confident, varied
     # predictions, so that greedy decoding does not settle on one token.
     rng = np.random.default_rng(5)
     model.set_weights(
         [
-            w if w.ndim < 2 or w.dtype != np.float32
-            else 3 * rng.normal(size=w.shape).astype("float32")
+            w
+            if w.ndim < 2 or w.dtype != np.float32
+            else 3
+            * rng.normal(size=w.shape).astype("float32")
             / np.sqrt(w.shape[-2])
             for w in model.get_weights()
         ]

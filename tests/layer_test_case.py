@@ -238,7 +238,10 @@ def check_jit_fit_step(
     np.testing.assert_allclose(loss, twin_loss, rtol=1e-5)
     for jitted, plain in zip(model.weights, twin.weights):
         np.testing.assert_allclose(
-            numpy(jitted), numpy(plain), rtol=1e-5, atol=1e-6,
+            numpy(jitted),
+            numpy(plain),
+            rtol=1e-5,
+            atol=1e-6,
             err_msg=jitted.path,
         )
 

@@ -59,10 +59,13 @@ def gradients(fn, args, has_aux=False):
 
         # Compiled: one XLA program costs less than the eager gradient's
         # many small ones.
-        grads, aux = jax.jit(jax.grad(
-            lambda *a: fn(*a) if has_aux else (fn(*a), None),
-            argnums=tuple(range(len(args))), has_aux=True,
-        ))(*args)
+        grads, aux = jax.jit(
+            jax.grad(
+                lambda *a: fn(*a) if has_aux else (fn(*a), None),
+                argnums=tuple(range(len(args))),
+                has_aux=True,
+            )
+        )(*args)
     else:
         raise NotImplementedError(keras.backend.backend())
     # An input the result does not depend on has a zero gradient (None on
@@ -116,12 +119,16 @@ def quadratic_feature_attention(layer, q, k, v, mask=None, causal=False):
     return numpy(
         favor_ops.naive_linear_attention(
             *(ops.cast(ops.convert_to_tensor(x), FLOAT64) for x in (q, k, v)),
-            feature_fn(layer), mask=key_mask(mask), causal=causal,
+            feature_fn(layer),
+            mask=key_mask(mask),
+            causal=causal,
         )
     )
 
 
-def differentiable_quadratic_layer(layer, query, value, mask=None, causal=False):
+def differentiable_quadratic_layer(
+    layer, query, value, mask=None, causal=False
+):
     """The layer's output computed through the `L x S` matrix, in `FLOAT64`.
 
     Uses the layer's own sub-layers and unstabilized features, so gradients
@@ -135,7 +142,9 @@ def differentiable_quadratic_layer(layer, query, value, mask=None, causal=False)
         split(layer.query_dense, query),
         split(layer.key_dense, value),
         split(layer.value_dense, value),
-        feature_fn(layer), mask=key_mask(mask), causal=causal,
+        feature_fn(layer),
+        mask=key_mask(mask),
+        causal=causal,
     )
     merged = ops.cast(ops.transpose(attended, (0, 2, 1, 3)), "float32")
     return layer.output_dense(merged)
@@ -160,8 +169,9 @@ def causal_attention_with_state(
         `(outputs (B, H, L, D), (S, z))`, `S` and `z` the sums after the
         last key.
     """
-    phi_q, phi_k, value = (np.asarray(x, np.float64) for x in (
-        query_features, key_features, value))
+    phi_q, phi_k, value = (
+        np.asarray(x, np.float64) for x in (query_features, key_features, value)
+    )
     batch, num_heads, _, num_features = phi_k.shape
     if mask is not None:
         phi_k = phi_k * np.asarray(mask, np.float64)[:, None, :, None]

@@ -23,9 +23,10 @@ def test_license_file_is_the_apache_license_that_setup_cfg_declares():
 
 def test_readme_starts_with_the_two_commands():
     readme = (ROOT / "README.md").read_text().splitlines()
-    first_block = readme[readme.index("```sh") + 1:readme.index("```")]
+    first_block = readme[readme.index("```sh") + 1 : readme.index("```")]
     assert [line.split()[:2] for line in first_block] == [
-        ["make", "demo"], ["make", "test"]
+        ["make", "demo"],
+        ["make", "test"],
     ]
 
 

@@ -241,7 +241,7 @@ class FeatureRedraw(keras.callbacks.Callback):
         self._planned_end = None
         self._plan_pending = True
         if not self.layers_to_redraw():
-            warnings.warn(self._nothing_to_redraw_message())
+            warnings.warn(self._nothing_to_redraw_message(), stacklevel=2)
         elif self.window and self._steps_per_epoch() is None:
             warnings.warn(
                 "FeatureRedraw cannot keep the last "
@@ -250,7 +250,8 @@ class FeatureRedraw(keras.callbacks.Callback):
                 f"redraws every {self.interval} steps up to the end, so the "
                 "model may end on features it has not trained with. Pass "
                 "`steps_per_epoch` to `fit` (or data of known length), or "
-                "`final_window=0` to silence this warning."
+                "`final_window=0` to silence this warning.",
+                stacklevel=2,
             )
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -287,7 +288,8 @@ class FeatureRedraw(keras.callbacks.Callback):
             reason = "holds no FavorAttention layer"
         else:
             with_projection = [
-                layer for layer in layers.values()
+                layer
+                for layer in layers.values()
                 if layer.projection is not None
             ]
             if not with_projection:

@@ -94,7 +94,8 @@ def _put(nodes, steps, new):
         # `__class__`, not `type`: TensorFlow wraps a layer's tuples in a
         # proxy that reports the tuple's class.
         rebuilt = (
-            owner.__class__(*items) if hasattr(owner, "_fields")
+            owner.__class__(*items)
+            if hasattr(owner, "_fields")
             else owner.__class__(items)
         )
         _put(nodes[:-1], steps[:-1], rebuilt)

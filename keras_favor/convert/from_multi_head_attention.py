@@ -10,11 +10,25 @@ from keras_favor.layers.favor_attention import FavorAttention
 # `MultiHeadAttention.get_config()` entries that FavorAttention takes as
 # they are (the same meaning and default).
 _SHARED = (
-    "name", "trainable", "num_heads", "key_dim", "value_dim", "dropout",
-    "use_bias", "output_shape", "attention_axes", "kernel_initializer",
-    "bias_initializer", "kernel_regularizer", "bias_regularizer",
-    "activity_regularizer", "kernel_constraint", "bias_constraint",
-    "use_gate", "sliding_window", "seed",
+    "name",
+    "trainable",
+    "num_heads",
+    "key_dim",
+    "value_dim",
+    "dropout",
+    "use_bias",
+    "output_shape",
+    "attention_axes",
+    "kernel_initializer",
+    "bias_initializer",
+    "kernel_regularizer",
+    "bias_regularizer",
+    "activity_regularizer",
+    "kernel_constraint",
+    "bias_constraint",
+    "use_gate",
+    "sliding_window",
+    "seed",
 )
 # Entries that need no counterpart: the dtype policy is passed as the
 # layer's own; flash attention is a kernel choice of exact attention.
@@ -42,9 +56,7 @@ def _favor_arguments(mha):
     if config.get("use_gate"):
         raise _no_counterpart("use_gate", True, False)
     if config.get("sliding_window") is not None:
-        raise _no_counterpart(
-            "sliding_window", config["sliding_window"], None
-        )
+        raise _no_counterpart("sliding_window", config["sliding_window"], None)
     if config.get("attention_axes") is not None:
         rank = len(mha.get_build_config()["shapes_dict"]["query_shape"])
         if sorted(config["attention_axes"]) != list(range(1, rank - 1)):
@@ -114,7 +126,8 @@ def from_multi_head_attention(mha, **favor_kwargs):
     if mha.built:
         shapes = mha.get_build_config()["shapes_dict"]
         favor.build(
-            shapes["query_shape"], shapes["value_shape"],
+            shapes["query_shape"],
+            shapes["value_shape"],
             shapes.get("key_shape"),
         )
         favor.load_multi_head_attention_weights(mha)

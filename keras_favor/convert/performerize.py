@@ -15,12 +15,15 @@ from keras_favor.convert.from_multi_head_attention import (
 )
 from keras_favor.convert.performerized_layer import PerformerizedLayer
 from keras_favor.convert.performerized_layer import build_like
-from keras_favor.layers import favor_attention
+from keras_favor.layers import favor_options
 from keras_favor.layers.performer_block import PerformerBlock
 
 # PerformerBlock's sub-layers with weights, besides its attention.
 _BLOCK_SUBLAYERS = (
-    "attention_norm", "intermediate_dense", "output_dense", "feedforward_norm",
+    "attention_norm",
+    "intermediate_dense",
+    "output_dense",
+    "feedforward_norm",
 )
 
 
@@ -93,7 +96,8 @@ def performerize(model, predicate=None, **favor_kwargs):
         ):
             return _favor_block(layer, converted(layer.attention_layer))
         held = {
-            path: mha for path, mha in held_attention(layer).items()
+            path: mha
+            for path, mha in held_attention(layer).items()
             if id(mha) in accepted
         }
         if held and _is_keras_hub(layer):
@@ -186,9 +190,11 @@ def _check_swapped(layer, inner, converted_count):
     """A `ValueError` unless `inner`, the converted copy of `layer`, holds
     `converted_count` MultiHeadAttention layers fewer than `layer` (else
     the swap missed a reference to one of them)."""
+
     def attentions(root):
         return [
-            (path, found) for path, found in all_layers(root)
+            (path, found)
+            for path, found in all_layers(root)
             if isinstance(found, keras.layers.MultiHeadAttention)
         ]
 
@@ -225,7 +231,8 @@ def _selected_attention(model, predicate):
     that `model` has if there is none."""
     layers = all_layers(model)
     attentions = [
-        (path, layer) for path, layer in layers
+        (path, layer)
+        for path, layer in layers
         if isinstance(layer, keras.layers.MultiHeadAttention)
     ]
     selected = [(path, mha) for path, mha in attentions if predicate(mha)]
@@ -237,12 +244,14 @@ def _selected_attention(model, predicate):
             f"`model`, so nothing would convert: {_listed(attentions)}."
         )
     others = [
-        (path, layer) for path, layer in layers
+        (path, layer)
+        for path, layer in layers
         if "attention" in type(layer).__name__.lower()
     ]
     found = (
         f"its attention layers are {_listed(others)}, none a "
-        "keras.layers.MultiHeadAttention" if others
+        "keras.layers.MultiHeadAttention"
+        if others
         else "it has no attention layer"
     )
     raise ValueError(
@@ -256,8 +265,9 @@ def _selected_attention(model, predicate):
 def _check_all_converted(selected, converted_ids):
     """A `ValueError` naming any selected attention layer that the copy
     still holds as a MultiHeadAttention."""
-    missed = [(path, mha) for path, mha in selected
-              if id(mha) not in converted_ids]
+    missed = [
+        (path, mha) for path, mha in selected if id(mha) not in converted_ids
+    ]
     if missed:
         raise ValueError(
             "`performerize` could not convert the MultiHeadAttention "
@@ -284,7 +294,7 @@ def _is_exact_block(layer, favor_kwargs):
         isinstance(layer, PerformerBlock)
         and layer.attention == "exact"
         and layer.built
-        and set(favor_kwargs) <= set(favor_attention.OPTIONS)
+        and set(favor_kwargs) <= set(favor_options.OPTIONS)
     )
 
 

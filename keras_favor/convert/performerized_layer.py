@@ -102,7 +102,8 @@ class PerformerizedLayer(keras.layers.Layer):
                 favor = FavorAttention.from_config(favor_config)
                 shapes = mha.get_build_config()["shapes_dict"]
                 favor.build(
-                    shapes["query_shape"], shapes["value_shape"],
+                    shapes["query_shape"],
+                    shapes["value_shape"],
                     shapes.get("key_shape"),
                 )
                 by_id[id(mha)] = favor
@@ -117,7 +118,8 @@ class PerformerizedLayer(keras.layers.Layer):
         for path, recorded in self.attentions.items():
             favor = layer_at(self.layer, path) if self.built else None
             configs[path] = (
-                favor.get_config() if isinstance(favor, FavorAttention)
+                favor.get_config()
+                if isinstance(favor, FavorAttention)
                 else dict(recorded)
             )
         return configs

@@ -75,9 +75,7 @@ def enable_multi_worker_fit():
     trainer_module = sys.modules[trainer_class.__module__]
     build = vars(trainer_class)["_maybe_symbolic_build"]
     if not _is_wrapper(build):
-        trainer_class._maybe_symbolic_build = _fixed_maybe_symbolic_build(
-            build
-        )
+        trainer_class._maybe_symbolic_build = _fixed_maybe_symbolic_build(build)
     if not _is_wrapper(trainer_module.reduce_per_replica):
         trainer_module.reduce_per_replica = _fixed_reduce_per_replica(
             trainer_module.reduce_per_replica
@@ -143,9 +141,10 @@ def _is_wrapper(function):
 def _in_multi_worker_mode(strategy):
     import tensorflow as tf
 
-    return isinstance(
-        strategy, tf.distribute.MultiWorkerMirroredStrategy
-    ) and strategy.extended._in_multi_worker_mode()
+    return (
+        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        and strategy.extended._in_multi_worker_mode()
+    )
 
 
 def _first_replica_value(value):

@@ -94,9 +94,11 @@ class FavorPlusPlusFeatures(FeatureMap):
     uses_statistics = True
 
     def __init__(self, momentum=0.99):
-        if isinstance(momentum, bool) or not isinstance(
-            momentum, (int, float)
-        ) or not 0 <= momentum < 1:
+        if (
+            isinstance(momentum, bool)
+            or not isinstance(momentum, (int, float))
+            or not 0 <= momentum < 1
+        ):
             raise ValueError(
                 "`momentum` must be a number in [0, 1). Received: "
                 f"momentum={momentum!r}"

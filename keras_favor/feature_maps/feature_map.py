@@ -43,6 +43,7 @@ class FeatureMap(Configurable):
             projected = keras.ops.einsum("...d,md->...m", x, projection)
             return keras.ops.square(keras.ops.relu(projected)) + 1e-3
 
+
     layer = keras_favor.FavorAttention(
         num_heads=4, key_dim=32, feature_map=SquaredReluFeatures()
     )

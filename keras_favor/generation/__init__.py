@@ -8,5 +8,8 @@ from keras_favor.generation.language_model_cache import call_with_cache
 from keras_favor.generation.language_model_cache import empty_cache
 
 __all__ = [
-    "call_with_cache", "empty_cache", "export_language_model", "generate",
+    "call_with_cache",
+    "empty_cache",
+    "export_language_model",
+    "generate",
 ]

@@ -3,9 +3,9 @@
 import keras
 
 from keras_favor import backend
+from keras_favor.generation import language_model_cache
 from keras_favor.generation.generate import decode
 from keras_favor.generation.generate import decoding_options
-from keras_favor.generation import language_model_cache
 
 
 def _checked_lengths(prompt_ids, max_new_tokens, max_length):
@@ -20,7 +20,8 @@ def _checked_lengths(prompt_ids, max_new_tokens, max_length):
             max_new_tokens, 1, message="`max_new_tokens` must be >= 1"
         ),
         tf.debugging.assert_less_equal(
-            total, max_length,
+            total,
+            max_length,
             message=(
                 "The prompt and `max_new_tokens` make more positions than "
                 f"the model's `max_length` ({max_length})"
@@ -32,8 +33,15 @@ def _checked_lengths(prompt_ids, max_new_tokens, max_length):
 
 
 def export_language_model(
-    model, filepath, sampler="greedy", temperature=1.0, top_k=None,
-    top_p=None, end_token_id=None, padding_id=0, verbose=False,
+    model,
+    filepath,
+    sampler="greedy",
+    temperature=1.0,
+    top_k=None,
+    top_p=None,
+    end_token_id=None,
+    padding_id=0,
+    verbose=False,
 ):
     """Exports a language model as a SavedModel with two endpoints.
 
@@ -77,16 +85,15 @@ def export_language_model(
         max_new_tokens = _checked_lengths(
             prompt_ids, max_new_tokens, max_length
         )
-        return decode(
-            model, prompt_ids, max_new_tokens, seed, **options
-        )
+        return decode(model, prompt_ids, max_new_tokens, seed, **options)
 
     archive = keras.export.ExportArchive()
     archive.track(model)
     tokens = tf.TensorSpec((None, None), tf.int32)
     archive.add_endpoint("serve", model.__call__, input_signature=[tokens])
     archive.add_endpoint(
-        "generate", generate,
+        "generate",
+        generate,
         input_signature=[
             tf.TensorSpec((None, None), tf.int32, name="prompt_ids"),
             tf.TensorSpec((), tf.int32, name="max_new_tokens"),

@@ -75,15 +75,25 @@ def decoding_options(
             f"masks. Received: padding_id={padding_id!r}"
         )
     return dict(
-        sampler=sampler, temperature=float(temperature), top_k=top_k,
+        sampler=sampler,
+        temperature=float(temperature),
+        top_k=top_k,
         top_p=None if top_p is None else float(top_p),
-        end_token_id=end_token_id, padding_id=int(padding_id),
+        end_token_id=end_token_id,
+        padding_id=int(padding_id),
     )
 
 
 def decode(
-    model, prompt_ids, max_new_tokens, seed, sampler="greedy",
-    temperature=1.0, top_k=None, top_p=None, end_token_id=None,
+    model,
+    prompt_ids,
+    max_new_tokens,
+    seed,
+    sampler="greedy",
+    temperature=1.0,
+    top_k=None,
+    top_p=None,
+    end_token_id=None,
     padding_id=0,
 ):
     """The decoding loop, in backend tensors (for `generate` and for graphs
@@ -120,7 +130,11 @@ def decode(
 
     def step(index, tokens, logits, cache, done):
         new = sampling.next_tokens(
-            logits[:, -1], sampler, temperature, top_k, top_p,
+            logits[:, -1],
+            sampler,
+            temperature,
+            top_k,
+            top_p,
             backend.fold_in(seed, index),
         )
         new = ops.where(done, padding_id, new)
@@ -186,8 +200,16 @@ def _compiled_decode(model, options, jit_compile):
 
 
 def generate(
-    model, prompt_ids, max_new_tokens, sampler="greedy", temperature=1.0,
-    top_k=None, top_p=None, seed=None, end_token_id=None, padding_id=0,
+    model,
+    prompt_ids,
+    max_new_tokens,
+    sampler="greedy",
+    temperature=1.0,
+    top_k=None,
+    top_p=None,
+    seed=None,
+    end_token_id=None,
+    padding_id=0,
     jit_compile=False,
 ):
     """Continues token sequences with a causal language model.
@@ -244,8 +266,7 @@ def generate(
     prompt = np.array([[0, 0, 72, 105], [80, 121, 116, 104]])  # left-padded
     tokens = keras_favor.generate(model, prompt, max_new_tokens=32)
     sampled = keras_favor.generate(
-        model, prompt, 32, sampler="random", temperature=0.8, top_p=0.9,
-        seed=1,
+        model, prompt, 32, sampler="random", temperature=0.8, top_p=0.9, seed=1
     )
     ```
     """
@@ -256,7 +277,9 @@ def generate(
         )
     embedding, _ = language_model_cache.language_model_layers(model)
     prompt_ids = _check_prompt(
-        prompt_ids, max_new_tokens, embedding.sequence_length,
+        prompt_ids,
+        max_new_tokens,
+        embedding.sequence_length,
         embedding.vocabulary_size,
     )
     options = decoding_options(

@@ -12,11 +12,11 @@ every position) or, for `attention="exact"`, a key/value cache of
 import keras
 from keras import ops
 
+from keras_favor import validation
 from keras_favor.layers.performer_block import PerformerBlock
 from keras_favor.models.token_and_position_embedding import (
     TokenAndPositionEmbedding,
 )
-from keras_favor import validation
 
 _WITHOUT_POSITIONS = (keras.layers.LayerNormalization, keras.layers.Dense)
 
@@ -54,7 +54,8 @@ def language_model_layers(model):
             model, "Its first layer is not a TokenAndPositionEmbedding."
         )
     rest = [
-        layer for layer in layers[1:]
+        layer
+        for layer in layers[1:]
         if not isinstance(layer, keras.layers.Dropout)
     ]
     blocks = [layer for layer in rest if isinstance(layer, PerformerBlock)]
@@ -156,7 +157,9 @@ def call_with_cache(
     for layer in layers:
         if isinstance(layer, PerformerBlock):
             x, layer_cache = layer(
-                x, mask=padding_mask, cache=next(caches),
+                x,
+                mask=padding_mask,
+                cache=next(caches),
                 cache_update_index=cache_update_index,
             )
             new_cache.append(layer_cache)

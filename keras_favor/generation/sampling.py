@@ -24,9 +24,11 @@ def check_sampling(sampler, temperature, top_k, top_p, vocabulary_size):
             f"`sampler` must be one of {list(SAMPLERS)}. Received: "
             f"sampler={sampler!r}"
         )
-    if isinstance(temperature, bool) or not isinstance(
-        temperature, (int, float)
-    ) or not temperature > 0:
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not temperature > 0
+    ):
         raise ValueError(
             "`temperature` must be a number > 0. Received: "
             f"temperature={temperature!r}"

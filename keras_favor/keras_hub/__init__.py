@@ -28,7 +28,12 @@ register_causal_lm_classes()
 register_seq_2_seq_lm_classes()
 
 __all__ = [
-    "FavorBackbone", "FavorCausalLM", "FavorRotaryAttention", "FavorSeq2SeqLM",
-    "FavorTransformerDecoder", "favor_backbone_class",
-    "favor_causal_lm_class", "favor_seq_2_seq_lm_class",
+    "FavorBackbone",
+    "FavorCausalLM",
+    "FavorRotaryAttention",
+    "FavorSeq2SeqLM",
+    "FavorTransformerDecoder",
+    "favor_backbone_class",
+    "favor_causal_lm_class",
+    "favor_seq_2_seq_lm_class",
 ]

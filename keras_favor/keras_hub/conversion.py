@@ -13,9 +13,7 @@ from keras_favor.keras_hub.favor_seq_2_seq_lm import favor_seq_2_seq_lm_class
 
 def is_keras_hub_model(model):
     """Whether `model` is a keras-hub `Backbone` or `Task`."""
-    return isinstance(
-        model, (keras_hub.models.Backbone, keras_hub.models.Task)
-    )
+    return isinstance(model, (keras_hub.models.Backbone, keras_hub.models.Task))
 
 
 def is_keras_hub_decoder(layer):

@@ -10,7 +10,7 @@ from keras_favor.keras_hub import favor_transformer_decoder
 from keras_favor.keras_hub.attention_swap import check_dense_weights
 from keras_favor.keras_hub.attention_swap import convert_held_attention
 from keras_favor.layers.favor_attention import FavorAttention
-from keras_favor.layers.favor_attention import checked_options
+from keras_favor.layers.favor_options import checked_options
 
 _ENCODER = keras_hub.layers.TransformerEncoder
 _DECODER = keras_hub.layers.TransformerDecoder
@@ -61,7 +61,8 @@ def favor_backbone_class(backbone_class):
     if backbone_class not in _CLASSES:
         name = "Favor" + backbone_class.__name__
         new_class = type(
-            name, (FavorBackbone, backbone_class),
+            name,
+            (FavorBackbone, backbone_class),
             {"__module__": __name__, "__qualname__": name},
         )
         _CLASSES[backbone_class] = keras.saving.register_keras_serializable(
@@ -75,9 +76,11 @@ def register_backbone_classes():
     exports, so a converted model's `.keras` file loads once this package
     is imported."""
     for value in vars(keras_hub.models).values():
-        if isinstance(value, type) and issubclass(
-            value, keras_hub.models.Backbone
-        ) and value is not keras_hub.models.Backbone:
+        if (
+            isinstance(value, type)
+            and issubclass(value, keras_hub.models.Backbone)
+            and value is not keras_hub.models.Backbone
+        ):
             favor_backbone_class(value)
 
 
@@ -88,13 +91,15 @@ def _unconvertible_layers(layers):
     MultiHeadAttention layers that no keras-hub encoder or decoder holds."""
     handled = {
         id(getattr(layer, attribute))
-        for layer in layers if type(layer) in (_ENCODER, _DECODER)
+        for layer in layers
+        if type(layer) in (_ENCODER, _DECODER)
         for attribute in ("_self_attention_layer", "_cross_attention_layer")
         if getattr(layer, attribute, None) is not None
     }
     handled.update(
         id(favor_rotary_decoder.held_attention(layer))
-        for layer in layers if favor_rotary_decoder.is_rotary_decoder(layer)
+        for layer in layers
+        if favor_rotary_decoder.is_rotary_decoder(layer)
     )
     found = []
     for layer in layers:

@@ -80,7 +80,8 @@ class FavorCausalLM:
             return position + 1, cache
 
         _, cache = ops.while_loop(
-            lambda position, cache: position < index - 1, body,
+            lambda position, cache: position < index - 1,
+            body,
             (ops.zeros((), "int32"), cache),
         )
         hidden_states = self.backbone(
@@ -110,18 +111,22 @@ class FavorCausalLM:
                 ops.repeat(padding_mask[:, position], copies, axis=0),
                 position >= first_free,
             )
-            logits, hidden, cache = self._feed(
-                prompt, cache, position, is_real
-            )
+            logits, hidden, cache = self._feed(prompt, cache, position, is_real)
             return (
-                ops.squeeze(logits, axis=1), ops.squeeze(hidden, axis=1),
+                ops.squeeze(logits, axis=1),
+                ops.squeeze(hidden, axis=1),
                 cache,
             )
 
         token_ids = self.sampler(
-            next=next, prompt=token_ids, cache=cache, index=first_free,
-            mask=padding_mask, stop_token_ids=stop_token_ids,
-            hidden_states=hidden_states, model=self,
+            next=next,
+            prompt=token_ids,
+            cache=cache,
+            index=first_free,
+            mask=padding_mask,
+            stop_token_ids=stop_token_ids,
+            hidden_states=hidden_states,
+            model=self,
         )
         return {
             "token_ids": token_ids,
@@ -155,7 +160,8 @@ def favor_causal_lm_class(task_class):
     if task_class not in _CLASSES:
         name = "Favor" + task_class.__name__
         new_class = type(
-            name, (FavorCausalLM, task_class),
+            name,
+            (FavorCausalLM, task_class),
             {"__module__": __name__, "__qualname__": name},
         )
         _CLASSES[task_class] = keras.saving.register_keras_serializable(
@@ -168,9 +174,10 @@ def register_causal_lm_classes():
     """Registers the converted class of every CausalLM that keras-hub
     exports, so a converted task's `.keras` file loads."""
     for value in vars(keras_hub.models).values():
-        if isinstance(value, type) and issubclass(
-            value, keras_hub.models.CausalLM
-        ) and not issubclass(value, keras_hub.models.Seq2SeqLM) and (
-            value is not keras_hub.models.CausalLM
+        if (
+            isinstance(value, type)
+            and issubclass(value, keras_hub.models.CausalLM)
+            and not issubclass(value, keras_hub.models.Seq2SeqLM)
+            and (value is not keras_hub.models.CausalLM)
         ):
             favor_causal_lm_class(value)

@@ -83,16 +83,32 @@ class FavorRotaryAttention(keras.layers.Layer):
     """
 
     def __init__(
-        self, num_query_heads, num_key_value_heads, head_dim,
-        query_equation="bqm,muh->bquh", key_equation="bkm,mvh->bkvh",
-        output_equation="bquh,uhm->bqm", rope_max_wavelength=10000,
-        rope_scaling_factor=1.0, interleave_rope=False, score_scale=None,
-        query_bias_axes=None, key_bias_axes=None,
-        kernel_initializer="glorot_uniform", bias_initializer="zeros",
+        self,
+        num_query_heads,
+        num_key_value_heads,
+        head_dim,
+        query_equation="bqm,muh->bquh",
+        key_equation="bkm,mvh->bkvh",
+        output_equation="bquh,uhm->bqm",
+        rope_max_wavelength=10000,
+        rope_scaling_factor=1.0,
+        interleave_rope=False,
+        score_scale=None,
+        query_bias_axes=None,
+        key_bias_axes=None,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
         dropout=0.0,
-        feature_map="softmax", num_features=256, projection="orthogonal",
-        seed=None, chunk_size=64, recompute_length=RECOMPUTE_LENGTH,
-        local_window=0, lora_rank=None, lora_alpha=None, **kwargs,
+        feature_map="softmax",
+        num_features=256,
+        projection="orthogonal",
+        seed=None,
+        chunk_size=64,
+        recompute_length=RECOMPUTE_LENGTH,
+        local_window=0,
+        lora_rank=None,
+        lora_alpha=None,
+        **kwargs,
     ):
         if lora_rank is not None:
             raise ValueError(
@@ -127,15 +143,26 @@ class FavorRotaryAttention(keras.layers.Layer):
         self.dropout = dropout_rate(dropout)
         # The names FAVOR+'s kernels and caches read.
         self.num_heads, self.key_dim, self.value_dim = (
-            self.num_query_heads, self.head_dim, None,
+            self.num_query_heads,
+            self.head_dim,
+            None,
         )
         favor_options.set_options(
-            self, feature_map, num_features, projection, seed, chunk_size,
-            recompute_length, local_window, None, lora_alpha,
+            self,
+            feature_map,
+            num_features,
+            projection,
+            seed,
+            chunk_size,
+            recompute_length,
+            local_window,
+            None,
+            lora_alpha,
         )
         self.rotary_embedding = keras_hub.layers.RotaryEmbedding(
             max_wavelength=rope_max_wavelength,
-            scaling_factor=rope_scaling_factor, dtype=self.dtype_policy,
+            scaling_factor=rope_scaling_factor,
+            dtype=self.dtype_policy,
             name="rotary_embedding",
         )
         self.projection = None
@@ -143,10 +170,13 @@ class FavorRotaryAttention(keras.layers.Layer):
 
     def _dense(self, equation, output_shape, name, bias_axes=None):
         return keras.layers.EinsumDense(
-            equation, output_shape=output_shape, bias_axes=bias_axes,
+            equation,
+            output_shape=output_shape,
+            bias_axes=bias_axes,
             kernel_initializer=clone_initializer(self.kernel_initializer),
             bias_initializer=clone_initializer(self.bias_initializer),
-            dtype=self.dtype_policy, name=name,
+            dtype=self.dtype_policy,
+            name=name,
         )
 
     def build(self, inputs_shape):
@@ -216,8 +246,12 @@ class FavorRotaryAttention(keras.layers.Layer):
         return query, key, value
 
     def call(
-        self, hidden_states, attention_mask=None, cache=None,
-        cache_update_index=None, training=None,
+        self,
+        hidden_states,
+        attention_mask=None,
+        cache=None,
+        cache_update_index=None,
+        training=None,
     ):
         if attention_mask is not None and len(attention_mask.shape) != 2:
             raise ValueError(

@@ -23,17 +23,20 @@ from keras_favor.keras_hub.favor_rotary_attention import FavorRotaryAttention
 # output projections and its rotary embedding.
 FAMILIES = {
     LlamaTransformerDecoder: (
-        "_self_attention_layer", LlamaAttention,
+        "_self_attention_layer",
+        LlamaAttention,
         ("_query_dense", "_key_dense", "_value_dense", "_output_dense"),
         "rotary_embedding_layer",
     ),
     QwenTransformerDecoder: (
-        "_self_attention_layer", QwenAttention,
+        "_self_attention_layer",
+        QwenAttention,
         ("_query_dense", "_key_dense", "_value_dense", "_output_dense"),
         "rotary_embedding_layer",
     ),
     GemmaDecoderBlock: (
-        "attention", CachedGemmaAttention,
+        "attention",
+        CachedGemmaAttention,
         ("query_dense", "key_dense", "value_dense", "output_dense"),
         "rope_layer",
     ),
@@ -72,8 +75,12 @@ class FavorRotaryDecoder:
         return packed_state.pack(state) if packed else state
 
     def _compute_self_attention_mask(
-        self, decoder_sequence, decoder_padding_mask, decoder_attention_mask,
-        self_attention_cache, self_attention_cache_update_index,
+        self,
+        decoder_sequence,
+        decoder_padding_mask,
+        decoder_attention_mask,
+        self_attention_cache,
+        self_attention_cache_update_index,
     ):
         # Llama's and Qwen's decoders: the attention's mask is the keys'
         # padding.
@@ -89,7 +96,9 @@ class FavorRotaryDecoder:
             return _keras_mask(decoder_sequence)
         return decoder_padding_mask
 
-    def _compute_attention_mask(self, x, padding_mask, cache, cache_update_index):
+    def _compute_attention_mask(
+        self, x, padding_mask, cache, cache_update_index
+    ):
         # Gemma's decoder block: the same.
         return _keras_mask(x) if padding_mask is None else padding_mask
 
@@ -165,13 +174,18 @@ def converted_attention(attention, dense_names, rope_name, favor_options):
     arguments = dict(
         num_query_heads=attention.num_query_heads,
         num_key_value_heads=attention.num_key_value_heads,
-        head_dim=query.kernel.shape[-1], query_equation=query.equation,
-        key_equation=key.equation, output_equation=output.equation,
-        query_bias_axes=query.bias_axes, key_bias_axes=key.bias_axes,
+        head_dim=query.kernel.shape[-1],
+        query_equation=query.equation,
+        key_equation=key.equation,
+        output_equation=output.equation,
+        query_bias_axes=query.bias_axes,
+        key_bias_axes=key.bias_axes,
         kernel_initializer=query.kernel_initializer,
         bias_initializer=query.bias_initializer,
-        dropout=attention.dropout, dtype=attention.dtype_policy,
-        name=attention.name, **_rope_arguments(attention, rope),
+        dropout=attention.dropout,
+        dtype=attention.dtype_policy,
+        name=attention.name,
+        **_rope_arguments(attention, rope),
     )
     if isinstance(attention, CachedGemmaAttention):
         arguments.update(_gemma_arguments(attention))
@@ -203,7 +217,8 @@ def favor_rotary_decoder_class(decoder_class):
     if decoder_class not in _CLASSES:
         name = "Favor" + decoder_class.__name__
         new_class = type(
-            name, (FavorRotaryDecoder, decoder_class),
+            name,
+            (FavorRotaryDecoder, decoder_class),
             {"__module__": __name__, "__qualname__": name},
         )
         _CLASSES[decoder_class] = keras.saving.register_keras_serializable(
@@ -218,9 +233,7 @@ def convert_in_place(decoder, favor_options):
     with the same weights. Used where the decoder is a node of a
     backbone's fixed graph, which cannot take a new layer object."""
     decoder_class = type(decoder)
-    attribute, attention_class, dense_names, rope_name = FAMILIES[
-        decoder_class
-    ]
+    attribute, attention_class, dense_names, rope_name = FAMILIES[decoder_class]
     attention = getattr(decoder, attribute)
     if type(attention) is not attention_class:
         raise ValueError(

@@ -58,8 +58,10 @@ class FavorSeq2SeqLM:
             cross_attention_cache_update_index=None,
         )
         new_state = ops.where(is_real[:, None, None], new_state, state)
-        return logits, hidden_states, (
-            new_state, encoded, encoder_mask, placeholder
+        return (
+            logits,
+            hidden_states,
+            (new_state, encoded, encoder_mask, placeholder),
         )
 
     def generate_step(self, inputs, stop_token_ids=None):
@@ -77,7 +79,9 @@ class FavorSeq2SeqLM:
             (batch_size, len(self.backbone.decoder_transformer_layers), 1)
         )
         cache = (
-            self._decoder_state(batch_size), encoded, encoder_mask,
+            self._decoder_state(batch_size),
+            encoded,
+            encoder_mask,
             placeholder,
         )
         first_free = ops.min(ops.sum(ops.cast(padding_mask, "int32"), axis=-1))
@@ -89,7 +93,8 @@ class FavorSeq2SeqLM:
             return position + 1, cache
 
         _, cache = ops.while_loop(
-            lambda position, cache: position < first_free - 1, prefill,
+            lambda position, cache: position < first_free - 1,
+            prefill,
             (ops.zeros((), "int32"), cache),
         )
 
@@ -102,14 +107,20 @@ class FavorSeq2SeqLM:
             )
             logits, hidden, cache = self._feed(prompt, cache, position, is_real)
             return (
-                ops.squeeze(logits, axis=1), ops.squeeze(hidden, axis=1),
+                ops.squeeze(logits, axis=1),
+                ops.squeeze(hidden, axis=1),
                 cache,
             )
 
         token_ids = self.sampler(
-            next=next, prompt=token_ids, cache=cache, index=first_free,
-            mask=padding_mask, stop_token_ids=stop_token_ids,
-            hidden_states=None, model=self,
+            next=next,
+            prompt=token_ids,
+            cache=cache,
+            index=first_free,
+            mask=padding_mask,
+            stop_token_ids=stop_token_ids,
+            hidden_states=None,
+            model=self,
         )
         return {
             "decoder_token_ids": token_ids,
@@ -127,7 +138,8 @@ def favor_seq_2_seq_lm_class(task_class):
     if task_class not in _CLASSES:
         name = "Favor" + task_class.__name__
         new_class = type(
-            name, (FavorSeq2SeqLM, task_class),
+            name,
+            (FavorSeq2SeqLM, task_class),
             {"__module__": __name__, "__qualname__": name},
         )
         _CLASSES[task_class] = keras.saving.register_keras_serializable(
@@ -140,7 +152,9 @@ def register_seq_2_seq_lm_classes():
     """Registers the converted class of every Seq2SeqLM that keras-hub
     exports."""
     for value in vars(keras_hub.models).values():
-        if isinstance(value, type) and issubclass(
-            value, keras_hub.models.Seq2SeqLM
-        ) and value is not keras_hub.models.Seq2SeqLM:
+        if (
+            isinstance(value, type)
+            and issubclass(value, keras_hub.models.Seq2SeqLM)
+            and value is not keras_hub.models.Seq2SeqLM
+        ):
             favor_seq_2_seq_lm_class(value)

@@ -6,7 +6,7 @@ import keras_hub
 
 from keras_favor.keras_hub import packed_state
 from keras_favor.keras_hub.attention_swap import convert_held_attention
-from keras_favor.layers.favor_attention import checked_options
+from keras_favor.layers.favor_options import checked_options
 
 
 def _keras_mask(x):
@@ -85,53 +85,75 @@ class FavorTransformerDecoder(keras_hub.layers.TransformerDecoder):
         return packed_state.pack(state) if packed else state
 
     def call(
-        self, decoder_sequence, encoder_sequence=None,
-        decoder_padding_mask=None, decoder_attention_mask=None,
-        encoder_padding_mask=None, encoder_attention_mask=None,
-        self_attention_cache=None, self_attention_cache_update_index=None,
-        cross_attention_cache=None, cross_attention_cache_update_index=None,
-        use_causal_mask=True, training=None,
+        self,
+        decoder_sequence,
+        encoder_sequence=None,
+        decoder_padding_mask=None,
+        decoder_attention_mask=None,
+        encoder_padding_mask=None,
+        encoder_attention_mask=None,
+        self_attention_cache=None,
+        self_attention_cache_update_index=None,
+        cross_attention_cache=None,
+        cross_attention_cache_update_index=None,
+        use_causal_mask=True,
+        training=None,
     ):
         self._check_call(
-            encoder_sequence, decoder_attention_mask, encoder_attention_mask,
-            self_attention_cache, cross_attention_cache, use_causal_mask,
+            encoder_sequence,
+            decoder_attention_mask,
+            encoder_attention_mask,
+            self_attention_cache,
+            cross_attention_cache,
+            use_causal_mask,
             cross_attention_cache_update_index,
         )
         if decoder_padding_mask is None:
             decoder_padding_mask = _keras_mask(decoder_sequence)
         x = decoder_sequence
         x, self_attention_cache = self._residual(
-            x, self._self_attention_layer_norm,
+            x,
+            self._self_attention_layer_norm,
             lambda y: self._self_attention(
-                y, decoder_padding_mask, use_causal_mask,
-                self_attention_cache, self_attention_cache_update_index,
+                y,
+                decoder_padding_mask,
+                use_causal_mask,
+                self_attention_cache,
+                self_attention_cache_update_index,
                 training,
             ),
-            self._self_attention_dropout, training,
+            self._self_attention_dropout,
+            training,
         )
         if self._cross_attention_layer is not None:
             if encoder_padding_mask is None:
                 encoder_padding_mask = _keras_mask(encoder_sequence)
             x, _ = self._residual(
-                x, self._cross_attention_layer_norm,
+                x,
+                self._cross_attention_layer_norm,
                 lambda y: (
                     self._cross_attention_layer(
-                        y, encoder_sequence, value_mask=encoder_padding_mask,
+                        y,
+                        encoder_sequence,
+                        value_mask=encoder_padding_mask,
                         training=training,
                     ),
                     None,
                 ),
-                self._cross_attention_dropout, training,
+                self._cross_attention_dropout,
+                training,
             )
         x, _ = self._residual(
-            x, self._feedforward_layer_norm,
+            x,
+            self._feedforward_layer_norm,
             lambda y: (
                 self._feedforward_output_dense(
                     self._feedforward_intermediate_dense(y)
                 ),
                 None,
             ),
-            self._feedforward_dropout, training,
+            self._feedforward_dropout,
+            training,
         )
         if self_attention_cache is None:
             return x
@@ -153,7 +175,12 @@ class FavorTransformerDecoder(keras_hub.layers.TransformerDecoder):
         return x, cache
 
     def _self_attention(
-        self, x, padding_mask, use_causal_mask, cache, cache_update_index,
+        self,
+        x,
+        padding_mask,
+        use_causal_mask,
+        cache,
+        cache_update_index,
         training,
     ):
         attention = self._self_attention_layer
@@ -162,20 +189,31 @@ class FavorTransformerDecoder(keras_hub.layers.TransformerDecoder):
             if packed:
                 cache = packed_state.unpack(attention, cache)
             outputs, cache = attention(
-                x, query_mask=padding_mask, use_causal_mask=True,
-                cache=cache, cache_update_index=cache_update_index,
+                x,
+                query_mask=padding_mask,
+                use_causal_mask=True,
+                cache=cache,
+                cache_update_index=cache_update_index,
             )
             return outputs, packed_state.pack(cache) if packed else cache
         outputs = attention(
-            x, x, value_mask=padding_mask, use_causal_mask=use_causal_mask,
+            x,
+            x,
+            value_mask=padding_mask,
+            use_causal_mask=use_causal_mask,
             training=training,
         )
         return outputs, None
 
     def _check_call(
-        self, encoder_sequence, decoder_attention_mask,
-        encoder_attention_mask, self_attention_cache, cross_attention_cache,
-        use_causal_mask, cross_attention_cache_update_index,
+        self,
+        encoder_sequence,
+        decoder_attention_mask,
+        encoder_attention_mask,
+        self_attention_cache,
+        cross_attention_cache,
+        use_causal_mask,
+        cross_attention_cache_update_index,
     ):
         has_cross = self._cross_attention_layer is not None
         if has_cross != (encoder_sequence is not None):

@@ -34,7 +34,7 @@ def unpack(attention, packed):
     state, start = [], 0
     for x, shape in zip(empty, _row_shapes(attention)):
         size = math.prod(shape)
-        part = ops.reshape(packed[:, start:start + size], (batch,) + shape)
+        part = ops.reshape(packed[:, start : start + size], (batch,) + shape)
         state.append(ops.cast(part, x.dtype))
         start += size
     return tuple(state)

@@ -239,8 +239,10 @@ def key_padding_mask(key, query_rank, **masks):
         mask = _key_form(name, mask, key.shape, query_rank)
         if backend.is_tf_tensor(key):
             mask = _checked_same(
-                mask, backend.runtime_shape(mask),
-                backend.runtime_shape(key)[:-1], mask.shape,
+                mask,
+                backend.runtime_shape(mask),
+                backend.runtime_shape(key)[:-1],
+                mask.shape,
                 key.shape[:-1],
                 f"`{name}` must have the batch size and length of the keys",
             )
@@ -271,18 +273,29 @@ def runtime_shape_checks(query, value, key):
     key_is_value = key is value
     if value is not query:
         value = _checked_same(
-            value, shape(query)[0], shape(value)[0], query.shape[:1],
-            value.shape[:1], "`query` and `value` must have the same batch size",
+            value,
+            shape(query)[0],
+            shape(value)[0],
+            query.shape[:1],
+            value.shape[:1],
+            "`query` and `value` must have the same batch size",
         )
     if key_is_value:
         key = value
     elif key is not query:
         key = _checked_same(
-            key, shape(query)[0], shape(key)[0], query.shape[:1],
-            key.shape[:1], "`query` and `key` must have the same batch size",
+            key,
+            shape(query)[0],
+            shape(key)[0],
+            query.shape[:1],
+            key.shape[:1],
+            "`query` and `key` must have the same batch size",
         )
         key = _checked_same(
-            key, shape(value)[:-1], shape(key)[:-1], value.shape[:-1],
+            key,
+            shape(value)[:-1],
+            shape(key)[:-1],
+            value.shape[:-1],
             key.shape[:-1],
             "`value` and `key` must be equal in all dimensions but the last",
         )

@@ -3,6 +3,7 @@
 
 import math
 
+from keras_favor.layers import attention_arguments
 from keras_favor.ops import causal_state
 from keras_favor.validation import batch_size as validation_batch_size
 from keras_favor.validation import is_int
@@ -45,7 +46,11 @@ def empty_favor_state(layer, batch_size, max_length=None):
     features, value_dim = _sizes(layer)
     if layer.local_window:
         state = causal_state.empty_local_window_state(
-            batch_size, layer.num_heads, features, layer.key_dim, value_dim,
+            batch_size,
+            layer.num_heads,
+            features,
+            layer.key_dim,
+            value_dim,
             min(layer.local_window, max_length or math.inf),
         )
     else:
@@ -68,9 +73,7 @@ def check_favor_state(layer, query, cache, cache_update_index=None):
         )
     else:
         shapes = causal_state.CausalState.shapes(*sizes)
-    causal_state.check_state(
-        cache, shapes, "cache", "empty_cache(batch_size)"
-    )
+    causal_state.check_state(cache, shapes, "cache", "empty_cache(batch_size)")
     if layer.local_window:
         _check_window_slots(
             layer.local_window, cache, query, cache_update_index
@@ -98,3 +101,26 @@ def _check_window_slots(window, cache, query, cache_update_index):
                 f"{length} new positions pass the {slots} positions the "
                 "cache was made for (`empty_cache`'s `max_length`)."
             )
+
+
+def checked_inputs(
+    layer,
+    query,
+    value,
+    key,
+    return_attention_scores,
+    use_causal_mask,
+    cache,
+    cache_update_index,
+    **masks,
+):
+    """The checks of `FavorAttention`'s `call` and `compute_output_spec`
+    (a `cache` only in causal self-attention, of `layer`'s state shapes):
+    `value` and `key` with their defaults filled in, and the combined key
+    mask (`attention_arguments.call_inputs`)."""
+    if cache is not None:
+        check_causal_self_attention(query, value, key, use_causal_mask)
+        check_favor_state(layer, query, cache, cache_update_index)
+    return attention_arguments.call_inputs(
+        query, value, key, return_attention_scores, **masks
+    )

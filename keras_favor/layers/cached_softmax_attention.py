@@ -76,9 +76,18 @@ class CachedSoftmaxAttention(keras.layers.MultiHeadAttention):
         return self.value_dim or self.key_dim
 
     def call(
-        self, query, value=None, key=None, query_mask=None, value_mask=None,
-        key_mask=None, attention_mask=None, return_attention_scores=False,
-        training=None, use_causal_mask=False, cache=None,
+        self,
+        query,
+        value=None,
+        key=None,
+        query_mask=None,
+        value_mask=None,
+        key_mask=None,
+        attention_mask=None,
+        return_attention_scores=False,
+        training=None,
+        use_causal_mask=False,
+        cache=None,
         cache_update_index=None,
     ):
         if cache is None:
@@ -86,11 +95,16 @@ class CachedSoftmaxAttention(keras.layers.MultiHeadAttention):
                 value = query
                 value_mask = query_mask if value_mask is None else value_mask
             return super().call(
-                query, value, key=key, query_mask=query_mask,
-                value_mask=value_mask, key_mask=key_mask,
+                query,
+                value,
+                key=key,
+                query_mask=query_mask,
+                value_mask=value_mask,
+                key_mask=key_mask,
                 attention_mask=attention_mask,
                 return_attention_scores=return_attention_scores,
-                training=training, use_causal_mask=use_causal_mask,
+                training=training,
+                use_causal_mask=use_causal_mask,
             )
         self._check_cache_call(
             query, value, key, use_causal_mask, cache, cache_update_index
@@ -120,10 +134,13 @@ class CachedSoftmaxAttention(keras.layers.MultiHeadAttention):
                 (batch, slots, self.num_heads, self._value_size()),
                 (batch, slots),
             ],
-            "query", "empty_cache(batch_size, max_length)",
+            "query",
+            "empty_cache(batch_size, max_length)",
         )
-        if is_int(index) and None not in (length, slots) and (
-            index < 0 or index + length > slots
+        if (
+            is_int(index)
+            and None not in (length, slots)
+            and (index < 0 or index + length > slots)
         ):
             raise ValueError(
                 f"`cache_update_index` ({index}) and the {length} new "
@@ -149,29 +166,45 @@ class CachedSoftmaxAttention(keras.layers.MultiHeadAttention):
             keys, (0, start, 0, 0), ops.cast(self.key_dense(query), keys.dtype)
         )
         values = ops.slice_update(
-            values, (0, start, 0, 0),
+            values,
+            (0, start, 0, 0),
             ops.cast(self.value_dense(query), values.dtype),
         )
         key_mask = ops.slice_update(key_mask, (0, start), new_mask)
         positions = start + ops.arange(shape[1], dtype="int32")
-        causal = ops.arange(ops.shape(keys)[1], dtype="int32")[None, :] <= (
-            positions[:, None]
+        causal = (
+            ops.arange(ops.shape(keys)[1], dtype="int32")[None, :]
+            <= (positions[:, None])
         )
         mask = ops.logical_and(causal[None], key_mask[:, None, :])
         outputs = ops.dot_product_attention(
-            self.query_dense(query), keys, values, mask=mask[:, None, :, :],
+            self.query_dense(query),
+            keys,
+            values,
+            mask=mask[:, None, :, :],
             scale=1.0 / float(self.key_dim) ** 0.5,
         )
         return self.output_dense(outputs), (keys, values, key_mask)
 
     def compute_output_spec(
-        self, query, value=None, key=None, query_mask=None, value_mask=None,
-        key_mask=None, attention_mask=None, return_attention_scores=False,
-        training=None, use_causal_mask=False, cache=None,
+        self,
+        query,
+        value=None,
+        key=None,
+        query_mask=None,
+        value_mask=None,
+        key_mask=None,
+        attention_mask=None,
+        return_attention_scores=False,
+        training=None,
+        use_causal_mask=False,
+        cache=None,
         cache_update_index=None,
     ):
         outputs = super().compute_output_spec(
-            query, query if value is None else value, key=key,
+            query,
+            query if value is None else value,
+            key=key,
             return_attention_scores=return_attention_scores and cache is None,
         )
         if cache is None:

@@ -20,8 +20,13 @@ def dense_layers(layer):
 
 
 def set_sublayer_arguments(
-    layer, kernel_initializer, bias_initializer, kernel_regularizer,
-    bias_regularizer, activity_regularizer, kernel_constraint,
+    layer,
+    kernel_initializer,
+    bias_initializer,
+    kernel_regularizer,
+    bias_regularizer,
+    activity_regularizer,
+    kernel_constraint,
     bias_constraint,
 ):
     """Sets `MultiHeadAttention`'s arguments of the dense sub-layers on
@@ -69,7 +74,8 @@ def sublayer_policy(layer, name):
 
 
 def build_dense_layers(layer, query_shape, value_shape, key_shape):
-    """The built query, key, value and output sub-layers of `layer`."""
+    """Builds `layer`'s query, key, value and output sub-layers, assigned in
+    `MultiHeadAttention`'s order, which `layer.weights` follows."""
     value_dim = layer.value_dim or layer.key_dim
     dense = []
     for name, shape, head_dim in (
@@ -87,7 +93,12 @@ def build_dense_layers(layer, query_shape, value_shape, key_shape):
     dense.append(einsum_dense(layer, *projection, "attention_output"))
     heads_shape = dense[0].compute_output_shape(query_shape)
     dense[-1].build(tuple(heads_shape[:-1]) + (value_dim,))
-    return dense
+    (
+        layer._query_dense,
+        layer._key_dense,
+        layer._value_dense,
+        layer._output_dense,
+    ) = dense
 
 
 def check_built(layer, action):
@@ -234,7 +245,10 @@ class MultiHeadAttentionWeights:
             super().set_weights(weights)
 
     def enable_lora(
-        self, rank, lora_alpha=None, a_initializer="he_uniform",
+        self,
+        rank,
+        lora_alpha=None,
+        a_initializer="he_uniform",
         b_initializer="zeros",
     ):
         """LoRA finetuning: low-rank updates of the four dense kernels, the

@@ -9,7 +9,6 @@ from keras_favor.layers import dense_sublayers
 from keras_favor.layers import favor_kernels
 from keras_favor.layers import favor_options
 from keras_favor.layers import float32_cache
-from keras_favor.layers.favor_options import OPTIONS
 from keras_favor.ops.grouped_recompute import RECOMPUTE_LENGTH
 from keras_favor.validation import dropout_rate
 from keras_favor.validation import positive_int
@@ -189,13 +188,26 @@ class FavorAttention(
         )
         arguments.check_linear_time_options(use_gate, sliding_window)
         dense_sublayers.set_sublayer_arguments(
-            self, kernel_initializer, bias_initializer, kernel_regularizer,
-            bias_regularizer, activity_regularizer, kernel_constraint,
+            self,
+            kernel_initializer,
+            bias_initializer,
+            kernel_regularizer,
+            bias_regularizer,
+            activity_regularizer,
+            kernel_constraint,
             bias_constraint,
         )
         favor_options.set_options(
-            self, feature_map, num_features, projection, seed, chunk_size,
-            recompute_length, local_window, lora_rank, lora_alpha,
+            self,
+            feature_map,
+            num_features,
+            projection,
+            seed,
+            chunk_size,
+            recompute_length,
+            local_window,
+            lora_rank,
+            lora_alpha,
         )
         self.projection = None
         self.redraw_count = None
@@ -205,13 +217,7 @@ class FavorAttention(
         arguments.check_attention_axes(
             self.attention_axes, query=shapes[0], value=shapes[1]
         )
-        # Assigned in MultiHeadAttention's order, which `weights` follows.
-        (
-            self._query_dense,
-            self._key_dense,
-            self._value_dense,
-            self._output_dense,
-        ) = dense_sublayers.build_dense_layers(self, *shapes)
+        dense_sublayers.build_dense_layers(self, *shapes)
         favor_kernels.add_favor_weights(self)
         if self.lora_rank:
             dense_sublayers.enable_lora(
@@ -235,8 +241,6 @@ class FavorAttention(
         """
         dense_sublayers.check_built(self, "redraw_features()")
         return favor_kernels.redraw_projection(self, seed)
-
-    _feature_fns = favor_kernels.feature_fns
 
     def empty_cache(self, batch_size, max_length=None):
         """The decoding cache before any position, for `call(...,
@@ -269,27 +273,22 @@ class FavorAttention(
         `get_config`: what a `PerformerBlock`'s config records."""
         return favor_options.options_config(self)
 
-    def _check_cache_call(
-        self, query, value, key, use_causal_mask, cache, cache_update_index
-    ):
-        attention_cache.check_causal_self_attention(
-            query, value, key, use_causal_mask
-        )
-        attention_cache.check_favor_state(
-            self, query, cache, cache_update_index
-        )
-
     def call(
-        self, query, value=None, key=None, query_mask=None, value_mask=None,
-        key_mask=None, attention_mask=None, return_attention_scores=False,
-        training=None, use_causal_mask=False, mask=None, cache=None,
+        self,
+        query,
+        value=None,
+        key=None,
+        query_mask=None,
+        value_mask=None,
+        key_mask=None,
+        attention_mask=None,
+        return_attention_scores=False,
+        training=None,
+        use_causal_mask=False,
+        mask=None,
+        cache=None,
         cache_update_index=None,
     ):
-        if cache is not None:
-            self._check_cache_call(
-                query, value, key, use_causal_mask, cache, cache_update_index
-            )
-            cache = float32_cache.float32_cache(cache)
         if value is None and key is None:
             # Self-attention with a single input, as inside keras.Sequential:
             # the query's padding mask is the keys' mask. Keras passes it as
@@ -297,22 +296,37 @@ class FavorAttention(
             # when it has several.
             query_mask = mask if query_mask is None else query_mask
             value_mask = query_mask if value_mask is None else value_mask
-        value, key, mask = arguments.call_inputs(
-            query, value, key, return_attention_scores,
-            value_mask=value_mask, key_mask=key_mask,
+        value, key, mask = attention_cache.checked_inputs(
+            self,
+            query,
+            value,
+            key,
+            return_attention_scores,
+            use_causal_mask,
+            cache,
+            cache_update_index,
+            value_mask=value_mask,
+            key_mask=key_mask,
             attention_mask=attention_mask,
         )
+        if cache is not None:
+            cache = float32_cache.float32_cache(cache)
         arguments.check_traceable_lengths(query, value, key)
         # The query's Keras mask reaches the output through `compute_mask`.
-        # The dense sub-layers get no mask (they would warn that they do not
-        # support masking).
         statistics_mask = None
         if self.feature_map.uses_statistics:
             statistics_mask = arguments.statistics_query_mask(
                 query_mask, mask, query, value, key
             )
         outputs = favor_kernels.attend_inputs(
-            self, query, value, key, mask, use_causal_mask, training, cache,
+            self,
+            query,
+            value,
+            key,
+            mask,
+            use_causal_mask,
+            training,
+            cache,
             statistics_mask,
         )
         if cache is not None:
@@ -321,19 +335,33 @@ class FavorAttention(
         return outputs if cache is None else (outputs, cache)
 
     def compute_output_spec(
-        self, query, value=None, key=None, query_mask=None, value_mask=None,
-        key_mask=None, attention_mask=None, return_attention_scores=False,
-        training=None, use_causal_mask=False, mask=None, cache=None,
+        self,
+        query,
+        value=None,
+        key=None,
+        query_mask=None,
+        value_mask=None,
+        key_mask=None,
+        attention_mask=None,
+        return_attention_scores=False,
+        training=None,
+        use_causal_mask=False,
+        mask=None,
+        cache=None,
         cache_update_index=None,
     ):
         # Symbolic calls run the same checks as `call`.
-        if cache is not None:
-            self._check_cache_call(
-                query, value, key, use_causal_mask, cache, cache_update_index
-            )
-        value, key, _ = arguments.call_inputs(
-            query, value, key, return_attention_scores,
-            value_mask=value_mask, key_mask=key_mask,
+        value, key, _ = attention_cache.checked_inputs(
+            self,
+            query,
+            value,
+            key,
+            return_attention_scores,
+            use_causal_mask,
+            cache,
+            cache_update_index,
+            value_mask=value_mask,
+            key_mask=key_mask,
             attention_mask=attention_mask,
         )
         shape = self.compute_output_shape(query.shape, value.shape, key.shape)
@@ -369,20 +397,3 @@ class FavorAttention(
         config.update(self.options_config())
         config.update(dense_sublayers.sublayer_config(self))
         return config
-
-
-def checked_options(options):
-    """`options`, a mapping of `OPTIONS` names, checked by `FavorAttention`
-    itself and completed with its defaults, serialized as `options_config`
-    gives them (an unknown name or a bad value raises a `ValueError` that
-    names it)."""
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise ValueError(
-            f"Unknown FavorAttention options {unknown}: the options are "
-            f"{list(OPTIONS)}."
-        )
-    # A named layer: an automatic name would count as one of the
-    # `favor_attention_<n>` names of the user's layers.
-    layer = FavorAttention(1, 1, name="attention_options", **options)
-    return layer.options_config()

@@ -30,26 +30,36 @@ def add_favor_weights(layer):
     the seed generators of unseeded redraws and of dropout."""
     if layer.feature_map.requires_projection:
         layer.projection = layer.add_weight(
-            name="projection", shape=(layer.num_features, layer.key_dim),
+            name="projection",
+            shape=(layer.num_features, layer.key_dim),
             initializer=lambda shape, dtype=None: initial_projection(
                 layer, shape
             ),
-            trainable=False, dtype="float32", autocast=False,
+            trainable=False,
+            dtype="float32",
+            autocast=False,
         )
         if layer.seed is None:
             # Unseeded redraws: a stateful seed, new at every call, also
             # inside a tf.function.
             layer._redraw_seed = keras.random.SeedGenerator()
     layer.redraw_count = layer.add_weight(
-        name="redraw_count", shape=(), initializer="zeros",
-        trainable=False, dtype="int32",
+        name="redraw_count",
+        shape=(),
+        initializer="zeros",
+        trainable=False,
+        dtype="int32",
     )
     if layer.feature_map.uses_statistics:
         # FAVOR++'s moving input statistic per head, for causal calls.
         layer.input_statistic = layer.add_weight(
-            name="input_statistic", shape=(layer.num_heads,),
-            initializer="zeros", trainable=False, dtype="float32",
-            autocast=False, aggregation="mean",
+            name="input_statistic",
+            shape=(layer.num_heads,),
+            initializer="zeros",
+            trainable=False,
+            dtype="float32",
+            autocast=False,
+            aggregation="mean",
         )
     if layer.dropout > 0:
         layer._dropout_seed = keras.random.SeedGenerator(layer.seed)
@@ -65,8 +75,7 @@ def redraw_projection(layer, seed=None):
         seed = layer._redraw_seed.next()
     else:
         seed = backend.fold_in(
-            backend.int_pair_seed(layer.seed, 0),
-            layer.redraw_count.value + 1,
+            backend.int_pair_seed(layer.seed, 0), layer.redraw_count.value + 1
         )
     layer.projection.assign(
         layer.projection_distribution(layer.projection.shape, seed)
@@ -93,7 +102,14 @@ def feature_fns(layer, coefficient=None):
 
 
 def attend_inputs(
-    layer, query, value, key, mask, causal, training, cache=None,
+    layer,
+    query,
+    value,
+    key,
+    mask,
+    causal,
+    training,
+    cache=None,
     statistics_mask=None,
 ):
     """`layer`'s attention from its checked inputs `(B, *T, dim)` and the
@@ -119,8 +135,7 @@ def attend_inputs(
             ops.shape(query)[1], key, value, mask
         )
     outputs = attend(
-        layer, query, key, value, mask, causal, training, cache,
-        statistics_mask,
+        layer, query, key, value, mask, causal, training, cache, statistics_mask
     )
     if cache is not None:
         outputs, cache = outputs
@@ -129,7 +144,14 @@ def attend_inputs(
 
 
 def attend(
-    layer, query, key, value, mask, causal, training, cache=None,
+    layer,
+    query,
+    key,
+    value,
+    mask,
+    causal,
+    training,
+    cache=None,
     query_mask=None,
 ):
     """`layer`'s linear attention on `(B, L, N, h)` heads.
@@ -155,9 +177,13 @@ def attend(
     coefficient = None
     if layer.feature_map.uses_statistics:
         coefficient = _statistics_coefficient(
-            layer, query, key, key_mask,
+            layer,
+            query,
+            key,
+            key_mask,
             None if query_mask is None else query_mask[:, None, :],
-            causal or cache is not None, training and cache is None,
+            causal or cache is not None,
+            training and cache is None,
         )
     feature_fn, query_feature_fn = feature_fns(layer, coefficient)
     dropout = training and cache is None and layer.dropout > 0
@@ -170,28 +196,49 @@ def attend(
         _check_window_lengths(query, key)
         # The exact kernel's units: the queries' full features.
         outputs = favor_ops.local_window_attention(
-            query, key, value, feature_fn, num_features, layer.local_window,
-            bool(causal), mask=key_mask, query_feature_fn=feature_fn,
+            query,
+            key,
+            value,
+            feature_fn,
+            num_features,
+            layer.local_window,
+            bool(causal),
+            mask=key_mask,
+            query_feature_fn=feature_fn,
             recompute_length=layer.recompute_length,
-            chunk_size=layer.chunk_size, dropout_rate=dropout_rate,
-            dropout_seed=dropout_seed, initial_state=cache,
+            chunk_size=layer.chunk_size,
+            dropout_rate=dropout_rate,
+            dropout_seed=dropout_seed,
+            initial_state=cache,
             return_state=cache is not None,
         )
     elif causal:
         outputs = favor_ops.causal_linear_attention(
-            query, key, value, feature_fn, num_features, mask=key_mask,
+            query,
+            key,
+            value,
+            feature_fn,
+            num_features,
+            mask=key_mask,
             query_feature_fn=query_feature_fn,
             recompute_length=layer.recompute_length,
-            chunk_size=layer.chunk_size, dropout_rate=dropout_rate,
-            dropout_seed=dropout_seed, initial_state=cache,
+            chunk_size=layer.chunk_size,
+            dropout_rate=dropout_rate,
+            dropout_seed=dropout_seed,
+            initial_state=cache,
             return_state=cache is not None,
         )
     else:
         outputs = favor_ops.bidirectional_linear_attention(
-            query, key, value, feature_fn, mask=key_mask,
+            query,
+            key,
+            value,
+            feature_fn,
+            mask=key_mask,
             query_feature_fn=query_feature_fn,
             recompute_length=layer.recompute_length,
-            dropout_rate=dropout_rate, dropout_seed=dropout_seed,
+            dropout_rate=dropout_rate,
+            dropout_seed=dropout_seed,
         )
     if cache is not None:
         outputs, state = outputs

@@ -14,14 +14,29 @@ from keras_favor.validation import optional_seed
 from keras_favor.validation import positive_int
 
 OPTIONS = (
-    "feature_map", "num_features", "projection", "seed", "chunk_size",
-    "recompute_length", "local_window", "lora_rank", "lora_alpha",
+    "feature_map",
+    "num_features",
+    "projection",
+    "seed",
+    "chunk_size",
+    "recompute_length",
+    "local_window",
+    "lora_rank",
+    "lora_alpha",
 )
 
 
 def set_options(
-    layer, feature_map, num_features, projection, seed, chunk_size,
-    recompute_length, local_window, lora_rank, lora_alpha,
+    layer,
+    feature_map,
+    num_features,
+    projection,
+    seed,
+    chunk_size,
+    recompute_length,
+    local_window,
+    lora_rank,
+    lora_alpha,
 ):
     """Checks the options (see `FavorAttention`) and sets them on `layer`;
     a bad value raises a `ValueError` that names it."""
@@ -30,9 +45,7 @@ def set_options(
     layer.projection_distribution = projections_lib.get(projection)
     layer.seed = optional_seed(seed)
     layer.chunk_size = positive_int(chunk_size, "chunk_size")
-    layer.recompute_length = positive_int(
-        recompute_length, "recompute_length"
-    )
+    layer.recompute_length = positive_int(recompute_length, "recompute_length")
     layer.local_window = non_negative_int(local_window, "local_window")
     if layer.local_window and not layer.feature_map.estimates_softmax:
         raise ValueError(
@@ -50,9 +63,7 @@ def options_config(layer):
     return {
         "feature_map": feature_maps_lib.serialize(layer.feature_map),
         "num_features": layer.num_features,
-        "projection": projections_lib.serialize(
-            layer.projection_distribution
-        ),
+        "projection": projections_lib.serialize(layer.projection_distribution),
         "seed": layer.seed,
         "chunk_size": layer.chunk_size,
         "recompute_length": layer.recompute_length,
@@ -60,3 +71,38 @@ def options_config(layer):
         "lora_rank": layer.lora_rank,
         "lora_alpha": layer.lora_alpha,
     }
+
+
+def checked_options(options):
+    """`options`, a mapping of `OPTIONS` names, checked by `FavorAttention`
+    itself and completed with its defaults, serialized as `options_config`
+    gives them (an unknown name or a bad value raises a `ValueError` that
+    names it)."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"Unknown FavorAttention options {unknown}: the options are "
+            f"{list(OPTIONS)}."
+        )
+    # A named layer: an automatic name would count as one of the
+    # `favor_attention_<n>` names of the user's layers.
+    from keras_favor.layers.favor_attention import FavorAttention
+
+    layer = FavorAttention(1, 1, name="attention_options", **options)
+    return layer.options_config()
+
+
+def gathered_options(attention_options, kwargs):
+    """`attention_options` with the FAVOR options given as keyword
+    arguments (as configs saved before `attention_options` have them),
+    which are taken out of `kwargs`."""
+    options = dict(attention_options or {})
+    for name in OPTIONS:
+        if name in kwargs:
+            if name in options:
+                raise ValueError(
+                    f"`{name}` was given twice: as a keyword argument and "
+                    "in `attention_options`."
+                )
+            options[name] = kwargs.pop(name)
+    return options

@@ -34,10 +34,10 @@ def without_argument_casting(layer_name, kwargs):
 def float32_cache(cache):
     """`cache` (a tuple of tensors) with its floating tensors in float32
     and the others (a key mask) unchanged."""
-    return tuple(
-        ops.cast(x, "float32") if _is_float(x) else x for x in cache
-    )
+    return tuple(ops.cast(x, "float32") if _is_float(x) else x for x in cache)
 
 
 def _is_float(x):
-    return keras.backend.is_float_dtype(keras.backend.standardize_dtype(x.dtype))
+    return keras.backend.is_float_dtype(
+        keras.backend.standardize_dtype(x.dtype)
+    )

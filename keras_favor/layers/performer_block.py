@@ -4,7 +4,7 @@ import keras
 from keras import ops
 
 from keras_favor.initializers import clone_initializer
-from keras_favor.layers import favor_attention
+from keras_favor.layers import favor_options
 from keras_favor.layers.cached_softmax_attention import CachedSoftmaxAttention
 from keras_favor.layers.favor_attention import FavorAttention
 from keras_favor.layers.float32_cache import without_argument_casting
@@ -82,14 +82,20 @@ class PerformerBlock(keras.layers.Layer):
     Example:
 
     ```python
-    model = keras.Sequential([
-        keras.Input((None,), dtype="int32"),
-        keras.layers.Embedding(1000, 64, mask_zero=True),
-        keras_favor.layers.PerformerBlock(num_heads=4, intermediate_dim=128),
-        keras_favor.layers.PerformerBlock(num_heads=4, intermediate_dim=128),
-        keras.layers.GlobalAveragePooling1D(),
-        keras.layers.Dense(2),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((None,), dtype="int32"),
+            keras.layers.Embedding(1000, 64, mask_zero=True),
+            keras_favor.layers.PerformerBlock(
+                num_heads=4, intermediate_dim=128
+            ),
+            keras_favor.layers.PerformerBlock(
+                num_heads=4, intermediate_dim=128
+            ),
+            keras.layers.GlobalAveragePooling1D(),
+            keras.layers.Dense(2),
+        ]
+    )
     ```
 
     References:
@@ -116,10 +122,10 @@ class PerformerBlock(keras.layers.Layer):
         attention_options=None,
         **kwargs,
     ):
-        attention_options = _gathered_options(attention_options, kwargs)
-        super().__init__(
-            **without_argument_casting("PerformerBlock", kwargs)
+        attention_options = favor_options.gathered_options(
+            attention_options, kwargs
         )
+        super().__init__(**without_argument_casting("PerformerBlock", kwargs))
         self.supports_masking = True
         self.num_heads = positive_int(num_heads, "num_heads")
         self.intermediate_dim = positive_int(
@@ -134,14 +140,14 @@ class PerformerBlock(keras.layers.Layer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.attention = self._checked_attention(attention)
-        self.attention_options = favor_attention.checked_options(
+        self.attention_options = favor_options.checked_options(
             attention_options
         )
 
     def _checked_attention(self, attention):
         if attention == "identity" and "identity" not in self.ATTENTION_KINDS:
             raise ValueError(
-                "`attention=\"identity\"` is a benchmark baseline, not a "
+                '`attention="identity"` is a benchmark baseline, not a '
                 "layer of the library: use `IdentityBlock` from the "
                 "repository's `benchmarks/models.py`."
             )
@@ -258,7 +264,11 @@ class PerformerBlock(keras.layers.Layer):
             )
 
     def call(
-        self, inputs, mask=None, training=None, cache=None,
+        self,
+        inputs,
+        mask=None,
+        training=None,
+        cache=None,
         cache_update_index=None,
     ):
         # Keras's argument casting is off (`float32_cache`): the residual
@@ -278,7 +288,10 @@ class PerformerBlock(keras.layers.Layer):
         if cache is not None:
             attended, cache = attended
         x = self._residual(
-            inputs, attended, self.attention_norm, self.attention_dropout,
+            inputs,
+            attended,
+            self.attention_norm,
+            self.attention_dropout,
             training,
         )
         hidden = self.intermediate_dense(
@@ -286,8 +299,11 @@ class PerformerBlock(keras.layers.Layer):
         )
         hidden = self.feedforward_dropout(hidden, training=training)
         x = self._residual(
-            x, self.output_dense(hidden), self.feedforward_norm,
-            self.feedforward_dropout, training,
+            x,
+            self.output_dense(hidden),
+            self.feedforward_norm,
+            self.feedforward_dropout,
+            training,
         )
         return x if cache is None else (x, cache)
 
@@ -329,19 +345,3 @@ class PerformerBlock(keras.layers.Layer):
             }
         )
         return config
-
-
-def _gathered_options(attention_options, kwargs):
-    """`attention_options` with the FAVOR options given as keyword
-    arguments (as configs saved before `attention_options` have them),
-    which are taken out of `kwargs`."""
-    options = dict(attention_options or {})
-    for name in favor_attention.OPTIONS:
-        if name in kwargs:
-            if name in options:
-                raise ValueError(
-                    f"`{name}` was given twice: as a keyword argument and "
-                    "in `attention_options`."
-                )
-            options[name] = kwargs.pop(name)
-    return options

@@ -2,14 +2,14 @@
 
 import keras
 
-from keras_favor.validation import boolean
-from keras_favor.validation import dropout_rate
-from keras_favor.validation import optional_seed
-from keras_favor.validation import positive_int
 from keras_favor.layers.performer_block import PerformerBlock
 from keras_favor.models.token_and_position_embedding import (
     TokenAndPositionEmbedding,
 )
+from keras_favor.validation import boolean
+from keras_favor.validation import dropout_rate
+from keras_favor.validation import optional_seed
+from keras_favor.validation import positive_int
 
 TASKS = ("classification", "language_model", "encoder")
 APIS = ("functional", "sequential")
@@ -114,9 +114,16 @@ def build_performer(
 
     ```python
     model = keras_favor.build_performer(
-        vocabulary_size=20000, max_length=512, num_layers=2, num_heads=4,
-        hidden_dim=128, intermediate_dim=256, task="classification",
-        num_classes=2, num_features=64, seed=0,
+        vocabulary_size=20000,
+        max_length=512,
+        num_layers=2,
+        num_heads=4,
+        hidden_dim=128,
+        intermediate_dim=256,
+        task="classification",
+        num_classes=2,
+        num_features=64,
+        seed=0,
     )
     model.compile(
         "adam",

@@ -121,7 +121,9 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
             # graphs keep. Other backends trace with static shapes,
             # checked above.
             length = backend.checked_less_equal(
-                length, length, self.sequence_length,
+                length,
+                length,
+                self.sequence_length,
                 length_error(None, self.sequence_length),
             )
         table = ops.convert_to_tensor(self.position_embeddings)

@@ -59,7 +59,8 @@ def _attend_to_key_sums(query, key_values, key_sum, shift, query_feature_fn):
     if log_scale is not None:
         log_scale = log_scale + shift[:, :, None]
     query_feats = stabilizers.query_features(
-        values, log_scale,
+        values,
+        log_scale,
         [(stabilizers.log_key_sum(key_sum)[:, :, None], None)],
     )
     numerator = ops.matmul(query_feats, key_values)
@@ -72,8 +73,14 @@ def _positions(mask, positions):
 
 
 def bidirectional_linear_attention(
-    query, key, value, feature_fn, mask=None, dropout_rate=0.0,
-    dropout_seed=None, query_feature_fn=None,
+    query,
+    key,
+    value,
+    feature_fn,
+    mask=None,
+    dropout_rate=0.0,
+    dropout_seed=None,
+    query_feature_fn=None,
     recompute_length=RECOMPUTE_LENGTH,
 ):
     """`Q'(K'^T V) / Q'(K'^T 1)` without forming any `L x S` matrix.
@@ -138,8 +145,6 @@ def bidirectional_linear_attention(
         keep_last=False,
     )
     outputs, _ = run_in_groups(
-        query_group,
-        [[query[:, :, s]] for s in query_slices],
-        shared=key_sums,
+        query_group, [[query[:, :, s]] for s in query_slices], shared=key_sums
     )
     return ops.concatenate([o[0] for o in outputs], axis=2)

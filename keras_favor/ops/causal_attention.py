@@ -34,10 +34,20 @@ def attention_parts_outputs(parts):
 
 
 def causal_linear_attention(
-    query, key, value, feature_fn, num_features, mask=None, chunk_size=64,
-    dropout_rate=0.0, dropout_seed=None, query_feature_fn=None,
-    initial_state=None, return_state=False,
-    recompute_length=RECOMPUTE_LENGTH, prefix_block=PREFIX_BLOCK,
+    query,
+    key,
+    value,
+    feature_fn,
+    num_features,
+    mask=None,
+    chunk_size=64,
+    dropout_rate=0.0,
+    dropout_seed=None,
+    query_feature_fn=None,
+    initial_state=None,
+    return_state=False,
+    recompute_length=RECOMPUTE_LENGTH,
+    prefix_block=PREFIX_BLOCK,
     normalized=True,
 ):
     """Exact causal linear attention (docs/numerics.md, section 5).
@@ -111,12 +121,21 @@ def causal_linear_attention(
         outputs = _outputs(parts, normalized)
     else:
         outputs, state = _in_groups(
-            query, key, value, mask, state, recompute_length, chunk_size,
+            query,
+            key,
+            value,
+            mask,
+            state,
+            recompute_length,
+            chunk_size,
             return_state,
             functools.partial(
-                _group_attention, feature_fns=feature_fns,
-                num_features=num_features, dropout_rate=dropout_rate,
-                dropout_seed=dropout_seed, prefix_block=prefix_block,
+                _group_attention,
+                feature_fns=feature_fns,
+                num_features=num_features,
+                dropout_rate=dropout_rate,
+                dropout_seed=dropout_seed,
+                prefix_block=prefix_block,
                 normalized=normalized,
             ),
         )
@@ -137,7 +156,8 @@ def _initial_state(initial_state, query, value, num_features):
         causal_state.CausalState.shapes(
             *query.shape[:2], num_features, value.shape[-1]
         ),
-        "initial_state", "causal_linear_attention(..., return_state=True)",
+        "initial_state",
+        "causal_linear_attention(..., return_state=True)",
     )
     return causal_state.CausalState(
         *(ops.cast(x, value.dtype) for x in initial_state)
@@ -159,8 +179,15 @@ def _no_positions(query, value, normalized):
 
 
 def _in_groups(
-    query, key, value, mask, state, recompute_length, chunk_size,
-    return_state, group_attention,
+    query,
+    key,
+    value,
+    mask,
+    state,
+    recompute_length,
+    chunk_size,
+    return_state,
+    group_attention,
 ):
     """Positions padded to whole chunks and run in groups of at most
     `recompute_length`, each from the state the one before left
@@ -179,12 +206,15 @@ def _in_groups(
             pad_positions(x, padding) for x in (query, key, value, mask)
         )
     groups = position_groups(
-        length if isinstance(length, int) else None, recompute_length,
+        length if isinstance(length, int) else None,
+        recompute_length,
         multiple=chunk_size,
     )
     outputs, state = run_in_groups(
         functools.partial(
-            group_attention, chunk_size=chunk_size, num_groups=len(groups),
+            group_attention,
+            chunk_size=chunk_size,
+            num_groups=len(groups),
             return_state=return_state,
         ),
         [
@@ -201,8 +231,18 @@ def _in_groups(
 
 
 def _group_attention(
-    index, inputs, shared, state, feature_fns, num_features, chunk_size,
-    dropout_rate, dropout_seed, prefix_block, normalized, num_groups,
+    index,
+    inputs,
+    shared,
+    state,
+    feature_fns,
+    num_features,
+    chunk_size,
+    dropout_rate,
+    dropout_seed,
+    prefix_block,
+    normalized,
+    num_groups,
     return_state,
 ):
     """One group of positions, as `run_in_groups` calls it: the one-level
@@ -217,8 +257,15 @@ def _group_attention(
     state = causal_state.CausalState(*state)
     seed = group_seed(dropout_seed, index, num_groups)
     parts, state_after = one_level_causal_attention(
-        query_parts, key_parts, value, mask, state, chunk_size,
-        dropout_rate, seed, prefix_block,
+        query_parts,
+        key_parts,
+        value,
+        mask,
+        state,
+        chunk_size,
+        dropout_rate,
+        seed,
+        prefix_block,
     )
     outputs = _as_list(_outputs(parts, normalized))
     if not all(
@@ -229,7 +276,13 @@ def _group_attention(
 
     def per_feature_levels():
         return log_domain_causal_attention(
-            query_parts, key_parts, value, mask, state, dropout_rate, seed,
+            query_parts,
+            key_parts,
+            value,
+            mask,
+            state,
+            dropout_rate,
+            seed,
             prefix_block,
         )
 
@@ -237,7 +290,11 @@ def _group_attention(
     # state is not computed.
     keep_state = return_state or index < num_groups - 1
     return _per_feature_where_needed(
-        parts, outputs, list(state_after), per_feature_levels, normalized,
+        parts,
+        outputs,
+        list(state_after),
+        per_feature_levels,
+        normalized,
         keep_state,
     )
 
@@ -274,9 +331,7 @@ def _loses_a_normalizer(shift, denominator):
     `NO_KEY_LEVEL`) got a normalizer below `SAFE_NORMALIZER`."""
     sees_a_key = shift > 0.5 * stabilizers.NO_KEY_LEVEL
     return ops.any(
-        ops.logical_and(
-            sees_a_key, denominator < stabilizers.SAFE_NORMALIZER
-        )
+        ops.logical_and(sees_a_key, denominator < stabilizers.SAFE_NORMALIZER)
     )
 
 

@@ -24,8 +24,15 @@ from keras_favor.ops.products import matmul_transposed_b
 
 
 def one_level_causal_attention(
-    query_parts, key_parts, value, mask, state, chunk_size,
-    dropout_rate=0.0, dropout_seed=None, prefix_block=2,
+    query_parts,
+    key_parts,
+    value,
+    mask,
+    state,
+    chunk_size,
+    dropout_rate=0.0,
+    dropout_seed=None,
+    prefix_block=2,
 ):
     """Causal attention parts of whole chunks from a carried state, each key
     at one stabilizer level.
@@ -51,8 +58,15 @@ def one_level_causal_attention(
     )
     dropped = numerator_key_features(key_feats, dropout_rate, dropout_seed)
     parts, end = _chunk_parts(
-        query_parts, dropped, key_feats, log_key_feats, levels, value,
-        chunk_size, start, prefix_block,
+        query_parts,
+        dropped,
+        key_feats,
+        log_key_feats,
+        levels,
+        value,
+        chunk_size,
+        start,
+        prefix_block,
     )
     return parts, causal_state.per_feature(causal_state.CausalState(*end))
 
@@ -86,8 +100,15 @@ def _key_features(values, log_scale, mask, initial_level, chunk_size):
 
 
 def _chunk_parts(
-    query_parts, key_feats, key_sum_feats, log_key_feats, levels, value,
-    chunk_size, state, prefix_block,
+    query_parts,
+    key_feats,
+    key_sum_feats,
+    log_key_feats,
+    levels,
+    value,
+    chunk_size,
+    state,
+    prefix_block,
 ):
     """Chunked causal attention over whole chunks, from a carried state.
 
@@ -153,7 +174,9 @@ def _chunk_parts(
     # exp(level_s - level_t) <= 1.
     relative = levels[..., None, :] - levels[..., :, None]
     decay = ops.exp(
-        ops.where(earlier_or_same(chunk_size), relative, stabilizers.NO_KEY_LEVEL)
+        ops.where(
+            earlier_or_same(chunk_size), relative, stabilizers.NO_KEY_LEVEL
+        )
     )
     scores = matmul_transposed_b(q, k) * decay
     numerator = ops.matmul(scores, v)

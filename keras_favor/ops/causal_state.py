@@ -78,9 +78,7 @@ class LocalWindowState(NamedTuple):
         return CausalState(*self[:3])
 
     @staticmethod
-    def shapes(
-        batch_size, num_heads, num_features, key_dim, value_dim, window
-    ):
+    def shapes(batch_size, num_heads, num_features, key_dim, value_dim, window):
         """The fields' shapes, as a `LocalWindowState` of shape tuples."""
         heads = (batch_size, num_heads)
         causal = CausalState.shapes(
@@ -116,7 +114,12 @@ def empty_causal_state(
 
 
 def empty_local_window_state(
-    batch_size, num_heads, num_features, key_dim, value_dim, window,
+    batch_size,
+    num_heads,
+    num_features,
+    key_dim,
+    value_dim,
+    window,
     dtype="float32",
 ):
     """The `LocalWindowState` before any key: an empty `CausalState` and a
@@ -159,7 +162,11 @@ def check_state(state, shapes, argument, maker, inputs_name="query"):
         inputs_name: str, the argument whose batch the shapes carry.
     """
     check_cache_shapes(
-        state, shapes, inputs_name, maker, argument=argument,
+        state,
+        shapes,
+        inputs_name,
+        maker,
+        argument=argument,
         names=shapes._fields,
     )
 

@@ -59,7 +59,9 @@ def dense_window_parts(
     visible = ops.logical_and(
         _near(
             ops.arange(length) + (key_length - length),
-            ops.arange(key_length), window, causal,
+            ops.arange(key_length),
+            window,
+            causal,
         ),
         mask[..., None, :],
     )
@@ -98,7 +100,8 @@ def _block_near(window, offsets, causal, num_positions):
         return _near(
             ops.arange(window),
             ops.arange(len(offsets) * window) + offsets[0] * window,
-            window, causal,
+            window,
+            causal,
         )
     positions = split_chunks(ops.arange(num_positions)[None, None], window)
     keys = _window_blocks(positions, offsets)
@@ -141,7 +144,13 @@ def banded_window_parts(
 
 
 def window_attention_parts(
-    query, key, value, window, causal, mask=None, dropout_rate=0.0,
+    query,
+    key,
+    value,
+    window,
+    causal,
+    mask=None,
+    dropout_rate=0.0,
     dropout_seed=None,
 ):
     """Attention parts of exact softmax attention over a window of keys.
@@ -163,9 +172,7 @@ def window_attention_parts(
     """
     if mask is None:
         mask = ops.ones_like(key[:1, :1, :, 0], "bool")
-    args = (
-        query, key, value, window, causal, mask, dropout_rate, dropout_seed
-    )
+    args = (query, key, value, window, causal, mask, dropout_rate, dropout_seed)
     length = query.shape[2]
     if length is not None:
         dense = length <= window
@@ -177,4 +184,3 @@ def window_attention_parts(
             lambda: banded_window_parts(*args),
         )
     )
-

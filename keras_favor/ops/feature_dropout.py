@@ -17,11 +17,13 @@ def numerator_key_features(key_feats, rate, seed):
     """Key features for the numerator: dropped out when `rate > 0`."""
     if not rate:
         return key_feats
-    keep = backend.stateless_uniform(
-        backend.runtime_shape(key_feats), seed
-    ) >= rate
+    keep = (
+        backend.stateless_uniform(backend.runtime_shape(key_feats), seed)
+        >= rate
+    )
     return ops.where(
-        keep, key_feats / ops.cast(1.0 - rate, key_feats.dtype),
+        keep,
+        key_feats / ops.cast(1.0 - rate, key_feats.dtype),
         ops.zeros((), key_feats.dtype),
     )
 

@@ -201,7 +201,9 @@ def _recomputed(group_fn, group_inputs, shared, carry):
         state = list(args[num_flat + num_shared :])
         states, outputs = [], []
         for index, group in enumerate(groups):
-            group, state = _after(tf.nest.flatten(outputs) + state, [group, state])
+            group, state = _after(
+                tf.nest.flatten(outputs) + state, [group, state]
+            )
             states.append(state)
             group_outputs, state = run_group(index, group, shared_in, state)
             outputs.append(group_outputs)
@@ -225,7 +227,11 @@ def _recomputed(group_fn, group_inputs, shared, carry):
                 )
                 start = ends[index] - output_counts[index]
                 grads, new_shared, state_grad = _group_gradients(
-                    run_group, index, group, shared_now, state_in,
+                    run_group,
+                    index,
+                    group,
+                    shared_now,
+                    state_in,
                     upstream[start : ends[index]] + state_grad,
                 )
                 input_grads[:0] = [

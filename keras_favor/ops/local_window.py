@@ -80,22 +80,36 @@ def _causal_parts(query, key, value, mask, window, state, seeds, options):
     keys, values, keys_mask = (
         ops.concatenate([before, x], axis=2)
         for before, x in (
-            (state.window_keys, key), (state.window_values, value),
+            (state.window_keys, key),
+            (state.window_values, value),
             (state.window_mask, _all_keys(mask, query)),
         )
     )
     far, far_state = causal_linear_attention(
-        query, keys[:, :, :length], values[:, :, :length],
-        mask=keys_mask[:, :, :length], initial_state=state.causal,
-        return_state=True, normalized=False, dropout_seed=seeds[1],
+        query,
+        keys[:, :, :length],
+        values[:, :, :length],
+        mask=keys_mask[:, :, :length],
+        initial_state=state.causal,
+        return_state=True,
+        normalized=False,
+        dropout_seed=seeds[1],
         **options,
     )
     near = window_attention_parts(
-        query, keys, values, window, True, keys_mask,
-        options["dropout_rate"], seeds[0],
+        query,
+        keys,
+        values,
+        window,
+        True,
+        keys_mask,
+        options["dropout_rate"],
+        seeds[0],
     )
     state = causal_state.LocalWindowState(
-        *far_state, keys[:, :, length:], values[:, :, length:],
+        *far_state,
+        keys[:, :, length:],
+        values[:, :, length:],
         keys_mask[:, :, length:],
     )
     return [near, far], state
@@ -111,9 +125,13 @@ def _far_parts(query, key, value, mask, window, causal, seeds, options):
             order(x) for x in (query, key, value, _all_keys(mask, query))
         )
         earlier = causal_linear_attention(
-            q, _delayed(k, window), _delayed(v, window),
-            mask=_delayed(m, window, False), dropout_seed=seed,
-            normalized=False, **options,
+            q,
+            _delayed(k, window),
+            _delayed(v, window),
+            mask=_delayed(m, window, False),
+            dropout_seed=seed,
+            normalized=False,
+            **options,
         )
         parts.append(tuple(order(x) for x in earlier))
     return parts
@@ -129,7 +147,13 @@ def _call_outputs(query, key, value, mask, window, causal, seeds, options):
     if mask is None:
         mask = ops.ones_like(key[:1, :1, :, 0], "bool")
     args = (
-        query, key, value, window, causal, mask, options["dropout_rate"],
+        query,
+        key,
+        value,
+        window,
+        causal,
+        mask,
+        options["dropout_rate"],
         seeds[0],
     )
 
@@ -159,24 +183,40 @@ def _initial_state(initial_state, query, key, value, num_features, window):
     if initial_state is None:
         batch, heads = ops.shape(query)[:2]
         return causal_state.empty_local_window_state(
-            batch, heads, num_features, ops.shape(key)[-1],
-            ops.shape(value)[-1], window, value.dtype,
+            batch,
+            heads,
+            num_features,
+            ops.shape(key)[-1],
+            ops.shape(value)[-1],
+            window,
+            value.dtype,
         )
     causal_state.check_state(
         initial_state,
         causal_state.LocalWindowState.shapes(
-            *query.shape[:2], num_features, key.shape[-1], value.shape[-1],
-            None,
+            *query.shape[:2], num_features, key.shape[-1], value.shape[-1], None
         ),
-        "initial_state", "local_window_attention(..., return_state=True)",
+        "initial_state",
+        "local_window_attention(..., return_state=True)",
     )
     return causal_state.LocalWindowState(*initial_state)
 
 
 def local_window_attention(
-    query, key, value, feature_fn, num_features, window, causal, mask=None,
-    chunk_size=64, dropout_rate=0.0, dropout_seed=None,
-    query_feature_fn=None, recompute_length=None, initial_state=None,
+    query,
+    key,
+    value,
+    feature_fn,
+    num_features,
+    window,
+    causal,
+    mask=None,
+    chunk_size=64,
+    dropout_rate=0.0,
+    dropout_seed=None,
+    query_feature_fn=None,
+    recompute_length=None,
+    initial_state=None,
     return_state=False,
 ):
     """Exact attention within `window`, random features beyond it, with one
@@ -218,8 +258,10 @@ def local_window_attention(
             for i in range(3)
         ]
     options = dict(
-        feature_fn=feature_fn, num_features=num_features,
-        chunk_size=chunk_size, dropout_rate=dropout_rate,
+        feature_fn=feature_fn,
+        num_features=num_features,
+        chunk_size=chunk_size,
+        dropout_rate=dropout_rate,
         query_feature_fn=query_feature_fn,
     )
     if recompute_length is not None:

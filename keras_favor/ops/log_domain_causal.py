@@ -63,16 +63,13 @@ def _running_chunk_max(chunk_max, initial_level):
 
     def step(shift, levels):
         earlier = ops.concatenate(
-            [ops.full_like(levels[:, :, :shift], NO_KEY_LEVEL), levels],
-            axis=2,
+            [ops.full_like(levels[:, :, :shift], NO_KEY_LEVEL), levels], axis=2
         )[:, :, : ops.shape(levels)[2]]
         return shift * 2, ops.maximum(levels, earlier)
 
     if num_chunks is None:
         return ops.while_loop(
-            lambda shift, _: shift < ops.shape(levels)[2],
-            step,
-            (1, levels),
+            lambda shift, _: shift < ops.shape(levels)[2], step, (1, levels)
         )[1]
     shift = 1
     while shift < num_chunks:
@@ -133,8 +130,14 @@ def _times(values, x):
 
 
 def log_domain_causal_attention(
-    query_parts, key_parts, value, mask, state, dropout_rate=0.0,
-    dropout_seed=None, prefix_block=8,
+    query_parts,
+    key_parts,
+    value,
+    mask,
+    state,
+    dropout_rate=0.0,
+    dropout_seed=None,
+    prefix_block=8,
 ):
     """Causal linear attention with per-feature levels (module docstring).
 
@@ -167,11 +170,14 @@ def log_domain_causal_attention(
     >>> import numpy as np
     >>> from keras_favor.ops import empty_causal_state
     >>> log_q = np.zeros((1, 1, 3, 2), "float32")
-    >>> log_k = np.array([[[[0., 300.], [0., -300.], [5., 0.]]]], "float32")
+    >>> log_k = np.array(
+    ...     [[[[0.0, 300.0], [0.0, -300.0], [5.0, 0.0]]]], "float32"
+    ... )
     >>> value = np.eye(3, dtype="float32")[None, None]
     >>> state = empty_causal_state(1, 1, 2, 3)
     >>> parts, state = log_domain_causal_attention(
-    ...     (None, log_q), (None, log_k), value, None, state)
+    ...     (None, log_q), (None, log_k), value, None, state
+    ... )
     >>> [round(float(x), 1) for x in parts[2][0, 0]]  # each query's shift
     [300.0, 300.0, 300.0]
     """
@@ -317,14 +323,13 @@ def _attention_block(inputs, state, prefix_block):
     key_feats = _times(key_values, key_feats)
     chunk_kv = matmul_transposed_a(_times(keep, key_feats), value)
     kv, key_sum, level, final_state = _inherit_per_feature(
-        chunk_kv, ops.sum(key_feats, axis=3), chunk_level, state,
-        prefix_block,
+        chunk_kv, ops.sum(key_feats, axis=3), chunk_level, state, prefix_block
     )
 
     # Each query's largest log-term, within its chunk and in the state.
-    visible = ops.logical_and(
-        earlier_or_same(EXACT_CHUNK), mask[..., None, :]
-    )[..., None]
+    visible = ops.logical_and(earlier_or_same(EXACT_CHUNK), mask[..., None, :])[
+        ..., None
+    ]
     products = query_log[..., :, None, :] + key_log[..., None, :, :]
     in_state = _seen(level)[..., None, :]
     from_state = query_log + level[..., None, :]
@@ -354,7 +359,9 @@ def _attention_block(inputs, state, prefix_block):
         query_values,
         ops.exp(ops.where(in_state, from_state - top[..., None], NO_KEY_LEVEL)),
     )
-    numerator = ops.matmul(numerator_scores, value) + ops.matmul(query_feats, kv)
+    numerator = ops.matmul(numerator_scores, value) + ops.matmul(
+        query_feats, kv
+    )
     denominator = ops.sum(scores, axis=-1) + ops.einsum(
         "bhntf,bhnf->bhnt", query_feats, key_sum
     )

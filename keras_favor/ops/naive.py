@@ -39,7 +39,12 @@ def _attention_from_scores(scores, value, seen):
 
 
 def naive_linear_attention(
-    query, key, value, feature_fn, mask=None, causal=False,
+    query,
+    key,
+    value,
+    feature_fn,
+    mask=None,
+    causal=False,
     query_feature_fn=None,
 ):
     """`phi(Q) phi(K)^T V / phi(Q) phi(K)^T 1` through the `(T, S)` matrix.

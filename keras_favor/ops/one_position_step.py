@@ -79,4 +79,3 @@ def one_position_attention(query_parts, key_parts, value, mask, state):
     denominator = ops.sum(query_weight * key_sum, axis=-1)
     parts = (numerator[:, :, None], denominator[:, :, None], shift)
     return parts, CausalState(key_values, key_sum, new_level)
-

@@ -38,7 +38,8 @@ class Projection(Configurable):
             )
         matrix = self.sample(tuple(shape), as_seed_pair(seed))
         return backend.ensure_shape(
-            keras.ops.cast(matrix, "float32"), shape,
+            keras.ops.cast(matrix, "float32"),
+            shape,
             f"{type(self).__name__}.sample returned shape "
             f"{tuple(matrix.shape)}, not {tuple(shape)}.",
         )

@@ -3,9 +3,7 @@
 import keras
 from keras import ops
 
-from keras_favor.projections.orthogonal_projection import (
-    OrthogonalProjection,
-)
+from keras_favor.projections.orthogonal_projection import OrthogonalProjection
 
 
 def regular_simplex(dim):

@@ -156,7 +156,8 @@ def test_no_redraw_in_the_final_window(
     assert recorder.redraw_steps() == redraw_steps
     assert 12 - redraw_steps[-1] >= callback.window
     skipped = [
-        line for line in capsys.readouterr().out.splitlines()
+        line
+        for line in capsys.readouterr().out.splitlines()
         if "no redraw" in line
     ]
     due = {1: [3, 6, 9, 12], 2: [4, 6, 10, 12]}[steps_per_execution]
@@ -204,7 +205,9 @@ def test_unknown_steps_per_epoch_warns_and_redraws_on_the_interval():
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         model.fit(
-            batches(), steps_per_epoch=4, verbose=0,
+            batches(),
+            steps_per_epoch=4,
+            verbose=0,
             callbacks=[callback, recorder],
         )
     assert not [w for w in record if "FeatureRedraw" in str(w.message)]
@@ -300,7 +303,7 @@ def test_finds_nested_layers_and_keeps_frozen_ones_fixed():
     assert [layers[p].name for p in nested_paths] == ["inner", "frozen"]
 
     frozen_path = nested_paths[1]
-    [elu_path] = [p for p, l in layers.items() if l.projection is None]
+    [elu_path] = [p for p, layer in layers.items() if layer.projection is None]
     frozen = keras.ops.convert_to_numpy(layers[frozen_path].projection)
     callback = keras_favor.FeatureRedraw(seed=0)
     callback.set_model(model)
@@ -370,9 +373,9 @@ def pinned_model():
         name="sequential",
     )
     inputs = keras.Input(shape)
-    x = keras_favor.FavorAttention(
-        2, 4, num_features=8, seed=1, name="top"
-    )(inputs, inputs)
+    x = keras_favor.FavorAttention(2, 4, num_features=8, seed=1, name="top")(
+        inputs, inputs
+    )
     x = sequential(x)
     x = shared(x, x)
     x = shared(x, x)
@@ -413,8 +416,10 @@ class Holder(keras.layers.Layer):
         super().__init__(**kwargs)
         self.first = keras.layers.Dense(2, name="first")
         self.pair = (keras.layers.Dense(2, name="in_tuple"), 3)
-        self.table = {"b": keras.layers.Dense(2, name="in_dict"),
-                      "a": [self.first]}
+        self.table = {
+            "b": keras.layers.Dense(2, name="in_dict"),
+            "a": [self.first],
+        }
         self.inner = keras.Sequential(
             [keras.layers.Dense(2, name="in_sequential")], name="inner"
         )
@@ -425,10 +430,16 @@ def test_layer_tree_walks_attributes_containers_and_graphs():
     # Keras's own attributes (its tracking of the same sub-layers) are not
     # children; the layer's are, in the order they were set.
     assert [name for name, _ in layer_tree.children(holder)] == [
-        "first", "pair", "table", "inner",
+        "first",
+        "pair",
+        "table",
+        "inner",
     ]
     assert [layer.name for layer in layer_tree.sublayers(holder)] == [
-        "first", "in_tuple", "in_dict", "inner",
+        "first",
+        "in_tuple",
+        "in_dict",
+        "inner",
     ]
     walk = layer_tree.depth_first(
         holder,
@@ -438,13 +449,19 @@ def test_layer_tree_walks_attributes_containers_and_graphs():
         ],
     )
     assert [(path, layer.name) for path, layer in walk] == [
-        (("0",), "first"), (("1",), "in_tuple"), (("2",), "in_dict"),
-        (("3",), "inner"), (("3", "0"), "in_sequential"),
+        (("0",), "first"),
+        (("1",), "in_tuple"),
+        (("2",), "in_dict"),
+        (("3",), "inner"),
+        (("3", "0"), "in_sequential"),
     ]
     # performerize's walk names the same layers by attribute path.
     assert [(path, layer.name) for path, layer in all_layers(holder)] == [
-        ("first", "first"), ("pair.0", "in_tuple"), ("table.b", "in_dict"),
-        ("inner", "inner"), ("inner.in_sequential", "in_sequential"),
+        ("first", "first"),
+        ("pair.0", "in_tuple"),
+        ("table.b", "in_dict"),
+        ("inner", "inner"),
+        ("inner.in_sequential", "in_sequential"),
     ]
 
 
@@ -619,7 +636,10 @@ def test_config_round_trip(final_window, window):
     restored = keras.saving.deserialize_keras_object(config)
     assert isinstance(restored, keras_favor.callbacks.FeatureRedraw)
     assert restored.get_config() == {
-        "interval": 50, "seed": 4, "verbose": 1, "final_window": final_window,
+        "interval": 50,
+        "seed": 4,
+        "verbose": 1,
+        "final_window": final_window,
     }
     assert restored.window == window
     assert keras_favor.FeatureRedraw is keras_favor.callbacks.FeatureRedraw
@@ -673,9 +693,7 @@ def projection_free_model():
         (projection_free_model, "none with a random projection"),
     ],
 )
-def test_warns_once_per_fit_when_there_is_nothing_to_redraw(
-    make_model, reason
-):
+def test_warns_once_per_fit_when_there_is_nothing_to_redraw(make_model, reason):
     model = fit_script.compile_model(make_model())
     callback = keras_favor.FeatureRedraw(interval=1, seed=0)
     for _ in range(2):

@@ -21,7 +21,9 @@ def data(rng, batch=2, length=7):
 
 
 def built_mha(rng, **kwargs):
-    mha = keras.layers.MultiHeadAttention(**{"num_heads": 2, "key_dim": 8, **kwargs})
+    mha = keras.layers.MultiHeadAttention(
+        **{"num_heads": 2, "key_dim": 8, **kwargs}
+    )
     x = data(rng)
     mha(x, x)
     for weight in mha.weights:
@@ -31,8 +33,13 @@ def built_mha(rng, **kwargs):
 
 def test_layer_gets_the_configuration_and_the_weights(rng):
     mha = built_mha(
-        rng, value_dim=4, use_bias=False, output_shape=(5,), dropout=0.1,
-        kernel_regularizer="l2", name="attention",
+        rng,
+        value_dim=4,
+        use_bias=False,
+        output_shape=(5,),
+        dropout=0.1,
+        kernel_regularizer="l2",
+        name="attention",
     )
     favor = convert.from_multi_head_attention(mha, num_features=32, seed=1)
     config = favor.get_config()
@@ -183,7 +190,8 @@ def test_performerize_swaps_every_attention_and_keeps_every_other_weight(rng):
     # original's: the performer's weights, those two left out, are the
     # original's in the same order.
     favor_only = {
-        id(v) for layer in layers_of(performer, keras_favor.FavorAttention)
+        id(v)
+        for layer in layers_of(performer, keras_favor.FavorAttention)
         for v in (layer.projection, layer.redraw_count)
     }
     kept = [w for w in performer.weights if id(w) not in favor_only]
@@ -208,7 +216,8 @@ def test_performerize_keeps_causal_attention_causal(rng):
     )
     np.testing.assert_allclose(
         np.asarray(causal_part(changed))[:, :6],
-        np.asarray(causal_part(x))[:, :6], atol=1e-5,
+        np.asarray(causal_part(x))[:, :6],
+        atol=1e-5,
     )
 
 
@@ -271,7 +280,8 @@ def test_keras_masks_still_reach_a_wrapped_layer(rng):
     # padding's embeddings would otherwise be keys of the real positions.
     np.testing.assert_allclose(
         np.asarray(performer(padded))[:, :3],
-        np.asarray(performer(padded[:, :3])), atol=1e-6,
+        np.asarray(performer(padded[:, :3])),
+        atol=1e-6,
     )
 
 
@@ -279,9 +289,15 @@ def test_exact_performer_language_model_converts_to_favor_blocks_that_decode(
     rng,
 ):
     teacher = keras_favor.build_performer(
-        vocabulary_size=40, max_length=24, num_layers=2, num_heads=2,
-        hidden_dim=16, intermediate_dim=16, task="language_model",
-        attention="exact", seed=0,
+        vocabulary_size=40,
+        max_length=24,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=16,
+        task="language_model",
+        attention="exact",
+        seed=0,
     )
     teacher(np.ones((1, 4), "int32"))
     performer = convert.performerize(teacher, num_features=8, seed=3)
@@ -296,15 +312,21 @@ def test_exact_performer_language_model_converts_to_favor_blocks_that_decode(
             old.attention_layer, num_features=8, seed=3
         )
         for mine, theirs in zip(
-            new.attention_layer.get_weights(), expected.get_weights(),
+            new.attention_layer.get_weights(),
+            expected.get_weights(),
             strict=True,
         ):
             np.testing.assert_array_equal(mine, theirs)
-        for name in ("attention_norm", "intermediate_dense", "output_dense",
-                     "feedforward_norm"):
+        for name in (
+            "attention_norm",
+            "intermediate_dense",
+            "output_dense",
+            "feedforward_norm",
+        ):
             for mine, theirs in zip(
                 getattr(new, name).get_weights(),
-                getattr(old, name).get_weights(), strict=True,
+                getattr(old, name).get_weights(),
+                strict=True,
             ):
                 np.testing.assert_array_equal(mine, theirs)
     # Cached greedy decoding gives the tokens of repeated full passes.
@@ -367,9 +389,7 @@ class SubclassedAttention(keras.Model):
         return self.dense(x) + self.attention(x, x)
 
 
-def test_subclassed_model_nested_in_a_functional_model_converts(
-    rng, tmp_path
-):
+def test_subclassed_model_nested_in_a_functional_model_converts(rng, tmp_path):
     model = randomized(functional(SubclassedAttention(name="sub")), rng)
     assert_exact_conversion_round_trips(model, rng, tmp_path)
 
@@ -416,9 +436,7 @@ def test_attention_in_list_tuple_and_dict_attributes_converts(
     assert_exact_conversion_round_trips(model, rng, tmp_path)
 
 
-def test_a_model_without_multi_head_attention_raises_naming_its_layers(
-    rng,
-):
+def test_a_model_without_multi_head_attention_raises_naming_its_layers(rng):
     inputs = keras.Input((None, DIM))
     dot = keras.layers.Attention(name="dot_product")([inputs, inputs])
     with pytest.raises(ValueError, match="Attention 'dot_product'"):
@@ -510,6 +528,5 @@ def test_lora_or_int8_after_conversion_saves_and_loads(rng, tmp_path, change):
             for w in loaded.trainable_weights
         )
     else:
-        for name in ("query_dense", "key_dense", "value_dense",
-                     "output_dense"):
+        for name in ("query_dense", "key_dense", "value_dense", "output_dense"):
             assert getattr(favor, name).quantization_mode == "int8", name

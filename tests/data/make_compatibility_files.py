@@ -21,11 +21,15 @@ MAX_LENGTH = 12
 MODELS = {
     "classifier_favor": dict(task="classification", num_classes=3),
     "classifier_relu_sequential": dict(
-        task="classification", num_classes=3, feature_map="relu",
-        projection="iid", api="sequential", normalize_first=False,
+        task="classification",
+        num_classes=3,
+        feature_map="relu",
+        projection="iid",
+        api="sequential",
+        normalize_first=False,
     ),
     "language_model_local_window": dict(
-        task="language_model", local_window=4, chunk_size=4,
+        task="language_model", local_window=4, chunk_size=4
     ),
     "language_model_exact": dict(task="language_model", attention="exact"),
 }
@@ -43,9 +47,15 @@ def main():
     outputs = {"token_ids": token_ids()}
     for name, options in MODELS.items():
         model = keras_favor.build_performer(
-            vocabulary_size=VOCABULARY_SIZE, max_length=MAX_LENGTH,
-            num_layers=2, num_heads=2, hidden_dim=8, intermediate_dim=16,
-            num_features=8, seed=3, **options,
+            vocabulary_size=VOCABULARY_SIZE,
+            max_length=MAX_LENGTH,
+            num_layers=2,
+            num_heads=2,
+            hidden_dim=8,
+            intermediate_dim=16,
+            num_features=8,
+            seed=3,
+            **options,
         )
         for weight in model.trainable_weights:
             weight.assign(

@@ -18,7 +18,9 @@ import keras_favor
 from keras_favor.distribute import multi_worker_fit
 from tests import fit_script
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
 SCRIPT = os.path.join(REPO, "tests", "fit_script.py")
 PROCESS_TIMEOUT_S = 180
 # Run as a module of the `examples` package (PYTHONPATH holds REPO).
@@ -133,8 +135,8 @@ def expected_redraw_counts(steps):
 
 def check_distributed_fit(summary, arrays):
     records = summary["records"]
-    steps = fit_script.EPOCHS * fit_script.NUM_EXAMPLES // (
-        fit_script.GLOBAL_BATCH
+    steps = (
+        fit_script.EPOCHS * fit_script.NUM_EXAMPLES // (fit_script.GLOBAL_BATCH)
     )
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     assert [r["redraw_count"] for r in records] == expected_redraw_counts(steps)
@@ -261,9 +263,7 @@ def test_public_surface():
         for name in vars(keras_favor.distribute)
         if not name.startswith("_")
     }
-    assert public - {"multi_worker_fit"} == set(
-        keras_favor.distribute.__all__
-    )
+    assert public - {"multi_worker_fit"} == set(keras_favor.distribute.__all__)
 
 
 @pytest.mark.parametrize("use_causal_mask", [False, True])
@@ -339,8 +339,9 @@ def test_example_trains_and_resumes(tmp_path):
         outputs.append(log_tail(log, chars=20000))
         assert code == 0, outputs[-1]
     assert "Interrupted after epoch 1" in outputs[0]
-    assert "starts at step 3; redraw count per attention layer: [1, 1]" in (
-        outputs[1]
+    assert (
+        "starts at step 3; redraw count per attention layer: [1, 1]"
+        in (outputs[1])
     )
     # 6 steps: redraws after steps 2 and 4; none in the last 2 steps.
     assert "Done; redraw count per attention layer: [2, 2]" in outputs[1]

@@ -30,8 +30,12 @@ def unit_vectors(rng, norm):
 
 
 def kernel_estimate(feature_map, x, y, projection, a):
-    _, log_x = feature_map.log_scaled(x[None].astype("float32"), projection, a=a)
-    _, log_y = feature_map.log_scaled(y[None].astype("float32"), projection, a=a)
+    _, log_x = feature_map.log_scaled(
+        x[None].astype("float32"), projection, a=a
+    )
+    _, log_y = feature_map.log_scaled(
+        y[None].astype("float32"), projection, a=a
+    )
     return float(
         np.sum(np.exp(np.asarray(log_x, np.float64) + np.asarray(log_y)))
     )
@@ -53,7 +57,9 @@ def test_zero_coefficient_is_favor_plus(rng):
     for method in ("log_scaled", "query_log_scaled"):
         np.testing.assert_allclose(
             getattr(plus_plus, method)(x, w, a=np.float32(0.0))[1],
-            getattr(plus, method)(x, w)[1], rtol=0, atol=1e-6,
+            getattr(plus, method)(x, w)[1],
+            rtol=0,
+            atol=1e-6,
         )
 
 
@@ -84,7 +90,11 @@ def attention_errors(feature_map, causal, seed, scale=0.8):
     with the same weights; causal FAVOR++ gets the moving statistic of the
     data itself, as training would settle on it."""
     layer = keras_favor.FavorAttention(
-        2, DIM, num_features=32, feature_map=feature_map, seed=seed,
+        2,
+        DIM,
+        num_features=32,
+        feature_map=feature_map,
+        seed=seed,
         kernel_initializer=keras.initializers.GlorotUniform(seed),
     )
     x = (
@@ -123,8 +133,11 @@ def test_attention_error_is_below_favor_plus_at_larger_inputs(causal):
 
 def causal_layer(momentum=0.5):
     layer = keras_favor.FavorAttention(
-        2, DIM, num_features=32,
-        feature_map=feature_maps.FavorPlusPlusFeatures(momentum), seed=0,
+        2,
+        DIM,
+        num_features=32,
+        feature_map=feature_maps.FavorPlusPlusFeatures(momentum),
+        seed=0,
     )
     layer(np.zeros((1, 4, 32), "float32"))
     return layer
@@ -146,7 +159,8 @@ def test_causal_training_call_uses_the_statistic_before_it_then_updates(rng):
     )
     batch = np.mean(np.asarray(layer.feature_map.statistic(q, k)), axis=0)
     np.testing.assert_allclose(
-        layer.input_statistic.numpy(), 0.5 * np.array([0.4, 0.9]) + 0.5 * batch,
+        layer.input_statistic.numpy(),
+        0.5 * np.array([0.4, 0.9]) + 0.5 * batch,
         rtol=1e-6,
     )
 
@@ -298,12 +312,9 @@ def test_keras_padding_mask_leaves_padded_positions_out(rng):
     padded = np.concatenate([tokens, np.zeros((1, 4), "int64")], axis=1)
     inputs = keras.Input((None,), dtype="int32")
     embedded = keras.layers.Embedding(50, 32, mask_zero=True)(inputs)
-    model = keras.Model(
-        inputs, favor_plus_plus_layer()(embedded, embedded)
-    )
+    model = keras.Model(inputs, favor_plus_plus_layer()(embedded, embedded))
     np.testing.assert_allclose(
-        np.asarray(model(padded))[:, :9], np.asarray(model(tokens)),
-        atol=1e-5,
+        np.asarray(model(padded))[:, :9], np.asarray(model(tokens)), atol=1e-5
     )
 
 

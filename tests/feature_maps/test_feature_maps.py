@@ -35,8 +35,12 @@ def test_softmax_kernel_estimate_is_unbiased(rng, name, projection):
     y = rng.normal(scale=0.6, size=dim).astype("float32")
     exact = np.exp(x @ y / np.sqrt(dim))
     estimates = kernel_estimates(
-        feature_maps.get(name), projections.get(projection), x, y,
-        num_features, draws,
+        feature_maps.get(name),
+        projections.get(projection),
+        x,
+        y,
+        num_features,
+        draws,
     )
     # Draws are independent, so the mean's standard error is std/sqrt(n);
     # 4 standard errors fail an unbiased estimator with probability 6e-5.
@@ -161,6 +165,7 @@ def test_query_features_differ_only_by_a_factor_per_query(rng, name):
     ratio = query / np.asarray(feature_map(x, projection))
     assert np.all(ratio > 0)
     np.testing.assert_allclose(
-        ratio, np.broadcast_to(ratio[..., :1], ratio.shape),
+        ratio,
+        np.broadcast_to(ratio[..., :1], ratio.shape),
         rtol=1e-10 if reference.FLOAT64 == "float64" else 1e-5,
     )

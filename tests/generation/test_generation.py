@@ -14,7 +14,6 @@ import pytest
 
 import keras_favor
 from keras_favor import generation
-
 from tests.language_models import MAX_LENGTH
 from tests.language_models import VOCABULARY
 from tests.language_models import greedy_by_full_passes
@@ -31,8 +30,9 @@ NEW_TOKENS = 64
     [
         # Repeated eager passes of every length take minutes on JAX; the
         # other cases' one causal pass is the same criterion.
-        pytest.param("favor", "functional", {}, True,
-                     marks=pytest.mark.tensorflow_only),
+        pytest.param(
+            "favor", "functional", {}, True, marks=pytest.mark.tensorflow_only
+        ),
         ("favor", "sequential", {"feature_map": "relu"}, False),
         ("favor", "functional", {"local_window": 4}, False),
         ("favor", "functional", {"feature_map": "favor++"}, False),
@@ -165,9 +165,7 @@ def test_bad_generate_arguments_name_themselves(kwargs, pattern):
 def test_bad_prompts_and_cache_positions_raise():
     model = language_model()
     with pytest.raises(ValueError, match="max_length"):
-        keras_favor.generate(
-            model, np.ones((1, MAX_LENGTH + 1), "int32"), 1
-        )
+        keras_favor.generate(model, np.ones((1, MAX_LENGTH + 1), "int32"), 1)
     with pytest.raises(ValueError, match="prompt_ids"):
         keras_favor.generate(model, np.ones((4,), "int32"), 1)
     cache = generation.empty_cache(model, 1)
@@ -180,9 +178,7 @@ def test_bad_prompts_and_cache_positions_raise():
             model, np.ones((1, 2), "int32"), cache[:1], 0
         )
     with pytest.raises(ValueError, match=r"cache\[0\]"):
-        generation.call_with_cache(
-            model, np.ones((2, 2), "int32"), cache, 0
-        )
+        generation.call_with_cache(model, np.ones((2, 2), "int32"), cache, 0)
     classifier = keras_favor.build_performer(VOCABULARY, MAX_LENGTH)
     with pytest.raises(ValueError, match="causal language model"):
         keras_favor.generate(classifier, left_padded_prompts(), 4)
@@ -212,10 +208,15 @@ def served_generate(path, prompt, count, seed):
     env.pop("PYTHONPATH", None)
     result = subprocess.run(
         [
-            sys.executable, "-c", SERVED_CLIENT,
+            sys.executable,
+            "-c",
+            SERVED_CLIENT,
             json.dumps([path, prompt.tolist(), count, seed]),
         ],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
         cwd=os.path.dirname(path),
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -227,7 +228,10 @@ def served_generate(path, prompt, count, seed):
 @pytest.mark.tensorflow_only
 @pytest.mark.parametrize(
     "options, seed",
-    [({}, [0, 0]), ({"sampler": "random", "top_k": 10, "temperature": 0.7}, [7, 0])],
+    [
+        ({}, [0, 0]),
+        ({"sampler": "random", "top_k": 10, "temperature": 0.7}, [7, 0]),
+    ],
 )
 def test_exported_generate_endpoint_gives_generate_tokens(
     tmp_path, options, seed
@@ -243,14 +247,14 @@ def test_exported_generate_endpoint_gives_generate_tokens(
     # A one-token prompt: the prefill is that token alone.
     np.testing.assert_array_equal(
         served_generate(path, prompt[:1, -1:], 5, seed),
-        keras_favor.generate(model, prompt[:1, -1:], 5, seed=seed[0], **options),
+        keras_favor.generate(
+            model, prompt[:1, -1:], 5, seed=seed[0], **options
+        ),
     )
 
 
 @pytest.mark.tensorflow_only
-def test_exported_generate_keeps_a_float32_state_under_mixed_float16(
-    tmp_path,
-):
+def test_exported_generate_keeps_a_float32_state_under_mixed_float16(tmp_path):
     keras.config.set_dtype_policy("mixed_float16")
     model = language_model(num_layers=1)
     path = str(tmp_path / "lm_savedmodel")

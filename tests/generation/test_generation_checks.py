@@ -8,9 +8,7 @@ import pytest
 
 import keras_favor
 from keras_favor import generation
-
 from tests.language_models import VOCABULARY
-from tests.language_models import greedy_by_full_passes
 from tests.language_models import language_model
 from tests.language_models import left_padded_prompts
 
@@ -22,9 +20,7 @@ UNIT_ROUNDOFF = {"mixed_float16": 2.0**-11, "mixed_bfloat16": 2.0**-8}
 
 @pytest.mark.parametrize("policy", MIXED_POLICIES)
 @pytest.mark.parametrize("kwargs", [{}, {"local_window": 4}])
-def test_mixed_precision_greedy_generate_follows_the_full_pass(
-    policy, kwargs
-):
+def test_mixed_precision_greedy_generate_follows_the_full_pass(policy, kwargs):
     reference = language_model(num_layers=1, **kwargs)
     keras.config.set_dtype_policy(policy)
     # The same weights (`language_model` sets them), in the compute dtype.
@@ -60,14 +56,16 @@ def unscaled(state):
         assert keras.backend.standardize_dtype(x.dtype) in ("float32", "bool")
     key_values, key_sum, level = state[:3]
     factor = keras.ops.exp(level - keras.ops.max(level))
-    return (
-        key_values * factor[..., None], key_sum * factor, *state[3:]
-    )
+    return (key_values * factor[..., None], key_sum * factor, *state[3:])
 
 
 def causal_layer(local_window=0):
     return keras_favor.FavorAttention(
-        num_heads=4, key_dim=8, num_features=32, seed=1, chunk_size=16,
+        num_heads=4,
+        key_dim=8,
+        num_features=32,
+        seed=1,
+        chunk_size=16,
         local_window=local_window,
     )
 
@@ -87,21 +85,29 @@ def test_mixed_precision_state_stays_float32_over_many_steps(
     layer.build(x.shape)
     layer.set_weights(
         [
-            rng.integers(-2, 3, size=w.shape) / 8.0 if "kernel" in w.path
-            else np.zeros(w.shape) if "bias" in w.path
-            else w.numpy() if hasattr(w, "numpy") else np.asarray(w)
+            rng.integers(-2, 3, size=w.shape) / 8.0
+            if "kernel" in w.path
+            else np.zeros(w.shape)
+            if "bias" in w.path
+            else w.numpy()
+            if hasattr(w, "numpy")
+            else np.asarray(w)
             for w in layer.weights
         ]
     )
     whole, state = layer(
-        x, use_causal_mask=True, cache=layer.empty_cache(2),
+        x,
+        use_causal_mask=True,
+        cache=layer.empty_cache(2),
         cache_update_index=0,
     )
     cache = layer.empty_cache(2)
     steps = []
     for t in range(length):
         outputs, cache = layer(
-            x[:, t : t + 1], use_causal_mask=True, cache=cache,
+            x[:, t : t + 1],
+            use_causal_mask=True,
+            cache=cache,
             cache_update_index=t,
         )
         steps.append(keras.ops.convert_to_numpy(outputs).astype("float32"))

@@ -31,7 +31,8 @@ def assert_frequencies(tokens, probabilities):
     frequencies = np.bincount(tokens, minlength=len(LOGITS)) / DRAWS
     bound = 5 * np.sqrt(probabilities * (1 - probabilities) / DRAWS)
     assert np.all(np.abs(frequencies - probabilities) <= bound + 1e-12), (
-        frequencies, probabilities,
+        frequencies,
+        probabilities,
     )
 
 

@@ -35,45 +35,66 @@ def configurations():
     for feature_map in FEATURE_MAPS:
         for causal in (False, True):
             name = f"{feature_map}_{'causal' if causal else 'bidirectional'}"
-            configs.append((
-                name,
-                dict(feature_map=feature_map, chunk_size=8),
-                dict(use_causal_mask=causal),
-                1.0,
-            ))
+            configs.append(
+                (
+                    name,
+                    dict(feature_map=feature_map, chunk_size=8),
+                    dict(use_causal_mask=causal),
+                    1.0,
+                )
+            )
     for causal in (False, True):
         kind = "causal" if causal else "bidirectional"
         call = dict(use_causal_mask=causal)
         # Grouped recomputation (several groups), and a local window.
-        configs.append((
-            f"softmax_{kind}_groups",
-            dict(chunk_size=4, recompute_length=8), call, 1.0,
-        ))
-        configs.append((
-            f"softmax_{kind}_local_window",
-            dict(chunk_size=4, local_window=3), call, 1.0,
-        ))
+        configs.append(
+            (
+                f"softmax_{kind}_groups",
+                dict(chunk_size=4, recompute_length=8),
+                call,
+                1.0,
+            )
+        )
+        configs.append(
+            (
+                f"softmax_{kind}_local_window",
+                dict(chunk_size=4, local_window=3),
+                call,
+                1.0,
+            )
+        )
         # Large inputs: attention logits in the hundreds, where the causal
         # kernel falls back to per-feature levels (docs/numerics.md, 5).
-        configs.append((
-            f"softmax_{kind}_large", dict(chunk_size=4, recompute_length=8),
-            call, 100.0,
-        ))
+        configs.append(
+            (
+                f"softmax_{kind}_large",
+                dict(chunk_size=4, recompute_length=8),
+                call,
+                100.0,
+            )
+        )
     # Causal cross-attention of unequal lengths: fewer queries than keys
     # (the keys after them are cut), and more (masked keys appended).
     for cut in ("query", "key"):
-        configs.append((
-            f"softmax_causal_shorter_{cut}", dict(chunk_size=4),
-            dict(use_causal_mask=True, cut=cut), 1.0,
-        ))
+        configs.append(
+            (
+                f"softmax_causal_shorter_{cut}",
+                dict(chunk_size=4),
+                dict(use_causal_mask=True, cut=cut),
+                1.0,
+            )
+        )
     return configs
 
 
 # Configurations whose gradients (inputs and weights) are compared too.
 # (Grouped bidirectional gradients: test_grouped_recomputation_*.)
 GRADIENT_CONFIGS = (
-    "softmax_bidirectional", "softmax_causal", "softmax_causal_groups",
-    "softmax_causal_local_window", "relu_causal",
+    "softmax_bidirectional",
+    "softmax_causal",
+    "softmax_causal_groups",
+    "softmax_causal_local_window",
+    "relu_causal",
 )
 
 
@@ -101,7 +122,11 @@ def gradients(layer, query, value, mask, call_kwargs, cotangent):
 
     def loss(trainable, query, value):
         output, _ = layer.stateless_call(
-            trainable, non_trainable, query, value, attention_mask=mask,
+            trainable,
+            non_trainable,
+            query,
+            value,
+            attention_mask=mask,
             **call_kwargs,
         )
         return jax.numpy.sum(output * cotangent)
@@ -152,22 +177,20 @@ def run_forward(out_dir, load):
         layer(q, v, attention_mask=m, **call_kwargs)
         if load:
             count = int(stored[f"{name}/count"])
-            layer.set_weights(
-                [stored[f"{name}/w{i}"] for i in range(count)]
-            )
+            layer.set_weights([stored[f"{name}/w{i}"] for i in range(count)])
         else:
             weights = layer.get_weights()
             results[f"{name}/count"] = np.array(len(weights))
             for i, w in enumerate(weights):
                 results[f"{name}/w{i}"] = w
-        output = layer(
-            scale * q, scale * v, attention_mask=m, **call_kwargs
-        )
+        output = layer(scale * q, scale * v, attention_mask=m, **call_kwargs)
         results[f"{name}/output"] = keras.ops.convert_to_numpy(output)
         if name in GRADIENT_CONFIGS:
-            cotangent = np.random.default_rng(index).normal(
-                size=output.shape
-            ).astype("float32")
+            cotangent = (
+                np.random.default_rng(index)
+                .normal(size=output.shape)
+                .astype("float32")
+            )
             for i, g in enumerate(
                 gradients(layer, q, v, m, call_kwargs, cotangent)
             ):
@@ -206,8 +229,13 @@ def redraw_sequence():
     import keras_favor
 
     model = keras_favor.build_performer(
-        vocabulary_size=20, max_length=12, num_layers=2, num_heads=2,
-        hidden_dim=16, num_features=8, seed=3,
+        vocabulary_size=20,
+        max_length=12,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        num_features=8,
+        seed=3,
     )
     model(np.ones((1, 12), "int32"))
     callback = keras_favor.FeatureRedraw(interval=1, seed=1)
@@ -229,8 +257,7 @@ def run_redraws(out_dir):
 
     first, second = redraw_sequence(), redraw_sequence()
     np.savez(
-        os.path.join(out_dir, f"redraws_{keras.backend.backend()}.npz"),
-        **first,
+        os.path.join(out_dir, f"redraws_{keras.backend.backend()}.npz"), **first
     )
     return {
         "names": sorted(first),
@@ -267,8 +294,14 @@ def run_data_parallel(out_dir):
     def fit(name, redraw):
         keras.utils.set_random_seed(0)
         model = keras_favor.build_performer(
-            vocabulary_size=20, max_length=12, num_layers=2, num_heads=2,
-            hidden_dim=16, num_features=8, seed=3, chunk_size=4,
+            vocabulary_size=20,
+            max_length=12,
+            num_layers=2,
+            num_heads=2,
+            hidden_dim=16,
+            num_features=8,
+            seed=3,
+            chunk_size=4,
         )
         model.compile(
             optimizer=keras.optimizers.Adam(1e-2),
@@ -283,8 +316,13 @@ def run_data_parallel(out_dir):
                 0, keras_favor.FeatureRedraw(interval=3, seed=1, final_window=0)
             )
         model.fit(
-            tokens, labels, batch_size=16, epochs=2, shuffle=False,
-            verbose=0, callbacks=callbacks,
+            tokens,
+            labels,
+            batch_size=16,
+            epochs=2,
+            shuffle=False,
+            verbose=0,
+            callbacks=callbacks,
         )
         layers = keras_favor.callbacks.feature_redraw.favor_attention_layers(
             model
@@ -300,14 +338,15 @@ def run_data_parallel(out_dir):
         for path, layer in layers.items():
             value = layer.projection.value
             projections[path] = np.asarray(value)
-            shards[path] = [np.asarray(s.data) for s in value.addressable_shards]
+            shards[path] = [
+                np.asarray(s.data) for s in value.addressable_shards
+            ]
             replicated.append(bool(value.sharding.is_fully_replicated))
-        run["projection_devices"] = sorted(
-            {len(v) for v in shards.values()}
-        )
+        run["projection_devices"] = sorted({len(v) for v in shards.values()})
         run["shards_equal"] = all(
             np.array_equal(shard, projections[path])
-            for path, values in shards.items() for shard in values
+            for path, values in shards.items()
+            for shard in values
         )
         run["replicated"] = all(replicated)
         weights = [np.asarray(w) for w in model.get_weights()]

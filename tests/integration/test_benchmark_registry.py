@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks import registry, run
+from benchmarks import registry
+from benchmarks import run
 
 REPOSITORY_DIR = os.path.dirname(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,15 +20,22 @@ TINY = "tiny_train_step_causal_64"
 
 def run_module(*argv):
     process = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", *argv], check=False, cwd=REPOSITORY_DIR,
-        capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "benchmarks.run", *argv],
+        check=False,
+        cwd=REPOSITORY_DIR,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert process.returncode == 0, process.stderr[-4000:]
     return process.stdout
 
 
 def test_groups_expand_to_registered_names_and_unknown_names_are_refused():
-    assert registry.expand(["recompute_custom_gradient_vs_remat", TINY])[-1] == TINY
+    assert (
+        registry.expand(["recompute_custom_gradient_vs_remat", TINY])[-1]
+        == TINY
+    )
     assert len(registry.expand(["speed_memory_unchanged"] * 2)) == 3
     for a, b in registry.PAIRS:
         assert registry.get(a).parameters == registry.get(b).parameters
@@ -44,7 +52,9 @@ def test_runner_writes_per_commit_results_and_compares_two_revisions(tmp_path):
     output = str(tmp_path)
     label = run.revision_label("worktree")
     head = run.revision_label("HEAD")
-    printed = run_module("--configs", TINY, "--rounds", "1", "--output-dir", output)
+    printed = run_module(
+        "--configs", TINY, "--rounds", "1", "--output-dir", output
+    )
     assert f"| {TINY} | median_s |" in printed
     stored = json.loads((tmp_path / "commits" / f"{label}.json").read_text())
     (measured,) = stored["runs"]
@@ -58,15 +68,30 @@ def test_runner_writes_per_commit_results_and_compares_two_revisions(tmp_path):
 
     # The two revisions alternate in one run; each gets its own file (or,
     # for one commit twice, two runs in its file).
-    printed = run_module("--compare", "HEAD", "worktree", "--configs", TINY,
-                         "--rounds", "1", "--output-dir", output)
+    printed = run_module(
+        "--compare",
+        "HEAD",
+        "worktree",
+        "--configs",
+        TINY,
+        "--rounds",
+        "1",
+        "--output-dir",
+        output,
+    )
     header = f"| configuration | metric | A: {head} | B: {label} | B / A (rounds) | verdict |"
     assert header in printed
-    row = next(line for line in printed.splitlines() if line.startswith(f"| {TINY} | median_s"))
+    row = next(
+        line
+        for line in printed.splitlines()
+        if line.startswith(f"| {TINY} | median_s")
+    )
     assert row.count(" s") >= 2 and "x (" in row
     table = (tmp_path / "comparisons" / f"{head}_vs_{label}.md").read_text()
     assert header in table and row in table
-    shown = run_module("--show", "HEAD", "worktree", "--configs", TINY, "--output-dir", output)
+    shown = run_module(
+        "--show", "HEAD", "worktree", "--configs", TINY, "--output-dir", output
+    )
     assert shown.splitlines()[0] == header
     assert shown.splitlines()[2].startswith(f"| {TINY} | median_s | ")
 
@@ -83,14 +108,20 @@ def test_keras_remat_path_gives_the_custom_gradient_path_gradients(monkeypatch):
 
     if keras.backend.backend() != "tensorflow":
         pytest.skip("compares TensorFlow's two mechanisms")
-    x = tf.constant(np.random.default_rng(0).standard_normal((2, 64, 16)), tf.float32)
-    layer = keras_favor.FavorAttention(2, 8, num_features=16, seed=0, recompute_length=16)
+    x = tf.constant(
+        np.random.default_rng(0).standard_normal((2, 64, 16)), tf.float32
+    )
+    layer = keras_favor.FavorAttention(
+        2, 8, num_features=16, seed=0, recompute_length=16
+    )
     layer.build(x.shape, x.shape)
     results = {}
     for mechanism in ("custom_gradient", "keras_remat"):
         if mechanism == "keras_remat":
             for name in ("backend", "keras"):
-                monkeypatch.setattr(grouped_recompute, name, getattr(grouped_recompute, name))
+                monkeypatch.setattr(
+                    grouped_recompute, name, getattr(grouped_recompute, name)
+                )
             registry.use_keras_remat_for_groups()
         for causal in (False, True):
             with tf.GradientTape() as tape:
@@ -98,18 +129,36 @@ def test_keras_remat_path_gives_the_custom_gradient_path_gradients(monkeypatch):
                 y = layer(x, x, use_causal_mask=causal)
                 loss = tf.reduce_sum(y * tf.cos(y))
             grads = tape.gradient(loss, [x, *layer.trainable_variables])
-            results[mechanism, causal] = [y.numpy()] + [g.numpy() for g in grads]
+            results[mechanism, causal] = [y.numpy()] + [
+                g.numpy() for g in grads
+            ]
     for causal in (False, True):
-        for a, b in zip(results["custom_gradient", causal], results["keras_remat", causal]):
-            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * np.abs(a).max())
+        for a, b in zip(
+            results["custom_gradient", causal], results["keras_remat", causal]
+        ):
+            np.testing.assert_allclose(
+                b, a, rtol=1e-5, atol=1e-6 * np.abs(a).max()
+            )
 
 
 def test_verdict_needs_a_difference_beyond_each_revisions_own_rounds():
     # A commit against itself under load (2 rounds, load average 9-11):
     # both rounds of B above A, yet by less than A's rounds differ.
-    assert run.verdict(1.090, [1.054, 1.133], [3.269, 3.868], [3.703, 4.076]) == "within noise"
-    assert run.verdict(0.959, [0.956, 0.963], [1928, 2018], [1857, 1930]) == "within noise"
+    assert (
+        run.verdict(1.090, [1.054, 1.133], [3.269, 3.868], [3.703, 4.076])
+        == "within noise"
+    )
+    assert (
+        run.verdict(0.959, [0.956, 0.963], [1928, 2018], [1857, 1930])
+        == "within noise"
+    )
     # Rounds that straddle 1 are noise whatever the medians.
-    assert run.verdict(1.3, [0.99, 1.6], [1.0, 1.01], [1.0, 1.6]) == "within noise"
-    assert run.verdict(1.2, [1.19, 1.21], [1.0, 1.01], [1.19, 1.22]) == "B higher"
-    assert run.verdict(0.8, [0.79, 0.81], [1.0, 1.01], [0.79, 0.82]) == "B lower"
+    assert (
+        run.verdict(1.3, [0.99, 1.6], [1.0, 1.01], [1.0, 1.6]) == "within noise"
+    )
+    assert (
+        run.verdict(1.2, [1.19, 1.21], [1.0, 1.01], [1.19, 1.22]) == "B higher"
+    )
+    assert (
+        run.verdict(0.8, [0.79, 0.81], [1.0, 1.01], [0.79, 0.82]) == "B lower"
+    )

@@ -12,7 +12,10 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks import approximation, flop_bound, models, speed_memory
+from benchmarks import approximation
+from benchmarks import flop_bound
+from benchmarks import models
+from benchmarks import speed_memory
 
 REPOSITORY_DIR = os.path.dirname(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,15 +35,34 @@ def run_main(module, monkeypatch, *argv):
 def test_speed_sweep_records_caps_and_plots(tmp_path, monkeypatch):
     # In this process (no workers). A time cap of 0 s puts every first
     # length over budget: the longer length must then be skipped, not run.
-    monkeypatch.setattr(speed_memory, "run_isolated",
-                        lambda args, row: speed_memory.measure(dict(row, **vars(args))))
-    monkeypatch.setattr(speed_memory.common, "environment", speed_memory.common.describe)
+    monkeypatch.setattr(
+        speed_memory,
+        "run_isolated",
+        lambda args, row: speed_memory.measure(dict(row, **vars(args))),
+    )
+    monkeypatch.setattr(
+        speed_memory.common, "environment", speed_memory.common.describe
+    )
     run_main(
-        speed_memory, monkeypatch,
-        "--levels", "layer", "--models", "favor",
-        "--passes", "forward_backward", "--lengths", "16", "32",
-        "--repeats", "1", "--min-repeats", "1", "--time-cap-s", "0",
-        "--output-dir", str(tmp_path),
+        speed_memory,
+        monkeypatch,
+        "--levels",
+        "layer",
+        "--models",
+        "favor",
+        "--passes",
+        "forward_backward",
+        "--lengths",
+        "16",
+        "32",
+        "--repeats",
+        "1",
+        "--min-repeats",
+        "1",
+        "--time-cap-s",
+        "0",
+        "--output-dir",
+        str(tmp_path),
     )
     rows = read_csv(tmp_path / "speed_memory_cpu.csv")
     assert list(rows[0]) == list(speed_memory.FIELDS)
@@ -48,7 +70,12 @@ def test_speed_sweep_records_caps_and_plots(tmp_path, monkeypatch):
     assert sorted(r["mode"] for r in measured) == ["bidirectional", "causal"]
     for row in measured:
         assert row["status"] == "over_time_cap"
-        assert float(row["max_s"]) >= float(row["median_s"]) >= float(row["min_s"]) > 0
+        assert (
+            float(row["max_s"])
+            >= float(row["median_s"])
+            >= float(row["min_s"])
+            > 0
+        )
         assert float(row["peak_rss_mib"]) >= float(row["baseline_rss_mib"]) > 0
     assert [r["status"] for r in rows if r["length"] == "32"] == ["skipped"] * 2
     for name in ("layer.png", "summary.txt"):
@@ -60,8 +87,12 @@ def test_speed_sweep_records_caps_and_plots(tmp_path, monkeypatch):
 def test_stack_step_runs(kind):
     # The stack level's models build and run one compiled training step.
     stack, forward = models.build("stack", kind, causal=True, length=8)
-    step = models.compiled_step(forward, stack.trainable_variables, "forward_backward")
-    first, times = speed_memory.common.time_calls(step, [models.random_inputs(8)], 2)
+    step = models.compiled_step(
+        forward, stack.trainable_variables, "forward_backward"
+    )
+    first, times = speed_memory.common.time_calls(
+        step, [models.random_inputs(8)], 2
+    )
     assert first > 0 and len(times) == 2
 
 
@@ -69,22 +100,35 @@ def test_identity_stack_keeps_the_value_and_output_projections():
     # The lower bound is IdentityBlock: a block without mixing of positions,
     # not without its attention's value and output projections; it lacks only
     # the query and key kernels and biases.
-    identity, favor = (models.build("stack", kind, False, 8)[0] for kind in ("identity", "favor"))
-    assert all(type(block) is models.IdentityBlock and block.attention == "identity"
-               for block in identity.layers)
+    identity, favor = (
+        models.build("stack", kind, False, 8)[0]
+        for kind in ("identity", "favor")
+    )
+    assert all(
+        type(block) is models.IdentityBlock and block.attention == "identity"
+        for block in identity.layers
+    )
     query_key = 2 * (2 * models.HIDDEN**2 + 2 * models.HIDDEN)  # 2 blocks
     assert sum(v.numpy().size for v in identity.trainable_variables) == (
-        sum(v.numpy().size for v in favor.trainable_variables) - query_key)
+        sum(v.numpy().size for v in favor.trainable_variables) - query_key
+    )
     # No mixing of positions: each position's output depends on itself only.
     x = models.random_inputs(5)
-    np.testing.assert_allclose(identity(x)[:, 2:3], identity(x[:, 2:3]), atol=1e-5)
+    np.testing.assert_allclose(
+        identity(x)[:, 2:3], identity(x[:, 2:3]), atol=1e-5
+    )
 
 
 def test_watchdog_kills_a_worker_over_the_memory_cap():
     # Importing TensorFlow alone passes 0.1 GB.
     args = speed_memory.parse_args(["--repeats", "1", "--memory-cap-gb", "0.1"])
-    configuration = {"level": "layer", "model": "favor", "mode": "causal", "pass": "forward",
-                     "length": 16}
+    configuration = {
+        "level": "layer",
+        "model": "favor",
+        "mode": "causal",
+        "pass": "forward",
+        "length": 16,
+    }
     result = speed_memory.run_isolated(args, configuration)
     assert result["status"] == "out_of_memory"
     assert result["note"].startswith("killed at")
@@ -92,23 +136,44 @@ def test_watchdog_kills_a_worker_over_the_memory_cap():
 
 def test_crossover_interpolates_between_measured_lengths():
     rows = [
-        {"level": "layer", "model": model, "mode": "causal", "pass": "forward",
-         "length": length, "status": "ok", "median_s": seconds}
+        {
+            "level": "layer",
+            "model": model,
+            "mode": "causal",
+            "pass": "forward",
+            "length": length,
+            "status": "ok",
+            "median_s": seconds,
+        }
         for model, length, seconds in (
-            ("favor", 1024, 2.0), ("exact", 1024, 1.0),
-            ("favor", 4096, 2.0), ("exact", 4096, 4.0),
+            ("favor", 1024, 2.0),
+            ("exact", 1024, 1.0),
+            ("favor", 4096, 2.0),
+            ("exact", 4096, 4.0),
         )
     ]
     # exact / favor goes from 1/2 to 2 between 1024 and 4096: 1 at 2048.
     assert speed_memory.crossover_length(rows, "causal", "forward") == 2048
-    assert speed_memory.crossover_length(rows, "bidirectional", "forward") is None
+    assert (
+        speed_memory.crossover_length(rows, "bidirectional", "forward") is None
+    )
 
 
 def test_approximation_writes_errors_and_checks(tmp_path, monkeypatch):
     run_main(
-        approximation, monkeypatch,
-        "--length", "64", "--dim", "4", "--num-features", "4", "8",
-        "--samples", "2", "--output-dir", str(tmp_path),
+        approximation,
+        monkeypatch,
+        "--length",
+        "64",
+        "--dim",
+        "4",
+        "--num-features",
+        "4",
+        "8",
+        "--samples",
+        "2",
+        "--output-dir",
+        str(tmp_path),
     )
     rows = read_csv(tmp_path / "approximation.csv")
     assert list(rows[0]) == list(approximation.FIELDS)
@@ -116,8 +181,11 @@ def test_approximation_writes_errors_and_checks(tmp_path, monkeypatch):
     assert len(rows) == 32
     assert all(float(r["mse"]) >= 0 for r in rows)
     # The float32 kernel matches the float64 quadratic form of its features.
-    positive = [float(r["mse_vs_quadratic_form"]) for r in rows
-                if r["sample"] == "0" and r["feature_map"] == "positive"]
+    positive = [
+        float(r["mse_vs_quadratic_form"])
+        for r in rows
+        if r["sample"] == "0" and r["feature_map"] == "positive"
+    ]
     assert len(positive) == 8 and max(positive) < 1e-10
     summary = (tmp_path / "approximation_summary.txt").read_text()
     assert summary.count("HOLD") == 8
@@ -133,7 +201,12 @@ def test_approximation_error_is_small_with_many_features():
 
 # The FLOP counts of the timed steps, written out: BENCHMARKS.md explains the
 # speed-up and the causal cost with them; flop_bound.py counts the graphs.
-H, F, D, E = models.NUM_HEADS, models.NUM_FEATURES, models.KEY_DIM, models.HIDDEN
+H, F, D, E = (
+    models.NUM_HEADS,
+    models.NUM_FEATURES,
+    models.KEY_DIM,
+    models.HIDDEN,
+)
 
 
 def projection_flops(length):
@@ -165,7 +238,9 @@ def test_causal_step_flops_add_the_chunk_products_and_the_state_prefix():
 
     length, chunk = 1024, models.build("layer", "favor", True, 8)[0].chunk_size
 
-    def prefix_flops(chunks):  # forward, per head, for the (F, D) states and F sums
+    def prefix_flops(
+        chunks,
+    ):  # forward, per head, for the (F, D) states and F sums
         state = F * D + F
         if chunks > PREFIX_BLOCK and chunks % PREFIX_BLOCK == 0:
             within = 2 * chunks * PREFIX_BLOCK * state + 2 * chunks * state
@@ -177,8 +252,11 @@ def test_causal_step_flops_add_the_chunk_products_and_the_state_prefix():
     # their product with V (3 C (F + D) with gradients), the normalizer (5 F);
     # the prefix's decay factors take no gradient.
     per_position = 10 * F * D + 3 * chunk * (F + D) + 5 * F
-    expected = (projection_flops(length) + 2 * length * H * per_position
-                + 2 * H * prefix_flops(length // chunk))
+    expected = (
+        projection_flops(length)
+        + 2 * length * H * per_position
+        + 2 * H * prefix_flops(length // chunk)
+    )
     assert flop_bound.step_flops("favor", "causal", length) == expected
 
 
@@ -186,7 +264,9 @@ def test_causal_step_flops_add_the_chunk_products_and_the_state_prefix():
 def test_products_are_rebuilt_as_the_step_runs_them(kind):
     # flop_bound.py times each product of a step alone; it must rebuild the
     # very product: the same output shape for every one in the graph.
-    products = flop_bound.products(flop_bound.step_graph(kind, "bidirectional", 256))
+    products = flop_bound.products(
+        flop_bound.step_graph(kind, "bidirectional", 256)
+    )
     assert len(products) >= 10
     for op in products:
         product, inputs = flop_bound.rebuilt_product(op)
@@ -198,16 +278,38 @@ def test_flop_bound_reports_rates_and_floors(tmp_path, monkeypatch):
     monkeypatch.setattr(flop_bound, "RATE_SHAPES", ((64, 64, 64),))
     monkeypatch.setattr(flop_bound, "CAUSAL_LENGTHS", (128,))
     monkeypatch.setattr(flop_bound, "FLOOR_LENGTH", 128)
-    rows = [{"device": "cpu", "level": "layer", "model": model, "mode": mode,
-             "pass": "forward_backward", "length": length, "status": "ok", "median_s": 0.01}
-            for model in ("favor", "exact") for mode in speed_memory.MODES for length in (64, 128)]
-    speed_memory.common.write_csv(tmp_path / "speed_memory_cpu.csv", speed_memory.FIELDS, rows)
+    rows = [
+        {
+            "device": "cpu",
+            "level": "layer",
+            "model": model,
+            "mode": mode,
+            "pass": "forward_backward",
+            "length": length,
+            "status": "ok",
+            "median_s": 0.01,
+        }
+        for model in ("favor", "exact")
+        for mode in speed_memory.MODES
+        for length in (64, 128)
+    ]
+    speed_memory.common.write_csv(
+        tmp_path / "speed_memory_cpu.csv", speed_memory.FIELDS, rows
+    )
     run_main(flop_bound, monkeypatch, "--output-dir", str(tmp_path))
     lines = (tmp_path / "flop_bound_cpu.txt").read_text().splitlines()
     assert lines[0].startswith("matrix-product rate") and "GFLOP/s" in lines[0]
-    assert [line.split(":")[0] for line in lines[1:]] == ["L=64"] + ["L=128"] * 4
-    assert "FLOP ratio" in lines[2] and "the bidirectional step's; measured 1.00x" in lines[3]
-    assert "products alone" in lines[4] and "10x needs the FAVOR+ step within 0.001 s" in lines[5]
+    assert [line.split(":")[0] for line in lines[1:]] == ["L=64"] + [
+        "L=128"
+    ] * 4
+    assert (
+        "FLOP ratio" in lines[2]
+        and "the bidirectional step's; measured 1.00x" in lines[3]
+    )
+    assert (
+        "products alone" in lines[4]
+        and "10x needs the FAVOR+ step within 0.001 s" in lines[5]
+    )
 
 
 def test_speed_sweep_runs_on_jax_without_tensorflow(tmp_path):
@@ -224,14 +326,37 @@ def test_speed_sweep_runs_on_jax_without_tensorflow(tmp_path):
     (hidden / "__init__.py").write_text(
         "raise ImportError('TensorFlow is not installed (hidden by the test)')\n"
     )
-    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([str(hidden.parent), REPOSITORY_DIR]))
+    env = dict(
+        os.environ,
+        KERAS_BACKEND="jax",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join([str(hidden.parent), REPOSITORY_DIR]),
+    )
     process = subprocess.run(
-        [sys.executable, "-m", "benchmarks.speed_memory",
-         "--levels", "stack", "--models", "favor", "identity",
-         "--passes", "forward_backward", "--lengths", "16",
-         "--repeats", "1", "--min-repeats", "1", "--output-dir", str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.speed_memory",
+            "--levels",
+            "stack",
+            "--models",
+            "favor",
+            "identity",
+            "--passes",
+            "forward_backward",
+            "--lengths",
+            "16",
+            "--repeats",
+            "1",
+            "--min-repeats",
+            "1",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert process.returncode == 0, process.stderr[-4000:]
     rows = read_csv(tmp_path / "speed_memory_jax_cpu.csv")
@@ -239,7 +364,8 @@ def test_speed_sweep_runs_on_jax_without_tensorflow(tmp_path):
     # The stack level only (each row is a worker process: the layer
     # level's step is jax_step's too, compared with TensorFlow's below).
     assert sorted((r["level"], r["model"], r["mode"]) for r in rows) == [
-        ("stack", "favor", "bidirectional"), ("stack", "favor", "causal"),
+        ("stack", "favor", "bidirectional"),
+        ("stack", "favor", "causal"),
         ("stack", "identity", "bidirectional"),
     ]
     for row in rows:
@@ -284,11 +410,18 @@ def test_jax_step_is_the_sum_of_the_gradients(tmp_path):
     weights = str(tmp_path / "weights.npz")
     np.savez(weights, **{str(i): w for i, w in enumerate(layer.get_weights())})
     process = subprocess.run(
-        [sys.executable, "-c", code.format(n=length, w=weights)], cwd=REPOSITORY_DIR,
+        [sys.executable, "-c", code.format(n=length, w=weights)],
+        cwd=REPOSITORY_DIR,
         env=dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu"),
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert process.returncode == 0, process.stderr[-4000:]
-    jax_forward, jax_gradients = json.loads(process.stdout.strip().splitlines()[-1])
+    jax_forward, jax_gradients = json.loads(
+        process.stdout.strip().splitlines()[-1]
+    )
     np.testing.assert_allclose(jax_forward, results["forward"], rtol=1e-5)
-    np.testing.assert_allclose(jax_gradients, results["forward_backward"], rtol=1e-4)
+    np.testing.assert_allclose(
+        jax_gradients, results["forward_backward"], rtol=1e-4
+    )

@@ -14,9 +14,22 @@ import pytest
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 TINY_MODEL = [
-    "--num-layers", "1", "--num-heads", "2", "--hidden-dim", "16",
-    "--intermediate-dim", "32", "--num-features", "16", "--batch-size", "4",
-    "--steps", "2", "--epochs", "2",
+    "--num-layers",
+    "1",
+    "--num-heads",
+    "2",
+    "--hidden-dim",
+    "16",
+    "--intermediate-dim",
+    "32",
+    "--num-features",
+    "16",
+    "--batch-size",
+    "4",
+    "--steps",
+    "2",
+    "--epochs",
+    "2",
 ]
 
 
@@ -43,14 +56,40 @@ def test_long_context_lm(examples, tmp_path, capsys):
     output_dir = tmp_path / "demo"
     result = long_context_lm.main(
         [
-            "--num-layers", "1", "--num-heads", "2", "--hidden-dim", "16",
-            "--intermediate-dim", "32", "--num-features", "16",
-            "--batch-size", "4", "--max-length", "32", "--budget", "1",
-            "--validation-points", "2", "--validation-windows", "2",
-            "--corpus-bytes", "60000", "--lengths", "16", "32",
-            "--timed-steps", "1", "--redraw-interval", "2",
-            "--generate-bytes", "4", "--in-process",
-            "--output-dir", str(output_dir),
+            "--num-layers",
+            "1",
+            "--num-heads",
+            "2",
+            "--hidden-dim",
+            "16",
+            "--intermediate-dim",
+            "32",
+            "--num-features",
+            "16",
+            "--batch-size",
+            "4",
+            "--max-length",
+            "32",
+            "--budget",
+            "1",
+            "--validation-points",
+            "2",
+            "--validation-windows",
+            "2",
+            "--corpus-bytes",
+            "60000",
+            "--lengths",
+            "16",
+            "32",
+            "--timed-steps",
+            "1",
+            "--redraw-interval",
+            "2",
+            "--generate-bytes",
+            "4",
+            "--in-process",
+            "--output-dir",
+            str(output_dir),
         ]
     )
     for name in ("model.keras", "saved_model/saved_model.pb", "demo.csv"):
@@ -70,7 +109,8 @@ def test_long_context_lm(examples, tmp_path, capsys):
         assert float(row["peak_memory_mib"]) > 0
     for model in models:
         points = [
-            row for row in rows
+            row
+            for row in rows
             if row["kind"] == "validation" and row["model"] == model
         ]
         assert len(points) == 2
@@ -106,13 +146,28 @@ def test_listops(examples, capsys):
     listops = examples("listops")
     result = listops.main(
         TINY_MODEL
-        + ["--train-size", "32", "--test-size", "16", "--max-length", "40",
-           "--min-length", "8", "--max-depth", "4", "--max-args", "4",
-           "--local-windows", "4"]
+        + [
+            "--train-size",
+            "32",
+            "--test-size",
+            "16",
+            "--max-length",
+            "40",
+            "--min-length",
+            "8",
+            "--max-depth",
+            "4",
+            "--max-args",
+            "4",
+            "--local-windows",
+            "4",
+        ]
     )
     assert [row["model"] for row in result["rows"]] == [
-        "Performer (FAVOR+)", "Exact softmax",
-        "Performer (FAVOR+), exact window 4", "Chance (majority class)",
+        "Performer (FAVOR+)",
+        "Exact softmax",
+        "Performer (FAVOR+), exact window 4",
+        "Chance (majority class)",
     ]
     for row in result["rows"]:
         assert 0 <= float(row["test accuracy"]) <= 1
@@ -149,8 +204,16 @@ def evaluate(listops, tokens):
 def test_listops_generator_respects_the_caps_and_labels(examples):
     listops = examples("listops")
     args = listops.parse_args(
-        ["--min-length", "10", "--max-length", "30", "--max-depth", "3",
-         "--max-args", "4"]
+        [
+            "--min-length",
+            "10",
+            "--max-length",
+            "30",
+            "--max-depth",
+            "3",
+            "--max-args",
+            "4",
+        ]
     )
     token_ids, labels = listops.generate_listops(50, args, random.Random(0))
     lengths = (token_ids != 0).sum(axis=1)
@@ -184,7 +247,8 @@ def help_entries(text):
 # The scripts among the examples that take flags (not their helper modules,
 # nor the quickstart, which takes none).
 SCRIPTS = sorted(
-    path.stem for path in EXAMPLES.glob("*.py")
+    path.stem
+    for path in EXAMPLES.glob("*.py")
     if "def parse_args(" in path.read_text()
 )
 
@@ -211,7 +275,7 @@ def test_help_lists_each_flag_once_with_a_help_text(
         # The flags and metavars, then (after 2 spaces or a new line) the
         # help text, with at most one default that is not all of it.
         invocation = re.split(r"\s{2,}", entry.strip().splitlines()[0])[0]
-        help_text = entry.strip()[len(invocation):]
+        help_text = entry.strip()[len(invocation) :]
         assert help_text.count("(default:") <= 1, entry
         assert re.search(
             "[a-z]", re.sub(r"\(default: [^)]*\)", "", help_text)
@@ -254,7 +318,8 @@ def test_bio_data_names_the_data_extra_when_a_package_is_missing(
     bio_data = examples("bio_data")
     real_find_spec = bio_data.importlib.util.find_spec
     monkeypatch.setattr(
-        bio_data.importlib.util, "find_spec",
+        bio_data.importlib.util,
+        "find_spec",
         lambda name: None if name == "aaanalysis" else real_find_spec(name),
     )
     with pytest.raises(bio_data.MissingDataPackage) as error:
@@ -279,9 +344,9 @@ def test_bio_data_reads_the_installed_sequences(examples):
     assert "".join(vocabulary[t] for t in tokens) == "MKX" + "".join(
         bio_data.AMINO_ACIDS
     )
-    assert bio_data.encode_protein("BUZO").tolist() == [
-        bio_data.OTHER_RESIDUE
-    ] * 4
+    assert (
+        bio_data.encode_protein("BUZO").tolist() == [bio_data.OTHER_RESIDUE] * 4
+    )
 
 
 def test_proteins_no_sequence_in_two_splits(examples):
@@ -326,12 +391,33 @@ def test_proteins_tiny(examples, tmp_path, capsys):
     proteins = examples("proteins")
     result = proteins.main(
         TINY_MODEL[:-4]
-        + ["--steps", "3", "--classify-steps", "3", "--eval-points", "1",
-           "--eval-sequences", "6", "--train-sequences", "16",
-           "--max-length", "64", "--classify-max-length", "64",
-           "--seeds", "0", "--attentions", "softmax", "relu",
-           "--classify-attentions", "exact",
-           "--csv", str(tmp_path / "p.csv"), "--plot", str(tmp_path / "p.png")]
+        + [
+            "--steps",
+            "3",
+            "--classify-steps",
+            "3",
+            "--eval-points",
+            "1",
+            "--eval-sequences",
+            "6",
+            "--train-sequences",
+            "16",
+            "--max-length",
+            "64",
+            "--classify-max-length",
+            "64",
+            "--seeds",
+            "0",
+            "--attentions",
+            "softmax",
+            "relu",
+            "--classify-attentions",
+            "exact",
+            "--csv",
+            str(tmp_path / "p.csv"),
+            "--plot",
+            str(tmp_path / "p.png"),
+        ]
     )
     runs = {(r["task"], r["attention"]) for r in result["rows"]}
     assert runs == {
@@ -340,8 +426,9 @@ def test_proteins_tiny(examples, tmp_path, capsys):
         for attention in ("softmax", "relu")
     } | {("classify", "exact")}
     for run in runs:
-        points = [r for r in result["rows"]
-                  if (r["task"], r["attention"]) == run]
+        points = [
+            r for r in result["rows"] if (r["task"], r["attention"]) == run
+        ]
         # Evaluated after the first step (0 s on the clock) and the last.
         assert [p["step"] for p in points] == [1, 3]
         assert points[0]["seconds"] == 0 < points[1]["seconds"]
@@ -370,7 +457,8 @@ def test_training_clock_evaluates_at_its_steps_and_stops_at_its_budget(
     calls = []
     clock = example_utils.TrainingClock(
         lambda m: {"calls": float(len(calls.append(1) or calls))},
-        every_steps=3, evaluate_first=True,
+        every_steps=3,
+        evaluate_first=True,
     )
     model.fit(*data, batch_size=2, epochs=1, callbacks=[clock], verbose=0)
     assert [p["step"] for p in clock.history] == [1, 3, 6, 7]
@@ -411,11 +499,15 @@ def test_genome_validation_and_markov_reference(examples):
     counts = {}
     for a, b in zip(train[:-1], train[1:]):
         counts[(a, b)] = counts.get((a, b), 0) + 1
-    expected = np.mean([
-        -math.log2((counts.get((a, b), 0) + 1)
-                   / (sum(counts.get((a, c), 0) for c in range(1, 5)) + 4))
-        for a, b in zip(test[:-1], test[1:])
-    ])
+    expected = np.mean(
+        [
+            -math.log2(
+                (counts.get((a, b), 0) + 1)
+                / (sum(counts.get((a, c), 0) for c in range(1, 5)) + 4)
+            )
+            for a, b in zip(test[:-1], test[1:])
+        ]
+    )
     bits = genome.markov_bits_per_base(train, test, 1, 4)
     assert bits == pytest.approx(expected, rel=1e-12)
 
@@ -423,13 +515,40 @@ def test_genome_validation_and_markov_reference(examples):
 def test_genome_tiny(examples, tmp_path):
     genome = examples("genome")
     result = genome.main(
-        ["--num-layers", "1", "--num-heads", "2", "--hidden-dim", "16",
-         "--intermediate-dim", "32", "--num-features", "16",
-         "--contexts", "32", "128", "--tokens-per-batch", "128",
-         "--attentions", "exact", "window",
-         "--budget", "0.2", "--max-steps", "3", "--window", "8",
-         "--validation-bases", "256", "--exact-memory-gib", "0.0001",
-         "--csv", str(tmp_path / "g.csv"), "--plot", str(tmp_path / "g.png")]
+        [
+            "--num-layers",
+            "1",
+            "--num-heads",
+            "2",
+            "--hidden-dim",
+            "16",
+            "--intermediate-dim",
+            "32",
+            "--num-features",
+            "16",
+            "--contexts",
+            "32",
+            "128",
+            "--tokens-per-batch",
+            "128",
+            "--attentions",
+            "exact",
+            "window",
+            "--budget",
+            "0.2",
+            "--max-steps",
+            "3",
+            "--window",
+            "8",
+            "--validation-bases",
+            "256",
+            "--exact-memory-gib",
+            "0.0001",
+            "--csv",
+            str(tmp_path / "g.csv"),
+            "--plot",
+            str(tmp_path / "g.png"),
+        ]
     )
     rows = {(r["attention"], r["context"]): r for r in result["rows"]}
     assert len(rows) == 4

@@ -7,9 +7,24 @@ import json
 from benchmarks import generation
 
 TINY = [
-    "--num-layers", "1", "--hidden-dim", "32", "--num-heads", "2",
-    "--num-features", "8", "--positions", "8", "16", "--batches", "1", "2",
-    "--steps", "2", "--warmup", "1",
+    "--num-layers",
+    "1",
+    "--hidden-dim",
+    "32",
+    "--num-heads",
+    "2",
+    "--num-features",
+    "8",
+    "--positions",
+    "8",
+    "16",
+    "--batches",
+    "1",
+    "2",
+    "--steps",
+    "2",
+    "--warmup",
+    "1",
 ]
 
 
@@ -33,11 +48,13 @@ def test_generation_benchmark_times_both_models(tmp_path):
         assert float(row["min_ms"]) <= float(row["median_ms"])
     favor = {
         (int(r["batch"]), int(r["position"])): int(r["cache_bytes"])
-        for r in rows if r["model"] == "favor"
+        for r in rows
+        if r["model"] == "favor"
     }
     exact = {
         (int(r["batch"]), int(r["position"])): int(r["cache_bytes"])
-        for r in rows if r["model"] == "exact"
+        for r in rows
+        if r["model"] == "exact"
     }
     # FAVOR+'s state has one size at every position; the key/value cache
     # grows with it (position + the 4 steps run), and both with the batch.
@@ -60,8 +77,17 @@ def test_help_lists_every_flag_once(capsys):
     lines = [line.split() for line in options.splitlines()]
     flags = [words[0] for words in lines if words and words[0].startswith("--")]
     assert len(flags) == len(set(flags))
-    assert {"--positions", "--batches", "--models", "--steps", "--warmup",
-            "--num-layers", "--hidden-dim", "--num-heads", "--num-features",
-            "--output-dir"} <= set(flags)
+    assert {
+        "--positions",
+        "--batches",
+        "--models",
+        "--steps",
+        "--warmup",
+        "--num-layers",
+        "--hidden-dim",
+        "--num-heads",
+        "--num-features",
+        "--output-dir",
+    } <= set(flags)
     # Each flag has a help text (the line after a long flag, or its own).
     assert options.count("(default:") == len(flags)

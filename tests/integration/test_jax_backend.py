@@ -27,7 +27,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "backend_script.py")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
 
 
 def run_script(backend, mode, out_dir, timeout=600, **extra_env):
@@ -42,7 +44,10 @@ def run_script(backend, mode, out_dir, timeout=600, **extra_env):
     env.setdefault("JAX_PLATFORMS", "cpu")
     process = subprocess.run(
         [sys.executable, SCRIPT, mode, str(out_dir)],
-        env=env, capture_output=True, text=True, timeout=timeout,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert process.returncode == 0, process.stderr[-6000:]
     path = os.path.join(out_dir, f"{mode}.json")
@@ -57,9 +62,7 @@ def out_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("jax_backend")
 
 
-def test_import_needs_no_tensorflow_and_distribute_names_the_backend(
-    out_dir,
-):
+def test_import_needs_no_tensorflow_and_distribute_names_the_backend(out_dir):
     result = run_script("jax", "import", out_dir)
     assert result["backend"] == "jax"
     assert not result["tensorflow_imported"]
@@ -68,9 +71,7 @@ def test_import_needs_no_tensorflow_and_distribute_names_the_backend(
     assert not result["multi_worker_fit_enabled"]
 
 
-def test_forward_and_gradients_equal_tensorflow_for_the_same_weights(
-    out_dir,
-):
+def test_forward_and_gradients_equal_tensorflow_for_the_same_weights(out_dir):
     run_script("tensorflow", "draw", out_dir)
     run_script("jax", "forward", out_dir)
     tensorflow = np.load(os.path.join(out_dir, "draw.npz"))
@@ -98,9 +99,14 @@ def test_forward_and_gradients_equal_tensorflow_for_the_same_weights(
     # Gradients with respect to the query, the value and every trainable
     # weight, of a random projection of the outputs.
     for name in backend_script.GRADIENT_CONFIGS:
-        count = len([k for k in tensorflow.files if k.startswith(f"{name}/grad")])
-        assert count == len([k for k in jax.files
-                             if k.startswith(f"{name}/grad")]) > 2, name
+        count = len(
+            [k for k in tensorflow.files if k.startswith(f"{name}/grad")]
+        )
+        assert (
+            count
+            == len([k for k in jax.files if k.startswith(f"{name}/grad")])
+            > 2
+        ), name
         for i in range(count):
             expected = tensorflow[f"{name}/grad{i}"]
             got = jax[f"{name}/grad{i}"]
@@ -108,14 +114,15 @@ def test_forward_and_gradients_equal_tensorflow_for_the_same_weights(
             scale = np.abs(expected).max()
             assert scale > 0, (name, i)
             np.testing.assert_allclose(
-                got, expected, rtol=1e-5, atol=1e-5 * scale,
+                got,
+                expected,
+                rtol=1e-5,
+                atol=1e-5 * scale,
                 err_msg=f"{name} gradient {i}",
             )
 
 
-def test_redraws_are_deterministic_per_backend_not_across_backends(
-    out_dir,
-):
+def test_redraws_are_deterministic_per_backend_not_across_backends(out_dir):
     # FeatureRedraw's seeds are the same on both backends, but each
     # backend's stateless generator turns them into its own numbers
     # (TensorFlow's Philox, JAX's threefry): a seed gives one projection
@@ -130,7 +137,9 @@ def test_redraws_are_deterministic_per_backend_not_across_backends(
         result = run_script(name, "redraws", out_dir)
         assert result["backend"] == name
         assert result["identical_in_process"], name
-        draws[name] = dict(np.load(os.path.join(out_dir, f"redraws_{name}.npz")))
+        draws[name] = dict(
+            np.load(os.path.join(out_dir, f"redraws_{name}.npz"))
+        )
     here = redraw_sequence()
     names = sorted(here)
     # Two layers, each as built and after two redraws.
@@ -164,7 +173,9 @@ def test_feature_redraw_under_data_parallel_on_two_devices(out_dir):
     # (the losses after the first redraw are the one-device fit's, and
     # differ from a fit without redraws).
     result = run_script(
-        "jax", "data_parallel", out_dir,
+        "jax",
+        "data_parallel",
+        out_dir,
         XLA_FLAGS="--xla_force_host_platform_device_count=2",
     )
     assert result["devices"] == 2
@@ -178,13 +189,12 @@ def test_feature_redraw_under_data_parallel_on_two_devices(out_dir):
     assert parallel["replicated"] and parallel["shards_equal"]
     assert result["projections_identical"] and result["projections_redrawn"]
     assert len(parallel["losses"]) == len(single["losses"]) == 8
-    np.testing.assert_allclose(
-        parallel["losses"], single["losses"], rtol=1e-5
-    )
+    np.testing.assert_allclose(parallel["losses"], single["losses"], rtol=1e-5)
     # Before the first redraw the fits agree; from the step after it on
     # they train with other features.
-    np.testing.assert_allclose(single["losses"][:3], fixed["losses"][:3],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        single["losses"][:3], fixed["losses"][:3], rtol=1e-6
+    )
     assert all(
         abs(a - b) > 1e-6 * abs(b)
         for a, b in zip(single["losses"][3:], fixed["losses"][3:])
@@ -201,7 +211,9 @@ def test_import_on_an_unsupported_backend_names_it(backend):
     process = subprocess.run(
         [sys.executable, "-c", "import keras_favor"],
         env=dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=ROOT),
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert process.returncode == 1
     last = process.stderr.strip().splitlines()[-1]

@@ -10,15 +10,40 @@ import pytest
 from benchmarks import quality
 
 TINY = [
-    "--steps", "6", "--epochs", "2", "--seeds", "0", "--context", "16",
-    "--batch-size", "4", "--num-layers", "1", "--num-heads", "2",
-    "--hidden-dim", "16", "--intermediate-dim", "16", "--num-features", "8",
-    "--redraw-interval", "2", "--corpus-bytes", "60000",
-    "--validation-windows", "8",
+    "--steps",
+    "6",
+    "--epochs",
+    "2",
+    "--seeds",
+    "0",
+    "--context",
+    "16",
+    "--batch-size",
+    "4",
+    "--num-layers",
+    "1",
+    "--num-heads",
+    "2",
+    "--hidden-dim",
+    "16",
+    "--intermediate-dim",
+    "16",
+    "--num-features",
+    "8",
+    "--redraw-interval",
+    "2",
+    "--corpus-bytes",
+    "60000",
+    "--validation-windows",
+    "8",
 ]
 # Every kind of configuration once: the other windows differ only in size.
 CONFIGS = [
-    "exact", "favor", "favor_redraw", "favor_window16", "favor_redraw_to_end"
+    "exact",
+    "favor",
+    "favor_redraw",
+    "favor_window16",
+    "favor_redraw_to_end",
 ]
 
 

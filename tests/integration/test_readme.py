@@ -145,7 +145,10 @@ def run_sections(names):
             results[name] = None
         except Exception:
             results[name] = traceback.format_exc()
-        print(f"{name}: {time.process_time() - start:.1f} s of CPU", file=sys.stderr)
+        print(
+            f"{name}: {time.process_time() - start:.1f} s of CPU",
+            file=sys.stderr,
+        )
     print("README-RESULTS " + json.dumps(results))
 
 
@@ -170,11 +173,12 @@ def test_every_readme_section_runs(tmp_path):
         timeout=600,
     )
     lines = [
-        line for line in process.stdout.splitlines()
+        line
+        for line in process.stdout.splitlines()
         if line.startswith("README-RESULTS ")
     ]
     assert process.returncode == 0 and lines, process.stderr[-4000:]
-    results = json.loads(lines[-1][len("README-RESULTS "):])
+    results = json.loads(lines[-1][len("README-RESULTS ") :])
     failed = {name: error for name, error in results.items() if error}
     assert set(results) == set(names)
     assert not failed, "\n\n".join(

@@ -3,8 +3,8 @@ converts (equal to the original where FAVOR+ is exact, with a local
 window as long as the sequence), what stays causal, what raises."""
 
 import configparser
-import re
 import pathlib
+import re
 
 import keras
 import keras_hub
@@ -17,8 +17,12 @@ from keras_favor.layers.favor_attention import FavorAttention
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SIZES = dict(
-    vocabulary_size=50, num_layers=2, num_heads=2, hidden_dim=16,
-    intermediate_dim=32, max_sequence_length=16,
+    vocabulary_size=50,
+    num_layers=2,
+    num_heads=2,
+    hidden_dim=16,
+    intermediate_dim=32,
+    max_sequence_length=16,
 )
 LENGTH = 8
 # A local window as long as the sequence makes FAVOR+ exact softmax
@@ -31,7 +35,7 @@ TOLERANCE = 1e-5
 def token_inputs(batch=2, length=LENGTH, seed=0):
     rng = np.random.RandomState(seed)
     padding = np.ones((batch, length), bool)
-    padding[1, length - 3:] = False
+    padding[1, length - 3 :] = False
     return {
         "token_ids": rng.randint(1, 50, (batch, length)).astype("int32"),
         "padding_mask": padding,
@@ -47,7 +51,8 @@ def attention_layers(model):
     from keras_favor.convert.attention_paths import all_layers
 
     return [
-        layer for _, layer in all_layers(model)
+        layer
+        for _, layer in all_layers(model)
         if isinstance(layer, (keras.layers.MultiHeadAttention, FavorAttention))
     ]
 
@@ -87,15 +92,19 @@ def test_backbone_converts_and_equals_the_original_with_a_full_window(
     assert all(isinstance(layer, FavorAttention) for layer in attentions)
     expected, outputs = backbone(inputs), converted(inputs)
     if isinstance(expected, dict):
-        expected, outputs = expected["sequence_output"], outputs[
-            "sequence_output"]
+        expected, outputs = (
+            expected["sequence_output"],
+            outputs["sequence_output"],
+        )
     np.testing.assert_allclose(
-        real_positions(outputs, inputs), real_positions(expected, inputs),
+        real_positions(outputs, inputs),
+        real_positions(expected, inputs),
         atol=TOLERANCE,
     )
     # The original is left as it was.
     assert all(
-        type(layer) is not FavorAttention for layer in attention_layers(backbone)
+        type(layer) is not FavorAttention
+        for layer in attention_layers(backbone)
     )
 
 
@@ -121,7 +130,8 @@ def test_converted_decoder_ignores_left_padding():
     mask = np.array([[False] * 3 + [True] * 5])
     np.testing.assert_allclose(
         np.asarray(decoder(padded_x, decoder_padding_mask=mask))[:, 3:],
-        np.asarray(decoder(x)), atol=TOLERANCE,
+        np.asarray(decoder(x)),
+        atol=TOLERANCE,
     )
 
 
@@ -144,9 +154,7 @@ def decoder_model(cross_attention, causal):
     if cross_attention:
         encoder_input = keras.Input((LENGTH + 2, 16))
         inputs.append(encoder_input)
-        outputs = decoder(
-            decoder_input, encoder_input, use_causal_mask=causal
-        )
+        outputs = decoder(decoder_input, encoder_input, use_causal_mask=causal)
     else:
         outputs = decoder(decoder_input, use_causal_mask=causal)
     return keras.Model(inputs, outputs)
@@ -181,7 +189,8 @@ def test_decoder_with_cross_attention_converts_both_attention_layers():
     # `exp(|q|^2 + |k|^2)` and falls like `1 / num_features`.
     encoded = 0.25 * keras.random.normal((2, LENGTH + 2, 16), seed=6)
     np.testing.assert_allclose(
-        np.asarray(converted([x, encoded])), np.asarray(model([x, encoded])),
+        np.asarray(converted([x, encoded])),
+        np.asarray(model([x, encoded])),
         atol=0.02,
     )
 
@@ -205,15 +214,21 @@ def test_bart_converts_encoder_and_decoder():
     expected, outputs = backbone(inputs), converted(inputs)
     np.testing.assert_allclose(
         np.asarray(outputs["encoder_sequence_output"]),
-        np.asarray(expected["encoder_sequence_output"]), atol=TOLERANCE,
+        np.asarray(expected["encoder_sequence_output"]),
+        atol=TOLERANCE,
     )
 
 
 def test_whisper_bias_less_key_projection_raises_naming_it():
     keras.utils.set_random_seed(7)
     backbone = keras_hub.models.WhisperBackbone(
-        vocabulary_size=50, num_layers=1, num_heads=2, hidden_dim=16,
-        intermediate_dim=32, num_mels=8, max_encoder_sequence_length=16,
+        vocabulary_size=50,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        num_mels=8,
+        max_encoder_sequence_length=16,
         max_decoder_sequence_length=8,
     )
     with pytest.raises(ValueError, match="WhisperCachedMultiHeadAttention"):
@@ -236,7 +251,10 @@ def test_keras_favor_imports_without_importing_keras_hub():
         "print('keras_hub' in sys.modules)"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True,
-        cwd=ROOT, check=True,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
     )
     assert result.stdout.strip() == "False"

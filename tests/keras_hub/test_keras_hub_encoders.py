@@ -18,7 +18,10 @@ LENGTH = 8
 EXACT = dict(local_window=LENGTH, seed=0)
 TOLERANCE = 1e-5
 COMMON = dict(
-    num_layers=2, num_heads=2, hidden_dim=16, intermediate_dim=32,
+    num_layers=2,
+    num_heads=2,
+    hidden_dim=16,
+    intermediate_dim=32,
     max_sequence_length=16,
 )
 BACKBONES = {
@@ -36,7 +39,7 @@ BACKBONES = {
 def inputs_for(backbone):
     rng = np.random.RandomState(0)
     padding_mask = np.ones((2, LENGTH), bool)
-    padding_mask[1, LENGTH - 3:] = False
+    padding_mask[1, LENGTH - 3 :] = False
     inputs = {
         "token_ids": rng.randint(1, 50, (2, LENGTH)).astype("int32"),
         "padding_mask": padding_mask,
@@ -48,7 +51,8 @@ def inputs_for(backbone):
 
 def attention_layers(model):
     return [
-        layer for _, layer in all_layers(model)
+        layer
+        for _, layer in all_layers(model)
         if isinstance(layer, (keras.layers.MultiHeadAttention, FavorAttention))
     ]
 
@@ -56,12 +60,14 @@ def attention_layers(model):
 def non_attention_weights(model):
     """Every weight outside attention layers, by path."""
     inside = {
-        id(weight) for layer in attention_layers(model)
+        id(weight)
+        for layer in attention_layers(model)
         for weight in layer.weights
     }
     return {
         weight.path: np.asarray(weight)
-        for weight in model.weights if id(weight) not in inside
+        for weight in model.weights
+        if id(weight) not in inside
     }
 
 
@@ -88,7 +94,7 @@ def test_encoder_backbone_converts_every_attention_and_keeps_the_rest(
     for layer, original in zip(attention, original_attention):
         # FavorAttention lists its projection first, then
         # MultiHeadAttention's weights in its order.
-        copied = layer.get_weights()[-len(original.weights):]
+        copied = layer.get_weights()[-len(original.weights) :]
         for new, old in zip(copied, original.get_weights(), strict=True):
             np.testing.assert_array_equal(new, old)
     expected_weights = non_attention_weights(backbone)
@@ -100,7 +106,8 @@ def test_encoder_backbone_converts_every_attention_and_keeps_the_rest(
     real = inputs["padding_mask"]
     np.testing.assert_allclose(
         sequence_output(converted(inputs))[real],
-        sequence_output(backbone(inputs))[real], atol=TOLERANCE,
+        sequence_output(backbone(inputs))[real],
+        atol=TOLERANCE,
     )
 
 

@@ -23,8 +23,12 @@ PROMPT_LENGTHS = (3, 5, 1, 7)
 def converted_causal_lm(family="GPT2", vocabulary_size=50, **favor_options):
     keras.utils.set_random_seed(0)
     backbone = getattr(keras_hub.models, family + "Backbone")(
-        vocabulary_size=vocabulary_size, num_layers=2, num_heads=2,
-        hidden_dim=16, intermediate_dim=32, max_sequence_length=16,
+        vocabulary_size=vocabulary_size,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=16,
     )
     task = getattr(keras_hub.models, family + "CausalLM")(
         backbone=backbone, preprocessor=None
@@ -54,7 +58,12 @@ def greedy_by_full_passes(model, inputs):
         for position in range(length, LENGTH):
             mask = np.arange(LENGTH)[None] < position
             logits = np.asarray(
-                model({"token_ids": token_ids[row:row + 1], "padding_mask": mask})
+                model(
+                    {
+                        "token_ids": token_ids[row : row + 1],
+                        "padding_mask": mask,
+                    }
+                )
             )
             token_ids[row, position] = np.argmax(logits[0, position - 1])
     return token_ids
@@ -62,9 +71,7 @@ def greedy_by_full_passes(model, inputs):
 
 def generate(model, inputs, sampler):
     model.compile(sampler=sampler)
-    return np.asarray(
-        model.generate(inputs, stop_token_ids=None)["token_ids"]
-    )
+    return np.asarray(model.generate(inputs, stop_token_ids=None)["token_ids"])
 
 
 @pytest.mark.parametrize(
@@ -79,8 +86,7 @@ def test_greedy_generate_equals_argmax_of_repeated_full_passes(
     assert isinstance(model, FavorCausalLM)
     inputs = prompts()
     np.testing.assert_array_equal(
-        generate(model, inputs, "greedy"),
-        greedy_by_full_passes(model, inputs),
+        generate(model, inputs, "greedy"), greedy_by_full_passes(model, inputs)
     )
 
 
@@ -176,8 +182,12 @@ def test_bart_greedy_generate_equals_argmax_of_repeated_full_passes():
     and the cross-attention reads the encoder's states at every step."""
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.BartBackbone(
-        vocabulary_size=50, num_layers=1, num_heads=2, hidden_dim=16,
-        intermediate_dim=32, max_sequence_length=16,
+        vocabulary_size=50,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=16,
     )
     task = performerize(
         keras_hub.models.BartSeq2SeqLM(backbone=backbone, preprocessor=None),
@@ -198,9 +208,11 @@ def test_bart_greedy_generate_equals_argmax_of_repeated_full_passes():
         for position in range(length, LENGTH):
             logits = task(
                 {
-                    "encoder_token_ids": encoder["token_ids"][row:row + 1],
-                    "encoder_padding_mask": encoder["padding_mask"][row:row + 1],
-                    "decoder_token_ids": expected[row:row + 1],
+                    "encoder_token_ids": encoder["token_ids"][row : row + 1],
+                    "encoder_padding_mask": encoder["padding_mask"][
+                        row : row + 1
+                    ],
+                    "decoder_token_ids": expected[row : row + 1],
                     "decoder_padding_mask": np.arange(LENGTH)[None] < position,
                 }
             )
@@ -220,8 +232,12 @@ def test_with_a_full_window_generate_equals_the_original_tasks(sampler):
     reorders the state with its sequences)."""
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=50, num_layers=2, num_heads=2, hidden_dim=16,
-        intermediate_dim=32, max_sequence_length=16,
+        vocabulary_size=50,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=16,
     )
     task = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
     converted = performerize(task, local_window=LENGTH, seed=0)
@@ -235,8 +251,13 @@ def test_with_a_full_window_generate_equals_the_original_tasks(sampler):
 def test_mixed_precision_generate_under_xla_equals_graph_generate():
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=50, num_layers=2, num_heads=2, hidden_dim=16,
-        intermediate_dim=32, max_sequence_length=16, dtype="mixed_bfloat16",
+        vocabulary_size=50,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=16,
+        dtype="mixed_bfloat16",
     )
     task = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
     model = performerize(task, seed=0)

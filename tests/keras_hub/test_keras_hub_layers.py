@@ -19,9 +19,13 @@ from keras_favor.layers.favor_attention import FavorAttention
 BATCH, LENGTH, HEADS, KEY_DIM = 2, 5, 2, 4
 HIDDEN = HEADS * KEY_DIM
 LAYER_ARGUMENTS = dict(
-    intermediate_dim=4, num_heads=2, activation="relu",
-    layer_norm_epsilon=1e-05, kernel_initializer="HeNormal",
-    bias_initializer="Zeros", dropout=0.1,
+    intermediate_dim=4,
+    num_heads=2,
+    activation="relu",
+    layer_norm_epsilon=1e-05,
+    kernel_initializer="HeNormal",
+    bias_initializer="Zeros",
+    dropout=0.1,
 )
 OPTIONS = {"seed": 0, "num_features": 16}
 
@@ -125,16 +129,20 @@ def test_decoder_mask_propagation(cross_attention):
 def cached_loop(layer, x, cache, **kwargs):
     """`layer` called on each position of `x` in turn inside
     `ops.while_loop`, its state carried along."""
+
     def body(i, outputs, cache):
         token = ops.slice(x, (0, i, 0), (BATCH, 1, HIDDEN))
         output, cache = layer(
-            token, self_attention_cache=cache,
-            self_attention_cache_update_index=i, **kwargs,
+            token,
+            self_attention_cache=cache,
+            self_attention_cache_update_index=i,
+            **kwargs,
         )[:2]
         return i + 1, ops.slice_update(outputs, (0, i, 0), output), cache
 
     _, outputs, cache = ops.while_loop(
-        lambda i, outputs, cache: i < LENGTH, body,
+        lambda i, outputs, cache: i < LENGTH,
+        body,
         (0, ops.zeros_like(x), cache),
     )
     return outputs, cache
@@ -155,8 +163,10 @@ def test_decoder_cache_call_is_correct(cross_attention):
     # With cross-attention the call also returns the (unused)
     # cross-attention cache, as keras-hub's decoder does.
     layer_outputs, one_call_state = layer(
-        x[:, :LENGTH], self_attention_cache=layer.empty_cache(BATCH),
-        self_attention_cache_update_index=0, **kwargs,
+        x[:, :LENGTH],
+        self_attention_cache=layer.empty_cache(BATCH),
+        self_attention_cache_update_index=0,
+        **kwargs,
     )[:2]
     loop_outputs, loop_state = cached_loop(
         layer, x[:, :LENGTH], layer.empty_cache(BATCH), **kwargs
@@ -169,8 +179,10 @@ def test_decoder_cache_call_is_correct(cross_attention):
     )
     for state in (one_call_state, loop_state):
         last = layer(
-            x[:, LENGTH:], self_attention_cache=state,
-            self_attention_cache_update_index=LENGTH, **kwargs,
+            x[:, LENGTH:],
+            self_attention_cache=state,
+            self_attention_cache_update_index=LENGTH,
+            **kwargs,
         )[0]
         np.testing.assert_allclose(
             np.asarray(last)[:, 0], np.asarray(full)[:, LENGTH], atol=1e-5
@@ -183,7 +195,9 @@ def test_decoder_cross_attention_cache_is_passed_through_never_filled():
     expected = layer(x, encoded)
     placeholder = ops.zeros((BATCH, 2, 3, 2, 4))
     outputs, _, cross_cache = layer(
-        x, encoded, self_attention_cache=layer.empty_cache(BATCH),
+        x,
+        encoded,
+        self_attention_cache=layer.empty_cache(BATCH),
         self_attention_cache_update_index=0,
         cross_attention_cache=placeholder,
     )
@@ -193,7 +207,9 @@ def test_decoder_cross_attention_cache_is_passed_through_never_filled():
     )
     with pytest.raises(ValueError, match="cross_attention_cache"):
         layer(
-            x, encoded, self_attention_cache=layer.empty_cache(BATCH),
+            x,
+            encoded,
+            self_attention_cache=layer.empty_cache(BATCH),
             self_attention_cache_update_index=0,
             cross_attention_cache=placeholder,
             cross_attention_cache_update_index=0,
@@ -215,8 +231,9 @@ def test_encoder_behaviors_and_valid_call(normalize_first):
 
 def test_encoder_valid_call_with_mask_equals_the_original_with_a_full_window():
     keras.utils.set_random_seed(0)
-    encoder = keras_hub.layers.TransformerEncoder(intermediate_dim=4,
-                                                  num_heads=2)
+    encoder = keras_hub.layers.TransformerEncoder(
+        intermediate_dim=4, num_heads=2
+    )
     encoder.build([2, 4, 6])
     favor = from_multi_head_attention(
         encoder._self_attention_layer, local_window=4, seed=0
@@ -292,7 +309,9 @@ def test_cached_attention_cache_call_is_correct():
     layer = converted_cached_attention()
     x = uniform(BATCH, LENGTH, HIDDEN)
     no_loop, _ = layer(
-        x, use_causal_mask=True, cache=layer.empty_cache(BATCH),
+        x,
+        use_causal_mask=True,
+        cache=layer.empty_cache(BATCH),
         cache_update_index=0,
     )
 
@@ -304,13 +323,14 @@ def test_cached_attention_cache_call_is_correct():
         return i + 1, ops.slice_update(outputs, (0, i, 0), output), cache
 
     _, loop, _ = ops.while_loop(
-        lambda i, outputs, cache: i < LENGTH, body,
+        lambda i, outputs, cache: i < LENGTH,
+        body,
         (0, ops.zeros_like(x), layer.empty_cache(BATCH)),
     )
-    np.testing.assert_allclose(np.asarray(loop), np.asarray(no_loop),
-                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(loop), np.asarray(no_loop), atol=1e-5)
     np.testing.assert_allclose(
-        np.asarray(no_loop), np.asarray(layer(x, x, use_causal_mask=True)),
+        np.asarray(no_loop),
+        np.asarray(layer(x, x, use_causal_mask=True)),
         atol=1e-5,
     )
 

@@ -20,8 +20,12 @@ LENGTH = 8
 EXACT = dict(local_window=LENGTH, seed=0)
 TOLERANCE = 1e-5
 SIZES = dict(
-    vocabulary_size=50, num_layers=2, num_query_heads=4,
-    num_key_value_heads=2, hidden_dim=16, intermediate_dim=32,
+    vocabulary_size=50,
+    num_layers=2,
+    num_query_heads=4,
+    num_key_value_heads=2,
+    hidden_dim=16,
+    intermediate_dim=32,
 )
 FAMILIES = {
     "Llama": SIZES,
@@ -51,7 +55,7 @@ def backbone(family, **overrides):
 def token_inputs(seed=0):
     rng = np.random.RandomState(seed)
     padding_mask = np.ones((2, LENGTH), bool)
-    padding_mask[1, LENGTH - 3:] = False
+    padding_mask[1, LENGTH - 3 :] = False
     return {
         "token_ids": rng.randint(1, 50, (2, LENGTH)).astype("int32"),
         "padding_mask": padding_mask,
@@ -60,7 +64,8 @@ def token_inputs(seed=0):
 
 def attention_layers(model, names=("Attention",)):
     return [
-        layer for _, layer in all_layers(model)
+        layer
+        for _, layer in all_layers(model)
         if type(layer).__name__.endswith(names)
     ]
 
@@ -78,16 +83,18 @@ def test_rotary_backbone_converts_and_equals_the_original(family):
     for layer, source in zip(attention, attention_layers(original)):
         for name in ("query", "key", "value", "output"):
             dense = getattr(layer, name + "_dense")
-            source_dense = getattr(
-                source, name + "_dense", None
-            ) or getattr(source, "_" + name + "_dense")
+            source_dense = getattr(source, name + "_dense", None) or getattr(
+                source, "_" + name + "_dense"
+            )
             for weight, expected in zip(
                 dense.get_weights(), source_dense.get_weights(), strict=True
             ):
                 np.testing.assert_array_equal(weight, expected)
     inside = {
-        id(w) for layers in (attention, attention_layers(original))
-        for layer in layers for w in layer.weights
+        id(w)
+        for layers in (attention, attention_layers(original))
+        for layer in layers
+        for w in layer.weights
     }
     rest = {w.path: w for w in original.weights if id(w) not in inside}
     converted_rest = {
@@ -102,7 +109,8 @@ def test_rotary_backbone_converts_and_equals_the_original(family):
     real = inputs["padding_mask"]
     np.testing.assert_allclose(
         np.asarray(converted(inputs))[real],
-        np.asarray(original(inputs))[real], atol=TOLERANCE,
+        np.asarray(original(inputs))[real],
+        atol=TOLERANCE,
     )
     # The original is left as it was.
     assert not any(
@@ -142,7 +150,7 @@ def greedy_by_full_passes(model, inputs):
         for position in range(length, GENERATION_LENGTH):
             mask = np.arange(GENERATION_LENGTH)[None] < position
             logits = model(
-                {"token_ids": token_ids[row:row + 1], "padding_mask": mask}
+                {"token_ids": token_ids[row : row + 1], "padding_mask": mask}
             )
             token_ids[row, position] = np.argmax(
                 np.asarray(logits)[0, position - 1]
@@ -153,7 +161,9 @@ def greedy_by_full_passes(model, inputs):
 @pytest.mark.parametrize(
     "family, favor_options",
     [
-        ("Llama", {}), ("Llama", {"local_window": 3}), ("Qwen", {}),
+        ("Llama", {}),
+        ("Llama", {"local_window": 3}),
+        ("Qwen", {}),
         ("Gemma", {}),
     ],
 )
@@ -223,7 +233,9 @@ def test_loaded_llama_causal_lm_generates_as_before(tmp_path):
     model = performerize(task, seed=0, local_window=3)
     model.compile(sampler="greedy")
     inputs = prompts()
-    expected = np.asarray(model.generate(inputs, stop_token_ids=None)["token_ids"])
+    expected = np.asarray(
+        model.generate(inputs, stop_token_ids=None)["token_ids"]
+    )
     model.save(tmp_path / "llama.keras")
     loaded = keras.saving.load_model(tmp_path / "llama.keras")
     assert type(loaded) is type(model)

@@ -10,8 +10,12 @@ from keras_favor.convert import performerize
 from keras_favor.layers.favor_attention import FavorAttention
 
 SIZES = dict(
-    vocabulary_size=50, num_layers=2, num_heads=2, hidden_dim=16,
-    intermediate_dim=32, max_sequence_length=16,
+    vocabulary_size=50,
+    num_layers=2,
+    num_heads=2,
+    hidden_dim=16,
+    intermediate_dim=32,
+    max_sequence_length=16,
 )
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog"]
 VOCABULARY = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
@@ -73,7 +77,8 @@ def test_converted_gpt2_causal_lm_keeps_its_class_backbone_and_defaults():
     inputs = token_batch()
     np.testing.assert_allclose(
         np.asarray(exact(inputs))[inputs["padding_mask"]],
-        np.asarray(task(inputs))[inputs["padding_mask"]], atol=1e-5,
+        np.asarray(task(inputs))[inputs["padding_mask"]],
+        atol=1e-5,
     )
 
 
@@ -84,8 +89,12 @@ def test_converted_gpt2_causal_lm_fits_and_round_trips(tmp_path):
     labels = np.roll(inputs["token_ids"], -1, axis=1)
     converted.compile()  # keras-hub's defaults
     history = converted.fit(
-        inputs, labels, sample_weight=inputs["padding_mask"], epochs=2,
-        batch_size=4, verbose=0,
+        inputs,
+        labels,
+        sample_weight=inputs["padding_mask"],
+        epochs=2,
+        batch_size=4,
+        verbose=0,
     )
     assert np.all(np.isfinite(history.history["loss"]))
     path = tmp_path / "converted.keras"
@@ -100,9 +109,7 @@ def test_converted_gpt2_causal_lm_fits_and_round_trips(tmp_path):
 
 
 @pytest.mark.integration
-def test_converted_bert_classifier_keeps_class_preprocessor_and_head(
-    tmp_path,
-):
+def test_converted_bert_classifier_keeps_class_preprocessor_and_head(tmp_path):
     task = bert_classifier()
     converted = performerize(task, local_window=8, seed=0)
     assert type(converted) is keras_hub.models.BertTextClassifier
@@ -114,7 +121,8 @@ def test_converted_bert_classifier_keeps_class_preprocessor_and_head(
     # same predictions from raw strings through the preprocessor.
     np.testing.assert_allclose(
         converted.predict(sentences, verbose=0),
-        task.predict(sentences, verbose=0), atol=1e-5,
+        task.predict(sentences, verbose=0),
+        atol=1e-5,
     )
     converted.fit(sentences, np.array([0, 1, 2]), epochs=1, verbose=0)
     path = tmp_path / "classifier.keras"
@@ -123,5 +131,6 @@ def test_converted_bert_classifier_keeps_class_preprocessor_and_head(
     assert type(loaded) is keras_hub.models.BertTextClassifier
     np.testing.assert_allclose(
         loaded.predict(sentences, verbose=0),
-        converted.predict(sentences, verbose=0), atol=1e-6,
+        converted.predict(sentences, verbose=0),
+        atol=1e-6,
     )

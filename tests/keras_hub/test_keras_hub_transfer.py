@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 
 ARMS = {
-    "teacher", "converted FAVOR+", "converted FAVOR+ window 16",
-    "scratch FAVOR+", "scratch FAVOR+ window 16",
+    "teacher",
+    "converted FAVOR+",
+    "converted FAVOR+ window 16",
+    "scratch FAVOR+",
+    "scratch FAVOR+ window 16",
 }
 
 
@@ -31,14 +34,38 @@ def test_keras_hub_transfer_runs_tiny(tmp_path, capsys):
 
     # The window (16) covers the whole sequence (16 bytes), so the
     # windowed conversion is exact softmax attention.
-    result = keras_hub_transfer.main([
-        "--steps", "10", "--finetune-steps", "1", "--local-window", "16",
-        "--num-layers", "1", "--num-heads", "2", "--hidden-dim", "16",
-        "--intermediate-dim", "32", "--num-features", "16",
-        "--batch-size", "4", "--max-length", "16", "--learning-rate", "1e-2",
-        "--corpus-bytes", "60000", "--validation-windows", "8",
-        "--output-dir", str(tmp_path),
-    ])
+    result = keras_hub_transfer.main(
+        [
+            "--steps",
+            "10",
+            "--finetune-steps",
+            "1",
+            "--local-window",
+            "16",
+            "--num-layers",
+            "1",
+            "--num-heads",
+            "2",
+            "--hidden-dim",
+            "16",
+            "--intermediate-dim",
+            "32",
+            "--num-features",
+            "16",
+            "--batch-size",
+            "4",
+            "--max-length",
+            "16",
+            "--learning-rate",
+            "1e-2",
+            "--corpus-bytes",
+            "60000",
+            "--validation-windows",
+            "8",
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
     with open(tmp_path / "keras_hub_transfer.csv") as f:
         rows = list(csv.DictReader(f))
     with open(tmp_path / "keras_hub_transfer.json") as f:
@@ -50,9 +77,11 @@ def test_keras_hub_transfer_runs_tiny(tmp_path, capsys):
         assert math.isfinite(float(row["seconds"])), row
 
     def bpb(arm, finetune_steps):
-        (value,) = [r["bits_per_byte"] for r in result["rows"]
-                    if r["arm"] == arm
-                    and r["finetune_steps"] == finetune_steps]
+        (value,) = [
+            r["bits_per_byte"]
+            for r in result["rows"]
+            if r["arm"] == arm and r["finetune_steps"] == finetune_steps
+        ]
         return value
 
     # The teacher's last figure is the cross-entropy of its logits.
@@ -62,8 +91,7 @@ def test_keras_hub_transfer_runs_tiny(tmp_path, capsys):
         verbose=0,
     )
     np.testing.assert_allclose(
-        bpb("teacher", 1), reference_bits_per_byte(logits, targets),
-        rtol=1e-5,
+        bpb("teacher", 1), reference_bits_per_byte(logits, targets), rtol=1e-5
     )
     teacher = bpb("teacher", 0)
     # The conversion itself, checked to float32 round-off: its logits and

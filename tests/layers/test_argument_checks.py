@@ -140,9 +140,7 @@ def test_value_and_key_that_differ_raise_as_in_multi_head_attention(
     pattern = r"`value` and `key` must be equal.*but the last"
     for convert in (tuple, list):
         with pytest.raises(ValueError, match=pattern):
-            layer.compute_output_shape(
-                *(convert(shape) for shape in shapes)
-            )
+            layer.compute_output_shape(*(convert(shape) for shape in shapes))
     with pytest.raises(ValueError, match=pattern):
         layer(*(data(rng, *shape) for shape in shapes))
     symbolic = [keras.Input(shape[1:], batch_size=2) for shape in shapes]
@@ -150,12 +148,16 @@ def test_value_and_key_that_differ_raise_as_in_multi_head_attention(
         keras_favor.FavorAttention(2, 4)(*symbolic)
     # With the key made to fit, the same shapes give the call's output.
     key_shape = value_shape[:-1] + (5,)
-    output = layer(data(rng, *query_shape), data(rng, *value_shape),
-                   data(rng, *key_shape))
+    output = layer(
+        data(rng, *query_shape), data(rng, *value_shape), data(rng, *key_shape)
+    )
     for convert in (tuple, list):
-        assert layer.compute_output_shape(
-            convert(query_shape), convert(value_shape), convert(key_shape)
-        ) == output.shape
+        assert (
+            layer.compute_output_shape(
+                convert(query_shape), convert(value_shape), convert(key_shape)
+            )
+            == output.shape
+        )
 
 
 def test_value_and_key_that_differ_at_run_time_raise(rng):
@@ -211,8 +213,22 @@ def test_output_shape_takes_ints_and_tuples_of_ints(output_shape, expected):
 
 @pytest.mark.parametrize(
     "output_shape",
-    ["12", b"12", True, np.bool_(True), (True, 2), 2.5, 12.0, (4, 2.5),
-     0, -3, (), (4, 0), (4, None), {"a": 1}],
+    [
+        "12",
+        b"12",
+        True,
+        np.bool_(True),
+        (True, 2),
+        2.5,
+        12.0,
+        (4, 2.5),
+        0,
+        -3,
+        (),
+        (4, 0),
+        (4, None),
+        {"a": 1},
+    ],
 )
 def test_output_shape_rejects_what_is_not_a_positive_int(output_shape):
     # MultiHeadAttention's phrase first, then what is allowed.
@@ -256,8 +272,14 @@ def test_seeds_outside_the_range_raise_at_construction(seed):
 
 @pytest.mark.parametrize(
     "seed",
-    [5, np.int64(5), [5, 0], tf.constant([5, 0]),
-     tf.constant([5, 0], tf.int64), np.array([5, 0], np.int32)],
+    [
+        5,
+        np.int64(5),
+        [5, 0],
+        tf.constant([5, 0]),
+        tf.constant([5, 0], tf.int64),
+        np.array([5, 0], np.int32),
+    ],
 )
 def test_redraw_takes_an_int_or_a_pair_of_ints(seed):
     layer = keras_favor.FavorAttention(2, 4, num_features=8)
@@ -269,8 +291,17 @@ def test_redraw_takes_an_int_or_a_pair_of_ints(seed):
 
 @pytest.mark.parametrize(
     "seed",
-    ["5", 1.5, True, tf.constant([1.0, 2.0]), tf.constant([1, 2, 3]),
-     np.array([[1, 2]]), [1.5, 2.0], 2**63, object()],
+    [
+        "5",
+        1.5,
+        True,
+        tf.constant([1.0, 2.0]),
+        tf.constant([1, 2, 3]),
+        np.array([[1, 2]]),
+        [1.5, 2.0],
+        2**63,
+        object(),
+    ],
 )
 def test_redraw_rejects_other_seeds_naming_seed(seed):
     layer = keras_favor.FavorAttention(2, 4, num_features=8)

@@ -16,7 +16,9 @@ import keras_favor  # noqa: F401  (registers the layers)
 
 pytestmark = pytest.mark.backend_independent
 
-DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+DATA = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data"
+)
 NAMES = [
     "classifier_favor",
     "classifier_relu_sequential",
@@ -35,6 +37,8 @@ def recorded():
 def test_saved_file_loads_with_its_outputs(name, recorded):
     model = keras.saving.load_model(os.path.join(DATA, f"{name}.keras"))
     np.testing.assert_allclose(
-        np.asarray(model(recorded["token_ids"])), recorded[name],
-        rtol=1e-5, atol=1e-5,
+        np.asarray(model(recorded["token_ids"])),
+        recorded[name],
+        rtol=1e-5,
+        atol=1e-5,
     )

@@ -46,15 +46,24 @@ def assert_equal_at_real_positions(got, want, mask):
 
 def attention_layer(feature_map, local_window=0, dropout=0.0):
     return keras_favor.FavorAttention(
-        num_heads=2, key_dim=8, num_features=16, feature_map=feature_map,
-        local_window=local_window, chunk_size=4, seed=1, dropout=dropout,
+        num_heads=2,
+        key_dim=8,
+        num_features=16,
+        feature_map=feature_map,
+        local_window=local_window,
+        chunk_size=4,
+        seed=1,
+        dropout=dropout,
     )
 
 
 def layer_call(layer):
     def call(x, mask, cache, index):
         return layer(
-            x, query_mask=mask, use_causal_mask=True, cache=cache,
+            x,
+            query_mask=mask,
+            use_causal_mask=True,
+            cache=cache,
             cache_update_index=index,
         )
 
@@ -112,7 +121,10 @@ def test_no_dropout_when_decoding(rng):
     x, mask = padded_inputs(rng)
     want = np.asarray(layer(x, query_mask=mask, use_causal_mask=True))
     outputs, _ = layer(
-        x, query_mask=mask, use_causal_mask=True, cache=layer.empty_cache(3),
+        x,
+        query_mask=mask,
+        use_causal_mask=True,
+        cache=layer.empty_cache(3),
         training=True,
     )
     assert_equal_at_real_positions(np.asarray(outputs), want, mask)
@@ -121,8 +133,13 @@ def test_no_dropout_when_decoding(rng):
 @pytest.mark.parametrize("attention", ["favor", "exact"])
 def test_block_cached_pieces_equal_one_call(rng, attention):
     block = PerformerBlock(
-        num_heads=2, intermediate_dim=32, causal=True, attention=attention,
-        num_features=16, chunk_size=4, seed=3,
+        num_heads=2,
+        intermediate_dim=32,
+        causal=True,
+        attention=attention,
+        num_features=16,
+        chunk_size=4,
+        seed=3,
     )
     x, mask = padded_inputs(rng)
     want = np.asarray(block(x, mask=mask))
@@ -212,9 +229,7 @@ def test_cached_softmax_attention_pieces_equal_multi_head_attention(rng):
     # sequence with the padding as a key mask, with the same weights.
     x, mask = padded_inputs(rng)
     reference = keras.layers.MultiHeadAttention(num_heads=2, key_dim=8)
-    want = np.asarray(
-        reference(x, x, value_mask=mask, use_causal_mask=True)
-    )
+    want = np.asarray(reference(x, x, value_mask=mask, use_causal_mask=True))
     layer = keras_favor.layers.CachedSoftmaxAttention(num_heads=2, key_dim=8)
     layer.build(x.shape, x.shape)
     layer.set_weights(reference.get_weights())

@@ -34,8 +34,7 @@ CONFIGS = [
     # Keras 3.15's MultiHeadAttention itself fails on JAX with a value_dim
     # other than key_dim (a reshape to key_dim in its attention).
     pytest.param(
-        {"value_dim": 6, "output_shape": 10},
-        marks=pytest.mark.tensorflow_only,
+        {"value_dim": 6, "output_shape": 10}, marks=pytest.mark.tensorflow_only
     ),
     {"use_bias": False},
     {"output_shape": (3, 4)},
@@ -152,8 +151,10 @@ def test_multi_head_attention_attends_over_all_middle_axes_jointly(rng):
     sequence = exact_layer(flat(x), num_heads=2, key_dim=4)
     sequence.set_weights(image.get_weights())
     np.testing.assert_allclose(
-        flat(np.asarray(image(x, x))), sequence(flat(x), flat(x)),
-        rtol=1e-5, atol=1e-6,
+        flat(np.asarray(image(x, x))),
+        sequence(flat(x), flat(x)),
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 
@@ -181,7 +182,8 @@ def test_rank_four_equals_the_flattened_sequence(rng, causal, masked):
         sequence(
             flat(query), flat(value), use_causal_mask=causal, **flat_kwargs
         ),
-        rtol=1e-5, atol=1e-6,
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 
@@ -227,7 +229,8 @@ def test_rank_four_in_a_functional_model_of_unknown_sizes(rng):
     np.testing.assert_allclose(
         model.predict(x, verbose=0),
         layer(x, x, use_causal_mask=True),
-        rtol=1e-5, atol=1e-6,
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 
@@ -283,7 +286,9 @@ def test_keys_align_to_the_query_length_also_when_lengths_are_unknown(
 
     @tf.function(
         input_signature=[
-            tf.TensorSpec((None, None, 8)), spec, spec,
+            tf.TensorSpec((None, None, 8)),
+            spec,
+            spec,
             tf.TensorSpec((None, None), tf.bool),
         ]
     )
@@ -343,8 +348,10 @@ def test_lora_survives_a_keras_round_trip(rng, tmp_path):
     model.save(tmp_path / "lora.keras")
     restored = keras.saving.load_model(tmp_path / "lora.keras")
     np.testing.assert_allclose(
-        restored.predict(x, verbose=0), model.predict(x, verbose=0),
-        rtol=1e-5, atol=1e-6,
+        restored.predict(x, verbose=0),
+        model.predict(x, verbose=0),
+        rtol=1e-5,
+        atol=1e-6,
     )
     loaded = restored.get_layer("attention")
     assert (loaded.lora_rank, loaded.lora_alpha) == (2, 4)

@@ -298,8 +298,7 @@ def test_config_round_trip_of_dropout_an_int_output_shape_and_objects():
     assert restored.output_shape_ == (12,)
     assert restored.projection_distribution.norm == "sqrt_d"
     assert isinstance(
-        restored.feature_map,
-        keras_favor.feature_maps.SoftmaxHyperbolicFeatures,
+        restored.feature_map, keras_favor.feature_maps.SoftmaxHyperbolicFeatures
     )
 
 

@@ -63,22 +63,31 @@ def test_dropout_acts_in_training_only(inputs):
         inference,
     )
     for causal in (False, True):
-        training = numpy(layer(query, value, attention_mask=mask,
-                               training=True, use_causal_mask=causal))
+        training = numpy(
+            layer(
+                query,
+                value,
+                attention_mask=mask,
+                training=True,
+                use_causal_mask=causal,
+            )
+        )
         assert np.isfinite(training).all(), causal
         if not causal:
             assert not np.allclose(training, inference)
     grouped = make_layer(dropout=0.5, recompute_length=8)
-    out = grouped(query, value, attention_mask=mask, training=True,
-                  use_causal_mask=True)
+    out = grouped(
+        query, value, attention_mask=mask, training=True, use_causal_mask=True
+    )
     assert np.isfinite(numpy(out)).all()
 
 
 def test_mixed_precision_is_close_to_float32(inputs):
     query, value, mask = inputs
     full = make_layer()
-    expected = numpy(full(query, value, attention_mask=mask,
-                          use_causal_mask=True))
+    expected = numpy(
+        full(query, value, attention_mask=mask, use_causal_mask=True)
+    )
     keras.config.set_dtype_policy("mixed_float16")
     mixed = make_layer()
     mixed(query, value, attention_mask=mask)
@@ -100,17 +109,19 @@ def test_export_of_unknown_lengths_needs_tensorflow(tmp_path, inputs):
 
     served = tf.saved_model.load(str(tmp_path / "fixed"))
     np.testing.assert_allclose(
-        served.serve(tf.constant(query)).numpy(), numpy(model(query)),
-        atol=1e-5,
+        served.serve(tf.constant(query)).numpy(), numpy(model(query)), atol=1e-5
     )
     unknown = keras.Input((None, DIM))
     models = {
-        "favor_attention": keras.Model(
-            unknown, make_layer()(unknown, unknown)
-        ),
+        "favor_attention": keras.Model(unknown, make_layer()(unknown, unknown)),
         "build_performer": keras_favor.build_performer(
-            vocabulary_size=20, max_length=12, num_layers=1, num_heads=2,
-            hidden_dim=16, num_features=8, seed=3,
+            vocabulary_size=20,
+            max_length=12,
+            num_layers=1,
+            num_heads=2,
+            hidden_dim=16,
+            num_features=8,
+            seed=3,
         ),
     }
     for name, model in models.items():

@@ -21,8 +21,10 @@ def block(**kwargs):
 
 
 def inputs(batch=2, length=8, seed=0):
-    return np.random.RandomState(seed).normal(size=(batch, length, HIDDEN)).astype(
-        "float32"
+    return (
+        np.random.RandomState(seed)
+        .normal(size=(batch, length, HIDDEN))
+        .astype("float32")
     )
 
 
@@ -87,7 +89,9 @@ def test_pre_norm_matches_manual_computation():
     layer.build(x.shape)
     normed = layer.attention_norm(x)
     h = x + np.asarray(layer.attention_layer(normed, normed))
-    ffn = layer.output_dense(layer.intermediate_dense(layer.feedforward_norm(h)))
+    ffn = layer.output_dense(
+        layer.intermediate_dense(layer.feedforward_norm(h))
+    )
     np.testing.assert_allclose(layer(x), h + np.asarray(ffn), atol=1e-5)
 
 
@@ -222,8 +226,9 @@ def test_key_dim_defaults_to_hidden_over_heads_and_can_be_set():
 
 
 def test_favor_options_reach_the_attention_layer():
-    layer = block(feature_map="relu", num_features=8, projection="iid",
-                  chunk_size=4)
+    layer = block(
+        feature_map="relu", num_features=8, projection="iid", chunk_size=4
+    )
     layer(inputs())
     attention = layer.attention_layer
     assert type(attention.feature_map).__name__ == "ReluFeatures"
@@ -263,7 +268,7 @@ def test_checking_the_options_leaves_automatic_names_alone():
     second = keras_favor.FavorAttention(2, 8)
     prefix = "favor_attention"
     numbers = [
-        int(layer.name[len(prefix) + 1:] or 0) if layer.name != prefix else 0
+        int(layer.name[len(prefix) + 1 :] or 0) if layer.name != prefix else 0
         for layer in (first, second)
     ]
     assert numbers[1] == numbers[0] + 1

@@ -33,8 +33,10 @@ def blocks(model):
 
 
 def tokens(batch=3, length=12, seed=0):
-    return np.random.RandomState(seed).randint(1, 30, (batch, length)).astype(
-        "int32"
+    return (
+        np.random.RandomState(seed)
+        .randint(1, 30, (batch, length))
+        .astype("int32")
     )
 
 
@@ -70,8 +72,13 @@ def test_sequential_is_the_functional_architecture(task):
 
 
 def test_blocks_get_task_options_and_distinct_seeds():
-    model = build(task="language_model", attention="exact", dropout=0.1,
-                  feature_map="relu", projection="iid")
+    model = build(
+        task="language_model",
+        attention="exact",
+        dropout=0.1,
+        feature_map="relu",
+        projection="iid",
+    )
     language_model_blocks = blocks(model)
     assert len(language_model_blocks) == 2
     for block in language_model_blocks:
@@ -97,7 +104,9 @@ def test_language_model_is_causal():
     x = tokens(batch=1)
     changed = x.copy()
     changed[:, 7:] = 1
-    np.testing.assert_allclose(model(x)[:, :7], model(changed)[:, :7], atol=1e-5)
+    np.testing.assert_allclose(
+        model(x)[:, :7], model(changed)[:, :7], atol=1e-5
+    )
     assert not np.allclose(model(x)[:, 7:], model(changed)[:, 7:])
 
 
@@ -138,7 +147,11 @@ def test_classifier_trains_with_fit_and_feature_redraw():
     )
     initial = [np.asarray(b.attention_layer.projection) for b in blocks(model)]
     history = model.fit(
-        x, y, batch_size=32, epochs=6, verbose=0,
+        x,
+        y,
+        batch_size=32,
+        epochs=6,
+        verbose=0,
         callbacks=[keras_favor.FeatureRedraw(interval=20, seed=0)],
     )
     assert history.history["loss"][-1] < 0.5 * history.history["loss"][0]
@@ -157,9 +170,9 @@ def test_longer_input_than_max_length_raises():
 
 
 def test_post_norm_has_no_final_norm():
-    names = [l.name for l in build(normalize_first=False).layers]
+    names = [layer.name for layer in build(normalize_first=False).layers]
     assert "final_norm" not in names
-    assert "final_norm" in [l.name for l in build().layers]
+    assert "final_norm" in [layer.name for layer in build().layers]
 
 
 @pytest.mark.parametrize(

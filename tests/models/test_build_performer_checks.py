@@ -6,7 +6,6 @@ import keras
 import numpy as np
 import pytest
 
-import keras_favor
 from keras_favor.models import language_model_loss
 from tests.models.test_build_performer import SIZES
 from tests.models.test_build_performer import build as build_small
@@ -36,9 +35,7 @@ def keras_mask(tensor):
 def mean_loss_over_real_targets(logits, targets):
     logits = logits.astype(np.float64)
     shifted = logits - logits.max(-1, keepdims=True)
-    log_probabilities = shifted - np.log(
-        np.exp(shifted).sum(-1, keepdims=True)
-    )
+    log_probabilities = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
     losses = -np.take_along_axis(log_probabilities, targets[..., None], -1)
     return losses[..., 0][targets != 0].mean()
 

@@ -22,8 +22,15 @@ def tokens_and_labels():
 def test_compiled_fit_with_redraws_learns_and_reloads(tmp_path, task):
     tokens, labels = tokens_and_labels()
     model = keras_favor.build_performer(
-        vocabulary_size=20, max_length=12, num_layers=1, num_heads=2,
-        hidden_dim=16, num_features=8, task=task, dropout=0.1, seed=3,
+        vocabulary_size=20,
+        max_length=12,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=16,
+        num_features=8,
+        task=task,
+        dropout=0.1,
+        seed=3,
         chunk_size=4,
     )
     if task == "classification":
@@ -32,11 +39,13 @@ def test_compiled_fit_with_redraws_learns_and_reloads(tmp_path, task):
     else:
         x, y = tokens[:, :-1], tokens[:, 1:]
         loss = keras_favor.models.language_model_loss()
-    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=loss,
-                  jit_compile=True)
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2), loss=loss, jit_compile=True
+    )
     redraw = keras_favor.FeatureRedraw(interval=3, seed=1)
-    history = model.fit(x, y, batch_size=16, epochs=4, verbose=0,
-                        callbacks=[redraw])
+    history = model.fit(
+        x, y, batch_size=16, epochs=4, verbose=0, callbacks=[redraw]
+    )
     losses = history.history["loss"]
     assert model.jit_compile
     assert losses[-1] < losses[0], losses
@@ -52,4 +61,3 @@ def test_compiled_fit_with_redraws_learns_and_reloads(tmp_path, task):
     np.testing.assert_allclose(
         loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6
     )
-

@@ -6,6 +6,7 @@ import tensorflow as tf
 
 import keras_favor
 from keras_favor import ops as favor_ops
+from keras_favor.layers import favor_kernels
 
 FEATURE_MAPS = ["softmax", "softmax_hyperbolic", "softmax_trig", "relu", "elu"]
 LENGTH = 19
@@ -14,8 +15,7 @@ LENGTH = 19
 def attention_setup(rng, feature_map):
     """Float32 heads `(2, 2, LENGTH, 8)`, a padding mask and feature fns."""
     layer = keras_favor.FavorAttention(
-        num_heads=2, key_dim=8, num_features=16, feature_map=feature_map,
-        seed=3,
+        num_heads=2, key_dim=8, num_features=16, feature_map=feature_map, seed=3
     )
     layer(np.zeros((1, 2, 16), "float32"))
     # Scale 0.5 keeps the signed trigonometric features' normalizers away
@@ -27,7 +27,7 @@ def attention_setup(rng, feature_map):
     valid = np.arange(LENGTH)[None, :] < np.array([[LENGTH], [12]])
     mask = tf.constant(valid)[:, None, :]
     num_features = layer.feature_map.feature_dim(16, 8)
-    return heads, mask, layer._feature_fns(), num_features
+    return heads, mask, favor_kernels.feature_fns(layer), num_features
 
 
 def in_pieces(heads, mask, fns, num_features, cuts, chunk_size=4):
@@ -39,9 +39,13 @@ def in_pieces(heads, mask, fns, num_features, cuts, chunk_size=4):
     for start, stop in zip(bounds[:-1], bounds[1:]):
         piece_outputs, state = favor_ops.causal_linear_attention(
             *(h[:, :, start:stop] for h in heads),
-            feature_fn, num_features, mask=mask[:, :, start:stop],
-            chunk_size=chunk_size, query_feature_fn=query_feature_fn,
-            initial_state=state, return_state=True,
+            feature_fn,
+            num_features,
+            mask=mask[:, :, start:stop],
+            chunk_size=chunk_size,
+            query_feature_fn=query_feature_fn,
+            initial_state=state,
+            return_state=True,
         )
         outputs.append(piece_outputs)
     return tf.concat(outputs, axis=2), state
@@ -66,17 +70,20 @@ def outputs_state_and_gradients(run, heads, target, mode):
     + [("softmax", "eager"), ("softmax", "xla")],
 )
 @pytest.mark.parametrize("cuts", [(9,), (1, 2, 7, 8, 13, 18)])
-def test_pieces_with_carried_state_equal_the_whole(rng, feature_map, cuts, mode):
+def test_pieces_with_carried_state_equal_the_whole(
+    rng, feature_map, cuts, mode
+):
     # Uneven pieces (of 1 to 6 positions) cross the chunks of 4 anywhere;
     # the second row's keys after position 12 are padding.
     heads, mask, fns, num_features = attention_setup(rng, feature_map)
     target = tf.constant(rng.normal(size=(2, 2, LENGTH, 8)), tf.float32)
     whole = outputs_state_and_gradients(
-        lambda h: in_pieces(h, mask, fns, num_features, ()), heads, target,
-        mode,
+        lambda h: in_pieces(h, mask, fns, num_features, ()), heads, target, mode
     )
     pieces = outputs_state_and_gradients(
-        lambda h: in_pieces(h, mask, fns, num_features, cuts), heads, target,
+        lambda h: in_pieces(h, mask, fns, num_features, cuts),
+        heads,
+        target,
         mode,
     )
     for actual, expected in zip(
@@ -120,16 +127,21 @@ def at_top_level(state):
 def test_state_carries_across_recomputed_groups(rng):
     # Groups of 8 positions recomputed in the backward pass, inside one
     # piece and across pieces: the same numbers as one group.
-    heads, mask, (feature_fn, query_feature_fn), num_features = (
-        attention_setup(rng, "softmax")
+    heads, mask, (feature_fn, query_feature_fn), num_features = attention_setup(
+        rng, "softmax"
     )
 
     def run(recompute_length, initial_state=None):
         with tf.GradientTape() as tape:
             tape.watch(heads)
             outputs, state = favor_ops.causal_linear_attention(
-                *heads, feature_fn, num_features, mask=mask, chunk_size=4,
-                query_feature_fn=query_feature_fn, return_state=True,
+                *heads,
+                feature_fn,
+                num_features,
+                mask=mask,
+                chunk_size=4,
+                query_feature_fn=query_feature_fn,
+                return_state=True,
                 initial_state=initial_state,
                 recompute_length=recompute_length,
             )
@@ -141,26 +153,25 @@ def test_state_carries_across_recomputed_groups(rng):
 
 
 def test_empty_causal_state_is_no_key(rng):
-    heads, mask, (feature_fn, query_feature_fn), num_features = (
-        attention_setup(rng, "softmax")
+    heads, mask, (feature_fn, query_feature_fn), num_features = attention_setup(
+        rng, "softmax"
     )
-    options = dict(
-        mask=mask, chunk_size=4, query_feature_fn=query_feature_fn
-    )
+    options = dict(mask=mask, chunk_size=4, query_feature_fn=query_feature_fn)
     expected = favor_ops.causal_linear_attention(
         *heads, feature_fn, num_features, **options
     )
     actual = favor_ops.causal_linear_attention(
-        *heads, feature_fn, num_features, **options,
+        *heads,
+        feature_fn,
+        num_features,
+        **options,
         initial_state=favor_ops.empty_causal_state(2, 2, num_features, 8),
     )
     np.testing.assert_array_equal(actual, expected)
 
 
 def test_initial_state_of_the_wrong_shape_raises(rng):
-    heads, mask, (feature_fn, _), num_features = attention_setup(
-        rng, "softmax"
-    )
+    heads, mask, (feature_fn, _), num_features = attention_setup(rng, "softmax")
     state = favor_ops.empty_causal_state(2, 2, num_features + 1, 8)
     with pytest.raises(ValueError, match="key_values"):
         favor_ops.causal_linear_attention(
@@ -191,7 +202,8 @@ def per_feature_setup(rng, monkeypatch):
     used = []
     blocked = log_domain_causal._attention_in_blocks
     monkeypatch.setattr(
-        log_domain_causal, "_attention_in_blocks",
+        log_domain_causal,
+        "_attention_in_blocks",
         lambda *args: used.append(args[3:]) or blocked(*args),
     )
     return layer, heads, mask[:, None], target, used
@@ -215,9 +227,10 @@ def test_per_feature_blocks_equal_one_block(rng, monkeypatch):
     from keras_favor.ops import log_domain_causal
 
     layer, heads, mask, target, used = per_feature_setup(rng, monkeypatch)
-    feature_fn, query_feature_fn = layer._feature_fns()
+    feature_fn, query_feature_fn = favor_kernels.feature_fns(layer)
     monkeypatch.setattr(
-        keras_favor.ops.causal_attention, "_loses_a_normalizer",
+        keras_favor.ops.causal_attention,
+        "_loses_a_normalizer",
         lambda levels, denominator: tf.constant(True),
     )
 
@@ -225,11 +238,18 @@ def test_per_feature_blocks_equal_one_block(rng, monkeypatch):
         monkeypatch.setattr(log_domain_causal, "EXACT_BLOCK", block)
         return outputs_state_and_gradients(
             lambda h: favor_ops.causal_linear_attention(
-                *h, feature_fn, layer.num_features, mask=mask, chunk_size=8,
-                query_feature_fn=query_feature_fn, prefix_block=2,
+                *h,
+                feature_fn,
+                layer.num_features,
+                mask=mask,
+                chunk_size=8,
+                query_feature_fn=query_feature_fn,
+                prefix_block=2,
                 return_state=True,
             ),
-            heads, target, "eager",
+            heads,
+            target,
+            "eager",
         )
 
     whole = run(64)
@@ -245,7 +265,7 @@ def test_per_feature_blocks_in_a_tf_function(rng, monkeypatch):
     from keras_favor.ops import log_domain_causal
 
     layer, heads, mask, target, used = per_feature_setup(rng, monkeypatch)
-    feature_fn, query_feature_fn = layer._feature_fns()
+    feature_fn, query_feature_fn = favor_kernels.feature_fns(layer)
     state = favor_ops.empty_causal_state(2, 2, layer.num_features, 8)
 
     def run(block, mode):
@@ -253,8 +273,12 @@ def test_per_feature_blocks_in_a_tf_function(rng, monkeypatch):
 
         def attend(heads):
             parts, state_after = log_domain_causal.log_domain_causal_attention(
-                query_feature_fn(heads[0]), feature_fn(heads[1]), heads[2],
-                mask, state, prefix_block=2,
+                query_feature_fn(heads[0]),
+                feature_fn(heads[1]),
+                heads[2],
+                mask,
+                state,
+                prefix_block=2,
             )
             return parts[0] / parts[1][..., None], state_after
 

@@ -33,15 +33,29 @@ def positive_features(x):
 
 def causal(query, key, value, **kwargs):
     return favor_ops.causal_linear_attention(
-        query, key, value, positive_features, KEY_DIM, chunk_size=2,
-        return_state=True, **kwargs,
+        query,
+        key,
+        value,
+        positive_features,
+        KEY_DIM,
+        chunk_size=2,
+        return_state=True,
+        **kwargs,
     )
 
 
 def window(query, key, value, **kwargs):
     return favor_ops.local_window_attention(
-        query, key, value, positive_features, KEY_DIM, 3, True, chunk_size=2,
-        return_state=True, **kwargs,
+        query,
+        key,
+        value,
+        positive_features,
+        KEY_DIM,
+        3,
+        True,
+        chunk_size=2,
+        return_state=True,
+        **kwargs,
     )
 
 
@@ -51,17 +65,21 @@ def as_numpy(state):
 
 def test_shapes_of_each_state():
     assert favor_ops.CausalState.shapes(2, 3, 16, 5) == (
-        (2, 3, 16, 5), (2, 3, 16), (2, 3, 16),
+        (2, 3, 16, 5),
+        (2, 3, 16),
+        (2, 3, 16),
     )
     shapes = favor_ops.LocalWindowState.shapes(2, 3, 16, 4, 5, 6)
     assert shapes == (
-        (2, 3, 16, 5), (2, 3, 16), (2, 3, 16), (2, 3, 6, 4), (2, 3, 6, 5),
+        (2, 3, 16, 5),
+        (2, 3, 16),
+        (2, 3, 16),
+        (2, 3, 6, 4),
+        (2, 3, 6, 5),
         (2, 1, 6),
     )
     assert shapes.causal == favor_ops.CausalState.shapes(2, 3, 16, 5)
-    assert shapes._fields[3:] == (
-        "window_keys", "window_values", "window_mask",
-    )
+    assert shapes._fields[3:] == ("window_keys", "window_values", "window_mask")
 
 
 def test_empty_states_hold_no_key():
@@ -87,9 +105,7 @@ def test_empty_states_hold_no_key():
 
 
 @pytest.mark.parametrize("attention", [causal, window])
-def test_empty_state_is_no_state_and_a_plain_tuple_is_a_state(
-    attention, rng
-):
+def test_empty_state_is_no_state_and_a_plain_tuple_is_a_state(attention, rng):
     inputs = heads(rng)
     outputs, state = attention(*inputs)
     assert type(state).__name__ == (
@@ -103,8 +119,7 @@ def test_empty_state_is_no_state_and_a_plain_tuple_is_a_state(
     )
     from_empty = attention(*inputs, initial_state=tuple(empty))
     for actual, expected in zip(
-        as_numpy([from_empty[0], *from_empty[1]]),
-        as_numpy([outputs, *state]),
+        as_numpy([from_empty[0], *from_empty[1]]), as_numpy([outputs, *state])
     ):
         np.testing.assert_array_equal(actual, expected)
 
@@ -129,9 +144,9 @@ def test_causal_state_checks_name_the_argument_and_the_tensor(
 ):
     inputs = heads(rng)
     state = favor_ops.empty_causal_state(BATCH, HEADS, KEY_DIM, VALUE_DIM)
-    expected = favor_ops.CausalState.shapes(
-        BATCH, HEADS, KEY_DIM, VALUE_DIM
-    )[index]
+    expected = favor_ops.CausalState.shapes(BATCH, HEADS, KEY_DIM, VALUE_DIM)[
+        index
+    ]
     message = (
         rf"`initial_state\[{index}\]` \({name}\) must have shape "
         + re_tuple(expected)
@@ -204,7 +219,9 @@ def test_one_level_form_keeps_the_sums_it_stands_for(rng):
         (one.key_sum, key_sum * factor),
     ):
         np.testing.assert_allclose(
-            keras.ops.convert_to_numpy(actual), expected, rtol=4 * 2**-23,
+            keras.ops.convert_to_numpy(actual),
+            expected,
+            rtol=4 * 2**-23,
             atol=0,
         )
     back = as_numpy(causal_state.per_feature(one))

@@ -35,7 +35,9 @@ def test_chunks_split_merge_and_pad_positions(rng):
     x = rng.normal(size=(2, 3, 12, 5)).astype("float32")
     split = chunk_scan.split_chunks(x, 4)
     assert tuple(split.shape) == (2, 3, 3, 4, 5)
-    np.testing.assert_array_equal(ops.convert_to_numpy(split)[:, :, 1], x[:, :, 4:8])
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(split)[:, :, 1], x[:, :, 4:8]
+    )
     np.testing.assert_array_equal(
         ops.convert_to_numpy(chunk_scan.merge_chunks(split)), x
     )
@@ -51,7 +53,8 @@ def test_flat_matmul_is_the_einsum(rng):
     np.testing.assert_allclose(
         ops.convert_to_numpy(chunk_scan.flat_matmul(weights, x)),
         np.einsum("bhcn,bhnfd->bhcfd", weights, x),
-        rtol=1e-5, atol=1e-5,
+        rtol=1e-5,
+        atol=1e-5,
     )
 
 
@@ -87,8 +90,14 @@ def scan_inputs(rng, num_chunks, carried):
         carried_level = np.full_like(carried_level, NO_KEY_LEVEL)
     return [
         x.astype("float32")
-        for x in (chunk_kv, chunk_sum, chunk_level, carried_kv, carried_sum,
-                  carried_level)
+        for x in (
+            chunk_kv,
+            chunk_sum,
+            chunk_level,
+            carried_kv,
+            carried_sum,
+            carried_level,
+        )
     ]
 
 
@@ -105,9 +114,12 @@ def test_inherited_states_equal_the_sequential_scan(
     inputs = scan_inputs(rng, num_chunks, carried)
     targets = [
         rng.normal(size=shape).astype("float32")
-        for shape in ((BATCH, HEADS, num_chunks, FEATURES, DIM),
-                      (BATCH, HEADS, num_chunks, FEATURES),
-                      (BATCH, HEADS, FEATURES, DIM), (BATCH, HEADS, FEATURES))
+        for shape in (
+            (BATCH, HEADS, num_chunks, FEATURES, DIM),
+            (BATCH, HEADS, num_chunks, FEATURES),
+            (BATCH, HEADS, FEATURES, DIM),
+            (BATCH, HEADS, FEATURES),
+        )
     ]
 
     def loss_of(scan):
@@ -126,24 +138,40 @@ def test_inherited_states_equal_the_sequential_scan(
 
     grads, values = reference.gradients(
         loss_of(lambda *a: chunk_scan.inherited_states(*a, prefix_block)),
-        inputs, has_aux=True,
+        inputs,
+        has_aux=True,
     )
     expected_grads, expected = reference.gradients(
         loss_of(sequential_scan), inputs, has_aux=True
     )
-    names = ["key_values", "key_sum", "level", "final key_values",
-             "final key_sum", "final level"]
+    names = [
+        "key_values",
+        "key_sum",
+        "level",
+        "final key_values",
+        "final key_sum",
+        "final level",
+    ]
     for name, got, want in zip(names, values, expected):
         # Every factor is at most 1: round-off of a few float32 products,
         # relative to the largest sum.
         np.testing.assert_allclose(
             got, want, rtol=0, atol=1e-5 * np.abs(want).max(), err_msg=name
         )
-    names = ["chunk key_values", "chunk key_sum", "chunk level",
-             "carried key_values", "carried key_sum", "carried level"]
+    names = [
+        "chunk key_values",
+        "chunk key_sum",
+        "chunk level",
+        "carried key_values",
+        "carried key_sum",
+        "carried level",
+    ]
     for name, got, want in zip(names, grads, expected_grads):
         np.testing.assert_allclose(
-            got, want, rtol=0, atol=1e-5 * max(np.abs(want).max(), 1e-30),
+            got,
+            want,
+            rtol=0,
+            atol=1e-5 * max(np.abs(want).max(), 1e-30),
             err_msg=f"gradient of the {name}",
         )
     if not carried:

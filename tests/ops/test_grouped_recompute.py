@@ -80,7 +80,10 @@ def test_groups_give_the_outputs_state_and_gradients_of_one_pass(
             [x[:, s], None if i == 1 else bias] for i, s in enumerate(slices)
         ]
         outputs, (state,) = run_in_groups(
-            group_fn, inputs, shared=[weight], carry=[carry],
+            group_fn,
+            inputs,
+            shared=[weight],
+            carry=[carry],
             keep_last=keep_last,
         )
         outputs = ops.concatenate([o[0] for o in outputs], axis=1)
@@ -105,10 +108,13 @@ def test_groups_give_the_outputs_state_and_gradients_of_one_pass(
         plain_loss, args, has_aux=True
     )
     for name, got, want in zip(["outputs", "state"], values, expected):
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6,
-                                   err_msg=name)
-    for name, got, want in zip(["x", "shared", "carry", "bias"], grads,
-                               expected_grads):
+        np.testing.assert_allclose(
+            got, want, rtol=1e-6, atol=1e-6, err_msg=name
+        )
+    for name, got, want in zip(
+        ["x", "shared", "carry", "bias"], grads, expected_grads
+    ):
         assert np.abs(want).max() > 0, name
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6,
-                                   err_msg=f"gradient of {name}")
+        np.testing.assert_allclose(
+            got, want, rtol=1e-5, atol=1e-6, err_msg=f"gradient of {name}"
+        )

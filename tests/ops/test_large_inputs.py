@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 import keras_favor
+from keras_favor.layers import favor_kernels
 from tests import reference
 
 FEATURE_MAPS = ["softmax", "softmax_hyperbolic", "softmax_trig", "relu", "elu"]
@@ -14,8 +15,9 @@ UNIT_ROUNDOFF = 2.0**-24
 
 def float32_parts(parts, like):
     """`(values, log_scale)` as float64 arrays, ones and zeros for None."""
-    values, log_scale = (None if x is None else np.asarray(x, np.float64)
-                         for x in parts)
+    values, log_scale = (
+        None if x is None else np.asarray(x, np.float64) for x in parts
+    )
     if values is None:
         values = np.ones_like(log_scale)
     if log_scale is None:
@@ -36,7 +38,8 @@ def log_domain_attention(query_parts, key_parts, v, causal=False):
     exponents = lq[:, :, :, None, :] + lk[:, :, None, :, :]
     top = exponents.max(-1)
     scores = np.sum(
-        vq[:, :, :, None, :] * vk[:, :, None, :, :]
+        vq[:, :, :, None, :]
+        * vk[:, :, None, :, :]
         * np.exp(exponents - top[..., None]),
         axis=-1,
     )
@@ -58,7 +61,12 @@ def attention(q, k, v, feature_fn, query_feature_fn, mode):
     num_features = (values if log_scale is None else log_scale).shape[-1]
     chunk_size = int(mode.split("_")[-1])
     return keras_favor.ops.causal_linear_attention(
-        q, k, v, feature_fn, num_features, chunk_size=chunk_size,
+        q,
+        k,
+        v,
+        feature_fn,
+        num_features,
+        chunk_size=chunk_size,
         query_feature_fn=query_feature_fn,
     )
 
@@ -77,12 +85,14 @@ def test_large_inputs_match_the_float64_estimator(
     x = rng.normal(scale=scale, size=(2, 24, 16)).astype("float32")
     layer(x, x)
     q, k, v = (tf.constant(h, tf.float32) for h in reference.heads(layer, x, x))
-    feature_fn, query_feature_fn = layer._feature_fns()
+    feature_fn, query_feature_fn = favor_kernels.feature_fns(layer)
     actual = attention(q, k, v, feature_fn, query_feature_fn, mode).numpy()
     query_parts = float32_parts(query_feature_fn(q), v)
     key_parts = float32_parts(feature_fn(k), v)
     expected, condition = log_domain_attention(
-        query_parts, key_parts, np.asarray(v, np.float64),
+        query_parts,
+        key_parts,
+        np.asarray(v, np.float64),
         causal=mode != "bidirectional",
     )
 
@@ -116,9 +126,14 @@ def causal_heads(rng, feature_map, scale, length=40):
         for s in (scale, scale, 1.0)
     ]
     valid = np.arange(length)[None, :] < np.array([[length], [29]])
-    values, log_scale = layer._feature_fns()[0](heads[1])
+    values, log_scale = favor_kernels.feature_fns(layer)[0](heads[1])
     num_features = (values if log_scale is None else log_scale).shape[-1]
-    return heads, tf.constant(valid)[:, None, :], layer._feature_fns(), num_features
+    return (
+        heads,
+        tf.constant(valid)[:, None, :],
+        favor_kernels.feature_fns(layer),
+        num_features,
+    )
 
 
 def causal_outputs_and_gradients(heads, mask, fns, num_features, **kwargs):
@@ -127,19 +142,31 @@ def causal_outputs_and_gradients(heads, mask, fns, num_features, **kwargs):
     with tf.GradientTape() as tape:
         tape.watch(heads)
         outputs, state = keras_favor.ops.causal_linear_attention(
-            *heads, feature_fn, num_features, mask=mask,
-            query_feature_fn=query_feature_fn, return_state=True, **kwargs
+            *heads,
+            feature_fn,
+            num_features,
+            mask=mask,
+            query_feature_fn=query_feature_fn,
+            return_state=True,
+            **kwargs,
         )
         loss = tf.reduce_sum(tf.sin(outputs))
     continued = keras_favor.ops.causal_linear_attention(
-        *(h[:, :, :3] for h in heads), feature_fn, num_features,
-        query_feature_fn=query_feature_fn, initial_state=state,
+        *(h[:, :, :3] for h in heads),
+        feature_fn,
+        num_features,
+        query_feature_fn=query_feature_fn,
+        initial_state=state,
     )
     return [outputs, *tape.gradient(loss, heads), continued]
 
 
-@pytest.mark.parametrize("feature_map", ["softmax", "softmax_hyperbolic", "elu"])
-def test_per_feature_levels_equal_one_level_at_ordinary_scales(rng, feature_map):
+@pytest.mark.parametrize(
+    "feature_map", ["softmax", "softmax_hyperbolic", "elu"]
+)
+def test_per_feature_levels_equal_one_level_at_ordinary_scales(
+    rng, feature_map
+):
     # At scale 1 the one-level algorithm keeps every normalizer; the
     # per-feature algorithm, forced here, must give the same outputs,
     # gradients and state, up to round-off.
@@ -152,8 +179,8 @@ def test_per_feature_levels_equal_one_level_at_ordinary_scales(rng, feature_map)
     forced = log_domain_causal.log_domain_causal_attention
     original = keras_favor.ops.causal_attention._loses_a_normalizer
     try:
-        keras_favor.ops.causal_attention._loses_a_normalizer = (
-            lambda *args: tf.constant(True)
+        keras_favor.ops.causal_attention._loses_a_normalizer = lambda *args: (
+            tf.constant(True)
         )
         actual = causal_outputs_and_gradients(
             heads, mask, fns, num_features, chunk_size=8
@@ -184,15 +211,24 @@ def test_large_inputs_in_pieces_equal_the_whole(rng, feature_map):
     heads, mask, fns, num_features = causal_heads(rng, feature_map, 100.0)
     feature_fn, query_feature_fn = fns
     whole, whole_state = keras_favor.ops.causal_linear_attention(
-        *heads, feature_fn, num_features, mask=mask,
-        query_feature_fn=query_feature_fn, return_state=True,
+        *heads,
+        feature_fn,
+        num_features,
+        mask=mask,
+        query_feature_fn=query_feature_fn,
+        return_state=True,
     )
     state, pieces = None, []
     for start, stop in [(0, 7), (7, 8), (8, 33), (33, 40)]:
         outputs, state = keras_favor.ops.causal_linear_attention(
-            *(h[:, :, start:stop] for h in heads), feature_fn, num_features,
-            mask=mask[:, :, start:stop], query_feature_fn=query_feature_fn,
-            chunk_size=4, initial_state=state, return_state=True,
+            *(h[:, :, start:stop] for h in heads),
+            feature_fn,
+            num_features,
+            mask=mask[:, :, start:stop],
+            query_feature_fn=query_feature_fn,
+            chunk_size=4,
+            initial_state=state,
+            return_state=True,
         )
         pieces.append(outputs)
     assert not np.any(np.all(whole.numpy() == 0.0, axis=-1))
@@ -210,7 +246,10 @@ def test_large_causal_inputs_under_xla_equal_eager(rng):
 
     def attend(*heads):
         return keras_favor.ops.causal_linear_attention(
-            *heads, feature_fn, num_features, mask=mask,
+            *heads,
+            feature_fn,
+            num_features,
+            mask=mask,
             query_feature_fn=query_feature_fn,
         )
 

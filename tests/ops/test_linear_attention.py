@@ -1,13 +1,13 @@
 """The linear algorithms against the quadratic form with the same features,
 and the properties that follow: causality, padding invariance, gradients."""
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import keras_favor
 from keras_favor import ops as favor_ops
+from keras_favor.layers import favor_kernels
 from keras_favor.ops import chunk_scan
 from keras_favor.ops import stabilizers
 from tests import reference
@@ -42,7 +42,7 @@ def head_outputs(layer, query, value, mask=None, causal=False):
     )
     if mask is not None:
         mask = tf.constant(mask)[:, None, :]
-    feature_fn, query_feature_fn = layer._feature_fns()
+    feature_fn, query_feature_fn = favor_kernels.feature_fns(layer)
     options = dict(
         mask=mask,
         query_feature_fn=query_feature_fn,
@@ -50,9 +50,13 @@ def head_outputs(layer, query, value, mask=None, causal=False):
     )
     if causal:
         return favor_ops.causal_linear_attention(
-            q, k, v, feature_fn,
+            q,
+            k,
+            v,
+            feature_fn,
             layer.feature_map.feature_dim(layer.num_features, layer.key_dim),
-            chunk_size=layer.chunk_size, **options,
+            chunk_size=layer.chunk_size,
+            **options,
         ).numpy()
     return favor_ops.bidirectional_linear_attention(
         q, k, v, feature_fn, **options
@@ -158,8 +162,10 @@ def test_causal_has_no_future_leakage(rng, feature_map, local_window, position):
     after = np.asarray(layer(changed, changed, use_causal_mask=True))
     assert np.all(np.isfinite(after))
     np.testing.assert_allclose(
-        after[:, : position + 1], before[:, : position + 1],
-        rtol=1e-6, atol=1e-6,
+        after[:, : position + 1],
+        before[:, : position + 1],
+        rtol=1e-6,
+        atol=1e-6,
     )
     assert not np.allclose(after[:, position + 1 :], before[:, position + 1 :])
 
@@ -198,9 +204,7 @@ def test_fully_padded_rows_give_zero_attention_and_finite_gradients(
 
 @pytest.mark.parametrize("feature_map", ["softmax", "softmax_hyperbolic"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_large_inputs_stay_finite_and_match_quadratic(
-    rng, feature_map, causal
-):
+def test_large_inputs_stay_finite_and_match_quadratic(rng, feature_map, causal):
     # Logits of order 1e3 overflow exp in float32 without the stabilizers;
     # the quadratic oracle in float64 handles them.
     layer = make_layer(feature_map)
@@ -229,7 +233,9 @@ def test_one_large_late_key_does_not_underflow_earlier_keys(rng):
     changed[0, -1] *= 1000.0
     before = np.asarray(layer(x, x, use_causal_mask=True))
     after = np.asarray(layer(changed, changed, use_causal_mask=True))
-    np.testing.assert_allclose(after[0, :-1], before[0, :-1], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        after[0, :-1], before[0, :-1], rtol=1e-6, atol=1e-6
+    )
 
 
 def test_grouped_cross_attention_equals_quadratic(rng):
@@ -247,9 +253,7 @@ def test_grouped_cross_attention_equals_quadratic(rng):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_grouped_gradients_with_dropout_match_finite_differences(
-    rng, causal
-):
+def test_grouped_gradients_with_dropout_match_finite_differences(rng, causal):
     # Dropout masks come from stateless seeds, so the recomputation in the
     # backward pass drops the same features: the gradient is the derivative
     # of the dropped-out function. Checked along a random direction in
@@ -257,7 +261,10 @@ def test_grouped_gradients_with_dropout_match_finite_differences(
     layer = make_layer(num_features=16)
     layer(np.zeros((1, 4, 16), "float32"))
     projection = tf.constant(layer.projection.numpy(), tf.float64)
-    feature_fn = lambda heads: layer.feature_map.log_scaled(heads, projection)
+
+    def feature_fn(heads):
+        return layer.feature_map.log_scaled(heads, projection)
+
     shape = (2, 2, 19, 8)
     q, k, v = (tf.constant(rng.normal(scale=0.5, size=shape)) for _ in range(3))
     mask = tf.constant(padding_mask(2, 19, [19, 11]))[:, None, :]
@@ -265,7 +272,9 @@ def test_grouped_gradients_with_dropout_match_finite_differences(
 
     def loss(q, k, v):
         options = dict(
-            mask=mask, dropout_rate=0.3, dropout_seed=[3, 4],
+            mask=mask,
+            dropout_rate=0.3,
+            dropout_seed=[3, 4],
             recompute_length=RECOMPUTE_LENGTH,
         )
         if causal:
@@ -352,20 +361,30 @@ def test_causal_prefix_in_blocks_matches_quadratic(rng, mode):
     heads = [tf.constant(h, tf.float32) for h in reference.heads(layer, x, x)]
     mask = tf.constant(padding_mask(2, 24, [24, 17]))[:, None, :]
     target = tf.constant(rng.normal(size=(2, 2, 24, 8)))
-    feature_fn, query_feature_fn = layer._feature_fns()
+    feature_fn, query_feature_fn = favor_kernels.feature_fns(layer)
     actual = outputs_and_gradients(
         lambda q, k, v: favor_ops.causal_linear_attention(
-            q, k, v, feature_fn, 32, mask=mask, chunk_size=1,
-            query_feature_fn=query_feature_fn, prefix_block=2,
+            q,
+            k,
+            v,
+            feature_fn,
+            32,
+            mask=mask,
+            chunk_size=1,
+            query_feature_fn=query_feature_fn,
+            prefix_block=2,
         ),
-        heads, target, mode,
+        heads,
+        target,
+        mode,
     )
     expected = outputs_and_gradients(
         lambda q, k, v: favor_ops.naive_linear_attention(
-            q, k, v, layer_features(layer, tf.float64), mask=mask,
-            causal=True,
+            q, k, v, layer_features(layer, tf.float64), mask=mask, causal=True
         ),
-        [tf.cast(h, tf.float64) for h in heads], target, mode,
+        [tf.cast(h, tf.float64) for h in heads],
+        target,
+        mode,
     )
     # float32 rounding, relative to each tensor's largest entry.
     for a, e in zip(actual, expected):

@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 import keras_favor
+from keras_favor.layers import favor_kernels
 from keras_favor.ops import local_window_attention
 from tests import reference
 
@@ -45,11 +46,15 @@ def mixed_kernel(layer, q, k, mask, window, causal):
 
 
 def run(layer, heads, mask, window, causal):
-    feature_fn, _ = layer._feature_fns()
+    feature_fn, _ = favor_kernels.feature_fns(layer)
     return local_window_attention(
-        *(tf.constant(h, tf.float32) for h in heads), feature_fn,
-        layer.feature_map.feature_dim(16, 8), window, causal,
-        mask=tf.constant(mask)[:, None, :], chunk_size=4,
+        *(tf.constant(h, tf.float32) for h in heads),
+        feature_fn,
+        layer.feature_map.feature_dim(16, 8),
+        window,
+        causal,
+        mask=tf.constant(mask)[:, None, :],
+        chunk_size=4,
     )
 
 
@@ -87,11 +92,18 @@ def test_gradients_match_the_mixed_quadratic_kernel(rng, causal, window):
         kernel = mixed_kernel(layer, q, k, mask, window, causal)
         return kernel @ v / tf.reduce_sum(kernel, -1, keepdims=True)
 
-    feature_fn, _ = layer._feature_fns()
+    feature_fn, _ = favor_kernels.feature_fns(layer)
     actual = gradients(
         lambda q, k, v: local_window_attention(
-            q, k, v, feature_fn, 16, window, causal,
-            mask=tf.constant(mask)[:, None, :], chunk_size=4,
+            q,
+            k,
+            v,
+            feature_fn,
+            16,
+            window,
+            causal,
+            mask=tf.constant(mask)[:, None, :],
+            chunk_size=4,
         ),
         tf.float32,
     )
@@ -130,8 +142,13 @@ def test_a_window_over_every_key_is_softmax_attention(rng, causal, window):
     _, heads, mask = setup(rng, "softmax", 11)
     heads = [h.astype(np.float32) for h in heads]
     actual = local_window_attention(
-        *heads, no_random_features, 16, window, causal,
-        mask=tf.constant(mask)[:, None, :], chunk_size=4,
+        *heads,
+        no_random_features,
+        16,
+        window,
+        causal,
+        mask=tf.constant(mask)[:, None, :],
+        chunk_size=4,
     )
     expected, bound = softmax_reference(
         *(h.astype(np.float64) for h in heads), mask, causal
@@ -205,7 +222,8 @@ def test_unknown_lengths_give_the_outputs_of_known_ones(rng, causal, window):
     traced = tf.function(
         call,
         input_signature=[
-            tf.TensorSpec((2, None, 16)), tf.TensorSpec((2, None), tf.bool)
+            tf.TensorSpec((2, None, 16)),
+            tf.TensorSpec((2, None), tf.bool),
         ],
     )
     for length in (0, 5, 19):
@@ -250,8 +268,14 @@ def test_bad_local_window_arguments_raise():
 
 def test_language_model_with_a_window_trains_and_round_trips(rng, tmp_path):
     model = keras_favor.models.build_performer(
-        vocabulary_size=20, max_length=16, num_layers=1, hidden_dim=16,
-        num_heads=2, num_features=16, local_window=4, seed=0,
+        vocabulary_size=20,
+        max_length=16,
+        num_layers=1,
+        hidden_dim=16,
+        num_heads=2,
+        num_features=16,
+        local_window=4,
+        seed=0,
         task="language_model",
     )
     tokens = rng.integers(1, 20, size=(8, 17))
@@ -266,7 +290,9 @@ def test_language_model_with_a_window_trains_and_round_trips(rng, tmp_path):
     assert block.attention_layer.local_window == 4
     np.testing.assert_allclose(
         loaded.predict(tokens[:, :-1], verbose=0),
-        model.predict(tokens[:, :-1], verbose=0), rtol=1e-5, atol=1e-5,
+        model.predict(tokens[:, :-1], verbose=0),
+        rtol=1e-5,
+        atol=1e-5,
     )
 
 
@@ -274,19 +300,25 @@ def test_language_model_with_a_window_trains_and_round_trips(rng, tmp_path):
 def test_causal_pieces_with_carried_state_equal_the_whole(rng, cuts):
     # Pieces shorter and longer than the window of 4 and the chunks of 4.
     layer, heads, mask = setup(rng, "softmax", 19)
-    feature_fn, _ = layer._feature_fns()
+    feature_fn, _ = favor_kernels.feature_fns(layer)
     heads = [tf.constant(h, tf.float32) for h in heads]
     mask = tf.constant(mask)[:, None, :]
     options = dict(
-        feature_fn=feature_fn, num_features=16, window=4, causal=True,
+        feature_fn=feature_fn,
+        num_features=16,
+        window=4,
+        causal=True,
         chunk_size=4,
     )
     whole = local_window_attention(*heads, mask=mask, **options)
     state, pieces = None, []
     for start, stop in zip((0, *cuts), (*cuts, 19)):
         outputs, state = local_window_attention(
-            *(h[:, :, start:stop] for h in heads), mask=mask[:, :, start:stop],
-            initial_state=state, return_state=True, **options,
+            *(h[:, :, start:stop] for h in heads),
+            mask=mask[:, :, start:stop],
+            initial_state=state,
+            return_state=True,
+            **options,
         )
         pieces.append(outputs)
     np.testing.assert_allclose(
@@ -302,7 +334,11 @@ def test_bidirectional_state_raises(rng):
     with pytest.raises(ValueError, match="causal attention only"):
         local_window_attention(
             *(tf.constant(h, tf.float32) for h in heads),
-            layer._feature_fns()[0], 16, 2, False, return_state=True,
+            favor_kernels.feature_fns(layer)[0],
+            16,
+            2,
+            False,
+            return_state=True,
         )
 
 
@@ -313,7 +349,8 @@ def test_per_feature_path_matches_the_mixed_kernel(rng, monkeypatch, scale):
     window's at the right scale, also for the first queries, which see no
     far key at all."""
     monkeypatch.setattr(
-        keras_favor.ops.causal_attention, "_loses_a_normalizer",
+        keras_favor.ops.causal_attention,
+        "_loses_a_normalizer",
         lambda levels, denominator: tf.constant(True),
     )
     layer, (q, k, v), mask = setup(rng, "softmax", 19, scale)

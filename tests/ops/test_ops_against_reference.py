@@ -31,7 +31,7 @@ def setup(feature_map, length, seed=0):
     query, key = (normal(BATCH, HEADS, length, KEY_DIM) for _ in range(2))
     value = normal(BATCH, HEADS, length, VALUE_DIM)
     mask = np.ones((BATCH, length), bool)
-    mask[1, length - 4:] = False
+    mask[1, length - 4 :] = False
     earlier_keys = normal(BATCH, HEADS, 7, KEY_DIM)
     earlier_values = normal(BATCH, HEADS, 7, VALUE_DIM)
     earlier = reference.numpy(feature_map(earlier_keys, projection))
@@ -48,8 +48,11 @@ def setup(feature_map, length, seed=0):
         "num_features": feature_map.feature_dim(NUM_PROJECTIONS, KEY_DIM),
         "targets": [
             rng.normal(size=shape).astype("float32")
-            for shape in (value.shape, initial_sums[0].shape,
-                          initial_sums[1].shape)
+            for shape in (
+                value.shape,
+                initial_sums[0].shape,
+                initial_sums[1].shape,
+            )
         ],
     }
 
@@ -63,14 +66,18 @@ def op_outputs_and_sums(case, chunk_size, recompute_length=4096):
     def run(query, key, value, initial_kv, initial_sum):
         initial_state = (initial_kv, initial_sum, ops.zeros_like(initial_sum))
         outputs, (kv, key_sum, level) = favor_ops.causal_linear_attention(
-            query, key, value,
+            query,
+            key,
+            value,
             lambda x: feature_map.log_scaled(x, projection),
             case["num_features"],
-            mask=reference.key_mask(case["mask"]), chunk_size=chunk_size,
+            mask=reference.key_mask(case["mask"]),
+            chunk_size=chunk_size,
             query_feature_fn=lambda x: feature_map.query_log_scaled(
                 x, projection
             ),
-            initial_state=initial_state, return_state=True,
+            initial_state=initial_state,
+            return_state=True,
             recompute_length=recompute_length,
         )
         to_sums = ops.exp(level)
@@ -125,7 +132,10 @@ def values_and_gradients(run, case):
         )
         return total, (outputs, kv, key_sum)
 
-    args = [*case["heads"], *(x.astype("float32") for x in case["initial_sums"])]
+    args = [
+        *case["heads"],
+        *(x.astype("float32") for x in case["initial_sums"]),
+    ]
     grads, values = reference.gradients(loss, args, has_aux=True)
     return [reference.numpy(v) for v in values], grads
 
@@ -175,8 +185,7 @@ def test_causal_op_equals_the_quadratic_form_from_a_state(
     assert_close(ref_sum, expected_sums[1], 2e-6, "reference key_sum")
     assert_close(kv, expected_sums[0], 2e-6, "final key_values")
     assert_close(key_sum, expected_sums[1], 2e-6, "final key_sum")
-    names = ["query", "key", "value", "initial key_values",
-             "initial key_sum"]
+    names = ["query", "key", "value", "initial key_values", "initial key_sum"]
     for name, grad, ref_grad in zip(names, grads, ref_grads):
         assert_close(grad, ref_grad, 1e-5, f"gradient of the {name}")
 
@@ -196,8 +205,11 @@ def test_bidirectional_op_equals_the_quadratic_form(
 
     def op(query, key, value):
         return favor_ops.bidirectional_linear_attention(
-            query, key, value,
-            lambda x: feature_map.log_scaled(x, projection), mask=mask,
+            query,
+            key,
+            value,
+            lambda x: feature_map.log_scaled(x, projection),
+            mask=mask,
             query_feature_fn=lambda x: feature_map.query_log_scaled(
                 x, projection
             ),
@@ -209,8 +221,11 @@ def test_bidirectional_op_equals_the_quadratic_form(
     def naive(query, key, value):
         query, key, value = (ops.cast(x, dtype) for x in (query, key, value))
         return favor_ops.naive_linear_attention(
-            query, key, value,
-            lambda x: feature_map(x, ops.cast(projection, dtype)), mask=mask,
+            query,
+            key,
+            value,
+            lambda x: feature_map(x, ops.cast(projection, dtype)),
+            mask=mask,
         )
 
     target = case["targets"][0]
@@ -229,6 +244,7 @@ def test_bidirectional_op_equals_the_quadratic_form(
         loss_of(naive), case["heads"], has_aux=True
     )
     assert_close(outputs, ref_outputs, 2e-6, "outputs")
-    for name, grad, ref_grad in zip(["query", "key", "value"], grads,
-                                    ref_grads):
+    for name, grad, ref_grad in zip(
+        ["query", "key", "value"], grads, ref_grads
+    ):
         assert_close(grad, ref_grad, 1e-5, f"gradient of the {name}")

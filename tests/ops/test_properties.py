@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 import keras_favor
 from keras_favor import ops as favor_ops
+from keras_favor.layers import favor_kernels
 
 FEATURE_MAPS = ["softmax", "softmax_hyperbolic", "softmax_trig", "relu", "elu"]
 # Maps whose features are exponentials of the heads' norms and projections.
@@ -49,7 +50,7 @@ SETTINGS = dict(
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def feature_layer(feature_map, key_dim, num_features):
     """A built `FavorAttention` whose projection and feature map the kernels
     use; heads are made directly, so its dense sub-layers go unused."""
@@ -115,7 +116,9 @@ def make_mask(kind, batch, length, rng):
         return None
     rows = []
     if kind == "mixed_rows":
-        patterns = rng.choice(["full", "right_padding", "random", "empty"], batch)
+        patterns = rng.choice(
+            ["full", "right_padding", "random", "empty"], batch
+        )
         if batch > 1:
             patterns[rng.integers(batch)] = "empty"
     else:
@@ -181,8 +184,10 @@ def make_inputs(case, scale=1.0):
 
 def kernel(case, q, k, v, mask):
     """The float32 linear-time kernel of `case` on `(q, k, v)`."""
-    layer = feature_layer(case["feature_map"], case["key_dim"], case["num_features"])
-    feature_fn, query_feature_fn = layer._feature_fns()
+    layer = feature_layer(
+        case["feature_map"], case["key_dim"], case["num_features"]
+    )
+    feature_fn, query_feature_fn = favor_kernels.feature_fns(layer)
     mask = None if mask is None else tf.constant(mask)[:, None, :]
     options = dict(
         mask=mask,
@@ -191,9 +196,13 @@ def kernel(case, q, k, v, mask):
     )
     if case["causal"]:
         return favor_ops.causal_linear_attention(
-            q, k, v, feature_fn,
+            q,
+            k,
+            v,
+            feature_fn,
             layer.feature_map.feature_dim(layer.num_features, layer.key_dim),
-            chunk_size=case["chunk_size"], prefix_block=case["prefix_block"],
+            chunk_size=case["chunk_size"],
+            prefix_block=case["prefix_block"],
             **options,
         )
     return favor_ops.bidirectional_linear_attention(
@@ -285,7 +294,9 @@ def round_off_bound(case, q, k, v, mask, expected):
     sees no key has `D_t = 0`; the reference and the kernels give it 0
     exactly (bound 0).
     """
-    layer = feature_layer(case["feature_map"], case["key_dim"], case["num_features"])
+    layer = feature_layer(
+        case["feature_map"], case["key_dim"], case["num_features"]
+    )
     eq, aq = feature_envelope(layer, q.astype(np.float64))
     ek, ak = feature_envelope(layer, k.astype(np.float64))
     seen = seen_keys(case, mask)
@@ -300,9 +311,9 @@ def round_off_bound(case, q, k, v, mask, expected):
     d, s = case["key_dim"], case["key_length"]
     f = eq.shape[-1]
     k_total = f + (d + 16) * (max(aq, ak) + 1) + s
-    spread = e @ np.abs(v.astype(np.float64)) + e.sum(-1, keepdims=True) * np.abs(
-        expected
-    )
+    spread = e @ np.abs(v.astype(np.float64)) + e.sum(
+        -1, keepdims=True
+    ) * np.abs(expected)
     sees_keys = seen.any(-1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         bound = 2 * UNIT_ROUNDOFF * k_total * spread / normalizer
@@ -312,7 +323,9 @@ def round_off_bound(case, q, k, v, mask, expected):
 def reference(case, q, k, v, mask):
     """The quadratic form `phi(Q) phi(K)^T V / phi(Q) phi(K)^T 1` in
     float64, with the layer's unstabilized features."""
-    layer = feature_layer(case["feature_map"], case["key_dim"], case["num_features"])
+    layer = feature_layer(
+        case["feature_map"], case["key_dim"], case["num_features"]
+    )
     projection = projection64(layer)
     return np.asarray(
         favor_ops.naive_linear_attention(
@@ -373,7 +386,10 @@ def test_padded_keys_and_values_change_nothing(case, padded_scale):
     # Padded keys enter as exact zeros, so the outputs agree to the last
     # bit but for the order of float32 sums; 1e-6 of the largest output.
     np.testing.assert_allclose(
-        after, before, rtol=1e-6, atol=1e-6 * np.max(np.abs(before), initial=1.0)
+        after,
+        before,
+        rtol=1e-6,
+        atol=1e-6 * np.max(np.abs(before), initial=1.0),
     )
 
 
@@ -393,12 +409,16 @@ def test_causal_outputs_ignore_later_positions(case, position, future_scale):
 
     def changed(x):
         x = x.copy()
-        x[:, :, t + 1 :] = future_scale * rng.normal(size=x[:, :, t + 1 :].shape)
+        x[:, :, t + 1 :] = future_scale * rng.normal(
+            size=x[:, :, t + 1 :].shape
+        )
         return x
 
     if mask is not None:
         changed_mask = mask.copy()
-        changed_mask[:, t + 1 :] = rng.random(changed_mask[:, t + 1 :].shape) < 0.5
+        changed_mask[:, t + 1 :] = (
+            rng.random(changed_mask[:, t + 1 :].shape) < 0.5
+        )
     else:
         changed_mask = None
     before = run_kernel(case, q, k, v, mask)
@@ -416,10 +436,7 @@ def test_causal_outputs_ignore_later_positions(case, position, future_scale):
 
 
 @settings(max_examples=25, **SETTINGS)
-@given(
-    case=cases(),
-    scale=st.sampled_from([30.0, 100.0, 300.0, 1000.0]),
-)
+@given(case=cases(), scale=st.sampled_from([30.0, 100.0, 300.0, 1000.0]))
 def test_large_scales_give_finite_outputs_and_gradients(case, scale):
     # Finiteness only: at these scales exp(q~ . k~) spans far more than
     # float32's range, and whether each output is also right is for (a) at
@@ -428,8 +445,12 @@ def test_large_scales_give_finite_outputs_and_gradients(case, scale):
     q, k, v = (tf.constant(x) for x in (q, k, v))
     target = tf.constant(
         np.random.default_rng(case["seed"] + 3).normal(
-            size=(case["batch"], case["heads"], case["query_length"],
-                  case["value_dim"])
+            size=(
+                case["batch"],
+                case["heads"],
+                case["query_length"],
+                case["value_dim"],
+            )
         ),
         tf.float32,
     )

@@ -116,8 +116,9 @@ def test_masked_keys_are_exact_zeros_with_zero_gradient(rng):
         assert not got[:, :, 2:].any()
         (grad,) = reference.gradients(lambda x: ops.sum(keys(x)), [log_scale])
         assert np.all(np.isfinite(grad)) and not grad[:, :, 2:].any()
-        np.testing.assert_allclose(grad[:, :, :2], expected[:, :, :2],
-                                   rtol=1e-6)
+        np.testing.assert_allclose(
+            grad[:, :, :2], expected[:, :, :2], rtol=1e-6
+        )
     relu = ops.convert_to_numpy(
         stabilizers.shifted_key_features(values, None, None, mask)
     )

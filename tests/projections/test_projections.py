@@ -80,8 +80,7 @@ def test_same_seed_same_projection(name):
         projection((32, 8), 11), projection((32, 8), 11)
     )
     np.testing.assert_array_equal(
-        projection((32, 8), 11),
-        projection((32, 8), np.array([11, 0])),
+        projection((32, 8), 11), projection((32, 8), np.array([11, 0]))
     )
     assert not np.allclose(projection((32, 8), 11), projection((32, 8), 12))
 
@@ -185,7 +184,9 @@ def test_simplex_features_estimate_small_kernels_better_than_orthogonal():
     rng = np.random.default_rng(0)
     dim, draws = 8, 600
     x, y = (v * 0.3 / np.linalg.norm(v) for v in rng.normal(size=(2, dim)))
-    simplex = kernel_squared_errors(projections.SimplexProjection(), x, y, draws)
+    simplex = kernel_squared_errors(
+        projections.SimplexProjection(), x, y, draws
+    )
     orthogonal = kernel_squared_errors(
         projections.OrthogonalProjection(), x, y, draws
     )
