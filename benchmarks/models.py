@@ -8,6 +8,7 @@ import keras
 import numpy as np
 
 import keras_favor
+from keras_favor.initializers import clone_initializer
 
 NUM_HEADS, KEY_DIM, NUM_FEATURES = 8, 64, 256
 HIDDEN, INTERMEDIATE, NUM_BLOCKS = NUM_HEADS * KEY_DIM, 2048, 2
@@ -111,8 +112,8 @@ class IdentityBlock(keras_favor.PerformerBlock):
         return ValueOutputAttention(
             self.num_heads,
             key_dim,
-            kernel_initializer=self._new_initializer(self.kernel_initializer),
-            bias_initializer=self._new_initializer(self.bias_initializer),
+            kernel_initializer=clone_initializer(self.kernel_initializer),
+            bias_initializer=clone_initializer(self.bias_initializer),
             dtype=self.dtype_policy,
             name="self_attention",
         )

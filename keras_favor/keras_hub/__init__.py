@@ -7,25 +7,25 @@ converted model's `.keras` file loads: import it before
 `keras.saving.load_model`.
 """
 
+from keras_favor.keras_hub import favor_backbone
+from keras_favor.keras_hub import favor_causal_lm
+from keras_favor.keras_hub import favor_seq_2_seq_lm
 from keras_favor.keras_hub.favor_backbone import FavorBackbone
 from keras_favor.keras_hub.favor_backbone import favor_backbone_class
-from keras_favor.keras_hub.favor_backbone import register_backbone_classes
 from keras_favor.keras_hub.favor_causal_lm import FavorCausalLM
 from keras_favor.keras_hub.favor_causal_lm import favor_causal_lm_class
-from keras_favor.keras_hub.favor_causal_lm import register_causal_lm_classes
 from keras_favor.keras_hub.favor_rotary_attention import FavorRotaryAttention
 from keras_favor.keras_hub.favor_seq_2_seq_lm import FavorSeq2SeqLM
 from keras_favor.keras_hub.favor_seq_2_seq_lm import favor_seq_2_seq_lm_class
-from keras_favor.keras_hub.favor_seq_2_seq_lm import (
-    register_seq_2_seq_lm_classes,
-)
 from keras_favor.keras_hub.favor_transformer_decoder import (
     FavorTransformerDecoder,
 )
 
-register_backbone_classes()
-register_causal_lm_classes()
-register_seq_2_seq_lm_classes()
+# The converted classes of every keras-hub backbone and task, registered
+# for `keras.saving.load_model`.
+favor_backbone.register_backbone_classes()
+favor_causal_lm.register_causal_lm_classes()
+favor_seq_2_seq_lm.register_seq_2_seq_lm_classes()
 
 __all__ = [
     "FavorBackbone",
