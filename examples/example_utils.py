@@ -96,7 +96,7 @@ def add_model_arguments(parser, **defaults):
     )
     sizes.update(defaults)
     helps = dict(
-        num_layers="number of Performer blocks",
+        num_layers="number of Transformer blocks",
         num_heads="attention heads per block",
         hidden_dim="width of the embeddings and blocks",
         intermediate_dim="width of the feed-forward layers",
@@ -118,6 +118,52 @@ def add_model_arguments(parser, **defaults):
             help=helps[name],
         )
     return parser
+
+
+def add_conversion_arguments(parser, output_dir, **defaults):
+    """Adds the flags of the experiments that train a teacher on the
+    standard-library corpus, convert it and finetune it: the model's size
+    (`add_model_arguments`, the steps left to each example), the data and
+    the finetuning's learning rate."""
+    sizes = dict(steps=None, epochs=None, dropout=None)
+    sizes.update(defaults)
+    add_model_arguments(parser, **sizes)
+    add = parser.add_argument
+    add("--max-length", type=int, default=128, help="bytes per sequence")
+    add(
+        "--finetune-learning-rate",
+        type=float,
+        default=1e-3,
+        help="AdamW learning rate of the finetuning",
+    )
+    add(
+        "--corpus-bytes",
+        type=int,
+        default=8_000_000,
+        help="how much of the stdlib source to read",
+    )
+    add(
+        "--validation-every",
+        type=int,
+        default=10,
+        help="every n-th file is held out for validation",
+    )
+    add(
+        "--validation-windows",
+        type=int,
+        default=128,
+        help="held-out sequences the bits per byte are measured on",
+    )
+    add("--output-dir", default=output_dir, help="where the results go")
+    return parser
+
+
+def apply_full_size(args, argv, full):
+    """Sets each of `full`'s sizes on `args` unless its flag was given."""
+    given = {a.split("=")[0] for a in (argv or sys.argv[1:])}
+    for name, value in full.items():
+        if "--" + name.replace("_", "-") not in given:
+            setattr(args, name, value)
 
 
 def build_model(args, attention, **kwargs):

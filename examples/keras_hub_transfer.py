@@ -31,7 +31,6 @@ import csv
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -39,6 +38,7 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # example_utils first: it imports TensorFlow without its start-up messages.
+from examples import example_utils
 from examples.example_utils import print_table
 
 # isort: split
@@ -368,65 +368,12 @@ def parse_args(argv):
         default=16,
         help="the window variant's local_window",
     )
-    add("--num-layers", type=int, default=2, help="decoder layers")
-    add("--num-heads", type=int, default=4, help="attention heads")
-    add("--hidden-dim", type=int, default=64, help="model width")
-    add("--intermediate-dim", type=int, default=256, help="feed-forward width")
-    add(
-        "--num-features",
-        type=int,
-        default=64,
-        help="random features per FAVOR+ attention",
-    )
-    add("--max-length", type=int, default=128, help="bytes per sequence")
-    add("--batch-size", type=int, default=16, help="sequences per step")
-    add(
-        "--learning-rate",
-        type=float,
-        default=1e-3,
-        help="AdamW learning rate of the teacher and from-scratch arms",
-    )
-    add(
-        "--finetune-learning-rate",
-        type=float,
-        default=1e-3,
-        help="AdamW learning rate of the finetuning",
-    )
-    add(
-        "--corpus-bytes",
-        type=int,
-        default=8_000_000,
-        help="how much of the stdlib source to read",
-    )
-    add(
-        "--validation-every",
-        type=int,
-        default=10,
-        help="every n-th file is held out for validation",
-    )
-    add(
-        "--validation-windows",
-        type=int,
-        default=128,
-        help="held-out sequences the bits per byte are measured on",
-    )
-    add(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed of the data, the weights and the projections",
-    )
-    add(
-        "--output-dir",
-        default=DEFAULT_OUTPUT_DIR,
-        help="where the CSV, JSON and plot go",
+    example_utils.add_conversion_arguments(
+        parser, DEFAULT_OUTPUT_DIR, intermediate_dim=256
     )
     args = parser.parse_args(argv)
     if args.full:
-        given = {a.split("=")[0] for a in (argv or sys.argv[1:])}
-        for name, value in FULL.items():
-            if "--" + name.replace("_", "-") not in given:
-                setattr(args, name, value)
+        example_utils.apply_full_size(args, argv, FULL)
     if args.finetune_steps is None:
         args.finetune_steps = sorted(
             {max(1, round(args.steps * f)) for f in FINETUNE_FRACTIONS}
