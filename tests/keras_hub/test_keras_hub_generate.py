@@ -178,8 +178,8 @@ def test_loaded_causal_lm_generates_as_before(tmp_path):
 
 
 def test_bart_greedy_generate_equals_argmax_of_repeated_full_passes():
-    """The encoder runs once; each decoder position enters the state once
-    and the cross-attention reads the encoder's states at every step."""
+    """The encoder runs once and is reduced once to the cross-attentions'
+    static caches; each decoder position enters the state once."""
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.BartBackbone(
         vocabulary_size=50,
