@@ -276,6 +276,29 @@ for _mode in ("bidirectional", "causal"):
         )
     )
 
+
+def keras_hub_generate_step(**parameters):
+    """One compiled keras-hub generation step of a GPT-2 CausalLM,
+    converted or not (`keras_hub_generation.generate_step`)."""
+    from benchmarks import keras_hub_generation
+
+    return keras_hub_generation.generate_step(**parameters)
+
+
+# keras-hub generation: the cost of a new token against the buffer length.
+for _model in ("favor", "keras_hub"):
+    for _length in (128, 2048):
+        register(
+            Configuration(
+                f"keras_hub_gpt2_generate_step_{_model}_{_length}",
+                keras_hub_generate_step,
+                {"model": _model, "buffer_length": _length},
+                f"one keras-hub generate step of a 2-layer GPT-2 (hidden 128), "
+                f"{'FAVOR+ state' if _model == 'favor' else 'key/value cache'}"
+                f", buffer {_length}",
+            )
+        )
+
 # The smallest step, for the runner's own tests.
 register(
     Configuration(
@@ -293,6 +316,11 @@ GROUPS = {
         "favor_train_step_causal_1024",
         "favor_forward_causal_1024",
         "performer_blocks_train_step_causal_2048",
+    ),
+    "keras_hub_generation": tuple(
+        f"keras_hub_gpt2_generate_step_{model}_{length}"
+        for model in ("favor", "keras_hub")
+        for length in (128, 2048)
     ),
     "recompute_custom_gradient_vs_remat": tuple(
         f"recompute_{mechanism}_{mode}_16384"

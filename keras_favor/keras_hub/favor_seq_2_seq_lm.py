@@ -16,10 +16,12 @@ class FavorSeq2SeqLM:
     `generate()` and samplers on the converted decoders' recurrent state,
     feeding each decoder position once as `FavorCausalLM` does.
 
-    The encoder runs once; its hidden states and padding mask travel in
-    the cache, and each step's cross-attention reads them (keras-hub's
-    cross-attention key/value cache, a placeholder here, is passed
-    through).
+    The encoder runs once, and each decoder's cross-attention reduces its
+    output once to a static cache of key sums
+    (`FavorTransformerDecoder.encoder_cache`): a step's cost does not grow
+    with the encoder's length, and the steps do not read the encoder's
+    output. (With a feature map that has no static cache, FAVOR++, the
+    encoder's output travels in the cache and each step reads it.)
     """
 
     def _check_generation(self):
@@ -41,6 +43,21 @@ class FavorSeq2SeqLM:
             ],
             axis=1,
         )
+
+    def _cross_attention_caches(self, encoded, encoder_mask):
+        """The decoders' static encoder caches stacked `(B, layers, P)`,
+        and in place of the encoder's output an empty `(B, 0, dim)`; or,
+        when a decoder has no static cache, the encoder's output and
+        empty caches that make each step read it."""
+        layers = self.backbone.decoder_transformer_layers
+        batch_size = ops.shape(encoded)[0]
+        if not all(layer.supports_static_cross_cache for layer in layers):
+            return encoded, ops.zeros((batch_size, len(layers), 0))
+        caches = ops.stack(
+            [layer.encoder_cache(encoded, encoder_mask) for layer in layers],
+            axis=1,
+        )
+        return encoded[:, :0], caches
 
     def _feed(self, token_ids, cache, position, is_real):
         """The decoder's cached call on the token at `position` of each
@@ -75,8 +92,8 @@ class FavorSeq2SeqLM:
         encoded = self.call_encoder(
             token_ids=inputs["encoder_token_ids"], padding_mask=encoder_mask
         )
-        placeholder = ops.zeros(
-            (batch_size, len(self.backbone.decoder_transformer_layers), 1)
+        encoded, placeholder = self._cross_attention_caches(
+            encoded, encoder_mask
         )
         cache = (
             self._decoder_state(batch_size),

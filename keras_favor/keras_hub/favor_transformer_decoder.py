@@ -5,6 +5,7 @@ import keras
 import keras_hub
 
 from keras_favor.keras_hub import packed_state
+from keras_favor.keras_hub import static_cross_attention
 from keras_favor.keras_hub.attention_swap import convert_held_attention
 from keras_favor.layers.favor_options import checked_options
 
@@ -49,9 +50,15 @@ class FavorTransformerDecoder(keras_hub.layers.TransformerDecoder):
     Call arguments:
         As `keras_hub.layers.TransformerDecoder`'s, except that
         `decoder_attention_mask` and `encoder_attention_mask` must be None,
-        `self_attention_cache` is a FAVOR state and a
-        `cross_attention_cache` is only passed through (its update index
-        None): the cross-attention reads `encoder_sequence` at every call.
+        `self_attention_cache` is a FAVOR state and `cross_attention_cache`
+        the cross-attention's static encoder cache (`encoder_cache`): with
+        `cross_attention_cache_update_index=0` it is computed from
+        `encoder_sequence` and returned; with None the cross-attention
+        attends from it alone, at a cost independent of the encoder's
+        length, and `encoder_sequence` is not read. A cache with an empty
+        last axis is passed through, and the cross-attention then reads
+        `encoder_sequence` (for feature maps that have no static cache,
+        `supports_static_cross_cache` False).
 
     Example:
 
@@ -83,6 +90,20 @@ class FavorTransformerDecoder(keras_hub.layers.TransformerDecoder):
         tensor with `packed=True`."""
         state = self._self_attention_layer.empty_cache(batch_size, max_length)
         return packed_state.pack(state) if packed else state
+
+    @property
+    def supports_static_cross_cache(self):
+        """Whether the cross-attention can decode from `encoder_cache`."""
+        return static_cross_attention.supports_static_cache(
+            self._cross_attention_layer
+        )
+
+    def encoder_cache(self, encoder_sequence, encoder_padding_mask=None):
+        """The cross-attention's static cache for `encoder_sequence`: its
+        key sums, `(B, P)` float32, computed once for all decoding steps."""
+        return static_cross_attention.encoder_cache(
+            self._cross_attention_layer, encoder_sequence, encoder_padding_mask
+        )
 
     def call(
         self,
@@ -128,17 +149,16 @@ class FavorTransformerDecoder(keras_hub.layers.TransformerDecoder):
         if self._cross_attention_layer is not None:
             if encoder_padding_mask is None:
                 encoder_padding_mask = _keras_mask(encoder_sequence)
-            x, _ = self._residual(
+            x, cross_attention_cache = self._residual(
                 x,
                 self._cross_attention_layer_norm,
-                lambda y: (
-                    self._cross_attention_layer(
-                        y,
-                        encoder_sequence,
-                        value_mask=encoder_padding_mask,
-                        training=training,
-                    ),
-                    None,
+                lambda y: self._cross_attention(
+                    y,
+                    encoder_sequence,
+                    encoder_padding_mask,
+                    cross_attention_cache,
+                    cross_attention_cache_update_index,
+                    training,
                 ),
                 self._cross_attention_dropout,
                 training,
@@ -173,6 +193,22 @@ class FavorTransformerDecoder(keras_hub.layers.TransformerDecoder):
         if not self.normalize_first:
             x = norm(x)
         return x, cache
+
+    def _cross_attention(
+        self, x, encoder_sequence, padding_mask, cache, update_index, training
+    ):
+        attention = self._cross_attention_layer
+        if cache is not None and update_index is not None:
+            cache = self.encoder_cache(encoder_sequence, padding_mask)
+        if cache is None or cache.shape[-1] == 0:
+            outputs = attention(
+                x, encoder_sequence, value_mask=padding_mask, training=training
+            )
+            return outputs, cache
+        outputs = static_cross_attention.attend_to_encoder_cache(
+            attention, x, cache
+        )
+        return outputs, cache
 
     def _self_attention(
         self,
@@ -234,14 +270,14 @@ class FavorTransformerDecoder(keras_hub.layers.TransformerDecoder):
                     "`use_causal_mask` and padding from the padding masks. "
                     f"Received: {name} of shape {tuple(mask.shape)}"
                 )
-        if cross_attention_cache is not None and (
-            cross_attention_cache_update_index is not None
-        ):
+        index = cross_attention_cache_update_index
+        if index is not None and not (isinstance(index, int) and index == 0):
             raise ValueError(
-                "`cross_attention_cache` can only be passed through (with "
-                "`cross_attention_cache_update_index=None`): the converted "
-                "cross-attention reads `encoder_sequence` at every call, "
-                "and holds no key/value cache to fill."
+                "`cross_attention_cache_update_index` must be 0 (compute the "
+                "static encoder cache) or None (attend from it): the "
+                "encoder's keys are summed once, not position by position. "
+                "Received: cross_attention_cache_update_index="
+                f"{cross_attention_cache_update_index!r}"
             )
         if self_attention_cache is not None and not use_causal_mask:
             raise ValueError(

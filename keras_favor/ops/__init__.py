@@ -10,6 +10,10 @@ carry from one piece of a sequence to the next (`causal_state`).
 """
 
 from keras_favor.ops.bidirectional_attention import (
+    attend_to_bidirectional_key_sums,
+)
+from keras_favor.ops.bidirectional_attention import bidirectional_key_sums
+from keras_favor.ops.bidirectional_attention import (
     bidirectional_linear_attention,
 )
 from keras_favor.ops.causal_attention import causal_linear_attention
@@ -24,6 +28,8 @@ from keras_favor.ops.naive import softmax_attention
 __all__ = [
     "CausalState",
     "LocalWindowState",
+    "attend_to_bidirectional_key_sums",
+    "bidirectional_key_sums",
     "bidirectional_linear_attention",
     "causal_linear_attention",
     "empty_causal_state",

@@ -68,6 +68,45 @@ def _attend_to_key_sums(query, key_values, key_sum, shift, query_feature_fn):
     return stabilizers.normalize(numerator, denominator)
 
 
+def bidirectional_key_sums(key, value, feature_fn, mask=None):
+    """The keys' side of `bidirectional_linear_attention`, computed once.
+
+    Keys that stay fixed while queries come one at a time (an encoder's,
+    read by a decoder's cross-attention) are summed once; each query then
+    costs `attend_to_bidirectional_key_sums`, whatever the number of keys.
+
+    Args:
+        key: `(B, H, S, d)` heads; value `(B, H, S, D)`.
+        feature_fn: maps heads to `(values, log_scale)` feature parts, as
+            `FeatureMap.log_scaled`.
+        mask: bool `(B, 1, S)`, True at real keys, or None.
+
+    Returns:
+        `(K'^T V, K'^T 1, shift)`: float32 `(B, H, F, D)`, `(B, H, F)` and
+        the per-feature shift `(B, H, F)` (or `(B, H, 1)`) they are taken at.
+    """
+    key_values, key_sum, shift = _key_sums(
+        key, value, feature_fn, mask, 0.0, None
+    )
+    shift = ops.broadcast_to(shift, ops.shape(key_sum))
+    return key_values, key_sum, shift
+
+
+def attend_to_bidirectional_key_sums(query, key_sums, query_feature_fn):
+    """`Q'(K'^T V) / Q'(K'^T 1)` from `bidirectional_key_sums`' triple.
+
+    Args:
+        query: `(B, H, L, d)` heads.
+        key_sums: the `(K'^T V, K'^T 1, shift)` of `bidirectional_key_sums`.
+        query_feature_fn: the queries' `feature_fn`.
+
+    Returns:
+        `(B, H, L, D)` float32, as `bidirectional_linear_attention` on the
+        same keys.
+    """
+    return _attend_to_key_sums(query, *key_sums, query_feature_fn)
+
+
 def _positions(mask, positions):
     return None if mask is None else mask[:, :, positions]
 

@@ -178,8 +178,8 @@ def test_loaded_causal_lm_generates_as_before(tmp_path):
 
 
 def test_bart_greedy_generate_equals_argmax_of_repeated_full_passes():
-    """The encoder runs once; each decoder position enters the state once
-    and the cross-attention reads the encoder's states at every step."""
+    """The encoder runs once and is reduced once to the cross-attentions'
+    static caches; each decoder position enters the state once."""
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.BartBackbone(
         vocabulary_size=50,
@@ -201,6 +201,13 @@ def test_bart_greedy_generate_equals_argmax_of_repeated_full_passes():
         "decoder_token_ids": decoder["token_ids"],
         "decoder_padding_mask": decoder["padding_mask"],
     }
+    # The steps' cache holds the key sums and no encoder position.
+    encoded = task.call_encoder(encoder["token_ids"], encoder["padding_mask"])
+    held, sums = task._cross_attention_caches(encoded, encoder["padding_mask"])
+    assert held.shape[1] == 0 and tuple(sums.shape[:2]) == (
+        len(PROMPT_LENGTHS),
+        1,
+    )
     task.compile(sampler="greedy")
     tokens = task.generate(inputs, stop_token_ids=None)["decoder_token_ids"]
     expected = decoder["token_ids"].copy()

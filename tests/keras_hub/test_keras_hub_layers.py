@@ -189,31 +189,60 @@ def test_decoder_cache_call_is_correct(cross_attention):
         )
 
 
-def test_decoder_cross_attention_cache_is_passed_through_never_filled():
-    layer = decoder()
-    x, encoded = uniform(BATCH, 1, HIDDEN), uniform(BATCH, 3, HIDDEN)
-    expected = layer(x, encoded)
-    placeholder = ops.zeros((BATCH, 2, 3, 2, 4))
+def cross_step(layer, x, encoded, cache, update_index=None, mask=None):
+    """A decoding step of `layer` at position 0 with `cache` as its
+    cross-attention cache: `(outputs, cross_cache)`."""
     outputs, _, cross_cache = layer(
         x,
         encoded,
+        encoder_padding_mask=mask,
         self_attention_cache=layer.empty_cache(BATCH),
         self_attention_cache_update_index=0,
-        cross_attention_cache=placeholder,
+        cross_attention_cache=cache,
+        cross_attention_cache_update_index=update_index,
     )
-    assert cross_cache is placeholder
-    np.testing.assert_allclose(
-        np.asarray(outputs), np.asarray(expected), atol=1e-5
-    )
+    return np.asarray(outputs), cross_cache
+
+
+def test_decoder_steps_from_the_static_encoder_cache_alone():
+    """The encoder's key sums, computed once, give each step the full
+    cross-attention's outputs, whatever `encoder_sequence` the step is
+    handed (it is not read)."""
+    layer = decoder()
+    x, encoded = uniform(BATCH, 1, HIDDEN), uniform(BATCH, 7, HIDDEN, seed=1)
+    mask = np.arange(7)[None] < np.array([[7], [4]])
+    expected = np.asarray(layer(x, encoded, encoder_padding_mask=mask))
+    cache = layer.encoder_cache(encoded, mask)
+    assert tuple(cache.shape) == (BATCH, 2 * 16 * (KEY_DIM + 2))
+    other = uniform(BATCH, 2, HIDDEN, seed=2)
+    outputs, returned = cross_step(layer, x, other, cache)
+    assert returned is cache
+    np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-6)
+    # Update index 0: the cache is computed from `encoder_sequence`.
+    outputs, filled = cross_step(layer, x, encoded, cache * 0, 0, mask)
+    np.testing.assert_allclose(np.asarray(filled), np.asarray(cache))
+    np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-6)
+    # An empty cache: the step reads `encoder_sequence`.
+    empty = ops.zeros((BATCH, 0))
+    outputs, _ = cross_step(layer, x, encoded, empty, None, mask)
+    np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_decoder_rejects_a_cross_cache_it_cannot_use():
+    layer = decoder()
+    x, encoded = uniform(BATCH, 1, HIDDEN), uniform(BATCH, 3, HIDDEN)
+    layer(x, encoded)
     with pytest.raises(ValueError, match="cross_attention_cache"):
-        layer(
-            x,
-            encoded,
-            self_attention_cache=layer.empty_cache(BATCH),
-            self_attention_cache_update_index=0,
-            cross_attention_cache=placeholder,
-            cross_attention_cache_update_index=0,
-        )
+        cross_step(layer, x, encoded, ops.zeros((BATCH, 2, 3, 2, 4)))
+    with pytest.raises(ValueError, match="cross_attention_cache_update"):
+        cross_step(layer, x, encoded, layer.encoder_cache(encoded), 1)
+    statistics = FavorTransformerDecoder(
+        **LAYER_ARGUMENTS, favor_options={**OPTIONS, "feature_map": "favor++"}
+    )
+    statistics(x, encoded)
+    assert not statistics.supports_static_cross_cache
+    with pytest.raises(ValueError, match="static cross-attention cache"):
+        statistics.encoder_cache(encoded)
 
 
 # TransformerEncoder.
