@@ -11,8 +11,6 @@ import keras_favor
 from keras_favor import convert
 from tests import reference
 
-pytestmark = pytest.mark.backend_independent
-
 DIM = 16
 
 

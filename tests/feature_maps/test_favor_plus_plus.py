@@ -16,8 +16,6 @@ from keras_favor.feature_maps.favor_plus_plus_features import (
     optimal_coefficient,
 )
 
-pytestmark = pytest.mark.backend_independent
-
 DIM = 16
 
 

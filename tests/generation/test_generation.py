@@ -20,8 +20,6 @@ from tests.language_models import greedy_by_full_passes
 from tests.language_models import language_model
 from tests.language_models import left_padded_prompts
 
-pytestmark = pytest.mark.backend_independent
-
 NEW_TOKENS = 64
 
 

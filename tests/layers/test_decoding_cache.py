@@ -11,8 +11,6 @@ import pytest
 import keras_favor
 from keras_favor.layers import PerformerBlock
 
-pytestmark = pytest.mark.backend_independent
-
 FEATURE_MAPS = ["softmax", "softmax_hyperbolic", "softmax_trig", "relu", "elu"]
 LENGTH = 13
 # Position 0 of row 1 and the first 7 of row 2 are left padding.

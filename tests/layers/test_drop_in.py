@@ -11,8 +11,6 @@ from keras_favor.layers.multi_head_layout import causal_keys
 from tests import reference
 from tests.layer_test_case import run_layer_test
 
-pytestmark = pytest.mark.backend_independent
-
 WEIGHT_DTYPES = {"projection": "float32", "redraw_count": "int32"}
 
 

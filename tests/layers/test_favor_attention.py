@@ -8,8 +8,6 @@ import pytest
 import keras_favor
 from tests.layer_test_case import run_layer_test
 
-pytestmark = pytest.mark.backend_independent
-
 
 def self_attention_data(rng, length=8):
     x = rng.normal(size=(2, length, 16)).astype("float32")

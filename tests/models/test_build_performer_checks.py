@@ -10,8 +10,6 @@ from keras_favor.models import language_model_loss
 from tests.models.test_build_performer import SIZES
 from tests.models.test_build_performer import build as build_small
 
-pytestmark = pytest.mark.backend_independent
-
 
 def build(**kwargs):
     """The tests' small model of `test_build_performer`, with one block."""
