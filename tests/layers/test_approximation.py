@@ -6,8 +6,6 @@ import pytest
 
 import keras_favor
 
-pytestmark = pytest.mark.backend_independent
-
 NUM_HEADS, KEY_DIM = 2, 16
 
 
