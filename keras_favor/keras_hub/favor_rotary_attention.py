@@ -62,8 +62,9 @@ class FavorRotaryAttention(keras.layers.Layer):
         kernel_initializer, bias_initializer: the projections'
             initializers.
         dropout: float in `[0, 1)`, FAVOR+'s feature dropout rate.
-        feature_map, num_features, projection, seed, chunk_size,
-            recompute_length, local_window: as in `FavorAttention`.
+        feature_map: as in `FavorAttention`, and so are `num_features`,
+            `projection`, `seed`, `chunk_size`, `recompute_length` and
+            `local_window`.
         lora_rank, lora_alpha: accepted with the FAVOR options; a
             `lora_rank` other than None raises.
         **kwargs: base layer keyword arguments, such as `name` and `dtype`.
