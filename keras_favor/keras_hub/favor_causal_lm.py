@@ -100,26 +100,8 @@ class FavorCausalLM:
             token_ids, padding_mask, first_free
         )
 
-        def next(prompt, cache, index):
-            position = index - 1
-            # From the shortest prompt's end on, a position the prompt does
-            # not fill holds a sampled token.
-            # A beam search runs `num_beams` copies of each sequence, next
-            # to each other in the batch.
-            copies = ops.shape(prompt)[0] // ops.shape(padding_mask)[0]
-            is_real = ops.logical_or(
-                ops.repeat(padding_mask[:, position], copies, axis=0),
-                position >= first_free,
-            )
-            logits, hidden, cache = self._feed(prompt, cache, position, is_real)
-            return (
-                ops.squeeze(logits, axis=1),
-                ops.squeeze(hidden, axis=1),
-                cache,
-            )
-
         token_ids = self.sampler(
-            next=next,
+            next=sampler_next(self._feed, padding_mask, first_free),
             prompt=token_ids,
             cache=cache,
             index=first_free,
@@ -134,6 +116,27 @@ class FavorCausalLM:
                 token_ids, padding_mask, stop_token_ids
             ),
         }
+
+
+def sampler_next(feed, padding_mask, first_free):
+    """The `next` function that keras-hub's samplers call: it feeds the
+    token at `index - 1` through `feed(prompt, cache, position, is_real)`,
+    the state absorbing it only where it is real: a prompt's token, or from
+    the shortest prompt's end on (`first_free`) a sampled one."""
+
+    def next(prompt, cache, index):
+        position = index - 1
+        # A beam search runs `num_beams` copies of each sequence, next to
+        # each other in the batch.
+        copies = ops.shape(prompt)[0] // ops.shape(padding_mask)[0]
+        is_real = ops.logical_or(
+            ops.repeat(padding_mask[:, position], copies, axis=0),
+            position >= first_free,
+        )
+        logits, hidden, cache = feed(prompt, cache, position, is_real)
+        return (ops.squeeze(logits, axis=1), ops.squeeze(hidden, axis=1), cache)
+
+    return next
 
 
 def generated_mask(token_ids, prompt_mask, stop_token_ids):

@@ -6,6 +6,7 @@ import keras_hub
 from keras import ops
 
 from keras_favor.keras_hub.favor_causal_lm import generated_mask
+from keras_favor.keras_hub.favor_causal_lm import sampler_next
 
 _CLASSES = {}
 
@@ -115,22 +116,8 @@ class FavorSeq2SeqLM:
             (ops.zeros((), "int32"), cache),
         )
 
-        def next(prompt, cache, index):
-            position = index - 1
-            copies = ops.shape(prompt)[0] // ops.shape(padding_mask)[0]
-            is_real = ops.logical_or(
-                ops.repeat(padding_mask[:, position], copies, axis=0),
-                position >= first_free,
-            )
-            logits, hidden, cache = self._feed(prompt, cache, position, is_real)
-            return (
-                ops.squeeze(logits, axis=1),
-                ops.squeeze(hidden, axis=1),
-                cache,
-            )
-
         token_ids = self.sampler(
-            next=next,
+            next=sampler_next(self._feed, padding_mask, first_free),
             prompt=token_ids,
             cache=cache,
             index=first_free,
