@@ -3,8 +3,6 @@ the plumbing at the tiniest size, not speed."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,17 +16,17 @@ REPOSITORY_DIR = os.path.dirname(
 TINY = "tiny_train_step_causal_64"
 
 
-def run_module(*argv):
-    process = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", *argv],
-        check=False,
-        cwd=REPOSITORY_DIR,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert process.returncode == 0, process.stderr[-4000:]
-    return process.stdout
+def run_module(capsys, *argv):
+    """`python -m benchmarks.run ARGV` in this process (its workers are
+    processes of their own); what it printed."""
+    capsys.readouterr()
+    cwd = os.getcwd()
+    os.chdir(REPOSITORY_DIR)
+    try:
+        run.main(list(argv))
+    finally:
+        os.chdir(cwd)
+    return capsys.readouterr().out
 
 
 def test_groups_expand_to_registered_names_and_unknown_names_are_refused():
@@ -48,12 +46,14 @@ def test_groups_expand_to_registered_names_and_unknown_names_are_refused():
     and not os.path.isfile(os.path.join(REPOSITORY_DIR, ".git")),
     reason="compares commits of a git checkout",
 )
-def test_runner_writes_per_commit_results_and_compares_two_revisions(tmp_path):
+def test_runner_writes_per_commit_results_and_compares_two_revisions(
+    tmp_path, capsys
+):
     output = str(tmp_path)
     label = run.revision_label("worktree")
     head = run.revision_label("HEAD")
     printed = run_module(
-        "--configs", TINY, "--rounds", "1", "--output-dir", output
+        capsys, "--configs", TINY, "--rounds", "1", "--output-dir", output
     )
     assert f"| {TINY} | median_s |" in printed
     stored = json.loads((tmp_path / "commits" / f"{label}.json").read_text())
@@ -69,6 +69,7 @@ def test_runner_writes_per_commit_results_and_compares_two_revisions(tmp_path):
     # The two revisions alternate in one run; each gets its own file (or,
     # for one commit twice, two runs in its file).
     printed = run_module(
+        capsys,
         "--compare",
         "HEAD",
         "worktree",
@@ -90,7 +91,14 @@ def test_runner_writes_per_commit_results_and_compares_two_revisions(tmp_path):
     table = (tmp_path / "comparisons" / f"{head}_vs_{label}.md").read_text()
     assert header in table and row in table
     shown = run_module(
-        "--show", "HEAD", "worktree", "--configs", TINY, "--output-dir", output
+        capsys,
+        "--show",
+        "HEAD",
+        "worktree",
+        "--configs",
+        TINY,
+        "--output-dir",
+        output,
     )
     assert shown.splitlines()[0] == header
     assert shown.splitlines()[2].startswith(f"| {TINY} | median_s | ")
