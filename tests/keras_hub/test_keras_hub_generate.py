@@ -90,6 +90,59 @@ def test_greedy_generate_equals_argmax_of_repeated_full_passes(
     )
 
 
+def left_padded_prompts(seed=0, lengths=(3, 5, 4, 7)):
+    """Prompts of `lengths`, each ending at position 7: keras-hub's
+    generate fills every masked position from the shortest prompt's end on
+    (here position 3), and leaves the masked ones before it as padding."""
+    rng = np.random.RandomState(seed)
+    token_ids = np.zeros((len(lengths), LENGTH), "int32")
+    padding_mask = np.zeros(token_ids.shape, bool)
+    for row, length in enumerate(lengths):
+        token_ids[row, 7 - length : 7] = rng.randint(1, 50, length)
+        padding_mask[row, 7 - length : 7] = True
+    return {"token_ids": token_ids, "padding_mask": padding_mask}
+
+
+def greedy_filling_by_full_passes(model, inputs):
+    """keras-hub's generate, one full forward pass per new token: from the
+    shortest prompt's end on, each masked position gets the argmax of a
+    pass over the prompt's tokens and the tokens generated so far."""
+    token_ids = inputs["token_ids"].copy()
+    prompt_mask = inputs["padding_mask"]
+    first_free = prompt_mask.sum(axis=1).min()
+    for row in range(len(token_ids)):
+        for position in range(max(first_free, 1), LENGTH):
+            if prompt_mask[row, position]:
+                continue
+            seen = np.arange(LENGTH) < position
+            mask = seen & (prompt_mask[row] | (np.arange(LENGTH) >= first_free))
+            logits = np.asarray(
+                model(
+                    {
+                        "token_ids": token_ids[row : row + 1],
+                        "padding_mask": mask[None],
+                    }
+                )
+            )
+            token_ids[row, position] = np.argmax(logits[0, position - 1])
+    return token_ids
+
+
+def test_greedy_generate_of_left_padded_prompts_equals_full_passes():
+    """Padding before the prompts: the padding before the shortest
+    prompt's end never enters the state; the later masked positions are
+    generated, as keras-hub's generate treats them."""
+    model = converted_gpt2()
+    inputs = left_padded_prompts()
+    tokens = generate(model, inputs, "greedy")
+    np.testing.assert_array_equal(
+        tokens, greedy_filling_by_full_passes(model, inputs)
+    )
+    # The prompts' tokens are kept.
+    mask = inputs["padding_mask"]
+    np.testing.assert_array_equal(tokens[mask], inputs["token_ids"][mask])
+
+
 def test_prefilled_state_holds_each_real_prompt_position_once():
     """After the prefill (positions 0 and 1, padding masked per sequence)
     and the token at position 2, the logits are a full forward pass's with
