@@ -25,7 +25,9 @@ class FavorCausalLM:
     `call_with_cache` (a prefill of constant cost per token), then each
     token that `next` feeds. A position that is padding (masked in the
     prompt and before the shortest prompt's end, as with left padding)
-    leaves each sequence's state as it was. So greedy tokens are the argmax
+    leaves each sequence's state as it was; where such a position comes
+    just before a generated one, its token is still read to predict it, as
+    keras-hub feeds it. So greedy tokens are the argmax
     of repeated full forward passes of the converted model, and the cost
     per new token does not grow with the position.
 

@@ -12,6 +12,7 @@ import pytest
 
 from keras_favor.convert import performerize
 from keras_favor.keras_hub import FavorCausalLM
+from keras_favor.keras_hub.favor_causal_lm import sampler_next
 
 LENGTH = 10
 # Prompts of different lengths, right-padded as keras-hub's preprocessors
@@ -103,10 +104,24 @@ def left_padded_prompts(seed=0, lengths=(3, 5, 4, 7)):
     return {"token_ids": token_ids, "padding_mask": padding_mask}
 
 
+def filling_mask(prompt_mask, row, position):
+    """The keys a full pass reads to predict `position` in keras-hub's
+    generate: the prompt's tokens, those generated so far (from the
+    shortest prompt's end on), and the token before it (which generate
+    feeds to predict it, even where the prompt marks it as padding)."""
+    first_free = prompt_mask.sum(axis=1).min()
+    positions = np.arange(LENGTH)
+    mask = (positions < position) & (
+        prompt_mask[row] | (positions >= first_free)
+    )
+    mask[position - 1] = True
+    return mask
+
+
 def greedy_filling_by_full_passes(model, inputs):
     """keras-hub's generate, one full forward pass per new token: from the
     shortest prompt's end on, each masked position gets the argmax of a
-    pass over the prompt's tokens and the tokens generated so far."""
+    pass over `filling_mask`."""
     token_ids = inputs["token_ids"].copy()
     prompt_mask = inputs["padding_mask"]
     first_free = prompt_mask.sum(axis=1).min()
@@ -114,8 +129,7 @@ def greedy_filling_by_full_passes(model, inputs):
         for position in range(max(first_free, 1), LENGTH):
             if prompt_mask[row, position]:
                 continue
-            seen = np.arange(LENGTH) < position
-            mask = seen & (prompt_mask[row] | (np.arange(LENGTH) >= first_free))
+            mask = filling_mask(prompt_mask, row, position)
             logits = np.asarray(
                 model(
                     {
@@ -131,16 +145,35 @@ def greedy_filling_by_full_passes(model, inputs):
 def test_greedy_generate_of_left_padded_prompts_equals_full_passes():
     """Padding before the prompts: the padding before the shortest
     prompt's end never enters the state; the later masked positions are
-    generated, as keras-hub's generate treats them."""
+    generated, as keras-hub's generate treats them. The tokens, and the
+    logits of every step of the sampler's `next` along them, are those of
+    full passes."""
     model = converted_gpt2()
     inputs = left_padded_prompts()
+    prompt_mask = inputs["padding_mask"]
     tokens = generate(model, inputs, "greedy")
     np.testing.assert_array_equal(
         tokens, greedy_filling_by_full_passes(model, inputs)
     )
-    # The prompts' tokens are kept.
-    mask = inputs["padding_mask"]
-    np.testing.assert_array_equal(tokens[mask], inputs["token_ids"][mask])
+    np.testing.assert_array_equal(
+        tokens[prompt_mask], inputs["token_ids"][prompt_mask]
+    )
+    first_free = int(prompt_mask.sum(axis=1).min())
+    _, cache = model._prefill(tokens, prompt_mask, first_free)
+    step = sampler_next(model._feed, prompt_mask, first_free)
+    for position in range(first_free, LENGTH):
+        logits, _, cache = step(tokens, cache, position)
+        for row in range(len(tokens)):
+            mask = filling_mask(prompt_mask, row, position)
+            full = model(
+                {"token_ids": tokens[row : row + 1], "padding_mask": mask[None]}
+            )
+            np.testing.assert_allclose(
+                np.asarray(logits)[row],
+                np.asarray(full)[0, position - 1],
+                atol=1e-5,
+                err_msg=f"row {row}, position {position}",
+            )
 
 
 def test_prefilled_state_holds_each_real_prompt_position_once():
