@@ -184,71 +184,71 @@ def test_bad_prompts_and_cache_positions_raise():
 
 SERVED_CLIENT = """
 import json, sys
-import numpy as np
 import tensorflow as tf
-path, prompt, count, seed = json.loads(sys.argv[1])
-served = tf.saved_model.load(path)
-tokens = served.generate(
-    tf.constant(prompt, tf.int32), tf.constant(count, tf.int32),
-    tf.constant(seed, tf.int64),
-)
+tokens = []
+for path, prompt, count, seed in json.loads(sys.argv[1]):
+    served = tf.saved_model.load(path)
+    tokens.append(served.generate(
+        tf.constant(prompt, tf.int32), tf.constant(count, tf.int32),
+        tf.constant(seed, tf.int64),
+    ).numpy().tolist())
 print(json.dumps({
-    "tokens": tokens.numpy().tolist(),
+    "tokens": tokens,
     "keras_favor_imported": any(m.startswith("keras_favor") for m in sys.modules),
 }))
 """
 
 
-def served_generate(path, prompt, count, seed):
-    """The exported `generate` endpoint, run by a TensorFlow-only client
-    process that does not import keras_favor."""
+def served_generate(requests):
+    """The exported `generate` endpoints, run by one TensorFlow-only client
+    process that does not import keras_favor: the tokens of each
+    `(path, prompt, max_new_tokens, seed)` request."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
     env.pop("PYTHONPATH", None)
+    requests = [
+        [path, prompt.tolist(), count, seed]
+        for path, prompt, count, seed in requests
+    ]
     result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            SERVED_CLIENT,
-            json.dumps([path, prompt.tolist(), count, seed]),
-        ],
+        [sys.executable, "-c", SERVED_CLIENT, json.dumps(requests)],
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
-        cwd=os.path.dirname(path),
+        cwd=os.path.dirname(requests[0][0]),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     output = json.loads(result.stdout.strip().splitlines()[-1])
     assert not output["keras_favor_imported"]
-    return np.array(output["tokens"])
+    return [np.array(tokens) for tokens in output["tokens"]]
 
 
 @pytest.mark.tensorflow_only
-@pytest.mark.parametrize(
-    "options, seed",
-    [
-        ({}, [0, 0]),
-        ({"sampler": "random", "top_k": 10, "temperature": 0.7}, [7, 0]),
-    ],
-)
-def test_exported_generate_endpoint_gives_generate_tokens(
-    tmp_path, options, seed
-):
+def test_exported_generate_endpoint_gives_generate_tokens(tmp_path):
+    """Greedy and sampled endpoints, served by one client process."""
     model = language_model(num_layers=1)
-    path = str(tmp_path / "lm_savedmodel")
-    generation.export_language_model(model, path, **options)
     prompt = left_padded_prompts()
-    np.testing.assert_array_equal(
-        served_generate(path, prompt, 20, seed),
-        keras_favor.generate(model, prompt, 20, seed=seed[0], **options),
-    )
-    # A one-token prompt: the prefill is that token alone.
-    np.testing.assert_array_equal(
-        served_generate(path, prompt[:1, -1:], 5, seed),
-        keras_favor.generate(
-            model, prompt[:1, -1:], 5, seed=seed[0], **options
+    requests, expected = [], []
+    for name, options, seed in [
+        ("greedy", {}, [0, 0]),
+        (
+            "random",
+            {"sampler": "random", "top_k": 10, "temperature": 0.7},
+            [7, 0],
         ),
-    )
+    ]:
+        path = str(tmp_path / name)
+        generation.export_language_model(model, path, **options)
+        # A one-token prompt too: the prefill is that token alone.
+        for tokens, count in ((prompt, 20), (prompt[:1, -1:], 5)):
+            requests.append((path, tokens, count, seed))
+            expected.append(
+                keras_favor.generate(
+                    model, tokens, count, seed=seed[0], **options
+                )
+            )
+    for served, want in zip(served_generate(requests), expected):
+        np.testing.assert_array_equal(served, want)
 
 
 @pytest.mark.tensorflow_only
@@ -259,7 +259,7 @@ def test_exported_generate_keeps_a_float32_state_under_mixed_float16(tmp_path):
     generation.export_language_model(model, path)
     prompt = left_padded_prompts()
     np.testing.assert_array_equal(
-        served_generate(path, prompt, 12, [0, 0]),
+        served_generate([(path, prompt, 12, [0, 0])])[0],
         greedy_by_full_passes(model, prompt, 12),
     )
 
