@@ -98,22 +98,14 @@ def gradients(layer, query, value, mask, call_kwargs, cotangent):
         return [g.numpy() for g in grads]
     import jax
 
-    trainable = [v.value for v in layer.trainable_variables]
-    non_trainable = [v.value for v in layer.non_trainable_variables]
+    call = stateless(layer, mask, call_kwargs)
 
     def loss(trainable, query, value):
-        output, _ = layer.stateless_call(
-            trainable,
-            non_trainable,
-            query,
-            value,
-            attention_mask=mask,
-            **call_kwargs,
-        )
-        return jax.numpy.sum(output * cotangent)
+        return jax.numpy.sum(call(trainable, query, value) * cotangent)
 
     # Compiled: one XLA program per configuration costs less than the
     # eager gradient's many small ones.
+    trainable = [v.value for v in layer.trainable_variables]
     weights, query, value = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(
         trainable, query, value
     )
@@ -132,9 +124,17 @@ def forward(layer, query, value, mask, call_kwargs):
     import jax
 
     trainable = [v.value for v in layer.trainable_variables]
+    call = stateless(layer, mask, call_kwargs)
+    return np.asarray(jax.jit(call)(trainable, query, value))
+
+
+def stateless(layer, mask, call_kwargs):
+    """`call(trainable, query, value)`: the layer's outputs for the given
+    trainable weights (its `stateless_call`, for `jax.jit` and
+    `jax.grad`)."""
     non_trainable = [v.value for v in layer.non_trainable_variables]
 
-    def call(query, value):
+    def call(trainable, query, value):
         output, _ = layer.stateless_call(
             trainable,
             non_trainable,
@@ -145,7 +145,7 @@ def forward(layer, query, value, mask, call_kwargs):
         )
         return output
 
-    return np.asarray(jax.jit(call)(query, value))
+    return call
 
 
 def inputs():
