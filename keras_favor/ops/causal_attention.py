@@ -24,6 +24,7 @@ from keras_favor.ops.feature_dropout import group_seed
 from keras_favor.ops.grouped_recompute import RECOMPUTE_LENGTH
 from keras_favor.ops.grouped_recompute import position_groups
 from keras_favor.ops.grouped_recompute import run_in_groups
+from keras_favor.ops.grouped_recompute import split_positions
 from keras_favor.ops.log_domain_causal import log_domain_causal_attention
 from keras_favor.ops.one_position_step import one_position_attention
 
@@ -220,8 +221,8 @@ def _in_groups(
             return_state=return_state,
         ),
         [
-            [x if x is None or s == slice(None) else x[:, :, s] for x in inputs]
-            for s in groups
+            list(pieces)
+            for pieces in zip(*(split_positions(x, groups) for x in inputs))
         ],
         carry=list(state),
     )
