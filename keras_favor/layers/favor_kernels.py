@@ -293,7 +293,7 @@ def _window_covers_every_key(layer, query, key, training, cache):
     return bool(
         layer.local_window
         and cache is None
-        and length is not None
+        and length  # known and nonzero
         and length == key.shape[1]
         and length <= layer.local_window
         and not (training and layer.dropout > 0)
@@ -312,8 +312,8 @@ def _exact_attention(query, key, value, mask, causal):
         query, key, value, mask=mask[:, None, None, :], is_causal=causal
     )
     # Softmax over no key is uniform there: the layer's convention is 0.
-    sees_a_key = ops.cast(mask, "int32")
-    sees_a_key = ops.cumsum(sees_a_key, axis=1) if causal else sees_a_key
-    if not causal:
-        sees_a_key = ops.max(sees_a_key, axis=1, keepdims=True)
-    return outputs * ops.cast(sees_a_key > 0, "float32")[:, :, None, None]
+    if causal:
+        sees_a_key = ops.cumsum(ops.cast(mask, "int32"), axis=1) > 0
+    else:
+        sees_a_key = ops.any(mask, axis=1, keepdims=True)
+    return outputs * ops.cast(sees_a_key, "float32")[:, :, None, None]
