@@ -228,6 +228,21 @@ for _mode in ("bidirectional", "causal"):
     )
 register(
     Configuration(
+        "exact_train_step_causal_1024",
+        training_step,
+        {
+            "level": "layer",
+            "mode": "causal",
+            "length": 1024,
+            "repeats": 15,
+            "model": "exact",
+        },
+        "keras.layers.MultiHeadAttention, causal, forward + backward, "
+        "L = 1024 (the same in every revision: the machine's drift)",
+    )
+)
+register(
+    Configuration(
         "favor_forward_causal_1024",
         training_step,
         {
@@ -314,6 +329,7 @@ GROUPS = {
     "short_sequences": (
         "favor_train_step_bidirectional_1024",
         "favor_train_step_causal_1024",
+        "exact_train_step_causal_1024",
         "favor_forward_causal_1024",
         "performer_blocks_train_step_causal_2048",
     ),
@@ -321,6 +337,13 @@ GROUPS = {
         f"keras_hub_gpt2_generate_step_{model}_{length}"
         for model in ("favor", "keras_hub")
         for length in (128, 2048)
+    ),
+    "causal_against_exact": (
+        "favor_train_step_causal_1024",
+        "exact_train_step_causal_1024",
+        "favor_train_step_bidirectional_1024",
+        "favor_train_step_causal_8192",
+        "favor_train_step_bidirectional_8192",
     ),
     "recompute_custom_gradient_vs_remat": tuple(
         f"recompute_{mechanism}_{mode}_16384"

@@ -169,6 +169,8 @@ def attend(
         `(B, L, N, hv)` float32 outputs; with a `cache`, also the state
         after the last position.
     """
+    if _window_covers_every_key(layer, query, key, training, cache):
+        return _exact_attention(query, key, value, mask, causal)
     query, key, value = (
         ops.transpose(ops.cast(x, "float32"), (0, 2, 1, 3))
         for x in (query, key, value)
@@ -281,3 +283,37 @@ def _check_window_lengths(query, key):
             f"(one length). Received: {lengths[0]} queries and {lengths[1]} "
             "keys."
         )
+
+
+def _window_covers_every_key(layer, query, key, training, cache):
+    """Whether the call is exact softmax attention, a `local_window` at
+    least as long as the (static) sequence, with nothing that needs the
+    window kernel: no cache, no active dropout, no moving statistic."""
+    length = query.shape[1]
+    return bool(
+        layer.local_window
+        and cache is None
+        and length  # known and nonzero
+        and length == key.shape[1]
+        and length <= layer.local_window
+        and not (training and layer.dropout > 0)
+        and not layer.feature_map.uses_statistics
+    )
+
+
+def _exact_attention(query, key, value, mask, causal):
+    """Softmax attention on `(B, L, N, h)` heads by
+    `keras.ops.dot_product_attention` (the backend's fused or flash kernel
+    where it has one), float32; 0 for a query that sees no key."""
+    query, key, value = (ops.cast(x, "float32") for x in (query, key, value))
+    if mask is None:
+        return ops.dot_product_attention(query, key, value, is_causal=causal)
+    outputs = ops.dot_product_attention(
+        query, key, value, mask=mask[:, None, None, :], is_causal=causal
+    )
+    # Softmax over no key is uniform there: the layer's convention is 0.
+    if causal:
+        sees_a_key = ops.cumsum(ops.cast(mask, "int32"), axis=1) > 0
+    else:
+        sees_a_key = ops.any(mask, axis=1, keepdims=True)
+    return outputs * ops.cast(sees_a_key, "float32")[:, :, None, None]

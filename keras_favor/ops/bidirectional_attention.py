@@ -8,6 +8,7 @@ from keras_favor.ops.feature_dropout import numerator_key_features
 from keras_favor.ops.grouped_recompute import RECOMPUTE_LENGTH
 from keras_favor.ops.grouped_recompute import position_groups
 from keras_favor.ops.grouped_recompute import run_in_groups
+from keras_favor.ops.grouped_recompute import split_positions
 from keras_favor.ops.products import matmul_transposed_a
 
 
@@ -107,10 +108,6 @@ def attend_to_bidirectional_key_sums(query, key_sums, query_feature_fn):
     return _attend_to_key_sums(query, *key_sums, query_feature_fn)
 
 
-def _positions(mask, positions):
-    return None if mask is None else mask[:, :, positions]
-
-
 def bidirectional_linear_attention(
     query,
     key,
@@ -177,13 +174,17 @@ def bidirectional_linear_attention(
     _, key_sums = run_in_groups(
         key_group,
         [
-            [key[:, :, s], value[:, :, s], _positions(mask, s)]
-            for s in key_slices
+            list(pieces)
+            for pieces in zip(
+                *(split_positions(x, key_slices) for x in (key, value, mask))
+            )
         ],
         carry=no_keys,
         keep_last=False,
     )
     outputs, _ = run_in_groups(
-        query_group, [[query[:, :, s]] for s in query_slices], shared=key_sums
+        query_group,
+        [[x] for x in split_positions(query, query_slices)],
+        shared=key_sums,
     )
     return ops.concatenate([o[0] for o in outputs], axis=2)

@@ -24,6 +24,7 @@ from keras_favor.ops.feature_dropout import group_seed
 from keras_favor.ops.grouped_recompute import RECOMPUTE_LENGTH
 from keras_favor.ops.grouped_recompute import position_groups
 from keras_favor.ops.grouped_recompute import run_in_groups
+from keras_favor.ops.grouped_recompute import split_positions
 from keras_favor.ops.log_domain_causal import log_domain_causal_attention
 from keras_favor.ops.one_position_step import one_position_attention
 
@@ -137,6 +138,7 @@ def causal_linear_attention(
                 dropout_seed=dropout_seed,
                 prefix_block=prefix_block,
                 normalized=normalized,
+                starts_empty=initial_state is None,
             ),
         )
     if return_state:
@@ -210,6 +212,7 @@ def _in_groups(
         recompute_length,
         multiple=chunk_size,
     )
+    inputs = (query, key, value, mask)
     outputs, state = run_in_groups(
         functools.partial(
             group_attention,
@@ -218,15 +221,19 @@ def _in_groups(
             return_state=return_state,
         ),
         [
-            [x if x is None else x[:, :, s] for x in (query, key, value, mask)]
-            for s in groups
+            list(pieces)
+            for pieces in zip(*(split_positions(x, groups) for x in inputs))
         ],
         carry=list(state),
     )
+    # One group of whole chunks needs neither a concatenation nor a slice,
+    # whose gradients would copy every output.
     outputs = [
-        ops.concatenate(list(pieces), axis=2)[:, :, :length]
-        for pieces in zip(*outputs)
+        pieces[0] if len(pieces) == 1 else ops.concatenate(pieces, axis=2)
+        for pieces in map(list, zip(*outputs))
     ]
+    if not isinstance(padding, int) or padding:
+        outputs = [x[:, :, :length] for x in outputs]
     return outputs[0] if len(outputs) == 1 else tuple(outputs), state
 
 
@@ -244,9 +251,12 @@ def _group_attention(
     normalized,
     num_groups,
     return_state,
+    starts_empty=False,
 ):
     """One group of positions, as `run_in_groups` calls it: the one-level
     kernel, and the per-feature one where it may have lost a normalizer.
+    `starts_empty`: whether the call began with no key before position 0,
+    which spares the first group the carried state's terms.
 
     Returns:
         `(outputs, state)`: the list of the outputs (or the parts), and the
@@ -261,7 +271,7 @@ def _group_attention(
         key_parts,
         value,
         mask,
-        state,
+        None if starts_empty and index == 0 else state,
         chunk_size,
         dropout_rate,
         seed,

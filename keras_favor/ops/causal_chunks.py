@@ -42,7 +42,8 @@ def one_level_causal_attention(
             `(B, H, L, d)` queries and keys, `L` a multiple of `chunk_size`.
         value: `(B, H, L, D)`.
         mask: bool `(B, 1, L)`, True at real keys, or None.
-        state: the `CausalState` before position 0.
+        state: the `CausalState` before position 0, or None for no key
+            before it (the empty state, whose terms are then left out).
         chunk_size: int, positions per chunk.
         dropout_rate, dropout_seed: key-feature dropout of the numerator.
         prefix_block: int >= 2, chunks per block of the prefix scan.
@@ -52,9 +53,9 @@ def one_level_causal_attention(
         shift)`, as `causal_linear_attention(..., normalized=False)` returns
         them, and the `CausalState` after the last key.
     """
-    start = causal_state.one_level(state)
+    start = None if state is None else causal_state.one_level(state)
     key_feats, levels, log_key_feats = _key_features(
-        *key_parts, mask, start.level, chunk_size
+        *key_parts, mask, None if start is None else start.level, chunk_size
     )
     dropped = numerator_key_features(key_feats, dropout_rate, dropout_seed)
     parts, end = _chunk_parts(
@@ -114,7 +115,10 @@ def _chunk_parts(
 
     Inside a chunk of `C` positions the masked `C x C` product is formed;
     across chunks the prefix sums of `K'^T V` and `K'^T 1` come from
-    `inherited_states`.
+    `inherited_states`. The normalizer's sums are one more column of the
+    values, `[V, 1]`, so that every product serves numerator and
+    normalizer at once; under feature dropout, whose numerator has other
+    key features, they run as a second pair `(K', 1)`.
 
     Args:
         query_parts: `(values, log_scale)` of the queries.
@@ -126,27 +130,37 @@ def _chunk_parts(
         levels: `(B, H, L)` running max each key was shifted by.
         value: `(B, H, L, D)`.
         chunk_size: int.
-        state: the carried `CausalState` in its `one_level` form.
+        state: the carried `CausalState` in its `one_level` form, or None.
         prefix_block: int, chunks per block of the prefix scan.
 
     Returns:
         `(parts, state)`: the attention parts of the queries and the state
         after the last key, in the same form.
     """
-    k, v, k_sum, levels = (
-        split_chunks(x, chunk_size)
-        for x in (key_feats, value, key_sum_feats, levels)
-    )
+    ones = ops.ones_like(value[..., :1])
+    if key_sum_feats is key_feats:
+        pairs = [(key_feats, ops.concatenate([value, ones], axis=-1))]
+    else:
+        pairs = [(key_feats, value), (key_sum_feats, ones)]
+    pairs = [tuple(split_chunks(x, chunk_size) for x in p) for p in pairs]
+    levels = split_chunks(levels, chunk_size)
 
     # Each chunk's sums, scaled to the level at its last position. The
     # per-key scale goes on the narrower factor, v, not on k.
     chunk_level = levels[..., -1]
     to_chunk_end = ops.exp(levels - chunk_level[..., None])[..., None]
-    chunk_kv = matmul_transposed_a(k, v * to_chunk_end)
-    chunk_sum = matmul_transposed_a(k_sum, to_chunk_end)[..., 0]
-    kv, key_sum, level, final_state = inherited_states(
-        chunk_kv, chunk_sum, chunk_level, state, prefix_block
-    )
+    scans = [
+        inherited_states(
+            matmul_transposed_a(k, v * to_chunk_end),
+            None,
+            chunk_level,
+            carried,
+            prefix_block,
+        )
+        for (k, v), carried in zip(pairs, _carried_columns(state, len(pairs)))
+    ]
+    level = scans[0][2]
+    key_sum = scans[-1][0][..., -1]
     # The inherited sums rescaled to each position's own level (<= 1).
     inherited = ops.exp(level[..., None] - levels)
 
@@ -178,14 +192,35 @@ def _chunk_parts(
             earlier_or_same(chunk_size), relative, stabilizers.NO_KEY_LEVEL
         )
     )
-    scores = matmul_transposed_b(q, k) * decay
-    numerator = ops.matmul(scores, v)
-    if key_sum_feats is not key_feats:
-        scores = matmul_transposed_b(q, k_sum) * decay
-    denominator = ops.sum(scores, axis=-1)
-
-    numerator += ops.matmul(q, kv) * inherited[..., None]
-    denominator += ops.einsum("bhntf,bhnf->bhnt", q, key_sum) * inherited
+    sums = [
+        ops.matmul(matmul_transposed_b(q, k) * decay, v)
+        + ops.matmul(q, kv) * inherited[..., None]
+        for (k, v), (kv, *_) in zip(pairs, scans)
+    ]
+    value_dim = value.shape[-1]
+    if len(sums) == 1:
+        # A split, whose gradient is one concatenation (slices' add up).
+        sums = ops.split(sums[0], [value_dim], axis=-1)
     # Every product reached query t times exp(-(query shift + level_t)).
-    parts = (numerator, denominator, query_shift + levels)
-    return [merge_chunks(x) for x in parts], final_state
+    parts = (sums[0], sums[1][..., 0], query_shift + levels)
+    return [merge_chunks(x) for x in parts], _final_state(
+        [scan[3] for scan in scans], value_dim
+    )
+
+
+def _carried_columns(state, num_pairs):
+    """The carried one-level state as the scans' states `(sums, None,
+    level)`: `[K'^T V, K'^T 1]` as one, or (two pairs) each alone."""
+    if state is None:
+        return [None] * num_pairs
+    kv, key_sum, level = state
+    key_sum = key_sum[..., None]
+    if num_pairs == 1:
+        return [(ops.concatenate([kv, key_sum], axis=-1), None, level)]
+    return [(kv, None, level), (key_sum, None, level)]
+
+
+def _final_state(scan_states, value_dim):
+    """The `(K'^T V, K'^T 1, level)` state from the scans' final states."""
+    kv, _, level = scan_states[0]
+    return kv[..., :value_dim], scan_states[-1][0][..., -1], level

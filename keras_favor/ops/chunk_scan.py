@@ -59,14 +59,16 @@ def running_max(levels, chunk_size, initial_level):
     Args:
         levels: `(B, H, L)` with `L` a multiple of `chunk_size`.
         chunk_size: int.
-        initial_level: `(B, H)` the running max before position 0.
+        initial_level: `(B, H)` the running max before position 0, or None
+            for no key before it.
     """
     within = _masked_max(
         split_chunks(levels, chunk_size), earlier_or_same(chunk_size)
     )
     chunk_max = within[..., -1]
     before = _masked_max(chunk_max, strictly_earlier(ops.shape(chunk_max)[-1]))
-    before = ops.maximum(before, initial_level[..., None])
+    if initial_level is not None:
+        before = ops.maximum(before, initial_level[..., None])
     return merge_chunks(ops.maximum(within, before[..., None]))
 
 
@@ -84,7 +86,10 @@ def flat_matmul(weights, x):
 
 
 def _levels_before(chunk_level, carried_level):
-    """The level before each chunk: the carried one, then each previous end."""
+    """The level before each chunk: the carried one (`NO_KEY_LEVEL` for
+    None), then each previous end."""
+    if carried_level is None:
+        carried_level = ops.full_like(chunk_level[..., 0], NO_KEY_LEVEL)
     return ops.concatenate(
         [carried_level[..., None], chunk_level[..., :-1]], axis=-1
     )
@@ -111,10 +116,15 @@ def _inherit(decay, sums, carried, carried_factor):
 
     Args:
         decay: `(..., n, n)` weights of the earlier chunks' sums.
-        sums: `(..., n, *S)` each chunk's sums.
-        carried: `(..., *S)` sums from before these chunks.
+        sums: `(..., n, *S)` each chunk's sums, or None (then None).
+        carried: `(..., *S)` sums from before these chunks, or None for
+            none.
         carried_factor: `(..., n)` the carried sums' factor at each chunk.
     """
+    if sums is None:
+        return None
+    if carried is None:
+        return flat_matmul(decay, sums)
     trailing = len(sums.shape) - len(carried_factor.shape)
     carried_factor = ops.reshape(
         carried_factor, ops.shape(carried_factor) + (1,) * trailing
@@ -126,33 +136,53 @@ def _inherit(decay, sums, carried, carried_factor):
 def _sum_at_last_level(level, sums):
     """`sum_c exp(level_c - level_last) sums_c` over the chunks.
 
-    `(..., *S)` from `level` `(..., n)` and `sums` `(..., n, *S)`.
+    `(..., *S)` from `level` `(..., n)` and `sums` `(..., n, *S)`; None for
+    None.
     """
+    if sums is None:
+        return None
     to_last = ops.exp(level - level[..., -1:])[..., None, :]
     return ops.squeeze(flat_matmul(to_last, sums), len(level.shape) - 1)
+
+
+def _plus_carried(sums, carried, factor):
+    """`sums + carried * factor`, `factor` `(B, H)`; `sums` alone without
+    `carried`."""
+    if carried is None or sums is None:
+        return sums
+    factor = factor[(...,) + (None,) * (len(carried.shape) - 2)]
+    return sums + carried * factor
 
 
 def _final_state(chunk_kv, chunk_sum, chunk_level, state):
     """The state after the last chunk: every chunk's and the carried sums
     at the last chunk's level."""
-    carried_kv, carried_sum, carried_level = state
     final_level = chunk_level[..., -1]
-    from_carried = ops.exp(carried_level - final_level)
+    carried_kv, carried_sum, carried_level = state or (None, None, None)
+    from_carried = None
+    if state is not None:
+        from_carried = ops.exp(carried_level - final_level)
     return (
-        _sum_at_last_level(chunk_level, chunk_kv)
-        + carried_kv * from_carried[..., None, None],
-        _sum_at_last_level(chunk_level, chunk_sum)
-        + carried_sum * from_carried[..., None],
+        _plus_carried(
+            _sum_at_last_level(chunk_level, chunk_kv), carried_kv, from_carried
+        ),
+        _plus_carried(
+            _sum_at_last_level(chunk_level, chunk_sum),
+            carried_sum,
+            from_carried,
+        ),
         final_level,
     )
 
 
 def _dense_inherited_states(chunk_kv, chunk_sum, chunk_level, state):
     """`inherited_states` as one lower-triangular `n x n` product."""
-    carried_kv, carried_sum, carried_level = state
+    carried_kv, carried_sum, carried_level = state or (None, None, None)
     level = _levels_before(chunk_level, carried_level)
     decay = _decay_from_earlier(chunk_level, level)
-    from_carried = ops.exp(carried_level[..., None] - level)
+    from_carried = None
+    if state is not None:
+        from_carried = ops.exp(carried_level[..., None] - level)
     kv = _inherit(decay, chunk_kv, carried_kv, from_carried)
     key_sum = _inherit(decay, chunk_sum, carried_sum, from_carried)
     final_state = _final_state(chunk_kv, chunk_sum, chunk_level, state)
@@ -171,9 +201,9 @@ def _blocked_inherited_states(
     `* exp(block_level - block_start) * exp(block_start - level)`, each
     <= 1. `n b + (n / b)^2` instead of `n^2` products of `(F, D)` states.
     """
-    level = _levels_before(chunk_level, state[2])
+    level = _levels_before(chunk_level, None if state is None else state[2])
     kv, key_sum, own_level, level_before = (
-        split_chunks(x, prefix_block)
+        None if x is None else split_chunks(x, prefix_block)
         for x in (chunk_kv, chunk_sum, chunk_level, level)
     )
     decay = _decay_from_earlier(own_level, level_before)
@@ -189,7 +219,9 @@ def _blocked_inherited_states(
     from_start = ops.exp(block_start[..., None] - level_before)
     kv = _inherit(decay, kv, from_blocks_kv, from_start)
     key_sum = _inherit(decay, key_sum, from_blocks_sum, from_start)
-    return merge_chunks(kv), merge_chunks(key_sum), level, final_state
+    if key_sum is not None:
+        key_sum = merge_chunks(key_sum)
+    return merge_chunks(kv), key_sum, level, final_state
 
 
 def inherited_states(
@@ -205,10 +237,12 @@ def inherited_states(
 
     Args:
         chunk_kv: `(B, H, n, F, D)` each chunk's `K'^T V` at its own level.
-        chunk_sum: `(B, H, n, F)` each chunk's `K'^T 1` at its own level.
+        chunk_sum: `(B, H, n, F)` each chunk's `K'^T 1` at its own level,
+            or None where `chunk_kv` holds it (then None in the results).
         chunk_level: `(B, H, n)` the running max at each chunk's end.
         state: the carried `CausalState` before chunk 0, with one level
-            per row (`causal_state.one_level`): `(B, H)`.
+            per row (`causal_state.one_level`): `(B, H)`; or None for no
+            key before chunk 0, which spares the carried terms.
         prefix_block: int, chunks per block of the scan.
 
     Returns:

@@ -20,8 +20,10 @@ the backend's compiler.
 """
 
 import functools
+import itertools
 
 import keras
+from keras import ops
 
 from keras_favor import backend
 from keras_favor.validation import positive_int
@@ -44,6 +46,26 @@ def position_groups(length, recompute_length, multiple=1):
         return [slice(None)]
     step = max(1, recompute_length // multiple) * multiple
     return [slice(start, start + step) for start in range(0, length, step)]
+
+
+def split_positions(x, groups):
+    """`x` (or None) cut along axis 2 into the pieces of `groups`, slices
+    of `position_groups`.
+
+    One split, whose gradient is one concatenation: slices' gradients
+    would each be a full-size tensor, added up after the last, which
+    makes the training memory of `n` groups grow like `n L`.
+    """
+    if x is None:
+        return [None] * len(groups)
+    length = x.shape[2]
+    if len(groups) == 1:
+        whole = groups[0].start in (None, 0) and (
+            groups[0].stop is None or groups[0].stop >= length
+        )
+        return [x if whole else x[:, :, groups[0]]]
+    sizes = [min(s.stop, length) - s.start for s in groups]
+    return ops.split(x, list(itertools.accumulate(sizes[:-1])), axis=2)
 
 
 def run_in_groups(group_fn, group_inputs, shared=(), carry=(), keep_last=True):

@@ -430,3 +430,50 @@ def test_regularizers_add_the_losses_of_multi_head_attention(rng):
     expected = np.array([float(loss) for loss in exact.losses])
     matches = np.isclose(actual[:, None], expected[None, :], rtol=1e-5)
     assert matches.any(axis=1).sum() == 11
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_window_over_the_whole_sequence_runs_keras_exact_attention(
+    rng, monkeypatch, causal
+):
+    x = rng.normal(size=(3, 8, 16)).astype("float32")
+    mask = np.ones((3, 8), bool)
+    mask[1, :3] = False  # left padding: causal queries 0-2 see no key
+    mask[2] = False  # no key at all
+    exact = keras.layers.MultiHeadAttention(2, 8)
+    exact(x, x)
+    favor = keras_favor.FavorAttention(
+        2, 8, num_features=16, local_window=8, seed=1
+    )
+    favor(x, x)
+    favor.load_multi_head_attention_weights(exact)
+    calls = []
+    fused = keras.ops.dot_product_attention
+    monkeypatch.setattr(
+        keras.ops,
+        "dot_product_attention",
+        lambda *args, **kwargs: calls.append(1) or fused(*args, **kwargs),
+    )
+    actual = keras.ops.convert_to_numpy(
+        favor(x, x, attention_mask=mask, use_causal_mask=causal)
+    )
+    assert calls, "a window over every key runs dot_product_attention"
+    expected = keras.ops.convert_to_numpy(
+        exact(
+            x,
+            x,
+            attention_mask=np.broadcast_to(mask[:, None, :], (3, 8, 8)),
+            use_causal_mask=causal,
+        )
+    )
+    sees_a_key = np.cumsum(mask, axis=1) > 0 if causal else mask.any(1)[:, None]
+    sees_a_key = np.broadcast_to(sees_a_key, (3, 8))
+    np.testing.assert_allclose(
+        actual[sees_a_key], expected[sees_a_key], rtol=1e-5, atol=1e-5
+    )
+    # A query that sees no key gets zero attention: the output bias alone.
+    bias = keras.ops.convert_to_numpy(favor.output_dense.bias)
+    unseeing = actual[~sees_a_key]
+    np.testing.assert_allclose(
+        unseeing, np.broadcast_to(bias, unseeing.shape), atol=1e-6
+    )
