@@ -110,9 +110,10 @@ def sharded_linear_attention(
         sharding: a `SequenceSharding`.
         query, key: `(B, H, L, d)` float32 heads (`S` keys for a
             bidirectional call); value `(B, H, S, D)`.
-        feature_map: a `FeatureMap`; projection its `(m, d)` projection or
-            None; coefficient: FAVOR++'s `(B or 1, H, 1, 1)` coefficient
-            (from the whole sequence's statistic) or None.
+        feature_map: a `FeatureMap`.
+        projection: its `(m, d)` projection, or None.
+        coefficient: FAVOR++'s `(B or 1, H, 1, 1)` coefficient (from the
+            whole sequence's statistic), or None.
         num_features: int, the features the map makes.
         causal: bool.
         mask: bool `(B, 1, S)`, True at real keys, or None.

@@ -39,8 +39,9 @@ def emulated_shards(
     Args:
         query, key: `(B, H, L, d)`; value `(B, H, L, D)`; `L` need not be
             a multiple of `num_shards` (`padded_to_shards`).
-        feature_fn, num_features, causal, mask, window, initial_state,
-            return_state: as for `shard_states` and `shard_outputs`.
+        feature_fn: as for `shard_states` and `shard_outputs`, and so
+            are `num_features`, `causal`, `mask`, `window`,
+            `initial_state` and `return_state`.
         num_shards: int >= 1.
         **options: `query_feature_fn`, `chunk_size`, `recompute_length`.
 

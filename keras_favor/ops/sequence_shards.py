@@ -249,8 +249,9 @@ def shard_outputs(
     Args:
         query, key: `(B, H, Ls, d)` heads of the shard; value
             `(B, H, Ls, D)`.
-        feature_fn, num_features, query_feature_fn, chunk_size,
-            recompute_length: as for `causal_linear_attention`.
+        feature_fn: as for `causal_linear_attention`, and so are
+            `num_features`, `query_feature_fn`, `chunk_size` and
+            `recompute_length`.
         causal: bool.
         gathered: every shard's `shard_states`, each tensor stacked on a
             new leading axis in shard order.
