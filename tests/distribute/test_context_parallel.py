@@ -21,9 +21,11 @@ pytestmark = pytest.mark.backend_independent
 
 
 @pytest.mark.parametrize(
-    "causal", [False, True], ids=["bidirectional", "causal"]
+    "causal, num_shards",
+    [(False, 8), (True, 3)],
+    ids=["bidirectional-8", "causal-3"],
 )
-def test_emulated_shards_equal_one_device(rng, causal):
+def test_emulated_shards_equal_one_device(rng, causal, num_shards):
     layer, heads, mask, target = cases.setup(rng)
     feature_fn, query_feature_fn = favor_kernels.feature_fns(layer)
 
