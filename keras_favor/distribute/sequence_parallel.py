@@ -180,6 +180,9 @@ def sharded_linear_attention(
             extras_specs,
         ),
         out_specs=(heads, state_spec) if return_state else heads,
+        # The kernels' scans start from constant carries, which JAX's
+        # replication types would have to mark as varying over the mesh.
+        check_vma=False,
     )
     outputs = run(query, key, value, mask, extras)
     if not return_state:
