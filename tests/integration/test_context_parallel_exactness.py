@@ -194,6 +194,7 @@ def test_fit_sharded_along_the_sequence_follows_one_device(rng, monkeypatch):
     # gives every device the same projections.
     tokens = rng.integers(1, 32, size=(4, cases.LENGTH + 1))
     single = language_model(tokens)
+    weights = single.get_weights()
     expected = fit_losses(single, tokens)
     calls = []
     monkeypatch.setattr(
@@ -201,7 +202,7 @@ def test_fit_sharded_along_the_sequence_follows_one_device(rng, monkeypatch):
     )
     with cases.distribution(4).scope():
         sharded = language_model(tokens)
-        sharded.set_weights(language_model(tokens).get_weights())
+        sharded.set_weights(weights)
         actual = fit_losses(sharded, tokens)
     assert calls and set(calls) == {4}
     np.testing.assert_allclose(actual, expected, rtol=1e-5)
@@ -217,3 +218,15 @@ def test_fit_sharded_along_the_sequence_follows_one_device(rng, monkeypatch):
         assert len(shards) == 8
         for shard in shards[1:]:
             np.testing.assert_array_equal(shard, shards[0])
+
+
+def test_example_trains_on_sequences_split_across_devices(capsys):
+    from examples import context_parallel
+
+    losses, gap = context_parallel.main(
+        ["--length", "60", "--steps", "3", "--hidden-dim", "16"]
+        + ["--num-features", "16", "--compare-steps", "2"]
+    )
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert gap < 1e-4
+    assert "8 ways: 8 positions per device" in capsys.readouterr().out
