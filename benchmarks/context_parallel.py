@@ -16,6 +16,7 @@ one device, and read:
 
     python -m benchmarks.context_parallel              # the full table
     python -m benchmarks.context_parallel --lengths 16 17 --budget-gb 4
+    python -m benchmarks.context_parallel --lengths 21 --devices 8
 
 Results: benchmarks/results/context_parallel.{csv,json,_summary.txt};
 docs: docs/context_parallel.md.
@@ -169,7 +170,7 @@ def measure(args):
     rows = []
     for exponent in args.lengths:
         length = 2**exponent
-        for devices in (1, NUM_DEVICES):
+        for devices in args.devices:
             compiled = compiled_step(length, devices, args)
             row = {
                 "length": length,
@@ -207,7 +208,7 @@ def summary(rows, args):
             f"{row['all-reduce_bytes']:>13} {row['collective-permute_bytes']:>10}"
         )
     budget = args.budget_gb * 2**30
-    for devices in (1, NUM_DEVICES):
+    for devices in args.devices:
         fits = [
             r["length"]
             for r in rows
@@ -232,8 +233,10 @@ def main(argv=None):
         features=64,
         vocabulary=256,
         budget_gb=(16.0, "per-device memory budget, GiB"),
+        devices=(["1", "8"], "device counts along the sequence (1 or 8)"),
     )
     args.lengths = [int(x) for x in args.lengths]
+    args.devices = [int(x) for x in args.devices]
     rows = measure(args)
     fields = list(rows[0])
     common.write_results(

@@ -108,7 +108,8 @@ def main(argv=None):
     args = parse_args(argv)
     if keras.backend.backend() != "jax":
         raise SystemExit("Run with KERAS_BACKEND=jax: sharding uses JAX.")
-    train, _, _ = corpus.load_corpus(4 * args.length * args.steps, 10, seed=0)
+    corpus_bytes = max(4 * args.length * args.steps, 100_000)
+    train, _, _ = corpus.load_corpus(corpus_bytes, 10, seed=0)
     rng = np.random.default_rng(0)
     x, y = corpus.next_token_pairs(
         corpus.random_windows(

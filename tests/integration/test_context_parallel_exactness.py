@@ -230,3 +230,21 @@ def test_example_trains_on_sequences_split_across_devices(capsys):
     assert len(losses) == 3 and all(np.isfinite(losses))
     assert gap < 1e-4
     assert "8 ways: 8 positions per device" in capsys.readouterr().out
+
+
+def test_benchmark_reads_the_state_exchange_from_the_compiled_step():
+    # The compiled step's all-gathers carry each layer's 8 states (2
+    # layers), its reduce-scatters the gradients of the sums: the bytes
+    # that the state shapes give, at a length of 512.
+    from benchmarks import context_parallel
+
+    args = context_parallel.common.parse_args(
+        "x", [], hidden_dim=16, heads=2, features=8, vocabulary=16
+    )
+    compiled = context_parallel.compiled_step(512, 8, args)
+    exchanged = context_parallel.collective_bytes(compiled)
+    _, per_state = context_parallel.state_bytes(args, 8)
+    assert exchanged["all-gather"] == 2 * 8 * per_state
+    sums = per_state - 2 * 8 * 4
+    assert exchanged["reduce-scatter"] == 2 * sums
+    assert context_parallel.peak_bytes(compiled) > 0
