@@ -82,6 +82,7 @@ LONG_MODULES = (
     "test_ops_against_reference.py",
     "test_benchmark_registry.py",
     "test_keras_hub_generate.py",
+    "test_context_parallel_exactness.py",
 )
 
 
