@@ -354,10 +354,16 @@ def shard_padding(length, num_shards):
 
 
 def padded_to_shards(query, key, value, mask, num_shards):
-    """Inputs padded at the end to a multiple of `num_shards` positions,
-    the added keys masked; the mask None where nothing is padded."""
+    """Queries and keys each padded at the end to a multiple of
+    `num_shards` positions, the added keys masked (the mask stays None
+    where no key is added)."""
+    padding = shard_padding(query.shape[2], num_shards)
+    if padding:
+        query = pad_positions(query, padding)
     padding = shard_padding(key.shape[2], num_shards)
-    if not padding:
-        return query, key, value, mask
-    mask = all_keys(mask, key)
-    return tuple(pad_positions(x, padding) for x in (query, key, value, mask))
+    if padding:
+        mask = all_keys(mask, key)
+        key, value, mask = (
+            pad_positions(x, padding) for x in (key, value, mask)
+        )
+    return query, key, value, mask

@@ -87,3 +87,20 @@ def test_what_has_no_sharded_form_raises(rng, options, call, message):
     with cases.distribution(4).scope():
         with pytest.raises(ValueError, match=message):
             layer(inputs, inputs, **call)
+
+
+@pytest.mark.jax_only
+def test_cross_attention_of_other_lengths_under_a_sequence_mesh(rng):
+    # 37 queries and 22 keys, each padded to whole shards on its own.
+    import jax
+
+    layer = keras_favor.FavorAttention(
+        num_heads=2, key_dim=8, num_features=16, seed=3
+    )
+    query = rng.normal(size=(2, 37, 16)).astype("float32")
+    value = rng.normal(size=(2, 22, 16)).astype("float32")
+    layer.build(query.shape, value.shape)
+    expected = jax.jit(lambda q, v: layer(q, v))(query, value)
+    with cases.distribution(4).scope():
+        actual = jax.jit(lambda q, v: layer(q, v))(query, value)
+    cases.assert_round_off(actual, expected)
