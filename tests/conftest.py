@@ -10,8 +10,10 @@ set). `make test` runs all of it on TensorFlow, then the modules marked
 JAX: `KERAS_BACKEND=jax pytest -m backend_independent`. Those modules use
 `keras.ops` and NumPy references only (gradients: `tests.reference.
 gradients`); a test among them that needs the TensorFlow backend says so
-with `@pytest.mark.tensorflow_only` and is skipped on another backend (no
-test is skipped for any other reason). `make test-fast` leaves out the
+with `@pytest.mark.tensorflow_only` and is skipped on another backend, and
+one that needs JAX (`jax.shard_map` over devices) with
+`@pytest.mark.jax_only` (no test is skipped for any other reason). On JAX
+the host CPU shows 8 devices (`XLA_FLAGS`), for the context-parallel tests. `make test-fast` leaves out the
 `integration` tests.
 """
 
@@ -24,6 +26,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The tests check keras_favor's numbers, so they run TensorFlow's own kernels;
 # set TF_ENABLE_ONEDNN_OPTS=1 to run them with oneDNN.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+# Eight emulated CPU devices for the sequence-sharded tests, set before JAX
+# starts (unless the flag is given).
+DEVICES_FLAG = "--xla_force_host_platform_device_count"
+if os.environ.get("KERAS_BACKEND") == "jax" and DEVICES_FLAG not in (
+    os.environ.get("XLA_FLAGS", "")
+):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" {DEVICES_FLAG}=8"
+    ).strip()
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -40,6 +51,11 @@ def pytest_configure(config):
         "markers",
         "tensorflow_only: needs the TensorFlow backend (tf.function, "
         "tf.distribute, SavedModel); skipped on another backend",
+    )
+    config.addinivalue_line(
+        "markers",
+        "jax_only: needs the JAX backend (jax.shard_map over devices); "
+        "skipped on another backend",
     )
     config.addinivalue_line(
         "markers",
@@ -66,6 +82,7 @@ LONG_MODULES = (
     "test_ops_against_reference.py",
     "test_benchmark_registry.py",
     "test_keras_hub_generate.py",
+    "test_context_parallel_exactness.py",
 )
 
 
@@ -76,15 +93,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if str(item.path).startswith(INTEGRATION + os.sep):
             item.add_marker(pytest.mark.integration)
-    if keras.backend.backend() == "tensorflow":
-        return
-    skip = pytest.mark.skip(
-        reason=f"tensorflow_only: the Keras backend is "
-        f"{keras.backend.backend()!r}"
-    )
-    for item in items:
-        if item.get_closest_marker("tensorflow_only"):
-            item.add_marker(skip)
+    backend = keras.backend.backend()
+    for marker, needed in (
+        ("tensorflow_only", "tensorflow"),
+        ("jax_only", "jax"),
+    ):
+        if backend == needed:
+            continue
+        skip = pytest.mark.skip(
+            reason=f"{marker}: the Keras backend is {backend!r}"
+        )
+        for item in items:
+            if item.get_closest_marker(marker):
+                item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,7 @@ from keras import ops
 
 from keras_favor import backend
 from keras_favor import ops as favor_ops
+from keras_favor.distribute import sequence_parallel
 from keras_favor.layers import multi_head_layout as layout
 from keras_favor.validation import stateless_seed
 
@@ -90,14 +91,8 @@ def feature_fns(layer, coefficient=None):
     projection = None
     if layer.projection is not None:
         projection = ops.convert_to_tensor(layer.projection)
-    options = {} if coefficient is None else {"a": coefficient}
-    return (
-        lambda heads: layer.feature_map.log_scaled(
-            heads, projection, **options
-        ),
-        lambda heads: layer.feature_map.query_log_scaled(
-            heads, projection, **options
-        ),
+    return sequence_parallel.feature_fns(
+        layer.feature_map, projection, coefficient
     )
 
 
@@ -194,6 +189,18 @@ def attend(
     num_features = layer.feature_map.feature_dim(
         layer.num_features, layer.key_dim
     )
+    sharding = sequence_parallel.current_sharding()
+    if sharding is not None and cache is None:
+        if dropout:
+            raise ValueError(
+                "Feature dropout has no sequence-sharded form: set the "
+                "layer's `dropout` to 0 or run without a `sequence` mesh "
+                f"axis. Received: dropout={layer.dropout}"
+            )
+        outputs = _sequence_sharded(
+            layer, sharding, query, key, value, key_mask, causal, coefficient
+        )
+        return ops.transpose(outputs, (0, 2, 1, 3))
     if layer.local_window:
         _check_window_lengths(query, key)
         # The exact kernel's units: the queries' full features.
@@ -246,6 +253,33 @@ def attend(
         outputs, state = outputs
         return ops.transpose(outputs, (0, 2, 1, 3)), tuple(state)
     return ops.transpose(outputs, (0, 2, 1, 3))
+
+
+def _sequence_sharded(
+    layer, sharding, query, key, value, mask, causal, coefficient
+):
+    """`attend`'s kernels with the positions split across the devices of
+    `sharding`'s sequence axis (`distribute.sequence_parallel`)."""
+    projection = None
+    if layer.projection is not None:
+        projection = ops.convert_to_tensor(layer.projection)
+    if layer.local_window:
+        _check_window_lengths(query, key)
+    return sequence_parallel.sharded_linear_attention(
+        sharding,
+        query,
+        key,
+        value,
+        layer.feature_map,
+        projection,
+        layer.feature_map.feature_dim(layer.num_features, layer.key_dim),
+        bool(causal),
+        mask=mask,
+        coefficient=coefficient,
+        window=layer.local_window,
+        chunk_size=layer.chunk_size,
+        recompute_length=layer.recompute_length,
+    )
 
 
 def _statistics_coefficient(
