@@ -32,11 +32,15 @@ def mean_squared_errors(
     """MSE against exact attention for `draws` seeded projections."""
     favor, exact = favor_and_exact(num_features, projection, x, model_seed)
     expected = np.asarray(exact(x, x, use_causal_mask=causal))
+    # Compiled: `draws` eager calls would take most of the test's time.
+    call = backend.compile_function(
+        lambda inputs: favor(inputs, inputs, use_causal_mask=causal),
+        favor.weights,
+    )
     errors = []
     for seed in range(draws):
         favor.redraw_features(seed)
-        actual = np.asarray(favor(x, x, use_causal_mask=causal))
-        errors.append(np.mean((actual - expected) ** 2))
+        errors.append(np.mean((np.asarray(call(x)) - expected) ** 2))
     return np.array(errors)
 
 
@@ -67,22 +71,6 @@ def test_error_falls_like_one_over_sqrt_num_features(small_norm_inputs, causal):
     assert mse[-1] < mse[0] / 20
 
 
-def compiled_errors(num_features, projection, x, draws):
-    """`mean_squared_errors` of the bidirectional layer with its call
-    compiled (`draws` eager calls would take most of the test's time), for
-    one model, the same whatever the projection."""
-    favor, exact = favor_and_exact(num_features, projection, x, seed=0)
-    expected = np.asarray(exact(x, x))
-    call = backend.compile_function(
-        lambda inputs: favor(inputs, inputs), favor.weights
-    )
-    errors = []
-    for seed in range(draws):
-        favor.redraw_features(seed)
-        errors.append(np.mean((np.asarray(call(x)) - expected) ** 2))
-    return np.array(errors)
-
-
 def test_orthogonal_features_beat_iid_on_average(small_norm_inputs):
     # Performer, Theorem 2: orthogonal rows strictly lower the kernel
     # estimate's MSE. Both arms use one model (the same weights), so only
@@ -94,9 +82,11 @@ def test_orthogonal_features_beat_iid_on_average(small_norm_inputs):
     # 256 draws per arm put it 4-7 standard errors above 0; the test asks
     # for 2.
     draws = 256
-    iid = compiled_errors(2 * KEY_DIM, "iid", small_norm_inputs, draws)
-    orthogonal = compiled_errors(
-        2 * KEY_DIM, "orthogonal", small_norm_inputs, draws
+    iid, orthogonal = (
+        mean_squared_errors(
+            2 * KEY_DIM, projection, small_norm_inputs, draws, model_seed=0
+        )
+        for projection in ("iid", "orthogonal")
     )
     standard_error = np.sqrt(
         iid.var(ddof=1) / draws + orthogonal.var(ddof=1) / draws
