@@ -7,6 +7,8 @@ import pytest
 import keras_favor
 from keras_favor import backend
 
+pytestmark = pytest.mark.backend_independent
+
 NUM_HEADS, KEY_DIM = 2, 16
 
 
