@@ -92,7 +92,9 @@ def _jax_fold_python_int(key, value):
 
 def _jax_key(seed):
     """A stateless seed (int, pair of ints, or `(2,)` integer tensor) as a
-    JAX `(2,)` uint32 raw key."""
+    JAX `(2,)` uint32 raw key: a uint32 tensor is one already; any other
+    pair gives the key of the same two ints."""
+    import jax
     import jax.numpy as jnp
 
     if isinstance(seed, (int, np.integer)):
@@ -104,9 +106,25 @@ def _jax_key(seed):
             key = _jax_fold_python_int(key, pair[1])
         return key
     seed = jnp.reshape(jnp.asarray(seed), (2,))
-    if seed.dtype != jnp.uint32:
-        seed = seed.astype(jnp.uint32)
-    return seed
+    if seed.dtype == jnp.uint32:
+        return seed
+    # Signed ints: the key of the same pair of Python ints, also traced.
+    key = jnp.stack(_jax_words(seed[0]))
+    high, low = _jax_words(seed[1])
+    folded = jax.random.fold_in(key, low)
+    folded = jnp.where(high != 0, jax.random.fold_in(folded, high), folded)
+    return jnp.where(seed[1] != 0, folded, key)
+
+
+def _jax_words(value):
+    """A signed integer JAX scalar as its 64-bit (high, low) uint32 words."""
+    import jax.numpy as jnp
+
+    if value.dtype.itemsize == 8:
+        high = (value >> 32).astype(jnp.uint32)
+    else:
+        high = jnp.where(value < 0, jnp.uint32(_UINT32), jnp.uint32(0))
+    return high, value.astype(jnp.uint32)
 
 
 def seed_pair(seed):
@@ -119,6 +137,19 @@ def seed_pair(seed):
             return tf.constant([seed, 0], dtype=tf.int64)
         return tf.cast(tf.reshape(seed, (2,)), tf.int64)
     return _jax_key(seed)
+
+
+def seed_generator(seed):
+    """A `keras.random.SeedGenerator` started from the int `seed` (int64,
+    or None for a random start). Its state is `[seed, 0]` where it holds
+    int64 (TensorFlow); elsewhere it is two uint32 words, which hold the
+    seed's low and high words (`[seed, 0]` for a seed in `[0, 2**32)`)."""
+    if seed is None or is_tensorflow():
+        return keras.random.SeedGenerator(seed)
+    generator = keras.random.SeedGenerator(0)
+    high, low = _split64(seed)
+    generator.state.assign(np.array([low, high], np.uint32))
+    return generator
 
 
 def int_pair_seed(first, second):

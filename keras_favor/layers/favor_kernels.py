@@ -63,7 +63,7 @@ def add_favor_weights(layer):
             aggregation="mean",
         )
     if layer.dropout > 0:
-        layer._dropout_seed = keras.random.SeedGenerator(layer.seed)
+        layer._dropout_seed = backend.seed_generator(layer.seed)
 
 
 def redraw_projection(layer, seed=None):

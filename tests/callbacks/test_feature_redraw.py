@@ -6,13 +6,14 @@ and exact resume from `.keras` files, `tf.train.Checkpoint` and
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_favor
 from keras_favor import layer_tree
 from keras_favor.callbacks.feature_redraw import favor_attention_layers
 from keras_favor.convert.attention_paths import all_layers
 from tests import fit_script
+
+pytestmark = pytest.mark.backend_independent
 
 BATCH = 8
 
@@ -594,7 +595,12 @@ def test_resume_from_keras_file(tmp_path, reference_run):
     assert_same_training(interrupted_and_resumed(resume), reference_run)
 
 
+@pytest.mark.tensorflow_only(
+    reason="tf.train.Checkpoint tracks TensorFlow objects only"
+)
 def test_resume_from_tf_train_checkpoint(tmp_path, reference_run):
+    import tensorflow as tf
+
     def resume(model):
         prefix = tf.train.Checkpoint(
             model=model, optimizer=model.optimizer

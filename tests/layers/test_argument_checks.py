@@ -5,9 +5,16 @@ each time, also inside a `tf.function`."""
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_favor
+from keras_favor import backend
+
+pytestmark = pytest.mark.backend_independent
+
+TRACED_SHAPES = (
+    "tf.function traces shapes known only at run time; JAX traces static "
+    "shapes, checked in Python when the layer is called"
+)
 
 
 def data(rng, *shape):
@@ -73,8 +80,11 @@ def test_masks_of_the_right_shape_pass(rng, name):
     layer(query, value, **{name: np.ones((2, 6), "int32")})
 
 
+@pytest.mark.tensorflow_only(reason=TRACED_SHAPES)
 @pytest.mark.parametrize("mask_shape", [(2, 1), (1, 6), (2, 5)])
 def test_masks_of_unknown_static_shape_are_checked_when_run(rng, mask_shape):
+    import tensorflow as tf
+
     layer = keras_favor.FavorAttention(2, 4)
     query, value = data(rng, 2, 4, 8), data(rng, 2, 6, 8)
     layer(query, value)
@@ -111,7 +121,10 @@ def test_batch_sizes_that_differ_raise(rng, other):
         layer(**inputs)
 
 
+@pytest.mark.tensorflow_only(reason=TRACED_SHAPES)
 def test_batch_sizes_that_differ_at_run_time_raise(rng):
+    import tensorflow as tf
+
     layer = keras_favor.FavorAttention(2, 4)
     spec = tf.TensorSpec((None, None, 8))
     attend = tf.function(layer.__call__, input_signature=[spec, spec])
@@ -160,7 +173,10 @@ def test_value_and_key_that_differ_raise_as_in_multi_head_attention(
         )
 
 
+@pytest.mark.tensorflow_only(reason=TRACED_SHAPES)
 def test_value_and_key_that_differ_at_run_time_raise(rng):
+    import tensorflow as tf
+
     layer = keras_favor.FavorAttention(2, 4)
     spec = tf.TensorSpec((None, None, 8))
     attend = tf.function(layer.__call__, input_signature=[spec] * 3)
@@ -276,8 +292,8 @@ def test_seeds_outside_the_range_raise_at_construction(seed):
         5,
         np.int64(5),
         [5, 0],
-        tf.constant([5, 0]),
-        tf.constant([5, 0], tf.int64),
+        keras.ops.convert_to_tensor([5, 0]),
+        keras.ops.convert_to_tensor([5, 0], "int64"),
         np.array([5, 0], np.int32),
     ],
 )
@@ -289,14 +305,30 @@ def test_redraw_takes_an_int_or_a_pair_of_ints(seed):
     np.testing.assert_array_equal(layer.projection, reference)
 
 
+def test_a_pair_of_ints_draws_as_a_tensor_of_it_does():
+    """A stateless seed `[a, b]` as Python ints, a NumPy array, an int32
+    tensor and a traced int32 tensor: one projection."""
+    orthogonal = keras_favor.projections.get("orthogonal")
+    traced = backend.compile_function(lambda s: orthogonal((8, 4), s), [])
+    for pair in ([0, 0], [5, 0], [-3, 7], [7, -3], [2**31 - 1, -(2**31)]):
+        expected = keras.ops.convert_to_numpy(orthogonal((8, 4), pair))
+        tensor = keras.ops.convert_to_tensor(pair, "int32")
+        for projection in (
+            orthogonal((8, 4), np.array(pair, np.int32)),
+            orthogonal((8, 4), tensor),
+            traced(tensor),
+        ):
+            np.testing.assert_array_equal(projection, expected, str(pair))
+
+
 @pytest.mark.parametrize(
     "seed",
     [
         "5",
         1.5,
         True,
-        tf.constant([1.0, 2.0]),
-        tf.constant([1, 2, 3]),
+        keras.ops.convert_to_tensor([1.0, 2.0]),
+        keras.ops.convert_to_tensor([1, 2, 3]),
         np.array([[1, 2]]),
         [1.5, 2.0],
         2**63,
@@ -358,6 +390,11 @@ def test_inputs_of_rank_two_raise(rng):
 
 # --- redraws without a seed -------------------------------------------------
 
+TRACED_REDRAWS = (
+    "redraws inside one tf.function trace; under jax.jit a variable's "
+    "assignment is the traced function's output (keras.StatelessScope)"
+)
+
 
 def projection_of(layer):
     return np.array(keras.ops.convert_to_numpy(layer.projection))
@@ -367,7 +404,10 @@ def distinct(arrays):
     return len({a.tobytes() for a in arrays}) == len(arrays)
 
 
+@pytest.mark.tensorflow_only(reason=TRACED_REDRAWS)
 def test_unseeded_redraws_are_new_at_each_call_of_one_trace():
+    import tensorflow as tf
+
     layer = keras_favor.FavorAttention(2, 4, num_features=8)
     layer.build((None, 4, 8), (None, 4, 8))
     traces = []
@@ -386,7 +426,10 @@ def test_unseeded_redraws_are_new_at_each_call_of_one_trace():
     assert int(layer.redraw_count) == 3
 
 
+@pytest.mark.tensorflow_only(reason=TRACED_REDRAWS)
 def test_unseeded_redraws_are_new_within_one_trace():
+    import tensorflow as tf
+
     layer = keras_favor.FavorAttention(2, 4, num_features=8)
     layer.build((None, 4, 8), (None, 4, 8))
 
@@ -413,23 +456,42 @@ def test_unseeded_layers_start_and_redraw_differently():
     assert distinct([projection_of(layer) for layer in layers])
 
 
-@pytest.mark.parametrize("in_function", [False, True])
+def folded_seed(count):
+    """The seed of a layer seeded 5 at its redraw `count`: `[5, 0]` folded
+    with the count (on TensorFlow as an int64; an int32 folds
+    differently)."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.random.experimental.stateless_fold_in(
+            tf.constant([5, 0], tf.int64), tf.constant(count, tf.int64)
+        )
+    return backend.fold_in(backend.int_pair_seed(5, 0), count)
+
+
+@pytest.mark.parametrize(
+    "in_function",
+    [
+        False,
+        pytest.param(
+            True, marks=pytest.mark.tensorflow_only(reason=TRACED_REDRAWS)
+        ),
+    ],
+)
 def test_seeded_redraws_fold_the_redraw_count_into_the_seed(in_function):
     layer = keras_favor.FavorAttention(2, 4, num_features=8, seed=5)
     layer.build((None, 4, 8), (None, 4, 8))
     redraw = layer.redraw_features
     if in_function:
+        import tensorflow as tf
+
         redraw = tf.function(lambda: layer.redraw_features() * 1.0)
     orthogonal = keras_favor.projections.get("orthogonal")
     np.testing.assert_array_equal(layer.projection, orthogonal((8, 4), 5))
     for k in (1, 2, 3):
         redraw()
-        # The redraw count enters as an int64 (an int32 folds differently).
-        seed = tf.random.experimental.stateless_fold_in(
-            tf.constant([5, 0], tf.int64), tf.constant(k, tf.int64)
-        )
         np.testing.assert_array_equal(
-            layer.projection, orthogonal((8, 4), seed)
+            layer.projection, orthogonal((8, 4), folded_seed(k))
         )
 
 

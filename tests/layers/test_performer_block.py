@@ -10,6 +10,8 @@ from keras_favor.initializers import clone_initializer
 from keras_favor.layers import PerformerBlock
 from tests.layer_test_case import run_layer_test
 
+pytestmark = pytest.mark.backend_independent
+
 HIDDEN = 16
 SMALL = dict(num_heads=2, intermediate_dim=32, num_features=16, seed=3)
 

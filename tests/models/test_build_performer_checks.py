@@ -10,6 +10,8 @@ from keras_favor.models import language_model_loss
 from tests.models.test_build_performer import SIZES
 from tests.models.test_build_performer import build as build_small
 
+pytestmark = pytest.mark.backend_independent
+
 
 def build(**kwargs):
     """The tests' small model of `test_build_performer`, with one block."""
@@ -132,7 +134,9 @@ def test_too_long_input_names_max_length_in_keras(api):
         model.predict(too_long, verbose=0)
 
 
-@pytest.mark.tensorflow_only
+@pytest.mark.tensorflow_only(
+    reason="a tf.function of lengths known only at run time"
+)
 @pytest.mark.parametrize("api", ["functional", "sequential"])
 def test_too_long_input_names_max_length_in_a_tf_function(api):
     import tensorflow as tf
@@ -151,7 +155,9 @@ def test_too_long_input_names_max_length_in_a_tf_function(api):
         serve(too_long)
 
 
-@pytest.mark.tensorflow_only
+@pytest.mark.tensorflow_only(
+    reason="a SavedModel of lengths known only at run time"
+)
 def test_too_long_input_names_max_length_in_a_saved_model(tmp_path):
     import tensorflow as tf
 
