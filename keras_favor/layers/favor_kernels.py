@@ -171,36 +171,26 @@ def attend(
         for x in (query, key, value)
     )
     key_mask = None if mask is None else mask[:, None, :]
-    coefficient = None
-    if layer.feature_map.uses_statistics:
-        coefficient = _statistics_coefficient(
-            layer,
-            query,
-            key,
-            key_mask,
-            None if query_mask is None else query_mask[:, None, :],
-            causal or cache is not None,
-            training and cache is None,
-        )
+    coefficient = _statistics_coefficient(
+        layer,
+        query,
+        key,
+        key_mask,
+        None if query_mask is None else query_mask[:, None, :],
+        causal or cache is not None,
+        training and cache is None,
+    )
     feature_fn, query_feature_fn = feature_fns(layer, coefficient)
-    dropout = training and cache is None and layer.dropout > 0
-    dropout_rate = layer.dropout if dropout else 0.0
-    dropout_seed = layer._dropout_seed.next() if dropout else None
+    dropout_rate, dropout_seed = _feature_dropout(layer, training, cache)
     num_features = layer.feature_map.feature_dim(
         layer.num_features, layer.key_dim
     )
     sharding = sequence_parallel.current_sharding()
     if sharding is not None and cache is None:
-        if dropout:
-            raise ValueError(
-                "Feature dropout has no sequence-sharded form: set the "
-                "layer's `dropout` to 0 or run without a `sequence` mesh "
-                f"axis. Received: dropout={layer.dropout}"
-            )
-        outputs = _sequence_sharded(
-            layer, sharding, query, key, value, key_mask, causal, coefficient
+        heads = (query, key, value, key_mask)
+        return _sequence_sharded(
+            layer, sharding, heads, causal, coefficient, dropout_rate > 0
         )
-        return ops.transpose(outputs, (0, 2, 1, 3))
     if layer.local_window:
         _check_window_lengths(query, key)
         # The exact kernel's units: the queries' full features.
@@ -255,17 +245,33 @@ def attend(
     return ops.transpose(outputs, (0, 2, 1, 3))
 
 
-def _sequence_sharded(
-    layer, sharding, query, key, value, mask, causal, coefficient
-):
+def _feature_dropout(layer, training, cache):
+    """`(rate, seed)` of the call's feature dropout: `(0.0, None)` unless
+    a training call without a cache and a nonzero `dropout`."""
+    if training and cache is None and layer.dropout > 0:
+        return layer.dropout, layer._dropout_seed.next()
+    return 0.0, None
+
+
+def _sequence_sharded(layer, sharding, heads, causal, coefficient, dropout):
     """`attend`'s kernels with the positions split across the devices of
-    `sharding`'s sequence axis (`distribute.sequence_parallel`)."""
+    `sharding`'s sequence axis (`distribute.sequence_parallel`), on the
+    `(B, N, L, h)` query, key and value heads and the `(B, 1, S)` key mask
+    of `heads`; `(B, L, N, hv)` outputs. `dropout`: whether the call
+    would drop features, which has no sharded form."""
+    if dropout:
+        raise ValueError(
+            "Feature dropout has no sequence-sharded form: set the "
+            "layer's `dropout` to 0 or run without a `sequence` mesh "
+            f"axis. Received: dropout={layer.dropout}"
+        )
+    query, key, value, mask = heads
     projection = None
     if layer.projection is not None:
         projection = ops.convert_to_tensor(layer.projection)
     if layer.local_window:
         _check_window_lengths(query, key)
-    return sequence_parallel.sharded_linear_attention(
+    outputs = sequence_parallel.sharded_linear_attention(
         sharding,
         query,
         key,
@@ -280,6 +286,7 @@ def _sequence_sharded(
         chunk_size=layer.chunk_size,
         recompute_length=layer.recompute_length,
     )
+    return ops.transpose(outputs, (0, 2, 1, 3))
 
 
 def _statistics_coefficient(
@@ -288,8 +295,10 @@ def _statistics_coefficient(
     """A statistics map's (FAVOR++'s) coefficient, `(B or 1, H, 1, 1)`:
     bidirectional, from these queries and keys; causal, from the moving
     statistic as it stood before this call, which a training call then
-    updates (`FavorPlusPlusFeatures`)."""
+    updates (`FavorPlusPlusFeatures`). None for a map without statistics."""
     feature_map = layer.feature_map
+    if not feature_map.uses_statistics:
+        return None
     if not causal:
         statistic = feature_map.statistic(query, key, mask, query_mask)
         return feature_map.coefficient(statistic, layer.key_dim)[
