@@ -36,9 +36,10 @@ demo: $(STAMP)
 # Two workers, idle ones taking tests from busy ones (worksteal), the long
 # modules first (tests/conftest.py).
 # Then the backend-independent modules again on JAX (tests/conftest.py).
+# Each pass ends with its 20 slowest tests.
 test: $(STAMP) lint docs
-	$(BIN)/python -m pytest -n 2 --dist worksteal
-	KERAS_BACKEND=jax JAX_PLATFORMS=cpu $(BIN)/python -m pytest -n 2 --dist worksteal -m backend_independent
+	$(BIN)/python -m pytest -n 2 --dist worksteal --durations=20
+	KERAS_BACKEND=jax JAX_PLATFORMS=cpu $(BIN)/python -m pytest -n 2 --dist worksteal -m backend_independent --durations=20
 
 # ruff's settings are in pyproject.toml.
 lint: $(STAMP)
