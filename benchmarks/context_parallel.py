@@ -26,12 +26,15 @@ import os
 import re
 
 DEVICES_FLAG = "--xla_force_host_platform_device_count"
-if DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + f" {DEVICES_FLAG}=8"
-    ).strip()
-os.environ.setdefault("KERAS_BACKEND", "jax")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if __name__ == "__main__":
+    # Run as a script: JAX on 8 emulated CPU devices, set before Keras and
+    # JAX start. Imported, it leaves the environment as it is.
+    if DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" {DEVICES_FLAG}=8"
+        ).strip()
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from benchmarks import common  # noqa: E402
 

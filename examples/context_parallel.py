@@ -17,15 +17,16 @@ import argparse
 import math
 import os
 
-if "KERAS_BACKEND" not in os.environ:
-    os.environ["KERAS_BACKEND"] = "jax"
 DEVICES_FLAG = "--xla_force_host_platform_device_count"
-if DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
-    # Emulated CPU devices, set before JAX starts; real accelerators, where
-    # present, are used instead.
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + f" {DEVICES_FLAG}=8"
-    ).strip()
+if __name__ == "__main__":
+    # Run as a script: JAX with emulated CPU devices, set before Keras and
+    # JAX start (real accelerators, where present, are used instead).
+    # Imported, it leaves the environment as it is.
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    if DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" {DEVICES_FLAG}=8"
+        ).strip()
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

@@ -247,11 +247,12 @@ def test_causal_step_flops_add_the_chunk_products_and_the_state_prefix():
             return within + prefix_flops(chunks // PREFIX_BLOCK)
         return 2 * chunks * chunks * state
 
-    # Per position: the feature projections with gradients (4 F D), K'^T V
-    # and Q' S with two gradients each (6 F D), the chunk's C x C scores and
-    # their product with V (3 C (F + D) with gradients), the normalizer (5 F);
-    # the prefix's decay factors take no gradient.
-    per_position = 10 * F * D + 3 * chunk * (F + D) + 5 * F
+    # Per position: the feature projections with gradients (4 F D); the
+    # normalizer's sums ride as one more value column, [V, 1], so K'^T [V, 1]
+    # and Q' [S, z] with two gradients each take 6 F (D + 1), and the chunk's
+    # C x C scores and their product with [V, 1] 3 C (F + D + 1) with
+    # gradients; the prefix's decay factors take no gradient.
+    per_position = 4 * F * D + 6 * F * (D + 1) + 3 * chunk * (F + D + 1)
     expected = (
         projection_flops(length)
         + 2 * length * H * per_position

@@ -4,6 +4,7 @@ import csv
 import importlib
 import io
 import math
+import os
 import pathlib
 import random
 import re
@@ -280,6 +281,25 @@ def test_help_lists_each_flag_once_with_a_help_text(
         assert re.search(
             "[a-z]", re.sub(r"\(default: [^)]*\)", "", help_text)
         ), f"{flag} has no help text: {entry!r}"
+
+
+@pytest.mark.parametrize(
+    "package, name",
+    [
+        (path.parent.name, path.stem)
+        for folder in (EXAMPLES, EXAMPLES.parent / "benchmarks")
+        for path in sorted(folder.glob("*.py"))
+        if path.stem != "__init__"
+    ],
+)
+def test_importing_a_module_leaves_the_environment_as_it_is(package, name):
+    """Scripts that pick a backend or emulated devices do so when run, not
+    when imported (the tests import them, and later subprocesses inherit
+    the environment)."""
+    before = dict(os.environ)
+    sys.modules.pop(f"{package}.{name}", None)
+    importlib.import_module(f"{package}.{name}")
+    assert dict(os.environ) == before
 
 
 def test_distributed_example_prefixes_each_line_with_its_worker(
