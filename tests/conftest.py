@@ -13,7 +13,8 @@ gradients`); a test among them that needs the TensorFlow backend says so
 with `@pytest.mark.tensorflow_only` and is skipped on another backend, and
 one that needs JAX (`jax.shard_map` over devices) with
 `@pytest.mark.jax_only` (no test is skipped for any other reason). On JAX
-the host CPU shows 8 devices (`XLA_FLAGS`), for the context-parallel tests. `make test-fast` leaves out the
+the host CPU shows 8 devices (`XLA_FLAGS`), for the context-parallel tests;
+on TensorFlow 4 logical CPUs, for those of `tf.distribute` replicas. `make test-fast` leaves out the
 `integration` tests.
 """
 
@@ -39,6 +40,18 @@ if os.environ.get("KERAS_BACKEND") == "jax" and DEVICES_FLAG not in (
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+# Four logical CPUs for the tf.distribute replicas of the sequence-sharded
+# tests, set before TensorFlow's runtime starts; ops without a device scope
+# still run on the first.
+TF_CPUS = 4
+if keras.backend.backend() == "tensorflow":
+    import tensorflow as tf
+
+    tf.config.set_logical_device_configuration(
+        tf.config.list_physical_devices("CPU")[0],
+        [tf.config.LogicalDeviceConfiguration()] * TF_CPUS,
+    )
 
 
 def pytest_configure(config):

@@ -24,6 +24,7 @@ import functools
 import keras
 
 from keras_favor.ops import causal_state
+from keras_favor.ops import one_shard
 from keras_favor.ops import sequence_shards
 
 SEQUENCE_AXIS = "sequence"
@@ -128,18 +129,7 @@ def sharded_linear_attention(
         `(B, H, L, D)` float32, and with `return_state` the state.
     """
     jax, shard_map, spec = _jax()
-    if causal and query.shape[2] != key.shape[2]:
-        raise ValueError(
-            "Causal attention sharded along the sequence needs queries and "
-            f"keys of one length. Received: {query.shape[2]} queries and "
-            f"{key.shape[2]} keys."
-        )
-    if window and not causal:
-        raise ValueError(
-            "`local_window` with bidirectional attention has no sequence-"
-            "sharded form: use it with causal attention, or run without a "
-            "`sequence` mesh axis."
-        )
+    one_shard.check_shardable(query.shape[2], key.shape[2], causal, window)
     count = sharding.num_shards
     length = query.shape[2]
     if mask is None:
@@ -231,40 +221,23 @@ def _shard_body(
     import jax
 
     axis = sharding.sequence_axis
-    feature_fn, query_feature_fn = feature_fns(
-        feature_map, extras["projection"], extras["coefficient"]
-    )
-    states = sequence_shards.shard_states(
-        key, value, feature_fn, mask, window, recompute_length
-    )
-    tail = states.pop("tail", None)
-    gathered = jax.tree.map(
-        lambda x: jax.lax.all_gather(x, axis, axis=0), states
-    )
-    index = jax.lax.axis_index(axis)
-    halo = None
-    if window:
-        steps, _ = sequence_shards.halo_sizes(window, key.shape[2])
-        halo = sequence_shards.halo(
-            [
-                _from_previous(tail, m, axis, sharding.num_shards)
-                for m in range(steps, 0, -1)
-            ],
-            window,
-        )
-    result = sequence_shards.shard_outputs(
+    count = sharding.num_shards
+    result = one_shard.one_shard_attention(
         query,
         key,
         value,
-        feature_fn,
+        mask,
+        one_shard.feature_fns(
+            feature_map, extras["projection"], extras["coefficient"]
+        ),
         num_features,
         causal,
-        gathered,
-        index,
-        halo=halo,
-        mask=mask,
+        jax.lax.axis_index(axis),
+        lambda x: jax.lax.all_gather(x, axis, axis=0),
+        lambda tail, steps: [
+            _from_previous(tail, m, axis, count) for m in range(steps, 0, -1)
+        ],
         window=window,
-        query_feature_fn=query_feature_fn,
         chunk_size=chunk_size,
         recompute_length=recompute_length,
         initial_state=extras.get("initial_state"),
@@ -283,15 +256,3 @@ def _from_previous(tensors, steps, axis, count):
 
     pairs = [(source, source + steps) for source in range(count - steps)]
     return tuple(jax.lax.ppermute(x, axis, pairs) for x in tensors)
-
-
-def feature_fns(feature_map, projection, coefficient=None):
-    """The keys' and the queries' `feature_fn` of `feature_map` with this
-    `projection` (and FAVOR++'s `coefficient`)."""
-    options = {} if coefficient is None else {"a": coefficient}
-    return (
-        lambda heads: feature_map.log_scaled(heads, projection, **options),
-        lambda heads: feature_map.query_log_scaled(
-            heads, projection, **options
-        ),
-    )

@@ -9,8 +9,10 @@ from keras import ops
 
 from keras_favor import backend
 from keras_favor import ops as favor_ops
+from keras_favor.distribute import replica_sequence_parallel
 from keras_favor.distribute import sequence_parallel
 from keras_favor.layers import multi_head_layout as layout
+from keras_favor.ops import one_shard
 from keras_favor.validation import stateless_seed
 
 SEED_RANGE = 2**31 - 1
@@ -91,9 +93,7 @@ def feature_fns(layer, coefficient=None):
     projection = None
     if layer.projection is not None:
         projection = ops.convert_to_tensor(layer.projection)
-    return sequence_parallel.feature_fns(
-        layer.feature_map, projection, coefficient
-    )
+    return one_shard.feature_fns(layer.feature_map, projection, coefficient)
 
 
 def attend_inputs(
@@ -164,7 +164,11 @@ def attend(
         `(B, L, N, hv)` float32 outputs; with a `cache`, also the state
         after the last position.
     """
-    if _window_covers_every_key(layer, query, key, training, cache):
+    module, sharding = _sequence_sharding(layer, causal, training, cache)
+    # A replica's static length is its segment's, not the sequence's.
+    if module is not replica_sequence_parallel and _window_covers_every_key(
+        layer, query, key, training, cache
+    ):
         return _exact_attention(query, key, value, mask, causal)
     query, key, value = (
         ops.transpose(ops.cast(x, "float32"), (0, 2, 1, 3))
@@ -185,11 +189,10 @@ def attend(
     num_features = layer.feature_map.feature_dim(
         layer.num_features, layer.key_dim
     )
-    sharding = sequence_parallel.current_sharding()
-    if sharding is not None and cache is None:
+    if sharding is not None:
         heads = (query, key, value, key_mask)
         return _sequence_sharded(
-            layer, sharding, heads, causal, coefficient, dropout_rate > 0
+            layer, module, sharding, heads, causal, coefficient, dropout_rate
         )
     if layer.local_window:
         _check_window_lengths(query, key)
@@ -253,17 +256,50 @@ def _feature_dropout(layer, training, cache):
     return 0.0, None
 
 
-def _sequence_sharded(layer, sharding, heads, causal, coefficient, dropout):
-    """`attend`'s kernels with the positions split across the devices of
-    `sharding`'s sequence axis (`distribute.sequence_parallel`), on the
-    `(B, N, L, h)` query, key and value heads and the `(B, 1, S)` key mask
-    of `heads`; `(B, L, N, hv)` outputs. `dropout`: whether the call
-    would drop features, which has no sharded form."""
+def _sequence_sharding(layer, causal, training, cache):
+    """`(module, sharding)` of the sequence sharding in effect: a JAX
+    mesh's `sequence` axis (`sequence_parallel`), the replicas of
+    `sequence_replicas()` (`replica_sequence_parallel`), or `(None,
+    None)`. Raises for a call that replicas, each holding a segment,
+    cannot shard."""
+    sharding = sequence_parallel.current_sharding()
+    if sharding is not None:
+        # A cached call sees one whole sequence: no split.
+        return (
+            (None, None) if cache is not None else (sequence_parallel, sharding)
+        )
+    sharding = replica_sequence_parallel.current_sharding()
+    if sharding is None:
+        return None, None
+    if cache is not None:
+        raise ValueError(
+            "Decoding with a `cache` has no form sharded across replicas: "
+            "call the layer outside `sequence_replicas()`."
+        )
+    if layer.feature_map.uses_statistics and (training or not causal):
+        raise ValueError(
+            f"{type(layer.feature_map).__name__} takes its statistic over "
+            "the whole sequence, which no replica holds: under "
+            "`sequence_replicas()` it runs causal calls outside training "
+            "only."
+        )
+    return replica_sequence_parallel, sharding
+
+
+def _sequence_sharded(
+    layer, module, sharding, heads, causal, coefficient, dropout
+):
+    """`attend`'s kernels with the positions split across the devices of a
+    JAX mesh or the replicas of a strategy (`module`'s
+    `sharded_linear_attention` with `sharding`), on the `(B, N, L, h)`
+    query, key and value heads and the `(B, 1, S)` key mask of `heads`;
+    `(B, L, N, hv)` outputs. `dropout`: the call's feature dropout rate,
+    which has no sharded form."""
     if dropout:
         raise ValueError(
             "Feature dropout has no sequence-sharded form: set the "
-            "layer's `dropout` to 0 or run without a `sequence` mesh "
-            f"axis. Received: dropout={layer.dropout}"
+            "layer's `dropout` to 0 or run without sequence sharding. "
+            f"Received: dropout={layer.dropout}"
         )
     query, key, value, mask = heads
     projection = None
@@ -271,7 +307,7 @@ def _sequence_sharded(layer, sharding, heads, causal, coefficient, dropout):
         projection = ops.convert_to_tensor(layer.projection)
     if layer.local_window:
         _check_window_lengths(query, key)
-    outputs = sequence_parallel.sharded_linear_attention(
+    outputs = module.sharded_linear_attention(
         sharding,
         query,
         key,

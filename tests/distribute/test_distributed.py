@@ -257,13 +257,18 @@ def test_public_surface():
     assert keras_favor.distribute.__all__ == [
         "enable_multi_worker_fit",
         "multi_worker_fit_enabled",
+        "sequence_replicas",
     ]
     public = {
         name
         for name in vars(keras_favor.distribute)
         if not name.startswith("_")
     }
-    modules = {"multi_worker_fit", "sequence_parallel"}
+    modules = {
+        "multi_worker_fit",
+        "replica_sequence_parallel",
+        "sequence_parallel",
+    }
     assert public - modules == set(keras_favor.distribute.__all__)
 
 
