@@ -104,3 +104,10 @@ def test_cross_attention_of_other_lengths_under_a_sequence_mesh(rng):
     with cases.distribution(4).scope():
         actual = jax.jit(lambda q, v: layer(q, v))(query, value)
     cases.assert_round_off(actual, expected)
+
+
+@pytest.mark.jax_only
+def test_replica_sequence_sharding_names_the_jax_way():
+    with pytest.raises(ValueError, match="`sequence` axis"):
+        with keras_favor.distribute.sequence_replicas():
+            pass

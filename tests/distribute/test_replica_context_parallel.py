@@ -248,3 +248,20 @@ def test_custom_training_loop_equals_one_device(rng):
         cases.assert_round_off(actual, expected, cases.WEIGHTS_TOLERANCE)
     # The steps moved the weights: the comparison is not of the start.
     assert not np.allclose(initial[0], one_device.get_weights()[0])
+
+
+def test_a_window_across_segments_of_other_lengths_raises(rng):
+    import tensorflow as tf
+
+    layer = keras_favor.FavorAttention(
+        num_heads=2, key_dim=8, num_features=16, seed=3, local_window=4
+    )
+    layer.build((2, 8, 16), (2, 8, 16))
+    strategy = mirrored(2)
+    parts = [np.ones((2, length, 16), "float32") for length in (10, 8)]
+    inputs = strategy.experimental_distribute_values_from_function(
+        lambda context: tf.constant(parts[context.replica_id_in_sync_group])
+    )
+    with keras_favor.distribute.sequence_replicas():
+        with pytest.raises(tf.errors.InvalidArgumentError, match="one length"):
+            strategy.run(lambda x: layer(x, x, use_causal_mask=True), (inputs,))
