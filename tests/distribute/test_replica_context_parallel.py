@@ -6,55 +6,32 @@ on 2 or 4 logical CPUs (tests/conftest.py) gives each replica a consecutive
 segment of every sequence; the outputs, the gradients with respect to every
 segment's inputs and the per-replica weight gradients summed equal the
 layer on the whole sequence, to float32 round-off (the replicas sum the
-same terms in another order), as does a custom training loop. The length,
+same terms in another order), as do two steps of a custom training loop (with a local window:
+tests/integration/test_replica_context_parallel_training.py). The length,
 36, gives segments of 18 and 9 positions, which the chunk (4) does not
 divide; the second row's keys from position 20 on are padding.
 """
 
-import keras
 import numpy as np
 import pytest
 
 import keras_favor
 from tests.distribute import context_parallel_cases as cases
+from tests.distribute import replica_cases
+from tests.distribute.replica_cases import LENGTH
+from tests.distribute.replica_cases import local
+from tests.distribute.replica_cases import mirrored
+from tests.distribute.replica_cases import segments
 
 pytestmark = pytest.mark.tensorflow_only
-
-LENGTH = 36
-
-
-def mirrored(num_replicas):
-    """A `MirroredStrategy` on the first `num_replicas` logical CPUs. Each
-    gets collective keys of its own, as TensorFlow's own tests do: two
-    strategies of one process otherwise share group keys, and one of 2
-    replicas then collides with one of 4."""
-    import tensorflow as tf
-
-    tf.distribute.MirroredStrategy._collective_key_base += 100000
-    return tf.distribute.MirroredStrategy(
-        [f"/cpu:{i}" for i in range(num_replicas)]
-    )
-
-
-def segments(strategy, array):
-    """`array` `(B, L, ...)` split along axis 1, replica `i` the `i`-th
-    segment."""
-    import tensorflow as tf
-
-    parts = np.split(array, strategy.num_replicas_in_sync, axis=1)
-    return strategy.experimental_distribute_values_from_function(
-        lambda context: tf.constant(parts[context.replica_id_in_sync_group])
-    )
-
-
-def local(strategy, per_replica):
-    return strategy.experimental_local_results(per_replica)
 
 
 def outputs_and_gradients(layer, inputs, mask, target, causal):
     """`layer`'s outputs and the gradients of `sum(outputs * target)` with
     respect to the inputs and the trainable weights, under the replica
-    context (or the default one)."""
+    context (or the default one); a training call but for a statistics
+    map (FAVOR++), whose causal calls run across replicas outside
+    training only."""
     import tensorflow as tf
 
     inputs = tf.convert_to_tensor(inputs)
@@ -65,7 +42,7 @@ def outputs_and_gradients(layer, inputs, mask, target, causal):
             inputs,
             attention_mask=mask,
             use_causal_mask=causal,
-            training=True,
+            training=not layer.feature_map.uses_statistics,
         )
         loss = tf.reduce_sum(outputs * target)
     grads = tape.gradient(loss, [inputs, *layer.trainable_variables])
@@ -114,6 +91,7 @@ def case(rng, feature_map="softmax", window=0):
         (4, True, "softmax", 0),
         (4, False, "softmax_trig", 0),
         (2, True, "softmax_trig", 0),
+        (2, True, "favor++", 0),
         (2, True, "softmax", 5),
         (4, True, "softmax", 12),
     ],
@@ -122,6 +100,7 @@ def case(rng, feature_map="softmax", window=0):
         "causal-4",
         "trig-bidirectional-4",
         "trig-causal-2",
+        "favor++-causal-inference-2",
         "window-5-on-2",
         "window-12-over-two-replicas-of-4",
     ],
@@ -178,76 +157,8 @@ def test_what_has_no_form_across_replicas_raises(rng, options, call, message):
             strategy.run(lambda x: layer(x, x, **call), (inputs,))
 
 
-def performer(seed):
-    """Dense, a causal `PerformerBlock`, Dense: `(B, L, 8)` to `(B, L, 1)`,
-    every layer position-wise but the attention."""
-    inputs = keras.Input((None, 8))
-    hidden = keras.layers.Dense(16)(inputs)
-    hidden = keras_favor.PerformerBlock(
-        num_heads=2,
-        intermediate_dim=16,
-        key_dim=8,
-        causal=True,
-        num_features=16,
-        seed=seed,
-        chunk_size=4,
-    )(hidden)
-    return keras.Model(inputs, keras.layers.Dense(1)(hidden))
-
-
-def train(model, optimizer, strategy, inputs, targets, steps):
-    """`steps` steps of SGD on the squared error summed over the whole
-    sequence and batch divided by their size; each replica's gradient is
-    that of its segment's terms, and the optimizer sums them across
-    replicas."""
-    import tensorflow as tf
-
-    count = float(np.prod(targets.shape))
-
-    def replica_step(x, y):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(tf.square(model(x) - y)) / count
-        grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return loss
-
-    @tf.function
-    def step(x, y):
-        losses = strategy.run(replica_step, (x, y))
-        return strategy.reduce("SUM", losses, axis=None)
-
-    if strategy.num_replicas_in_sync > 1:
-        inputs, targets = (segments(strategy, a) for a in (inputs, targets))
-    return [float(step(inputs, targets)) for _ in range(steps)]
-
-
 def test_custom_training_loop_equals_one_device(rng):
-    import tensorflow as tf
-
-    inputs = rng.normal(size=(2, LENGTH, 8)).astype("float32")
-    targets = rng.normal(size=(2, LENGTH, 1)).astype("float32")
-    one_device = performer(seed=3)
-    initial = one_device.get_weights()
-    strategy = mirrored(2)
-    with strategy.scope():
-        model = performer(seed=3)
-        model.set_weights(initial)
-        optimizer = keras.optimizers.SGD(0.5)
-    with keras_favor.distribute.sequence_replicas():
-        losses = train(model, optimizer, strategy, inputs, targets, 2)
-    expected_losses = train(
-        one_device,
-        keras.optimizers.SGD(0.5),
-        tf.distribute.get_strategy(),
-        inputs,
-        targets,
-        2,
-    )
-    np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
-    for actual, expected in zip(model.get_weights(), one_device.get_weights()):
-        cases.assert_round_off(actual, expected, cases.WEIGHTS_TOLERANCE)
-    # The steps moved the weights: the comparison is not of the start.
-    assert not np.allclose(initial[0], one_device.get_weights()[0])
+    replica_cases.assert_training_loop_equals_one_device(rng, window=0)
 
 
 def test_a_window_across_segments_of_other_lengths_raises(rng):
