@@ -3,8 +3,9 @@
 `emulated_shards` runs the two phases of `sequence_shards` for `n`
 consecutive shards of one sequence, shard after shard, the exchange a
 Python loop over their states. It computes what `n` devices compute
-together under `keras_favor.distribute.sequence_parallel`, on any backend,
-and so pins down the math apart from the collectives.
+together under `keras_favor.distribute.sequence_parallel` (or `n`
+replicas under `keras_favor.distribute.replica_sequence_parallel`), on
+any backend, and so pins down the math apart from the collectives.
 """
 
 from keras import ops

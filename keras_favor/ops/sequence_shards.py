@@ -30,9 +30,10 @@ is a reduce-scatter), so each shard's keys get the gradient of every later
 query that read them.
 
 `emulated_shards.emulated_shards` runs the same phases for `n` shards in
-one program with the exchange as a Python loop: the reference that the
-distributed version (`keras_favor.distribute.sequence_parallel`) is
-checked against.
+one program with the exchange as a Python loop: the reference for the
+distributed versions, which run each shard's phases by
+`one_shard.one_shard_attention` (`keras_favor.distribute.sequence_parallel`
+on JAX, `keras_favor.distribute.replica_sequence_parallel` on TensorFlow).
 """
 
 import math
