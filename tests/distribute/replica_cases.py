@@ -25,12 +25,12 @@ def mirrored(num_replicas):
     )
 
 
-def segments(strategy, array):
-    """`array` `(B, L, ...)` split along axis 1, replica `i` the `i`-th
+def segments(strategy, array, axis=1):
+    """`array` split along `axis` (the sequence), replica `i` the `i`-th
     segment."""
     import tensorflow as tf
 
-    parts = np.split(array, strategy.num_replicas_in_sync, axis=1)
+    parts = np.split(array, strategy.num_replicas_in_sync, axis=axis)
     return strategy.experimental_distribute_values_from_function(
         lambda context: tf.constant(parts[context.replica_id_in_sync_group])
     )

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import keras_favor
+from keras_favor.layers import favor_kernels
 from tests.distribute import context_parallel_cases as cases
 from tests.distribute import replica_cases
 from tests.distribute.replica_cases import LENGTH
@@ -176,3 +177,62 @@ def test_a_window_across_segments_of_other_lengths_raises(rng):
     with keras_favor.distribute.sequence_replicas():
         with pytest.raises(tf.errors.InvalidArgumentError, match="one length"):
             strategy.run(lambda x: layer(x, x, use_causal_mask=True), (inputs,))
+
+
+def test_kernel_carries_the_state_across_replicas(rng):
+    # The kernel's `initial_state` and `return_state` (not used by the
+    # layer, whose decoding cache raises across replicas): from the state
+    # after another sequence, every replica returns the state after the
+    # last replica's last key.
+    import tensorflow as tf
+
+    from keras_favor.distribute import replica_sequence_parallel
+
+    layer, heads, mask, _ = cases.setup(rng)
+    heads = [h[:, :, :LENGTH] for h in heads]
+    mask = np.asarray(mask)[:, :, :LENGTH]
+    feature_fn, query_feature_fn = favor_kernels.feature_fns(layer)
+
+    def one_device(q, k, v, initial_state=None):
+        return keras_favor.ops.causal_linear_attention(
+            q,
+            k,
+            v,
+            feature_fn,
+            16,
+            mask=mask,
+            chunk_size=4,
+            query_feature_fn=query_feature_fn,
+            initial_state=initial_state,
+            return_state=True,
+        )
+
+    _, initial = one_device(*(h[:, :, ::-1] for h in heads))
+    expected_outputs, expected_state = one_device(*heads, initial)
+    strategy = mirrored(2)
+    q, k, v, m = (segments(strategy, np.asarray(x), 2) for x in (*heads, mask))
+
+    def replica(q, k, v, m):
+        return replica_sequence_parallel.sharded_linear_attention(
+            replica_sequence_parallel.current_sharding(),
+            q,
+            k,
+            v,
+            layer.feature_map,
+            tf.convert_to_tensor(layer.projection),
+            16,
+            True,
+            mask=m,
+            chunk_size=4,
+            initial_state=initial,
+            return_state=True,
+        )
+
+    with keras_favor.distribute.sequence_replicas():
+        outputs, state = strategy.run(replica, (q, k, v, m))
+    cases.assert_round_off(
+        np.concatenate(local(strategy, outputs), axis=2), expected_outputs
+    )
+    for actual, want in zip(state, expected_state):
+        for replica_part in local(strategy, actual):
+            cases.assert_round_off(replica_part, want)
