@@ -7,6 +7,10 @@ from keras_favor.convert.attention_paths import layer_at
 from keras_favor.convert.attention_paths import swap_attention
 from keras_favor.layers.favor_attention import FavorAttention
 
+# The sizes given to unknown axes to infer the output shapes (at least 2,
+# as Keras's JAX backend assumes, so that no axis looks broadcastable).
+_TRACED_SIZES = (2, 3)
+
 
 def build_like(layer, build_config):
     """Builds `layer` from `build_config`, as `Layer.build_from_config`
@@ -46,6 +50,12 @@ class PerformerizedLayer(keras.layers.Layer):
 
     Returns:
         `layer`'s outputs.
+
+    Output shapes: a symbolic call (building a functional model on
+    `keras.Input((None, dim))`) traces `layer` with each unknown axis set to
+    a fixed size, then to another: an output axis that changes with them is
+    unknown (`None`). So the wrapper builds into functional models on every
+    backend, also where FavorAttention cannot trace an unknown length (JAX).
 
     Masking: the Keras mask of an input reaches `layer` as it would without
     the wrapper (tested: padding invariance of a wrapped masked layer), and
@@ -130,6 +140,20 @@ class PerformerizedLayer(keras.layers.Layer):
     def call(self, *args, **kwargs):
         return self.layer(*args, **kwargs)
 
+    def compute_output_spec(self, *args, **kwargs):
+        """The outputs' shapes and dtypes: `call` traced twice, with the
+        unknown axes of the inputs at two fixed sizes; an output axis that
+        differs between the two is unknown."""
+        specs = []
+        for size in _TRACED_SIZES:
+            sized_args, sized_kwargs = keras.tree.map_structure(
+                lambda x, size=size: _with_known_axes(x, size), (args, kwargs)
+            )
+            specs.append(
+                super().compute_output_spec(*sized_args, **sized_kwargs)
+            )
+        return keras.tree.map_structure(_unknown_where_different, *specs)
+
     def compute_mask(self, *args, **kwargs):
         return self.layer.compute_mask(*args, **kwargs)
 
@@ -142,3 +166,28 @@ class PerformerizedLayer(keras.layers.Layer):
             }
         )
         return config
+
+
+def _with_known_axes(x, size):
+    """`x`, a symbolic tensor, with `size` for each unknown axis (other
+    values are returned as they are)."""
+    if not isinstance(x, keras.KerasTensor):
+        return x
+    shape = tuple(size if axis is None else axis for axis in x.shape)
+    return keras.KerasTensor(
+        shape, dtype=x.dtype, sparse=x.sparse, ragged=x.ragged
+    )
+
+
+def _unknown_where_different(first, second):
+    """`first`, a symbolic tensor, with `None` for each axis on which it
+    differs from `second` (the same output traced at other input sizes)."""
+    if not isinstance(first, keras.KerasTensor):
+        return first
+    shape = tuple(
+        a if a == b else None
+        for a, b in zip(first.shape, second.shape, strict=True)
+    )
+    return keras.KerasTensor(
+        shape, dtype=first.dtype, sparse=first.sparse, ragged=first.ragged
+    )
