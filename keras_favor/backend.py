@@ -285,6 +285,22 @@ def cond(pred, true_fn, false_fn):
     return keras.ops.cond(pred, true_fn, false_fn)
 
 
+def branch(pred, true_fn, false_fn):
+    """`keras.ops.cond(pred, true_fn, false_fn)`, decided in Python where
+    `pred` holds a value now (`is_concrete`).
+
+    An eager `jax.lax.cond` traces and compiles both branches on every
+    call whose branch functions are new closures (seconds for a causal
+    layer's); an eager call runs only the branch taken, as TensorFlow's
+    eager `cond` does.
+    """
+    if is_concrete(pred):
+        return (
+            true_fn() if bool(keras.ops.convert_to_numpy(pred)) else false_fn()
+        )
+    return keras.ops.cond(pred, true_fn, false_fn)
+
+
 def _gated(tensor, check):
     import tensorflow as tf
 

@@ -15,6 +15,7 @@ import functools
 
 from keras import ops
 
+from keras_favor import backend
 from keras_favor.ops import causal_state
 from keras_favor.ops import stabilizers
 from keras_favor.ops.causal_chunks import one_level_causal_attention
@@ -322,7 +323,7 @@ def _per_feature_where_needed(
         parts, state = per_feature_levels()
         return [*_as_list(_outputs(parts, normalized)), *state][:used]
 
-    results = ops.cond(
+    results = backend.branch(
         _loses_a_normalizer(parts[2], parts[1]),
         recomputed,
         lambda: [*outputs, *state_after][:used],
