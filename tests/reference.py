@@ -79,6 +79,31 @@ def gradients(fn, args, has_aux=False):
     return grads, keras.tree.map_structure(ops.convert_to_numpy, aux)
 
 
+def gradients_with_weights(layer, fn, args, has_aux=False):
+    """`gradients` of `fn(*args)` with respect to `args` and then to each of
+    `layer.trainable_weights`, which `fn` reads through the layer.
+
+    Args:
+        layer: a built layer; its weights' values are differentiated at.
+        fn: maps `args` to a scalar, or to `(scalar, aux)` with `has_aux`.
+        args: a list of arrays or tensors.
+        has_aux: whether `fn` also returns something not differentiated.
+
+    Returns:
+        As `gradients`: the gradients of `args`, then of the weights.
+    """
+    weights = layer.trainable_weights
+    count = len(args)
+
+    def with_values(*values):
+        mapping = list(zip(weights, values[count:]))
+        with keras.StatelessScope(state_mapping=mapping):
+            return fn(*values[:count])
+
+    values = [*args, *(ops.convert_to_numpy(w) for w in weights)]
+    return gradients(with_values, values, has_aux)
+
+
 def heads(layer, query, value, key=None):
     """The layer's `(B, H, T, d)` query, key and value heads, in float64."""
     key = value if key is None else key
