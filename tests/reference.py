@@ -10,6 +10,8 @@ with `jax_enable_x64`. `FLOAT64` says which dtype the references of this
 backend compute in.
 """
 
+import contextlib
+
 import keras
 import numpy as np
 from keras import ops
@@ -24,6 +26,17 @@ def _has_float64():
 
 # float64 where the backend computes in it, else float32 (JAX by default).
 FLOAT64 = "float64" if _has_float64() else "float32"
+
+
+def float64_scope():
+    """A scope in which `keras.ops` compute in float64 on every backend
+    (on JAX: `jax.enable_x64`), for references that `FLOAT64` would leave
+    in float32 there."""
+    if keras.backend.backend() != "jax":
+        return contextlib.nullcontext()
+    import jax
+
+    return jax.enable_x64(True)
 
 
 def numpy(x):
@@ -139,12 +152,16 @@ def key_mask(mask):
     return ops.convert_to_tensor(np.asarray(mask, bool)[:, None, :])
 
 
-def quadratic_feature_attention(layer, q, k, v, mask=None, causal=False):
-    """The `L x S` form `phi(Q) phi(K)^T` with the layer's own features."""
+def quadratic_feature_attention(
+    layer, q, k, v, mask=None, causal=False, dtype=None
+):
+    """The `L x S` form `phi(Q) phi(K)^T` with the layer's own features, in
+    `dtype` (`FLOAT64` unless given)."""
+    dtype = dtype or FLOAT64
     return numpy(
         favor_ops.naive_linear_attention(
-            *(ops.cast(ops.convert_to_tensor(x), FLOAT64) for x in (q, k, v)),
-            feature_fn(layer),
+            *(ops.cast(ops.convert_to_tensor(x), dtype) for x in (q, k, v)),
+            feature_fn(layer, dtype),
             mask=key_mask(mask),
             causal=causal,
         )

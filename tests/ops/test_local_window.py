@@ -1,8 +1,6 @@
 """Exact attention within a local window, random features beyond it, one
 normalizer: against a quadratic reference that builds the mixed kernel."""
 
-import contextlib
-
 import keras
 import numpy as np
 import pytest
@@ -32,19 +30,9 @@ def setup(rng, feature_map, length, scale=1.0):
     return layer, heads, mask
 
 
-def float64_scope():
-    """A scope in which `keras.ops` compute in float64 on every backend
-    (JAX: `jax.enable_x64`), for the references."""
-    if backend.is_tensorflow():
-        return contextlib.nullcontext()
-    import jax
-
-    return jax.enable_x64(True)
-
-
 def mixed_kernel(layer, q, k, mask, window, causal):
     """The `(B, H, T, S)` kernel: exact inside the window, features outside,
-    0 for masked and (causal) later keys; float64 (in `float64_scope`),
+    0 for masked and (causal) later keys; float64 (in `reference.float64_scope`),
     differentiable."""
     q, k = (ops.cast(ops.convert_to_tensor(x), "float64") for x in (q, k))
     phi = reference.feature_fn(layer, "float64")
@@ -83,7 +71,7 @@ def test_matches_the_mixed_quadratic_kernel(
 ):
     layer, (q, k, v), mask = setup(rng, feature_map, length)
     actual = ops.convert_to_numpy(run(layer, (q, k, v), mask, window, causal))
-    with float64_scope():
+    with reference.float64_scope():
         kernel = mixed_kernel(layer, q, k, mask, window, causal)
         kernel = reference.numpy(kernel)
     expected = kernel @ v / kernel.sum(-1, keepdims=True)
@@ -126,7 +114,7 @@ def test_gradients_match_the_mixed_quadratic_kernel(rng, causal, window):
         ),
         "float32",
     )
-    with float64_scope():
+    with reference.float64_scope():
         expected = gradients(expected_fn, "float64")
     for a, e in zip(actual, expected, strict=True):
         np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5)
@@ -412,7 +400,7 @@ def test_per_feature_path_matches_the_mixed_kernel(rng, monkeypatch, scale):
     )
     layer, (q, k, v), mask = setup(rng, "softmax", 19, scale)
     actual = ops.convert_to_numpy(run(layer, (q, k, v), mask, 4, True))
-    with float64_scope():
+    with reference.float64_scope():
         kernel = reference.numpy(mixed_kernel(layer, q, k, mask, 4, True))
     expected = kernel @ v / kernel.sum(-1, keepdims=True)
     bound = 8 * (19 + 32) * UNIT_ROUNDOFF * np.max(np.abs(v))
