@@ -10,11 +10,11 @@ dimensions, feature maps, mask patterns and the causal flag:
     before `t`;
 (d) outputs and gradients stay finite for heads scaled by 30 to 1000.
 
-Examples are seeded (`derandomize=True`) and few, and the kernels run
-eagerly (the gradients of (d) through `tests.reference.gradients`). One layer
-per feature map and dimensions provides the projection and the feature
-functions. The float64 references compute in float64 on every backend
-(`reference.float64_scope`).
+Examples are seeded (`derandomize=True`) and few (fewer on JAX, see
+`examples`), and the kernels run eagerly (the gradients of (d) through
+`tests.reference.gradients`). One layer per feature map and dimensions
+provides the projection and the feature functions. The float64 references
+compute in float64 on every backend (`reference.float64_scope`).
 """
 
 import functools
@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from keras import ops
 
 import keras_favor
+from keras_favor import backend
 from keras_favor import ops as favor_ops
 from keras_favor.layers import favor_kernels
 from tests import reference as references
@@ -54,6 +55,12 @@ SETTINGS = dict(
         HealthCheck.data_too_large,
     ],
 )
+
+
+def examples(count):
+    """`count` examples on TensorFlow; a fifth of them on JAX, whose eager
+    kernels compile each new shape (every example brings new ones)."""
+    return count if backend.is_tensorflow() else max(3, count // 5)
 
 
 @functools.cache
@@ -333,7 +340,7 @@ def reference(case, q, k, v, mask):
         )
 
 
-@settings(max_examples=40, **SETTINGS)
+@settings(max_examples=examples(40), **SETTINGS)
 @given(case=cases(), scale=st.floats(0.05, 1.5))
 def test_linear_equals_quadratic_reference(case, scale):
     # Head scales up to 1.5: |q~ . k~| stays below ~10 for d <= 16, so no
@@ -361,7 +368,7 @@ def test_linear_equals_quadratic_reference(case, scale):
 # --------------------------------------------------- (b) padding invariance --
 
 
-@settings(max_examples=25, **SETTINGS)
+@settings(max_examples=examples(25), **SETTINGS)
 @given(
     case=cases(masks=["right_padding", "random", "mixed_rows"]),
     padded_scale=st.sampled_from([1.0, 30.0, 300.0]),
@@ -392,7 +399,7 @@ def test_padded_keys_and_values_change_nothing(case, padded_scale):
 # ------------------------------------------------ (c) no future leakage --
 
 
-@settings(max_examples=25, **SETTINGS)
+@settings(max_examples=examples(25), **SETTINGS)
 @given(
     case=cases(causal=True).filter(lambda case: case["query_length"] > 1),
     position=st.floats(0.0, 1.0, exclude_max=True),
@@ -431,7 +438,7 @@ def test_causal_outputs_ignore_later_positions(case, position, future_scale):
 # ------------------------------------------- (d) finite at large scales --
 
 
-@settings(max_examples=25, **SETTINGS)
+@settings(max_examples=examples(25), **SETTINGS)
 @given(case=cases(), scale=st.sampled_from([30.0, 100.0, 300.0, 1000.0]))
 def test_large_scales_give_finite_outputs_and_gradients(case, scale):
     # Finiteness only: at these scales exp(q~ . k~) spans far more than
