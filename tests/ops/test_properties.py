@@ -11,8 +11,8 @@ dimensions, feature maps, mask patterns and the causal flag:
 (d) outputs and gradients stay finite for heads scaled by 30 to 1000.
 
 Examples are seeded (`derandomize=True`) and few (fewer on JAX, see
-`examples`), and the kernels run eagerly (the gradients of (d) through
-`tests.reference.gradients`). One layer per feature map and dimensions
+`examples`); the kernels run eagerly on TensorFlow and under `jax.jit` on
+JAX (the gradients of (d) through `tests.reference.gradients`). One layer per feature map and dimensions
 provides the projection and the feature functions. The float64 references
 compute in float64 on every backend (`reference.float64_scope`).
 """
@@ -58,8 +58,8 @@ SETTINGS = dict(
 
 
 def examples(count):
-    """`count` examples on TensorFlow; a fifth of them on JAX, whose eager
-    kernels compile each new shape (every example brings new ones)."""
+    """`count` examples on TensorFlow; a fifth of them on JAX, where every
+    example's new shapes cost a compilation."""
     return count if backend.is_tensorflow() else max(3, count // 5)
 
 
@@ -177,7 +177,11 @@ def cases(draw, feature_maps=FEATURE_MAPS, causal=None, masks=MASK_KINDS):
 
 
 def make_inputs(case, scale=1.0):
-    """float32 `(q, k, v)` heads of `case`, and its `(B, S)` mask or None."""
+    """float32 `(q, k, v)` heads of `case`, and its `(B, S)` mask or None.
+
+    Builds the case's layer here, outside any `jax.jit` the kernel runs in.
+    """
+    feature_layer(case["feature_map"], case["key_dim"], case["num_features"])
     rng = np.random.default_rng(case["seed"])
     b, h, d = case["batch"], case["heads"], case["key_dim"]
 
@@ -218,8 +222,18 @@ def kernel(case, q, k, v, mask):
 
 
 def run_kernel(case, q, k, v, mask):
+    """`kernel` as NumPy: eager on TensorFlow, under `jax.jit` on JAX (one
+    compilation costs less there than eager ops compiling each shape)."""
+
+    def attend(q, k, v):
+        return kernel(case, q, k, v, mask)
+
+    if not backend.is_tensorflow():
+        import jax
+
+        attend = jax.jit(attend)
     inputs = (ops.convert_to_tensor(x) for x in (q, k, v))
-    return ops.convert_to_numpy(kernel(case, *inputs, mask))
+    return ops.convert_to_numpy(attend(*inputs))
 
 
 def seen_keys(case, mask):
