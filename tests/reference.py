@@ -10,6 +10,8 @@ with `jax_enable_x64`. `FLOAT64` says which dtype the references of this
 backend compute in.
 """
 
+import contextlib
+
 import keras
 import numpy as np
 from keras import ops
@@ -24,6 +26,17 @@ def _has_float64():
 
 # float64 where the backend computes in it, else float32 (JAX by default).
 FLOAT64 = "float64" if _has_float64() else "float32"
+
+
+def float64_scope():
+    """A scope in which `keras.ops` compute in float64 on every backend
+    (on JAX: `jax.enable_x64`), for references that `FLOAT64` would leave
+    in float32 there."""
+    if keras.backend.backend() != "jax":
+        return contextlib.nullcontext()
+    import jax
+
+    return jax.enable_x64(True)
 
 
 def numpy(x):
@@ -79,6 +92,31 @@ def gradients(fn, args, has_aux=False):
     return grads, keras.tree.map_structure(ops.convert_to_numpy, aux)
 
 
+def gradients_with_weights(layer, fn, args, has_aux=False):
+    """`gradients` of `fn(*args)` with respect to `args` and then to each of
+    `layer.trainable_weights`, which `fn` reads through the layer.
+
+    Args:
+        layer: a built layer; its weights' values are differentiated at.
+        fn: maps `args` to a scalar, or to `(scalar, aux)` with `has_aux`.
+        args: a list of arrays or tensors.
+        has_aux: whether `fn` also returns something not differentiated.
+
+    Returns:
+        As `gradients`: the gradients of `args`, then of the weights.
+    """
+    weights = layer.trainable_weights
+    count = len(args)
+
+    def with_values(*values):
+        mapping = list(zip(weights, values[count:]))
+        with keras.StatelessScope(state_mapping=mapping):
+            return fn(*values[:count])
+
+    values = [*args, *(ops.convert_to_numpy(w) for w in weights)]
+    return gradients(with_values, values, has_aux)
+
+
 def heads(layer, query, value, key=None):
     """The layer's `(B, H, T, d)` query, key and value heads, in float64."""
     key = value if key is None else key
@@ -114,12 +152,16 @@ def key_mask(mask):
     return ops.convert_to_tensor(np.asarray(mask, bool)[:, None, :])
 
 
-def quadratic_feature_attention(layer, q, k, v, mask=None, causal=False):
-    """The `L x S` form `phi(Q) phi(K)^T` with the layer's own features."""
+def quadratic_feature_attention(
+    layer, q, k, v, mask=None, causal=False, dtype=None
+):
+    """The `L x S` form `phi(Q) phi(K)^T` with the layer's own features, in
+    `dtype` (`FLOAT64` unless given)."""
+    dtype = dtype or FLOAT64
     return numpy(
         favor_ops.naive_linear_attention(
-            *(ops.cast(ops.convert_to_tensor(x), FLOAT64) for x in (q, k, v)),
-            feature_fn(layer),
+            *(ops.cast(ops.convert_to_tensor(x), dtype) for x in (q, k, v)),
+            feature_fn(layer, dtype),
             mask=key_mask(mask),
             causal=causal,
         )

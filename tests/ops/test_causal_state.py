@@ -1,12 +1,17 @@
 """The causal state carried across pieces of a sequence equals the whole."""
 
+import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from keras import ops
 
 import keras_favor
+from keras_favor import backend
 from keras_favor import ops as favor_ops
 from keras_favor.layers import favor_kernels
+from tests import reference
+
+pytestmark = pytest.mark.backend_independent
 
 FEATURE_MAPS = ["softmax", "softmax_hyperbolic", "softmax_trig", "relu", "elu"]
 LENGTH = 19
@@ -21,11 +26,11 @@ def attention_setup(rng, feature_map):
     # Scale 0.5 keeps the signed trigonometric features' normalizers away
     # from 0, where any two summation orders differ by more than round-off.
     heads = [
-        tf.constant(rng.normal(scale=0.5, size=(2, 2, LENGTH, 8)), tf.float32)
+        rng.normal(scale=0.5, size=(2, 2, LENGTH, 8)).astype("float32")
         for _ in range(3)
     ]
     valid = np.arange(LENGTH)[None, :] < np.array([[LENGTH], [12]])
-    mask = tf.constant(valid)[:, None, :]
+    mask = ops.convert_to_tensor(valid[:, None, :])
     num_features = layer.feature_map.feature_dim(16, 8)
     return heads, mask, favor_kernels.feature_fns(layer), num_features
 
@@ -48,54 +53,71 @@ def in_pieces(heads, mask, fns, num_features, cuts, chunk_size=4):
             return_state=True,
         )
         outputs.append(piece_outputs)
-    return tf.concat(outputs, axis=2), state
+    return ops.concatenate(outputs, axis=2), state
 
 
 def outputs_state_and_gradients(run, heads, target, mode):
+    """`run`'s outputs and state and the gradients of `sum(outputs *
+    target)` as NumPy arrays. On TensorFlow `mode` "eager" runs them
+    eagerly, "compiled" in a `tf.function` and "xla" compiled by XLA; on
+    JAX every mode runs them under `jax.jit`."""
+
+    def loss(*heads):
+        outputs, state = run(list(heads))
+        return ops.sum(outputs * target), (outputs, state)
+
+    if mode == "eager" or not backend.is_tensorflow():
+        gradients, (outputs, state) = reference.gradients(
+            loss, heads, has_aux=True
+        )
+        return outputs, state, gradients
+    import tensorflow as tf
+
     def compute(*heads):
         with tf.GradientTape() as tape:
             tape.watch(heads)
-            outputs, state = run(list(heads))
-            loss = tf.reduce_sum(outputs * target)
-        return outputs, state, tape.gradient(loss, list(heads))
+            value, (outputs, state) = loss(*heads)
+        return outputs, state, tape.gradient(value, list(heads))
 
-    if mode != "eager":
-        compute = tf.function(compute, jit_compile=mode == "xla")
-    return compute(*heads)
+    compute = tf.function(compute, jit_compile=mode == "xla")
+    heads = [ops.convert_to_tensor(h) for h in heads]
+    return keras.tree.map_structure(ops.convert_to_numpy, compute(*heads))
 
 
 @pytest.mark.parametrize(
     "feature_map, mode",
-    [(name, "graph") for name in FEATURE_MAPS]
-    + [("softmax", "eager"), ("softmax", "xla")],
+    [(name, "compiled") for name in FEATURE_MAPS]
+    + [
+        pytest.param(mode_map, mode, marks=pytest.mark.tensorflow_only)
+        for mode_map, mode in [("softmax", "eager"), ("softmax", "xla")]
+    ],
 )
-@pytest.mark.parametrize("cuts", [(9,), (1, 2, 7, 8, 13, 18)])
-def test_pieces_with_carried_state_equal_the_whole(
-    rng, feature_map, cuts, mode
-):
-    # Uneven pieces (of 1 to 6 positions) cross the chunks of 4 anywhere;
-    # the second row's keys after position 12 are padding.
+def test_pieces_with_carried_state_equal_the_whole(rng, feature_map, mode):
+    # Two pieces, then uneven pieces (of 1 to 6 positions) that cross the
+    # chunks of 4 anywhere; the second row's keys after position 12 are
+    # padding. The whole is computed once for both.
     heads, mask, fns, num_features = attention_setup(rng, feature_map)
-    target = tf.constant(rng.normal(size=(2, 2, LENGTH, 8)), tf.float32)
+    target = rng.normal(size=(2, 2, LENGTH, 8)).astype("float32")
     whole = outputs_state_and_gradients(
         lambda h: in_pieces(h, mask, fns, num_features, ()), heads, target, mode
     )
-    pieces = outputs_state_and_gradients(
-        lambda h: in_pieces(h, mask, fns, num_features, cuts),
-        heads,
-        target,
-        mode,
-    )
-    for actual, expected in zip(
-        tf.nest.flatten(pieces), tf.nest.flatten(whole)
-    ):
-        assert_close_to_round_off(actual, expected, 2e-6)
+    for cuts in [(9,), (1, 2, 7, 8, 13, 18)]:
+        pieces = outputs_state_and_gradients(
+            lambda h, cuts=cuts: in_pieces(h, mask, fns, num_features, cuts),
+            heads,
+            target,
+            mode,
+        )
+        for actual, expected in zip(
+            keras.tree.flatten(pieces), keras.tree.flatten(whole), strict=True
+        ):
+            assert_close_to_round_off(actual, expected, 2e-6)
 
 
 def assert_close_to_round_off(actual, expected, tolerance):
     """Equal up to `tolerance` times the largest entry of `expected`: the
     pieces sum the same terms in another order."""
-    actual, expected = np.asarray(actual), np.asarray(expected)
+    actual, expected = reference.numpy(actual), reference.numpy(expected)
     scale = np.max(np.abs(expected))
     np.testing.assert_allclose(actual, expected, rtol=0, atol=tolerance * scale)
 
@@ -119,7 +141,7 @@ def test_state_of_one_position_steps_equals_the_whole_state(rng):
 def at_top_level(state):
     """The state's sums times `exp(level - top)`, `top` the largest level
     of each batch row and head: one representation of the same sums."""
-    key_values, key_sum, level = (np.asarray(x, np.float64) for x in state)
+    key_values, key_sum, level = reference.numpy(tuple(state))
     to_top = np.exp(level - level.max(axis=-1, keepdims=True))
     return key_values * to_top[..., None], key_sum * to_top
 
@@ -131,9 +153,8 @@ def test_state_carries_across_recomputed_groups(rng):
         rng, "softmax"
     )
 
-    def run(recompute_length, initial_state=None):
-        with tf.GradientTape() as tape:
-            tape.watch(heads)
+    def run(recompute_length):
+        def loss(*heads):
             outputs, state = favor_ops.causal_linear_attention(
                 *heads,
                 feature_fn,
@@ -142,11 +163,15 @@ def test_state_carries_across_recomputed_groups(rng):
                 chunk_size=4,
                 query_feature_fn=query_feature_fn,
                 return_state=True,
-                initial_state=initial_state,
                 recompute_length=recompute_length,
             )
-            loss = tf.reduce_sum(tf.sin(outputs)) + tf.reduce_sum(state[0])
-        return [outputs, *state, *tape.gradient(loss, heads)]
+            value = ops.sum(ops.sin(outputs)) + ops.sum(state[0])
+            return value, (outputs, state)
+
+        gradients, (outputs, state) = reference.gradients(
+            loss, heads, has_aux=True
+        )
+        return [outputs, *state, *gradients]
 
     for actual, expected in zip(run(8), run(LENGTH)):
         assert_close_to_round_off(actual, expected, 1e-6)
@@ -167,7 +192,9 @@ def test_empty_causal_state_is_no_key(rng):
         **options,
         initial_state=favor_ops.empty_causal_state(2, 2, num_features, 8),
     )
-    np.testing.assert_array_equal(actual, expected)
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(actual), ops.convert_to_numpy(expected)
+    )
 
 
 def test_initial_state_of_the_wrong_shape_raises(rng):
@@ -189,13 +216,13 @@ def per_feature_setup(rng, monkeypatch):
     )
     layer(np.zeros((1, 2, 16), "float32"))
     heads = [
-        tf.constant(rng.normal(scale=s, size=(2, 2, 40, 8)), tf.float32)
+        rng.normal(scale=s, size=(2, 2, 40, 8)).astype("float32")
         for s in (3.0, 3.0, 1.0)
     ]
-    mask = tf.constant(np.arange(40)[None, :] < np.array([[40], [29]]))
-    target = tf.constant(rng.normal(size=(2, 2, 40, 8)), tf.float32)
+    mask = np.arange(40)[None, :] < np.array([[40], [29]])
+    target = rng.normal(size=(2, 2, 40, 8)).astype("float32")
     # Blocks run where a compiled step reserves memory for the untaken
-    # branch (under `jax.jit`); here on TensorFlow as well.
+    # branch (under `jax.jit`); on TensorFlow as well, forced here.
     monkeypatch.setattr(
         keras_favor.backend, "reserves_every_branch", lambda: True
     )
@@ -206,17 +233,19 @@ def per_feature_setup(rng, monkeypatch):
         "_attention_in_blocks",
         lambda *args: used.append(args[3:]) or blocked(*args),
     )
-    return layer, heads, mask[:, None], target, used
+    return layer, heads, ops.convert_to_tensor(mask[:, None]), target, used
 
 
 def assert_blocks_equal_one_block(blocks, whole):
     """The same levels, and sums of the same terms in another order."""
     state, whole_state = blocks[1], whole[1]
     # The levels are per feature, and equal.
-    assert np.ptp(np.asarray(whole_state[2]), axis=-1).min() > 0
-    np.testing.assert_array_equal(state[2], whole_state[2])
+    assert np.ptp(reference.numpy(whole_state[2]), axis=-1).min() > 0
+    np.testing.assert_array_equal(
+        reference.numpy(state[2]), reference.numpy(whole_state[2])
+    )
     for actual, expected in zip(
-        tf.nest.flatten(blocks), tf.nest.flatten(whole)
+        keras.tree.flatten(blocks), keras.tree.flatten(whole), strict=True
     ):
         assert_close_to_round_off(actual, expected, 2e-6)
 
@@ -231,7 +260,7 @@ def test_per_feature_blocks_equal_one_block(rng, monkeypatch):
     monkeypatch.setattr(
         keras_favor.ops.causal_attention,
         "_loses_a_normalizer",
-        lambda levels, denominator: tf.constant(True),
+        lambda levels, denominator: ops.convert_to_tensor(True),
     )
 
     def run(block):
@@ -259,6 +288,7 @@ def test_per_feature_blocks_equal_one_block(rng, monkeypatch):
     assert_blocks_equal_one_block(blocks, whole)
 
 
+@pytest.mark.tensorflow_only
 def test_per_feature_blocks_in_a_tf_function(rng, monkeypatch):
     # The blocks' loop and their recomputation in a graph, against one
     # block run eagerly (the kernel alone, which traces quickly).
@@ -285,6 +315,6 @@ def test_per_feature_blocks_in_a_tf_function(rng, monkeypatch):
         return outputs_state_and_gradients(attend, heads, target, mode)
 
     whole = run(64, "eager")
-    blocks = run(16, "graph")
+    blocks = run(16, "compiled")
     assert used == [(3, 16)]
     assert_blocks_equal_one_block(blocks, whole)

@@ -1,13 +1,17 @@
 """Attention at large input scales, bidirectional and causal, against a
 float64 evaluation of the same random-feature estimator."""
 
+import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from keras import ops
 
 import keras_favor
+from keras_favor import backend
 from keras_favor.layers import favor_kernels
 from tests import reference
+
+pytestmark = pytest.mark.backend_independent
 
 FEATURE_MAPS = ["softmax", "softmax_hyperbolic", "softmax_trig", "relu", "elu"]
 UNIT_ROUNDOFF = 2.0**-24
@@ -84,9 +88,14 @@ def test_large_inputs_match_the_float64_estimator(
     )
     x = rng.normal(scale=scale, size=(2, 24, 16)).astype("float32")
     layer(x, x)
-    q, k, v = (tf.constant(h, tf.float32) for h in reference.heads(layer, x, x))
+    q, k, v = (
+        ops.convert_to_tensor(h.astype("float32"))
+        for h in reference.heads(layer, x, x)
+    )
     feature_fn, query_feature_fn = favor_kernels.feature_fns(layer)
-    actual = attention(q, k, v, feature_fn, query_feature_fn, mode).numpy()
+    actual = ops.convert_to_numpy(
+        attention(q, k, v, feature_fn, query_feature_fn, mode)
+    )
     query_parts = float32_parts(query_feature_fn(q), v)
     key_parts = float32_parts(feature_fn(k), v)
     expected, condition = log_domain_attention(
@@ -122,7 +131,9 @@ def causal_heads(rng, feature_map, scale, length=40):
     )
     layer(np.zeros((1, 2, 16), "float32"))
     heads = [
-        tf.constant(rng.normal(scale=s, size=(2, 2, length, 8)), tf.float32)
+        ops.convert_to_tensor(
+            rng.normal(scale=s, size=(2, 2, length, 8)).astype("float32")
+        )
         for s in (scale, scale, 1.0)
     ]
     valid = np.arange(length)[None, :] < np.array([[length], [29]])
@@ -130,7 +141,7 @@ def causal_heads(rng, feature_map, scale, length=40):
     num_features = (values if log_scale is None else log_scale).shape[-1]
     return (
         heads,
-        tf.constant(valid)[:, None, :],
+        ops.convert_to_tensor(valid[:, None, :]),
         favor_kernels.feature_fns(layer),
         num_features,
     )
@@ -139,8 +150,8 @@ def causal_heads(rng, feature_map, scale, length=40):
 def causal_outputs_and_gradients(heads, mask, fns, num_features, **kwargs):
     """Outputs, gradients and a continuation from the returned state."""
     feature_fn, query_feature_fn = fns
-    with tf.GradientTape() as tape:
-        tape.watch(heads)
+
+    def loss(*heads):
         outputs, state = keras_favor.ops.causal_linear_attention(
             *heads,
             feature_fn,
@@ -150,15 +161,17 @@ def causal_outputs_and_gradients(heads, mask, fns, num_features, **kwargs):
             return_state=True,
             **kwargs,
         )
-        loss = tf.reduce_sum(tf.sin(outputs))
+        return ops.sum(ops.sin(outputs)), (outputs, state)
+
+    gradients, (outputs, state) = reference.gradients(loss, heads, has_aux=True)
     continued = keras_favor.ops.causal_linear_attention(
         *(h[:, :, :3] for h in heads),
         feature_fn,
         num_features,
         query_feature_fn=query_feature_fn,
-        initial_state=state,
+        initial_state=keras.tree.map_structure(ops.convert_to_tensor, state),
     )
-    return [outputs, *tape.gradient(loss, heads), continued]
+    return [outputs, *gradients, ops.convert_to_numpy(continued)]
 
 
 @pytest.mark.parametrize(
@@ -180,7 +193,7 @@ def test_per_feature_levels_equal_one_level_at_ordinary_scales(
     original = keras_favor.ops.causal_attention._loses_a_normalizer
     try:
         keras_favor.ops.causal_attention._loses_a_normalizer = lambda *args: (
-            tf.constant(True)
+            ops.convert_to_tensor(True)
         )
         actual = causal_outputs_and_gradients(
             heads, mask, fns, num_features, chunk_size=8
@@ -231,13 +244,30 @@ def test_large_inputs_in_pieces_equal_the_whole(rng, feature_map):
             return_state=True,
         )
         pieces.append(outputs)
-    assert not np.any(np.all(whole.numpy() == 0.0, axis=-1))
+    whole = ops.convert_to_numpy(whole)
+    assert not np.any(np.all(whole == 0.0, axis=-1))
     bound = two_roundings(heads, fns)
-    assert np.max(np.abs(tf.concat(pieces, 2) - whole)) <= bound
+    pieces = ops.convert_to_numpy(ops.concatenate(pieces, 2))
+    assert np.max(np.abs(pieces - whole)) <= bound
     # The states hold the same sums at the same levels.
+    state, whole_state = (
+        reference.numpy(tuple(s)) for s in (state, whole_state)
+    )
     np.testing.assert_array_equal(state[2], whole_state[2])
     for a, e in zip(state[:2], whole_state[:2]):
         np.testing.assert_allclose(a, e, rtol=bound, atol=bound)
+
+
+def compiled(fn):
+    """`fn` compiled by XLA: `tf.function(jit_compile=True)` on TensorFlow,
+    `jax.jit` on JAX."""
+    if backend.is_tensorflow():
+        import tensorflow as tf
+
+        return tf.function(fn, jit_compile=True)
+    import jax
+
+    return jax.jit(fn)
 
 
 def test_large_causal_inputs_under_xla_equal_eager(rng):
@@ -253,7 +283,7 @@ def test_large_causal_inputs_under_xla_equal_eager(rng):
             query_feature_fn=query_feature_fn,
         )
 
-    eager = attend(*heads).numpy()
-    compiled = tf.function(attend, jit_compile=True)(*heads).numpy()
+    eager = ops.convert_to_numpy(attend(*heads))
+    xla = ops.convert_to_numpy(compiled(attend)(*heads))
     assert not np.any(np.all(eager == 0.0, axis=-1))
-    assert np.max(np.abs(compiled - eager)) <= two_roundings(heads, fns)
+    assert np.max(np.abs(xla - eager)) <= two_roundings(heads, fns)

@@ -4,12 +4,15 @@ normalizer: against a quadratic reference that builds the mixed kernel."""
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from keras import ops
 
 import keras_favor
+from keras_favor import backend
 from keras_favor.layers import favor_kernels
 from keras_favor.ops import local_window_attention
 from tests import reference
+
+pytestmark = pytest.mark.backend_independent
 
 MAPS = ["softmax", "softmax_hyperbolic", "softmax_trig"]
 UNIT_ROUNDOFF = 2.0**-24
@@ -29,10 +32,12 @@ def setup(rng, feature_map, length, scale=1.0):
 
 def mixed_kernel(layer, q, k, mask, window, causal):
     """The `(B, H, T, S)` kernel: exact inside the window, features outside,
-    0 for masked and (causal) later keys; float64, differentiable."""
-    phi = reference.feature_fn(layer)
-    estimated = tf.einsum("bhtf,bhsf->bhts", phi(q), phi(k))
-    exact = tf.exp(tf.einsum("bhtd,bhsd->bhts", q, k) / np.sqrt(8.0))
+    0 for masked and (causal) later keys; float64 (in `reference.float64_scope`),
+    differentiable."""
+    q, k = (ops.cast(ops.convert_to_tensor(x), "float64") for x in (q, k))
+    phi = reference.feature_fn(layer, "float64")
+    estimated = ops.einsum("bhtf,bhsf->bhts", phi(q), phi(k))
+    exact = ops.exp(ops.einsum("bhtd,bhsd->bhts", q, k) / np.sqrt(8.0))
     length = q.shape[2]
     distance = np.arange(length)[:, None] - np.arange(length)[None, :]
     if causal:
@@ -41,19 +46,19 @@ def mixed_kernel(layer, q, k, mask, window, causal):
     else:
         in_window = np.abs(distance) < window
         allowed = np.ones_like(in_window)
-    kernel = tf.where(in_window, exact, estimated)
-    return tf.where(allowed & mask[:, None, None, :], kernel, 0.0)
+    kernel = ops.where(in_window, exact, estimated)
+    return ops.where(allowed & mask[:, None, None, :], kernel, 0.0)
 
 
 def run(layer, heads, mask, window, causal):
     feature_fn, _ = favor_kernels.feature_fns(layer)
     return local_window_attention(
-        *(tf.constant(h, tf.float32) for h in heads),
+        *(ops.convert_to_tensor(h.astype("float32")) for h in heads),
         feature_fn,
         layer.feature_map.feature_dim(16, 8),
         window,
         causal,
-        mask=tf.constant(mask)[:, None, :],
+        mask=reference.key_mask(mask),
         chunk_size=4,
     )
 
@@ -65,8 +70,10 @@ def test_matches_the_mixed_quadratic_kernel(
     rng, feature_map, causal, window, length
 ):
     layer, (q, k, v), mask = setup(rng, feature_map, length)
-    actual = run(layer, (q, k, v), mask, window, causal).numpy()
-    kernel = mixed_kernel(layer, q, k, mask, window, causal).numpy()
+    actual = ops.convert_to_numpy(run(layer, (q, k, v), mask, window, causal))
+    with reference.float64_scope():
+        kernel = mixed_kernel(layer, q, k, mask, window, causal)
+        kernel = reference.numpy(kernel)
     expected = kernel @ v / kernel.sum(-1, keepdims=True)
     # Float32 sums of at most `length` keys and 32 features, each with a
     # relative rounding of a few u, times the condition of signed weights.
@@ -82,15 +89,15 @@ def test_gradients_match_the_mixed_quadratic_kernel(rng, causal, window):
     target = rng.normal(size=heads[2].shape)
 
     def gradients(fn, dtype):
-        tensors = [tf.constant(h, dtype) for h in heads]
-        with tf.GradientTape() as tape:
-            tape.watch(tensors)
-            loss = tf.reduce_sum(tf.cast(fn(*tensors), tf.float64) * target)
-        return tape.gradient(loss, tensors)
+        def loss(*heads):
+            outputs = ops.cast(fn(*heads), "float64")
+            return ops.sum(outputs * ops.cast(target, "float64"))
+
+        return reference.gradients(loss, [h.astype(dtype) for h in heads])
 
     def expected_fn(q, k, v):
         kernel = mixed_kernel(layer, q, k, mask, window, causal)
-        return kernel @ v / tf.reduce_sum(kernel, -1, keepdims=True)
+        return ops.matmul(kernel, v) / ops.sum(kernel, -1, keepdims=True)
 
     feature_fn, _ = favor_kernels.feature_fns(layer)
     actual = gradients(
@@ -102,12 +109,14 @@ def test_gradients_match_the_mixed_quadratic_kernel(rng, causal, window):
             16,
             window,
             causal,
-            mask=tf.constant(mask)[:, None, :],
+            mask=reference.key_mask(mask),
             chunk_size=4,
         ),
-        tf.float32,
+        "float32",
     )
-    for a, e in zip(actual, gradients(expected_fn, tf.float64)):
+    with reference.float64_scope():
+        expected = gradients(expected_fn, "float64")
+    for a, e in zip(actual, expected, strict=True):
         np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-5)
 
 
@@ -147,13 +156,13 @@ def test_a_window_over_every_key_is_softmax_attention(rng, causal, window):
         16,
         window,
         causal,
-        mask=tf.constant(mask)[:, None, :],
+        mask=reference.key_mask(mask),
         chunk_size=4,
     )
     expected, bound = softmax_reference(
         *(h.astype(np.float64) for h in heads), mask, causal
     )
-    assert np.all(np.abs(np.asarray(actual) - expected) <= bound)
+    assert np.all(np.abs(reference.numpy(actual) - expected) <= bound)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -173,7 +182,12 @@ def test_a_window_far_longer_than_the_input_equals_one_as_long(rng, causal):
     long, short = (
         layer(x, query_mask=mask, use_causal_mask=causal) for layer in layers
     )
-    np.testing.assert_allclose(long, short, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(long),
+        ops.convert_to_numpy(short),
+        rtol=1e-6,
+        atol=1e-7,
+    )
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -190,7 +204,7 @@ def test_no_position_gives_no_output(causal, window):
     def call(x):
         return layer(x, use_causal_mask=causal)
 
-    for fn in (call, tf.function(call)):
+    for fn in (call, traced(call)):
         assert tuple(fn(x).shape) == (2, 0, 16)
     if not causal:
         return
@@ -199,18 +213,35 @@ def test_no_position_gives_no_output(causal, window):
         return layer(x, use_causal_mask=True, cache=cache)
 
     cache = layer.empty_cache(2)
-    for fn in (cached, tf.function(cached)):
+    for fn in (cached, traced(cached)):
         outputs, after = fn(x, cache)
         assert tuple(outputs.shape) == (2, 0, 16)
-        for before, now in zip(cache, after):
-            np.testing.assert_array_equal(now, before)
+        for before, now in zip(cache, after, strict=True):
+            np.testing.assert_array_equal(
+                ops.convert_to_numpy(now), ops.convert_to_numpy(before)
+            )
 
 
+def traced(fn):
+    """`fn` traced into one graph: `tf.function` on TensorFlow, `jax.jit`
+    on JAX."""
+    if backend.is_tensorflow():
+        import tensorflow as tf
+
+        return tf.function(fn)
+    import jax
+
+    return jax.jit(fn)
+
+
+@pytest.mark.tensorflow_only
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("window", [8, 40000])
 def test_unknown_lengths_give_the_outputs_of_known_ones(rng, causal, window):
     """A graph traced for any length chooses the dense or the banded window
     at run time (lengths 0, 5 and 19 against windows of 8 and 40000)."""
+    import tensorflow as tf
+
     layer = keras_favor.FavorAttention(
         2, 8, num_features=16, local_window=window, chunk_size=4, seed=1
     )
@@ -241,10 +272,16 @@ def test_large_inputs_stay_finite_and_nonzero(rng, causal):
         2, 8, num_features=16, local_window=3, chunk_size=4
     )
     x = rng.normal(scale=100.0, size=(2, 12, 16)).astype("float32")
-    with tf.GradientTape() as tape:
+    layer(x, x)
+
+    def loss(x):
         y = layer(x, x, use_causal_mask=causal)
-        loss = tf.reduce_sum(y)
-    grads = tape.gradient(loss, layer.trainable_weights)
+        return ops.sum(y), y
+
+    (_, *grads), y = reference.gradients_with_weights(
+        layer, loss, [x], has_aux=True
+    )
+    assert len(grads) == len(layer.trainable_weights) > 0
     assert np.all(np.isfinite(y))
     assert all(np.all(np.isfinite(g)) for g in grads)
     assert not np.any(np.all(np.asarray(y) == 0.0, axis=-1))
@@ -301,8 +338,8 @@ def test_causal_pieces_with_carried_state_equal_the_whole(rng, cuts):
     # Pieces shorter and longer than the window of 4 and the chunks of 4.
     layer, heads, mask = setup(rng, "softmax", 19)
     feature_fn, _ = favor_kernels.feature_fns(layer)
-    heads = [tf.constant(h, tf.float32) for h in heads]
-    mask = tf.constant(mask)[:, None, :]
+    heads = [ops.convert_to_tensor(h.astype("float32")) for h in heads]
+    mask = reference.key_mask(mask)
     options = dict(
         feature_fn=feature_fn,
         num_features=16,
@@ -322,18 +359,26 @@ def test_causal_pieces_with_carried_state_equal_the_whole(rng, cuts):
         )
         pieces.append(outputs)
     np.testing.assert_allclose(
-        tf.concat(pieces, axis=2), whole, rtol=1e-5, atol=1e-6
+        ops.convert_to_numpy(ops.concatenate(pieces, axis=2)),
+        ops.convert_to_numpy(whole),
+        rtol=1e-5,
+        atol=1e-6,
     )
     # The state keeps the last 4 keys as they are, with their padding.
-    np.testing.assert_array_equal(state[3], heads[1][:, :, -4:])
-    np.testing.assert_array_equal(state[5], mask[:, :, -4:])
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(state[3]),
+        ops.convert_to_numpy(heads[1])[:, :, -4:],
+    )
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(state[5]), ops.convert_to_numpy(mask)[:, :, -4:]
+    )
 
 
 def test_bidirectional_state_raises(rng):
     layer, heads, mask = setup(rng, "softmax", 6)
     with pytest.raises(ValueError, match="causal attention only"):
         local_window_attention(
-            *(tf.constant(h, tf.float32) for h in heads),
+            *(ops.convert_to_tensor(h.astype("float32")) for h in heads),
             favor_kernels.feature_fns(layer)[0],
             16,
             2,
@@ -351,11 +396,12 @@ def test_per_feature_path_matches_the_mixed_kernel(rng, monkeypatch, scale):
     monkeypatch.setattr(
         keras_favor.ops.causal_attention,
         "_loses_a_normalizer",
-        lambda levels, denominator: tf.constant(True),
+        lambda levels, denominator: ops.convert_to_tensor(True),
     )
     layer, (q, k, v), mask = setup(rng, "softmax", 19, scale)
-    actual = run(layer, (q, k, v), mask, 4, True).numpy()
-    kernel = mixed_kernel(layer, q, k, mask, 4, True).numpy()
+    actual = ops.convert_to_numpy(run(layer, (q, k, v), mask, 4, True))
+    with reference.float64_scope():
+        kernel = reference.numpy(mixed_kernel(layer, q, k, mask, 4, True))
     expected = kernel @ v / kernel.sum(-1, keepdims=True)
     bound = 8 * (19 + 32) * UNIT_ROUNDOFF * np.max(np.abs(v))
     assert np.all(np.abs(actual - expected) <= bound)

@@ -10,24 +10,31 @@ dimensions, feature maps, mask patterns and the causal flag:
     before `t`;
 (d) outputs and gradients stay finite for heads scaled by 30 to 1000.
 
-Examples are seeded (`derandomize=True`) and few, and run eagerly: nothing is
-traced, so a new shape costs nothing extra. One layer per feature map and
-dimensions provides the projection and the feature functions.
+Examples are seeded (`derandomize=True`) and few (fewer on JAX, see
+`examples`); the kernels run eagerly on TensorFlow and under `jax.jit` on
+JAX (the gradients of (d) through `tests.reference.gradients`). One layer per feature map and dimensions
+provides the projection and the feature functions. The float64 references
+compute in float64 on every backend (`reference.float64_scope`).
 """
 
 import functools
 import math
 
 import numpy as np
-import tensorflow as tf
+import pytest
 from hypothesis import HealthCheck
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
+from keras import ops
 
 import keras_favor
+from keras_favor import backend
 from keras_favor import ops as favor_ops
 from keras_favor.layers import favor_kernels
+from tests import reference as references
+
+pytestmark = pytest.mark.backend_independent
 
 FEATURE_MAPS = ["softmax", "softmax_hyperbolic", "softmax_trig", "relu", "elu"]
 # Maps whose features are exponentials of the heads' norms and projections.
@@ -50,6 +57,12 @@ SETTINGS = dict(
 )
 
 
+def examples(count):
+    """`count` examples on TensorFlow; a fifth of them on JAX, where every
+    example's new shapes cost a compilation."""
+    return count if backend.is_tensorflow() else max(3, count // 5)
+
+
 @functools.cache
 def feature_layer(feature_map, key_dim, num_features):
     """A built `FavorAttention` whose projection and feature map the kernels
@@ -65,15 +78,10 @@ def feature_layer(feature_map, key_dim, num_features):
     return layer
 
 
-def projection64(layer):
-    if layer.projection is None:
-        return None
-    return tf.constant(np.asarray(layer.projection), tf.float64)
-
-
 def features64(layer, x):
     """The layer's unstabilized features `phi(x)`, in float64."""
-    return np.asarray(layer.feature_map(tf.constant(x), projection64(layer)))
+    with references.float64_scope():
+        return references.numpy(references.feature_fn(layer, "float64")(x))
 
 
 # ----------------------------------------------------------------- inputs --
@@ -169,7 +177,11 @@ def cases(draw, feature_maps=FEATURE_MAPS, causal=None, masks=MASK_KINDS):
 
 
 def make_inputs(case, scale=1.0):
-    """float32 `(q, k, v)` heads of `case`, and its `(B, S)` mask or None."""
+    """float32 `(q, k, v)` heads of `case`, and its `(B, S)` mask or None.
+
+    Builds the case's layer here, outside any `jax.jit` the kernel runs in.
+    """
+    feature_layer(case["feature_map"], case["key_dim"], case["num_features"])
     rng = np.random.default_rng(case["seed"])
     b, h, d = case["batch"], case["heads"], case["key_dim"]
 
@@ -188,9 +200,8 @@ def kernel(case, q, k, v, mask):
         case["feature_map"], case["key_dim"], case["num_features"]
     )
     feature_fn, query_feature_fn = favor_kernels.feature_fns(layer)
-    mask = None if mask is None else tf.constant(mask)[:, None, :]
     options = dict(
-        mask=mask,
+        mask=references.key_mask(mask),
         query_feature_fn=query_feature_fn,
         recompute_length=case["recompute_length"],
     )
@@ -211,7 +222,18 @@ def kernel(case, q, k, v, mask):
 
 
 def run_kernel(case, q, k, v, mask):
-    return np.asarray(kernel(case, *(tf.constant(x) for x in (q, k, v)), mask))
+    """`kernel` as NumPy: eager on TensorFlow, under `jax.jit` on JAX (one
+    compilation costs less there than eager ops compiling each shape)."""
+
+    def attend(q, k, v):
+        return kernel(case, q, k, v, mask)
+
+    if not backend.is_tensorflow():
+        import jax
+
+        attend = jax.jit(attend)
+    inputs = (ops.convert_to_tensor(x) for x in (q, k, v))
+    return ops.convert_to_numpy(attend(*inputs))
 
 
 def seen_keys(case, mask):
@@ -326,18 +348,13 @@ def reference(case, q, k, v, mask):
     layer = feature_layer(
         case["feature_map"], case["key_dim"], case["num_features"]
     )
-    projection = projection64(layer)
-    return np.asarray(
-        favor_ops.naive_linear_attention(
-            *(tf.constant(x, tf.float64) for x in (q, k, v)),
-            lambda x: layer.feature_map(x, projection),
-            mask=None if mask is None else tf.constant(mask)[:, None, :],
-            causal=case["causal"],
+    with references.float64_scope():
+        return references.quadratic_feature_attention(
+            layer, q, k, v, mask, case["causal"], dtype="float64"
         )
-    )
 
 
-@settings(max_examples=40, **SETTINGS)
+@settings(max_examples=examples(40), **SETTINGS)
 @given(case=cases(), scale=st.floats(0.05, 1.5))
 def test_linear_equals_quadratic_reference(case, scale):
     # Head scales up to 1.5: |q~ . k~| stays below ~10 for d <= 16, so no
@@ -365,7 +382,7 @@ def test_linear_equals_quadratic_reference(case, scale):
 # --------------------------------------------------- (b) padding invariance --
 
 
-@settings(max_examples=25, **SETTINGS)
+@settings(max_examples=examples(25), **SETTINGS)
 @given(
     case=cases(masks=["right_padding", "random", "mixed_rows"]),
     padded_scale=st.sampled_from([1.0, 30.0, 300.0]),
@@ -396,7 +413,7 @@ def test_padded_keys_and_values_change_nothing(case, padded_scale):
 # ------------------------------------------------ (c) no future leakage --
 
 
-@settings(max_examples=25, **SETTINGS)
+@settings(max_examples=examples(25), **SETTINGS)
 @given(
     case=cases(causal=True).filter(lambda case: case["query_length"] > 1),
     position=st.floats(0.0, 1.0, exclude_max=True),
@@ -435,31 +452,35 @@ def test_causal_outputs_ignore_later_positions(case, position, future_scale):
 # ------------------------------------------- (d) finite at large scales --
 
 
-@settings(max_examples=25, **SETTINGS)
+@settings(max_examples=examples(25), **SETTINGS)
 @given(case=cases(), scale=st.sampled_from([30.0, 100.0, 300.0, 1000.0]))
 def test_large_scales_give_finite_outputs_and_gradients(case, scale):
     # Finiteness only: at these scales exp(q~ . k~) spans far more than
     # float32's range, and whether each output is also right is for (a) at
     # moderate scales.
     q, k, v, mask = make_inputs(case, scale)
-    q, k, v = (tf.constant(x) for x in (q, k, v))
-    target = tf.constant(
-        np.random.default_rng(case["seed"] + 3).normal(
+    target = (
+        np.random.default_rng(case["seed"] + 3)
+        .normal(
             size=(
                 case["batch"],
                 case["heads"],
                 case["query_length"],
                 case["value_dim"],
             )
-        ),
-        tf.float32,
+        )
+        .astype("float32")
     )
-    with tf.GradientTape() as tape:
-        tape.watch([q, k, v])
+
+    def loss(q, k, v):
         outputs = kernel(case, q, k, v, mask)
-        loss = tf.reduce_sum(outputs * target)
-    gradients = tape.gradient(loss, [q, k, v])
+        return ops.sum(outputs * target), outputs
+
+    gradients, outputs = references.gradients(loss, [q, k, v], has_aux=True)
     assert np.all(np.isfinite(outputs))
-    for name, gradient in zip("qkv", gradients):
-        assert gradient is not None
+    # The values' gradient is a sum of each seen key's normalized weights
+    # (`references.gradients` gives zeros where a gradient is disconnected).
+    if seen_keys(case, mask).any():
+        assert np.any(gradients[2] != 0)
+    for name, gradient in zip("qkv", gradients, strict=True):
         assert np.all(np.isfinite(gradient)), f"non-finite d loss / d {name}"
