@@ -23,12 +23,16 @@ $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-# The edit loop: `make test` (below) without the integration runs (README,
-# examples, benchmarks, cross-backend subprocesses; tests/integration).
+# The edit loop: the unit tests of the core (ops, layers, feature maps,
+# projections, models, callbacks, conversion, distribution) on TensorFlow,
+# without the integration runs. `make test` runs everything, on both
+# backends; `pytest tests/FOLDER` runs one part.
+FAST_TESTS := tests/ops tests/layers tests/feature_maps tests/projections \
+	tests/models tests/callbacks tests/convert tests/distribute \
+	tests/test_backend.py tests/test_package_metadata.py
 .PHONY: test-fast
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist worksteal -m "not integration"
-	KERAS_BACKEND=jax JAX_PLATFORMS=cpu $(BIN)/python -m pytest -n 2 --dist worksteal -m "backend_independent and not integration"
+	$(BIN)/python -m pytest -n 2 --dist worksteal -m "not integration" $(FAST_TESTS)
 
 demo: $(STAMP)
 	$(BIN)/python -m examples.long_context_lm

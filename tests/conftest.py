@@ -12,10 +12,13 @@ JAX: `KERAS_BACKEND=jax pytest -m backend_independent`. Those modules use
 gradients`); a test among them that needs the TensorFlow backend says so
 with `@pytest.mark.tensorflow_only` and is skipped on another backend, and
 one that needs JAX (`jax.shard_map` over devices) with
-`@pytest.mark.jax_only` (no test is skipped for any other reason). On JAX
-the host CPU shows 8 devices (`XLA_FLAGS`), for the context-parallel tests;
-on TensorFlow 4 logical CPUs, for those of `tf.distribute` replicas. `make test-fast` leaves out the
-`integration` tests.
+`@pytest.mark.jax_only`. A parametrized test marked
+`@pytest.mark.backend_samples(n)` runs every case on TensorFlow and `n` of
+them, spread evenly, on JAX, where compiling each case costs seconds (no
+test is skipped for any other reason). On JAX the host CPU shows 8
+devices (`XLA_FLAGS`), for the context-parallel tests; on TensorFlow 4
+logical CPUs, for those of `tf.distribute` replicas. `make test-fast`
+runs the unit tests of the core on TensorFlow (Makefile).
 """
 
 import os
@@ -40,6 +43,15 @@ if os.environ.get("KERAS_BACKEND") == "jax" and DEVICES_FLAG not in (
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+if keras.backend.backend() == "jax":
+    import jax
+
+    # The tests check numbers, not speed: XLA compiles each small program
+    # without its costly optimization passes, which take most of the JAX
+    # pass's time (one fit step of a causal layer: seconds to compile,
+    # milliseconds to run).
+    jax.config.update("jax_disable_most_optimizations", True)
 
 # Four logical CPUs for the tf.distribute replicas of the sequence-sharded
 # tests, set before TensorFlow's runtime starts; ops without a device scope
@@ -69,6 +81,12 @@ def pytest_configure(config):
         "markers",
         "jax_only: needs the JAX backend (jax.shard_map over devices); "
         "skipped on another backend",
+    )
+    config.addinivalue_line(
+        "markers",
+        "backend_samples(n): a parametrized test of a backend_independent "
+        "module runs n of its cases, spread evenly, on JAX (all of them on "
+        "TensorFlow)",
     )
     config.addinivalue_line(
         "markers",
@@ -118,6 +136,28 @@ def pytest_collection_modifyitems(config, items):
         )
         for item in items:
             if item.get_closest_marker(marker):
+                item.add_marker(skip)
+    if backend != "tensorflow":
+        _sample_cases(items)
+
+
+def _sample_cases(items):
+    """Off TensorFlow, a test marked `backend_samples(n)` runs `n` of its
+    parametrized cases, spread evenly; TensorFlow runs them all."""
+    cases = {}
+    for item in items:
+        marker = item.get_closest_marker("backend_samples")
+        if marker is not None:
+            key = (item.path, item.originalname)
+            cases.setdefault(key, (marker.args[0], []))[1].append(item)
+    for count, group in cases.values():
+        step = max(1, -(-len(group) // count))
+        skip = pytest.mark.skip(
+            reason=f"backend_samples: {count} of {len(group)} cases run on "
+            f"{keras.backend.backend()!r}, all of them on TensorFlow"
+        )
+        for index, item in enumerate(group):
+            if index % step:
                 item.add_marker(skip)
 
 

@@ -84,6 +84,7 @@ def outputs_state_and_gradients(run, heads, target, mode):
     return keras.tree.map_structure(ops.convert_to_numpy, compute(*heads))
 
 
+@pytest.mark.backend_samples(2)
 @pytest.mark.parametrize(
     "feature_map, mode",
     [(name, "compiled") for name in FEATURE_MAPS]

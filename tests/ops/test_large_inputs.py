@@ -75,6 +75,7 @@ def attention(q, k, v, feature_fn, query_feature_fn, mode):
     )
 
 
+@pytest.mark.backend_samples(10)
 @pytest.mark.parametrize("feature_map", FEATURE_MAPS)
 @pytest.mark.parametrize("scale", [1.0, 30.0, 100.0, 1000.0])
 @pytest.mark.parametrize(
@@ -174,6 +175,7 @@ def causal_outputs_and_gradients(heads, mask, fns, num_features, **kwargs):
     return [outputs, *gradients, ops.convert_to_numpy(continued)]
 
 
+@pytest.mark.backend_samples(1)
 @pytest.mark.parametrize(
     "feature_map", ["softmax", "softmax_hyperbolic", "elu"]
 )
@@ -218,6 +220,7 @@ def two_roundings(heads, fns):
     return 2 * np.expm1(4 * delta) * np.max(np.abs(heads[2]))
 
 
+@pytest.mark.backend_samples(1)
 @pytest.mark.parametrize("feature_map", ["softmax", "softmax_hyperbolic"])
 def test_large_inputs_in_pieces_equal_the_whole(rng, feature_map):
     # At scale 100 the per-feature levels carry the state between pieces.

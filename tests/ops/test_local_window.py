@@ -63,6 +63,7 @@ def run(layer, heads, mask, window, causal):
     )
 
 
+@pytest.mark.backend_samples(6)
 @pytest.mark.parametrize("feature_map", MAPS)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("window, length", [(1, 7), (4, 19), (8, 8), (30, 20)])
@@ -333,6 +334,7 @@ def test_language_model_with_a_window_trains_and_round_trips(rng, tmp_path):
     )
 
 
+@pytest.mark.backend_samples(1)
 @pytest.mark.parametrize("cuts", [(1, 2, 3, 9), (5,), (12, 13)])
 def test_causal_pieces_with_carried_state_equal_the_whole(rng, cuts):
     # Pieces shorter and longer than the window of 4 and the chunks of 4.

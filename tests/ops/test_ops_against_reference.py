@@ -149,6 +149,7 @@ def assert_close(actual, expected, tolerance, name):
     )
 
 
+@pytest.mark.backend_samples(3)
 @pytest.mark.parametrize(
     "feature_map, length, chunk_size, recompute_length",
     # 19 and 13 positions in chunks of 4 and 8, the last one partial; and
