@@ -1,12 +1,10 @@
 """What differs between the Keras backends, in one place.
 
-On the TensorFlow backend keras_favor runs the TensorFlow ops it always ran
-(stateless random ops, transpose flags of `tf.matmul`, run-time shape
-assertions, `tf.function`), so its numbers and speed there do not depend on
-this module. On other backends (JAX) the same computations use `keras.ops`
-and, for the stateless random draws, the backend's own random keys: a seed
-gives the same draws on every call and device of that backend, but not the
-TensorFlow backend's draws.
+On TensorFlow keras_favor runs TensorFlow's own ops (stateless random ops,
+`tf.matmul`'s transpose flags, run-time shape assertions, `tf.function`);
+on JAX the same computations use `keras.ops` and the backend's own random
+keys: a seed gives the same draws on every call and device of a backend,
+not the same draws on both.
 
 Seeds: on TensorFlow a stateless seed is a `(2,)` int64 tensor, as
 `tf.random.stateless_*` take it; on JAX it is a `(2,)` uint32 raw key, as
@@ -219,12 +217,6 @@ def reserves_every_branch():
     untaken branch still raised a causal training step's peak memory (by
     13 % at 32768 positions), so code that only saves memory in the untaken
     branch is left out.
-
-    Example:
-
-    >>> from keras_favor import backend
-    >>> backend.reserves_every_branch() == (backend.name() != "tensorflow")
-    True
     """
     return not is_tensorflow()
 
@@ -276,28 +268,17 @@ def runtime_shape(x):
 
 
 def cond(pred, true_fn, false_fn):
-    """`true_fn()` if `pred` else `false_fn()`; on TensorFlow `tf.cond`,
+    """`true_fn()` if `pred` else `false_fn()`: decided in Python where
+    `pred` holds a value now (`is_concrete`; an eager `jax.lax.cond` would
+    compile both branches on every call); else on TensorFlow `tf.cond`,
     whose branches may return tensors of different static shapes."""
+    if is_concrete(pred):
+        taken = bool(keras.ops.convert_to_numpy(pred))
+        return true_fn() if taken else false_fn()
     if is_tensorflow():
         import tensorflow as tf
 
         return tf.cond(pred, true_fn, false_fn)
-    return keras.ops.cond(pred, true_fn, false_fn)
-
-
-def branch(pred, true_fn, false_fn):
-    """`keras.ops.cond(pred, true_fn, false_fn)`, decided in Python where
-    `pred` holds a value now (`is_concrete`).
-
-    An eager `jax.lax.cond` traces and compiles both branches on every
-    call whose branch functions are new closures (seconds for a causal
-    layer's); an eager call runs only the branch taken, as TensorFlow's
-    eager `cond` does.
-    """
-    if is_concrete(pred):
-        return (
-            true_fn() if bool(keras.ops.convert_to_numpy(pred)) else false_fn()
-        )
     return keras.ops.cond(pred, true_fn, false_fn)
 
 

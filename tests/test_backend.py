@@ -22,7 +22,7 @@ def compiled(fn):
 
 
 @pytest.mark.parametrize("value", [True, False])
-def test_an_eager_branch_runs_only_the_branch_taken(value):
+def test_an_eager_cond_runs_only_the_branch_taken(value):
     # An eager cond on JAX would trace (and compile) both branches.
     called = []
 
@@ -34,16 +34,14 @@ def test_an_eager_branch_runs_only_the_branch_taken(value):
         return fn
 
     pred = keras.ops.convert_to_tensor(value)
-    result = backend.branch(
-        pred, branch_fn("true", 1.0), branch_fn("false", 2.0)
-    )
+    result = backend.cond(pred, branch_fn("true", 1.0), branch_fn("false", 2.0))
     assert called == (["true"] if value else ["false"])
     assert float(keras.ops.convert_to_numpy(result)) == (1.0 if value else 2.0)
 
 
-def test_a_traced_branch_decides_when_it_runs():
+def test_a_traced_cond_decides_when_it_runs():
     def fn(x):
-        return backend.branch(
+        return backend.cond(
             keras.ops.sum(x) > 0, lambda: x * 2.0, lambda: x - 1.0
         )
 

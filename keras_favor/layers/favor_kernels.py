@@ -165,10 +165,7 @@ def attend(
         after the last position.
     """
     module, sharding = _sequence_sharding(layer, causal, training, cache)
-    # A replica's static length is its segment's, not the sequence's.
-    if module is not replica_sequence_parallel and _window_covers_every_key(
-        layer, query, key, training, cache
-    ):
+    if _window_covers_every_key(layer, module, query, key, training, cache):
         return _exact_attention(query, key, value, mask, causal)
     query, key, value = (
         ops.transpose(ops.cast(x, "float32"), (0, 2, 1, 3))
@@ -364,13 +361,15 @@ def _check_window_lengths(query, key):
         )
 
 
-def _window_covers_every_key(layer, query, key, training, cache):
+def _window_covers_every_key(layer, module, query, key, training, cache):
     """Whether the call is exact softmax attention, a `local_window` at
     least as long as the (static) sequence, with nothing that needs the
-    window kernel: no cache, no active dropout, no moving statistic."""
+    window kernel: no cache, no active dropout, no moving statistic, no
+    `tf.distribute` replica (whose static length is its segment's)."""
     length = query.shape[1]
     return bool(
         layer.local_window
+        and module is not replica_sequence_parallel
         and cache is None
         and length  # known and nonzero
         and length == key.shape[1]

@@ -323,7 +323,7 @@ def _per_feature_where_needed(
         parts, state = per_feature_levels()
         return [*_as_list(_outputs(parts, normalized)), *state][:used]
 
-    results = backend.branch(
+    results = backend.cond(
         _loses_a_normalizer(parts[2], parts[1]),
         recomputed,
         lambda: [*outputs, *state_after][:used],
