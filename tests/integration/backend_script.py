@@ -10,8 +10,8 @@ runs on each backend in turn, `make test`).
 `draw` makes inputs, and layers with their weights, and writes them with
 the layers' outputs to `DIR/draw.npz`; `forward` loads those weights into
 layers of the same configurations and writes its outputs to
-`DIR/forward_<backend>.npz`. The other modes (`import`, `redraws`,
-`data_parallel`) check things on their own and write `DIR/<mode>.json` (`redraws` also
+`DIR/forward_<backend>.npz`. The other modes (`import`, `redraws`)
+check things on their own and write `DIR/<mode>.json` (`redraws` also
 writes `DIR/redraws_<backend>.npz`).
 """
 
@@ -276,111 +276,6 @@ def run_redraws(out_dir):
     }
 
 
-def run_data_parallel(out_dir):
-    """FeatureRedraw under `keras.distribution.DataParallel` over the CPU's
-    virtual devices (XLA_FLAGS=--xla_force_host_platform_device_count=2),
-    against the same fit on one device and the same fit without redraws."""
-    import jax
-    import keras
-
-    import keras_favor
-
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(1, 20, size=(64, 12))
-    tokens[::3, 9:] = 0
-    labels = (tokens[:, 0] > 10).astype("int32")
-    devices = jax.devices()
-    result = {"devices": len(devices)}
-
-    class BatchLosses(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.losses = []
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.losses.append(float(logs["loss"]))
-
-    def fit(name, redraw):
-        keras.utils.set_random_seed(0)
-        model = keras_favor.build_performer(
-            vocabulary_size=20,
-            max_length=12,
-            num_layers=2,
-            num_heads=2,
-            hidden_dim=16,
-            num_features=8,
-            seed=3,
-            chunk_size=4,
-        )
-        model.compile(
-            optimizer=keras.optimizers.Adam(1e-2),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            jit_compile=True,
-        )
-        losses = BatchLosses()
-        # Listed first, so that the losses are read after the redraw.
-        callbacks = [losses]
-        if redraw:
-            callbacks.insert(
-                0, keras_favor.FeatureRedraw(interval=3, seed=1, final_window=0)
-            )
-        model.fit(
-            tokens,
-            labels,
-            batch_size=16,
-            epochs=2,
-            shuffle=False,
-            verbose=0,
-            callbacks=callbacks,
-        )
-        layers = keras_favor.callbacks.feature_redraw.favor_attention_layers(
-            model
-        )
-        run = {
-            "losses": losses.losses,
-            "redraw_counts": [
-                int(keras.ops.convert_to_numpy(layer.redraw_count))
-                for layer in layers.values()
-            ],
-        }
-        projections, shards, replicated = {}, {}, []
-        for path, layer in layers.items():
-            value = layer.projection.value
-            projections[path] = np.asarray(value)
-            shards[path] = [
-                np.asarray(s.data) for s in value.addressable_shards
-            ]
-            replicated.append(bool(value.sharding.is_fully_replicated))
-        run["projection_devices"] = sorted({len(v) for v in shards.values()})
-        run["shards_equal"] = all(
-            np.array_equal(shard, projections[path])
-            for path, values in shards.items()
-            for shard in values
-        )
-        run["replicated"] = all(replicated)
-        weights = [np.asarray(w) for w in model.get_weights()]
-        return run, projections, weights
-
-    with keras.distribution.DataParallel(devices=devices).scope():
-        parallel, parallel_projections, parallel_weights = fit("parallel", True)
-    single, single_projections, single_weights = fit("single", True)
-    fixed, fixed_projections, _ = fit("fixed", False)
-    result.update(parallel=parallel, single=single, fixed=fixed)
-    result["projections_identical"] = all(
-        np.array_equal(parallel_projections[p], single_projections[p])
-        for p in single_projections
-    )
-    result["projections_redrawn"] = all(
-        not np.array_equal(fixed_projections[p], single_projections[p])
-        for p in single_projections
-    )
-    result["weights_error"] = max(
-        float(np.abs(a - b).max() / (np.abs(b).max() + 1e-12))
-        for a, b in zip(parallel_weights, single_weights)
-    )
-    return result
-
-
 def main(mode, out_dir):
     import keras
 
@@ -390,11 +285,7 @@ def main(mode, out_dir):
     if mode == "forward":
         run_forward(out_dir, load=True)
         return
-    result = {
-        "import": run_import,
-        "redraws": run_redraws,
-        "data_parallel": run_data_parallel,
-    }[mode](out_dir)
+    result = {"import": run_import, "redraws": run_redraws}[mode](out_dir)
     result["backend"] = keras.backend.backend()
     with open(os.path.join(out_dir, f"{mode}.json"), "w") as file:
         json.dump(result, file)

@@ -1,7 +1,7 @@
 """What needs two backends in one test, or a fresh process: JAX outputs
 and gradients of layers whose weights the TensorFlow backend wrote, redraws
-per backend, `import keras_favor` without TensorFlow, two JAX devices, and
-unsupported backends. tests/integration/backend_script.py runs each check
+per backend, `import keras_favor` without TensorFlow, and unsupported
+backends. tests/integration/backend_script.py runs each check
 with KERAS_BACKEND set and writes what it found (this pytest process stays
 on its own backend). Everything else runs on each backend in turn
 (`make test`, the `backend_independent` modules).
@@ -158,42 +158,6 @@ def test_redraws_are_deterministic_per_backend_not_across_backends(out_dir):
                 assert not np.array_equal(
                     draw[f"{path}/{k}"], draw[f"{path}/{k - 1}"]
                 ), path
-
-
-def test_feature_redraw_under_data_parallel_on_two_devices(out_dir):
-    # keras.distribution.DataParallel over two virtual CPU devices: each
-    # redraw's projection is one value, replicated to both devices, the
-    # projection of the same fit on one device; the fit goes on with it
-    # (the losses after the first redraw are the one-device fit's, and
-    # differ from a fit without redraws).
-    result = run_script(
-        "jax",
-        "data_parallel",
-        out_dir,
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
-    )
-    assert result["devices"] == 2
-    parallel, single, fixed = (
-        result[name] for name in ("parallel", "single", "fixed")
-    )
-    # 8 steps, redraws after steps 3 and 6, in both layers.
-    assert parallel["redraw_counts"] == single["redraw_counts"] == [2, 2]
-    assert fixed["redraw_counts"] == [0, 0]
-    assert parallel["projection_devices"] == [2]
-    assert parallel["replicated"] and parallel["shards_equal"]
-    assert result["projections_identical"] and result["projections_redrawn"]
-    assert len(parallel["losses"]) == len(single["losses"]) == 8
-    np.testing.assert_allclose(parallel["losses"], single["losses"], rtol=1e-5)
-    # Before the first redraw the fits agree; from the step after it on
-    # they train with other features.
-    np.testing.assert_allclose(
-        single["losses"][:3], fixed["losses"][:3], rtol=1e-6
-    )
-    assert all(
-        abs(a - b) > 1e-6 * abs(b)
-        for a, b in zip(single["losses"][3:], fixed["losses"][3:])
-    )
-    assert result["weights_error"] < 1e-4
 
 
 @pytest.mark.parametrize("backend", ["torch", "numpy"])
