@@ -46,6 +46,18 @@ def numpy(x):
     return np.asarray(ops.convert_to_numpy(x), np.float64)
 
 
+def compiled(fn, jit_compile=False):
+    """`fn` traced into one program by the backend: `tf.function` on
+    TensorFlow (compiled by XLA with `jit_compile`), `jax.jit` on JAX."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn, jit_compile=jit_compile)
+    import jax
+
+    return jax.jit(fn)
+
+
 def gradients(fn, args, has_aux=False):
     """Gradients of the scalar `fn(*args)` with respect to each of `args`.
 

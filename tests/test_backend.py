@@ -5,20 +5,9 @@ import numpy as np
 import pytest
 
 from keras_favor import backend
+from tests import reference
 
 pytestmark = pytest.mark.backend_independent
-
-
-def compiled(fn):
-    """`fn` traced and compiled by the backend: `tf.function` or
-    `jax.jit`."""
-    if backend.is_tensorflow():
-        import tensorflow as tf
-
-        return tf.function(fn)
-    import jax
-
-    return jax.jit(fn)
 
 
 @pytest.mark.parametrize("value", [True, False])
@@ -45,7 +34,7 @@ def test_a_traced_cond_decides_when_it_runs():
             keras.ops.sum(x) > 0, lambda: x * 2.0, lambda: x - 1.0
         )
 
-    run = compiled(fn)
+    run = reference.compiled(fn)
     for x, want in (([1.0, 2.0], [2.0, 4.0]), ([-1.0, -2.0], [-2.0, -3.0])):
         got = keras.ops.convert_to_numpy(run(np.array(x, "float32")))
         np.testing.assert_array_equal(got, want)

@@ -7,7 +7,6 @@ import pytest
 from keras import ops
 
 import keras_favor
-from keras_favor import backend
 from keras_favor.layers import favor_kernels
 from tests import reference
 
@@ -261,18 +260,6 @@ def test_large_inputs_in_pieces_equal_the_whole(rng, feature_map):
         np.testing.assert_allclose(a, e, rtol=bound, atol=bound)
 
 
-def compiled(fn):
-    """`fn` compiled by XLA: `tf.function(jit_compile=True)` on TensorFlow,
-    `jax.jit` on JAX."""
-    if backend.is_tensorflow():
-        import tensorflow as tf
-
-        return tf.function(fn, jit_compile=True)
-    import jax
-
-    return jax.jit(fn)
-
-
 def test_large_causal_inputs_under_xla_equal_eager(rng):
     heads, mask, fns, num_features = causal_heads(rng, "softmax", 100.0)
     feature_fn, query_feature_fn = fns
@@ -287,6 +274,8 @@ def test_large_causal_inputs_under_xla_equal_eager(rng):
         )
 
     eager = ops.convert_to_numpy(attend(*heads))
-    xla = ops.convert_to_numpy(compiled(attend)(*heads))
+    xla = ops.convert_to_numpy(
+        reference.compiled(attend, jit_compile=True)(*heads)
+    )
     assert not np.any(np.all(eager == 0.0, axis=-1))
     assert np.max(np.abs(xla - eager)) <= two_roundings(heads, fns)

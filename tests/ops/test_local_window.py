@@ -7,7 +7,6 @@ import pytest
 from keras import ops
 
 import keras_favor
-from keras_favor import backend
 from keras_favor.layers import favor_kernels
 from keras_favor.ops import local_window_attention
 from tests import reference
@@ -205,7 +204,7 @@ def test_no_position_gives_no_output(causal, window):
     def call(x):
         return layer(x, use_causal_mask=causal)
 
-    for fn in (call, traced(call)):
+    for fn in (call, reference.compiled(call)):
         assert tuple(fn(x).shape) == (2, 0, 16)
     if not causal:
         return
@@ -214,25 +213,13 @@ def test_no_position_gives_no_output(causal, window):
         return layer(x, use_causal_mask=True, cache=cache)
 
     cache = layer.empty_cache(2)
-    for fn in (cached, traced(cached)):
+    for fn in (cached, reference.compiled(cached)):
         outputs, after = fn(x, cache)
         assert tuple(outputs.shape) == (2, 0, 16)
         for before, now in zip(cache, after, strict=True):
             np.testing.assert_array_equal(
                 ops.convert_to_numpy(now), ops.convert_to_numpy(before)
             )
-
-
-def traced(fn):
-    """`fn` traced into one graph: `tf.function` on TensorFlow, `jax.jit`
-    on JAX."""
-    if backend.is_tensorflow():
-        import tensorflow as tf
-
-        return tf.function(fn)
-    import jax
-
-    return jax.jit(fn)
 
 
 @pytest.mark.tensorflow_only
