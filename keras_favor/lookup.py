@@ -2,6 +2,8 @@
 their base classes and look-up by name, config or instance, in the manner of
 `keras.activations.get`."""
 
+import copy
+
 import keras
 
 
@@ -25,6 +27,22 @@ def public_name(cls):
     """`keras_favor.feature_maps.FeatureMap` for the class `FeatureMap`."""
     package = cls.__module__.rsplit(".", 1)[0]
     return f"{package}.{cls.__name__}"
+
+
+def serialize_option(instance):
+    """The Keras config of a feature map or projection, a dict of its own.
+
+    Inside `model.save` or `load_model`, Keras marks objects it serializes
+    twice as shared and writes a `shared_object_id` into every config it
+    returned for them, later too. It tells them apart by `id()`, which a
+    temporary object can reuse after another was freed (the options check
+    makes temporaries). These objects hold nothing but their arguments, so
+    the config is copied and keeps no such id: equal options give equal
+    configs, saved or not.
+    """
+    config = copy.deepcopy(keras.saving.serialize_keras_object(instance))
+    config.pop("shared_object_id", None)
+    return config
 
 
 def lookup(identifier, base_class, names, argument):

@@ -14,6 +14,7 @@ from keras_favor.feature_maps.softmax_hyperbolic_features import (
 )
 from keras_favor.feature_maps.softmax_trig_features import SoftmaxTrigFeatures
 from keras_favor.lookup import lookup
+from keras_favor.lookup import serialize_option
 
 __all__ = [
     "ALL_FEATURE_MAPS",
@@ -41,7 +42,7 @@ ALL_FEATURE_MAPS = {
 
 def serialize(feature_map):
     """Returns the Keras config of a `FeatureMap`."""
-    return keras.saving.serialize_keras_object(feature_map)
+    return serialize_option(feature_map)
 
 
 def deserialize(config):

@@ -3,6 +3,7 @@
 import keras
 
 from keras_favor.lookup import lookup
+from keras_favor.lookup import serialize_option
 from keras_favor.projections.iid_projection import IIDProjection
 from keras_favor.projections.orthogonal_projection import OrthogonalProjection
 from keras_favor.projections.projection import Projection
@@ -28,7 +29,7 @@ ALL_PROJECTIONS = {
 
 def serialize(projection):
     """Returns the Keras config of a `Projection`."""
-    return keras.saving.serialize_keras_object(projection)
+    return serialize_option(projection)
 
 
 def deserialize(config):

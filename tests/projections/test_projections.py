@@ -1,7 +1,10 @@
 """Random projections: orthogonality, the Haar sign fix, norms and seeds."""
 
+import json
 import math
+import zipfile
 
+import keras
 import numpy as np
 import pytest
 from keras import ops
@@ -208,3 +211,29 @@ def test_layer_with_simplex_features_saves_its_projection(tmp_path):
     assert isinstance(
         restored.projection_distribution, projections.SimplexProjection
     )
+
+
+def test_a_projection_held_by_two_layers_saves_without_shared_ids(tmp_path):
+    # Keras's saving marks an object serialized twice as shared and writes
+    # a `shared_object_id` into each of its configs, keyed by `id()`, which
+    # temporaries reuse: options configs must not depend on it.
+    projection = projections.OrthogonalProjection("sqrt_d")
+    inputs = keras.Input((6, 8))
+    hidden = inputs
+    for _ in range(2):
+        layer = keras_favor.FavorAttention(
+            2, 4, num_features=8, projection=projection, seed=0
+        )
+        hidden = layer(hidden, hidden)
+    model = keras.Model(inputs, hidden)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    with zipfile.ZipFile(path) as archive:
+        saved = json.loads(archive.read("config.json"))
+    expected = projections.serialize(projection)
+    assert [
+        layer["config"]["projection"] for layer in saved["config"]["layers"][1:]
+    ] == [expected, expected]
+    loaded = keras.saving.load_model(path)
+    for layer in model.layers[1:] + loaded.layers[1:]:
+        assert layer.get_config()["projection"] == expected
