@@ -85,6 +85,10 @@ class ReplicaSegments:
         """The replicas in sync: the segments of the sequence."""
         return self.context.num_replicas_in_sync
 
+    def sum_over_segments(self, tensors):
+        """A nest of tensors summed over the replicas."""
+        return self.context.all_reduce("SUM", tensors)
+
     def gather(self, x):
         """`x` of every replica stacked on a new leading axis."""
         return _dense_gradient(self.context.all_gather(x[None], axis=0))

@@ -64,6 +64,11 @@ class SequenceSharding:
         """The devices along the sequence axis."""
         return self.mesh.shape[self.sequence_axis]
 
+    def sum_over_segments(self, tensors):
+        """`tensors` as they are: outside the sharded kernels, arrays hold
+        the whole sequence."""
+        return tensors
+
 
 def current_sharding():
     """The `SequenceSharding` of the Keras distribution in effect, or None

@@ -20,28 +20,43 @@ def optimal_coefficient(statistic, dim):
     return (1.0 - (2 * p + dim + root) / (2 * dim)) / 8.0
 
 
-def _moments(x, mask):
+def _moments(x, mask, total):
     """The mean vector `(B, H, d)` and mean squared norm `(B, H)` of
     `(B, H, L, d)` rows, rows where the bool `(B, 1, L)` mask is False left
-    out."""
+    out; `total` sums the per-position sums over the segments of a sequence
+    split across devices."""
     if mask is None:
         weights = ops.ones_like(x[..., 0])
     else:
         weights = ops.cast(mask, x.dtype) + ops.zeros_like(x[..., 0])
-    count = ops.maximum(ops.sum(weights, axis=-1), 1.0)
-    mean = ops.sum(x * weights[..., None], axis=2) / count[..., None]
-    square = ops.sum(ops.sum(ops.square(x), -1) * weights, -1) / count
-    return mean, square
+    count, vector_sum, square_sum = total(
+        (
+            ops.sum(weights, axis=-1),
+            ops.sum(x * weights[..., None], axis=2),
+            ops.sum(ops.sum(ops.square(x), -1) * weights, -1),
+        )
+    )
+    count = ops.maximum(count, 1.0)
+    return vector_sum / count[..., None], square_sum / count
 
 
-def pair_statistic(query, key, mask=None, query_mask=None):
+def _unsplit(sums):
+    return sums
+
+
+def pair_statistic(query, key, mask=None, query_mask=None, total=None):
     """The mean of `|q~ + k~|^2` over all query-key pairs, per batch and
     head, without gradient: `mean|q~|^2 + mean|k~|^2 + 2 mean(q~).mean(k~)`
     from `(B, H, T, d)` queries and `(B, H, S, d)` keys; masked keys
     (`mask`, bool `(B, 1, S)`) and queries (`query_mask`, `(B, 1, T)`) are
-    left out. Returns `(B, H)`."""
-    query_mean, query_square = _moments(temperature_scaled(query), query_mask)
-    key_mean, key_square = _moments(temperature_scaled(key), mask)
+    left out. `total`: None, or for a sequence split across devices, a
+    function that sums a tuple of tensors over the segments. Returns
+    `(B, H)`."""
+    total = total or _unsplit
+    query_mean, query_square = _moments(
+        temperature_scaled(query), query_mask, total
+    )
+    key_mean, key_square = _moments(temperature_scaled(key), mask, total)
     statistic = (
         query_square + key_square + 2 * ops.sum(query_mean * key_mean, -1)
     )
@@ -74,6 +89,8 @@ class FavorPlusPlusFeatures(FeatureMap):
       `BatchNormalization` keeps its moving mean; inference and decoding
       use the stored value. It starts at 0 (FAVOR+) and follows the data
       with `momentum`.
+    - A sequence split across devices (`keras_favor.distribute`): the
+      statistic of the whole sequence, its sums added across the devices.
 
     Args:
         momentum: float in `[0, 1)`, the moving average's momentum (causal
@@ -105,10 +122,10 @@ class FavorPlusPlusFeatures(FeatureMap):
             )
         self.momentum = float(momentum)
 
-    def statistic(self, query, key, mask=None, query_mask=None):
+    def statistic(self, query, key, mask=None, query_mask=None, total=None):
         """The inputs' statistic `p` per batch and head (see
         `pair_statistic`)."""
-        return pair_statistic(query, key, mask, query_mask)
+        return pair_statistic(query, key, mask, query_mask, total)
 
     def coefficient(self, statistic, dim):
         """`A` for a statistic `p` (see `optimal_coefficient`)."""

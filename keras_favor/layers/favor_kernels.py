@@ -180,6 +180,7 @@ def attend(
         None if query_mask is None else query_mask[:, None, :],
         causal or cache is not None,
         training and cache is None,
+        None if sharding is None else sharding.sum_over_segments,
     )
     feature_fn, query_feature_fn = feature_fns(layer, coefficient)
     dropout_rate, dropout_seed = _feature_dropout(layer, training, cache)
@@ -273,13 +274,6 @@ def _sequence_sharding(layer, causal, training, cache):
             "Decoding with a `cache` has no form sharded across replicas: "
             "call the layer outside `sequence_replicas()`."
         )
-    if layer.feature_map.uses_statistics and (training or not causal):
-        raise ValueError(
-            f"{type(layer.feature_map).__name__} takes its statistic over "
-            "the whole sequence, which no replica holds: under "
-            "`sequence_replicas()` it runs causal calls outside training "
-            "only."
-        )
     return replica_sequence_parallel, sharding
 
 
@@ -323,17 +317,18 @@ def _sequence_sharded(
 
 
 def _statistics_coefficient(
-    layer, query, key, mask, query_mask, causal, training
+    layer, query, key, mask, query_mask, causal, training, total
 ):
     """A statistics map's (FAVOR++'s) coefficient, `(B or 1, H, 1, 1)`:
     bidirectional, from these queries and keys; causal, from the moving
     statistic as it stood before this call, which a training call then
-    updates (`FavorPlusPlusFeatures`). None for a map without statistics."""
+    updates (`FavorPlusPlusFeatures`). None for a map without statistics.
+    `total`: None, or the sum over a sharded sequence's segments."""
     feature_map = layer.feature_map
     if not feature_map.uses_statistics:
         return None
     if not causal:
-        statistic = feature_map.statistic(query, key, mask, query_mask)
+        statistic = feature_map.statistic(query, key, mask, query_mask, total)
         return feature_map.coefficient(statistic, layer.key_dim)[
             :, :, None, None
         ]
@@ -341,7 +336,7 @@ def _statistics_coefficient(
     coefficient = feature_map.coefficient(stored, layer.key_dim)
     if training:
         batch = ops.mean(
-            feature_map.statistic(query, key, mask, query_mask), axis=0
+            feature_map.statistic(query, key, mask, query_mask, total), axis=0
         )
         momentum = feature_map.momentum
         layer.input_statistic.assign(
