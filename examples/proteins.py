@@ -123,9 +123,10 @@ def length_batches(lengths, batch_size, rng):
     return batches
 
 
-def pad(token_lists, multiple=8):
-    """`(N, T)` int32 token ids padded with 0, T a multiple of `multiple`."""
-    width = max(len(tokens) for tokens in token_lists)
+def pad(token_lists, multiple=8, width=None):
+    """`(N, T)` int32 token ids padded with 0, T a multiple of `multiple`
+    at least `width` (default: the longest list's length)."""
+    width = max([len(tokens) for tokens in token_lists] + [width or 0])
     width = -(-width // multiple) * multiple
     out = np.zeros((len(token_lists), width), np.int32)
     for row, tokens in enumerate(token_lists):
@@ -149,9 +150,10 @@ def mask_residues(tokens, rate, rng):
     return inputs, targets
 
 
-def make_batch(task, token_lists, labels, rate, rng):
-    """The `(inputs, targets)` of one batch for `task`."""
-    tokens = pad(token_lists)
+def make_batch(task, token_lists, labels, rate, rng, width=None):
+    """The `(inputs, targets)` of one batch for `task`, padded to at least
+    `width`."""
+    tokens = pad(token_lists, width=width)
     if task == "mlm":
         return mask_residues(tokens, rate, rng)
     if task == "causal":
@@ -195,14 +197,22 @@ def training_data(task, tokens, labels, args, seed):
 
 
 def evaluation_batches(task, tokens, labels, args):
-    """Fixed validation batches (fixed masks), sorted by length."""
+    """Fixed validation batches (fixed masks), sorted by length, all of
+    the longest one's width: one shape, which `predict_on_batch` traces
+    once (padding changes no prediction)."""
     rng = np.random.default_rng(12345)
     count = min(args.eval_sequences, len(tokens))
     chosen = np.sort(rng.choice(len(tokens), count, replace=False))
     chosen = chosen[np.argsort([len(tokens[i]) for i in chosen], kind="stable")]
+    width = len(tokens[chosen[-1]])
     return [
         make_batch(
-            task, [tokens[i] for i in batch], labels[batch], args.mask_rate, rng
+            task,
+            [tokens[i] for i in batch],
+            labels[batch],
+            args.mask_rate,
+            rng,
+            width,
         )
         for batch in np.array_split(
             chosen, max(1, math.ceil(count / args.batch_size))
@@ -278,13 +288,13 @@ def train_one(task, attention, seed, data, args):
     if task == "classify":
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         steps = args.classify_steps
+        learning_rate = args.classify_learning_rate
     else:
         # Cross-entropy of the predictions whose target is not 0.
         loss = keras_favor.models.language_model_loss()
         steps = args.steps
-    model.compile(
-        optimizer=keras.optimizers.AdamW(args.learning_rate), loss=loss
-    )
+        learning_rate = args.learning_rate
+    model.compile(optimizer=keras.optimizers.AdamW(learning_rate), loss=loss)
     clock = TrainingClock(
         lambda m: evaluate(m, batches),
         every_steps=max(1, steps // args.eval_points),
@@ -575,6 +585,14 @@ def parse_args(argv):
         type=int,
         default=150,
         help="training steps of each classifier",
+    )
+    parser.add_argument(
+        "--classify-learning-rate",
+        type=float,
+        default=3e-4,
+        help="AdamW learning rate of the classifiers (the language models "
+        "take --learning-rate, at which a classifier stays at the majority "
+        "class)",
     )
     parser.add_argument(
         "--window",
