@@ -123,10 +123,9 @@ def length_batches(lengths, batch_size, rng):
     return batches
 
 
-def pad(token_lists, multiple=8, width=None):
-    """`(N, T)` int32 token ids padded with 0, T a multiple of `multiple`
-    at least `width` (default: the longest list's length)."""
-    width = max([len(tokens) for tokens in token_lists] + [width or 0])
+def pad(token_lists, multiple=8):
+    """`(N, T)` int32 token ids padded with 0, T a multiple of `multiple`."""
+    width = max(len(tokens) for tokens in token_lists)
     width = -(-width // multiple) * multiple
     out = np.zeros((len(token_lists), width), np.int32)
     for row, tokens in enumerate(token_lists):
@@ -150,10 +149,9 @@ def mask_residues(tokens, rate, rng):
     return inputs, targets
 
 
-def make_batch(task, token_lists, labels, rate, rng, width=None):
-    """The `(inputs, targets)` of one batch for `task`, padded to at least
-    `width`."""
-    tokens = pad(token_lists, width=width)
+def make_batch(task, token_lists, labels, rate, rng):
+    """The `(inputs, targets)` of one batch for `task`."""
+    tokens = pad(token_lists)
     if task == "mlm":
         return mask_residues(tokens, rate, rng)
     if task == "causal":
@@ -197,22 +195,14 @@ def training_data(task, tokens, labels, args, seed):
 
 
 def evaluation_batches(task, tokens, labels, args):
-    """Fixed validation batches (fixed masks), sorted by length, all of
-    the longest one's width: one shape, which `predict_on_batch` traces
-    once (padding changes no prediction)."""
+    """Fixed validation batches (fixed masks), sorted by length."""
     rng = np.random.default_rng(12345)
     count = min(args.eval_sequences, len(tokens))
     chosen = np.sort(rng.choice(len(tokens), count, replace=False))
     chosen = chosen[np.argsort([len(tokens[i]) for i in chosen], kind="stable")]
-    width = len(tokens[chosen[-1]])
     return [
         make_batch(
-            task,
-            [tokens[i] for i in batch],
-            labels[batch],
-            args.mask_rate,
-            rng,
-            width,
+            task, [tokens[i] for i in batch], labels[batch], args.mask_rate, rng
         )
         for batch in np.array_split(
             chosen, max(1, math.ceil(count / args.batch_size))
@@ -220,13 +210,24 @@ def evaluation_batches(task, tokens, labels, args):
     ]
 
 
-def evaluate(model, batches):
+def predictor(model):
+    """`model`'s inference on token batches of any shape, traced once:
+    `predict_on_batch` traces again for the second shape it sees, which
+    costs seconds for a causal or windowed model."""
+    return tf.function(
+        lambda tokens: model(tokens, training=False),
+        input_signature=[tf.TensorSpec((None, None), tf.int32)],
+    )
+
+
+def evaluate(predict, batches):
     """Accuracy and perplexity of the predictions whose target is not 0;
-    for a classifier, the accuracy of the labels."""
+    for a classifier, the accuracy of the labels. `predict`: from token
+    ids to logits."""
     correct = total = 0
     nats = 0.0
     for inputs, targets in batches:
-        logits = np.asarray(model.predict_on_batch(inputs), np.float64)
+        logits = np.asarray(predict(inputs), np.float64)
         if targets.ndim == 1:
             correct += int(np.sum(logits.argmax(-1) == targets))
             total += len(targets)
@@ -295,8 +296,9 @@ def train_one(task, attention, seed, data, args):
         steps = args.steps
         learning_rate = args.learning_rate
     model.compile(optimizer=keras.optimizers.AdamW(learning_rate), loss=loss)
+    predict = predictor(model)
     clock = TrainingClock(
-        lambda m: evaluate(m, batches),
+        lambda m: evaluate(predict, batches),
         every_steps=max(1, steps // args.eval_points),
         evaluate_first=True,
         label=label,
