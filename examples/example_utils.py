@@ -204,6 +204,14 @@ def timed_fit(model, train_data, validation_data, args, callbacks=()):
     return time.perf_counter() - start
 
 
+def load_note():
+    """The machine's 1-minute load average now, for the label of a timing:
+    on a 2-core machine a reading above 1.5 is a draft."""
+    load = os.getloadavg()[0]
+    kind = "a draft" if load >= 1.5 else "a quiet machine"
+    return f"1-minute load {load:.2f} at the start: {kind}"
+
+
 def print_table(headers, rows):
     """Prints rows of strings as a plain-text table."""
     widths = [

@@ -41,6 +41,7 @@ import numpy as np
 from examples.example_utils import TrainingClock
 from examples.example_utils import add_model_arguments
 from examples.example_utils import build_model
+from examples.example_utils import load_note
 from examples.example_utils import print_table
 
 # isort: split
@@ -244,7 +245,7 @@ def table(rows, args):
     return headers, lines
 
 
-def plot(rows, markov, path):
+def plot(rows, markov, path, load):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -295,8 +296,7 @@ def plot(rows, markov, path):
     axis.set_xlabel("context (bases)")
     axis.set_ylabel("held-out bits per base")
     axis.set_title(
-        "C. diphtheriae chromosome, equal training time per model "
-        "(draft: shared CPU)",
+        f"C. diphtheriae chromosome, equal training time per model\n({load})",
         fontsize=9,
     )
     axis.grid(alpha=0.3)
@@ -434,6 +434,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    load = load_note()
     start = time.perf_counter()
     tokens, description = bio_data.load_chromosome()
     train, held_out = split_chromosome(tokens, args.validation_fraction)
@@ -469,7 +470,7 @@ def main(argv=None):
     headers, lines = table(rows, args)
     print(
         f"\nHeld-out bits per base after {args.budget:g} s of training per "
-        f"model (steps taken in brackets; a draft on a shared CPU), "
+        f"model (steps taken in brackets; {load}), "
         f"{args.tokens_per_batch:,} bases per batch"
     )
     print_table(headers, lines)
@@ -480,7 +481,7 @@ def main(argv=None):
             writer.writeheader()
             writer.writerows(rows)
     if args.plot:
-        plot(rows, markov, args.plot)
+        plot(rows, markov, args.plot, load)
     return {"rows": rows, "markov": markov, "table": (headers, lines)}
 
 
