@@ -182,16 +182,16 @@ def attend(
         training and cache is None,
         None if sharding is None else sharding.sum_over_segments,
     )
-    feature_fn, query_feature_fn = feature_fns(layer, coefficient)
     dropout_rate, dropout_seed = _feature_dropout(layer, training, cache)
-    num_features = layer.feature_map.feature_dim(
-        layer.num_features, layer.key_dim
-    )
     if sharding is not None:
         heads = (query, key, value, key_mask)
         return _sequence_sharded(
             layer, module, sharding, heads, causal, coefficient, dropout_rate
         )
+    feature_fn, query_feature_fn = feature_fns(layer, coefficient)
+    num_features = layer.feature_map.feature_dim(
+        layer.num_features, layer.key_dim
+    )
     if layer.local_window:
         _check_window_lengths(query, key)
         # The exact kernel's units: the queries' full features.
