@@ -58,6 +58,27 @@ def compiled(fn, jit_compile=False):
     return jax.jit(fn)
 
 
+def jit_on_jax(fn):
+    """`fn` under `jax.jit` on JAX, where eager ops compile a program for
+    each op and shape (hundreds for one causal call: seconds, against
+    milliseconds of arithmetic); `fn` itself on TensorFlow, whose eager ops
+    start at once. `fn` must not build layers on JAX: build them first."""
+    if keras.backend.backend() != "jax":
+        return fn
+    import jax
+
+    return jax.jit(fn)
+
+
+def evaluate(fn, *args):
+    """`jit_on_jax(fn)(*args)` as NumPy (a nest of arrays and Nones)."""
+    args = [ops.convert_to_tensor(a) for a in args]
+    return keras.tree.map_structure(
+        lambda x: None if x is None else ops.convert_to_numpy(x),
+        jit_on_jax(fn)(*args),
+    )
+
+
 def gradients(fn, args, has_aux=False):
     """Gradients of the scalar `fn(*args)` with respect to each of `args`.
 

@@ -8,6 +8,7 @@ import pytest
 
 import keras_favor
 from keras_favor import generation
+from tests import reference
 from tests.language_models import VOCABULARY
 from tests.language_models import language_model
 from tests.language_models import left_padded_prompts
@@ -21,7 +22,7 @@ UNIT_ROUNDOFF = {"mixed_float16": 2.0**-11, "mixed_bfloat16": 2.0**-8}
 @pytest.mark.parametrize("policy", MIXED_POLICIES)
 @pytest.mark.parametrize("kwargs", [{}, {"local_window": 4}])
 def test_mixed_precision_greedy_generate_follows_the_full_pass(policy, kwargs):
-    reference = language_model(num_layers=1, **kwargs)
+    reference_model = language_model(num_layers=1, **kwargs)
     keras.config.set_dtype_policy(policy)
     # The same weights (`language_model` sets them), in the compute dtype.
     model = language_model(num_layers=1, **kwargs)
@@ -37,8 +38,8 @@ def test_mixed_precision_greedy_generate_follows_the_full_pass(policy, kwargs):
     # token's logit is within twice that of the pass's largest (and equal
     # to it unless the two round apart near a tie).
     logits, exact = (
-        keras.ops.convert_to_numpy(m(tokens[:, :-1]))[:, 8:].astype("float32")
-        for m in (model, reference)
+        reference.evaluate(m, tokens[:, :-1])[:, 8:].astype("float32")
+        for m in (model, reference_model)
     )
     error = np.max(np.abs(logits - exact), axis=-1)
     chosen = np.take_along_axis(logits, tokens[:, 9:, None], axis=-1)[..., 0]
@@ -95,20 +96,19 @@ def test_mixed_precision_state_stays_float32_over_many_steps(
             for w in layer.weights
         ]
     )
-    whole, state = layer(
-        x,
-        use_causal_mask=True,
-        cache=layer.empty_cache(2),
-        cache_update_index=0,
-    )
+
+    @reference.jit_on_jax
+    def attend(x, cache, index):
+        return layer(
+            x, use_causal_mask=True, cache=cache, cache_update_index=index
+        )
+
+    whole, state = attend(x, layer.empty_cache(2), 0)
     cache = layer.empty_cache(2)
     steps = []
     for t in range(length):
-        outputs, cache = layer(
-            x[:, t : t + 1],
-            use_causal_mask=True,
-            cache=cache,
-            cache_update_index=t,
+        outputs, cache = attend(
+            x[:, t : t + 1], cache, keras.ops.convert_to_tensor(t)
         )
         steps.append(keras.ops.convert_to_numpy(outputs).astype("float32"))
     whole = keras.ops.convert_to_numpy(whole).astype("float32")

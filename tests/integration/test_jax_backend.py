@@ -1,10 +1,11 @@
-"""What needs two backends in one test, or a fresh process: JAX outputs
-and gradients of layers whose weights the TensorFlow backend wrote, redraws
-per backend, `import keras_favor` without TensorFlow, and unsupported
-backends. tests/integration/backend_script.py runs each check
-with KERAS_BACKEND set and writes what it found (this pytest process stays
-on its own backend). Everything else runs on each backend in turn
-(`make test`, the `backend_independent` modules).
+"""What needs a fresh process per backend: redraws per backend, `import
+keras_favor` without TensorFlow, and unsupported backends.
+tests/integration/backend_script.py runs each check with KERAS_BACKEND set
+and writes what it found (this pytest process stays on its own backend).
+Everything else runs on each backend in turn (`make test`, the
+`backend_independent` modules); tests/layers/test_backend_outputs.py checks
+on each that weights written by the TensorFlow backend give its outputs and
+gradients.
 
 Random draws are the backend's own: a seed gives the same projection on
 every call and device of a backend, not the same on both backends.
@@ -18,8 +19,6 @@ import sys
 
 import numpy as np
 import pytest
-
-from tests.integration import backend_script
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("jax") is None,
@@ -69,51 +68,6 @@ def test_import_needs_no_tensorflow_and_distribute_names_the_backend(out_dir):
     assert "'jax' backend" in result["distribute_error"]
     assert "tf.distribute" in result["distribute_error"]
     assert not result["multi_worker_fit_enabled"]
-
-
-def test_forward_and_gradients_equal_tensorflow_for_the_same_weights(out_dir):
-    run_script("tensorflow", "draw", out_dir)
-    run_script("jax", "forward", out_dir)
-    tensorflow = np.load(os.path.join(out_dir, "draw.npz"))
-    jax = np.load(os.path.join(out_dir, "forward_jax.npz"))
-    names = [config[0] for config in backend_script.configurations()]
-    assert len(names) == 7
-    for name in names:
-        expected = tensorflow[f"{name}/output"]
-        got = jax[f"{name}/output"]
-        assert got.shape == expected.shape, name
-        scale = np.abs(expected).max()
-        # At input scale 100 the logits are very large, so the dense
-        # projections' round-off (each backend orders its sums its own way)
-        # moves the exponents (measured 8e-5): a looser bound there.
-        rtol = 5e-4 if name.endswith("_large") else 1e-5
-        np.testing.assert_allclose(
-            got, expected, rtol=rtol, atol=rtol * scale, err_msg=name
-        )
-    # Gradients with respect to the query, the value and every trainable
-    # weight, of a random projection of the outputs.
-    for name in backend_script.GRADIENT_CONFIGS:
-        count = len(
-            [k for k in tensorflow.files if k.startswith(f"{name}/grad")]
-        )
-        assert (
-            count
-            == len([k for k in jax.files if k.startswith(f"{name}/grad")])
-            > 2
-        ), name
-        for i in range(count):
-            expected = tensorflow[f"{name}/grad{i}"]
-            got = jax[f"{name}/grad{i}"]
-            assert got.shape == expected.shape, (name, i)
-            scale = np.abs(expected).max()
-            assert scale > 0, (name, i)
-            np.testing.assert_allclose(
-                got,
-                expected,
-                rtol=1e-5,
-                atol=1e-5 * scale,
-                err_msg=f"{name} gradient {i}",
-            )
 
 
 def test_redraws_are_deterministic_per_backend_not_across_backends(out_dir):

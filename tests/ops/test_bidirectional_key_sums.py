@@ -8,6 +8,7 @@ from keras import ops
 from keras_favor import FavorAttention
 from keras_favor import ops as favor_ops
 from keras_favor.layers import favor_kernels
+from tests import reference
 
 pytestmark = pytest.mark.backend_independent
 
@@ -25,7 +26,7 @@ def layer_and_heads(feature_map, scale, recompute_length):
     )
     rng = np.random.default_rng(0)
     x = rng.normal(scale=scale, size=(2, 11, 16)).astype("float32")
-    layer(x, x)
+    layer.build(x.shape, x.shape)
     query, key, value = (
         ops.convert_to_tensor(
             rng.normal(scale=scale, size=(2, 2, n, 8)).astype("float32")
@@ -48,24 +49,26 @@ def test_key_sums_then_queries_equal_bidirectional_attention(
         (np.arange(11)[None] < np.array([[11], [6]]))[:, None, :]
     )
     feature_fn, query_feature_fn = favor_kernels.feature_fns(layer)
-    expected = favor_ops.bidirectional_linear_attention(
-        query,
-        key,
-        value,
-        feature_fn,
-        mask=mask,
-        query_feature_fn=query_feature_fn,
-        recompute_length=4,
+
+    def whole_and_pieces(query, key, value):
+        whole = favor_ops.bidirectional_linear_attention(
+            query,
+            key,
+            value,
+            feature_fn,
+            mask=mask,
+            query_feature_fn=query_feature_fn,
+            recompute_length=4,
+        )
+        sums = favor_ops.bidirectional_key_sums(key, value, feature_fn, mask)
+        pieces = favor_ops.attend_to_bidirectional_key_sums(
+            query, sums, query_feature_fn
+        )
+        return whole, pieces, sums
+
+    expected, actual, sums = reference.evaluate(
+        whole_and_pieces, query, key, value
     )
-    sums = favor_ops.bidirectional_key_sums(key, value, feature_fn, mask)
     assert tuple(sums[0].shape)[:2] == (2, 2)
     assert tuple(sums[1].shape) == tuple(sums[2].shape)
-    actual = favor_ops.attend_to_bidirectional_key_sums(
-        query, sums, query_feature_fn
-    )
-    np.testing.assert_allclose(
-        ops.convert_to_numpy(actual),
-        ops.convert_to_numpy(expected),
-        rtol=1e-5,
-        atol=1e-6,
-    )
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)

@@ -1,7 +1,6 @@
 """Attention at large input scales, bidirectional and causal, against a
 float64 evaluation of the same random-feature estimator."""
 
-import keras
 import numpy as np
 import pytest
 from keras import ops
@@ -87,17 +86,17 @@ def test_large_inputs_match_the_float64_estimator(
         2, 8, num_features=32, feature_map=feature_map, seed=1
     )
     x = rng.normal(scale=scale, size=(2, 24, 16)).astype("float32")
-    layer(x, x)
-    q, k, v = (
-        ops.convert_to_tensor(h.astype("float32"))
-        for h in reference.heads(layer, x, x)
-    )
+    layer.build(x.shape, x.shape)
+    q, k, v = (h.astype("float32") for h in reference.heads(layer, x, x))
     feature_fn, query_feature_fn = favor_kernels.feature_fns(layer)
-    actual = ops.convert_to_numpy(
-        attention(q, k, v, feature_fn, query_feature_fn, mode)
+    actual = reference.evaluate(
+        lambda q, k, v: attention(q, k, v, feature_fn, query_feature_fn, mode),
+        q,
+        k,
+        v,
     )
-    query_parts = float32_parts(query_feature_fn(q), v)
-    key_parts = float32_parts(feature_fn(k), v)
+    query_parts = float32_parts(reference.evaluate(query_feature_fn, q), v)
+    key_parts = float32_parts(reference.evaluate(feature_fn, k), v)
     expected, condition = log_domain_attention(
         query_parts,
         key_parts,
@@ -129,7 +128,7 @@ def causal_heads(rng, feature_map, scale, length=40):
     layer = keras_favor.FavorAttention(
         2, 8, num_features=16, feature_map=feature_map, seed=5
     )
-    layer(np.zeros((1, 2, 16), "float32"))
+    layer.build((1, 2, 16), (1, 2, 16))
     heads = [
         ops.convert_to_tensor(
             rng.normal(scale=s, size=(2, 2, length, 8)).astype("float32")
@@ -164,14 +163,17 @@ def causal_outputs_and_gradients(heads, mask, fns, num_features, **kwargs):
         return ops.sum(ops.sin(outputs)), (outputs, state)
 
     gradients, (outputs, state) = reference.gradients(loss, heads, has_aux=True)
-    continued = keras_favor.ops.causal_linear_attention(
-        *(h[:, :, :3] for h in heads),
-        feature_fn,
-        num_features,
-        query_feature_fn=query_feature_fn,
-        initial_state=keras.tree.map_structure(ops.convert_to_tensor, state),
+    continued = reference.evaluate(
+        lambda *state: keras_favor.ops.causal_linear_attention(
+            *(h[:, :, :3] for h in heads),
+            feature_fn,
+            num_features,
+            query_feature_fn=query_feature_fn,
+            initial_state=state,
+        ),
+        *state,
     )
-    return [outputs, *gradients, ops.convert_to_numpy(continued)]
+    return [outputs, *gradients, continued]
 
 
 @pytest.mark.backend_samples(1)
@@ -212,8 +214,8 @@ def two_roundings(heads, fns):
     the same estimator are within this of each other."""
     feature_fn, query_feature_fn = fns
     span = max(
-        np.max(np.abs(parts[1]))
-        for parts in (query_feature_fn(heads[0]), feature_fn(heads[1]))
+        np.max(np.abs(reference.evaluate(fn, x)[1]))
+        for fn, x in ((query_feature_fn, heads[0]), (feature_fn, heads[1]))
     )
     delta = 3 * UNIT_ROUNDOFF * span + 101 * UNIT_ROUNDOFF
     return 2 * np.expm1(4 * delta) * np.max(np.abs(heads[2]))
@@ -225,31 +227,31 @@ def test_large_inputs_in_pieces_equal_the_whole(rng, feature_map):
     # At scale 100 the per-feature levels carry the state between pieces.
     heads, mask, fns, num_features = causal_heads(rng, feature_map, 100.0)
     feature_fn, query_feature_fn = fns
-    whole, whole_state = keras_favor.ops.causal_linear_attention(
-        *heads,
-        feature_fn,
-        num_features,
-        mask=mask,
-        query_feature_fn=query_feature_fn,
-        return_state=True,
-    )
-    state, pieces = None, []
-    for start, stop in [(0, 7), (7, 8), (8, 33), (33, 40)]:
-        outputs, state = keras_favor.ops.causal_linear_attention(
-            *(h[:, :, start:stop] for h in heads),
-            feature_fn,
-            num_features,
-            mask=mask[:, :, start:stop],
-            query_feature_fn=query_feature_fn,
-            chunk_size=4,
-            initial_state=state,
-            return_state=True,
+
+    def whole_and_pieces(*heads):
+        options = dict(query_feature_fn=query_feature_fn, return_state=True)
+        whole, whole_state = keras_favor.ops.causal_linear_attention(
+            *heads, feature_fn, num_features, mask=mask, **options
         )
-        pieces.append(outputs)
-    whole = ops.convert_to_numpy(whole)
+        state, pieces = None, []
+        for start, stop in [(0, 7), (7, 8), (8, 33), (33, 40)]:
+            outputs, state = keras_favor.ops.causal_linear_attention(
+                *(h[:, :, start:stop] for h in heads),
+                feature_fn,
+                num_features,
+                mask=mask[:, :, start:stop],
+                chunk_size=4,
+                initial_state=state,
+                **options,
+            )
+            pieces.append(outputs)
+        return whole, whole_state, ops.concatenate(pieces, 2), state
+
+    whole, whole_state, pieces, state = reference.evaluate(
+        whole_and_pieces, *heads
+    )
     assert not np.any(np.all(whole == 0.0, axis=-1))
     bound = two_roundings(heads, fns)
-    pieces = ops.convert_to_numpy(ops.concatenate(pieces, 2))
     assert np.max(np.abs(pieces - whole)) <= bound
     # The states hold the same sums at the same levels.
     state, whole_state = (

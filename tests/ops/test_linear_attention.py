@@ -42,8 +42,7 @@ def padding_mask(batch, length, valid_lengths):
 def head_outputs(layer, query, value, mask=None, causal=False):
     """The linear algorithm's per-head outputs `(B, H, T, dv)`."""
     q, k, v = (
-        ops.convert_to_tensor(x.astype("float32"))
-        for x in reference.heads(layer, query, value)
+        x.astype("float32") for x in reference.heads(layer, query, value)
     )
     mask = reference.key_mask(mask)
     feature_fn, query_feature_fn = favor_kernels.feature_fns(layer)
@@ -52,8 +51,13 @@ def head_outputs(layer, query, value, mask=None, causal=False):
         query_feature_fn=query_feature_fn,
         recompute_length=layer.recompute_length,
     )
-    if causal:
-        outputs = favor_ops.causal_linear_attention(
+
+    def attend(q, k, v):
+        if not causal:
+            return favor_ops.bidirectional_linear_attention(
+                q, k, v, feature_fn, **options
+            )
+        return favor_ops.causal_linear_attention(
             q,
             k,
             v,
@@ -62,11 +66,8 @@ def head_outputs(layer, query, value, mask=None, causal=False):
             chunk_size=layer.chunk_size,
             **options,
         )
-    else:
-        outputs = favor_ops.bidirectional_linear_attention(
-            q, k, v, feature_fn, **options
-        )
-    return ops.convert_to_numpy(outputs)
+
+    return reference.evaluate(attend, q, k, v)
 
 
 def quadratic(layer, q, k, v, mask=None, causal=False):
@@ -93,7 +94,7 @@ def test_linear_equals_quadratic_with_same_features(
     layer = make_layer(feature_map)
     x = rng.normal(scale=0.5, size=(2, 13, 16)).astype("float32")
     mask = padding_mask(2, 13, [13, 9]) if padded else None
-    layer(x, x)
+    layer.build(x.shape, x.shape)
     actual = head_outputs(layer, x, x, mask, causal)
     q, k, v = reference.heads(layer, x, x)
     expected = quadratic(layer, q, k, v, mask, causal)
@@ -105,16 +106,17 @@ def test_layer_output_equals_quadratic_layer(rng, causal):
     layer = make_layer()
     x = rng.normal(size=(2, 21, 16)).astype("float32")
     mask = padding_mask(2, 21, [21, 11])
-    actual = layer(x, x, attention_mask=mask, use_causal_mask=causal)
-    expected = reference.differentiable_quadratic_layer(
-        layer, x, x, mask, causal
+    layer.build(x.shape, x.shape)
+    actual, expected = (
+        reference.evaluate(attend, x)
+        for attend in (
+            lambda x: layer(x, x, attention_mask=mask, use_causal_mask=causal),
+            lambda x: reference.differentiable_quadratic_layer(
+                layer, x, x, mask, causal
+            ),
+        )
     )
-    np.testing.assert_allclose(
-        ops.convert_to_numpy(actual),
-        ops.convert_to_numpy(expected),
-        rtol=1e-5,
-        atol=1e-5,
-    )
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.backend_samples(1)
@@ -122,17 +124,15 @@ def test_layer_output_equals_quadratic_layer(rng, causal):
 def test_causal_result_does_not_depend_on_chunk_size(rng, chunk_size):
     x = rng.normal(size=(1, 19, 16)).astype("float32")
     reference_layer = make_layer(chunk_size=19)
-    expected = reference_layer(x, x, use_causal_mask=True)
     layer = make_layer(chunk_size=chunk_size)
-    layer(x, x)
+    for built in (reference_layer, layer):
+        built.build(x.shape, x.shape)
     layer.set_weights(reference_layer.get_weights())
-    actual = layer(x, x, use_causal_mask=True)
-    np.testing.assert_allclose(
-        ops.convert_to_numpy(actual),
-        ops.convert_to_numpy(expected),
-        rtol=1e-5,
-        atol=1e-6,
+    expected, actual = (
+        reference.evaluate(lambda x: built(x, x, use_causal_mask=True), x)
+        for built in (reference_layer, layer)
     )
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
 
 
 def input_and_weight_gradients(layer, attention, x, target, mode):
@@ -174,7 +174,7 @@ def test_gradients_match_quadratic_form(rng, causal, mode):
     x = rng.normal(size=(2, 18, 16)).astype("float32")
     mask = padding_mask(2, 18, [18, 13])
     target = rng.normal(size=(2, 18, 16)).astype("float32")
-    layer(x, x)
+    layer.build(x.shape, x.shape)
 
     actual = input_and_weight_gradients(
         layer,
@@ -183,6 +183,7 @@ def test_gradients_match_quadratic_form(rng, causal, mode):
         target,
         mode,
     )
+    # The reference runs eagerly: the mode is the kernel's, not its.
     expected = input_and_weight_gradients(
         layer,
         lambda x: reference.differentiable_quadratic_layer(
@@ -190,7 +191,7 @@ def test_gradients_match_quadratic_form(rng, causal, mode):
         ),
         x,
         target,
-        mode,
+        "eager",
     )
     assert len(actual) == 9
     for a, e in zip(actual, expected, strict=True):
@@ -246,7 +247,7 @@ def test_fully_padded_rows_give_zero_attention_and_finite_gradients(
     layer = make_layer(use_bias=False)
     x = rng.normal(size=(2, 20, 16)).astype("float32")
     mask = padding_mask(2, 20, [20, 0])
-    layer(x, x)
+    layer.build(x.shape, x.shape)
 
     def loss(x):
         y = layer(x, x, attention_mask=mask, use_causal_mask=causal)
@@ -270,7 +271,7 @@ def test_large_inputs_stay_finite_and_match_quadratic(rng, feature_map, causal):
     # the quadratic oracle in float64 handles them.
     layer = make_layer(feature_map)
     x = rng.normal(scale=20.0, size=(1, 20, 16)).astype("float32")
-    layer(x, x)
+    layer.build(x.shape, x.shape)
     q, k, v = reference.heads(layer, x, x)
     assert np.max(np.abs(q @ np.swapaxes(k, -1, -2))) / np.sqrt(8) > 100
     actual = head_outputs(layer, x, x, causal=causal)
@@ -292,8 +293,9 @@ def test_one_large_late_key_does_not_underflow_earlier_keys(rng):
     x = rng.normal(size=(1, 16, 16)).astype("float32")
     changed = x.copy()
     changed[0, -1] *= 1000.0
-    before = np.asarray(layer(x, x, use_causal_mask=True))
-    after = np.asarray(layer(changed, changed, use_causal_mask=True))
+    layer.build(x.shape, x.shape)
+    attend = reference.jit_on_jax(lambda x: layer(x, x, use_causal_mask=True))
+    before, after = (ops.convert_to_numpy(attend(y)) for y in (x, changed))
     np.testing.assert_allclose(
         after[0, :-1], before[0, :-1], rtol=1e-6, atol=1e-6
     )
@@ -306,7 +308,7 @@ def test_grouped_cross_attention_equals_quadratic(rng):
     query = rng.normal(size=(2, 21, 16)).astype("float32")
     value = rng.normal(size=(2, 12, 16)).astype("float32")
     mask = padding_mask(2, 12, [12, 5])
-    layer(query, value)
+    layer.build(query.shape, value.shape)
     actual = head_outputs(layer, query, value, mask=mask)
     q, k, v = reference.heads(layer, query, value)
     expected = quadratic(layer, q, k, v, mask)
@@ -392,17 +394,15 @@ def test_blocked_prefix_equals_dense_prefix(rng):
         np.array([[-5.0], [stabilizers.NO_KEY_LEVEL]]),
     )
     with reference.float64_scope():
-        chunk_kv, chunk_sum, chunk_level, *carried = (
-            ops.convert_to_tensor(x, "float64")
-            for x in (chunk_kv, chunk_sum, chunk_level, *carried)
-        )
         blocked, dense = (
-            chunk_scan.inherited_states(
-                chunk_kv,
-                chunk_sum,
-                chunk_level,
-                tuple(carried),
-                prefix_block=block,
+            reference.evaluate(
+                lambda *arrays, block=block: chunk_scan.inherited_states(
+                    *arrays[:3], tuple(arrays[3:]), prefix_block=block
+                ),
+                *(
+                    np.asarray(x, np.float64)
+                    for x in (chunk_kv, chunk_sum, chunk_level, *carried)
+                ),
             )
             for block in (2, n + 1)
         )
@@ -449,7 +449,7 @@ def test_causal_prefix_in_blocks_matches_quadratic(rng, mode):
     # in three levels of blocks (24, 12, 6), then 3 chunk sums densely.
     layer = make_layer()
     x = rng.normal(scale=2.0, size=(2, 24, 16)).astype("float32")
-    layer(x, x)
+    layer.build(x.shape, x.shape)
     heads = reference.heads(layer, x, x)
     mask = padding_mask(2, 24, [24, 17])
     target = rng.normal(size=(2, 2, 24, 8))

@@ -22,7 +22,7 @@ def setup(rng, feature_map, length, scale=1.0):
         2, 8, num_features=16, feature_map=feature_map, seed=1
     )
     x = rng.normal(scale=scale, size=(2, length, 16)).astype("float32")
-    layer(x, x)
+    layer.build(x.shape, x.shape)
     heads = reference.heads(layer, x, x)
     mask = np.ones((2, length), bool)
     mask[1, length - 3 :] = False
@@ -50,15 +50,19 @@ def mixed_kernel(layer, q, k, mask, window, causal):
 
 
 def run(layer, heads, mask, window, causal):
+    """The kernel's outputs as NumPy (`reference.evaluate`)."""
     feature_fn, _ = favor_kernels.feature_fns(layer)
-    return local_window_attention(
-        *(ops.convert_to_tensor(h.astype("float32")) for h in heads),
-        feature_fn,
-        layer.feature_map.feature_dim(16, 8),
-        window,
-        causal,
-        mask=reference.key_mask(mask),
-        chunk_size=4,
+    return reference.evaluate(
+        lambda *heads: local_window_attention(
+            *heads,
+            feature_fn,
+            layer.feature_map.feature_dim(16, 8),
+            window,
+            causal,
+            mask=reference.key_mask(mask),
+            chunk_size=4,
+        ),
+        *(h.astype("float32") for h in heads),
     )
 
 
@@ -260,7 +264,7 @@ def test_large_inputs_stay_finite_and_nonzero(rng, causal):
         2, 8, num_features=16, local_window=3, chunk_size=4
     )
     x = rng.normal(scale=100.0, size=(2, 12, 16)).astype("float32")
-    layer(x, x)
+    layer.build(x.shape, x.shape)
 
     def loss(x):
         y = layer(x, x, use_causal_mask=causal)
@@ -336,23 +340,23 @@ def test_causal_pieces_with_carried_state_equal_the_whole(rng, cuts):
         causal=True,
         chunk_size=4,
     )
-    whole = local_window_attention(*heads, mask=mask, **options)
-    state, pieces = None, []
-    for start, stop in zip((0, *cuts), (*cuts, 19)):
-        outputs, state = local_window_attention(
-            *(h[:, :, start:stop] for h in heads),
-            mask=mask[:, :, start:stop],
-            initial_state=state,
-            return_state=True,
-            **options,
-        )
-        pieces.append(outputs)
-    np.testing.assert_allclose(
-        ops.convert_to_numpy(ops.concatenate(pieces, axis=2)),
-        ops.convert_to_numpy(whole),
-        rtol=1e-5,
-        atol=1e-6,
-    )
+
+    def whole_and_pieces(*heads):
+        whole = local_window_attention(*heads, mask=mask, **options)
+        state, pieces = None, []
+        for start, stop in zip((0, *cuts), (*cuts, 19)):
+            outputs, state = local_window_attention(
+                *(h[:, :, start:stop] for h in heads),
+                mask=mask[:, :, start:stop],
+                initial_state=state,
+                return_state=True,
+                **options,
+            )
+            pieces.append(outputs)
+        return whole, ops.concatenate(pieces, axis=2), state
+
+    whole, pieces, state = reference.evaluate(whole_and_pieces, *heads)
+    np.testing.assert_allclose(pieces, whole, rtol=1e-5, atol=1e-6)
     # The state keeps the last 4 keys as they are, with their padding.
     np.testing.assert_array_equal(
         ops.convert_to_numpy(state[3]),

@@ -222,18 +222,11 @@ def kernel(case, q, k, v, mask):
 
 
 def run_kernel(case, q, k, v, mask):
-    """`kernel` as NumPy: eager on TensorFlow, under `jax.jit` on JAX (one
-    compilation costs less there than eager ops compiling each shape)."""
-
-    def attend(q, k, v):
-        return kernel(case, q, k, v, mask)
-
-    if not backend.is_tensorflow():
-        import jax
-
-        attend = jax.jit(attend)
-    inputs = (ops.convert_to_tensor(x) for x in (q, k, v))
-    return ops.convert_to_numpy(attend(*inputs))
+    """`kernel` as NumPy (`references.evaluate`: eager on TensorFlow, one
+    compiled program on JAX)."""
+    return references.evaluate(
+        lambda q, k, v: kernel(case, q, k, v, mask), q, k, v
+    )
 
 
 def seen_keys(case, mask):
