@@ -53,8 +53,8 @@ def run_layer_test(
           variable (moved off its initial value first) and the outputs;
         - two `jit_compile=True` steps of `fit` give a finite loss, change
           every trainable weight but `weights_without_gradient`, and, on
-          TensorFlow, agree with the same steps without XLA (so the layer
-          must be deterministic in training: no dropout);
+          TensorFlow, agree with the same steps run eagerly, without XLA
+          (so the layer must be deterministic in training: no dropout);
         - under each of `DTYPE_POLICIES`, passed as the layer's `dtype`, the
           output has the compute dtype and is finite, the variables have the
           variable dtype (but for the exemptions), and every sublayer has the
@@ -194,7 +194,14 @@ def check_keras_file_round_trip(layer, input_data, call_kwargs, tmp_path):
 
 
 def fit_two_steps(model, input_data, targets, jit_compile):
-    model.compile(keras.optimizers.SGD(0.1), "mse", jit_compile=jit_compile)
+    """Two steps of `fit`, compiled by XLA or (without `jit_compile`) run
+    eagerly."""
+    model.compile(
+        keras.optimizers.SGD(0.1),
+        "mse",
+        jit_compile=jit_compile,
+        run_eagerly=not jit_compile,
+    )
     history = model.fit(
         input_data,
         targets,
@@ -211,7 +218,7 @@ def check_jit_fit_step(
 ):
     """Two `fit` steps with XLA: the loss is finite, every trainable weight
     (but those without gradient) moves, and loss and weights agree with the
-    same steps without XLA."""
+    same steps run eagerly, without XLA."""
     batch = len(batch_of(input_data))
     assert batch >= 2, "the fit check takes two steps: pass a batch of 2+"
     model = functional_model(layer_cls(**init_kwargs), input_data, call_kwargs)
@@ -235,9 +242,9 @@ def check_jit_fit_step(
     ]
     assert not unchanged, f"fit did not change {unchanged}"
     if keras.backend.backend() != "tensorflow":
-        # Only TensorFlow has steps without XLA (a graph of its own
-        # kernels); JAX's `jit_compile=False` runs the same XLA ops one by
-        # one.
+        # Only TensorFlow has steps without XLA (its own kernels, run
+        # eagerly: no graph to trace); JAX's eager steps run the same XLA
+        # ops one by one, compiling each.
         return
     twin_loss = fit_two_steps(twin, input_data, targets, jit_compile=False)
     np.testing.assert_allclose(loss, twin_loss, rtol=1e-5)
