@@ -101,12 +101,16 @@ def outputs_and_gradients(name, layer):
     def attend(query, value):
         return layer(query, value, attention_mask=mask, **call_kwargs)
 
-    outputs = reference.evaluate(attend, query, value)
     if not with_gradients:
-        return outputs, []
+        return reference.evaluate(attend, query, value), []
     target = cotangent(name)
-    gradients = reference.gradients_with_weights(
-        layer, lambda q, v: ops.sum(attend(q, v) * target), [query, value]
+
+    def loss(query, value):
+        outputs = attend(query, value)
+        return ops.sum(outputs * target), outputs
+
+    gradients, outputs = reference.gradients_with_weights(
+        layer, loss, [query, value], has_aux=True
     )
     return outputs, gradients
 
