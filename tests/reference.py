@@ -53,9 +53,7 @@ def compiled(fn, jit_compile=False):
         import tensorflow as tf
 
         return tf.function(fn, jit_compile=jit_compile)
-    import jax
-
-    return jax.jit(fn)
+    return jit_on_jax(fn)
 
 
 def jit_on_jax(fn):

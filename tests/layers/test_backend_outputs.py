@@ -85,12 +85,6 @@ def built_layer(name):
     return layer
 
 
-def cotangent(name):
-    query = inputs(name)[0]
-    rng = np.random.default_rng(1)
-    return rng.normal(size=query.shape).astype("float32")
-
-
 def outputs_and_gradients(name, layer):
     """The layer's outputs and, where the configuration asks, the gradients
     of `sum(cotangent * outputs)` with respect to the query, the value and
@@ -103,7 +97,8 @@ def outputs_and_gradients(name, layer):
 
     if not with_gradients:
         return reference.evaluate(attend, query, value), []
-    target = cotangent(name)
+    target = np.random.default_rng(1).normal(size=query.shape)
+    target = target.astype("float32")
 
     def loss(query, value):
         outputs = attend(query, value)
