@@ -15,12 +15,12 @@ import functools
 
 from keras import ops
 
-from keras_favor import backend
 from keras_favor.ops import causal_state
 from keras_favor.ops import stabilizers
 from keras_favor.ops.causal_chunks import one_level_causal_attention
 from keras_favor.ops.chunk_scan import PREFIX_BLOCK
 from keras_favor.ops.chunk_scan import pad_positions
+from keras_favor.ops.fallback import with_fallback
 from keras_favor.ops.feature_dropout import group_seed
 from keras_favor.ops.grouped_recompute import RECOMPUTE_LENGTH
 from keras_favor.ops.grouped_recompute import position_groups
@@ -265,71 +265,75 @@ def _group_attention(
     """
     query, key, value, mask = inputs
     key_parts, query_parts = feature_fns[0](key), feature_fns[1](query)
-    state = causal_state.CausalState(*state)
     seed = group_seed(dropout_seed, index, num_groups)
-    parts, state_after = one_level_causal_attention(
-        query_parts,
-        key_parts,
-        value,
-        mask,
-        None if starts_empty and index == 0 else state,
-        chunk_size,
-        dropout_rate,
-        seed,
-        prefix_block,
-    )
-    outputs = _as_list(_outputs(parts, normalized))
-    if not all(
-        _has_feature_levels(parts, num_features)
-        for parts in (query_parts, key_parts)
-    ):
-        return outputs, list(state_after)
+    starts_here = starts_empty and index == 0
 
-    def per_feature_levels():
-        return log_domain_causal_attention(
+    def one_level(query_parts, key_parts, value, state):
+        parts, state_after = one_level_causal_attention(
             query_parts,
             key_parts,
             value,
             mask,
-            state,
+            None if starts_here else causal_state.CausalState(*state),
+            chunk_size,
             dropout_rate,
             seed,
             prefix_block,
         )
+        return parts, _as_list(_outputs(parts, normalized)), list(state_after)
 
-    # Only what is used goes through the branch, so that an unused final
-    # state is not computed.
+    if not all(
+        _has_feature_levels(parts, num_features)
+        for parts in (query_parts, key_parts)
+    ):
+        _, outputs, state_after = one_level(
+            query_parts, key_parts, value, state
+        )
+        return outputs, state_after
+
+    # Only what is used is selected, so that an unused final state is not
+    # computed by the per-feature algorithm.
     keep_state = return_state or index < num_groups - 1
-    return _per_feature_where_needed(
-        parts,
-        outputs,
-        list(state_after),
+    unused_state = []
+
+    def one_level_checked(tensors):
+        query_parts, key_parts, value, state = _unpacked(tensors)
+        parts, outputs, state_after = one_level(
+            query_parts, key_parts, value, state
+        )
+        unused_state[:] = [] if keep_state else state_after
+        return (
+            outputs + state_after * keep_state,
+            _loses_a_normalizer(parts[2], parts[1]),
+        )
+
+    def per_feature_levels(tensors):
+        query_parts, key_parts, value, state = _unpacked(tensors)
+        parts, state_after = log_domain_causal_attention(
+            query_parts,
+            key_parts,
+            value,
+            mask,
+            causal_state.CausalState(*state),
+            dropout_rate,
+            seed,
+            prefix_block,
+        )
+        outputs = _as_list(_outputs(parts, normalized))
+        return outputs + list(state_after) * keep_state
+
+    results = with_fallback(
+        one_level_checked,
         per_feature_levels,
-        normalized,
-        keep_state,
+        [*query_parts, *key_parts, value, *state],
     )
+    count = len(results) - len(state) * keep_state
+    return results[:count], results[count:] or unused_state
 
 
-def _per_feature_where_needed(
-    parts, outputs, state_after, per_feature_levels, normalized, keep_state
-):
-    """The one-level results, or those of `per_feature_levels()` where a
-    query that sees a key got a normalizer below `SAFE_NORMALIZER`, which
-    the one-level algorithm may have lost terms of. Returns `(outputs,
-    state_after)` as lists; the state only where `keep_state`."""
-    used = len(outputs) + len(state_after) * keep_state
-
-    def recomputed():
-        parts, state = per_feature_levels()
-        return [*_as_list(_outputs(parts, normalized)), *state][:used]
-
-    results = backend.cond(
-        _loses_a_normalizer(parts[2], parts[1]),
-        recomputed,
-        lambda: [*outputs, *state_after][:used],
-    )
-    count = len(outputs)
-    return list(results[:count]), list(results[count:]) or state_after
+def _unpacked(tensors):
+    """`(query_parts, key_parts, value, state)` of their flat list."""
+    return tensors[:2], tensors[2:4], tensors[4], tensors[5:]
 
 
 def _as_list(outputs):

@@ -26,6 +26,7 @@ import keras
 from keras import ops
 
 from keras_favor import backend
+from keras_favor.ops.fallback import recomputed_gradients
 from keras_favor.validation import positive_int
 
 # Attention over more positions than this runs in groups whose activations
@@ -146,32 +147,6 @@ def _after(previous, structure):
         )
 
 
-def _differentiable(x):
-    return x is not None and x.dtype.is_floating
-
-
-def _gradients(fn, sources, upstream):
-    """`fn(*sources)` recomputed, and its gradients given `upstream`.
-
-    Sources that are None or not floating get a None gradient.
-    """
-    import tensorflow as tf
-
-    watched = [x for x in sources if _differentiable(x)]
-    with tf.GradientTape() as tape:
-        tape.watch(watched)
-        results = fn(*sources)
-    grads = iter(
-        tape.gradient(
-            results,
-            watched,
-            output_gradients=upstream,
-            unconnected_gradients=tf.UnconnectedGradients.ZERO,
-        )
-    )
-    return [next(grads) if _differentiable(x) else None for x in sources]
-
-
 def _add(a, b):
     return a if b is None else b if a is None else a + b
 
@@ -191,7 +166,7 @@ def _group_gradients(run_group, index, group, shared, state, upstream):
         )
         return outputs + state
 
-    grads = _gradients(recompute, group + shared + state, upstream)
+    grads = recomputed_gradients(recompute, group + shared + state, upstream)
     return (
         grads[:size],
         grads[size : size + num_shared],

@@ -287,7 +287,11 @@ def test_per_feature_blocks_equal_one_block(rng, monkeypatch):
     whole = run(64)
     assert not used
     blocks = run(16)
-    assert used == [(3, 16)]
+    # Once forward, once more where the backward pass recomputes it
+    # (keras_favor.ops.fallback).
+    assert used == [(3, 16)] * (
+        2 if keras.backend.backend() == "tensorflow" else 1
+    )
     assert_blocks_equal_one_block(blocks, whole)
 
 

@@ -1,0 +1,134 @@
+"""A result computed again by a slower algorithm where a check flags it.
+
+`with_fallback(main_fn, fallback_fn, inputs)` runs `main_fn`, which also
+returns a flag, and where the flag holds, returns `fallback_fn`'s results
+instead; gradients are those of the branch taken. The causal kernel uses
+it for the groups of positions whose one-level normalizers may be lost
+(`causal_attention`).
+
+On TensorFlow, `tf.cond`'s gradient makes each branch output the other
+branch's intermediates, as zeros where that branch did not run, and
+Grappler folds those zeros into constants of their full size that live as
+long as the traced step: a causal training step over 65536 positions kept
+1.1 GiB of them, one set per group of positions. So on TensorFlow the
+selection is a `tf.custom_gradient`: the main results' gradients come from
+a tape over `main_fn`, the fallback's from `fallback_fn` recomputed in the
+backward pass, under a conditional whose branches both return real
+gradients. Other backends differentiate `keras.ops.cond` as it is.
+"""
+
+from keras_favor import backend
+
+
+def with_fallback(main_fn, fallback_fn, inputs):
+    """`main_fn(inputs)`, or `fallback_fn(inputs)` where it flags itself.
+
+    Args:
+        main_fn: `main_fn(inputs)` returns `(results, flag)`: a list of
+            floating tensors and a scalar bool tensor.
+        fallback_fn: `fallback_fn(inputs)` returns a list of tensors of the
+            results' shapes and dtypes.
+        inputs: a list of tensors (None for an absent one) that both
+            functions read; gradients flow to its floating tensors.
+
+    Returns:
+        The list of results of `fallback_fn` if the flag holds, else those
+        of `main_fn`.
+    """
+    inputs = list(inputs)
+    if not backend.is_tensorflow():
+        results, flag = main_fn(inputs)
+        return list(
+            backend.cond(
+                flag, lambda: list(fallback_fn(inputs)), lambda: list(results)
+            )
+        )
+    return _tensorflow_fallback(main_fn, fallback_fn, inputs)
+
+
+def recomputed_gradients(fn, sources, upstream):
+    """The gradients of `fn(*sources)` given `upstream`, with `fn`
+    computed again under a TensorFlow tape.
+
+    Sources that are None or not floating get a None gradient.
+    """
+    import tensorflow as tf
+
+    watched = [x for x in sources if _differentiable(x)]
+    with tf.GradientTape() as tape:
+        tape.watch(watched)
+        results = fn(*sources)
+    grads = iter(
+        tape.gradient(
+            results,
+            watched,
+            output_gradients=upstream,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+    )
+    return [next(grads) if _differentiable(x) else None for x in sources]
+
+
+def _differentiable(x):
+    return x is not None and x.dtype.is_floating
+
+
+def _tensorflow_fallback(main_fn, fallback_fn, inputs):
+    import tensorflow as tf
+
+    present = [x is not None for x in inputs]
+
+    def complete(args):
+        values = iter(args)
+        return [next(values) if p else None for p in present]
+
+    @tf.custom_gradient
+    def select(*args):
+        watched = [x for x in args if _differentiable(x)]
+        with tf.GradientTape() as tape:
+            tape.watch(watched)
+            results, flag = main_fn(complete(args))
+        results = list(results)
+        chosen = tf.nest.flatten(
+            tf.cond(
+                flag,
+                lambda: list(fallback_fn(complete(args))),
+                lambda: [tf.identity(x) for x in results],
+            )
+        )
+
+        def gradient(*upstream):
+            upstream = [
+                tf.zeros_like(result) if grad is None else grad
+                for result, grad in zip(chosen, upstream)
+            ]
+            # The main results' gradients, also where the fallback ran:
+            # under the conditional they would be its intermediates again.
+            main = iter(
+                tape.gradient(
+                    results,
+                    watched,
+                    output_gradients=upstream,
+                    unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                )
+            )
+            main = [next(main) if _differentiable(x) else None for x in args]
+
+            def fallback():
+                return recomputed_gradients(
+                    lambda *args: list(fallback_fn(complete(args))),
+                    list(args),
+                    upstream,
+                )
+
+            taken = tf.cond(
+                flag,
+                lambda: [g for g in fallback() if g is not None],
+                lambda: [g for g in main if g is not None],
+            )
+            taken = iter(tf.nest.flatten(taken))
+            return [next(taken) if g is not None else None for g in main]
+
+        return chosen, gradient
+
+    return list(select(*[x for x in inputs if x is not None]))

@@ -1,0 +1,126 @@
+"""A result computed again by a slower algorithm where a check flags it
+(`keras_favor.ops.fallback`): the results and the gradients of the branch
+taken, eager and traced, an absent input passed through; on TensorFlow no
+conditional hands the untaken branch's intermediates to the backward pass."""
+
+import numpy as np
+import pytest
+from keras import ops
+
+import keras_favor
+from keras_favor.layers import favor_kernels
+from keras_favor.ops.fallback import with_fallback
+from tests import reference
+
+pytestmark = pytest.mark.backend_independent
+
+
+def main_fn(threshold):
+    """Results `[x y, sum(exp(x))]`, flagged where some `x > threshold`."""
+
+    def main(inputs):
+        x, absent, y = inputs
+        assert absent is None
+        return [x * y, ops.sum(ops.exp(x))], ops.any(x > threshold)
+
+    return main
+
+
+def fallback_fn(inputs):
+    x, _, y = inputs
+    return [ops.sin(x) * y**2, ops.sum(x**3)]
+
+
+def expected(x, y, weights, scale, flagged):
+    """The loss `sum(weights r0) + scale r1` of the branch taken and its
+    gradients in `x` and `y`, by hand."""
+    if flagged:
+        loss = np.sum(weights * np.sin(x) * y**2) + scale * np.sum(x**3)
+        dx = weights * np.cos(x) * y**2 + 3 * scale * x**2
+        dy = 2 * weights * np.sin(x) * y
+    else:
+        loss = np.sum(weights * x * y) + scale * np.sum(np.exp(x))
+        dx = weights * y + scale * np.exp(x)
+        dy = weights * x
+    return loss, dx, dy
+
+
+@pytest.mark.parametrize("flagged", [False, True])
+@pytest.mark.parametrize(
+    "mode", ["eager", pytest.param("graph", marks=pytest.mark.tensorflow_only)]
+)
+def test_results_and_gradients_are_the_branch_taken(rng, flagged, mode):
+    x, y, weights = rng.normal(size=(3, 2, 5)).astype("float32")
+    scale = 0.5
+    threshold = -10.0 if flagged else 10.0
+
+    def loss(x, y):
+        first, second = with_fallback(
+            main_fn(threshold), fallback_fn, [x, None, y]
+        )
+        value = ops.sum(weights * first) + scale * second
+        return value, value
+
+    if mode == "graph":
+        import tensorflow as tf
+
+        @tf.function
+        def traced(x, y):
+            with tf.GradientTape() as tape:
+                tape.watch([x, y])
+                value, _ = loss(x, y)
+            return tape.gradient(value, [x, y]), value
+
+        grads, aux = traced(tf.constant(x), tf.constant(y))
+        grads, aux = reference.numpy(grads), reference.numpy(aux)
+    else:
+        grads, aux = reference.gradients(loss, [x, y], has_aux=True)
+    want_loss, want_dx, want_dy = expected(
+        *(a.astype(np.float64) for a in (x, y, weights)), scale, flagged
+    )
+    np.testing.assert_allclose(aux, want_loss, rtol=1e-5)
+    for actual, want in zip(grads, (want_dx, want_dy)):
+        np.testing.assert_allclose(actual, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.tensorflow_only
+def test_no_conditional_outputs_the_untaken_branch_intermediates(rng):
+    # `tf.cond`'s own gradient makes the conditional output every
+    # intermediate of the per-feature branch (dozens of tensors, zeros
+    # where it did not run, which Grappler folds into constants kept for
+    # the life of the step); through `with_fallback` each conditional
+    # outputs its selected results, or gradients, only.
+    import tensorflow as tf
+
+    layer = keras_favor.FavorAttention(
+        num_heads=2, key_dim=8, num_features=13, seed=3
+    )
+    layer.build((1, 40, 16), (1, 40, 16))
+    feature_fn, query_feature_fn = favor_kernels.feature_fns(layer)
+    heads = [
+        tf.constant(rng.normal(size=(1, 2, 40, 8)).astype("float32"))
+        for _ in range(3)
+    ]
+
+    @tf.function
+    def gradients(*heads):
+        with tf.GradientTape() as tape:
+            tape.watch(heads)
+            outputs = keras_favor.ops.causal_linear_attention(
+                *heads,
+                feature_fn,
+                13,
+                query_feature_fn=query_feature_fn,
+                chunk_size=8,
+                recompute_length=16,
+            )
+            loss = ops.sum(outputs)
+        return tape.gradient(loss, heads)
+
+    graph = gradients.get_concrete_function(*heads).graph
+    conditionals = [
+        op for op in graph.get_operations() if op.type in ("If", "StatelessIf")
+    ]
+    assert conditionals
+    for op in conditionals:
+        assert len(op.outputs) <= len(op.inputs), op.name
