@@ -11,7 +11,7 @@ passes `--limit-gib`, and a length runs only while the machine has that
 much memory available (`/proc/meminfo`), unless `--force`:
 
     python -m benchmarks.long_sequence --lengths 32768 65536 131072
-    python -m benchmarks.long_sequence --lengths 524288     # needs 21 GiB
+    python -m benchmarks.long_sequence --lengths 524288     # needs 18 GiB
 """
 
 import argparse
@@ -22,7 +22,7 @@ import time
 
 from benchmarks import common
 
-RECOMPUTE_LENGTH = 8192
+RECOMPUTE_LENGTH = 32768
 FIELDS = (
     "mode",
     "length",
@@ -106,7 +106,7 @@ def parse_args(argv=None):
     add("--modes", nargs="+", default=["causal", "bidirectional"])
     add("--recompute-length", type=int, default=RECOMPUTE_LENGTH)
     add("--repeats", type=int, default=1, help="timed steps after the first")
-    add("--limit-gib", type=float, default=21.0)
+    add("--limit-gib", type=float, default=18.0)
     add("--target", type=int, default=2**19)
     add("--force", action="store_true", help="run without free memory")
     add("--csv", default="benchmarks/results/long_sequence.csv")
