@@ -54,10 +54,23 @@ def recomputed_gradients(fn, sources, upstream):
     """
     import tensorflow as tf
 
-    watched = [x for x in sources if _differentiable(x)]
     with tf.GradientTape() as tape:
-        tape.watch(watched)
+        tape.watch([x for x in sources if _differentiable(x)])
         results = fn(*sources)
+    return _tape_gradients(tape, results, sources, upstream)
+
+
+def _differentiable(x):
+    return x is not None and x.dtype.is_floating
+
+
+def _tape_gradients(tape, results, sources, upstream):
+    """`tape`'s gradients of `results` given `upstream`, one per source:
+    None for a source that is None or not floating, zeros for one that
+    `results` do not depend on."""
+    import tensorflow as tf
+
+    watched = [x for x in sources if _differentiable(x)]
     grads = iter(
         tape.gradient(
             results,
@@ -67,10 +80,6 @@ def recomputed_gradients(fn, sources, upstream):
         )
     )
     return [next(grads) if _differentiable(x) else None for x in sources]
-
-
-def _differentiable(x):
-    return x is not None and x.dtype.is_floating
 
 
 def _tensorflow_fallback(main_fn, fallback_fn, inputs):
@@ -84,9 +93,8 @@ def _tensorflow_fallback(main_fn, fallback_fn, inputs):
 
     @tf.custom_gradient
     def select(*args):
-        watched = [x for x in args if _differentiable(x)]
         with tf.GradientTape() as tape:
-            tape.watch(watched)
+            tape.watch([x for x in args if _differentiable(x)])
             results, flag = main_fn(complete(args))
         results = list(results)
         chosen = tf.nest.flatten(
@@ -104,15 +112,7 @@ def _tensorflow_fallback(main_fn, fallback_fn, inputs):
             ]
             # The main results' gradients, also where the fallback ran:
             # under the conditional they would be its intermediates again.
-            main = iter(
-                tape.gradient(
-                    results,
-                    watched,
-                    output_gradients=upstream,
-                    unconnected_gradients=tf.UnconnectedGradients.ZERO,
-                )
-            )
-            main = [next(main) if _differentiable(x) else None for x in args]
+            main = _tape_gradients(tape, results, args, upstream)
 
             def fallback():
                 return recomputed_gradients(
