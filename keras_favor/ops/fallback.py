@@ -29,7 +29,10 @@ def with_fallback(main_fn, fallback_fn, inputs):
         fallback_fn: `fallback_fn(inputs)` returns a list of tensors of the
             results' shapes and dtypes.
         inputs: a list of tensors (None for an absent one) that both
-            functions read; gradients flow to its floating tensors.
+            functions read; gradients flow to its floating tensors. The
+            functions read no trainable variable (on TensorFlow their
+            gradients would be lost); tensors they capture get no
+            gradient.
 
     Returns:
         The list of results of `fallback_fn` if the flag holds, else those
@@ -93,7 +96,9 @@ def _tensorflow_fallback(main_fn, fallback_fn, inputs):
 
     @tf.custom_gradient
     def select(*args):
-        with tf.GradientTape() as tape:
+        # Persistent: an outer persistent tape, or a second-order gradient,
+        # calls `gradient` more than once.
+        with tf.GradientTape(persistent=True) as tape:
             tape.watch([x for x in args if _differentiable(x)])
             results, flag = main_fn(complete(args))
         results = list(results)

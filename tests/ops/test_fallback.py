@@ -84,6 +84,39 @@ def test_results_and_gradients_are_the_branch_taken(rng, flagged, mode):
 
 
 @pytest.mark.tensorflow_only
+@pytest.mark.parametrize("flagged", [False, True])
+def test_gradients_twice_and_of_second_order(rng, flagged):
+    # A persistent tape asks for the gradients twice, and a tape over the
+    # gradient differentiates the selection again.
+    import tensorflow as tf
+
+    x, y = (tf.constant(a) for a in rng.normal(size=(2, 2, 5)))
+    threshold = -10.0 if flagged else 10.0
+    with tf.GradientTape() as outer:
+        outer.watch(x)
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch([x, y])
+            first, second = with_fallback(
+                main_fn(threshold), fallback_fn, [x, None, y]
+            )
+            loss = tf.reduce_sum(first) + second
+        dx = tape.gradient(loss, x)
+        again = tape.gradient(loss, x)
+    second_order = outer.gradient(dx, x)
+    x, y = x.numpy(), y.numpy()
+    if flagged:
+        want_dx, want_second = (
+            np.cos(x) * y**2 + 3 * x**2,
+            -np.sin(x) * y**2 + 6 * x,
+        )
+    else:
+        want_dx, want_second = y + np.exp(x), np.exp(x)
+    for actual in (dx, again):
+        np.testing.assert_allclose(actual.numpy(), want_dx, rtol=1e-6)
+    np.testing.assert_allclose(second_order.numpy(), want_second, rtol=1e-6)
+
+
+@pytest.mark.tensorflow_only
 def test_no_conditional_outputs_the_untaken_branch_intermediates(rng):
     # `tf.cond`'s own gradient makes the conditional output every
     # intermediate of the per-feature branch (dozens of tensors, zeros

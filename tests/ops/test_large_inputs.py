@@ -178,19 +178,29 @@ def causal_outputs_and_gradients(heads, mask, fns, num_features, **kwargs):
 
 @pytest.mark.backend_samples(1)
 @pytest.mark.parametrize(
-    "feature_map", ["softmax", "softmax_hyperbolic", "elu"]
+    "feature_map, recompute_length",
+    [
+        ("softmax", None),
+        ("softmax_hyperbolic", None),
+        ("elu", None),
+        ("softmax", 16),
+    ],
 )
 def test_per_feature_levels_equal_one_level_at_ordinary_scales(
-    rng, feature_map
+    rng, feature_map, recompute_length
 ):
     # At scale 1 the one-level algorithm keeps every normalizer; the
     # per-feature algorithm, forced here, must give the same outputs,
-    # gradients and state, up to round-off.
+    # gradients and state, up to round-off; also in groups of 16
+    # positions, recomputed in the backward pass.
     from keras_favor.ops import log_domain_causal
 
     heads, mask, fns, num_features = causal_heads(rng, feature_map, 1.0)
+    kwargs = dict(chunk_size=8)
+    if recompute_length:
+        kwargs["recompute_length"] = recompute_length
     expected = causal_outputs_and_gradients(
-        heads, mask, fns, num_features, chunk_size=8
+        heads, mask, fns, num_features, **kwargs
     )
     forced = log_domain_causal.log_domain_causal_attention
     original = keras_favor.ops.causal_attention._loses_a_normalizer
@@ -199,7 +209,7 @@ def test_per_feature_levels_equal_one_level_at_ordinary_scales(
             ops.convert_to_tensor(True)
         )
         actual = causal_outputs_and_gradients(
-            heads, mask, fns, num_features, chunk_size=8
+            heads, mask, fns, num_features, **kwargs
         )
     finally:
         keras_favor.ops.causal_attention._loses_a_normalizer = original
