@@ -88,6 +88,9 @@ def _tape_gradients(tape, results, sources, upstream):
 def _tensorflow_fallback(main_fn, fallback_fn, inputs):
     import tensorflow as tf
 
+    # NumPy arrays (an eager call's inputs) as tensors, which have a dtype
+    # that says whether they are differentiable.
+    inputs = [None if x is None else tf.convert_to_tensor(x) for x in inputs]
     present = [x is not None for x in inputs]
 
     def complete(args):

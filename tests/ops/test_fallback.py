@@ -83,6 +83,15 @@ def test_results_and_gradients_are_the_branch_taken(rng, flagged, mode):
         np.testing.assert_allclose(actual, want, rtol=1e-5, atol=1e-6)
 
 
+def test_numpy_inputs_are_taken_as_tensors(rng):
+    x, y = rng.normal(size=(2, 2, 5)).astype("float32")
+    first, second = with_fallback(main_fn(10.0), fallback_fn, [x, None, y])
+    np.testing.assert_allclose(ops.convert_to_numpy(first), x * y, rtol=1e-6)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(second), np.sum(np.exp(x)), rtol=1e-5
+    )
+
+
 @pytest.mark.tensorflow_only
 @pytest.mark.parametrize("flagged", [False, True])
 def test_gradients_twice_and_of_second_order(rng, flagged):
