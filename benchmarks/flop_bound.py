@@ -29,8 +29,8 @@ FLOOR_LENGTH = 8192
 def step_graph(kind, mode, length):
     """The graph of the layer's forward + backward step, traced, not run.
 
-    Products in the recomputed groups' functions are not in it, so FAVOR+
-    must run in one group: `length` at most the layer's `recompute_length`.
+    Products in nested functions are not in it, so FAVOR+ must run in one
+    group: `length` at most the layer's `recompute_length`.
     """
     layer, forward = models.build("layer", kind, mode == "causal", length)
     if length > getattr(layer, "recompute_length", length):
@@ -81,36 +81,7 @@ def flops(op):
 
 
 def step_flops(kind, mode, length):
-    """The FLOPs of the step's products, those of the causal chunk
-    recurrence's loops (`keras_favor.ops.chunk_recurrence`) once per
-    chunk; the per-feature fallback's conditional branches, which an
-    ordinary step does not take, are left out."""
-    graph = step_graph(kind, mode, length)
-    total = sum(flops(op) for op in products(graph))
-    if loop_products := list(_loop_products(graph, graph)):
-        layer = models.build("layer", kind, mode == "causal", 8)[0]
-        chunks = -(-length // layer.chunk_size)
-        total += chunks * sum(flops(op) for op in loop_products)
-    return total
-
-
-def _loop_products(graph, library):
-    """The product ops in the bodies of the loops of `graph` and of the
-    functions it calls (not in conditionals' branches)."""
-    for op in graph.get_operations():
-        for attr in ("f", "body"):
-            try:
-                name = op.get_attr(attr).name
-            except (ValueError, AttributeError):
-                continue
-            body = library._get_function(name).graph
-            if attr == "body":
-                yield from (
-                    x
-                    for x in body.get_operations()
-                    if x.type in ("MatMul", "BatchMatMulV2", "Einsum")
-                )
-            yield from _loop_products(body, library)
+    return sum(flops(op) for op in products(step_graph(kind, mode, length)))
 
 
 def rebuilt_product(op):

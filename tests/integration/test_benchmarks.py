@@ -232,29 +232,31 @@ def test_favor_step_flops_are_ten_feature_sized_products():
     assert expected <= counted <= 1.01 * expected
 
 
-def test_causal_step_flops_count_the_chunk_products_states_and_key_sums():
+def test_causal_step_flops_add_the_chunk_products_and_the_state_prefix():
     # 1024 positions: 16 chunks of 64, passed on in two blocks of 8.
     from keras_favor.ops.causal_attention import PREFIX_BLOCK
 
     length, chunk = 1024, models.build("layer", "favor", True, 8)[0].chunk_size
 
-    def prefix_flops(chunks):  # forward, per head, for the F key sums
+    def prefix_flops(
+        chunks,
+    ):  # forward, per head, for the (F, D) states and F sums
+        state = F * D + F
         if chunks > PREFIX_BLOCK and chunks % PREFIX_BLOCK == 0:
-            within = 2 * chunks * PREFIX_BLOCK * F + 2 * chunks * F
+            within = 2 * chunks * PREFIX_BLOCK * state + 2 * chunks * state
             return within + prefix_flops(chunks // PREFIX_BLOCK)
-        return 2 * chunks * chunks * F
+        return 2 * chunks * chunks * state
 
     # Per position: the feature projections with gradients (4 F D); the
-    # normalizer's sums ride as one more value column, [V, 1], so the
-    # recurrence's K'^T [V, 1] and Q' [S, z], with two gradients each, take
-    # 6 F (D + 1); the chunk's C x C scores and their product with [V, 1]
-    # 3 C (F + D + 1) with gradients. The key sums' prefix, for the
-    # queries' shifts, takes no gradient.
+    # normalizer's sums ride as one more value column, [V, 1], so K'^T [V, 1]
+    # and Q' [S, z] with two gradients each take 6 F (D + 1), and the chunk's
+    # C x C scores and their product with [V, 1] 3 C (F + D + 1) with
+    # gradients; the prefix's decay factors take no gradient.
     per_position = 4 * F * D + 6 * F * (D + 1) + 3 * chunk * (F + D + 1)
     expected = (
         projection_flops(length)
         + 2 * length * H * per_position
-        + H * prefix_flops(length // chunk)
+        + 2 * H * prefix_flops(length // chunk)
     )
     assert flop_bound.step_flops("favor", "causal", length) == expected
 
