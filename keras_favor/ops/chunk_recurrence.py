@@ -7,14 +7,12 @@ every chunk at once (`chunk_scan.inherited_states`), those `n` states of
 `F x D` floats are written and read several times, forward and backward:
 at 8192 positions, 8 heads and 256 features, 68 MiB a time, and the
 products that write them run at a third of the rate of the same products
-over the whole sequence on a CPU. Here the state is carried from chunk to
-chunk instead, each chunk's products use one `F x D` state per batch and
-head, and each state is written once, kept for the backward pass. That
-pass is written out: a reverse recurrence carries the state's gradient,
-from which each chunk's keys, values and factors get theirs, and each
-chunk's queries get theirs from the state kept for it.
-`inherited_outputs_reference` computes the same, chunk after chunk, with
-automatic gradients.
+over the whole sequence on a CPU. Here one state per batch and head is
+carried from chunk to chunk instead, and the backward pass is written out:
+a reverse recurrence carries the state's gradient, and the queries'
+gradients come from the states that the forward pass kept, one batched
+product. `inherited_outputs_reference` computes the same, chunk after
+chunk, with automatic gradients.
 """
 
 from keras import ops
@@ -91,9 +89,10 @@ def inherited_outputs(query, key, value, row_factor, step_factor, state):
         query, key: `(B, H, n, C, F)` features of the chunks.
         value: `(B, H, n, C, D)`, each row already at its chunk's level.
         row_factor: `(B, H, n, C)`, each query's factor on the inherited
-            sums.
+            sums; no gradient flows to it.
         step_factor: `(B, H, n)`, the factor `r_c` that takes the sums
-            from the level before chunk `c` to the level after it.
+            from the level before chunk `c` to the level after it; no
+            gradient flows to it.
         state: `(B, H, F, D)`, the sums before chunk 0, or None for none.
 
     Returns:
@@ -104,56 +103,70 @@ def inherited_outputs(query, key, value, row_factor, step_factor, state):
     # A static count where known, which XLA needs for the loops.
     num_chunks = query.shape[2]
 
-    # The step factors are an argument, not a capture, so that every
-    # backend's custom gradient sees them.
+    # The factors are arguments, not captures, so that every backend's
+    # custom gradient sees them; they get zero gradients.
     @ops.custom_gradient
-    def recurrence(query, key, value, state, step_factor):
+    def recurrence(query, key, value, state, row_factor, step_factor):
+        row_factor, step_factor = (
+            ops.stop_gradient(x) for x in (row_factor, step_factor)
+        )
+
         def forward(carried, chunk):
-            query_c, key_c, value_c, step = chunk
+            query_c, key_c, value_c, row_c, step = chunk
+            output = ops.matmul(query_c, carried) * row_c[..., None]
             next_state = _next_state(carried, key_c, value_c, step)
-            return next_state, (ops.matmul(query_c, carried), carried)
+            return next_state, (output, carried)
 
         # `states[:, :, c]` is `S_c`, the sums before chunk `c`.
         final_state, (outputs, states) = _scan(
-            forward, state, (query, key, value, step_factor), num_chunks
+            forward,
+            state,
+            (query, key, value, row_factor, step_factor),
+            num_chunks,
         )
 
         def gradient(*args, upstream=None):
             if upstream is None:
                 upstream = args[0] if len(args) == 1 else args
-            outputs_grad, state_grad = (
-                ops.zeros_like(x) if g is None else g
-                for x, g in zip((outputs, final_state), upstream)
-            )
+            outputs_grad, state_grad = upstream
+            if state_grad is None:
+                state_grad = ops.zeros_like(final_state)
+            scaled = outputs_grad * row_factor[..., None]
 
             def backward(later_grad, chunk):
                 # `later_grad` is the gradient of `S_{c+1}`, which chunk
-                # `c`'s keys and values enter, and `S_c` through `r_c`.
-                query_c, key_c, value_c, outputs_grad_c, state_c, step = chunk
+                # `c`'s keys and values enter.
+                query_c, key_c, value_c, scaled_c, state_c, step = chunk
                 grads = (
-                    matmul_transposed_b(outputs_grad_c, state_c),
+                    matmul_transposed_b(scaled_c, state_c),
                     matmul_transposed_b(value_c, later_grad),
                     ops.matmul(key_c, later_grad),
-                    ops.sum(state_c * later_grad, axis=(-2, -1)),
                 )
                 earlier_grad = later_grad * step[
                     ..., None, None
-                ] + matmul_transposed_a(query_c, outputs_grad_c)
+                ] + matmul_transposed_a(query_c, scaled_c)
                 return earlier_grad, grads
 
-            state_grad, (*grads, step_grad) = _scan(
+            state_grad, grads = _scan(
                 backward,
                 state_grad,
-                (query, key, value, outputs_grad, states, step_factor),
+                (query, key, value, scaled, states, step_factor),
                 num_chunks,
                 reverse=True,
             )
-            return (*grads, state_grad, step_grad)
+            return (
+                *grads,
+                state_grad,
+                ops.zeros_like(row_factor),
+                ops.zeros_like(step_factor),
+            )
 
         return (outputs, final_state), gradient
 
-    outputs, final_state = recurrence(query, key, value, state, step_factor)
-    return outputs * row_factor[..., None], final_state
+    outputs, final_state = recurrence(
+        query, key, value, state, row_factor, step_factor
+    )
+    return outputs, final_state
 
 
 def _no_state(key, value):

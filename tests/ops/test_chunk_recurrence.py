@@ -1,8 +1,7 @@
 """The chunks' recurrence (`keras_favor.ops.chunk_recurrence`) against its
 naive reference, chunk after chunk with automatic gradients: the outputs,
 the final state, and the gradients of both with respect to the queries,
-keys, values, the factors and the initial state, traced and eager, and on
-TensorFlow for an unknown number of chunks."""
+keys, values and the initial state, traced and eager."""
 
 import numpy as np
 import pytest
@@ -23,11 +22,12 @@ def recurrence_inputs(rng, num_chunks):
         rng.uniform(size=shape + (FEATURES,)).astype("float32"),
         rng.uniform(size=shape + (FEATURES,)).astype("float32"),
         rng.normal(size=shape + (DIM,)).astype("float32"),
-        rng.uniform(0.1, 1.0, size=shape).astype("float32"),
-        rng.uniform(0.1, 1.0, size=shape[:3]).astype("float32"),
         rng.uniform(0.1, 1.0, size=(BATCH, HEADS, FEATURES, DIM)).astype(
             "float32"
         ),
+    ], [
+        rng.uniform(0.1, 1.0, size=shape).astype("float32"),
+        rng.uniform(0.1, 1.0, size=shape[:3]).astype("float32"),
     ]
 
 
@@ -37,7 +37,7 @@ def recurrence_inputs(rng, num_chunks):
 def test_recurrence_equals_the_chunk_by_chunk_reference(
     rng, num_chunks, carried, traced
 ):
-    inputs = recurrence_inputs(rng, num_chunks)
+    inputs, (row_factor, step_factor) = recurrence_inputs(rng, num_chunks)
     targets = [
         rng.normal(size=(BATCH, HEADS, num_chunks, CHUNK, DIM)),
         rng.normal(size=(BATCH, HEADS, FEATURES, DIM)),
@@ -45,8 +45,7 @@ def test_recurrence_equals_the_chunk_by_chunk_reference(
     targets = [t.astype("float32") for t in targets]
 
     def loss_of(fn):
-        # The factors carry the gradients of the stabilizer levels.
-        def loss(query, key, value, row_factor, step_factor, state):
+        def loss(query, key, value, state):
             outputs, final = fn(
                 query,
                 key,
@@ -73,19 +72,18 @@ def test_recurrence_equals_the_chunk_by_chunk_reference(
         np.testing.assert_allclose(
             got, want, rtol=1e-5, atol=1e-5, err_msg=name
         )
-    names = ["query", "key", "value", "row factor", "step factor", "state"]
+    names = ["query", "key", "value", "initial state"]
     for name, got, want in zip(names, grads, expected_grads):
         np.testing.assert_allclose(
             got, want, rtol=1e-5, atol=1e-5, err_msg=name
         )
     if not carried:
-        assert not grads[5].any()
+        assert not grads[3].any()
 
 
 def test_first_chunk_sees_only_the_initial_state(rng):
-    query, key, value, row_factor, step_factor, state = recurrence_inputs(
-        rng, 3
-    )
+    inputs, (row_factor, step_factor) = recurrence_inputs(rng, 3)
+    query, key, value, state = inputs
     outputs, _ = chunk_recurrence.inherited_outputs(
         query, key, value, row_factor, step_factor, None
     )
@@ -99,27 +97,3 @@ def test_first_chunk_sees_only_the_initial_state(rng):
         rtol=1e-5,
         atol=1e-6,
     )
-
-
-@pytest.mark.tensorflow_only
-def test_unknown_number_of_chunks_gives_the_known_ones_results(rng):
-    import tensorflow as tf
-
-    inputs = recurrence_inputs(rng, 3)
-    spec = [
-        tf.TensorSpec((BATCH, HEADS, None) + x.shape[3:], x.dtype)
-        for x in inputs[:5]
-    ]
-    spec.append(tf.TensorSpec(inputs[5].shape, inputs[5].dtype))
-    unknown = tf.function(
-        chunk_recurrence.inherited_outputs, input_signature=spec
-    )
-    for got, want in zip(
-        unknown(*inputs), chunk_recurrence.inherited_outputs_reference(*inputs)
-    ):
-        np.testing.assert_allclose(
-            ops.convert_to_numpy(got),
-            ops.convert_to_numpy(want),
-            rtol=1e-5,
-            atol=1e-6,
-        )
