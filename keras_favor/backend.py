@@ -16,8 +16,6 @@ Code whose whole job is one backend's stays with the feature it serves:
   (`tf.custom_gradient` with control dependencies that keep the executor
   from running the groups side by side); other backends use `keras.remat`
   there.
-- `keras_favor.ops.chunk_recurrence`: the loop over causal chunks, on
-  TensorFlow a `tf.while_loop` with its iteration count, which XLA needs.
 - `keras_favor.distribute`: multi-worker training with `tf.distribute`.
 - `keras_favor.generation.export`: the SavedModel export and its run-time
   checks of a served model's inputs.

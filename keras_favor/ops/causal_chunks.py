@@ -4,24 +4,22 @@ The kernel behind `causal_linear_attention` for whole chunks of positions:
 each key's features are shifted by one stabilizer level, the running
 maximum of the keys' largest log-scales so far, so that every factor is at
 most 1 (docs/numerics.md, section 5). Inside a chunk of `C` positions the
-masked `C x C` product is formed; across chunks one state is carried from
-chunk to chunk (`chunk_recurrence`), and the key sums that the queries'
-shifts need come from `chunk_scan.inherited_states`. Where one level per
-key loses a query's normalizer, `log_domain_causal` computes the same with
-a level per feature.
+masked `C x C` product is formed; across chunks the prefix sums come from
+`chunk_scan.inherited_states`. Where one level per key loses a query's
+normalizer, `log_domain_causal` computes the same with a level per feature.
 """
 
 from keras import ops
 
 from keras_favor.ops import causal_state
 from keras_favor.ops import stabilizers
-from keras_favor.ops.chunk_recurrence import inherited_outputs
 from keras_favor.ops.chunk_scan import earlier_or_same
 from keras_favor.ops.chunk_scan import inherited_states
 from keras_favor.ops.chunk_scan import merge_chunks
 from keras_favor.ops.chunk_scan import running_max
 from keras_favor.ops.chunk_scan import split_chunks
 from keras_favor.ops.feature_dropout import numerator_key_features
+from keras_favor.ops.products import matmul_transposed_a
 from keras_favor.ops.products import matmul_transposed_b
 
 
@@ -116,8 +114,8 @@ def _chunk_parts(
     """Chunked causal attention over whole chunks, from a carried state.
 
     Inside a chunk of `C` positions the masked `C x C` product is formed;
-    across chunks the sums of `K'^T V` and `K'^T 1` are carried from chunk
-    to chunk (`inherited_outputs`). The normalizer's sums are one more column of the
+    across chunks the prefix sums of `K'^T V` and `K'^T 1` come from
+    `inherited_states`. The normalizer's sums are one more column of the
     values, `[V, 1]`, so that every product serves numerator and
     normalizer at once; under feature dropout, whose numerator has other
     key features, they run as a second pair `(K', 1)`.
@@ -151,17 +149,18 @@ def _chunk_parts(
     # per-key scale goes on the narrower factor, v, not on k.
     chunk_level = levels[..., -1]
     to_chunk_end = ops.exp(levels - chunk_level[..., None])[..., None]
-    # The key sums each chunk inherits, for the queries' shifts alone: F
-    # columns, where the attention's own sums have F x (D + 1).
-    carried = None if state is None else state[1:]
-    key_sum, _, level, _ = inherited_states(
-        ops.sum(pairs[-1][0] * to_chunk_end, axis=-2)[..., None],
-        None,
-        chunk_level,
-        None if carried is None else (carried[0][..., None], None, carried[1]),
-        prefix_block,
-    )
-    key_sum = key_sum[..., 0]
+    scans = [
+        inherited_states(
+            matmul_transposed_a(k, v * to_chunk_end),
+            None,
+            chunk_level,
+            carried,
+            prefix_block,
+        )
+        for (k, v), carried in zip(pairs, _carried_columns(state, len(pairs)))
+    ]
+    level = scans[0][2]
+    key_sum = scans[-1][0][..., -1]
     # The inherited sums rescaled to each position's own level (<= 1).
     inherited = ops.exp(level[..., None] - levels)
 
@@ -193,36 +192,20 @@ def _chunk_parts(
             earlier_or_same(chunk_size), relative, stabilizers.NO_KEY_LEVEL
         )
     )
-    # Across chunks, one state carried from chunk to chunk, taken from
-    # the level before chunk c to the level at its end by exp(level_c -
-    # chunk_level_c) <= 1.
-    step = ops.exp(level - chunk_level)
-    sums, final_sums = [], []
-    for (k, v), carried in zip(pairs, _carried_columns(state, len(pairs))):
-        from_earlier, final = inherited_outputs(
-            q,
-            k,
-            v * to_chunk_end,
-            inherited,
-            step,
-            None if carried is None else carried[0],
-        )
-        sums.append(
-            ops.matmul(matmul_transposed_b(q, k) * decay, v) + from_earlier
-        )
-        final_sums.append(final)
+    sums = [
+        ops.matmul(matmul_transposed_b(q, k) * decay, v)
+        + ops.matmul(q, kv) * inherited[..., None]
+        for (k, v), (kv, *_) in zip(pairs, scans)
+    ]
     value_dim = value.shape[-1]
     if len(sums) == 1:
         # A split, whose gradient is one concatenation (slices' add up).
         sums = ops.split(sums[0], [value_dim], axis=-1)
     # Every product reached query t times exp(-(query shift + level_t)).
     parts = (sums[0], sums[1][..., 0], query_shift + levels)
-    final_state = (
-        final_sums[0][..., :value_dim],
-        final_sums[-1][..., -1],
-        chunk_level[..., -1],
+    return [merge_chunks(x) for x in parts], _final_state(
+        [scan[3] for scan in scans], value_dim
     )
-    return [merge_chunks(x) for x in parts], final_state
 
 
 def _carried_columns(state, num_pairs):
@@ -235,3 +218,9 @@ def _carried_columns(state, num_pairs):
     if num_pairs == 1:
         return [(ops.concatenate([kv, key_sum], axis=-1), None, level)]
     return [(kv, None, level), (key_sum, None, level)]
+
+
+def _final_state(scan_states, value_dim):
+    """The `(K'^T V, K'^T 1, level)` state from the scans' final states."""
+    kv, _, level = scan_states[0]
+    return kv[..., :value_dim], scan_states[-1][0][..., -1], level
