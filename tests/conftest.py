@@ -30,28 +30,33 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The tests check keras_favor's numbers, so they run TensorFlow's own kernels;
 # set TF_ENABLE_ONEDNN_OPTS=1 to run them with oneDNN.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
+def _add_xla_flag(flag, value):
+    """Appends `flag=value` to `XLA_FLAGS`, read when XLA starts, unless the
+    flag is given."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if flag not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {flag}={value}".strip()
+
+
 # Eight emulated CPU devices for the sequence-sharded tests, set before JAX
-# starts (unless the flag is given).
+# starts.
 DEVICES_FLAG = "--xla_force_host_platform_device_count"
-if os.environ.get("KERAS_BACKEND") == "jax" and DEVICES_FLAG not in (
-    os.environ.get("XLA_FLAGS", "")
-):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + f" {DEVICES_FLAG}=8"
-    ).strip()
+if os.environ.get("KERAS_BACKEND") == "jax":
+    _add_xla_flag(DEVICES_FLAG, 8)
+# The tests check numbers, not speed: XLA compiles each small program
+# without its costly optimization passes (on TensorFlow, `jit_compile=True`
+# steps; on JAX, every step), which take most of its compile time (one fit
+# step of a causal layer: seconds to compile, milliseconds to run). The
+# flags are those of `jax_disable_most_optimizations`; the subprocesses of
+# the tests inherit them.
+_add_xla_flag("--xla_backend_optimization_level", 0)
+_add_xla_flag("--xla_llvm_disable_expensive_passes", "true")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-if keras.backend.backend() == "jax":
-    import jax
-
-    # The tests check numbers, not speed: XLA compiles each small program
-    # without its costly optimization passes, which take most of the JAX
-    # pass's time (one fit step of a causal layer: seconds to compile,
-    # milliseconds to run).
-    jax.config.update("jax_disable_most_optimizations", True)
 
 # Four logical CPUs for the tf.distribute replicas of the sequence-sharded
 # tests, set before TensorFlow's runtime starts; ops without a device scope
