@@ -47,27 +47,22 @@ def test_groups_expand_to_registered_names_and_unknown_names_are_refused():
     reason="compares commits of a git checkout",
 )
 def test_runner_writes_per_commit_results_and_compares_two_revisions(
-    tmp_path, capsys
+    tmp_path, capsys, monkeypatch
 ):
     output = str(tmp_path)
     label = run.revision_label("worktree")
     head = run.revision_label("HEAD")
-    printed = run_module(
-        capsys, "--configs", TINY, "--rounds", "1", "--output-dir", output
-    )
-    assert f"| {TINY} | median_s |" in printed
-    stored = json.loads((tmp_path / "commits" / f"{label}.json").read_text())
-    (measured,) = stored["runs"]
-    environment = measured["environment"]
-    for key in ("date_utc", "cpu", "load_average", "keras", "tensorflow"):
-        assert key in environment
-    summary = measured["configurations"][TINY]
-    assert summary["status"] == "ok" and summary["rounds"] == 1
-    assert summary["median_s"] > 0
-    assert summary["peak_rss_mib"] >= summary["baseline_rss_mib"] > 0
+    measured = []
+    measure_once = run.run_once
 
-    # The two revisions alternate in one run; each gets its own file (or,
-    # for one commit twice, two runs in its file).
+    def recorded(name, source, args):
+        measured.append(measure_once(name, source, args))
+        return measured[-1]
+
+    monkeypatch.setattr(run, "run_once", recorded)
+    # The two revisions alternate in one run, each in a worker process;
+    # each gets its own file (or, for one commit twice, two runs in its
+    # file).
     printed = run_module(
         capsys,
         "--compare",
@@ -102,6 +97,31 @@ def test_runner_writes_per_commit_results_and_compares_two_revisions(
     )
     assert shown.splitlines()[0] == header
     assert shown.splitlines()[2].startswith(f"| {TINY} | median_s | ")
+
+    # One revision: its table and its file. The worker's result is the one
+    # the comparison measured on the working tree (a third worker process
+    # would measure the same again).
+    assert len(measured) == 2
+    monkeypatch.setattr(run, "run_once", lambda *args: dict(measured[1]))
+    printed = run_module(
+        capsys, "--configs", TINY, "--rounds", "1", "--output-dir", output
+    )
+    assert f"| {TINY} | median_s |" in printed
+    stored = json.loads((tmp_path / "commits" / f"{label}.json").read_text())
+    # Before the run alone, the comparison's (two when the working tree is
+    # HEAD: both revisions have its label).
+    compared, alone = stored["runs"][-2:]
+    assert len(stored["runs"]) == (3 if label == head else 2)
+    assert compared["alternated_with"] == head
+    assert alone["alternated_with"] is None
+    environment = alone["environment"]
+    for key in ("date_utc", "cpu", "load_average", "keras", "tensorflow"):
+        assert key in environment
+    for measured_run in (compared, alone):
+        summary = measured_run["configurations"][TINY]
+        assert summary["status"] == "ok" and summary["rounds"] == 1
+        assert summary["median_s"] > 0
+        assert summary["peak_rss_mib"] >= summary["baseline_rss_mib"] > 0
 
 
 def test_keras_remat_path_gives_the_custom_gradient_path_gradients(monkeypatch):
