@@ -5,6 +5,7 @@ arguments name themselves."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -21,6 +22,32 @@ from tests.language_models import language_model
 from tests.language_models import left_padded_prompts
 
 NEW_TOKENS = 64
+SAMPLED = {"sampler": "random", "temperature": 0.8, "top_k": 20, "top_p": 0.9}
+
+
+@pytest.fixture(scope="module")
+def one_layer_model():
+    """A one-block language model, shared by the tests that do not change
+    it, so that they share its compiled loops (`generate` keeps them per
+    model and options)."""
+    return language_model(num_layers=1)
+
+
+@pytest.fixture(scope="module")
+def two_layer_model():
+    """A two-block language model, shared by the tests that do not change
+    it."""
+    return language_model()
+
+
+def greedy_by_traced_full_passes(model, prompt, num_tokens):
+    """`greedy_by_full_passes`, each full pass a call of one traced
+    `model` (eager passes of every length take several times longer)."""
+    import tensorflow as tf
+
+    return greedy_by_full_passes(
+        tf.function(model, reduce_retracing=True), prompt, num_tokens
+    )
 
 
 @pytest.mark.parametrize(
@@ -48,7 +75,7 @@ def test_greedy_generate_equals_repeated_full_passes(
     # Decoding visits many tokens, not a fixed point.
     assert len(np.unique(tokens[:, 9:])) > 10
     if repeated_passes:
-        want = greedy_by_full_passes(model, prompt, NEW_TOKENS)
+        want = greedy_by_traced_full_passes(model, prompt, NEW_TOKENS)
     else:
         # One causal pass over the result gives every step's logits at once.
         logits = np.asarray(model(tokens[:, :-1]))[:, 8:]
@@ -58,8 +85,8 @@ def test_greedy_generate_equals_repeated_full_passes(
     np.testing.assert_array_equal(tokens, want)
 
 
-def test_cached_logits_equal_the_full_pass_at_every_position():
-    model = language_model()
+def test_cached_logits_equal_the_full_pass_at_every_position(two_layer_model):
+    model = two_layer_model
     prompt = left_padded_prompts()
     want = np.asarray(model(prompt))
     cache = generation.empty_cache(model, 3)
@@ -76,19 +103,18 @@ def test_cached_logits_equal_the_full_pass_at_every_position():
     np.testing.assert_allclose(got[real], want[real], atol=1e-5 * scale)
 
 
-def test_sampling_repeats_with_a_seed_and_differs_with_another():
-    model = language_model(num_layers=1)
+def test_sampling_repeats_with_a_seed_and_differs_with_another(one_layer_model):
+    model = one_layer_model
     prompt = left_padded_prompts()
-    options = dict(sampler="random", temperature=0.8, top_k=20, top_p=0.9)
-    first = keras_favor.generate(model, prompt, 24, seed=3, **options)
-    again = keras_favor.generate(model, prompt, 24, seed=3, **options)
-    other = keras_favor.generate(model, prompt, 24, seed=4, **options)
+    first = keras_favor.generate(model, prompt, 24, seed=3, **SAMPLED)
+    again = keras_favor.generate(model, prompt, 24, seed=3, **SAMPLED)
+    other = keras_favor.generate(model, prompt, 24, seed=4, **SAMPLED)
     np.testing.assert_array_equal(first, again)
     assert np.mean(first[:, 9:] != other[:, 9:]) > 0.5
 
 
-def test_end_token_stops_a_sequence_and_pads_it():
-    model = language_model(num_layers=1)
+def test_end_token_stops_a_sequence_and_pads_it(one_layer_model):
+    model = one_layer_model
     prompt = left_padded_prompts()
     greedy = keras_favor.generate(model, prompt, 16)
     end = int(greedy[0, 9 + 5])
@@ -102,8 +128,10 @@ def test_end_token_stops_a_sequence_and_pads_it():
     assert tokens.shape == greedy.shape
 
 
-def test_keras_file_round_trip_generates_the_same_tokens(tmp_path):
-    model = language_model(num_layers=1)
+def test_keras_file_round_trip_generates_the_same_tokens(
+    tmp_path, one_layer_model
+):
+    model = one_layer_model
     prompt = left_padded_prompts()
     path = str(tmp_path / "lm.keras")
     model.save(path)
@@ -115,10 +143,12 @@ def test_keras_file_round_trip_generates_the_same_tokens(tmp_path):
 
 
 @pytest.mark.tensorflow_only
-def test_model_built_under_mirrored_strategy_generates_the_same_tokens():
+def test_model_built_under_mirrored_strategy_generates_the_same_tokens(
+    one_layer_model,
+):
     import tensorflow as tf
 
-    model = language_model(num_layers=1)
+    model = one_layer_model
     with tf.distribute.MirroredStrategy().scope():
         mirrored = language_model(num_layers=1)
     mirrored.set_weights(model.get_weights())
@@ -129,8 +159,8 @@ def test_model_built_under_mirrored_strategy_generates_the_same_tokens():
     )
 
 
-def test_xla_compiled_loop_gives_the_same_tokens():
-    model = language_model(num_layers=1)
+def test_xla_compiled_loop_gives_the_same_tokens(one_layer_model):
+    model = one_layer_model
     prompt = left_padded_prompts()
     np.testing.assert_array_equal(
         keras_favor.generate(model, prompt, 16, jit_compile=True),
@@ -153,15 +183,17 @@ def test_xla_compiled_loop_gives_the_same_tokens():
         ({"end_token_id": 1.5}, "end_token_id"),
     ],
 )
-def test_bad_generate_arguments_name_themselves(kwargs, pattern):
-    model = language_model()
+def test_bad_generate_arguments_name_themselves(
+    kwargs, pattern, two_layer_model
+):
+    model = two_layer_model
     kwargs = {"max_new_tokens": 4, **kwargs}
     with pytest.raises(ValueError, match=pattern):
         keras_favor.generate(model, left_padded_prompts(), **kwargs)
 
 
-def test_bad_prompts_and_cache_positions_raise():
-    model = language_model()
+def test_bad_prompts_and_cache_positions_raise(two_layer_model):
+    model = two_layer_model
     with pytest.raises(ValueError, match="max_length"):
         keras_favor.generate(model, np.ones((1, MAX_LENGTH + 1), "int32"), 1)
     with pytest.raises(ValueError, match="prompt_ids"):
@@ -185,15 +217,20 @@ def test_bad_prompts_and_cache_positions_raise():
 SERVED_CLIENT = """
 import json, sys
 import tensorflow as tf
-tokens = []
+served, results = {}, []
 for path, prompt, count, seed in json.loads(sys.argv[1]):
-    served = tf.saved_model.load(path)
-    tokens.append(served.generate(
-        tf.constant(prompt, tf.int32), tf.constant(count, tf.int32),
-        tf.constant(seed, tf.int64),
-    ).numpy().tolist())
+    if path not in served:
+        served[path] = tf.saved_model.load(path)
+    try:
+        tokens = served[path].generate(
+            tf.constant(prompt, tf.int32), tf.constant(count, tf.int32),
+            tf.constant(seed, tf.int64),
+        )
+        results.append({"tokens": tokens.numpy().tolist()})
+    except tf.errors.OpError as error:
+        results.append({"error": type(error).__name__, "message": str(error)})
 print(json.dumps({
-    "tokens": tokens,
+    "results": results,
     "keras_favor_imported": any(m.startswith("keras_favor") for m in sys.modules),
 }))
 """
@@ -201,12 +238,13 @@ print(json.dumps({
 
 def served_generate(requests):
     """The exported `generate` endpoints, run by one TensorFlow-only client
-    process that does not import keras_favor: the tokens of each
-    `(path, prompt, max_new_tokens, seed)` request."""
+    process that does not import keras_favor: for each `(path, prompt,
+    max_new_tokens, seed)` request, `{"tokens": ...}` or, where the endpoint
+    raised a TensorFlow error, `{"error": class name, "message": ...}`."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
     env.pop("PYTHONPATH", None)
     requests = [
-        [path, prompt.tolist(), count, seed]
+        [path, np.asarray(prompt).tolist(), count, seed]
         for path, prompt, count, seed in requests
     ]
     result = subprocess.run(
@@ -220,26 +258,26 @@ def served_generate(requests):
     assert result.returncode == 0, result.stderr[-3000:]
     output = json.loads(result.stdout.strip().splitlines()[-1])
     assert not output["keras_favor_imported"]
-    return [np.array(tokens) for tokens in output["tokens"]]
+    return output["results"]
 
 
 @pytest.mark.tensorflow_only
-def test_exported_generate_endpoint_gives_generate_tokens(tmp_path):
-    """Greedy and sampled endpoints, served by one client process."""
-    model = language_model(num_layers=1)
+def test_exported_generate_endpoints_when_served(tmp_path, one_layer_model):
+    """Exported models, all served by one client process (each export and
+    client start costs seconds): the greedy and sampled endpoints give
+    `generate`'s tokens, also for a one-token prompt (the prefill is that
+    token alone); a mixed_float16 model's endpoint keeps a float32 state,
+    giving the tokens of repeated full passes; and the endpoint checks the
+    lengths, which only a run knows."""
+    model = one_layer_model
     prompt = left_padded_prompts()
     requests, expected = [], []
     for name, options, seed in [
         ("greedy", {}, [0, 0]),
-        (
-            "random",
-            {"sampler": "random", "top_k": 10, "temperature": 0.7},
-            [7, 0],
-        ),
+        ("random", SAMPLED, [7, 0]),
     ]:
         path = str(tmp_path / name)
         generation.export_language_model(model, path, **options)
-        # A one-token prompt too: the prefill is that token alone.
         for tokens, count in ((prompt, 20), (prompt[:1, -1:], 5)):
             requests.append((path, tokens, count, seed))
             expected.append(
@@ -247,33 +285,25 @@ def test_exported_generate_endpoint_gives_generate_tokens(tmp_path):
                     model, tokens, count, seed=seed[0], **options
                 )
             )
-    for served, want in zip(served_generate(requests), expected):
-        np.testing.assert_array_equal(served, want)
-
-
-@pytest.mark.tensorflow_only
-def test_exported_generate_keeps_a_float32_state_under_mixed_float16(tmp_path):
     keras.config.set_dtype_policy("mixed_float16")
-    model = language_model(num_layers=1)
-    path = str(tmp_path / "lm_savedmodel")
-    generation.export_language_model(model, path)
-    prompt = left_padded_prompts()
-    np.testing.assert_array_equal(
-        served_generate([(path, prompt, 12, [0, 0])])[0],
-        greedy_by_full_passes(model, prompt, 12),
-    )
+    mixed = language_model(num_layers=1)
+    path = str(tmp_path / "mixed")
+    generation.export_language_model(mixed, path)
+    requests.append((path, prompt, 12, [0, 0]))
+    expected.append(greedy_by_full_passes(mixed, prompt, 12))
+    keras.config.set_dtype_policy("float32")
+    # The prompt and the new tokens past `max_length`; no new token.
+    path = str(tmp_path / "greedy")
+    failing = [((1, 90), 10, "max_length"), ((1, 9), 0, "max_new_tokens")]
+    for shape, count, _ in failing:
+        requests.append((path, np.ones(shape, "int32"), count, [0, 0]))
 
-
-@pytest.mark.tensorflow_only
-def test_exported_generate_checks_lengths_when_run(tmp_path):
-    import tensorflow as tf
-
-    model = language_model(num_layers=1)
-    path = str(tmp_path / "lm_savedmodel")
-    generation.export_language_model(model, path)
-    served = tf.saved_model.load(path)
-    seed = tf.constant([0, 0], tf.int64)
-    with pytest.raises(tf.errors.InvalidArgumentError, match="max_length"):
-        served.generate(tf.ones((1, 90), tf.int32), 10, seed)
-    with pytest.raises(tf.errors.InvalidArgumentError, match="max_new_tokens"):
-        served.generate(tf.ones((1, 9), tf.int32), 0, seed)
+    results = served_generate(requests)
+    for result, want in zip(results, expected):
+        assert "tokens" in result, result
+        np.testing.assert_array_equal(np.array(result["tokens"]), want)
+    for result, (_, _, pattern) in zip(
+        results[len(expected) :], failing, strict=True
+    ):
+        assert result.get("error") == "InvalidArgumentError", result
+        assert re.search(pattern, result["message"]), result["message"]

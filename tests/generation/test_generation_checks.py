@@ -19,10 +19,30 @@ MIXED_POLICIES = ["mixed_float16", "mixed_bfloat16"]
 UNIT_ROUNDOFF = {"mixed_float16": 2.0**-11, "mixed_bfloat16": 2.0**-8}
 
 
+@pytest.fixture(scope="module")
+def float32_models():
+    """The float32 reference models of the mixed-precision cases, by their
+    options: built once for both policies (on JAX, their compiled passes
+    are kept too)."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def one_layer_model():
+    """A one-block language model, shared by the tests that only check
+    that it refuses arguments."""
+    return language_model(num_layers=1)
+
+
 @pytest.mark.parametrize("policy", MIXED_POLICIES)
 @pytest.mark.parametrize("kwargs", [{}, {"local_window": 4}])
-def test_mixed_precision_greedy_generate_follows_the_full_pass(policy, kwargs):
-    reference_model = language_model(num_layers=1, **kwargs)
+def test_mixed_precision_greedy_generate_follows_the_full_pass(
+    policy, kwargs, float32_models
+):
+    key = tuple(sorted(kwargs.items()))
+    if key not in float32_models:
+        float32_models[key] = language_model(num_layers=1, **kwargs)
+    reference_model = float32_models[key]
     keras.config.set_dtype_policy(policy)
     # The same weights (`language_model` sets them), in the compute dtype.
     model = language_model(num_layers=1, **kwargs)
@@ -58,6 +78,16 @@ def unscaled(state):
     key_values, key_sum, level = state[:3]
     factor = keras.ops.exp(level - keras.ops.max(level))
     return (key_values * factor[..., None], key_sum * factor, *state[3:])
+
+
+def compiled(fn):
+    """`fn` traced by `tf.function` on TensorFlow (eager steps cost more
+    than their arithmetic here), `reference.jit_on_jax` elsewhere."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn)
+    return reference.jit_on_jax(fn)
 
 
 def causal_layer(local_window=0):
@@ -97,7 +127,7 @@ def test_mixed_precision_state_stays_float32_over_many_steps(
         ]
     )
 
-    @reference.jit_on_jax
+    @compiled
     def attend(x, cache, index):
         return layer(
             x, use_causal_mask=True, cache=cache, cache_update_index=index
@@ -143,7 +173,9 @@ def test_autocast_true_is_refused():
 def tokens_of_one_pass(model, tokens, prompt_length):
     """The greedy tokens a cached loop must produce, from one causal pass
     over its output."""
-    logits = keras.ops.convert_to_numpy(model(tokens[:, :-1]))
+    # A new function each call: a jitted function is kept per function
+    # object, and one kept from before a change would run the old model.
+    logits = reference.evaluate(lambda t: model(t), tokens[:, :-1])
     return logits[:, prompt_length - 1 :].argmax(axis=-1)
 
 
@@ -174,16 +206,18 @@ def test_generate_after_the_model_changes_uses_the_changed_model(change):
 
 @pytest.mark.parametrize("jit_compile", [False, True])
 @pytest.mark.parametrize("bad_id", [VOCABULARY, VOCABULARY + 7, -1])
-def test_prompt_ids_outside_the_vocabulary_raise(jit_compile, bad_id):
-    model = language_model(num_layers=1)
+def test_prompt_ids_outside_the_vocabulary_raise(
+    jit_compile, bad_id, one_layer_model
+):
+    model = one_layer_model
     prompt = left_padded_prompts()
     prompt[0, -1] = bad_id
     with pytest.raises(ValueError, match=rf"`prompt_ids`.*\[0, {VOCABULARY}\)"):
         keras_favor.generate(model, prompt, 4, jit_compile=jit_compile)
 
 
-def test_eager_token_ids_outside_the_vocabulary_raise():
-    model = language_model(num_layers=1)
+def test_eager_token_ids_outside_the_vocabulary_raise(one_layer_model):
+    model = one_layer_model
     prompt = left_padded_prompts()
     for bad_id in (VOCABULARY, -1):
         prompt[0, -1] = bad_id
@@ -195,8 +229,8 @@ def test_eager_token_ids_outside_the_vocabulary_raise():
         )
 
 
-def test_padding_id_must_be_the_id_the_model_masks():
-    model = language_model(num_layers=1)
+def test_padding_id_must_be_the_id_the_model_masks(one_layer_model):
+    model = one_layer_model
     with pytest.raises(ValueError, match="`padding_id` must be 0"):
         keras_favor.generate(model, left_padded_prompts(), 4, padding_id=5)
     unmasked = language_model(num_layers=1, mask_zero=False)
