@@ -551,6 +551,14 @@ def parse_args(argv):
         help="attentions of the language models",
     )
     parser.add_argument(
+        "--causal-attentions",
+        nargs="+",
+        choices=list(ATTENTIONS),
+        default=None,
+        help="attentions of the causal language model; none given: those "
+        "of --attentions",
+    )
+    parser.add_argument(
         "--classify-attentions",
         nargs="+",
         choices=list(ATTENTIONS),
@@ -698,9 +706,10 @@ def main(argv=None):
                 " of the training residues"
             )
         data = (train_tokens, train_labels, batches, max_length)
-        attentions = (
-            args.classify_attentions if task == "classify" else args.attentions
-        )
+        attentions = {
+            "classify": args.classify_attentions,
+            "causal": args.causal_attentions or args.attentions,
+        }.get(task, args.attentions)
         for seed in args.seeds:
             for attention in attentions:
                 rows += train_one(task, attention, seed, data, args)

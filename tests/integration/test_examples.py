@@ -431,6 +431,8 @@ def test_proteins_tiny(examples, tmp_path, capsys):
             "--attentions",
             "softmax",
             "relu",
+            "--causal-attentions",
+            "relu",
             "--classify-attentions",
             "exact",
             "--csv",
@@ -441,10 +443,11 @@ def test_proteins_tiny(examples, tmp_path, capsys):
     )
     runs = {(r["task"], r["attention"]) for r in result["rows"]}
     assert runs == {
-        (task, attention)
-        for task in ("mlm", "causal")
-        for attention in ("softmax", "relu")
-    } | {("classify", "exact")}
+        ("mlm", "softmax"),
+        ("mlm", "relu"),
+        ("causal", "relu"),
+        ("classify", "exact"),
+    }
     for run in runs:
         points = [
             r for r in result["rows"] if (r["task"], r["attention"]) == run
@@ -457,13 +460,42 @@ def test_proteins_tiny(examples, tmp_path, capsys):
         if row["task"] != "classify":
             # Near the 23-token vocabulary's uniform guess after 2 steps.
             assert 5 < row["perplexity"] < 60
-    assert len(result["equal_steps"]) == len(result["equal_time"]) == 5
-    assert len(result["verdict"]) == 2
-    assert all("Performer-ReLU" in line for line in result["verdict"])
+    assert len(result["equal_steps"]) == len(result["equal_time"]) == 4
+    # One causal model: only the masked LM has two to compare.
+    [line] = result["verdict"]
+    assert line.startswith("masked LM: Performer-ReLU ")
     with open(tmp_path / "p.csv", newline="") as file:
         assert len(list(csv.DictReader(file))) == len(result["rows"])
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     assert "Equal time" in capsys.readouterr().out
+
+
+def test_proteins_verdict(examples):
+    """The verdict's sentences on final accuracies: whether Performer-ReLU
+    leads the other random-feature models and whether FAVOR+ matches exact
+    attention, by more than the noise floor (0.005 with one seed)."""
+    proteins = examples("proteins")
+    accuracy = {
+        ("mlm", "exact"): 0.3,
+        ("mlm", "softmax"): 0.302,
+        ("mlm", "relu"): 0.4,
+        ("causal", "exact"): 0.3,
+        ("causal", "softmax"): 0.5,
+        ("causal", "relu"): 0.4,
+    }
+    rows = [
+        {"task": task, "attention": attention, "seed": 0, "accuracy": value}
+        for (task, attention), value in accuracy.items()
+    ]
+    mlm_lead, mlm_match, causal_lead, causal_match = proteins.verdict(
+        rows, None
+    )
+    assert mlm_lead.startswith("masked LM: Performer-ReLU leads the ")
+    assert "(FAVOR+ (softmax) 0.302, Performer-ReLU 0.400)" in mlm_lead
+    assert mlm_match.startswith("masked LM: FAVOR+ matches exact attention")
+    assert "(+0.002;" in mlm_match
+    assert causal_lead.startswith("causal LM: Performer-ReLU does not lead")
+    assert causal_match.startswith("causal LM: FAVOR+ does not match exact")
 
 
 def test_training_clock_evaluates_at_its_steps_and_stops_at_its_budget(
@@ -533,58 +565,71 @@ def test_genome_validation_and_markov_reference(examples):
 
 
 def test_genome_tiny(examples, tmp_path):
+    """The genome example at a tiny size, end to end: exact attention is
+    turned away where its matrices do not fit, the Performer with an exact
+    window trains (one model: the FAVOR+ models' training step is what
+    costs seconds to trace), and the table, CSV and plot are written."""
     genome = examples("genome")
-    result = genome.main(
-        [
-            "--num-layers",
-            "1",
-            "--num-heads",
-            "2",
-            "--hidden-dim",
-            "16",
-            "--intermediate-dim",
-            "32",
-            "--num-features",
-            "16",
-            "--contexts",
-            "32",
-            "128",
-            "--tokens-per-batch",
-            "128",
-            "--attentions",
-            "exact",
-            "window",
-            "--budget",
-            "0.2",
-            "--max-steps",
-            "3",
-            "--window",
-            "8",
-            "--validation-bases",
-            "256",
-            "--exact-memory-gib",
-            "0.0001",
-            "--csv",
-            str(tmp_path / "g.csv"),
-            "--plot",
-            str(tmp_path / "g.png"),
-        ]
-    )
-    rows = {(r["attention"], r["context"]): r for r in result["rows"]}
-    assert len(rows) == 4
+    argv = [
+        "--num-layers",
+        "1",
+        "--num-heads",
+        "2",
+        "--hidden-dim",
+        "16",
+        "--intermediate-dim",
+        "32",
+        "--num-features",
+        "16",
+        "--contexts",
+        "128",
+        "--tokens-per-batch",
+        "128",
+        "--attentions",
+        "exact",
+        "window",
+        "--budget",
+        "0.2",
+        "--max-steps",
+        "3",
+        "--window",
+        "8",
+        "--validation-bases",
+        "256",
+        "--exact-memory-gib",
+        "0.0001",
+        "--csv",
+        str(tmp_path / "g.csv"),
+        "--plot",
+        str(tmp_path / "g.png"),
+    ]
     # Exact attention's matrices: 4 windows x 2 heads x 32^2 x 12 bytes
-    # fit in 0.0001 GiB (107 kB); at 128 bases they need 393 kB.
-    assert rows[("Exact softmax", 32)]["status"] == "trained"
+    # fit in 0.0001 GiB (107 kB); at 128 bases (1 window) they need 393 kB.
+    args = genome.parse_args(argv)
+    assert genome.exact_memory_gib(32, args) * 2**30 == 4 * 2 * 32**2 * 12
+    assert genome.exact_memory_gib(128, args) * 2**30 == 2 * 128**2 * 12
+    fits, too_big = (genome.exact_memory_gib(c, args) for c in (32, 128))
+    assert fits < args.exact_memory_gib < too_big
+    result = genome.main(argv)
+    rows = {(r["attention"], r["context"]): r for r in result["rows"]}
+    assert set(rows) == {("Exact softmax", 128), ("FAVOR+ + exact window", 128)}
     assert rows[("Exact softmax", 128)]["status"] == "does not fit"
-    for row in rows.values():
-        if row["status"] == "trained":
-            assert 1 <= row["steps"] <= 3
-            # Three steps from the initial weights: above what the bases'
-            # statistics allow (the Markov models' ~1.9 bits), and within
-            # twice a uniform guess over the 6 tokens (log2 6 = 2.58 bits),
-            # as small initial logits keep an untrained model near it.
-            assert 1.5 < row["bits_per_base"] < 2 * math.log2(6)
+    trained = rows[("FAVOR+ + exact window", 128)]
+    assert trained["status"] == "trained"
+    assert 1 <= trained["steps"] <= 3
+    # Three steps from the initial weights: above what the bases'
+    # statistics allow (the Markov models' ~1.9 bits), and within twice a
+    # uniform guess over the 6 tokens (log2 6 = 2.58 bits), as small initial
+    # logits keep an untrained model near it.
+    assert 1.5 < trained["bits_per_base"] < 2 * math.log2(6)
     assert all(1.5 < bits < 2.5 for bits in result["markov"].values())
     headers, lines = result["table"]
-    assert "does not fit" in lines[0][2]
+    assert headers == ["attention", "128"]
+    assert "does not fit" in lines[0][1]
+    assert lines[1][1].endswith(f"({trained['steps']} st)")
+    with open(tmp_path / "g.csv", newline="") as file:
+        assert [row["status"] for row in csv.DictReader(file)] == [
+            "does not fit",
+            "trained",
+        ]
     assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
