@@ -47,6 +47,13 @@ def gpt2_backbone():
     return keras_hub.models.GPT2Backbone(**SIZES)
 
 
+@pytest.fixture(scope="module")
+def converted_gpt2():
+    """`gpt2_backbone()` converted to plain FAVOR+, once per module (the
+    tests only call it)."""
+    return performerize(gpt2_backbone(), seed=0)
+
+
 def attention_layers(model):
     from keras_favor.convert.attention_paths import all_layers
 
@@ -108,8 +115,10 @@ def test_backbone_converts_and_equals_the_original_with_a_full_window(
     )
 
 
-def test_converted_gpt2_stays_causal_bit_equal_before_a_changed_token():
-    converted = performerize(gpt2_backbone(), seed=0)  # plain FAVOR+
+def test_converted_gpt2_stays_causal_bit_equal_before_a_changed_token(
+    converted_gpt2,
+):
+    converted = converted_gpt2
     inputs = token_inputs()
     changed = {key: value.copy() for key, value in inputs.items()}
     changed["token_ids"][:, 5] = (changed["token_ids"][:, 5] % 49) + 1
@@ -120,11 +129,10 @@ def test_converted_gpt2_stays_causal_bit_equal_before_a_changed_token():
     assert not np.allclose(np.asarray(before)[0, 5:], np.asarray(after)[0, 5:])
 
 
-def test_converted_decoder_ignores_left_padding():
+def test_converted_decoder_ignores_left_padding(converted_gpt2):
     """A left-padded sequence gives the outputs of the same inputs
     unpadded: padding keys are masked, not only later than real ones."""
-    converted = performerize(gpt2_backbone(), seed=0)
-    decoder = converted.transformer_layers[0]
+    decoder = converted_gpt2.transformer_layers[0]
     x = keras.random.normal((1, 5, 16), seed=3)
     padded_x = keras.ops.concatenate([keras.random.normal((1, 3, 16)), x], 1)
     mask = np.array([[False] * 3 + [True] * 5])
@@ -135,9 +143,8 @@ def test_converted_decoder_ignores_left_padding():
     )
 
 
-def test_custom_decoder_attention_mask_raises():
-    converted = performerize(gpt2_backbone(), seed=0)
-    decoder = converted.transformer_layers[0]
+def test_custom_decoder_attention_mask_raises(converted_gpt2):
+    decoder = converted_gpt2.transformer_layers[0]
     x = keras.random.normal((2, LENGTH, 16))
     mask = np.tril(np.ones((LENGTH, LENGTH), bool))[None].repeat(2, 0)
     with pytest.raises(ValueError, match="decoder_attention_mask"):

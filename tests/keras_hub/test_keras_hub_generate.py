@@ -53,26 +53,52 @@ def prompts(seed=0):
 
 def greedy_by_full_passes(model, inputs):
     """Each sequence continued one token at a time, each token the argmax
-    of a full forward pass of `model` over the sequence so far."""
+    of a full forward pass of `model` over the sequence so far (one pass
+    per position, over every sequence at once, each with its own mask)."""
     token_ids = inputs["token_ids"].copy()
-    for row, length in enumerate(inputs["padding_mask"].sum(axis=1)):
-        for position in range(length, LENGTH):
-            mask = np.arange(LENGTH)[None] < position
-            logits = np.asarray(
-                model(
-                    {
-                        "token_ids": token_ids[row : row + 1],
-                        "padding_mask": mask,
-                    }
-                )
-            )
-            token_ids[row, position] = np.argmax(logits[0, position - 1])
+    lengths = inputs["padding_mask"].sum(axis=1)
+    length = token_ids.shape[1]
+    for position in range(max(lengths.min(), 1), length):
+        mask = np.arange(length)[None] < position
+        logits = model(
+            {
+                "token_ids": token_ids,
+                "padding_mask": mask.repeat(len(token_ids), 0),
+            }
+        )
+        rows = lengths <= position
+        token_ids[rows, position] = np.argmax(
+            np.asarray(logits)[rows, position - 1], axis=-1
+        )
     return token_ids
 
 
 def generate(model, inputs, sampler):
-    model.compile(sampler=sampler)
+    """`model.generate`'s tokens with `sampler`. A model already compiled
+    with the greedy sampler is not compiled again, so that it keeps its
+    traced generation."""
+    if sampler != "greedy" or not isinstance(
+        getattr(model, "sampler", None), keras_hub.samplers.GreedySampler
+    ):
+        model.compile(sampler=sampler)
     return np.asarray(model.generate(inputs, stop_token_ids=None)["token_ids"])
+
+
+@pytest.fixture(scope="module")
+def greedy_runs():
+    """`run(family, **favor_options)`: a converted CausalLM and its greedy
+    tokens of `prompts()`, built and generated once per module. The tests
+    may compile the model with other samplers; none changes its weights."""
+    runs = {}
+
+    def run(family="GPT2", **favor_options):
+        key = (family, tuple(sorted(favor_options.items())))
+        if key not in runs:
+            model = converted_causal_lm(family, **favor_options)
+            runs[key] = model, generate(model, prompts(), "greedy")
+        return runs[key]
+
+    return run
 
 
 @pytest.mark.parametrize(
@@ -80,14 +106,13 @@ def generate(model, inputs, sampler):
     [("GPT2", {}), ("GPT2", {"local_window": 3}), ("OPT", {})],
 )
 def test_greedy_generate_equals_argmax_of_repeated_full_passes(
-    family, favor_options
+    family, favor_options, greedy_runs
 ):
-    model = converted_causal_lm(family, **favor_options)
+    model, tokens = greedy_runs(family, **favor_options)
     assert isinstance(model, getattr(keras_hub.models, family + "CausalLM"))
     assert isinstance(model, FavorCausalLM)
-    inputs = prompts()
     np.testing.assert_array_equal(
-        generate(model, inputs, "greedy"), greedy_by_full_passes(model, inputs)
+        tokens, greedy_by_full_passes(model, prompts())
     )
 
 
@@ -118,70 +143,54 @@ def filling_mask(prompt_mask, row, position):
     return mask
 
 
-def greedy_filling_by_full_passes(model, inputs):
-    """keras-hub's generate, one full forward pass per new token: from the
-    shortest prompt's end on, each masked position gets the argmax of a
-    pass over `filling_mask`."""
-    token_ids = inputs["token_ids"].copy()
-    prompt_mask = inputs["padding_mask"]
-    first_free = prompt_mask.sum(axis=1).min()
-    for row in range(len(token_ids)):
-        for position in range(max(first_free, 1), LENGTH):
-            if prompt_mask[row, position]:
-                continue
-            mask = filling_mask(prompt_mask, row, position)
-            logits = np.asarray(
-                model(
-                    {
-                        "token_ids": token_ids[row : row + 1],
-                        "padding_mask": mask[None],
-                    }
-                )
-            )
-            token_ids[row, position] = np.argmax(logits[0, position - 1])
-    return token_ids
-
-
-def test_greedy_generate_of_left_padded_prompts_equals_full_passes():
+def test_greedy_generate_of_left_padded_prompts_equals_full_passes(greedy_runs):
     """Padding before the prompts: the padding before the shortest
     prompt's end never enters the state; the later masked positions are
     generated, as keras-hub's generate treats them. The tokens, and the
     logits of every step of the sampler's `next` along them, are those of
-    full passes."""
-    model = converted_gpt2()
+    full passes: every position that is not generated keeps the input's
+    token, and each generated one is the argmax of a full pass over
+    `filling_mask` of the tokens before it, so that, position by position,
+    the tokens are greedy decoding by full passes."""
+    model, _ = greedy_runs()
     inputs = left_padded_prompts()
     prompt_mask = inputs["padding_mask"]
     tokens = generate(model, inputs, "greedy")
-    np.testing.assert_array_equal(
-        tokens, greedy_filling_by_full_passes(model, inputs)
-    )
-    np.testing.assert_array_equal(
-        tokens[prompt_mask], inputs["token_ids"][prompt_mask]
-    )
     first_free = int(prompt_mask.sum(axis=1).min())
+    generated = ~prompt_mask & (np.arange(LENGTH) >= first_free)
+    np.testing.assert_array_equal(
+        tokens[~generated], inputs["token_ids"][~generated]
+    )
     _, cache = model._prefill(tokens, prompt_mask, first_free)
     step = sampler_next(model._feed, prompt_mask, first_free)
     for position in range(first_free, LENGTH):
         logits, _, cache = step(tokens, cache, position)
-        for row in range(len(tokens)):
-            mask = filling_mask(prompt_mask, row, position)
-            full = model(
-                {"token_ids": tokens[row : row + 1], "padding_mask": mask[None]}
-            )
-            np.testing.assert_allclose(
-                np.asarray(logits)[row],
-                np.asarray(full)[0, position - 1],
-                atol=1e-5,
-                err_msg=f"row {row}, position {position}",
-            )
+        masks = np.stack(
+            [
+                filling_mask(prompt_mask, row, position)
+                for row in range(len(tokens))
+            ]
+        )
+        full = np.asarray(model({"token_ids": tokens, "padding_mask": masks}))[
+            :, position - 1
+        ]
+        np.testing.assert_allclose(
+            np.asarray(logits), full, atol=1e-5, err_msg=f"position {position}"
+        )
+        rows = generated[:, position]
+        np.testing.assert_array_equal(
+            tokens[rows, position],
+            np.argmax(full[rows], axis=-1),
+            err_msg=f"position {position}",
+        )
 
 
-def test_prefilled_state_holds_each_real_prompt_position_once():
+def test_prefilled_state_holds_each_real_prompt_position_once(greedy_runs):
     """After the prefill (positions 0 and 1, padding masked per sequence)
     and the token at position 2, the logits are a full forward pass's with
     the same padding mask: each real position entered the state once, and
     padding never."""
-    model = converted_gpt2()
+    model, _ = greedy_runs()
     inputs = prompts()
     padding_mask = inputs["padding_mask"].copy()
     padding_mask[1, 0] = False  # padding inside the prefix (left padding)
@@ -198,10 +207,11 @@ def test_prefilled_state_holds_each_real_prompt_position_once():
 
 
 @pytest.mark.integration
-def test_sampling_samplers_keep_prompts_and_agree_with_greedy_at_the_limit():
-    model = converted_gpt2()
+def test_sampling_samplers_keep_prompts_and_agree_with_greedy_at_the_limit(
+    greedy_runs,
+):
+    model, greedy = greedy_runs()
     inputs = prompts()
-    greedy = generate(model, inputs, "greedy")
     # One candidate (top-k with k=1, top-p with a tiny p) is greedy.
     for sampler in (
         keras_hub.samplers.TopKSampler(k=1, seed=0),
@@ -253,10 +263,9 @@ def test_generate_from_strings_through_a_preprocessor():
 
 
 @pytest.mark.integration
-def test_loaded_causal_lm_generates_as_before(tmp_path):
-    model = converted_causal_lm("OPT")
+def test_loaded_causal_lm_generates_as_before(tmp_path, greedy_runs):
+    model, expected = greedy_runs("OPT")
     inputs = prompts()
-    expected = generate(model, inputs, "greedy")
     model.save(tmp_path / "opt.keras")
     loaded = keras.saving.load_model(tmp_path / "opt.keras")
     assert type(loaded) is type(model)
@@ -296,33 +305,32 @@ def test_bart_greedy_generate_equals_argmax_of_repeated_full_passes():
     )
     task.compile(sampler="greedy")
     tokens = task.generate(inputs, stop_token_ids=None)["decoder_token_ids"]
+    # Greedy decoding by full passes of the task, one per position over
+    # every sequence at once.
     expected = decoder["token_ids"].copy()
-    for row, length in enumerate(decoder["padding_mask"].sum(axis=1)):
-        for position in range(length, LENGTH):
-            logits = task(
-                {
-                    "encoder_token_ids": encoder["token_ids"][row : row + 1],
-                    "encoder_padding_mask": encoder["padding_mask"][
-                        row : row + 1
-                    ],
-                    "decoder_token_ids": expected[row : row + 1],
-                    "decoder_padding_mask": np.arange(LENGTH)[None] < position,
-                }
-            )
-            expected[row, position] = np.argmax(
-                np.asarray(logits)[0, position - 1]
-            )
+    lengths = decoder["padding_mask"].sum(axis=1)
+    for position in range(lengths.min(), LENGTH):
+        logits = task(
+            {
+                "encoder_token_ids": encoder["token_ids"],
+                "encoder_padding_mask": encoder["padding_mask"],
+                "decoder_token_ids": expected,
+                "decoder_padding_mask": (
+                    np.arange(LENGTH)[None] < position
+                ).repeat(len(expected), 0),
+            }
+        )
+        rows = lengths <= position
+        expected[rows, position] = np.argmax(
+            np.asarray(logits)[rows, position - 1], axis=-1
+        )
     np.testing.assert_array_equal(np.asarray(tokens), expected)
 
 
-@pytest.mark.parametrize(
-    "sampler", ["greedy", keras_hub.samplers.BeamSampler(num_beams=3)]
-)
-def test_with_a_full_window_generate_equals_the_original_tasks(sampler):
-    """With a local window as long as the buffer, FAVOR+ is exact softmax
-    attention: the converted task's generation on its recurrent state
-    equals keras-hub's on the original task's key/value cache (beam search
-    reorders the state with its sequences)."""
+@pytest.fixture(scope="module")
+def full_window_pair():
+    """A GPT-2 CausalLM and its conversion with a window as long as the
+    buffer, built once per module (the tests compile them)."""
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.GPT2Backbone(
         vocabulary_size=50,
@@ -333,7 +341,20 @@ def test_with_a_full_window_generate_equals_the_original_tasks(sampler):
         max_sequence_length=16,
     )
     task = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
-    converted = performerize(task, local_window=LENGTH, seed=0)
+    return task, performerize(task, local_window=LENGTH, seed=0)
+
+
+@pytest.mark.parametrize(
+    "sampler", ["greedy", keras_hub.samplers.BeamSampler(num_beams=3)]
+)
+def test_with_a_full_window_generate_equals_the_original_tasks(
+    sampler, full_window_pair
+):
+    """With a local window as long as the buffer, FAVOR+ is exact softmax
+    attention: the converted task's generation on its recurrent state
+    equals keras-hub's on the original task's key/value cache (beam search
+    reorders the state with its sequences)."""
+    task, converted = full_window_pair
     inputs = prompts()
     np.testing.assert_array_equal(
         generate(converted, inputs, sampler), generate(task, inputs, sampler)

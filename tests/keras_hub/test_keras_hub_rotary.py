@@ -144,18 +144,45 @@ def prompts(seed=0):
 
 def greedy_by_full_passes(model, inputs):
     """Each sequence continued one token at a time, each token the argmax
-    of a full forward pass of `model` over the sequence so far."""
+    of a full forward pass of `model` over the sequence so far (one pass
+    per position, over every sequence at once, each with its own mask)."""
     token_ids = inputs["token_ids"].copy()
-    for row, length in enumerate(inputs["padding_mask"].sum(axis=1)):
-        for position in range(length, GENERATION_LENGTH):
-            mask = np.arange(GENERATION_LENGTH)[None] < position
-            logits = model(
-                {"token_ids": token_ids[row : row + 1], "padding_mask": mask}
-            )
-            token_ids[row, position] = np.argmax(
-                np.asarray(logits)[0, position - 1]
-            )
+    lengths = inputs["padding_mask"].sum(axis=1)
+    for position in range(max(lengths.min(), 1), GENERATION_LENGTH):
+        mask = np.arange(GENERATION_LENGTH)[None] < position
+        logits = model(
+            {
+                "token_ids": token_ids,
+                "padding_mask": mask.repeat(len(token_ids), 0),
+            }
+        )
+        rows = lengths <= position
+        token_ids[rows, position] = np.argmax(
+            np.asarray(logits)[rows, position - 1], axis=-1
+        )
     return token_ids
+
+
+@pytest.fixture(scope="module")
+def greedy_runs():
+    """`run(family, **favor_options)`: the converted CausalLM, compiled with
+    the greedy sampler, and its greedy tokens of `prompts()`, made once per
+    module."""
+    runs = {}
+
+    def run(family, **favor_options):
+        key = (family, tuple(sorted(favor_options.items())))
+        if key not in runs:
+            task = getattr(keras_hub.models, family + "CausalLM")(
+                backbone=backbone(family), preprocessor=None
+            )
+            model = performerize(task, seed=0, **favor_options)
+            model.compile(sampler="greedy")
+            tokens = model.generate(prompts(), stop_token_ids=None)
+            runs[key] = task, model, np.asarray(tokens["token_ids"])
+        return runs[key]
+
+    return run
 
 
 @pytest.mark.parametrize(
@@ -168,18 +195,12 @@ def greedy_by_full_passes(model, inputs):
     ],
 )
 def test_rotary_greedy_generate_equals_argmax_of_repeated_full_passes(
-    family, favor_options
+    family, favor_options, greedy_runs
 ):
-    task = getattr(keras_hub.models, family + "CausalLM")(
-        backbone=backbone(family), preprocessor=None
-    )
-    model = performerize(task, seed=0, **favor_options)
+    task, model, tokens = greedy_runs(family, **favor_options)
     assert isinstance(model, type(task)) and isinstance(model, FavorCausalLM)
-    inputs = prompts()
-    model.compile(sampler="greedy")
-    tokens = model.generate(inputs, stop_token_ids=None)["token_ids"]
     np.testing.assert_array_equal(
-        np.asarray(tokens), greedy_by_full_passes(model, inputs)
+        tokens, greedy_by_full_passes(model, prompts())
     )
 
 
@@ -226,16 +247,9 @@ def test_rotary_attention_config_round_trip():
 
 
 @pytest.mark.integration
-def test_loaded_llama_causal_lm_generates_as_before(tmp_path):
-    task = keras_hub.models.LlamaCausalLM(
-        backbone=backbone("Llama"), preprocessor=None
-    )
-    model = performerize(task, seed=0, local_window=3)
-    model.compile(sampler="greedy")
+def test_loaded_llama_causal_lm_generates_as_before(tmp_path, greedy_runs):
+    _, model, expected = greedy_runs("Llama", local_window=3)
     inputs = prompts()
-    expected = np.asarray(
-        model.generate(inputs, stop_token_ids=None)["token_ids"]
-    )
     model.save(tmp_path / "llama.keras")
     loaded = keras.saving.load_model(tmp_path / "llama.keras")
     assert type(loaded) is type(model)

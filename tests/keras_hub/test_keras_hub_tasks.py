@@ -31,20 +31,23 @@ def token_batch(seed=0):
     }
 
 
-def gpt2_causal_lm():
+def gpt2_causal_lm(**overrides):
     keras.utils.set_random_seed(0)
-    backbone = keras_hub.models.GPT2Backbone(**SIZES)
+    backbone = keras_hub.models.GPT2Backbone(**{**SIZES, **overrides})
     return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
 
 
 def bert_classifier():
+    """One layer: tracing `fit` costs in proportion to the weights, and
+    every layer is converted alike (test_keras_hub_conversion.py converts
+    a two-layer BERT)."""
     keras.utils.set_random_seed(1)
     tokenizer = keras_hub.models.BertTokenizer(vocabulary=VOCABULARY)
     preprocessor = keras_hub.models.BertTextClassifierPreprocessor(
         tokenizer, sequence_length=8
     )
     backbone = keras_hub.models.BertBackbone(
-        **dict(SIZES, vocabulary_size=len(VOCABULARY))
+        **dict(SIZES, vocabulary_size=len(VOCABULARY), num_layers=1)
     )
     return keras_hub.models.BertTextClassifier(
         backbone, num_classes=3, preprocessor=preprocessor
@@ -84,7 +87,9 @@ def test_converted_gpt2_causal_lm_keeps_its_class_backbone_and_defaults():
 
 @pytest.mark.integration
 def test_converted_gpt2_causal_lm_fits_and_round_trips(tmp_path):
-    converted = performerize(gpt2_causal_lm(), seed=0)
+    # One layer: tracing `fit` costs in proportion to the weights; the
+    # conversion of each layer is the same.
+    converted = performerize(gpt2_causal_lm(num_layers=1), seed=0)
     inputs = token_batch()
     labels = np.roll(inputs["token_ids"], -1, axis=1)
     converted.compile()  # keras-hub's defaults
