@@ -3,11 +3,12 @@ script that trains them under a strategy in a fresh process.
 
     python tests/fit_script.py mirrored OUT_DIR
     python tests/fit_script.py multi_worker OUT_DIR  # with TF_CONFIG set
-    python tests/fit_script.py keras_untouched OUT_DIR
 
-`mirrored` splits the CPU into two logical devices before TensorFlow starts.
-`keras_untouched` imports keras_favor into a process that has only Keras
-and checks what the import and `enable_multi_worker_fit` do to Keras.
+`mirrored` splits the CPU into two logical devices before TensorFlow
+starts, imports keras_favor into a process that has only Keras and checks
+what the import and `enable_multi_worker_fit` do to Keras (its summary's
+`keras_untouched`), puts Keras's functions back and trains under
+MirroredStrategy.
 Each mode writes `OUT_DIR/result.json` and `OUT_DIR/weights.npz`; the tests
 read them.
 """
@@ -172,14 +173,23 @@ def multi_worker_strategy():
 
 
 def run_mirrored():
+    """Checks `import keras_favor` (`run_keras_untouched`), restores
+    Keras's trainer functions, so that stock Keras trains, and fits under
+    MirroredStrategy on two logical CPUs."""
     import tensorflow as tf
 
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * 2
     )
+    stock = keras_trainer_functions()
+    untouched = run_keras_untouched()
+    restore_trainer_functions(stock)
+    assert keras_trainer_functions() == stock
     devices = [d.name for d in tf.config.list_logical_devices("CPU")]
-    return train_under(tf.distribute.MirroredStrategy(devices))
+    summary, arrays = train_under(tf.distribute.MirroredStrategy(devices))
+    summary["keras_untouched"] = untouched
+    return summary, arrays
 
 
 def keras_trainer_functions():
@@ -196,10 +206,22 @@ def keras_trainer_functions():
     )
 
 
+def restore_trainer_functions(functions):
+    """Puts back the functions `keras_trainer_functions()` returned."""
+    [trainer] = [
+        cls
+        for cls in keras.Model.__mro__
+        if cls.__name__ == "TensorFlowTrainer"
+    ]
+    trainer._maybe_symbolic_build = functions[0]
+    sys.modules[trainer.__module__].reduce_per_replica = functions[1]
+
+
 def run_keras_untouched():
-    """Checks, in a fresh process, that `import keras_favor` leaves Keras's
-    trainer functions as they are, and what two calls of
-    `enable_multi_worker_fit` do to them."""
+    """Checks, in a fresh process that has not imported keras_favor, that
+    `import keras_favor` leaves Keras's trainer functions as they are, and
+    what two calls of `enable_multi_worker_fit` do to them; returns the
+    JSON-ready summary."""
     stock = keras_trainer_functions()
     import keras_favor
 
@@ -219,7 +241,7 @@ def run_keras_untouched():
             a is b for a, b in zip(patched, keras_trainer_functions())
         ],
     }
-    return summary, {}
+    return summary
 
 
 def run_multi_worker():
@@ -250,11 +272,7 @@ def run_multi_worker():
     return summary, arrays
 
 
-MODES = {
-    "mirrored": run_mirrored,
-    "multi_worker": run_multi_worker,
-    "keras_untouched": run_keras_untouched,
-}
+MODES = {"mirrored": run_mirrored, "multi_worker": run_multi_worker}
 
 
 def main(mode, out_dir):

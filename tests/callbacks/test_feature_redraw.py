@@ -33,6 +33,12 @@ class CountRecorder(keras.callbacks.Callback):
         super().__init__()
         self.layer_name = layer_name
         self.records = []
+        self.initial_count = 0
+
+    def on_train_begin(self, logs=None):
+        if not self.records:
+            layer = self.model.get_layer(self.layer_name)
+            self.initial_count = redraw_count(layer)
 
     def on_train_batch_end(self, batch, logs=None):
         step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
@@ -41,7 +47,7 @@ class CountRecorder(keras.callbacks.Callback):
 
     def redraw_steps(self):
         """The steps after which the redraw count went up."""
-        counts = [0] + [count for _, count in self.records]
+        counts = [self.initial_count] + [count for _, count in self.records]
         return [
             step
             for (step, _), before, after in zip(
@@ -128,10 +134,30 @@ def test_never_redraws_in_evaluate_predict_or_validation():
     assert redraw_count(model.get_layer("attention")) == 32 // BATCH
 
 
+@pytest.fixture(scope="module")
+def final_window_models():
+    """One compiled tiny model per `steps_per_execution`, shared by the
+    cases of `test_no_redraw_in_the_final_window`: each case's `fit` plans
+    its own end (see `test_each_fit_call_keeps_its_own_final_window`), so
+    a case that starts where another ended sees the same schedule, shifted
+    by its first step, and the model's train function is traced once."""
+    models = {}
+
+    def model_for(steps_per_execution):
+        if steps_per_execution not in models:
+            models[steps_per_execution] = fit_script.compile_model(
+                fit_script.tiny_model(), steps_per_execution=steps_per_execution
+            )
+        return models[steps_per_execution]
+
+    return model_for
+
+
 # 2 epochs of 6 steps, a multiple of the interval 3: the redraws at steps
 # 3, 6, 9 and 12 are due, and those within `final_window` steps of step 12
 # are skipped. Running 2 steps at a time, the batches that pass a multiple
-# of 3 end at steps 4, 6, 10 and 12.
+# of 3 end at steps 4, 6, 10 and 12. (Steps counted from the `fit`'s
+# first; it starts at a multiple of 12, so at a multiple of 3.)
 @pytest.mark.parametrize(
     "final_window, steps_per_execution, redraw_steps",
     [
@@ -143,18 +169,18 @@ def test_never_redraws_in_evaluate_predict_or_validation():
     ],
 )
 def test_no_redraw_in_the_final_window(
-    final_window, steps_per_execution, redraw_steps, capsys
+    final_window, steps_per_execution, redraw_steps, capsys, final_window_models
 ):
-    model = fit_script.compile_model(
-        fit_script.tiny_model(), steps_per_execution=steps_per_execution
-    )
+    model = final_window_models(steps_per_execution)
+    start = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    assert start % 12 == 0
     recorder = CountRecorder()
     callback = keras_favor.FeatureRedraw(
         interval=3, seed=0, verbose=1, final_window=final_window
     )
     fit(model, [callback, recorder], epochs=2, num_examples=48)
-    assert recorder.records[-1][0] == 12
-    assert recorder.redraw_steps() == redraw_steps
+    assert recorder.records[-1][0] == start + 12
+    assert [step - start for step in recorder.redraw_steps()] == redraw_steps
     assert 12 - redraw_steps[-1] >= callback.window
     skipped = [
         line
@@ -163,8 +189,8 @@ def test_no_redraw_in_the_final_window(
     ]
     due = {1: [3, 6, 9, 12], 2: [4, 6, 10, 12]}[steps_per_execution]
     assert skipped == [
-        f"FeatureRedraw: step {step}, no redraw: training ends at step 12, "
-        f"within final_window={callback.window} steps."
+        f"FeatureRedraw: step {start + step}, no redraw: training ends at "
+        f"step {start + 12}, within final_window={callback.window} steps."
         for step in due
         if step not in redraw_steps
     ]

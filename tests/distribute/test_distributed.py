@@ -152,10 +152,25 @@ def check_distributed_fit(summary, arrays):
     )
 
 
-def test_mirrored_strategy_fit_keeps_replicas_equal(tmp_path):
+def test_import_leaves_keras_alone_and_mirrored_fit_keeps_replicas_equal(
+    tmp_path,
+):
+    """In a fresh process: `import keras_favor` keeps Keras's trainer
+    functions (the same objects), the first `enable_multi_worker_fit()`
+    wraps them and the second changes nothing; then, with the stock
+    functions back, MirroredStrategy trains with FeatureRedraw and keeps
+    both replicas' projections equal."""
     [(summary, arrays)] = run_script(
         "mirrored", [str(tmp_path / "mirrored")], [subprocess_env()]
     )
+    untouched = summary.pop("keras_untouched")
+    needed = multi_worker_fit._keras_needs_fix()
+    assert untouched["unchanged_by_import"] == [True, True]
+    assert untouched["enable_results"] == [needed, False]
+    assert untouched["enabled"] == needed
+    assert untouched["patched_wraps_stock"] == [needed, needed]
+    assert untouched["unchanged_by_second_call"] == [True, True]
+
     assert summary["num_replicas"] == 2
     assert all(r["num_copies"] == 2 for r in summary["records"])
     check_distributed_fit(summary, arrays)
@@ -187,21 +202,6 @@ def test_multi_worker_fit_needs_the_fix_and_gives_identical_workers(tmp_path):
     assert arrays_0.keys() == arrays_1.keys()
     for name in arrays_0:
         np.testing.assert_array_equal(arrays_0[name], arrays_1[name])
-
-
-def test_import_leaves_keras_alone_and_enabling_is_idempotent(tmp_path):
-    """In a fresh process: `import keras_favor` keeps Keras's trainer
-    functions (the same objects), the first `enable_multi_worker_fit()`
-    wraps them and the second changes nothing."""
-    [(summary, _)] = run_script(
-        "keras_untouched", [str(tmp_path / "untouched")], [subprocess_env()]
-    )
-    needed = multi_worker_fit._keras_needs_fix()
-    assert summary["unchanged_by_import"] == [True, True]
-    assert summary["enable_results"] == [needed, False]
-    assert summary["enabled"] == needed
-    assert summary["patched_wraps_stock"] == [needed, needed]
-    assert summary["unchanged_by_second_call"] == [True, True]
 
 
 @pytest.fixture
@@ -281,8 +281,12 @@ def test_xla_fit_reads_redrawn_projection(use_causal_mask):
     x, y = fit_script.toy_data(32)
 
     def trained(jit_compile, redraw):
+        # The models without XLA run eagerly: no compilation at all, and
+        # no function to trace.
         model = fit_script.compile_model(
-            fit_script.tiny_model(use_causal_mask), jit_compile=jit_compile
+            fit_script.tiny_model(use_causal_mask),
+            jit_compile=jit_compile,
+            run_eagerly=not jit_compile,
         )
         # A redraw after every step, the last one too (no final window).
         callbacks = [
@@ -300,7 +304,7 @@ def test_xla_fit_reads_redrawn_projection(use_causal_mask):
 
     xla, plain = trained(True, True), trained(False, True)
     plain_fixed = trained(False, False)
-    assert xla.jit_compile and not plain.jit_compile
+    assert xla.jit_compile and not plain.jit_compile and plain.run_eagerly
     layer = xla.get_layer("attention")
     assert int(layer.redraw_count.numpy()) == 4
     np.testing.assert_array_equal(
@@ -327,23 +331,37 @@ def test_xla_fit_reads_redrawn_projection(use_causal_mask):
     )
 
 
+# Runs the example's `main` twice in one process (a TensorFlow start fewer
+# than two processes): interrupted, then resumed from the backup with a new
+# strategy, model and callbacks.
+INTERRUPT_AND_RESUME = """
+import sys
+from examples.distributed_training import main
+
+main(sys.argv[1:] + ["--interrupt-after-epoch=1"])
+print("RUN AGAIN", flush=True)
+main(sys.argv[1:])
+"""
+
+
 def test_example_trains_and_resumes(tmp_path):
     """examples/distributed_training.py, interrupted after its first epoch
     and run again, resumes at the step and redraw count it stopped at."""
     command = [
         sys.executable,
-        *EXAMPLE,
+        "-c",
+        INTERRUPT_AND_RESUME,
         "--epochs=2",
         "--steps-per-epoch=3",
         "--redraw-interval=2",
         f"--backup-dir={tmp_path / 'backup'}",
     ]
-    outputs = []
-    for run, extra in enumerate([["--interrupt-after-epoch=1"], []]):
-        log = str(tmp_path / f"run{run}.log")
-        [code] = run_processes([command + extra], [subprocess_env()], [log])
-        outputs.append(log_tail(log, chars=20000))
-        assert code == 0, outputs[-1]
+    log = str(tmp_path / "run.log")
+    [code] = run_processes([command], [subprocess_env()], [log])
+    output = log_tail(log, chars=40000)
+    assert code == 0, output
+    outputs = output.split("RUN AGAIN")
+    assert len(outputs) == 2, output
     assert "Interrupted after epoch 1" in outputs[0]
     assert (
         "starts at step 3; redraw count per attention layer: [1, 1]"
