@@ -22,12 +22,20 @@ from tests.distribute import context_parallel_cases as cases
 pytestmark = [pytest.mark.backend_independent, pytest.mark.jax_only]
 
 
-@pytest.mark.parametrize("num_shards", [4, 8])
-def test_sharded_causal_kernel_equals_one_device(rng, num_shards):
-    layer, heads, mask, target = cases.setup(rng)
+@pytest.fixture(scope="module")
+def causal_case():
+    """`cases.setup` of a fresh `rng` and the one-device causal outputs and
+    gradients, computed once for every device count."""
+    layer, heads, mask, target = cases.setup(np.random.default_rng(0))
     expected = cases.outputs_and_gradients(
         cases.one_device(layer, mask, True), heads, target
     )
+    return layer, heads, mask, target, expected
+
+
+@pytest.mark.parametrize("num_shards", [4, 8])
+def test_sharded_causal_kernel_equals_one_device(causal_case, num_shards):
+    layer, heads, mask, target, expected = causal_case
     actual = cases.outputs_and_gradients(
         cases.sharded(layer, mask, True, num_shards), heads, target
     )
@@ -39,19 +47,26 @@ def test_sharded_final_causal_state_equals_one_device(rng):
     # From a state of earlier keys, as a prefill after a prompt.
     layer, heads, mask, _ = cases.setup(rng)
     feature_fn, query_feature_fn = favor_kernels.feature_fns(layer)
-    initial = favor_ops.causal_linear_attention(
-        *heads, feature_fn, 16, return_state=True
-    )[1]
-    expected = favor_ops.causal_linear_attention(
-        *heads,
-        feature_fn,
-        16,
-        mask=mask,
-        chunk_size=4,
-        query_feature_fn=query_feature_fn,
-        initial_state=initial,
-        return_state=True,
-    )
+
+    def one_device(q, k, v):
+        initial = favor_ops.causal_linear_attention(
+            q, k, v, feature_fn, 16, return_state=True
+        )[1]
+        return initial, favor_ops.causal_linear_attention(
+            q,
+            k,
+            v,
+            feature_fn,
+            16,
+            mask=mask,
+            chunk_size=4,
+            query_feature_fn=query_feature_fn,
+            initial_state=initial,
+            return_state=True,
+        )
+
+    # One program, as the sharded run: eager, each op would compile one.
+    initial, expected = jax.jit(one_device)(*heads)
     run = cases.sharded(
         layer, mask, True, 4, initial_state=initial, return_state=True
     )

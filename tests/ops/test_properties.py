@@ -12,9 +12,12 @@ dimensions, feature maps, mask patterns and the causal flag:
 
 Examples are seeded (`derandomize=True`) and few (fewer on JAX, see
 `examples`); the kernels run eagerly on TensorFlow and under `jax.jit` on
-JAX (the gradients of (d) through `tests.reference.gradients`). One layer per feature map and dimensions
-provides the projection and the feature functions. The float64 references
-compute in float64 on every backend (`reference.float64_scope`).
+JAX (the gradients of (d) through `tests.reference.gradients`), where the
+float64 references run as compiled programs too: an eager op there
+compiles a program for each new shape, and each example's shapes are new.
+One layer per feature map and dimensions provides the projection and the
+feature functions. The float64 references compute in float64 on every
+backend (`reference.float64_scope`).
 """
 
 import functools
@@ -74,14 +77,20 @@ def feature_layer(feature_map, key_dim, num_features):
         num_features=num_features,
         seed=97 * key_dim + num_features,
     )
-    layer(np.zeros((1, 2, key_dim), "float32"))
+    layer.build((1, 2, key_dim), (1, 2, key_dim))
     return layer
 
 
-def features64(layer, x):
-    """The layer's unstabilized features `phi(x)`, in float64."""
+def features64(layer, *xs):
+    """The layer's unstabilized features `phi(x)` of each of `xs`, in
+    float64 (one program on JAX)."""
+
+    def compute(*xs):
+        feature_fn = references.feature_fn(layer, "float64")
+        return [feature_fn(x) for x in xs]
+
     with references.float64_scope():
-        return references.numpy(references.feature_fn(layer, "float64")(x))
+        return references.numpy(references.evaluate(compute, *xs))
 
 
 # ----------------------------------------------------------------- inputs --
@@ -195,13 +204,19 @@ def make_inputs(case, scale=1.0):
 
 
 def kernel(case, q, k, v, mask):
-    """The float32 linear-time kernel of `case` on `(q, k, v)`."""
+    """The float32 linear-time kernel of `case` on `(q, k, v)`, with the
+    `(B, S)` mask or None."""
+    return masked_kernel(case, q, k, v, references.key_mask(mask))
+
+
+def masked_kernel(case, q, k, v, mask):
+    """`kernel` with the mask as the ops take it (`references.key_mask`)."""
     layer = feature_layer(
         case["feature_map"], case["key_dim"], case["num_features"]
     )
     feature_fn, query_feature_fn = favor_kernels.feature_fns(layer)
     options = dict(
-        mask=references.key_mask(mask),
+        mask=mask,
         query_feature_fn=query_feature_fn,
         recompute_length=case["recompute_length"],
     )
@@ -222,10 +237,20 @@ def kernel(case, q, k, v, mask):
 
 
 def run_kernel(case, q, k, v, mask):
-    """`kernel` as NumPy (`references.evaluate`: eager on TensorFlow, one
-    compiled program on JAX)."""
-    return references.evaluate(
-        lambda q, k, v: kernel(case, q, k, v, mask), q, k, v
+    """`kernel` as NumPy: eager on TensorFlow; on JAX one compiled program,
+    which the next call of the same case and shapes reuses."""
+    heads = [ops.convert_to_tensor(x) for x in (q, k, v)]
+    program = kernel_program(tuple(sorted(case.items())))
+    return ops.convert_to_numpy(program(*heads, references.key_mask(mask)))
+
+
+@functools.lru_cache(maxsize=1)
+def kernel_program(case_items):
+    """`masked_kernel` of a case (its sorted items), the mask an argument
+    (`references.jit_on_jax`)."""
+    case = dict(case_items)
+    return references.jit_on_jax(
+        lambda q, k, v, mask: masked_kernel(case, q, k, v, mask)
     )
 
 
@@ -243,9 +268,9 @@ def seen_keys(case, mask):
 # ----------------------------------------------- (a) linear == quadratic --
 
 
-def feature_envelope(layer, x):
-    """`(E, A)` for float64 heads `x` `(B, H, L, d)`, which bound how
-    float32 computes the features `phi(x)`.
+def feature_envelope(layer, x, phi):
+    """`(E, A)` for float64 heads `x` `(B, H, L, d)` and their float64
+    features `phi = phi(x)`, which bound how float32 computes them.
 
     `E >= |phi(x)|` elementwise, and float32 computes each feature (through
     any shift that cancels later) with an absolute error of at most
@@ -268,7 +293,6 @@ def feature_envelope(layer, x):
     - elu: `elu(x) + 1 >= exp(-|x|)`, `E = phi`, `A = max |x|`.
     """
     name = type(layer.feature_map).__name__
-    phi = features64(layer, x)
     if name == "EluFeatures":
         return phi, np.max(np.abs(x))
     projection = np.asarray(layer.projection, np.float64)
@@ -312,15 +336,12 @@ def round_off_bound(case, q, k, v, mask, expected):
     layer = feature_layer(
         case["feature_map"], case["key_dim"], case["num_features"]
     )
-    eq, aq = feature_envelope(layer, q.astype(np.float64))
-    ek, ak = feature_envelope(layer, k.astype(np.float64))
+    q, k = q.astype(np.float64), k.astype(np.float64)
+    phi_q, phi_k = features64(layer, q, k)
+    eq, aq = feature_envelope(layer, q, phi_q)
+    ek, ak = feature_envelope(layer, k, phi_k)
     seen = seen_keys(case, mask)
-    w = np.where(
-        seen,
-        features64(layer, q.astype(np.float64))
-        @ np.swapaxes(features64(layer, k.astype(np.float64)), -1, -2),
-        0.0,
-    )
+    w = np.where(seen, phi_q @ np.swapaxes(phi_k, -1, -2), 0.0)
     e = np.where(seen, eq @ np.swapaxes(ek, -1, -2), 0.0)
     normalizer = np.abs(w.sum(-1, keepdims=True))
     d, s = case["key_dim"], case["key_length"]
@@ -337,14 +358,22 @@ def round_off_bound(case, q, k, v, mask, expected):
 
 def reference(case, q, k, v, mask):
     """The quadratic form `phi(Q) phi(K)^T V / phi(Q) phi(K)^T 1` in
-    float64, with the layer's unstabilized features."""
+    float64, with the layer's unstabilized features (one program on JAX;
+    `references.quadratic_feature_attention`)."""
     layer = feature_layer(
         case["feature_map"], case["key_dim"], case["num_features"]
     )
-    with references.float64_scope():
-        return references.quadratic_feature_attention(
-            layer, q, k, v, mask, case["causal"], dtype="float64"
+
+    def compute(q, k, v):
+        return favor_ops.naive_linear_attention(
+            *(ops.cast(x, "float64") for x in (q, k, v)),
+            references.feature_fn(layer, "float64"),
+            mask=references.key_mask(mask),
+            causal=case["causal"],
         )
+
+    with references.float64_scope():
+        return references.numpy(references.evaluate(compute, q, k, v))
 
 
 @settings(max_examples=examples(40), **SETTINGS)
