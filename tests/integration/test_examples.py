@@ -571,16 +571,7 @@ def test_genome_tiny(examples, tmp_path):
     costs seconds to trace), and the table, CSV and plot are written."""
     genome = examples("genome")
     argv = [
-        "--num-layers",
-        "1",
-        "--num-heads",
-        "2",
-        "--hidden-dim",
-        "16",
-        "--intermediate-dim",
-        "32",
-        "--num-features",
-        "16",
+        *TINY_MODEL[: TINY_MODEL.index("--batch-size")],
         "--contexts",
         "128",
         "--tokens-per-batch",

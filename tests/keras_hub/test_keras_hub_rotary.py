@@ -13,6 +13,7 @@ from keras_favor.convert import performerize
 from keras_favor.convert.attention_paths import all_layers
 from keras_favor.keras_hub import FavorCausalLM
 from keras_favor.keras_hub.favor_rotary_attention import FavorRotaryAttention
+from tests.keras_hub.test_keras_hub_generate import greedy_by_full_passes
 
 LENGTH = 8
 # With a local window as long as the sequence, FAVOR+ is exact softmax
@@ -140,27 +141,6 @@ def prompts(seed=0):
         token_ids[row, :length] = rng.randint(1, 50, length)
         padding_mask[row, :length] = True
     return {"token_ids": token_ids, "padding_mask": padding_mask}
-
-
-def greedy_by_full_passes(model, inputs):
-    """Each sequence continued one token at a time, each token the argmax
-    of a full forward pass of `model` over the sequence so far (one pass
-    per position, over every sequence at once, each with its own mask)."""
-    token_ids = inputs["token_ids"].copy()
-    lengths = inputs["padding_mask"].sum(axis=1)
-    for position in range(max(lengths.min(), 1), GENERATION_LENGTH):
-        mask = np.arange(GENERATION_LENGTH)[None] < position
-        logits = model(
-            {
-                "token_ids": token_ids,
-                "padding_mask": mask.repeat(len(token_ids), 0),
-            }
-        )
-        rows = lengths <= position
-        token_ids[rows, position] = np.argmax(
-            np.asarray(logits)[rows, position - 1], axis=-1
-        )
-    return token_ids
 
 
 @pytest.fixture(scope="module")
