@@ -3,6 +3,8 @@
 import configparser
 import pathlib
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -28,6 +30,21 @@ def test_readme_starts_with_the_two_commands():
         ["make", "demo"],
         ["make", "test"],
     ]
+
+
+@pytest.mark.parametrize(
+    "path, most",
+    [
+        ("README.md", 300),
+        ("BENCHMARKS.md", 400),
+        ("examples/quickstart.py", 60),
+    ],
+)
+def test_reader_facing_files_stay_within_their_length(path, most):
+    """The README, BENCHMARKS.md and the quickstart are read in one sitting:
+    at most 300, 400 and 60 lines."""
+    lines = (ROOT / path).read_text().splitlines()
+    assert len(lines) <= most, f"{path} has {len(lines)} lines, at most {most}"
 
 
 def test_version_is_written_once_in_the_package():
