@@ -307,33 +307,48 @@ def _group_attention(
             _loses_a_normalizer(parts[2], parts[1]),
         )
 
-    def per_feature_levels(tensors):
-        query_parts, key_parts, value, state = _unpacked(tensors)
-        parts, state_after = log_domain_causal_attention(
-            query_parts,
-            key_parts,
-            value,
-            mask,
-            causal_state.CausalState(*state),
-            dropout_rate,
-            seed,
-            prefix_block,
-        )
-        outputs = _as_list(_outputs(parts, normalized))
-        return outputs + list(state_after) * keep_state
-
     results = with_fallback(
         one_level_checked,
-        per_feature_levels,
-        [*query_parts, *key_parts, value, *state],
+        functools.partial(
+            _per_feature_levels,
+            dropout_rate=dropout_rate,
+            prefix_block=prefix_block,
+            normalized=normalized,
+            keep_state=keep_state,
+        ),
+        [*query_parts, *key_parts, value, *state, mask, seed],
     )
     count = len(results) - len(state) * keep_state
     return results[:count], results[count:] or unused_state
 
 
+def _per_feature_levels(
+    tensors, dropout_rate, prefix_block, normalized, keep_state
+):
+    """The fallback of `_group_attention`: its outputs (and state) by the
+    per-feature algorithm, from `[*query_parts, *key_parts, value, *state,
+    mask, seed]`. A function of its arguments alone, so that TensorFlow
+    traces it once per signature (`with_fallback`)."""
+    *tensors, mask, seed = tensors
+    query_parts, key_parts, value, state = _unpacked(tensors)
+    parts, state_after = log_domain_causal_attention(
+        query_parts,
+        key_parts,
+        value,
+        mask,
+        causal_state.CausalState(*state),
+        dropout_rate,
+        seed,
+        prefix_block,
+    )
+    outputs = _as_list(_outputs(parts, normalized))
+    return outputs + list(state_after) * keep_state
+
+
 def _unpacked(tensors):
-    """`(query_parts, key_parts, value, state)` of their flat list."""
-    return tensors[:2], tensors[2:4], tensors[4], tensors[5:]
+    """`(query_parts, key_parts, value, state)` of their flat list (and
+    whatever follows the state)."""
+    return tensors[:2], tensors[2:4], tensors[4], tensors[5:8]
 
 
 def _as_list(outputs):

@@ -15,9 +15,28 @@ selection is a `tf.custom_gradient`: the main results' gradients come from
 a tape over `main_fn`, the fallback's from `fallback_fn` recomputed in the
 backward pass, under a conditional whose branches both return real
 gradients. Other backends differentiate `keras.ops.cond` as it is.
+
+The fallback is in every traced step, whether it runs or not, and the
+backward pass recomputes it: on TensorFlow it is traced once per signature
+of its inputs, as a `tf.function` that every later trace calls (each
+`fit`, `predict` and export, the forward and the backward pass, a
+recomputed group of positions), instead of tracing it again each time. So
+`fallback_fn` must be a function of its inputs alone: a module-level
+function, or a `functools.partial` of one with hashable keyword arguments.
 """
 
+import collections
+import functools
+import threading
+
 from keras_favor import backend
+
+# Traced fallbacks kept, the most recently used: one per function, keyword
+# arguments and input signature.
+_TRACED_LIMIT = 64
+_traced = collections.OrderedDict()
+# Replicas of a tf.distribute strategy are traced in threads of their own.
+_traced_lock = threading.Lock()
 
 
 def with_fallback(main_fn, fallback_fn, inputs):
@@ -27,7 +46,10 @@ def with_fallback(main_fn, fallback_fn, inputs):
         main_fn: `main_fn(inputs)` returns `(results, flag)`: a list of
             floating tensors and a scalar bool tensor.
         fallback_fn: `fallback_fn(inputs)` returns a list of tensors of the
-            results' shapes and dtypes.
+            results' shapes and dtypes. A function of `inputs` alone (on
+            TensorFlow it is traced once per signature of `inputs`): a
+            function without a closure, or a `functools.partial` of one
+            with hashable keyword arguments.
         inputs: a list of tensors (None for an absent one) that both
             functions read; gradients flow to its floating tensors. The
             functions read no trainable variable (on TensorFlow their
@@ -38,6 +60,7 @@ def with_fallback(main_fn, fallback_fn, inputs):
         The list of results of `fallback_fn` if the flag holds, else those
         of `main_fn`.
     """
+    _function_and_keywords(fallback_fn)
     inputs = list(inputs)
     if not backend.is_tensorflow():
         results, flag = main_fn(inputs)
@@ -47,6 +70,53 @@ def with_fallback(main_fn, fallback_fn, inputs):
             )
         )
     return _tensorflow_fallback(main_fn, fallback_fn, inputs)
+
+
+def _function_and_keywords(fallback_fn):
+    """`(function, keywords)` of `fallback_fn`, a function without a closure
+    or a `functools.partial` of one with hashable keyword arguments only,
+    which the traced fallbacks' cache requires; raises otherwise."""
+    func, keywords = fallback_fn, {}
+    if isinstance(fallback_fn, functools.partial) and not fallback_fn.args:
+        func, keywords = fallback_fn.func, fallback_fn.keywords
+    try:
+        hash(tuple(sorted(keywords.items())))
+        pure = callable(func) and not getattr(func, "__closure__", None)
+    except TypeError:
+        pure = False
+    if not pure or isinstance(func, functools.partial):
+        raise ValueError(
+            "`fallback_fn` must be a function of its inputs alone: a "
+            "function without a closure, or a `functools.partial` of one "
+            f"with hashable keyword arguments only. Received: {fallback_fn}"
+        )
+    return func, keywords
+
+
+def _traced_fallback(fallback_fn, args):
+    """`fallback_fn(args)` through a `tf.function` traced once per
+    signature of `args` and kept (the `_TRACED_LIMIT` most recent)."""
+    import tensorflow as tf
+
+    func, keywords = _function_and_keywords(fallback_fn)
+    key = (
+        func,
+        tuple(sorted(keywords.items())),
+        tuple(
+            None if x is None else (tuple(x.shape), x.dtype.name) for x in args
+        ),
+    )
+    with _traced_lock:
+        traced = _traced.pop(key, None)
+        if traced is None:
+            traced = tf.function(
+                lambda *args: list(func(list(args), **keywords)),
+                autograph=False,
+            )
+        _traced[key] = traced
+        while len(_traced) > _TRACED_LIMIT:
+            _traced.popitem(last=False)
+    return traced(*args)
 
 
 def recomputed_gradients(fn, sources, upstream):
@@ -108,7 +178,7 @@ def _tensorflow_fallback(main_fn, fallback_fn, inputs):
         chosen = tf.nest.flatten(
             tf.cond(
                 flag,
-                lambda: list(fallback_fn(complete(args))),
+                lambda: _traced_fallback(fallback_fn, complete(args)),
                 lambda: [tf.identity(x) for x in results],
             )
         )
@@ -124,7 +194,7 @@ def _tensorflow_fallback(main_fn, fallback_fn, inputs):
 
             def fallback():
                 return recomputed_gradients(
-                    lambda *args: list(fallback_fn(complete(args))),
+                    lambda *args: _traced_fallback(fallback_fn, complete(args)),
                     list(args),
                     upstream,
                 )

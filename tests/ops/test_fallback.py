@@ -166,3 +166,61 @@ def test_no_conditional_outputs_the_untaken_branch_intermediates(rng):
     assert conditionals
     for op in conditionals:
         assert len(op.outputs) <= len(op.inputs), op.name
+
+
+def test_a_fallback_with_a_closure_raises(rng):
+    x, y = rng.normal(size=(2, 2, 5)).astype("float32")
+    with pytest.raises(ValueError, match="`fallback_fn` must be a function"):
+        with_fallback(
+            main_fn(10.0), lambda inputs: [x * inputs[0], y], [x, None, y]
+        )
+
+
+TRACES = []
+
+
+def counted_fallback(inputs, power):
+    """`fallback_fn` with a keyword argument, counting its traces."""
+    TRACES.append(power)
+    x, _, y = inputs
+    return [ops.sin(x) * y**power, ops.sum(x**3)]
+
+
+@pytest.mark.tensorflow_only
+def test_a_fallback_is_traced_once_per_signature(rng, monkeypatch):
+    # Two traced steps (two models' train functions, say), each with its
+    # forward pass and the backward pass's recomputation, trace the
+    # fallback once; another keyword argument traces it again.
+    import collections
+    import functools
+
+    import tensorflow as tf
+
+    from keras_favor.ops import fallback
+
+    monkeypatch.setattr(fallback, "_traced", collections.OrderedDict())
+    TRACES.clear()
+    x, y = (tf.constant(a) for a in rng.normal(size=(2, 2, 5)))
+
+    def step(power):
+        @tf.function
+        def gradients(x, y):
+            with tf.GradientTape() as tape:
+                tape.watch([x, y])
+                first, second = with_fallback(
+                    main_fn(-10.0),
+                    functools.partial(counted_fallback, power=power),
+                    [x, None, y],
+                )
+                loss = tf.reduce_sum(first) + second
+            return tape.gradient(loss, [x, y])
+
+        return [g.numpy() for g in gradients(x, y)]
+
+    first, second, cubed = step(2), step(2), step(3)
+    assert TRACES == [2, 3]
+    x, y = x.numpy(), y.numpy()
+    for dx, dy in (first, second):
+        np.testing.assert_allclose(dx, np.cos(x) * y**2 + 3 * x**2, rtol=1e-6)
+        np.testing.assert_allclose(dy, 2 * np.sin(x) * y, rtol=1e-6)
+    np.testing.assert_allclose(cubed[1], 3 * np.sin(x) * y**2, rtol=1e-6)
