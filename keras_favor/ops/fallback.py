@@ -20,7 +20,8 @@ The fallback is in every traced step, whether it runs or not, and the
 backward pass recomputes it: on TensorFlow it is traced once per signature
 of its inputs, as a `tf.function` that every later trace calls (each
 `fit`, `predict` and export, the forward and the backward pass, a
-recomputed group of positions), instead of tracing it again each time. So
+recomputed group of positions), instead of tracing it again each time;
+inside an XLA-compiled function it is traced where it is called. So
 `fallback_fn` must be a function of its inputs alone: a module-level
 function, or a `functools.partial` of one with hashable keyword arguments.
 """
@@ -95,10 +96,17 @@ def _function_and_keywords(fallback_fn):
 
 def _traced_fallback(fallback_fn, args):
     """`fallback_fn(args)` through a `tf.function` traced once per
-    signature of `args` and kept (the `_TRACED_LIMIT` most recent)."""
+    signature of `args` and kept (the `_TRACED_LIMIT` most recent), except
+    in an XLA-compiled function."""
     import tensorflow as tf
 
     func, keywords = _function_and_keywords(fallback_fn)
+    if tf.__internal__.get_enclosing_xla_context() is not None:
+        # Inside an XLA-compiled function (`jit_compile=True`) a call of
+        # another function makes XLA take the step's inputs and variables
+        # as compile-time constants: the step would compile again at every
+        # call. There the fallback is traced where it is called.
+        return list(func(list(args), **keywords))
     key = (
         func,
         tuple(sorted(keywords.items())),
