@@ -327,8 +327,7 @@ def _per_feature_levels(
 ):
     """The fallback of `_group_attention`: its outputs (and state) by the
     per-feature algorithm, from `[*query_parts, *key_parts, value, *state,
-    mask, seed]`. A function of its arguments alone, so that TensorFlow
-    traces it once per signature (`with_fallback`)."""
+    mask, seed]`. A function of its arguments alone (`trace_cache`)."""
     *tensors, mask, seed = tensors
     query_parts, key_parts, value, state = _unpacked(tensors)
     parts, state_after = log_domain_causal_attention(

@@ -17,27 +17,17 @@ backward pass, under a conditional whose branches both return real
 gradients. Other backends differentiate `keras.ops.cond` as it is.
 
 The fallback is in every traced step, whether it runs or not, and the
-backward pass recomputes it: on TensorFlow it is traced once per signature
-of its inputs, as a `tf.function` that every later trace calls (each
-`fit`, `predict` and export, the forward and the backward pass, a
-recomputed group of positions), instead of tracing it again each time;
-inside an XLA-compiled function it is traced where it is called. So
-`fallback_fn` must be a function of its inputs alone: a module-level
-function, or a `functools.partial` of one with hashable keyword arguments.
+backward pass recomputes it: on TensorFlow it runs through `trace_cache`,
+traced once per signature of its inputs for every later trace (each `fit`,
+`predict` and export, the forward and the backward pass, a recomputed
+group of positions). So `fallback_fn` must be a function of its inputs
+alone: a function without a closure, or a `functools.partial` of one with
+hashable keyword arguments.
 """
 
-import collections
-import functools
-import threading
-
 from keras_favor import backend
-
-# Traced fallbacks kept, the most recently used: one per function, keyword
-# arguments and input signature.
-_TRACED_LIMIT = 64
-_traced = collections.OrderedDict()
-# Replicas of a tf.distribute strategy are traced in threads of their own.
-_traced_lock = threading.Lock()
+from keras_favor.ops.trace_cache import call_traced
+from keras_favor.ops.trace_cache import pure_function_and_keywords
 
 
 def with_fallback(main_fn, fallback_fn, inputs):
@@ -47,10 +37,9 @@ def with_fallback(main_fn, fallback_fn, inputs):
         main_fn: `main_fn(inputs)` returns `(results, flag)`: a list of
             floating tensors and a scalar bool tensor.
         fallback_fn: `fallback_fn(inputs)` returns a list of tensors of the
-            results' shapes and dtypes. A function of `inputs` alone (on
-            TensorFlow it is traced once per signature of `inputs`): a
-            function without a closure, or a `functools.partial` of one
-            with hashable keyword arguments.
+            results' shapes and dtypes. A function of `inputs` alone
+            (`trace_cache`): a function without a closure, or a
+            `functools.partial` of one with hashable keyword arguments.
         inputs: a list of tensors (None for an absent one) that both
             functions read; gradients flow to its floating tensors. The
             functions read no trainable variable (on TensorFlow their
@@ -61,7 +50,7 @@ def with_fallback(main_fn, fallback_fn, inputs):
         The list of results of `fallback_fn` if the flag holds, else those
         of `main_fn`.
     """
-    _function_and_keywords(fallback_fn)
+    pure_function_and_keywords(fallback_fn, "fallback_fn")
     inputs = list(inputs)
     if not backend.is_tensorflow():
         results, flag = main_fn(inputs)
@@ -71,60 +60,6 @@ def with_fallback(main_fn, fallback_fn, inputs):
             )
         )
     return _tensorflow_fallback(main_fn, fallback_fn, inputs)
-
-
-def _function_and_keywords(fallback_fn):
-    """`(function, keywords)` of `fallback_fn`, a function without a closure
-    or a `functools.partial` of one with hashable keyword arguments only,
-    which the traced fallbacks' cache requires; raises otherwise."""
-    func, keywords = fallback_fn, {}
-    if isinstance(fallback_fn, functools.partial) and not fallback_fn.args:
-        func, keywords = fallback_fn.func, fallback_fn.keywords
-    try:
-        hash(tuple(sorted(keywords.items())))
-        pure = callable(func) and not getattr(func, "__closure__", None)
-    except TypeError:
-        pure = False
-    if not pure or isinstance(func, functools.partial):
-        raise ValueError(
-            "`fallback_fn` must be a function of its inputs alone: a "
-            "function without a closure, or a `functools.partial` of one "
-            f"with hashable keyword arguments only. Received: {fallback_fn}"
-        )
-    return func, keywords
-
-
-def _traced_fallback(fallback_fn, args):
-    """`fallback_fn(args)` through a `tf.function` traced once per
-    signature of `args` and kept (the `_TRACED_LIMIT` most recent), except
-    in an XLA-compiled function."""
-    import tensorflow as tf
-
-    func, keywords = _function_and_keywords(fallback_fn)
-    if tf.__internal__.get_enclosing_xla_context() is not None:
-        # Inside an XLA-compiled function (`jit_compile=True`) a call of
-        # another function makes XLA take the step's inputs and variables
-        # as compile-time constants: the step would compile again at every
-        # call. There the fallback is traced where it is called.
-        return list(func(list(args), **keywords))
-    key = (
-        func,
-        tuple(sorted(keywords.items())),
-        tuple(
-            None if x is None else (tuple(x.shape), x.dtype.name) for x in args
-        ),
-    )
-    with _traced_lock:
-        traced = _traced.pop(key, None)
-        if traced is None:
-            traced = tf.function(
-                lambda *args: list(func(list(args), **keywords)),
-                autograph=False,
-            )
-        _traced[key] = traced
-        while len(_traced) > _TRACED_LIMIT:
-            _traced.popitem(last=False)
-    return traced(*args)
 
 
 def recomputed_gradients(fn, sources, upstream):
@@ -186,7 +121,7 @@ def _tensorflow_fallback(main_fn, fallback_fn, inputs):
         chosen = tf.nest.flatten(
             tf.cond(
                 flag,
-                lambda: _traced_fallback(fallback_fn, complete(args)),
+                lambda: call_traced(fallback_fn, complete(args)),
                 lambda: [tf.identity(x) for x in results],
             )
         )
@@ -202,7 +137,7 @@ def _tensorflow_fallback(main_fn, fallback_fn, inputs):
 
             def fallback():
                 return recomputed_gradients(
-                    lambda *args: _traced_fallback(fallback_fn, complete(args)),
+                    lambda *args: call_traced(fallback_fn, complete(args)),
                     list(args),
                     upstream,
                 )

@@ -1,7 +1,5 @@
 """The causal state carried across pieces of a sequence equals the whole."""
 
-import collections
-
 import keras
 import numpy as np
 import pytest
@@ -11,7 +9,6 @@ import keras_favor
 from keras_favor import backend
 from keras_favor import ops as favor_ops
 from keras_favor.layers import favor_kernels
-from keras_favor.ops import fallback
 from tests import reference
 
 pytestmark = pytest.mark.backend_independent
@@ -271,9 +268,6 @@ def test_per_feature_blocks_equal_one_block(rng, monkeypatch):
 
     def run(block):
         monkeypatch.setattr(log_domain_causal, "EXACT_BLOCK", block)
-        # TensorFlow keeps the fallback it traced for the inputs' signature:
-        # a fresh cache, for the changed block size.
-        monkeypatch.setattr(fallback, "_traced", collections.OrderedDict())
         return outputs_state_and_gradients(
             lambda h: favor_ops.causal_linear_attention(
                 *h,
@@ -293,9 +287,11 @@ def test_per_feature_blocks_equal_one_block(rng, monkeypatch):
     whole = run(64)
     assert not used
     blocks = run(16)
-    # Traced once: where the backward pass recomputes the fallback, it calls
-    # the function traced for the forward pass (keras_favor.ops.fallback).
-    assert used == [(3, 16)]
+    # Once forward, once more where the backward pass recomputes it
+    # (keras_favor.ops.fallback).
+    assert used == [(3, 16)] * (
+        2 if keras.backend.backend() == "tensorflow" else 1
+    )
     assert_blocks_equal_one_block(blocks, whole)
 
 
