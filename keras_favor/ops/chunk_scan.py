@@ -10,6 +10,7 @@ matrix product over the chunk axis: no loop, so graphs of unknown length stay
 small, and every gradient is a plain matrix product.
 """
 
+import numpy as np
 from keras import ops
 
 from keras_favor.ops.stabilizers import NO_KEY_LEVEL
@@ -38,12 +39,23 @@ def merge_chunks(x):
 
 def earlier_or_same(size):
     """Bool `(size, size)` matrix, True where column <= row."""
-    return ops.tril(ops.ones((size, size), "bool"))
+    return _position_order(size, strictly=False)
 
 
 def strictly_earlier(size):
     """Bool `(size, size)` matrix, True where column < row."""
-    return ops.tril(ops.ones((size, size), "bool"), -1)
+    return _position_order(size, strictly=True)
+
+
+def _position_order(size, strictly):
+    """`column < row` (or `<=`): a NumPy constant for an int `size`, else
+    a comparison of two ranges (fewer operations to trace than a
+    lower-triangular part below the diagonal)."""
+    if isinstance(size, int):
+        return np.tril(np.ones((size, size), bool), -1 if strictly else 0)
+    positions = ops.arange(size)
+    rows, columns = positions[:, None], positions[None, :]
+    return rows > columns if strictly else rows >= columns
 
 
 def _masked_max(x, mask):

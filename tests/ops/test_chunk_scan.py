@@ -31,6 +31,18 @@ def test_running_max_is_the_maximum_so_far(rng, length, chunk_size):
     np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("size", [1, 5])
+def test_position_orders_for_a_known_and_a_run_time_size(size):
+    # A run-time size is a tensor, as `ops.shape` gives it in a graph
+    # traced for any length.
+    for run_time in (False, True):
+        n = ops.convert_to_tensor(size) if run_time else size
+        same = ops.convert_to_numpy(chunk_scan.earlier_or_same(n))
+        strict = ops.convert_to_numpy(chunk_scan.strictly_earlier(n))
+        np.testing.assert_array_equal(same, np.tri(size, dtype=bool))
+        np.testing.assert_array_equal(strict, np.tri(size, k=-1, dtype=bool))
+
+
 def test_chunks_split_merge_and_pad_positions(rng):
     x = rng.normal(size=(2, 3, 12, 5)).astype("float32")
     split = chunk_scan.split_chunks(x, 4)
