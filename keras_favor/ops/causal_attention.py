@@ -297,7 +297,7 @@ def _group_attention(
     unused_state = []
 
     def one_level_checked(tensors):
-        query_parts, key_parts, value, state = _unpacked(tensors)
+        query_parts, key_parts, value, state, _, _ = _unpacked(tensors)
         parts, outputs, state_after = one_level(
             query_parts, key_parts, value, state
         )
@@ -328,8 +328,7 @@ def _per_feature_levels(
     """The fallback of `_group_attention`: its outputs (and state) by the
     per-feature algorithm, from `[*query_parts, *key_parts, value, *state,
     mask, seed]`. A function of its arguments alone (`trace_cache`)."""
-    *tensors, mask, seed = tensors
-    query_parts, key_parts, value, state = _unpacked(tensors)
+    query_parts, key_parts, value, state, mask, seed = _unpacked(tensors)
     parts, state_after = log_domain_causal_attention(
         query_parts,
         key_parts,
@@ -345,9 +344,16 @@ def _per_feature_levels(
 
 
 def _unpacked(tensors):
-    """`(query_parts, key_parts, value, state)` of their flat list (and
-    whatever follows the state)."""
-    return tensors[:2], tensors[2:4], tensors[4], tensors[5:8]
+    """`(query_parts, key_parts, value, state, mask, seed)` of their flat
+    list `[*query_parts, *key_parts, value, *state, mask, seed]`."""
+    return (
+        tensors[:2],
+        tensors[2:4],
+        tensors[4],
+        tensors[5:-2],
+        tensors[-2],
+        tensors[-1],
+    )
 
 
 def _as_list(outputs):
