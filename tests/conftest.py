@@ -58,7 +58,6 @@ _add_xla_flag("--xla_llvm_disable_expensive_passes", "true")
 _add_xla_flag("--xla_cpu_use_fusion_emitters", "false")
 _add_xla_flag("--xla_cpu_parallel_codegen_split_count", 1)
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -66,16 +65,34 @@ import pytest  # noqa: E402
 # tests, set before TensorFlow's runtime starts; ops without a device scope
 # still run on the first.
 TF_CPUS = 4
-if keras.backend.backend() == "tensorflow":
-    import tensorflow as tf
 
-    tf.config.set_logical_device_configuration(
-        tf.config.list_physical_devices("CPU")[0],
-        [tf.config.LogicalDeviceConfiguration()] * TF_CPUS,
+
+def _runs_tests(config):
+    """Whether this process runs tests: not pytest-xdist's controller, which
+    only hands them to its workers and so never imports Keras (on 2 cores,
+    its import of TensorFlow would delay the workers' start by seconds)."""
+    return hasattr(config, "workerinput") or not config.getoption(
+        "numprocesses", default=None
     )
 
 
+def _start_keras():
+    """Imports Keras and, on TensorFlow, splits the CPU into `TF_CPUS`
+    logical devices."""
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.set_logical_device_configuration(
+            tf.config.list_physical_devices("CPU")[0],
+            [tf.config.LogicalDeviceConfiguration()] * TF_CPUS,
+        )
+
+
 def pytest_configure(config):
+    if _runs_tests(config):
+        _start_keras()
     config.addinivalue_line(
         "markers",
         "backend_independent: the module runs on every Keras backend "
@@ -129,6 +146,8 @@ LONG_MODULES = (
 # First, so that `-m "not integration"` sees the marker.
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
+    import keras
+
     items.sort(key=lambda item: item.path.name not in LONG_MODULES)
     for item in items:
         if str(item.path).startswith(INTEGRATION + os.sep):
@@ -153,6 +172,8 @@ def pytest_collection_modifyitems(config, items):
 def _sample_cases(items):
     """Off TensorFlow, a test marked `backend_samples(n)` runs `n` of its
     parametrized cases, spread evenly; TensorFlow runs them all."""
+    import keras
+
     cases = {}
     for item in items:
         marker = item.get_closest_marker("backend_samples")
@@ -173,6 +194,8 @@ def _sample_cases(items):
 @pytest.fixture(autouse=True)
 def fixed_random_state():
     """Every test starts from the same global seeds and float32 policy."""
+    import keras
+
     keras.utils.set_random_seed(1234)
     keras.config.set_dtype_policy("float32")
     yield
