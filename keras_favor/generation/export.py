@@ -1,7 +1,5 @@
 """`export_language_model`: a SavedModel that serves logits and generates."""
 
-import keras
-
 from keras_favor import backend
 from keras_favor.generation import language_model_cache
 from keras_favor.generation.generate import decode
@@ -87,17 +85,57 @@ def export_language_model(
         )
         return decode(model, prompt_ids, max_new_tokens, seed, **options)
 
-    archive = keras.export.ExportArchive()
-    archive.track(model)
     tokens = tf.TensorSpec((None, None), tf.int32)
-    archive.add_endpoint("serve", model.__call__, input_signature=[tokens])
-    archive.add_endpoint(
-        "generate",
-        generate,
-        input_signature=[
-            tf.TensorSpec((None, None), tf.int32, name="prompt_ids"),
-            tf.TensorSpec((), tf.int32, name="max_new_tokens"),
-            tf.TensorSpec((2,), tf.int64, name="seed"),
-        ],
-    )
-    archive.write_out(filepath, verbose=verbose)
+    endpoints = {
+        "serve": (model.__call__, [tokens]),
+        "generate": (
+            generate,
+            [
+                tf.TensorSpec((None, None), tf.int32, name="prompt_ids"),
+                tf.TensorSpec((), tf.int32, name="max_new_tokens"),
+                tf.TensorSpec((2,), tf.int64, name="seed"),
+            ],
+        ),
+    }
+    artifact = _artifact(model, endpoints)
+    signatures = {name: getattr(artifact, name) for name in endpoints}
+    signatures["serving_default"] = artifact.serve
+    tf.saved_model.save(artifact, filepath, signatures=signatures)
+    if verbose:
+        print(_endpoints_summary(filepath, endpoints))
+
+
+def _artifact(model, endpoints):
+    """What the SavedModel holds: the model's variables, in the lists
+    `Model.export` writes, and one `tf.function` per endpoint.
+
+    Each endpoint is traced once, while TensorFlow saves it (Keras's
+    `ExportArchive` would trace each once more beforehand, to list the
+    variables it uses).
+    """
+    import tensorflow as tf
+
+    artifact = tf.__internal__.tracking.AutoTrackable()
+    artifact.variables = list(model.variables)
+    artifact.trainable_variables = list(model.trainable_variables)
+    artifact.non_trainable_variables = list(model.non_trainable_variables)
+    for name, (fn, signature) in endpoints.items():
+        setattr(
+            artifact,
+            name,
+            tf.function(fn, input_signature=signature, autograph=False),
+        )
+    return artifact
+
+
+def _endpoints_summary(filepath, endpoints):
+    """The endpoints and their inputs (an unnamed one is `args_i` in the
+    signature), as `verbose=True` prints them."""
+    lines = [f"Saved artifact at '{filepath}'. Endpoints:"]
+    for name, (_, signature) in endpoints.items():
+        inputs = ", ".join(
+            f"{spec.name or f'args_{i}'}: {spec.dtype.name} {tuple(spec.shape)}"
+            for i, spec in enumerate(signature)
+        )
+        lines.append(f"* {name}({inputs})")
+    return "\n".join(lines)

@@ -262,13 +262,17 @@ def served_generate(requests):
 
 
 @pytest.mark.tensorflow_only
-def test_exported_generate_endpoints_when_served(tmp_path, one_layer_model):
+def test_exported_generate_endpoints_when_served(
+    tmp_path, capsys, one_layer_model
+):
     """Exported models, all served by one client process (each export and
     client start costs seconds): the greedy and sampled endpoints give
     `generate`'s tokens, also for a one-token prompt (the prefill is that
     token alone); a mixed_float16 model's endpoint keeps a float32 state,
     giving the tokens of repeated full passes; and the endpoint checks the
     lengths, which only a run knows."""
+    import tensorflow as tf
+
     model = one_layer_model
     prompt = left_padded_prompts()
     requests, expected = [], []
@@ -277,7 +281,9 @@ def test_exported_generate_endpoints_when_served(tmp_path, one_layer_model):
         ("random", SAMPLED, [7, 0]),
     ]:
         path = str(tmp_path / name)
-        generation.export_language_model(model, path, **options)
+        generation.export_language_model(
+            model, path, **options, verbose=name == "greedy"
+        )
         for tokens, count in ((prompt, 20), (prompt[:1, -1:], 5)):
             requests.append((path, tokens, count, seed))
             expected.append(
@@ -285,6 +291,21 @@ def test_exported_generate_endpoints_when_served(tmp_path, one_layer_model):
                     model, tokens, count, seed=seed[0], **options
                 )
             )
+    # The greedy export printed its endpoints; its `serve` gives the
+    # model's logits.
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-2:] == [
+        "* serve(args_0: int32 (None, None))",
+        "* generate(prompt_ids: int32 (None, None), max_new_tokens: int32 (), "
+        "seed: int64 (2,))",
+    ]
+    served = tf.saved_model.load(str(tmp_path / "greedy"))
+    np.testing.assert_allclose(
+        served.serve(tf.constant(prompt, tf.int32)).numpy(),
+        keras.ops.convert_to_numpy(model(prompt)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     keras.config.set_dtype_policy("mixed_float16")
     mixed = language_model(num_layers=1)
     path = str(tmp_path / "mixed")
