@@ -114,6 +114,11 @@ def git_commit():
 def describe():
     """The machine, versions and code, read in this process (imports the Keras
     backend: TensorFlow unless `KERAS_BACKEND` names another)."""
+    return _with_host(_backend_description())
+
+
+def _backend_description():
+    """The Keras backend, its version and GPU, and Keras's version."""
     import keras
 
     backend = keras.backend.backend()
@@ -133,6 +138,16 @@ def describe():
         gpu = gpus[0].device_kind if gpus else None
         versions = {"jax": jax.__version__}
     return {
+        "gpu": gpu,
+        "backend": backend,
+        **versions,
+        "keras": keras.__version__,
+    }
+
+
+def _with_host(backend_description):
+    """`backend_description` among the date, machine, load and code now."""
+    return {
         "date_utc": datetime.datetime.now(datetime.UTC).isoformat(
             timespec="seconds"
         ),
@@ -143,31 +158,44 @@ def describe():
         "memory_gib": round(
             proc_field("/proc/meminfo", "MemTotal", mib=True) / 1024, 1
         ),
-        "gpu": gpu,
         "python": platform.python_version(),
-        "backend": backend,
-        **versions,
+        **backend_description,
         "TF_ENABLE_ONEDNN_OPTS": os.environ.get(
             "TF_ENABLE_ONEDNN_OPTS", "unset (on)"
         ),
-        "keras": keras.__version__,
         "numpy": numpy.__version__,
         "keras_favor_commit": git_commit(),
     }
 
 
+# The backend descriptions read by `environment()`, by backend settings.
+_BACKEND_DESCRIPTIONS = {}
+
+
 def environment():
-    """`describe()`, read in a subprocess so that this process stays free of the
-    backend (and of the GPU)."""
-    code = "import json; from benchmarks import common; print(json.dumps(common.describe()))"
-    output = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=worker_env(TF_CPP_MIN_LOG_LEVEL="3"),
+    """`describe()` with the backend's part read in a subprocess, so that this
+    process stays free of the backend (and of the GPU): once per process and
+    backend settings; the date, load and commit are read at each call."""
+    settings = tuple(
+        os.environ.get(name)
+        for name in ("KERAS_BACKEND", "CUDA_VISIBLE_DEVICES", "JAX_PLATFORMS")
     )
-    return json.loads(output.stdout.strip().splitlines()[-1])
+    if settings not in _BACKEND_DESCRIPTIONS:
+        code = (
+            "import json; from benchmarks import common; "
+            "print(json.dumps(common._backend_description()))"
+        )
+        output = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=worker_env(TF_CPP_MIN_LOG_LEVEL="3"),
+        )
+        _BACKEND_DESCRIPTIONS[settings] = json.loads(
+            output.stdout.strip().splitlines()[-1]
+        )
+    return _with_host(_BACKEND_DESCRIPTIONS[settings])
 
 
 def worker_env(**variables):
