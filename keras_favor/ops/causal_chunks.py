@@ -149,8 +149,10 @@ def _chunk_parts(
     # per-key scale goes on the narrower factor, v, not on k.
     chunk_level = levels[..., -1]
     to_chunk_end = ops.exp(levels - chunk_level[..., None])[..., None]
+    # One chunk and no carried state: nothing to inherit.
+    alone = state is None and chunk_level.shape[-1] == 1
     scans = [
-        inherited_states(
+        (_first_and_only_chunk if alone else inherited_states)(
             matmul_transposed_a(k, v * to_chunk_end),
             None,
             chunk_level,
@@ -161,8 +163,6 @@ def _chunk_parts(
     ]
     level = scans[0][2]
     key_sum = scans[-1][0][..., -1]
-    # The inherited sums rescaled to each position's own level (<= 1).
-    inherited = ops.exp(level[..., None] - levels)
 
     # What query t surely sees: the inherited sum and its own key.
     key_sum_log_bounds = [
@@ -192,11 +192,14 @@ def _chunk_parts(
             earlier_or_same(chunk_size), relative, stabilizers.NO_KEY_LEVEL
         )
     )
-    sums = [
-        ops.matmul(matmul_transposed_b(q, k) * decay, v)
-        + ops.matmul(q, kv) * inherited[..., None]
-        for (k, v), (kv, *_) in zip(pairs, scans)
-    ]
+    sums = [ops.matmul(matmul_transposed_b(q, k) * decay, v) for k, v in pairs]
+    if not alone:
+        # The inherited sums rescaled to each position's own level (<= 1).
+        inherited = ops.exp(level[..., None] - levels)[..., None]
+        sums = [
+            x + ops.matmul(q, kv) * inherited
+            for x, (kv, *_) in zip(sums, scans)
+        ]
     value_dim = value.shape[-1]
     if len(sums) == 1:
         # A split, whose gradient is one concatenation (slices' add up).
@@ -205,6 +208,18 @@ def _chunk_parts(
     parts = (sums[0], sums[1][..., 0], query_shift + levels)
     return [merge_chunks(x) for x in parts], _final_state(
         [scan[3] for scan in scans], value_dim
+    )
+
+
+def _first_and_only_chunk(chunk_kv, chunk_sum, chunk_level, state, _):
+    """`inherited_states` of one chunk without a carried state: zero sums
+    inherited at `NO_KEY_LEVEL`, and the chunk's own sums as the state."""
+    del chunk_sum, state
+    return (
+        ops.zeros_like(chunk_kv),
+        None,
+        ops.full_like(chunk_level, stabilizers.NO_KEY_LEVEL),
+        (chunk_kv[:, :, 0], None, chunk_level[..., 0]),
     )
 
 

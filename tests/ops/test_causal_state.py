@@ -180,6 +180,44 @@ def test_state_carries_across_recomputed_groups(rng):
         assert_close_to_round_off(actual, expected, 1e-6)
 
 
+@pytest.mark.parametrize("dropout_rate", [0.0, 0.25])
+def test_one_chunk_without_a_state_equals_the_general_path(rng, dropout_rate):
+    # One chunk and no initial state skips the scan over earlier chunks;
+    # given the empty state, the general path runs: the same outputs,
+    # final state and gradients (the skipped terms are exact zeros).
+    heads, mask, (feature_fn, query_feature_fn), num_features = attention_setup(
+        rng, "softmax"
+    )
+
+    def run(initial_state):
+        def loss(*heads):
+            outputs, state = favor_ops.causal_linear_attention(
+                *heads,
+                feature_fn,
+                num_features,
+                mask=mask,
+                chunk_size=LENGTH,
+                query_feature_fn=query_feature_fn,
+                dropout_rate=dropout_rate,
+                dropout_seed=np.array([3, 4], "int32"),
+                initial_state=initial_state,
+                return_state=True,
+            )
+            value = ops.sum(ops.sin(outputs)) + ops.sum(
+                state[0] * state[1][..., None]
+            )
+            return value, (outputs, state)
+
+        gradients, (outputs, state) = reference.gradients(
+            loss, heads, has_aux=True
+        )
+        return [outputs, *state, *gradients]
+
+    empty = favor_ops.empty_causal_state(2, 2, num_features, 8)
+    for actual, expected in zip(run(None), run(empty)):
+        assert_close_to_round_off(actual, expected, 1e-6)
+
+
 def test_empty_causal_state_is_no_key(rng):
     heads, mask, (feature_fn, query_feature_fn), num_features = attention_setup(
         rng, "softmax"
