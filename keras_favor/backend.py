@@ -369,14 +369,20 @@ def loop_count(count):
 
 def compile_function(fn, variables, jit_compile=False, static_argnums=()):
     """`fn` compiled by the backend: a `tf.function` (XLA with
-    `jit_compile=True`) on TensorFlow; on JAX `jax.jit` over the values of
+    `jit_compile=True`) on TensorFlow, without AutoGraph (`fn` is written
+    with `keras.ops`, whose loops and conditionals are graph operations
+    already; AutoGraph's conversion made the first trace a third longer);
+    on JAX `jax.jit` over the values of
     `variables` (read at each call, so that later weights are used), with
     `static_argnums` static; `fn` itself elsewhere."""
     if is_tensorflow():
         import tensorflow as tf
 
         return tf.function(
-            fn, jit_compile=bool(jit_compile), reduce_retracing=True
+            fn,
+            jit_compile=bool(jit_compile),
+            reduce_retracing=True,
+            autograph=False,
         )
     if name() != "jax":
         return fn
