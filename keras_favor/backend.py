@@ -369,10 +369,8 @@ def loop_count(count):
 
 def compile_function(fn, variables, jit_compile=False, static_argnums=()):
     """`fn` compiled by the backend: a `tf.function` (XLA with
-    `jit_compile=True`) on TensorFlow, without AutoGraph (`fn` is written
-    with `keras.ops`, whose loops and conditionals are graph operations
-    already; AutoGraph's conversion made the first trace a third longer);
-    on JAX `jax.jit` over the values of
+    `jit_compile=True`) on TensorFlow, without AutoGraph (`fn` uses
+    `keras.ops` loops and conditionals); on JAX `jax.jit` over the values of
     `variables` (read at each call, so that later weights are used), with
     `static_argnums` static; `fn` itself elsewhere."""
     if is_tensorflow():

@@ -149,32 +149,45 @@ def at_top_level(state):
     return key_values * to_top[..., None], key_sum * to_top
 
 
+def outputs_state_and_input_gradients(setup, from_empty_state=False, **options):
+    """Outputs, final state and the heads' gradients of `sum(sin(outputs))
+    + sum(kv * key_sum)` for one `causal_linear_attention` call with
+    `return_state=True` and `options`, on `attention_setup`'s heads; with
+    `from_empty_state`, given the empty state as its initial state."""
+    heads, mask, (feature_fn, query_feature_fn), num_features = setup
+    if from_empty_state:
+        options["initial_state"] = favor_ops.empty_causal_state(
+            2, 2, num_features, 8
+        )
+
+    def loss(*heads):
+        outputs, state = favor_ops.causal_linear_attention(
+            *heads,
+            feature_fn,
+            num_features,
+            mask=mask,
+            query_feature_fn=query_feature_fn,
+            return_state=True,
+            **options,
+        )
+        value = ops.sum(ops.sin(outputs)) + ops.sum(
+            state[0] * state[1][..., None]
+        )
+        return value, (outputs, state)
+
+    gradients, (outputs, state) = reference.gradients(loss, heads, has_aux=True)
+    return [outputs, *state, *gradients]
+
+
 def test_state_carries_across_recomputed_groups(rng):
     # Groups of 8 positions recomputed in the backward pass, inside one
     # piece and across pieces: the same numbers as one group.
-    heads, mask, (feature_fn, query_feature_fn), num_features = attention_setup(
-        rng, "softmax"
-    )
+    setup = attention_setup(rng, "softmax")
 
     def run(recompute_length):
-        def loss(*heads):
-            outputs, state = favor_ops.causal_linear_attention(
-                *heads,
-                feature_fn,
-                num_features,
-                mask=mask,
-                chunk_size=4,
-                query_feature_fn=query_feature_fn,
-                return_state=True,
-                recompute_length=recompute_length,
-            )
-            value = ops.sum(ops.sin(outputs)) + ops.sum(state[0])
-            return value, (outputs, state)
-
-        gradients, (outputs, state) = reference.gradients(
-            loss, heads, has_aux=True
+        return outputs_state_and_input_gradients(
+            setup, chunk_size=4, recompute_length=recompute_length
         )
-        return [outputs, *state, *gradients]
 
     for actual, expected in zip(run(8), run(LENGTH)):
         assert_close_to_round_off(actual, expected, 1e-6)
@@ -185,36 +198,18 @@ def test_one_chunk_without_a_state_equals_the_general_path(rng, dropout_rate):
     # One chunk and no initial state skips the scan over earlier chunks;
     # given the empty state, the general path runs: the same outputs,
     # final state and gradients (the skipped terms are exact zeros).
-    heads, mask, (feature_fn, query_feature_fn), num_features = attention_setup(
-        rng, "softmax"
-    )
+    setup = attention_setup(rng, "softmax")
 
-    def run(initial_state):
-        def loss(*heads):
-            outputs, state = favor_ops.causal_linear_attention(
-                *heads,
-                feature_fn,
-                num_features,
-                mask=mask,
-                chunk_size=LENGTH,
-                query_feature_fn=query_feature_fn,
-                dropout_rate=dropout_rate,
-                dropout_seed=np.array([3, 4], "int32"),
-                initial_state=initial_state,
-                return_state=True,
-            )
-            value = ops.sum(ops.sin(outputs)) + ops.sum(
-                state[0] * state[1][..., None]
-            )
-            return value, (outputs, state)
-
-        gradients, (outputs, state) = reference.gradients(
-            loss, heads, has_aux=True
+    def run(from_empty_state):
+        return outputs_state_and_input_gradients(
+            setup,
+            from_empty_state,
+            chunk_size=LENGTH,
+            dropout_rate=dropout_rate,
+            dropout_seed=np.array([3, 4], "int32"),
         )
-        return [outputs, *state, *gradients]
 
-    empty = favor_ops.empty_causal_state(2, 2, num_features, 8)
-    for actual, expected in zip(run(None), run(empty)):
+    for actual, expected in zip(run(False), run(True)):
         assert_close_to_round_off(actual, expected, 1e-6)
 
 
