@@ -204,27 +204,16 @@ def fixed_random_state():
 
 @pytest.fixture(autouse=True)
 def optimizer_built_before_fit(monkeypatch):
-    """On TensorFlow, without a distribution strategy, Keras builds the
-    optimizer inside the first traced training step, and TensorFlow then
-    traces that step a second time (a function that created variables is
-    traced again without them). In the tests `fit` builds it first, under
-    the model's strategy (`optimizer.build`, as a user may): each step is
-    traced once, with the same numbers, and a model's first `fit` costs
-    about 40 % less CPU. A model not built yet is left to Keras."""
+    """`fit` builds the optimizer before its first traced step, on
+    TensorFlow (tests/optimizer_first.py)."""
     import keras
 
-    if keras.backend.backend() != "tensorflow":
-        return
-    fit = keras.Model.fit
+    from tests.optimizer_first import fit_with_a_built_optimizer
 
-    def fit_with_a_built_optimizer(self, *args, **kwargs):
-        optimizer = getattr(self, "optimizer", None)
-        if optimizer is not None and self.built and not optimizer.built:
-            with self.distribute_strategy.scope():
-                optimizer.build(self.trainable_variables)
-        return fit(self, *args, **kwargs)
-
-    monkeypatch.setattr(keras.Model, "fit", fit_with_a_built_optimizer)
+    if keras.backend.backend() == "tensorflow":
+        monkeypatch.setattr(
+            keras.Model, "fit", fit_with_a_built_optimizer(keras.Model.fit)
+        )
 
 
 @pytest.fixture

@@ -52,7 +52,7 @@ def compiled(fn, jit_compile=False):
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(fn, jit_compile=jit_compile)
+        return tf.function(fn, jit_compile=jit_compile, autograph=False)
     return jit_on_jax(fn)
 
 

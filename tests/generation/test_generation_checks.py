@@ -86,7 +86,7 @@ def compiled(fn):
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(fn)
+        return tf.function(fn, autograph=False)
     return reference.jit_on_jax(fn)
 
 

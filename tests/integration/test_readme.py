@@ -5,7 +5,9 @@ only the section's placeholders (the data and models the text leaves to the
 reader, defined below with tiny sizes), so every section imports what it uses.
 All sections run in one fresh process (a MultiWorkerMirroredStrategy cannot be
 created beside the test process's other strategies), in a temporary working
-directory, so the files the blocks write land there.
+directory, so the files the blocks write land there. As in the other
+tests, `fit` builds the optimizer before its first step
+(tests/optimizer_first.py).
 """
 
 import json
@@ -130,6 +132,9 @@ def run_sections(names):
     import time
     import traceback
 
+    from tests import optimizer_first
+
+    optimizer_first.install()
     results = {}
     code = sections()
     for name in names:

@@ -288,7 +288,8 @@ def test_keys_align_to_the_query_length_also_when_lengths_are_unknown(
             spec,
             spec,
             tf.TensorSpec((None, None), tf.bool),
-        ]
+        ],
+        autograph=False,
     )
     def align(query, key, value, mask):
         return causal_keys(tf.shape(query)[1], key, value, mask)

@@ -64,7 +64,7 @@ def test_results_and_gradients_are_the_branch_taken(rng, flagged, mode):
     if mode == "graph":
         import tensorflow as tf
 
-        @tf.function
+        @tf.function(autograph=False)
         def traced(x, y):
             with tf.GradientTape() as tape:
                 tape.watch([x, y])
@@ -144,7 +144,7 @@ def test_no_conditional_outputs_the_untaken_branch_intermediates(rng):
         for _ in range(3)
     ]
 
-    @tf.function
+    @tf.function(autograph=False)
     def gradients(*heads):
         with tf.GradientTape() as tape:
             tape.watch(heads)
@@ -203,7 +203,7 @@ def test_a_fallback_is_traced_once_per_signature(rng, monkeypatch):
     x, y = (tf.constant(a) for a in rng.normal(size=(2, 2, 5)))
 
     def step(power):
-        @tf.function
+        @tf.function(autograph=False)
         def gradients(x, y):
             with tf.GradientTape() as tape:
                 tape.watch([x, y])

@@ -156,7 +156,7 @@ def input_and_weight_gradients(layer, attention, x, target, mode):
             value = loss(x)
         return tape.gradient(value, [x] + layer.trainable_weights)
 
-    compute = tf.function(compute, jit_compile=mode == "xla")
+    compute = tf.function(compute, jit_compile=mode == "xla", autograph=False)
     return [ops.convert_to_numpy(g) for g in compute()]
 
 
@@ -440,7 +440,7 @@ def outputs_and_gradients(attention, inputs, target, mode):
             value, outputs = loss(*inputs)
         return [outputs] + tape.gradient(value, list(inputs))
 
-    compute = tf.function(compute, jit_compile=mode == "xla")
+    compute = tf.function(compute, jit_compile=mode == "xla", autograph=False)
     inputs = [ops.convert_to_tensor(x) for x in inputs]
     return [ops.convert_to_numpy(x) for x in compute(*inputs)]
 

@@ -64,7 +64,7 @@ def test_graphs_outside_xla_trace_once_per_signature(
     import tensorflow as tf
 
     def step(scale, x, y):
-        @tf.function(jit_compile=jit_compile)
+        @tf.function(jit_compile=jit_compile, autograph=False)
         def gradients(x, y):
             with tf.GradientTape() as tape:
                 tape.watch([x, y])
