@@ -118,7 +118,7 @@ def pytest_configure(config):
         "markers",
         "integration: a long run (all of tests/integration: README, "
         "examples, benchmarks, cross-backend subprocesses; and trainings "
-        "elsewhere); make test-fast leaves them out",
+        "and multi-process runs elsewhere); make test-fast leaves them out",
     )
 
 

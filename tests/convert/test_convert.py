@@ -232,6 +232,7 @@ def test_predicate_chooses_the_layers(rng):
     assert count(performer, keras.layers.MultiHeadAttention) == 2
 
 
+@pytest.mark.integration
 def test_performerized_model_saves_loads_and_trains(rng, tmp_path):
     model = model_with_attention_everywhere(rng)
     performer = convert.performerize(model, num_features=FEATURES, seed=0)

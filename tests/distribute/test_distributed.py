@@ -152,6 +152,7 @@ def check_distributed_fit(summary, arrays):
     )
 
 
+@pytest.mark.integration
 def test_import_leaves_keras_alone_and_mirrored_fit_keeps_replicas_equal(
     tmp_path,
 ):
@@ -176,6 +177,7 @@ def test_import_leaves_keras_alone_and_mirrored_fit_keeps_replicas_equal(
     check_distributed_fit(summary, arrays)
 
 
+@pytest.mark.integration
 def test_multi_worker_fit_needs_the_fix_and_gives_identical_workers(tmp_path):
     """Two workers on localhost: after `import keras_favor`, stock Keras
     fails in both places the fix patches (on a Keras that needs it), each
@@ -344,6 +346,7 @@ main(sys.argv[1:])
 """
 
 
+@pytest.mark.integration
 def test_example_trains_and_resumes(tmp_path):
     """examples/distributed_training.py, interrupted after its first epoch
     and run again, resumes at the step and redraw count it stopped at."""
@@ -371,6 +374,7 @@ def test_example_trains_and_resumes(tmp_path):
     assert "Done; redraw count per attention layer: [2, 2]" in outputs[1]
 
 
+@pytest.mark.integration
 def test_example_trains_on_two_workers(tmp_path):
     """examples/distributed_training.py with TF_CONFIG set trains under
     MultiWorkerMirroredStrategy (which needs its `enable_multi_worker_fit`

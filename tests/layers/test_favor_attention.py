@@ -333,6 +333,7 @@ def first_token_task(length=12, vocabulary=8, samples=256, seed=0):
     return tokens, np.repeat(tokens[:, :1], length, axis=1)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("causal", [False, True])
 def test_fit_lowers_the_loss(causal):
     tokens, targets = first_token_task()

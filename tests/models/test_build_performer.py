@@ -133,6 +133,7 @@ def test_language_model_loss_ignores_padding():
     )
 
 
+@pytest.mark.integration
 def test_classifier_trains_with_fit_and_feature_redraw():
     # A learnable rule: the class is whether token 1 occurs in the sequence.
     rng = np.random.RandomState(0)

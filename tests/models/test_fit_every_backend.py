@@ -18,6 +18,7 @@ def tokens_and_labels():
     return tokens, (tokens[:, 0] > 10).astype("int32")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("task", ["classification", "language_model"])
 def test_compiled_fit_with_redraws_learns_and_reloads(tmp_path, task):
     tokens, labels = tokens_and_labels()

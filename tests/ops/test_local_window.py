@@ -295,6 +295,7 @@ def test_bad_local_window_arguments_raise():
         )
 
 
+@pytest.mark.integration
 def test_language_model_with_a_window_trains_and_round_trips(rng, tmp_path):
     model = keras_favor.models.build_performer(
         vocabulary_size=20,
