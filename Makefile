@@ -29,7 +29,7 @@ install: $(STAMP)
 # backends; `pytest tests/FOLDER` runs one part.
 FAST_TESTS := tests/ops tests/layers tests/feature_maps tests/projections \
 	tests/models tests/callbacks tests/convert tests/distribute \
-	tests/test_backend.py tests/test_package_metadata.py
+	tests/test_backend.py tests/test_package_metadata.py tests/test_random_state.py
 .PHONY: test-fast
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist worksteal -m "not integration" $(FAST_TESTS)
