@@ -175,11 +175,14 @@ _BACKEND_DESCRIPTIONS = {}
 def environment():
     """`describe()` with the backend's part read in a subprocess, so that this
     process stays free of the backend (and of the GPU): once per process and
-    backend settings; the date, load and commit are read at each call."""
+    backend settings; the date, load and commit are read at each call. A
+    process that already runs the workers' backend reads it itself."""
     settings = tuple(
         os.environ.get(name)
         for name in ("KERAS_BACKEND", "CUDA_VISIBLE_DEVICES", "JAX_PLATFORMS")
     )
+    if settings not in _BACKEND_DESCRIPTIONS and _runs_the_workers_backend():
+        _BACKEND_DESCRIPTIONS[settings] = _backend_description()
     if settings not in _BACKEND_DESCRIPTIONS:
         code = (
             "import json; from benchmarks import common; "
@@ -196,6 +199,18 @@ def environment():
             output.stdout.strip().splitlines()[-1]
         )
     return _with_host(_BACKEND_DESCRIPTIONS[settings])
+
+
+def _runs_the_workers_backend():
+    """Whether this process has imported Keras on TensorFlow, the backend
+    that `KERAS_BACKEND` gives the workers (where it is unset, both read
+    Keras's configuration file). Listing TensorFlow's GPUs takes none of
+    their memory; JAX's would claim most of it, so a JAX parent asks a
+    subprocess."""
+    keras = sys.modules.get("keras")
+    if keras is None or keras.backend.backend() != "tensorflow":
+        return False
+    return os.environ.get("KERAS_BACKEND") in (None, "tensorflow")
 
 
 def worker_env(**variables):

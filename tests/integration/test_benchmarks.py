@@ -32,6 +32,38 @@ def run_main(module, monkeypatch, *argv):
     module.main()
 
 
+def test_environment_is_read_here_when_this_process_runs_tensorflow(
+    monkeypatch,
+):
+    # A parent that runs Keras on TensorFlow, the workers' backend, reads
+    # the backend's description itself; any other asks a subprocess.
+    import keras
+
+    from benchmarks import common
+
+    calls, run = [], common.subprocess.run
+
+    def subprocess_run(command, **kwargs):
+        if command[0] != sys.executable:
+            return run(command, **kwargs)  # git, for the commit
+        calls.append(command)
+        raise RuntimeError("a Python subprocess was started")
+
+    monkeypatch.setattr(common.subprocess, "run", subprocess_run)
+    monkeypatch.setattr(common, "_BACKEND_DESCRIPTIONS", {})
+    monkeypatch.setenv("KERAS_BACKEND", keras.backend.backend())
+    if keras.backend.backend() == "tensorflow":
+        described = common.environment()
+        assert not calls
+        for key, value in common._backend_description().items():
+            assert described[key] == value
+        assert described["tensorflow"] and described["keras"]
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    with pytest.raises(RuntimeError, match="a Python subprocess was started"):
+        common.environment()
+    assert len(calls) == 1
+
+
 def test_speed_sweep_records_caps_and_plots(tmp_path, monkeypatch):
     # In this process (no workers). A time cap of 0 s puts every first
     # length over budget: the longer length must then be skipped, not run.
