@@ -181,24 +181,29 @@ def environment():
         os.environ.get(name)
         for name in ("KERAS_BACKEND", "CUDA_VISIBLE_DEVICES", "JAX_PLATFORMS")
     )
-    if settings not in _BACKEND_DESCRIPTIONS and _runs_the_workers_backend():
-        _BACKEND_DESCRIPTIONS[settings] = _backend_description()
     if settings not in _BACKEND_DESCRIPTIONS:
-        code = (
-            "import json; from benchmarks import common; "
-            "print(json.dumps(common._backend_description()))"
-        )
-        output = subprocess.run(
-            [sys.executable, "-c", code],
-            capture_output=True,
-            text=True,
-            check=True,
-            env=worker_env(TF_CPP_MIN_LOG_LEVEL="3"),
-        )
-        _BACKEND_DESCRIPTIONS[settings] = json.loads(
-            output.stdout.strip().splitlines()[-1]
+        _BACKEND_DESCRIPTIONS[settings] = (
+            _backend_description()
+            if _runs_the_workers_backend()
+            else _backend_description_in_a_subprocess()
         )
     return _with_host(_BACKEND_DESCRIPTIONS[settings])
+
+
+def _backend_description_in_a_subprocess():
+    """`_backend_description()`, read by a new Python process."""
+    code = (
+        "import json; from benchmarks import common; "
+        "print(json.dumps(common._backend_description()))"
+    )
+    output = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=worker_env(TF_CPP_MIN_LOG_LEVEL="3"),
+    )
+    return json.loads(output.stdout.strip().splitlines()[-1])
 
 
 def _runs_the_workers_backend():
