@@ -6,9 +6,9 @@ script that trains them under a strategy in a fresh process.
 
 `mirrored` splits the CPU into two logical devices before TensorFlow
 starts, imports keras_favor into a process that has only Keras and checks
-what the import and `enable_multi_worker_fit` do to Keras (its summary's
-`keras_untouched`), puts Keras's functions back and trains under
-MirroredStrategy.
+what the import and `enable_multi_worker_fit` do to Keras, and that the
+import loads no keras-hub (its summary's `keras_untouched`), puts Keras's
+functions back and trains under MirroredStrategy.
 Each mode writes `OUT_DIR/result.json` and `OUT_DIR/weights.npz`; the tests
 read them.
 """
@@ -220,16 +220,21 @@ def restore_trainer_functions(functions):
 def run_keras_untouched():
     """Checks, in a fresh process that has not imported keras_favor, that
     `import keras_favor` leaves Keras's trainer functions as they are, and
-    what two calls of `enable_multi_worker_fit` do to them; returns the
-    JSON-ready summary."""
+    what two calls of `enable_multi_worker_fit` do to them, and that
+    keras-hub, an extra, is loaded only through `keras_favor.keras_hub`
+    (not by `keras_favor` or `performerize`); returns the JSON-ready
+    summary."""
     stock = keras_trainer_functions()
     import keras_favor
+    import keras_favor.convert
 
+    keras_hub_imported = "keras_hub" in sys.modules
     imported = keras_trainer_functions()
     enabled = [keras_favor.distribute.enable_multi_worker_fit()]
     patched = keras_trainer_functions()
     enabled.append(keras_favor.distribute.enable_multi_worker_fit())
     summary = {
+        "keras_hub_imported": keras_hub_imported,
         "unchanged_by_import": [a is b for a, b in zip(stock, imported)],
         "enable_results": enabled,
         "enabled": keras_favor.distribute.multi_worker_fit_enabled(),

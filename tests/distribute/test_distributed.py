@@ -156,8 +156,9 @@ def check_distributed_fit(summary, arrays):
 def test_import_leaves_keras_alone_and_mirrored_fit_keeps_replicas_equal(
     tmp_path,
 ):
-    """In a fresh process: `import keras_favor` keeps Keras's trainer
-    functions (the same objects), the first `enable_multi_worker_fit()`
+    """In a fresh process: `import keras_favor` (and `keras_favor.convert`)
+    imports no keras-hub, an extra, and keeps Keras's trainer functions
+    (the same objects), the first `enable_multi_worker_fit()`
     wraps them and the second changes nothing; then, with the stock
     functions back, MirroredStrategy trains with FeatureRedraw and keeps
     both replicas' projections equal."""
@@ -166,6 +167,7 @@ def test_import_leaves_keras_alone_and_mirrored_fit_keeps_replicas_equal(
     )
     untouched = summary.pop("keras_untouched")
     needed = multi_worker_fit._keras_needs_fix()
+    assert untouched["keras_hub_imported"] is False
     assert untouched["unchanged_by_import"] == [True, True]
     assert untouched["enable_results"] == [needed, False]
     assert untouched["enabled"] == needed
@@ -333,45 +335,30 @@ def test_xla_fit_reads_redrawn_projection(use_causal_mask):
     )
 
 
-# Runs the example's `main` twice in one process (a TensorFlow start fewer
-# than two processes): interrupted, then resumed from the backup with a new
-# strategy, model and callbacks.
-INTERRUPT_AND_RESUME = """
-import sys
-from examples.distributed_training import main
-
-main(sys.argv[1:] + ["--interrupt-after-epoch=1"])
-print("RUN AGAIN", flush=True)
-main(sys.argv[1:])
-"""
-
-
 @pytest.mark.integration
-def test_example_trains_and_resumes(tmp_path):
-    """examples/distributed_training.py, interrupted after its first epoch
-    and run again, resumes at the step and redraw count it stopped at."""
-    command = [
-        sys.executable,
-        "-c",
-        INTERRUPT_AND_RESUME,
+def test_example_trains_and_resumes(tmp_path, capsys):
+    """examples/distributed_training.py under MirroredStrategy, interrupted
+    after its first epoch and run again (a new strategy, model and
+    callbacks), resumes from its backup at the step and redraw count it
+    stopped at."""
+    from examples.distributed_training import main
+
+    args = [
         "--epochs=2",
         "--steps-per-epoch=3",
         "--redraw-interval=2",
         f"--backup-dir={tmp_path / 'backup'}",
     ]
-    log = str(tmp_path / "run.log")
-    [code] = run_processes([command], [subprocess_env()], [log])
-    output = log_tail(log, chars=40000)
-    assert code == 0, output
-    outputs = output.split("RUN AGAIN")
-    assert len(outputs) == 2, output
-    assert "Interrupted after epoch 1" in outputs[0]
+    main(args + ["--interrupt-after-epoch=1"])
+    interrupted = capsys.readouterr().out
+    main(args)
+    resumed = capsys.readouterr().out
+    assert "Interrupted after epoch 1" in interrupted, interrupted
     assert (
-        "starts at step 3; redraw count per attention layer: [1, 1]"
-        in (outputs[1])
-    )
+        "starts at step 3; redraw count per attention layer: [1, 1]" in resumed
+    ), resumed
     # 6 steps: redraws after steps 2 and 4; none in the last 2 steps.
-    assert "Done; redraw count per attention layer: [2, 2]" in outputs[1]
+    assert "Done; redraw count per attention layer: [2, 2]" in resumed
 
 
 @pytest.mark.integration

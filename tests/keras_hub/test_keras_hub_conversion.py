@@ -245,23 +245,3 @@ def test_whisper_bias_less_key_projection_raises_naming_it():
 def test_keras_hub_backbone_with_a_predicate_raises():
     with pytest.raises(ValueError, match="predicate"):
         performerize(gpt2_backbone(), predicate=lambda mha: True)
-
-
-def test_keras_favor_imports_without_importing_keras_hub():
-    """keras-hub is an extra: keras_favor (performerize included) loads it
-    only through `keras_favor.keras_hub`."""
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, keras_favor, keras_favor.convert; "
-        "print('keras_hub' in sys.modules)"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        check=True,
-    )
-    assert result.stdout.strip() == "False"
