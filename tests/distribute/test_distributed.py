@@ -335,30 +335,45 @@ def test_xla_fit_reads_redrawn_projection(use_causal_mask):
     )
 
 
-@pytest.mark.integration
-def test_example_trains_and_resumes(tmp_path, capsys):
-    """examples/distributed_training.py under MirroredStrategy, interrupted
-    after its first epoch and run again (a new strategy, model and
-    callbacks), resumes from its backup at the step and redraw count it
-    stopped at."""
-    from examples.distributed_training import main
+# Runs the example's `main` twice in one process (a TensorFlow start fewer
+# than two processes): interrupted, then resumed from the backup with a new
+# strategy, model and callbacks.
+INTERRUPT_AND_RESUME = """
+import sys
+from examples.distributed_training import main
 
-    args = [
+main(sys.argv[1:] + ["--interrupt-after-epoch=1"])
+print("RUN AGAIN", flush=True)
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.integration
+def test_example_trains_and_resumes(tmp_path):
+    """examples/distributed_training.py, interrupted after its first epoch
+    and run again, resumes at the step and redraw count it stopped at."""
+    command = [
+        sys.executable,
+        "-c",
+        INTERRUPT_AND_RESUME,
         "--epochs=2",
         "--steps-per-epoch=3",
         "--redraw-interval=2",
         f"--backup-dir={tmp_path / 'backup'}",
     ]
-    main(args + ["--interrupt-after-epoch=1"])
-    interrupted = capsys.readouterr().out
-    main(args)
-    resumed = capsys.readouterr().out
-    assert "Interrupted after epoch 1" in interrupted, interrupted
+    log = str(tmp_path / "run.log")
+    [code] = run_processes([command], [subprocess_env()], [log])
+    output = log_tail(log, chars=40000)
+    assert code == 0, output
+    outputs = output.split("RUN AGAIN")
+    assert len(outputs) == 2, output
+    assert "Interrupted after epoch 1" in outputs[0]
     assert (
-        "starts at step 3; redraw count per attention layer: [1, 1]" in resumed
-    ), resumed
+        "starts at step 3; redraw count per attention layer: [1, 1]"
+        in (outputs[1])
+    )
     # 6 steps: redraws after steps 2 and 4; none in the last 2 steps.
-    assert "Done; redraw count per attention layer: [2, 2]" in resumed
+    assert "Done; redraw count per attention layer: [2, 2]" in outputs[1]
 
 
 @pytest.mark.integration
