@@ -265,41 +265,35 @@ def served_generate(requests):
 def test_exported_generate_endpoints_when_served(
     tmp_path, capsys, one_layer_model
 ):
-    """Exported models, all served by one client process (each export and
-    client start costs seconds): the greedy and sampled endpoints give
-    `generate`'s tokens, also for a one-token prompt (the prefill is that
-    token alone); a mixed_float16 model's endpoint keeps a float32 state,
-    giving the tokens of repeated full passes; and the endpoint checks the
-    lengths, which only a run knows."""
+    """Two exported models, served by one client process (each export and
+    client start costs seconds): a sampled endpoint gives `generate`'s
+    tokens for its seed, also for a one-token prompt (the prefill is that
+    token alone), and its `serve` gives the model's logits; a
+    mixed_float16 model's greedy endpoint keeps a float32 state, giving
+    the tokens of repeated full passes, for both prompts too; and the
+    endpoint checks the lengths, which only a run knows."""
     import tensorflow as tf
 
     model = one_layer_model
     prompt = left_padded_prompts()
+    one_token = prompt[:1, -1:]
+    sampled = str(tmp_path / "sampled")
+    generation.export_language_model(model, sampled, **SAMPLED, verbose=True)
     requests, expected = [], []
-    for name, options, seed in [
-        ("greedy", {}, [0, 0]),
-        ("random", SAMPLED, [7, 0]),
-    ]:
-        path = str(tmp_path / name)
-        generation.export_language_model(
-            model, path, **options, verbose=name == "greedy"
+    for tokens, count in ((prompt, 20), (one_token, 5)):
+        requests.append((sampled, tokens, count, [7, 0]))
+        expected.append(
+            keras_favor.generate(model, tokens, count, seed=7, **SAMPLED)
         )
-        for tokens, count in ((prompt, 20), (prompt[:1, -1:], 5)):
-            requests.append((path, tokens, count, seed))
-            expected.append(
-                keras_favor.generate(
-                    model, tokens, count, seed=seed[0], **options
-                )
-            )
-    # The greedy export printed its endpoints; its `serve` gives the
-    # model's logits.
+    # The export printed its endpoints; its `serve` gives the model's
+    # logits.
     printed = capsys.readouterr().out.splitlines()
     assert printed[-2:] == [
         "* serve(args_0: int32 (None, None))",
         "* generate(prompt_ids: int32 (None, None), max_new_tokens: int32 (), "
         "seed: int64 (2,))",
     ]
-    served = tf.saved_model.load(str(tmp_path / "greedy"))
+    served = tf.saved_model.load(sampled)
     np.testing.assert_allclose(
         served.serve(tf.constant(prompt, tf.int32)).numpy(),
         keras.ops.convert_to_numpy(model(prompt)),
@@ -310,14 +304,14 @@ def test_exported_generate_endpoints_when_served(
     mixed = language_model(num_layers=1)
     path = str(tmp_path / "mixed")
     generation.export_language_model(mixed, path)
-    requests.append((path, prompt, 12, [0, 0]))
-    expected.append(greedy_by_full_passes(mixed, prompt, 12))
+    for tokens, count in ((prompt, 12), (one_token, 5)):
+        requests.append((path, tokens, count, [0, 0]))
+        expected.append(greedy_by_full_passes(mixed, tokens, count))
     keras.config.set_dtype_policy("float32")
     # The prompt and the new tokens past `max_length`; no new token.
-    path = str(tmp_path / "greedy")
     failing = [((1, 90), 10, "max_length"), ((1, 9), 0, "max_new_tokens")]
     for shape, count, _ in failing:
-        requests.append((path, np.ones(shape, "int32"), count, [0, 0]))
+        requests.append((sampled, np.ones(shape, "int32"), count, [0, 0]))
 
     results = served_generate(requests)
     for result, want in zip(results, expected):
