@@ -35,7 +35,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 # worker's TensorFlow runs an op on one thread rather than splitting it
 # across cores the other worker keeps busy; the subprocesses of its tests
 # inherit the setting. (A 2000 x 2000 matmul here: 15 % less CPU on one
-# thread.)
+# thread; on the whole TensorFlow pass the gain was within the noise.)
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) >= (
     os.cpu_count() or 1
 ):
@@ -69,7 +69,7 @@ _add_xla_flag("--xla_cpu_use_fusion_emitters", "false")
 _add_xla_flag("--xla_cpu_parallel_codegen_split_count", 1)
 # JAX's lowering gives each operation the location of the frame that made
 # it instead of its whole Python traceback (locations only name the source
-# in compiler messages): about 2 % of a JAX test run here.
+# in compiler messages): about 2 % of the JAX pass's CPU in a profile here.
 os.environ.setdefault("JAX_INCLUDE_FULL_TRACEBACKS_IN_LOCATIONS", "false")
 
 import numpy as np  # noqa: E402

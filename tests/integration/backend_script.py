@@ -89,12 +89,15 @@ def run_redraws(out_dir):
     }
 
 
+MODES = {"import": run_import, "redraws": run_redraws}
+
+
 def main(*modes_and_out_dir):
     import keras
 
     *modes, out_dir = modes_and_out_dir
     for mode in modes:
-        result = {"import": run_import, "redraws": run_redraws}[mode](out_dir)
+        result = MODES[mode](out_dir)
         result["backend"] = keras.backend.backend()
         with open(os.path.join(out_dir, f"{mode}.json"), "w") as file:
             json.dump(result, file)
