@@ -207,6 +207,20 @@ def pytest_collection_finish(session):
     gc.freeze()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def objects_of_earlier_modules_frozen():
+    """After each module (and its fixtures), collects its garbage and
+    exempts what stays alive (caches of TensorFlow, Keras and the test
+    helpers) from later collections, as `pytest_collection_finish` does
+    for the objects made before the tests. Without it, every full
+    collection walks everything the earlier modules left alive: here,
+    collections took 47 s of the TensorFlow pass's worker time without it
+    and 17 s with it (JAX: 21 s and 11 s), at the same peak memory."""
+    yield
+    gc.collect()
+    gc.freeze()
+
+
 def _sample_cases(items):
     """Off TensorFlow, a test marked `backend_samples(n)` runs `n` of its
     parametrized cases, spread evenly; TensorFlow runs them all."""
