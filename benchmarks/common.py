@@ -258,11 +258,14 @@ def write_csv(path, fields, rows):
         writer.writerows(rows)
 
 
-def write_results(args, name, fields, rows, summary_lines):
+def write_results(args, name, fields, rows, summary_lines, environment):
     """Writes `NAME.json` (environment and settings), `NAME.csv` and
-    `NAME_summary.txt` to `args.output_dir`, and prints the summary."""
+    `NAME_summary.txt` to `args.output_dir`, and prints the summary.
+
+    `environment` is `describe()` taken before the runs, so that its load
+    average is the one they started at, not the one they made."""
     stem = os.path.join(args.output_dir, name)
-    write_environment(stem + ".json", describe(), vars(args))
+    write_environment(stem + ".json", environment, vars(args))
     write_csv(stem + ".csv", fields, rows)
     write_lines(stem + "_summary.txt", summary_lines)
 

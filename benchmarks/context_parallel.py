@@ -240,10 +240,11 @@ def main(argv=None):
     )
     args.lengths = [int(x) for x in args.lengths]
     args.devices = [int(x) for x in args.devices]
+    environment = common.describe()
     rows = measure(args)
     fields = list(rows[0])
     common.write_results(
-        args, "context_parallel", fields, rows, summary(rows, args)
+        args, "context_parallel", fields, rows, summary(rows, args), environment
     )
 
 

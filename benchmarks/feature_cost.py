@@ -161,8 +161,11 @@ def main(argv=None):
         rounds=(7, "timed calls per configuration"),
         warmup=(2, "untimed calls per configuration after tracing"),
     )
+    environment = common.describe()
     rows = measure(args)
-    common.write_results(args, "feature_cost", FIELDS, rows, summary(rows))
+    common.write_results(
+        args, "feature_cost", FIELDS, rows, summary(rows), environment
+    )
     return rows
 
 

@@ -163,8 +163,11 @@ def main(argv=None):
         rounds=(15, "timed calls per configuration"),
         warmup=(2, "untimed calls per configuration after tracing"),
     )
+    environment = common.describe()
     rows = measure(args)
-    common.write_results(args, "local_window_cost", FIELDS, rows, summary(rows))
+    common.write_results(
+        args, "local_window_cost", FIELDS, rows, summary(rows), environment
+    )
     return rows
 
 
