@@ -370,7 +370,7 @@ def test_example_trains_and_resumes(tmp_path):
     assert "Interrupted after epoch 1" in outputs[0]
     assert (
         "starts at step 3; redraw count per attention layer: [1, 1]"
-        in (outputs[1])
+        in outputs[1]
     )
     # 6 steps: redraws after steps 2 and 4; none in the last 2 steps.
     assert "Done; redraw count per attention layer: [2, 2]" in outputs[1]
