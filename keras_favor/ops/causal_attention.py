@@ -268,7 +268,7 @@ def _group_attention(
     seed = group_seed(dropout_seed, index, num_groups)
     starts_here = starts_empty and index == 0
 
-    def one_level(query_parts, key_parts, value, state):
+    def one_level(query_parts, key_parts, value, state, mask, seed):
         parts, state_after = one_level_causal_attention(
             query_parts,
             key_parts,
@@ -287,21 +287,19 @@ def _group_attention(
         for parts in (query_parts, key_parts)
     ):
         _, outputs, state_after = one_level(
-            query_parts, key_parts, value, state
+            query_parts, key_parts, value, state, mask, seed
         )
         return outputs, state_after
 
     # Only what is used is selected, so that an unused final state is not
-    # computed by the per-feature algorithm.
+    # computed by the per-feature algorithm; the state after a last group
+    # that is not returned is an empty list.
     keep_state = return_state or index < num_groups - 1
-    unused_state = []
 
     def one_level_checked(tensors):
-        query_parts, key_parts, value, state, _, _ = _unpacked(tensors)
-        parts, outputs, state_after = one_level(
-            query_parts, key_parts, value, state
-        )
-        unused_state[:] = [] if keep_state else state_after
+        # Every tensor from `tensors`, none from the enclosing scope: on
+        # JAX the selection's backward pass runs outside that scope.
+        parts, outputs, state_after = one_level(*_unpacked(tensors))
         return (
             outputs + state_after * keep_state,
             _loses_a_normalizer(parts[2], parts[1]),
@@ -319,7 +317,7 @@ def _group_attention(
         [*query_parts, *key_parts, value, *state, mask, seed],
     )
     count = len(results) - len(state) * keep_state
-    return results[:count], results[count:] or unused_state
+    return results[:count], results[count:]
 
 
 def _per_feature_levels(

@@ -14,7 +14,13 @@ long as the traced step: a causal training step over 65536 positions kept
 selection is a `tf.custom_gradient`: the main results' gradients come from
 a tape over `main_fn`, the fallback's from `fallback_fn` recomputed in the
 backward pass, under a conditional whose branches both return real
-gradients. Other backends differentiate `keras.ops.cond` as it is.
+gradients. On JAX, whose `cond` under `jax.grad` likewise hands the
+untaken branch's residuals (zeros) to the backward pass, the selection is a
+`jax.custom_vjp` built the same way: the main results' pullback is kept,
+and the fallback's is recomputed in the backward pass only where it ran.
+So on both backends the selection is differentiated in reverse mode only
+(`jax.jvp` of it raises). Other backends differentiate `keras.ops.cond` as
+it is.
 
 The fallback is in every traced step, whether it runs or not, and the
 backward pass recomputes it: on TensorFlow it runs through `trace_cache`,
@@ -52,6 +58,8 @@ def with_fallback(main_fn, fallback_fn, inputs):
     """
     pure_function_and_keywords(fallback_fn, "fallback_fn")
     inputs = list(inputs)
+    if backend.name() == "jax":
+        return _jax_fallback(main_fn, fallback_fn, inputs)
     if not backend.is_tensorflow():
         results, flag = main_fn(inputs)
         return list(
@@ -153,3 +161,60 @@ def _tensorflow_fallback(main_fn, fallback_fn, inputs):
         return chosen, gradient
 
     return list(select(*[x for x in inputs if x is not None]))
+
+
+def _jax_fallback(main_fn, fallback_fn, inputs):
+    import jax
+    import jax.numpy as jnp
+
+    inputs = [None if x is None else jnp.asarray(x) for x in inputs]
+    floating = [
+        x is not None and jnp.issubdtype(x.dtype, jnp.floating) for x in inputs
+    ]
+    # The floating inputs are differentiated; the others (a mask, a seed)
+    # ride along with no cotangent.
+    sources = [x if f else None for x, f in zip(inputs, floating)]
+    others = [None if f else x for x, f in zip(inputs, floating)]
+
+    def complete(sources, others):
+        return [s if f else o for s, o, f in zip(sources, others, floating)]
+
+    def main(sources, others):
+        results, flag = main_fn(complete(sources, others))
+        return list(results), flag
+
+    def choose(flag, sources, others, results):
+        return list(
+            backend.cond(
+                flag,
+                lambda: list(fallback_fn(complete(sources, others))),
+                lambda: list(results),
+            )
+        )
+
+    @jax.custom_vjp
+    def select(sources, others):
+        results, flag = main(sources, others)
+        return choose(flag, sources, others, results)
+
+    def forward(sources, others):
+        results, main_pullback, flag = jax.vjp(
+            lambda s: main(s, others), sources, has_aux=True
+        )
+        chosen = choose(flag, sources, others, results)
+        return chosen, (sources, others, main_pullback, flag)
+
+    def backward(residuals, upstream):
+        sources, others, main_pullback, flag = residuals
+
+        def fallback():
+            _, pullback = jax.vjp(
+                lambda s: list(fallback_fn(complete(s, others))), sources
+            )
+            return pullback(upstream)[0]
+
+        grads = backend.cond(flag, fallback, lambda: main_pullback(upstream)[0])
+        return grads, None
+
+    select.defvjp(forward, backward)
+    return select(sources, others)

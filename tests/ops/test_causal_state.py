@@ -325,9 +325,7 @@ def test_per_feature_blocks_equal_one_block(rng, monkeypatch):
     blocks = run(16)
     # Once forward, once more where the backward pass recomputes it
     # (keras_favor.ops.fallback).
-    assert used == [(3, 16)] * (
-        2 if keras.backend.backend() == "tensorflow" else 1
-    )
+    assert used == [(3, 16)] * 2
     assert_blocks_equal_one_block(blocks, whole)
 
 

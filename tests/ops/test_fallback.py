@@ -1,7 +1,8 @@
 """A result computed again by a slower algorithm where a check flags it
 (`keras_favor.ops.fallback`): the results and the gradients of the branch
-taken, eager and traced, an absent input passed through; on TensorFlow no
-conditional hands the untaken branch's intermediates to the backward pass."""
+taken, eager and traced, an absent input passed through; on TensorFlow and
+JAX no conditional hands the untaken branch's intermediates to the backward
+pass."""
 
 import numpy as np
 import pytest
@@ -125,6 +126,30 @@ def test_gradients_twice_and_of_second_order(rng, flagged):
     np.testing.assert_allclose(second_order.numpy(), want_second, rtol=1e-6)
 
 
+@pytest.mark.jax_only
+@pytest.mark.parametrize("flagged", [False, True])
+def test_second_order_gradients_on_jax(rng, flagged):
+    # The backward pass of the selection is itself differentiable.
+    import jax
+    import jax.numpy as jnp
+
+    x, y = rng.normal(size=(2, 2, 5)).astype("float32")
+    threshold = -10.0 if flagged else 10.0
+
+    def loss(x):
+        first, second = with_fallback(
+            main_fn(threshold), fallback_fn, [x, None, y]
+        )
+        return jnp.sum(first) + second
+
+    second_order = jax.grad(lambda x: jnp.sum(jax.grad(loss)(x)))(x)
+    if flagged:
+        want = -np.sin(x) * y**2 + 6 * x
+    else:
+        want = np.exp(x)
+    np.testing.assert_allclose(second_order, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.tensorflow_only
 def test_no_conditional_outputs_the_untaken_branch_intermediates(rng):
     # `tf.cond`'s own gradient makes the conditional output every
@@ -166,6 +191,57 @@ def test_no_conditional_outputs_the_untaken_branch_intermediates(rng):
     assert conditionals
     for op in conditionals:
         assert len(op.outputs) <= len(op.inputs), op.name
+
+
+@pytest.mark.jax_only
+def test_no_jax_conditional_outputs_the_untaken_branch_residuals(rng):
+    # Under `jax.grad` a `lax.cond` would output the residuals of both
+    # branches, the per-feature branch's as zeros, in every step; through
+    # `with_fallback` each conditional outputs its selected results, or
+    # gradients, only.
+    import jax
+
+    layer = keras_favor.FavorAttention(
+        num_heads=2, key_dim=8, num_features=13, seed=3
+    )
+    layer.build((1, 40, 16), (1, 40, 16))
+    feature_fn, query_feature_fn = favor_kernels.feature_fns(layer)
+    heads = [rng.normal(size=(1, 2, 40, 8)).astype("float32") for _ in range(3)]
+
+    def loss(heads):
+        outputs = keras_favor.ops.causal_linear_attention(
+            *heads,
+            feature_fn,
+            13,
+            query_feature_fn=query_feature_fn,
+            chunk_size=8,
+            recompute_length=16,
+        )
+        return ops.sum(outputs)
+
+    conditionals = _jax_conditionals(jax.make_jaxpr(jax.grad(loss))(heads))
+    assert conditionals
+    for equation in conditionals:
+        # The first operand is the branch index.
+        assert len(equation.outvars) <= len(equation.invars) - 1
+
+
+def _jax_conditionals(closed_jaxpr):
+    """Every `cond` equation of a jaxpr, nested ones included."""
+    found, pending = [], [closed_jaxpr.jaxpr]
+    while pending:
+        jaxpr = pending.pop()
+        for equation in jaxpr.eqns:
+            if equation.primitive.name == "cond":
+                found.append(equation)
+            for value in equation.params.values():
+                for item in (
+                    value if isinstance(value, (list, tuple)) else [value]
+                ):
+                    inner = getattr(item, "jaxpr", item)
+                    if hasattr(inner, "eqns"):
+                        pending.append(inner)
+    return found
 
 
 def test_a_fallback_with_a_closure_raises(rng):
