@@ -150,6 +150,31 @@ def test_second_order_gradients_on_jax(rng, flagged):
     np.testing.assert_allclose(second_order, want, rtol=1e-5, atol=1e-6)
 
 
+def _small_causal_loss(rng):
+    """`(loss, heads)`: the sum of a small causal layer's attention outputs,
+    in groups of 16 positions, as a function of its three `(1, 2, 40, 8)`
+    heads, and those heads."""
+    layer = keras_favor.FavorAttention(
+        num_heads=2, key_dim=8, num_features=13, seed=3
+    )
+    layer.build((1, 40, 16), (1, 40, 16))
+    feature_fn, query_feature_fn = favor_kernels.feature_fns(layer)
+
+    def loss(heads):
+        outputs = keras_favor.ops.causal_linear_attention(
+            *heads,
+            feature_fn,
+            13,
+            query_feature_fn=query_feature_fn,
+            chunk_size=8,
+            recompute_length=16,
+        )
+        return ops.sum(outputs)
+
+    heads = [rng.normal(size=(1, 2, 40, 8)).astype("float32") for _ in range(3)]
+    return loss, heads
+
+
 @pytest.mark.tensorflow_only
 def test_no_conditional_outputs_the_untaken_branch_intermediates(rng):
     # `tf.cond`'s own gradient makes the conditional output every
@@ -159,30 +184,15 @@ def test_no_conditional_outputs_the_untaken_branch_intermediates(rng):
     # outputs its selected results, or gradients, only.
     import tensorflow as tf
 
-    layer = keras_favor.FavorAttention(
-        num_heads=2, key_dim=8, num_features=13, seed=3
-    )
-    layer.build((1, 40, 16), (1, 40, 16))
-    feature_fn, query_feature_fn = favor_kernels.feature_fns(layer)
-    heads = [
-        tf.constant(rng.normal(size=(1, 2, 40, 8)).astype("float32"))
-        for _ in range(3)
-    ]
+    loss, heads = _small_causal_loss(rng)
+    heads = [tf.constant(h) for h in heads]
 
     @tf.function(autograph=False)
     def gradients(*heads):
         with tf.GradientTape() as tape:
             tape.watch(heads)
-            outputs = keras_favor.ops.causal_linear_attention(
-                *heads,
-                feature_fn,
-                13,
-                query_feature_fn=query_feature_fn,
-                chunk_size=8,
-                recompute_length=16,
-            )
-            loss = ops.sum(outputs)
-        return tape.gradient(loss, heads)
+            value = loss(heads)
+        return tape.gradient(value, heads)
 
     graph = gradients.get_concrete_function(*heads).graph
     conditionals = [
@@ -201,24 +211,7 @@ def test_no_jax_conditional_outputs_the_untaken_branch_residuals(rng):
     # gradients, only.
     import jax
 
-    layer = keras_favor.FavorAttention(
-        num_heads=2, key_dim=8, num_features=13, seed=3
-    )
-    layer.build((1, 40, 16), (1, 40, 16))
-    feature_fn, query_feature_fn = favor_kernels.feature_fns(layer)
-    heads = [rng.normal(size=(1, 2, 40, 8)).astype("float32") for _ in range(3)]
-
-    def loss(heads):
-        outputs = keras_favor.ops.causal_linear_attention(
-            *heads,
-            feature_fn,
-            13,
-            query_feature_fn=query_feature_fn,
-            chunk_size=8,
-            recompute_length=16,
-        )
-        return ops.sum(outputs)
-
+    loss, heads = _small_causal_loss(rng)
     conditionals = _jax_conditionals(jax.make_jaxpr(jax.grad(loss))(heads))
     assert conditionals
     for equation in conditionals:
