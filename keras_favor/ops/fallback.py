@@ -49,8 +49,10 @@ def with_fallback(main_fn, fallback_fn, inputs):
         inputs: a list of tensors (None for an absent one) that both
             functions read; gradients flow to its floating tensors. The
             functions read no trainable variable (on TensorFlow their
-            gradients would be lost); tensors they capture get no
-            gradient.
+            gradients would be lost). A tensor that `main_fn` captures
+            gets no gradient on TensorFlow; on JAX, whose backward pass
+            runs outside the enclosing transformation, it must come in
+            `inputs` instead.
 
     Returns:
         The list of results of `fallback_fn` if the flag holds, else those
