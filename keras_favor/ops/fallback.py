@@ -18,7 +18,7 @@ gradients. On JAX, whose `cond` under `jax.grad` likewise hands the
 untaken branch's residuals (zeros) to the backward pass, the selection is a
 `jax.custom_vjp` built the same way: the main results' pullback is kept,
 and the fallback's is recomputed in the backward pass only where it ran.
-So on both backends the selection is differentiated in reverse mode only
+On JAX the selection is therefore differentiated in reverse mode only
 (`jax.jvp` of it raises). Other backends differentiate `keras.ops.cond` as
 it is.
 
@@ -166,6 +166,8 @@ def _tensorflow_fallback(main_fn, fallback_fn, inputs):
 
 
 def _jax_fallback(main_fn, fallback_fn, inputs):
+    """`with_fallback` on JAX: a `jax.custom_vjp` over the floating
+    inputs."""
     import jax
     import jax.numpy as jnp
 
