@@ -275,7 +275,9 @@ def test_causal_step_flops_add_the_chunk_products_and_the_state_prefix():
     ):  # forward, per head, for the (F, D) states and F sums
         state = F * D + F
         if chunks > PREFIX_BLOCK and chunks % PREFIX_BLOCK == 0:
-            within = 2 * chunks * PREFIX_BLOCK * state + 2 * chunks * state
+            # The block's decay product, its sum at its last level, and the
+            # outer product that adds the earlier blocks' sums to each chunk.
+            within = 2 * chunks * PREFIX_BLOCK * state + 2 * 2 * chunks * state
             return within + prefix_flops(chunks // PREFIX_BLOCK)
         return 2 * chunks * chunks * state
 
