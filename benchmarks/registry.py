@@ -226,21 +226,38 @@ for _mode in ("bidirectional", "causal"):
             f"FavorAttention, {_mode}, forward + backward, L = 1024",
         )
     )
-register(
-    Configuration(
-        "exact_train_step_causal_1024",
-        training_step,
-        {
-            "level": "layer",
-            "mode": "causal",
-            "length": 1024,
-            "repeats": 15,
-            "model": "exact",
-        },
-        "keras.layers.MultiHeadAttention, causal, forward + backward, "
-        "L = 1024 (the same in every revision: the machine's drift)",
-    )
-)
+# `local_window >= L`: FavorAttention runs exact attention
+# (`keras.ops.dot_product_attention`), against `MultiHeadAttention`.
+_EXACT_STEPS = {"train_step": "forward_backward", "forward": "forward"}
+_EXACT_MODELS = {
+    "favor_window": (
+        {"local_window": 1024},
+        "FavorAttention(local_window=1024)",
+    ),
+    "exact": (
+        {"model": "exact"},
+        "keras.layers.MultiHeadAttention (the same in every revision: "
+        "the machine's drift)",
+    ),
+}
+for _mode in ("bidirectional", "causal"):
+    for _step, _pass in _EXACT_STEPS.items():
+        for _model, (_options, _layer) in _EXACT_MODELS.items():
+            register(
+                Configuration(
+                    f"{_model}_{_step}_{_mode}_1024",
+                    training_step,
+                    {
+                        "level": "layer",
+                        "mode": _mode,
+                        "length": 1024,
+                        "repeats": 15,
+                        "pass_": _pass,
+                        **_options,
+                    },
+                    f"{_layer}, {_mode}, {_pass.replace('_', ' + ')}, L = 1024",
+                )
+            )
 register(
     Configuration(
         "favor_forward_causal_1024",
@@ -345,6 +362,12 @@ GROUPS = {
         "favor_train_step_causal_8192",
         "favor_train_step_bidirectional_8192",
     ),
+    "exact_window": tuple(
+        f"{model}_{step}_{mode}_1024"
+        for mode in ("bidirectional", "causal")
+        for step in _EXACT_STEPS
+        for model in _EXACT_MODELS
+    ),
     "recompute_custom_gradient_vs_remat": tuple(
         f"recompute_{mechanism}_{mode}_16384"
         for mode in ("bidirectional", "causal")
@@ -357,4 +380,8 @@ PAIRS = tuple(
         f"recompute_keras_remat_{mode}_16384",
     )
     for mode in ("bidirectional", "causal")
+) + tuple(
+    (f"exact_{step}_{mode}_1024", f"favor_window_{step}_{mode}_1024")
+    for mode in ("bidirectional", "causal")
+    for step in _EXACT_STEPS
 )

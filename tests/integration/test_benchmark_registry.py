@@ -35,8 +35,17 @@ def test_groups_expand_to_registered_names_and_unknown_names_are_refused():
         == TINY
     )
     assert len(registry.expand(["speed_memory_unchanged"] * 2)) == 3
+    # A pair measures two layers, or two mechanisms, on the same work.
+    size = ("level", "mode", "length", "repeats", "pass_", "recompute_length")
     for a, b in registry.PAIRS:
-        assert registry.get(a).parameters == registry.get(b).parameters
+        assert [registry.get(a).parameters.get(k) for k in size] == [
+            registry.get(b).parameters.get(k) for k in size
+        ]
+        first, second = registry.get(a), registry.get(b)
+        assert (first.function, first.parameters) != (
+            second.function,
+            second.parameters,
+        )
     with pytest.raises(ValueError, match="No configuration named 'nothing'"):
         registry.expand(["nothing"])
 
