@@ -12,9 +12,13 @@ much memory available (`/proc/meminfo`), unless `--force`:
 
     python -m benchmarks.long_sequence --lengths 32768 65536 131072
     python -m benchmarks.long_sequence --lengths 524288     # needs 18 GiB
+
+`--csv` keeps the rows of the modes and lengths that a run does not measure,
+so that each mode can run on its own, from an idle machine.
 """
 
 import argparse
+import csv
 import json
 import os
 import sys
@@ -99,6 +103,21 @@ def fit_line(points):
     return mean_y - slope * mean_x, slope
 
 
+def with_earlier_rows(path, rows):
+    """The rows of the CSV at `path` whose mode and length `rows` do not
+    measure, then `rows`."""
+    if not os.path.exists(path):
+        return rows
+    measured = {(row["mode"], int(row["length"])) for row in rows}
+    with open(path, newline="") as file:
+        earlier = [
+            row
+            for row in csv.DictReader(file)
+            if (row["mode"], int(row["length"])) not in measured
+        ]
+    return earlier + rows
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
@@ -150,7 +169,7 @@ def main(argv=None):
                 row.update(result)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    common.write_csv(args.csv, FIELDS, rows)
+    common.write_csv(args.csv, FIELDS, with_earlier_rows(args.csv, rows))
     for mode in args.modes:
         points = [
             (r["length"], r["peak_rss_mib"])

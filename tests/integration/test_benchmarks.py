@@ -14,6 +14,7 @@ import pytest
 
 from benchmarks import approximation
 from benchmarks import flop_bound
+from benchmarks import long_sequence
 from benchmarks import models
 from benchmarks import speed_memory
 
@@ -458,3 +459,19 @@ def test_jax_step_is_the_sum_of_the_gradients(tmp_path):
     np.testing.assert_allclose(
         jax_gradients, results["forward_backward"], rtol=1e-4
     )
+
+
+def test_long_sequence_keeps_the_rows_of_what_a_run_does_not_measure(tmp_path):
+    path = str(tmp_path / "long_sequence.csv")
+    first = [
+        {"mode": "causal", "length": 8, "step_s": 1.0},
+        {"mode": "bidirectional", "length": 8, "step_s": 2.0},
+    ]
+    assert long_sequence.with_earlier_rows(path, first) == first
+    long_sequence.common.write_csv(path, long_sequence.FIELDS, first)
+    again = [{"mode": "causal", "length": 8, "step_s": 3.0}]
+    merged = long_sequence.with_earlier_rows(path, again)
+    assert [(r["mode"], float(r["step_s"])) for r in merged] == [
+        ("bidirectional", 2.0),
+        ("causal", 3.0),
+    ]
