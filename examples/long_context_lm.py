@@ -604,11 +604,14 @@ def summary_lines(results, times, args, load):
         )
     else:
         lines.append(
-            f"- At {shortest} bytes the two steps took {short_exact:.0f} "
-            f"(exact) and {short_favor:.0f} ms (FAVOR+) here, batch "
-            f"{args.timing_batch_size}: below a few hundred tokens FAVOR+ "
-            "saves nothing, and there exact attention is the faster layer "
-            "(BENCHMARKS.md, the speed sections)."
+            f"- FAVOR+'s step was not slower even at {shortest} bytes here "
+            f"({short_favor:.0f} against {short_exact:.0f} ms, batch "
+            f"{args.timing_batch_size}), with {args.num_features} features "
+            f"and heads of {args.hidden_dim // args.num_heads}. With more "
+            "features or larger heads exact attention is the faster layer "
+            "below a crossover length: for the training step of one causal "
+            "layer of 8 heads, 512 tokens with 64 features and 1024-2048 "
+            "with 256 (BENCHMARKS.md, the crossover table)."
         )
     lines += [
         f"- {args.budget:g} s of training make rough text: both models are "

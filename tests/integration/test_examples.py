@@ -1,5 +1,6 @@
 """Smoke tests: every example runs end to end at a tiny size."""
 
+import argparse
 import csv
 import importlib
 import io
@@ -128,6 +129,46 @@ def test_long_context_lm(examples, tmp_path, capsys):
     assert len(result["continuation"]) >= 1
     out = capsys.readouterr().out
     assert "What was compared" in out and "Caveats:" in out
+
+
+def test_summary_says_which_layer_was_faster_at_the_shortest_length(examples):
+    demo = examples("long_context_lm")
+    results = [
+        {
+            "attention": attention,
+            "steps": steps,
+            "ms_per_step": 1000 / steps,
+            "bits_per_byte": 4.0,
+            "peak_memory_mib": 900.0,
+            "memory_before_training_mib": 800.0,
+        }
+        for attention, steps in (("favor", 20), ("exact", 10))
+    ]
+    args = argparse.Namespace(
+        local_window=0,
+        num_layers=1,
+        hidden_dim=128,
+        num_heads=4,
+        max_length=64,
+        batch_size=2,
+        num_features=64,
+        budget=1.0,
+        in_process=True,
+        timing_batch_size=1,
+        timed_steps=3,
+        validation_windows=2,
+    )
+    for favor_ms, exact_ms, claim in (
+        (15.0, 23.0, "FAVOR+'s step was not slower even at 16 bytes"),
+        (30.0, 23.0, "On short sequences exact attention is faster"),
+    ):
+        times = {
+            "favor": {16: favor_ms, 32: favor_ms * 2},
+            "exact": {16: exact_ms, 32: exact_ms * 4},
+        }
+        text = "\n".join(demo.summary_lines(results, times, args, 0.5))
+        assert claim in text
+        assert ("exact attention is faster" in text) == (exact_ms < favor_ms)
 
 
 def test_corpus_is_the_stdlib_split_by_file(examples):
