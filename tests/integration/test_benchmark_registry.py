@@ -38,10 +38,10 @@ def test_groups_expand_to_registered_names_and_unknown_names_are_refused():
     # A pair measures two layers, or two mechanisms, on the same work.
     size = ("level", "mode", "length", "repeats", "pass_", "recompute_length")
     for a, b in registry.PAIRS:
-        assert [registry.get(a).parameters.get(k) for k in size] == [
-            registry.get(b).parameters.get(k) for k in size
-        ]
         first, second = registry.get(a), registry.get(b)
+        assert [first.parameters.get(k) for k in size] == [
+            second.parameters.get(k) for k in size
+        ]
         assert (first.function, first.parameters) != (
             second.function,
             second.parameters,

@@ -1,6 +1,5 @@
 """Smoke tests: every example runs end to end at a tiny size."""
 
-import argparse
 import csv
 import importlib
 import io
@@ -144,20 +143,8 @@ def test_summary_says_which_layer_was_faster_at_the_shortest_length(examples):
         }
         for attention, steps in (("favor", 20), ("exact", 10))
     ]
-    args = argparse.Namespace(
-        local_window=0,
-        num_layers=1,
-        hidden_dim=128,
-        num_heads=4,
-        max_length=64,
-        batch_size=2,
-        num_features=64,
-        budget=1.0,
-        in_process=True,
-        timing_batch_size=1,
-        timed_steps=3,
-        validation_windows=2,
-    )
+    # The demo's own settings: its defaults.
+    args = demo.parse_args([])
     for favor_ms, exact_ms, claim in (
         (15.0, 23.0, "FAVOR+'s step was not slower even at 16 bytes"),
         (30.0, 23.0, "On short sequences exact attention is faster"),
